@@ -1,0 +1,56 @@
+"""Input checks shared by both kernel paths; messages name the verb and the tensor position at fault."""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+class KernelInputError(ValueError):
+    """A kernel verb was given inputs it cannot use (the message names the verb and tensor)."""
+
+
+def _fail(op: str, t: int, msg: str) -> None:
+    raise KernelInputError(f"{op}: tensor {t}: {msg}")
+
+
+def _check_common(op: str, weights, indices, saved, with_bounds: bool) -> None:
+    if not (len(weights) == len(indices) == len(saved)):
+        raise KernelInputError(
+            f"{op}: list lengths differ (weights {len(weights)}, indices {len(indices)}, saved {len(saved)})"
+        )
+    for t, (w, idx, s) in enumerate(zip(weights, indices, saved)):
+        if w.dtype not in SUPPORTED_DTYPES:
+            _fail(op, t, f"weight dtype {w.dtype} is not one of fp32/fp16/bf16")
+        if not w.is_contiguous():
+            _fail(op, t, "weight is not contiguous")
+        if idx.dtype not in INDEX_DTYPES:
+            _fail(op, t, f"indices dtype {idx.dtype} is not int32/int64")
+        if idx.dim() != 1 or not idx.is_contiguous():
+            _fail(op, t, f"indices must be 1-D contiguous, got shape {tuple(idx.shape)}")
+        if s.dtype != w.dtype:
+            _fail(op, t, f"saved dtype {s.dtype} differs from weight dtype {w.dtype}")
+        if s.shape != idx.shape or not s.is_contiguous():
+            _fail(op, t, f"saved shape {tuple(s.shape)} does not match indices shape {tuple(idx.shape)}")
+        if with_bounds and idx.numel():
+            lo, hi = torch.aminmax(idx)
+            if lo.item() < 0 or hi.item() >= w.numel():
+                bad = int(lo) if lo.item() < 0 else int(hi)
+                _fail(op, t, f"index {bad} out of range for a weight of {w.numel()} elements")
+
+
+def check_restore(op: str, weights, indices, saved, with_bounds: bool = True) -> None:
+    _check_common(op, weights, indices, saved, with_bounds)
+
+
+def check_apply(op: str, weights, indices, deltas, saved, with_bounds: bool = True) -> None:
+    _check_common(op, weights, indices, saved, with_bounds)
+    if len(deltas) != len(weights):
+        raise KernelInputError(f"{op}: {len(deltas)} delta tensors for {len(weights)} weights")
+    for t, (idx, d) in enumerate(zip(indices, deltas)):
+        if d.dtype != torch.float32:
+            _fail(op, t, f"delta dtype {d.dtype} is not float32")
+        if d.shape != idx.shape or not d.is_contiguous():
+            _fail(op, t, f"delta shape {tuple(d.shape)} does not match indices shape {tuple(idx.shape)}")
