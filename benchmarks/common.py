@@ -1,0 +1,83 @@
+"""Shared measuring tools: one timer, the copy bandwidth, the memory floor of a scatter, a table printer."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+CACHE_LINE = 64
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    p90_ms: float
+    runs: int
+
+    @staticmethod
+    def of(samples_ms: Sequence[float]) -> Timing:
+        s = sorted(samples_ms)
+        p90 = s[min(len(s) - 1, round(0.9 * (len(s) - 1)))]
+        return Timing(statistics.median(s), p90, len(s))
+
+
+def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> Timing:
+    """Median and p90 wall time of ``fn()`` over ``repeats`` calls, after ``warmup`` calls not counted."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return Timing.of(samples)
+
+
+def copy_bandwidth_gbps(nbytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Measured memory bandwidth of a large tensor copy, counting bytes read plus bytes written (GB/s)."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    t = time_ms(lambda: dst.copy_(src), repeats)
+    return 2 * nbytes / (t.median_ms * 1e-3) / 1e9
+
+
+def touched_lines(indices: torch.Tensor, element_size: int, base_offset: int = 0) -> int:
+    """Distinct cache lines that the flat ``indices`` of a tensor with ``element_size``-byte elements touch.
+
+    ``base_offset`` is the byte offset of element 0 within its cache line (0 for aligned tensors).
+    """
+    if indices.numel() == 0:
+        return 0
+    lines = (indices.long() * element_size + base_offset) // CACHE_LINE
+    return int(torch.unique(lines).numel())
+
+
+def memory_floor_ms(lines: int, copy_gbps: float) -> float:
+    """Lower bound on a scatter that reads and writes ``lines`` cache lines, at the measured copy bandwidth."""
+    return lines * CACHE_LINE * 2 / (copy_gbps * 1e9) * 1e3
+
+
+def progress(msg: str) -> None:
+    print(f"  .. {msg}", file=sys.stderr, flush=True)
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    cells = [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
+def _fmt(v: object) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
