@@ -1,0 +1,477 @@
+// CPU implementation of the shira::restore_ / apply_ / switch_ ops.
+//
+// The schema is declared once, in kernels/extension.py; this file only implements it. Semantics are
+// those of kernels/reference.py, bit for bit: for tensor t and entry i
+//   restore_: w.flat[idx[i]] = saved[i]
+//   apply_:   saved[i] = w.flat[idx[i]];  w.flat[idx[i]] = W(float(saved[i]) + delta[i])   (one visit)
+//   switch_:  restore_ of the outgoing lists, then apply_ of the incoming ones.
+//
+// Execution plans (the one taken is recorded for tests, see shira_last_plan):
+//   fused    - all index lists sorted ascending and the weights of each list distinct: each weight's
+//              restore and apply entries are cut by element range into chunks, and a chunk restores
+//              then applies its range, so the apply re-reads lines the restore just wrote (in cache).
+//   phased   - some list not sorted (only known with validate=True): every restore chunk, a barrier,
+//              then every apply chunk.
+//   ordered  - weights alias in a way the plans above cannot order (same tensor twice in one list,
+//              partial overlaps): one list entry at a time, in list order, each entry's chunks in
+//              parallel.
+// Chunks are handed out dynamically to at::parallel_for threads; below a size threshold everything
+// runs on the calling thread.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace shira {
+namespace {
+
+// ---- tuning knobs (tests force every branch through them; see extension.py) ------------------------
+
+std::atomic<int64_t> g_chunk{4096};            // entries per chunk (restore + apply)
+std::atomic<int64_t> g_serial_below{1 << 15};  // total entries under which no thread is started
+std::atomic<int64_t> g_force_plan{0};          // 0 auto, 1 phased, 2 ordered
+std::atomic<int64_t> g_prefetch{0};            // software prefetch distance in entries (0: off)
+std::atomic<int64_t> g_last_plan{0};           // bit 0: threaded; bits 1-2: 1 fused, 2 phased, 3 ordered
+
+enum Plan : int64_t { kFused = 1, kPhased = 2, kOrdered = 3 };
+
+// ---- one tensor of one list ----------------------------------------------------------------------
+
+struct Item {
+  char* w;                   // weight data, flat
+  int64_t numel;             // weight elements
+  size_t nbytes;             // weight bytes
+  at::ScalarType wtype;      // fp32 / fp16 / bf16
+  const void* idx;           // [n] int32 or int64
+  bool idx64;
+  int64_t n;
+  const float* delta;        // [n] (apply only)
+  void* saved;               // [n] weight dtype
+  int64_t pos;               // position in its list, for messages
+  const char* list;          // "" or "outgoing " / "incoming " (switch_)
+};
+
+inline int64_t index_at(const Item& it, int64_t i) {
+  return it.idx64 ? static_cast<const int64_t*>(it.idx)[i] : static_cast<const int32_t*>(it.idx)[i];
+}
+
+// First position in [lo, hi) whose index is >= value (the list is sorted ascending).
+int64_t lower_bound_pos(const Item& it, int64_t lo, int64_t hi, int64_t value) {
+  if (it.idx64) {
+    const int64_t* p = static_cast<const int64_t*>(it.idx);
+    return std::lower_bound(p + lo, p + hi, value) - p;
+  }
+  const int32_t* p = static_cast<const int32_t*>(it.idx);
+  return std::lower_bound(p + lo, p + hi, value) - p;
+}
+
+// ---- inner loops ---------------------------------------------------------------------------------
+
+template <typename W>
+inline W from_float(float v) {
+  return static_cast<W>(v);  // c10::Half / c10::BFloat16: round to nearest even, like Tensor.to()
+}
+
+template <typename W, typename I, bool kPrefetch>
+void restore_range(W* __restrict__ w, const I* __restrict__ idx, const W* __restrict__ saved, int64_t b,
+                   int64_t e, int64_t pf) {
+  for (int64_t i = b; i < e; ++i) {
+    if constexpr (kPrefetch) {
+      if (i + pf < e) __builtin_prefetch(w + idx[i + pf], 1, 3);
+    }
+    w[idx[i]] = saved[i];
+  }
+}
+
+template <typename W, typename I, bool kPrefetch>
+void apply_range(W* __restrict__ w, const I* __restrict__ idx, const float* __restrict__ delta,
+                 W* __restrict__ saved, int64_t b, int64_t e, int64_t pf) {
+  for (int64_t i = b; i < e; ++i) {
+    if constexpr (kPrefetch) {
+      if (i + pf < e) __builtin_prefetch(w + idx[i + pf], 1, 3);
+    }
+    W* p = w + idx[i];
+    const W old = *p;
+    saved[i] = old;
+    *p = from_float<W>(static_cast<float>(old) + delta[i]);
+  }
+}
+
+template <typename W, typename I>
+void run_range(const Item& it, bool apply, int64_t b, int64_t e) {
+  if (b >= e) return;
+  W* w = reinterpret_cast<W*>(it.w);
+  const I* idx = static_cast<const I*>(it.idx);
+  W* saved = static_cast<W*>(it.saved);
+  const int64_t pf = g_prefetch.load(std::memory_order_relaxed);
+  if (apply) {
+    if (pf > 0)
+      apply_range<W, I, true>(w, idx, it.delta, saved, b, e, pf);
+    else
+      apply_range<W, I, false>(w, idx, it.delta, saved, b, e, 0);
+  } else {
+    if (pf > 0)
+      restore_range<W, I, true>(w, idx, saved, b, e, pf);
+    else
+      restore_range<W, I, false>(w, idx, saved, b, e, 0);
+  }
+}
+
+// Restore (apply == false) or apply entries [b, e) of one list entry.
+void run_entries(const Item& it, bool apply, int64_t b, int64_t e) {
+  switch (it.wtype) {
+    case at::kFloat:
+      return it.idx64 ? run_range<float, int64_t>(it, apply, b, e) : run_range<float, int32_t>(it, apply, b, e);
+    case at::kHalf:
+      return it.idx64 ? run_range<c10::Half, int64_t>(it, apply, b, e)
+                      : run_range<c10::Half, int32_t>(it, apply, b, e);
+    case at::kBFloat16:
+      return it.idx64 ? run_range<c10::BFloat16, int64_t>(it, apply, b, e)
+                      : run_range<c10::BFloat16, int32_t>(it, apply, b, e);
+    default:
+      TORCH_CHECK(false, "shira: unreachable weight dtype");
+  }
+}
+
+// ---- tasks and the thread pool -------------------------------------------------------------------
+
+// A chunk: restore entries [r0, r1) of *r, then apply entries [a0, a1) of *a (either may be absent).
+struct Task {
+  const Item* r;
+  const Item* a;
+  int64_t r0, r1, a0, a1;
+};
+
+void run_task(const Task& t) {
+  if (t.r) run_entries(*t.r, false, t.r0, t.r1);
+  if (t.a) run_entries(*t.a, true, t.a0, t.a1);
+}
+
+// Runs every task; threaded (dynamic hand-out) when `threaded`, else on the calling thread.
+void run_tasks(const std::vector<Task>& tasks, bool threaded) {
+  if (tasks.empty()) return;
+  if (!threaded || tasks.size() == 1) {
+    for (const Task& t : tasks) run_task(t);
+    return;
+  }
+  std::atomic<size_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(tasks.size()));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (size_t k; (k = next.fetch_add(1, std::memory_order_relaxed)) < tasks.size();) run_task(tasks[k]);
+  });
+}
+
+// Chunks of one list entry by position (valid for any order: indices are unique within a list).
+void chunk_by_position(const Item* it, bool apply, int64_t chunk, std::vector<Task>& out) {
+  for (int64_t b = 0; b < it->n; b += chunk) {
+    const int64_t e = std::min(it->n, b + chunk);
+    out.push_back(apply ? Task{nullptr, it, 0, 0, b, e} : Task{it, nullptr, b, e, 0, 0});
+  }
+}
+
+// Chunks of one weight by element range: restore r and apply a (sorted lists; either may be null).
+void chunk_by_range(const Item* r, const Item* a, int64_t chunk, std::vector<Task>& out) {
+  const int64_t nr = r ? r->n : 0, na = a ? a->n : 0;
+  if (nr + na == 0) return;
+  const int64_t pieces = (nr + na + chunk - 1) / chunk;
+  // Cut points are taken from the longer list; the other list is cut at the same element.
+  const bool cut_on_a = na >= nr;
+  const Item* lead = cut_on_a ? a : r;
+  const Item* other = cut_on_a ? r : a;
+  const int64_t nl = cut_on_a ? na : nr, no = cut_on_a ? nr : na;
+  int64_t l0 = 0, o0 = 0;
+  for (int64_t k = 1; k <= pieces; ++k) {
+    int64_t l1 = nl, o1 = no;
+    if (k < pieces) {
+      l1 = nl * k / pieces;
+      o1 = l1 < nl && other ? lower_bound_pos(*other, o0, no, index_at(*lead, l1)) : no;
+    }
+    if (l1 > l0 || o1 > o0) {
+      if (cut_on_a)
+        out.push_back(Task{r, a, o0, o1, l0, l1});
+      else
+        out.push_back(Task{r, a, l0, l1, o0, o1});
+    }
+    l0 = l1;
+    o0 = o1;
+  }
+}
+
+// ---- checks --------------------------------------------------------------------------------------
+
+// Builds the Item of one list position, checking dtypes, devices, contiguity and shapes.
+Item make_item(const char* op, const char* list, int64_t t, const at::Tensor& w, const at::Tensor& idx,
+               const at::Tensor* delta, const at::Tensor& saved) {
+  const std::string where = std::string("shira::") + op + ": " + list + "tensor " + std::to_string(t) + ": ";
+  TORCH_CHECK_VALUE(w.defined() && idx.defined() && saved.defined() && (!delta || delta->defined()),
+                    where, "undefined tensor");
+  TORCH_CHECK_VALUE(w.device().is_cpu() && idx.device().is_cpu() && saved.device().is_cpu() &&
+                        (!delta || delta->device().is_cpu()),
+                    where, "all tensors must be on the CPU");
+  const auto wt = w.scalar_type();
+  TORCH_CHECK_VALUE(wt == at::kFloat || wt == at::kHalf || wt == at::kBFloat16, where, "weight dtype ", wt,
+                    " is not one of fp32/fp16/bf16");
+  TORCH_CHECK_VALUE(w.is_contiguous(), where, "weight is not contiguous");
+  const auto it = idx.scalar_type();
+  TORCH_CHECK_VALUE(it == at::kInt || it == at::kLong, where, "indices dtype ", it, " is not int32/int64");
+  TORCH_CHECK_VALUE(idx.dim() == 1 && idx.is_contiguous(), where, "indices must be 1-D contiguous, got shape ",
+                    idx.sizes());
+  TORCH_CHECK_VALUE(saved.scalar_type() == wt, where, "saved dtype ", saved.scalar_type(),
+                    " differs from weight dtype ", wt);
+  TORCH_CHECK_VALUE(saved.sizes() == idx.sizes() && saved.is_contiguous(), where, "saved shape ", saved.sizes(),
+                    " does not match indices shape ", idx.sizes());
+  if (delta) {
+    TORCH_CHECK_VALUE(delta->scalar_type() == at::kFloat, where, "delta dtype ", delta->scalar_type(),
+                      " is not float32");
+    TORCH_CHECK_VALUE(delta->sizes() == idx.sizes() && delta->is_contiguous(), where, "delta shape ",
+                      delta->sizes(), " does not match indices shape ", idx.sizes());
+  }
+  Item item{};
+  item.w = static_cast<char*>(w.data_ptr());
+  item.numel = w.numel();
+  item.nbytes = w.nbytes();
+  item.wtype = wt;
+  item.idx = idx.data_ptr();
+  item.idx64 = it == at::kLong;
+  item.n = idx.numel();
+  item.delta = delta ? delta->data_ptr<float>() : nullptr;
+  item.saved = saved.data_ptr();
+  item.pos = t;
+  item.list = list;
+  return item;
+}
+
+[[noreturn]] void fail_range(const char* op, const Item& it, int64_t value) {
+  TORCH_CHECK_VALUE(false, "shira::", op, ": ", it.list, "tensor ", it.pos, ": index ", value,
+                    " out of range for ", it.numel, " elements");
+}
+
+inline bool out_of_range(int64_t v, int64_t numel) {
+  return static_cast<uint64_t>(v) >= static_cast<uint64_t>(numel);
+}
+
+// Scans [b, e) of one list entry: any index out of range, any not above its predecessor.
+template <typename I>
+void scan(const I* idx, int64_t numel, int64_t b, int64_t e, bool& bad, bool& unsorted) {
+  bool bd = false, us = false;
+  int64_t prev = b > 0 ? static_cast<int64_t>(idx[b - 1]) : INT64_MIN;
+  for (int64_t i = b; i < e; ++i) {
+    const int64_t v = idx[i];
+    bd |= out_of_range(v, numel);
+    us |= v <= prev;
+    prev = v;
+  }
+  bad = bd;
+  unsorted = us;
+}
+
+// validate=True: every index in range (raises before any write) and returns whether all lists are sorted.
+// validate=False: only the first and last index of each list (the caller guarantees sorted lists).
+bool check_bounds(const char* op, const std::vector<Item>& items, bool validate, int64_t chunk) {
+  if (!validate) {
+    for (const Item& it : items) {
+      if (it.n == 0) continue;
+      const int64_t first = index_at(it, 0), last = index_at(it, it.n - 1);
+      if (out_of_range(first, it.numel)) fail_range(op, it, first);
+      if (out_of_range(last, it.numel)) fail_range(op, it, last);
+    }
+    return true;
+  }
+  struct Piece {
+    int64_t item, b, e;
+    bool bad, unsorted;
+  };
+  std::vector<Piece> pieces;
+  int64_t total = 0;
+  for (size_t k = 0; k < items.size(); ++k) {
+    total += items[k].n;
+    for (int64_t b = 0; b < items[k].n; b += 4 * chunk)
+      pieces.push_back(Piece{static_cast<int64_t>(k), b, std::min(items[k].n, b + 4 * chunk), false, false});
+  }
+  auto run_piece = [&](Piece& p) {
+    const Item& it = items[p.item];
+    if (it.idx64)
+      scan(static_cast<const int64_t*>(it.idx), it.numel, p.b, p.e, p.bad, p.unsorted);
+    else
+      scan(static_cast<const int32_t*>(it.idx), it.numel, p.b, p.e, p.bad, p.unsorted);
+  };
+  const bool threaded = total >= g_serial_below.load(std::memory_order_relaxed) && pieces.size() > 1;
+  if (threaded) {
+    at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < e; ++k) run_piece(pieces[k]);
+    });
+  } else {
+    for (Piece& p : pieces) run_piece(p);
+  }
+  bool sorted = true;
+  for (const Piece& p : pieces) {
+    if (p.bad) {  // the first bad piece in list order: name its first bad index
+      const Item& it = items[p.item];
+      for (int64_t i = p.b; i < p.e; ++i)
+        if (out_of_range(index_at(it, i), it.numel)) fail_range(op, it, index_at(it, i));
+    }
+    sorted &= !p.unsorted;
+  }
+  return sorted;
+}
+
+// True when the weights of one list are pairwise disjoint in memory.
+bool disjoint(const std::vector<const Item*>& items) {
+  std::vector<std::pair<uintptr_t, uintptr_t>> spans;
+  for (const Item* it : items)
+    if (it->nbytes) spans.emplace_back(reinterpret_cast<uintptr_t>(it->w), reinterpret_cast<uintptr_t>(it->w) + it->nbytes);
+  std::sort(spans.begin(), spans.end());
+  for (size_t k = 1; k < spans.size(); ++k)
+    if (spans[k].first < spans[k - 1].second) return false;
+  return true;
+}
+
+// ---- the engine shared by the three verbs --------------------------------------------------------
+
+// Restores `outs`, then applies `ins` (either may be empty). All checks happen before the first write.
+void run(const char* op, const std::vector<Item>& outs, const std::vector<Item>& ins, bool validate) {
+  std::vector<Item> all(outs);
+  all.insert(all.end(), ins.begin(), ins.end());
+  const int64_t chunk = std::max<int64_t>(1, g_chunk.load(std::memory_order_relaxed));
+  const bool sorted = check_bounds(op, all, validate, chunk);
+
+  int64_t total = 0;
+  for (const Item& it : all) total += it.n;
+  const bool threaded = total >= g_serial_below.load(std::memory_order_relaxed) && at::get_num_threads() > 1;
+
+  // Pair every incoming weight with the outgoing entry of the same tensor, if any.
+  std::vector<const Item*> out_ptrs, in_ptrs;
+  for (const Item& it : outs) out_ptrs.push_back(&it);
+  for (const Item& it : ins) in_ptrs.push_back(&it);
+  bool ordered = !disjoint(out_ptrs) || !disjoint(in_ptrs);
+  std::vector<const Item*> partner(ins.size(), nullptr);  // outgoing entry of the same weight
+  std::vector<char> paired(outs.size(), 0);
+  if (!ordered && !outs.empty() && !ins.empty()) {
+    std::vector<std::pair<uintptr_t, size_t>> by_addr;  // outgoing weights by start address
+    for (size_t k = 0; k < outs.size(); ++k)
+      if (outs[k].nbytes) by_addr.emplace_back(reinterpret_cast<uintptr_t>(outs[k].w), k);
+    std::sort(by_addr.begin(), by_addr.end());
+    for (size_t j = 0; j < ins.size() && !ordered; ++j) {
+      const Item& a = ins[j];
+      if (!a.nbytes) continue;
+      const uintptr_t lo = reinterpret_cast<uintptr_t>(a.w), hi = lo + a.nbytes;
+      // the outgoing weight starting at or before `lo`, and the one after it, are the only candidates
+      auto it = std::upper_bound(by_addr.begin(), by_addr.end(), std::make_pair(lo, SIZE_MAX));
+      for (int side = 0; side < 2 && !ordered; ++side) {
+        if (side == 0 && it == by_addr.begin()) continue;
+        auto cand = side == 0 ? std::prev(it) : it;
+        if (cand == by_addr.end()) continue;
+        const Item& r = outs[cand->second];
+        const uintptr_t rlo = reinterpret_cast<uintptr_t>(r.w), rhi = rlo + r.nbytes;
+        if (rhi <= lo || hi <= rlo) continue;  // disjoint
+        if (rlo == lo && r.nbytes == a.nbytes && r.wtype == a.wtype) {
+          partner[j] = &r;
+          paired[cand->second] = 1;
+        } else {
+          ordered = true;  // partial overlap or a reinterpretation: keep list order
+        }
+      }
+    }
+  }
+  const int64_t force = g_force_plan.load(std::memory_order_relaxed);
+  if (force == 2) ordered = true;
+  const Plan plan = ordered ? kOrdered : (sorted && force != 1 ? kFused : kPhased);
+  g_last_plan.store((threaded ? 1 : 0) | (static_cast<int64_t>(plan) << 1), std::memory_order_relaxed);
+
+  std::vector<Task> tasks;
+  if (plan == kFused) {
+    for (size_t k = 0; k < outs.size(); ++k)
+      if (!paired[k]) chunk_by_range(&outs[k], nullptr, chunk, tasks);
+    for (size_t j = 0; j < ins.size(); ++j) chunk_by_range(partner[j], &ins[j], chunk, tasks);
+    run_tasks(tasks, threaded);
+  } else if (plan == kPhased) {
+    for (const Item& it : outs) chunk_by_position(&it, false, chunk, tasks);
+    run_tasks(tasks, threaded);
+    tasks.clear();
+    for (const Item& it : ins) chunk_by_position(&it, true, chunk, tasks);
+    run_tasks(tasks, threaded);
+  } else {
+    for (const Item& it : all) {
+      tasks.clear();
+      chunk_by_position(&it, it.delta != nullptr, chunk, tasks);
+      run_tasks(tasks, threaded && it.n >= g_serial_below.load(std::memory_order_relaxed));
+    }
+  }
+}
+
+std::vector<Item> restore_items(const char* op, const char* list, const at::TensorList& weights,
+                                const at::TensorList& indices, const at::TensorList& saved) {
+  TORCH_CHECK_VALUE(weights.size() == indices.size() && weights.size() == saved.size(), "shira::", op, ": ",
+                    list, "list lengths differ (weights ", weights.size(), ", indices ", indices.size(),
+                    ", saved ", saved.size(), ")");
+  std::vector<Item> items;
+  items.reserve(weights.size());
+  for (size_t t = 0; t < weights.size(); ++t)
+    items.push_back(make_item(op, list, t, weights[t], indices[t], nullptr, saved[t]));
+  return items;
+}
+
+std::vector<Item> apply_items(const char* op, const char* list, const at::TensorList& weights,
+                              const at::TensorList& indices, const at::TensorList& deltas,
+                              const at::TensorList& saved) {
+  TORCH_CHECK_VALUE(weights.size() == indices.size() && weights.size() == saved.size() &&
+                        weights.size() == deltas.size(),
+                    "shira::", op, ": ", list, "list lengths differ (weights ", weights.size(), ", indices ",
+                    indices.size(), ", deltas ", deltas.size(), ", saved ", saved.size(), ")");
+  std::vector<Item> items;
+  items.reserve(weights.size());
+  for (size_t t = 0; t < weights.size(); ++t)
+    items.push_back(make_item(op, list, t, weights[t], indices[t], &deltas[t], saved[t]));
+  return items;
+}
+
+// ---- the ops -------------------------------------------------------------------------------------
+
+void restore_cpu(at::TensorList weights, at::TensorList indices, at::TensorList saved, bool validate) {
+  run("restore_", restore_items("restore_", "", weights, indices, saved), {}, validate);
+}
+
+void apply_cpu(at::TensorList weights, at::TensorList indices, at::TensorList deltas, at::TensorList saved,
+               bool validate) {
+  run("apply_", {}, apply_items("apply_", "", weights, indices, deltas, saved), validate);
+}
+
+void switch_cpu(at::TensorList out_weights, at::TensorList out_indices, at::TensorList out_saved,
+                at::TensorList in_weights, at::TensorList in_indices, at::TensorList in_deltas,
+                at::TensorList in_saved, bool validate) {
+  auto outs = restore_items("switch_", "outgoing ", out_weights, out_indices, out_saved);
+  auto ins = apply_items("switch_", "incoming ", in_weights, in_indices, in_deltas, in_saved);
+  run("switch_", outs, ins, validate);
+}
+
+}  // namespace
+}  // namespace shira
+
+TORCH_LIBRARY_IMPL(shira, CPU, m) {
+  m.impl("restore_", &shira::restore_cpu);
+  m.impl("apply_", &shira::apply_cpu);
+  m.impl("switch_", &shira::switch_cpu);
+}
+
+// Knobs for tests and benchmarks (called through ctypes). A negative argument leaves a knob unchanged;
+// `current` receives {chunk, serial_below, force_plan, prefetch, last_plan}.
+extern "C" void shira_tuning(int64_t chunk, int64_t serial_below, int64_t force_plan, int64_t prefetch,
+                             int64_t* current) {
+  if (chunk >= 0) shira::g_chunk.store(std::max<int64_t>(1, chunk));
+  if (serial_below >= 0) shira::g_serial_below.store(serial_below);
+  if (force_plan >= 0) shira::g_force_plan.store(force_plan);
+  if (prefetch >= 0) shira::g_prefetch.store(prefetch);
+  current[0] = shira::g_chunk.load();
+  current[1] = shira::g_serial_below.load();
+  current[2] = shira::g_force_plan.load();
+  current[3] = shira::g_prefetch.load();
+  current[4] = shira::g_last_plan.load();
+}
