@@ -70,7 +70,9 @@ def apply_(weights, indices, deltas, saved, validate: bool = True) -> None:
     _get().apply_(weights, indices, deltas, saved, validate=validate)
 
 
-def switch_(out_weights, out_indices, out_saved, in_weights, in_indices, in_deltas, in_saved,
-            validate: bool = True) -> None:
-    _get().switch_(out_weights, out_indices, out_saved, in_weights, in_indices, in_deltas, in_saved,
-                   validate=validate)
+def switch_(
+    out_weights, out_indices, out_saved, in_weights, in_indices, in_deltas, in_saved, validate: bool = True
+) -> None:
+    _get().switch_(
+        out_weights, out_indices, out_saved, in_weights, in_indices, in_deltas, in_saved, validate=validate
+    )

@@ -1,0 +1,29 @@
+"""Adapter-switching inference runtime: SHiRA sparse adapters switched in place, LoRA as the baseline."""
+
+from runtime.errors import (
+    AdapterFormatError,
+    AdapterMismatchError,
+    AdapterValueError,
+    BaseMismatchError,
+    ShiraError,
+    UnknownAdapterError,
+)
+from runtime.fingerprint import Fingerprint
+from runtime.lora import LoraAdapter
+from runtime.manager import Runtime
+from runtime.sparse import SparseAdapter
+from runtime.switcher import SwitchStats
+
+__all__ = [
+    "AdapterFormatError",
+    "AdapterMismatchError",
+    "AdapterValueError",
+    "BaseMismatchError",
+    "Fingerprint",
+    "LoraAdapter",
+    "Runtime",
+    "ShiraError",
+    "SparseAdapter",
+    "SwitchStats",
+    "UnknownAdapterError",
+]

@@ -1,0 +1,93 @@
+"""Turning adapters (files, PEFT directories, in-memory objects) into ``Prepared`` entries for one backend.
+
+Everything that can be wrong with an adapter is found here, before any switch writes a byte.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from runtime.adapter_file import load_sparse
+from runtime.backend import Backend
+from runtime.errors import AdapterFormatError, AdapterMismatchError
+from runtime.fingerprint import PROBES
+from runtime.lora import LoraAdapter
+from runtime.peft_io import is_peft_dir, load_peft
+from runtime.sparse import SparseAdapter
+from runtime.switcher import Prepared, Switcher
+
+Source = str | Path | SparseAdapter | LoraAdapter
+
+
+def read_source(source: Source) -> SparseAdapter | LoraAdapter:
+    """An adapter object from a path (our file or a PEFT directory) or the object itself."""
+    if isinstance(source, (SparseAdapter, LoraAdapter)):
+        return source
+    if not isinstance(source, (str, Path)):
+        raise TypeError(
+            f"adapter source must be a path, SparseAdapter or LoraAdapter, got {type(source).__name__}"
+        )
+    path = Path(source)
+    if path.is_dir():
+        if is_peft_dir(path):
+            return load_peft(path)
+        raise AdapterFormatError(f"{path}: a directory without adapter_config.json is not a PEFT adapter")
+    if not path.exists():
+        raise AdapterFormatError(f"{path}: no such file or directory")
+    return load_sparse(path)
+
+
+def prepare(
+    backend: Backend, switcher: Switcher, name: str, adapter: SparseAdapter | LoraAdapter
+) -> Prepared:
+    if isinstance(adapter, SparseAdapter):
+        return _prepare_sparse(backend, switcher, name, adapter)
+    return _prepare_lora(backend, name, adapter)
+
+
+def _claim(backend: Backend, seen: dict[str, str], tensor: str, adapter: str) -> str:
+    canon = backend.canonical(tensor, adapter)
+    if canon in seen:
+        raise AdapterMismatchError(
+            f"adapter {adapter!r}: tensors {seen[canon]!r} and {tensor!r} are the same (tied) weight"
+        )
+    seen[canon] = tensor
+    backend.check_writable(canon, adapter)
+    return canon
+
+
+def _prepare_sparse(backend: Backend, switcher: Switcher, name: str, adapter: SparseAdapter) -> Prepared:
+    prep, seen, logical = Prepared(name, float(adapter.scale)), {}, {}
+    if not torch.isfinite(torch.tensor(adapter.scale)):
+        raise AdapterMismatchError(f"adapter {name!r}: scale {adapter.scale} is not finite")
+    for tensor in adapter.indices:
+        canon = _claim(backend, seen, tensor, name)
+        idx, val = adapter.flat(tensor, backend.shapes[canon], name)
+        logical[tensor] = (canon, idx)
+        delta = val.to(torch.float32).contiguous()
+        if canon in backend.transposed:
+            sidx, order = torch.sort(backend.storage_index(canon, idx))
+            idx, delta = sidx.to(idx.dtype), delta[order]
+        prep.sparse[canon] = (idx, delta)
+    if adapter.fingerprint is not None:
+        shapes = {t: backend.shapes[c] for t, (c, _) in logical.items()}
+        probes = {
+            t: switcher.base_values(c, backend.storage_index(c, idx[:PROBES]))
+            for t, (c, idx) in logical.items()
+            if t in adapter.fingerprint.probes
+        }
+        adapter.fingerprint.check(name, shapes, probes)
+    return prep
+
+
+def _prepare_lora(backend: Backend, name: str, adapter: LoraAdapter) -> Prepared:
+    prep, seen = Prepared(name, 1.0), {}
+    for tensor in adapter.A:
+        canon = _claim(backend, seen, tensor, name)
+        a, b = adapter.factors(tensor, backend.shapes[canon], name)
+        if adapter.fan_in_fan_out:  # delta is [out, in] while the tensor is [in, out]: swap roles
+            a, b = b.t().contiguous(), a.t().contiguous()
+        prep.lora[canon] = (a, b, float(adapter.scaling[tensor]))
+    return prep

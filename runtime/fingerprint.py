@@ -1,0 +1,71 @@
+"""Base fingerprints: catch an adapter made for another base, including a same-shaped base with other weights.
+
+A fingerprint has two parts:
+- ``structure``: a hash of the names and shapes of the tensors the adapter touches (dtype is left out, so an
+  adapter made on the fp32 base applies to its bf16 copy);
+- ``probes``: per tensor, the base values (fp32) at the adapter's first ``PROBES`` indices. They are compared
+  with a tolerance that a 16-bit copy of the same base passes and another base's weights do not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+from runtime.errors import BaseMismatchError
+
+PROBES = 16
+RTOL = 1e-2  # bf16 keeps ~3 significant digits: a bf16 copy of the base stays well inside this
+
+
+def structure_hash(shapes: dict[str, tuple[int, ...]]) -> str:
+    items = sorted((name, list(shape)) for name, shape in shapes.items())
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:32]
+
+
+@dataclass
+class Fingerprint:
+    structure: str
+    probes: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> fp32 [<=PROBES]
+
+    @staticmethod
+    def of(
+        shapes: dict[str, tuple[int, ...]],
+        base_values: dict[str, torch.Tensor],
+    ) -> Fingerprint:
+        """``base_values[name]``: the base's values at the adapter's first indices of ``name`` (any dtype)."""
+        probes = {n: v[:PROBES].detach().to(torch.float32).clone() for n, v in base_values.items()}
+        return Fingerprint(structure_hash(shapes), probes)
+
+    def check(
+        self,
+        adapter: str,
+        shapes: dict[str, tuple[int, ...]],
+        base_values: dict[str, torch.Tensor],
+    ) -> None:
+        """Raise ``BaseMismatchError`` unless ``shapes``/``base_values`` are those of the recorded base."""
+        if structure_hash(shapes) != self.structure:
+            raise BaseMismatchError(
+                f"adapter {adapter!r} was made for another base: the names/shapes of the tensors it touches "
+                f"differ from this model's (structure hash {structure_hash(shapes)} != {self.structure})"
+            )
+        for name, want in self.probes.items():
+            got = base_values[name][: want.numel()].to(torch.float32)
+            atol = 1e-3 * float(want.abs().max()) if want.numel() else 0.0
+            if got.shape != want.shape or not torch.allclose(got, want, rtol=RTOL, atol=atol):
+                raise BaseMismatchError(
+                    f"adapter {adapter!r} was made for another base: tensor {name!r} has other weights at the "
+                    f"adapter's indices (same shapes, different values)"
+                )
+
+    # -- serialisation (safetensors metadata is str -> str; probes travel as tensors) --
+    def to_meta(self) -> str:
+        return json.dumps({"structure": self.structure, "probes": sorted(self.probes)})
+
+    @staticmethod
+    def from_meta(meta: str, tensors: dict[str, torch.Tensor]) -> Fingerprint:
+        d = json.loads(meta)
+        return Fingerprint(d["structure"], {n: tensors[n] for n in d["probes"]})

@@ -1,0 +1,150 @@
+"""``Runtime``: the public entry point. Load a base, register adapters, switch them in place, run inference."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from runtime.backend import Backend, TorchBackend
+from runtime.bank import Source, prepare, read_source
+from runtime.errors import ShiraError, UnknownAdapterError
+from runtime.rwlock import RWLock
+from runtime.switcher import Prepared, Switcher, SwitchStats
+
+Names = str | Sequence[str] | None
+
+
+class Runtime:
+    """Adapters switched in place on one base model.
+
+    >>> rt = Runtime.load(model)
+    >>> rt.add_adapter("a", "a.safetensors")
+    >>> rt.switch("a"); y = rt(x); rt.switch(None)
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self._switcher = Switcher(backend)
+        self._bank: dict[str, Prepared] = {}
+        self._lock = RWLock()
+        self._bank_lock = threading.Lock()
+
+    @classmethod
+    def load(cls, base: nn.Module | str | Path) -> Runtime:
+        """A runtime over a ``torch.nn.Module`` (its weights are switched in place) or an exported bundle dir."""
+        if isinstance(base, nn.Module):
+            return cls(TorchBackend(base))
+        if isinstance(base, (str, Path)):
+            from runtime.onnx_backend import OnnxBackend
+
+            return cls(OnnxBackend.open(Path(base)))
+        raise TypeError(
+            f"Runtime.load needs a torch.nn.Module or a bundle directory, got {type(base).__name__}"
+        )
+
+    # -- adapters --
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return tuple(self._bank)
+
+    @property
+    def active(self) -> tuple[tuple[str, float], ...]:
+        return self._switcher.plan.active
+
+    def add_adapter(self, name: str, source: Source) -> None:
+        """Register ``source`` (our file, a PEFT SHiRA/LoRA directory, or an in-memory adapter) as ``name``.
+
+        The adapter is decoded and checked against this base now (names, shapes, indices, values, fingerprint);
+        nothing is written to the weights.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
+        with self._bank_lock:
+            if name in self._bank:
+                raise ValueError(f"an adapter named {name!r} is already registered (remove_adapter it first)")
+        adapter = read_source(source)
+        with self._lock.read():  # the fingerprint reads base values: no switch may run meanwhile
+            prepared = prepare(self.backend, self._switcher, name, adapter)
+        with self._bank_lock:
+            if name in self._bank:
+                raise ValueError(f"an adapter named {name!r} is already registered (remove_adapter it first)")
+            self._bank[name] = prepared
+
+    def remove_adapter(self, name: str) -> None:
+        with self._lock.write(), self._bank_lock:
+            self._get(name)
+            if any(n == name for n, _ in self.active):
+                raise ShiraError(f"adapter {name!r} is active; switch away from it before removing it")
+            del self._bank[name]
+
+    def _get(self, name: str) -> Prepared:
+        try:
+            return self._bank[name]
+        except KeyError:
+            raise UnknownAdapterError(f"no adapter named {name!r}; registered: {list(self._bank)}") from None
+
+    # -- switching --
+    def switch(self, names: Names, weights: Sequence[float] | float | None = None) -> SwitchStats:
+        """Make ``names`` (one name, several to fuse, or None for the base) the applied state, in place.
+
+        Everything is validated before the first write; a failed switch leaves the weights as they were.
+        """
+        items = self._items(names, weights)
+        with self._lock.write():
+            t0 = time.perf_counter()
+            with self._bank_lock:
+                prepared = [(self._get(n), w) for n, w in items]
+            plan = self._switcher.make_plan(prepared)
+            stats = self._switcher.switch(plan)
+            return replace(stats, ms=(time.perf_counter() - t0) * 1e3)
+
+    @staticmethod
+    def _items(names: Names, weights: Sequence[float] | float | None) -> list[tuple[str, float]]:
+        if names is None:
+            if weights is not None:
+                raise ValueError("weights given with names=None")
+            return []
+        if isinstance(names, str):
+            names = [names]
+        names = list(names)
+        if weights is None:
+            weights = [1.0] * len(names)
+        elif isinstance(weights, (int, float)):
+            weights = [float(weights)] * len(names)
+        weights = [float(w) for w in weights]
+        if len(weights) != len(names):
+            raise ValueError(f"{len(names)} adapter names but {len(weights)} weights")
+        if len(set(names)) != len(names):
+            raise ValueError(f"an adapter is named twice in {names}")
+        for n, w in zip(names, weights):
+            if not isinstance(n, str):
+                raise TypeError(f"adapter names are strings, got {n!r}")
+            if w != w or w in (float("inf"), float("-inf")):
+                raise ValueError(f"weight {w} for adapter {n!r} is not finite")
+        return list(zip(names, weights))
+
+    @contextmanager
+    def using(self, names: Names, weights: Sequence[float] | float | None = None) -> Iterator[SwitchStats]:
+        """Switch for the duration of a ``with`` block, then back to what was active before."""
+        before = self.active
+        stats = self.switch(names, weights)
+        try:
+            yield stats
+        finally:
+            self.switch([n for n, _ in before] or None, [w for _, w in before] or None)
+
+    # -- inference --
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """One inference with whatever is applied; never overlaps a switch."""
+        with self._lock.read():
+            return self.backend(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Runtime({self.backend.kind}, adapters={list(self._bank)}, active={self.active})"

@@ -1,0 +1,85 @@
+"""Random adapters for any module: seeded SHiRA masks at a density, LoRA factors at a rank.
+
+For tests, benchmarks and demos; the SHiRA ones carry a fingerprint of the module they were made for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from runtime.fingerprint import PROBES, Fingerprint
+from runtime.lora import LoraAdapter
+from runtime.sparse import SparseAdapter
+
+
+def target_weights(module: nn.Module, targets: Iterable[str]) -> dict[str, torch.Tensor]:
+    """``<module>.weight`` of every ``nn.Linear`` whose name ends with one of ``targets`` (PEFT's rule)."""
+    targets = tuple(targets)
+    found = {
+        f"{name}.weight": m.weight
+        for name, m in module.named_modules()
+        if isinstance(m, nn.Linear) and (name in targets or name.split(".")[-1] in targets)
+    }
+    if not found:
+        raise ValueError(f"no nn.Linear in the module matches targets {list(targets)}")
+    return found
+
+
+def random_indices(numel: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """``k`` distinct flat indices in ``[0, numel)``, sorted, int32/int64, without an O(numel) permutation."""
+    k = min(k, numel)
+    if k * 4 > numel:
+        idx = torch.randperm(numel, generator=gen)[:k]
+    else:
+        idx = torch.empty(0, dtype=torch.int64)
+        while idx.numel() < k:
+            draw = torch.randint(numel, (int((k - idx.numel()) * 1.1) + 16,), generator=gen)
+            idx = torch.unique(torch.cat([idx, draw]))
+        idx = idx[torch.randperm(idx.numel(), generator=gen)[:k]]
+    return idx.sort().values.to(torch.int32 if numel < 2**31 else torch.int64)
+
+
+def random_shira(
+    module: nn.Module,
+    targets: Iterable[str],
+    density: float = 0.01,
+    seed: int = 0,
+    std: float = 0.01,
+    values_dtype: torch.dtype = torch.float32,
+) -> SparseAdapter:
+    """A random SHiRA adapter over the target linears: ``density`` of each weight, deltas ~ N(0, std)."""
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"density {density} is not in [0, 1]")
+    gen = torch.Generator().manual_seed(seed)
+    weights = target_weights(module, targets)
+    indices, values, shapes, probes = {}, {}, {}, {}
+    for name, w in weights.items():
+        idx = random_indices(w.numel(), max(1, round(density * w.numel())), gen)
+        indices[name] = idx
+        values[name] = (torch.randn(idx.numel(), generator=gen) * std).to(values_dtype)
+        shapes[name] = tuple(w.shape)
+        probes[name] = w.detach().reshape(-1)[idx[:PROBES].long()]
+    return SparseAdapter(indices, values, shapes, 1.0, Fingerprint.of(shapes, probes))
+
+
+def random_lora(
+    module: nn.Module,
+    targets: Iterable[str],
+    rank: int = 32,
+    seed: int = 0,
+    alpha: float | None = None,
+    std: float = 0.01,
+) -> LoraAdapter:
+    """A random LoRA adapter over the target linears (both factors random, so the delta is not zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = target_weights(module, targets)
+    A, B, scaling = {}, {}, {}
+    for name, w in weights.items():
+        out_f, in_f = w.shape
+        A[name] = torch.randn(rank, in_f, generator=gen) / in_f**0.5
+        B[name] = torch.randn(out_f, rank, generator=gen) * std
+        scaling[name] = (alpha if alpha is not None else 2 * rank) / rank
+    return LoraAdapter(A, B, scaling)
