@@ -70,9 +70,7 @@ def load_sparse(path: str | Path) -> SparseAdapter:
         raise AdapterFormatError(f"{path}: not a {FORMAT} file (format={meta.get('format')!r})")
     version = meta.get("version")
     if version != str(VERSION):
-        raise AdapterFormatError(
-            f"{path}: format version {version!r} is not supported (this runtime reads {VERSION})"
-        )
+        raise AdapterFormatError(f"{path}: format version {version!r} is not supported (this runtime reads {VERSION})")
     try:
         scale = float(meta["scale"])
         shapes = {n: tuple(s) for n, s in json.loads(meta["shapes"]).items()}

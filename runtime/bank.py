@@ -26,9 +26,7 @@ def read_source(source: Source) -> SparseAdapter | LoraAdapter:
     if isinstance(source, (SparseAdapter, LoraAdapter)):
         return source
     if not isinstance(source, (str, Path)):
-        raise TypeError(
-            f"adapter source must be a path, SparseAdapter or LoraAdapter, got {type(source).__name__}"
-        )
+        raise TypeError(f"adapter source must be a path, SparseAdapter or LoraAdapter, got {type(source).__name__}")
     path = Path(source)
     if path.is_dir():
         if is_peft_dir(path):
@@ -39,9 +37,7 @@ def read_source(source: Source) -> SparseAdapter | LoraAdapter:
     return load_sparse(path)
 
 
-def prepare(
-    backend: Backend, switcher: Switcher, name: str, adapter: SparseAdapter | LoraAdapter
-) -> Prepared:
+def prepare(backend: Backend, switcher: Switcher, name: str, adapter: SparseAdapter | LoraAdapter) -> Prepared:
     if isinstance(adapter, SparseAdapter):
         return _prepare_sparse(backend, switcher, name, adapter)
     return _prepare_lora(backend, name, adapter)

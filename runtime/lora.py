@@ -25,9 +25,7 @@ class LoraAdapter:
 
     def __post_init__(self) -> None:
         if set(self.A) != set(self.B):
-            raise AdapterValueError(
-                f"LoraAdapter: A and B name different tensors: {sorted(set(self.A) ^ set(self.B))}"
-            )
+            raise AdapterValueError(f"LoraAdapter: A and B name different tensors: {sorted(set(self.A) ^ set(self.B))}")
         for name in self.A:
             self.scaling.setdefault(name, 1.0)
 
@@ -49,9 +47,7 @@ class LoraAdapter:
             raise AdapterMismatchError(f"{directory}: is a PEFT SHiRA adapter, not LoRA (use SparseAdapter)")
         return adapter
 
-    def factors(
-        self, name: str, shape: tuple[int, ...], adapter: str = "?"
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, name: str, shape: tuple[int, ...], adapter: str = "?") -> tuple[torch.Tensor, torch.Tensor]:
         """Validated fp32 ``(A, B)`` for tensor ``name`` of a base tensor of ``shape``; delta is ``B @ A``."""
         where = f"adapter {adapter!r}, tensor {name!r}"
         a, b = self.A[name], self.B[name]
@@ -62,9 +58,7 @@ class LoraAdapter:
         out_in = (b.shape[0], a.shape[1])
         want = tuple(shape[::-1]) if self.fan_in_fan_out else tuple(shape)
         if len(shape) != 2 or out_in != want:
-            raise AdapterMismatchError(
-                f"{where}: B @ A has shape {out_in}, the base tensor has {tuple(shape)}"
-            )
+            raise AdapterMismatchError(f"{where}: B @ A has shape {out_in}, the base tensor has {tuple(shape)}")
         for label, t in (("A", a), ("B", b)):
             if not t.dtype.is_floating_point:
                 raise AdapterMismatchError(f"{where}: {label} has dtype {t.dtype}, expected a float dtype")

@@ -45,9 +45,7 @@ class Runtime:
             from runtime.onnx_backend import OnnxBackend
 
             return cls(OnnxBackend.open(Path(base)))
-        raise TypeError(
-            f"Runtime.load needs a torch.nn.Module or a bundle directory, got {type(base).__name__}"
-        )
+        raise TypeError(f"Runtime.load needs a torch.nn.Module or a bundle directory, got {type(base).__name__}")
 
     # -- adapters --
     @property

@@ -138,9 +138,7 @@ class LlamaDecoder(nn.Module):
         return self.lm_head(self.model.norm(x))
 
 
-def build(
-    preset: str | LlamaConfig = "tiny", dtype: torch.dtype = torch.float32, seed: int = 0
-) -> LlamaDecoder:
+def build(preset: str | LlamaConfig = "tiny", dtype: torch.dtype = torch.float32, seed: int = 0) -> LlamaDecoder:
     """A decoder of ``preset`` with random weights from ``seed`` (built on the meta device, filled once)."""
     if isinstance(preset, str) and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")

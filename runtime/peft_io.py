@@ -69,9 +69,7 @@ def load_peft(directory: str | Path) -> SparseAdapter | LoraAdapter:
         return _load_shira(directory, cfg)
     if kind == "LORA":
         return _load_lora(directory, cfg)
-    raise AdapterFormatError(
-        f"{directory / CONFIG}: peft_type {cfg['peft_type']!r} is not supported (SHIRA, LORA)"
-    )
+    raise AdapterFormatError(f"{directory / CONFIG}: peft_type {cfg['peft_type']!r} is not supported (SHIRA, LORA)")
 
 
 def _unexpected(directory: Path, keys: list[str]) -> None:
@@ -95,9 +93,7 @@ def _load_shira(directory: Path, cfg: dict) -> SparseAdapter:
     _unexpected(directory, other)
     unpaired = sorted(set(indices) ^ set(values))
     if unpaired:
-        raise AdapterFormatError(
-            f"{directory / WEIGHTS}: shira_weight/shira_indices not paired for {unpaired}"
-        )
+        raise AdapterFormatError(f"{directory / WEIGHTS}: shira_weight/shira_indices not paired for {unpaired}")
     for name, idx in indices.items():
         if idx.dim() != 2 or idx.shape[0] != 2:
             raise AdapterFormatError(
@@ -105,9 +101,7 @@ def _load_shira(directory: Path, cfg: dict) -> SparseAdapter:
             )
         if idx.dtype.is_floating_point:  # some writers store indices as float
             if not bool((idx == idx.round()).all()):
-                raise AdapterFormatError(
-                    f"{directory / WEIGHTS}: {name} shira_indices holds non-integer values"
-                )
+                raise AdapterFormatError(f"{directory / WEIGHTS}: {name} shira_indices holds non-integer values")
         idx = idx.to(torch.int64)
         if cfg.get("fan_in_fan_out"):
             idx = idx.flip(0)  # PEFT's delta is [out, in]; the base stores [in, out]
@@ -144,9 +138,7 @@ def _load_lora(directory: Path, cfg: dict) -> LoraAdapter:
     for module, a in A.items():
         r = int(a.shape[0]) if a.dim() == 2 else 0
         if r <= 0:
-            raise AdapterFormatError(
-                f"{directory / WEIGHTS}: {module}.lora_A.weight has shape {tuple(a.shape)}"
-            )
+            raise AdapterFormatError(f"{directory / WEIGHTS}: {module}.lora_A.weight has shape {tuple(a.shape)}")
         alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8)))
         scaling[module + ".weight"] = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
     return LoraAdapter(

@@ -66,9 +66,7 @@ class SparseAdapter:
         return adapter
 
     # -- canonical form --
-    def flat(
-        self, name: str, shape: tuple[int, ...], adapter: str = "?"
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def flat(self, name: str, shape: tuple[int, ...], adapter: str = "?") -> tuple[torch.Tensor, torch.Tensor]:
         """Validated ``(indices, values)`` of tensor ``name`` for a base tensor of ``shape``.
 
         Indices come back flat, sorted, unique, int32 (int64 past 2**31 elements); values are reordered to match.
@@ -77,9 +75,7 @@ class SparseAdapter:
         where = f"adapter {adapter!r}, tensor {name!r}"
         idx, val = self.indices[name], self.values[name]
         if name in self.shapes and self.shapes[name] != tuple(shape):
-            raise AdapterMismatchError(
-                f"{where}: made for shape {self.shapes[name]}, the base has {tuple(shape)}"
-            )
+            raise AdapterMismatchError(f"{where}: made for shape {self.shapes[name]}, the base has {tuple(shape)}")
         if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
             raise AdapterMismatchError(f"{where}: indices have dtype {idx.dtype}, expected an integer dtype")
         if val.dtype not in VALUE_DTYPES:
@@ -111,8 +107,7 @@ class SparseAdapter:
         if bool(bad.any()):
             i = int(bad.nonzero()[0])
             raise AdapterMismatchError(
-                f"{where}: index {int(idx[i])} at position {i} out of range for shape {tuple(shape)} "
-                f"({numel} elements)"
+                f"{where}: index {int(idx[i])} at position {i} out of range for shape {tuple(shape)} ({numel} elements)"
             )
         finite = torch.isfinite(val)
         if not bool(finite.all()):

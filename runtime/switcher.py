@@ -25,12 +25,8 @@ class Prepared:
 
     name: str
     scale: float
-    sparse: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(
-        default_factory=dict
-    )  # t -> (idx, delta fp32)
-    lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(
-        default_factory=dict
-    )  # t -> (A, B, scaling)
+    sparse: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # t -> (idx, delta fp32)
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)  # t -> (A, B, scaling)
 
     @property
     def tensors(self) -> set[str]:
