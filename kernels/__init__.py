@@ -73,6 +73,4 @@ def apply_(weights, indices, deltas, saved, validate: bool = True) -> None:
 def switch_(
     out_weights, out_indices, out_saved, in_weights, in_indices, in_deltas, in_saved, validate: bool = True
 ) -> None:
-    _get().switch_(
-        out_weights, out_indices, out_saved, in_weights, in_indices, in_deltas, in_saved, validate=validate
-    )
+    _get().switch_(out_weights, out_indices, out_saved, in_weights, in_indices, in_deltas, in_saved, validate=validate)
