@@ -146,6 +146,8 @@ def build(preset: str | LlamaConfig = "tiny", dtype: torch.dtype = torch.float32
     with torch.device("meta"):
         model = LlamaDecoder(cfg)
     model.to_empty(device="cpu")
+    if cfg.tie_embeddings:  # to_empty gives each name its own storage: tie again
+        model.lm_head.weight = model.model.embed_tokens.weight
     gen = torch.Generator().manual_seed(seed)
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
     model.inv_freq.copy_(inv)

@@ -170,16 +170,17 @@ class Switcher:
         in_idx = [new.sparse[t][0] for t in in_t]
         in_delta = [new.sparse[t][1] for t in in_t]
         in_saved = [torch.empty(i.numel(), dtype=tensors[t].dtype) for t, i in zip(in_t, in_idx)]
-        kernels.switch_(
-            [tensors[t] for t in out_t],
-            out_idx,
-            out_saved,
-            [tensors[t] for t in in_t],
-            in_idx,
-            in_delta,
-            in_saved,
-            validate=False,
-        )
+        if out_t or in_t:
+            kernels.switch_(
+                [tensors[t] for t in out_t],
+                out_idx,
+                out_saved,
+                [tensors[t] for t in in_t],
+                in_idx,
+                in_delta,
+                in_saved,
+                validate=False,
+            )
         self.sparse_saved = {t: (i, s) for t, i, s in zip(in_t, in_idx, in_saved)}
         return sum(i.numel() for i in out_idx) + sum(i.numel() for i in in_idx)
 
