@@ -1,4 +1,8 @@
-"""A readers-writer lock: many inferences at once, or one switch; a waiting switch blocks new inferences."""
+"""A readers-writer lock: many inferences at once, or one switch.
+
+Phase-fair: a waiting switch blocks newly arriving inferences, and the inferences that waited through a switch
+all go before the next switch, so neither side starves however often the other comes.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +14,24 @@ from contextlib import contextmanager
 class RWLock:
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._readers = 0
+        self._readers = 0  # holding the lock
+        self._readers_waiting = 0
+        self._reader_quota = 0  # readers let in ahead of waiting writers after a write
         self._writer = False
         self._writers_waiting = 0
 
     @contextmanager
     def read(self) -> Iterator[None]:
         with self._cond:
-            while self._writer or self._writers_waiting:
-                self._cond.wait()
+            self._readers_waiting += 1
+            try:
+                while self._writer or (self._writers_waiting and not self._reader_quota):
+                    self._cond.wait()
+            finally:
+                self._readers_waiting -= 1
+                self._reader_quota = min(self._reader_quota, self._readers_waiting + 1)
+            if self._reader_quota:
+                self._reader_quota -= 1
             self._readers += 1
         try:
             yield
@@ -33,7 +46,7 @@ class RWLock:
         with self._cond:
             self._writers_waiting += 1
             try:
-                while self._writer or self._readers:
+                while self._writer or self._readers or self._reader_quota:
                     self._cond.wait()
             finally:
                 self._writers_waiting -= 1
@@ -43,4 +56,5 @@ class RWLock:
         finally:
             with self._cond:
                 self._writer = False
+                self._reader_quota = self._readers_waiting
                 self._cond.notify_all()
