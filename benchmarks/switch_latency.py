@@ -1,0 +1,217 @@
+"""Switch latency: SHiRA (sparse scatter) against LoRA fused switching, on one model, in one run.
+
+    python -m benchmarks.switch_latency                  # llama-1b shapes, fp32
+    python -m benchmarks.switch_latency --quick          # tiny preset, few repeats
+    python -m benchmarks.switch_latency --dtype fp32 bf16 --json out.json
+
+Every figure is measured in this run: medians (and p90) over A -> B -> A cycles, first call excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import psutil
+import torch
+
+import kernels
+from benchmarks.common import Timing, copy_bandwidth_gbps, memory_floor_ms, print_table, progress, touched_lines
+from runtime import Runtime
+from runtime.models import PRESETS, TARGETS, build
+from runtime.synthetic import random_lora, random_shira
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str
+    dtypes: tuple[str, ...]
+    density: float
+    rank: int
+    repeats: int
+    seed: int = 0
+
+
+@dataclass
+class Row:
+    method: str
+    backend: str
+    dtype: str
+    switch_ms: float
+    switch_p90_ms: float
+    floor_ms: float | None
+    rss_mb: float
+    bytes_written: int
+    note: str = ""
+
+    @property
+    def floor_ratio(self) -> float | None:
+        return self.switch_ms / self.floor_ms if self.floor_ms else None
+
+
+def rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def cycle(switches: list[Callable[[], object]], repeats: int) -> Timing:
+    """Time each switch of an A -> B -> A ... cycle separately; the first call (warm-up) is not counted."""
+    switches[0]()
+    samples = []
+    for i in range(repeats):
+        fn = switches[(i + 1) % len(switches)]
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return Timing.of(samples)
+
+
+def shira_rows(cfg: Config, rt: Runtime, model, dtype: str, copy_gbps: float) -> list[Row]:
+    a = random_shira(model, TARGETS, cfg.density, seed=cfg.seed + 1)
+    b = random_shira(model, TARGETS, cfg.density, seed=cfg.seed + 2)
+    rt.add_adapter("shira_a", a)
+    rt.add_adapter("shira_b", b)
+    tensors = rt.backend.tensors
+    lines = sum(
+        touched_lines(ad.indices[n], tensors[n].element_size(), tensors[n].data_ptr() % 64)
+        for ad in (a, b)
+        for n in ad.indices
+    )
+    floor = memory_floor_ms(lines, copy_gbps)
+    nbytes = (a.nnz + b.nnz) * tensors[next(iter(a.indices))].element_size()
+    rows = []
+    paths = [kernels.backend()] + (["torch"] if kernels.backend() != "torch" else [])
+    for path in paths:
+        os.environ["SHIRA_KERNELS"] = path
+        kernels.reset()
+        progress(f"{dtype}: shira switch A -> B ({path} kernels), {cfg.repeats} repeats")
+        t = cycle([lambda: rt.switch("shira_a"), lambda: rt.switch("shira_b")], cfg.repeats)
+        label = "fast path" if path == "cpp" else "pure-torch reference"
+        rows.append(Row("shira", f"torch/{path}", dtype, t.median_ms, t.p90_ms, floor, rss_mb(), nbytes, label))
+    os.environ.pop("SHIRA_KERNELS", None)
+    kernels.reset()
+    rt.switch(None)
+    rt.remove_adapter("shira_a")
+    rt.remove_adapter("shira_b")
+    return rows
+
+
+def lora_rows(cfg: Config, rt: Runtime, model, dtype: str) -> list[Row]:
+    la = random_lora(model, TARGETS, cfg.rank, seed=cfg.seed + 3)
+    lb = random_lora(model, TARGETS, cfg.rank, seed=cfg.seed + 4)
+    names = list(la.A)
+    weights = [rt.backend.tensors[n] for n in names]
+    nbytes = 2 * sum(w.numel() * w.element_size() for w in weights)
+    reps = max(3, cfg.repeats // 4)
+    rows = []
+
+    # (1) PEFT-style: unmerge A then merge B in place (W -= s B_a A_a; W += s B_b A_b), fp32 math
+    def unmerge_merge(old, new):
+        def run():
+            for n, w in zip(names, weights):
+                if w.dtype == torch.float32:
+                    w.addmm_(old.B[n], old.A[n], alpha=-old.scaling[n])
+                    w.addmm_(new.B[n], new.A[n], alpha=new.scaling[n])
+                else:
+                    d = torch.addmm(w.float(), old.B[n], old.A[n], alpha=-old.scaling[n])
+                    w.copy_(d.addmm_(new.B[n], new.A[n], alpha=new.scaling[n]))
+
+        return run
+
+    progress(f"{dtype}: lora fused, in-place unmerge/merge (drifts), {reps} repeats")
+    snapshot = [w.clone() for w in weights]
+    for n, w in zip(names, weights):  # start with A merged
+        w.copy_(torch.addmm(w.float(), la.B[n], la.A[n], alpha=la.scaling[n]).to(w.dtype))
+    t = cycle([unmerge_merge(la, lb), unmerge_merge(lb, la)], reps)
+    rows.append(Row("lora_fused", "torch/unmerge-merge", dtype, t.median_ms, t.p90_ms, None, rss_mb(), nbytes,
+                    "PEFT-style, not exact"))
+    for w, s in zip(weights, snapshot):
+        w.copy_(s)
+    del snapshot
+
+    # (2) the runtime's exact fused LoRA switch: restore the saved base copy, merge B
+    rt.add_adapter("lora_a", la)
+    rt.add_adapter("lora_b", lb)
+    progress(f"{dtype}: lora fused, runtime exact switch, {reps} repeats")
+    t = cycle([lambda: rt.switch("lora_a"), lambda: rt.switch("lora_b")], reps)
+    rows.append(Row("lora_fused", "torch/runtime-exact", dtype, t.median_ms, t.p90_ms, None, rss_mb(), nbytes,
+                    "exact revert, keeps a base copy"))
+    rt.switch(None)
+    rt.remove_adapter("lora_a")
+    rt.remove_adapter("lora_b")
+    return rows
+
+
+def run(cfg: Config) -> dict:
+    progress(f"measuring copy bandwidth; kernels: {kernels.backend()}")
+    copy_gbps = copy_bandwidth_gbps()
+    rows: list[Row] = []
+    for dtype in cfg.dtypes:
+        progress(f"building {cfg.preset} in {dtype}")
+        model = build(cfg.preset, DTYPES[dtype], seed=cfg.seed)
+        rt = Runtime.load(model)
+        rows += shira_rows(cfg, rt, model, dtype, copy_gbps)
+        rows += lora_rows(cfg, rt, model, dtype)
+        del rt, model
+    return {
+        "config": asdict(cfg),
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "kernels": kernels.backend(),
+        },
+        "copy_gbps": copy_gbps,
+        "results": [asdict(r) | {"floor_ratio": r.floor_ratio} for r in rows],
+    }
+
+
+def report(out: dict) -> None:
+    rows = out["results"]
+    print(f"\nswitch latency, preset {out['config']['preset']}, density {out['config']['density']}, "
+          f"LoRA rank {out['config']['rank']}, copy bandwidth {out['copy_gbps']:.1f} GB/s, "
+          f"kernels {out['machine']['kernels']}")
+    for dtype in out["config"]["dtypes"]:
+        sub = [r for r in rows if r["dtype"] == dtype]
+        shira = min((r["switch_ms"] for r in sub if r["method"] == "shira"), default=None)
+        print()
+        print_table(
+            ["method", "backend", "dtype", "switch ms", "p90 ms", "floor ms", "x floor", "x shira", "MB written",
+             "rss MB", "note"],
+            [[r["method"], r["backend"], r["dtype"], r["switch_ms"], r["switch_p90_ms"], r["floor_ms"],
+              r["floor_ratio"], r["switch_ms"] / shira if shira else None, r["bytes_written"] / 1e6, r["rss_mb"],
+              r["note"]] for r in sub],
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.switch_latency", description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="llama-1b", choices=sorted(PRESETS))
+    p.add_argument("--dtype", nargs="+", default=["fp32"], choices=sorted(DTYPES))
+    p.add_argument("--density", type=float, default=0.01)
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--quick", action="store_true", help="tiny preset, few repeats (well under a minute)")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.preset, args.repeats = "tiny", min(args.repeats, 8)
+    cfg = Config(args.preset, tuple(args.dtype), args.density, args.rank, args.repeats)
+    out = run(cfg)
+    report(out)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+        print(f"\nwrote {args.json}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
