@@ -10,6 +10,7 @@ A backend has:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 from runtime.errors import AdapterMismatchError
 
 
-class Backend:
+class Backend(ABC):
     tensors: dict[str, torch.Tensor]
     aliases: dict[str, str]
     shapes: dict[str, tuple[int, ...]]
@@ -56,8 +57,18 @@ class Backend:
                 f"adapter {adapter!r}: tensor {name!r} is not a contiguous CPU tensor; cannot switch it in place"
             )
 
+    def check_unfused(self, tensor: str, adapter: str) -> str:
+        """The module that an unfused LoRA on ``tensor`` attaches to; raise if this backend cannot."""
+        raise AdapterMismatchError(f"adapter {adapter!r}: unfused LoRA is not supported on the {self.kind} backend")
+
+    def set_unfused(self, entries: list[tuple[str, torch.Tensor, torch.Tensor, float]]) -> None:
+        """Make ``entries`` ``(module, A, B, alpha)`` the unfused LoRA paths run at inference."""
+        if entries:
+            raise AdapterMismatchError(f"unfused LoRA is not supported on the {self.kind} backend")
+
+    @abstractmethod
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(f"{type(self).__name__} does not run inference")
+        """One inference."""
 
 
 class TorchBackend(Backend):
@@ -81,7 +92,42 @@ class TorchBackend(Backend):
             if canon == name:
                 self.tensors[name] = t
                 self.shapes[name] = tuple(t.shape)
+        self._hooks: list = []
+
+    def check_unfused(self, tensor: str, adapter: str) -> str:
+        path = tensor.rsplit(".", 1)[0] if tensor.endswith(".weight") else None
+        mod = self.module.get_submodule(path) if path else None
+        if not isinstance(mod, nn.Linear):
+            raise AdapterMismatchError(
+                f"adapter {adapter!r}: unfused LoRA needs an nn.Linear; {tensor!r} is not the weight of one"
+            )
+        return path
+
+    def set_unfused(self, entries: list[tuple[str, torch.Tensor, torch.Tensor, float]]) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        by_module: dict[str, list] = {}
+        for path, a, b, alpha in entries:
+            by_module.setdefault(path, []).append((a, b, alpha))
+        for path, terms in by_module.items():
+            mod = self.module.get_submodule(path)
+            dt = mod.weight.dtype
+            terms = [(a.to(dt), b.to(dt), alpha) for a, b, alpha in terms]
+            self._hooks.append(mod.register_forward_hook(_lora_hook(terms)))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with torch.inference_mode():
             return self.module(*args, **kwargs)
+
+
+def _lora_hook(terms: list[tuple[torch.Tensor, torch.Tensor, float]]):
+    """A forward hook adding ``alpha * (x @ A.T) @ B.T`` for each unfused LoRA term of one linear."""
+
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        for a, b, alpha in terms:
+            out = out + (x @ a.t() @ b.t()) * alpha
+        return out
+
+    return hook

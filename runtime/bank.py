@@ -37,10 +37,20 @@ def read_source(source: Source) -> SparseAdapter | LoraAdapter:
     return load_sparse(path)
 
 
-def prepare(backend: Backend, switcher: Switcher, name: str, adapter: SparseAdapter | LoraAdapter) -> Prepared:
+MODES = ("fused", "unfused")
+
+
+def prepare(
+    backend: Backend, switcher: Switcher, name: str, adapter: SparseAdapter | LoraAdapter, mode: str | None = None
+) -> Prepared:
+    """Validate ``adapter`` against ``backend``. ``mode``: LoRA only, ``"fused"`` (default) or ``"unfused"``."""
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"adapter {name!r}: mode {mode!r} is not one of {MODES}")
     if isinstance(adapter, SparseAdapter):
+        if mode == "unfused":
+            raise ValueError(f"adapter {name!r}: sparse adapters are always fused (zero inference overhead)")
         return _prepare_sparse(backend, switcher, name, adapter)
-    return _prepare_lora(backend, name, adapter)
+    return _prepare_lora(backend, name, adapter, unfused=mode == "unfused")
 
 
 def _claim(backend: Backend, seen: dict[str, str], tensor: str, adapter: str) -> str:
@@ -78,11 +88,16 @@ def _prepare_sparse(backend: Backend, switcher: Switcher, name: str, adapter: Sp
     return prep
 
 
-def _prepare_lora(backend: Backend, name: str, adapter: LoraAdapter) -> Prepared:
+def _prepare_lora(backend: Backend, name: str, adapter: LoraAdapter, unfused: bool) -> Prepared:
     prep, seen = Prepared(name, 1.0), {}
     for tensor in adapter.A:
         canon = _claim(backend, seen, tensor, name)
         a, b = adapter.factors(tensor, backend.shapes[canon], name)
+        if unfused:
+            if adapter.fan_in_fan_out:
+                raise AdapterMismatchError(f"adapter {name!r}: unfused mode needs nn.Linear layout (no fan_in_fan_out)")
+            prep.unfused[backend.check_unfused(tensor, name)] = (a, b, float(adapter.scaling[tensor]))
+            continue
         if adapter.fan_in_fan_out:  # delta is [out, in] while the tensor is [in, out]: swap roles
             a, b = b.t().contiguous(), a.t().contiguous()
         prep.lora[canon] = (a, b, float(adapter.scaling[tensor]))

@@ -56,11 +56,13 @@ class Runtime:
     def active(self) -> tuple[tuple[str, float], ...]:
         return self._switcher.plan.active
 
-    def add_adapter(self, name: str, source: Source) -> None:
+    def add_adapter(self, name: str, source: Source, mode: str | None = None) -> None:
         """Register ``source`` (our file, a PEFT SHiRA/LoRA directory, or an in-memory adapter) as ``name``.
 
         The adapter is decoded and checked against this base now (names, shapes, indices, values, fingerprint);
-        nothing is written to the weights.
+        nothing is written to the weights. ``mode`` is for LoRA: ``"fused"`` (default: merged into the weights
+        at switch, exact revert) or ``"unfused"`` (weights untouched; an extra ``x @ A.T @ B.T * s`` path runs
+        at inference, torch backend only).
         """
         if not isinstance(name, str) or not name:
             raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
@@ -69,7 +71,7 @@ class Runtime:
                 raise ValueError(f"an adapter named {name!r} is already registered (remove_adapter it first)")
         adapter = read_source(source)
         with self._lock.read():  # the fingerprint reads base values: no switch may run meanwhile
-            prepared = prepare(self.backend, self._switcher, name, adapter)
+            prepared = prepare(self.backend, self._switcher, name, adapter, mode)
         with self._bank_lock:
             if name in self._bank:
                 raise ValueError(f"an adapter named {name!r} is already registered (remove_adapter it first)")

@@ -27,6 +27,8 @@ class Prepared:
     scale: float
     sparse: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # t -> (idx, delta fp32)
     lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)  # t -> (A, B, scaling)
+    # unfused LoRA: module path -> (A, B, scaling); applied at inference, weights untouched
+    unfused: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
 
     @property
     def tensors(self) -> set[str]:
@@ -39,9 +41,9 @@ class Plan:
 
     active: tuple[tuple[str, float], ...]
     sparse: dict[str, tuple[torch.Tensor, torch.Tensor]]  # t -> (idx, summed scaled delta fp32)
-    dense: dict[
-        str, list[tuple[str, object, float]]
-    ]  # t -> [("sparse", (idx, delta), alpha) | ("lora", (A, B), alpha)]
+    # t -> [("sparse", (idx, delta), alpha) | ("lora", (A, B), alpha)], summed in this order
+    dense: dict[str, list[tuple[str, object, float]]]
+    unfused: list[tuple[str, torch.Tensor, torch.Tensor, float]] = field(default_factory=list)  # (module, A, B, alpha)
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ class SwitchStats:
         )
 
 
-EMPTY_PLAN = Plan((), {}, {})
+EMPTY_PLAN = Plan((), {}, {}, [])
 
 
 class Switcher:
@@ -104,13 +106,16 @@ class Switcher:
             return EMPTY_PLAN
         contrib: dict[str, list[tuple[str, object, float]]] = {}
         for prep, weight in items:
-            alpha = float(torch.tensor(weight * prep.scale, dtype=torch.float32))
+            alpha = _fp32(weight * prep.scale)
             for t, part in prep.sparse.items():
                 contrib.setdefault(t, []).append(("sparse", part, alpha))
             for t, (a, b, scaling) in prep.lora.items():
-                contrib.setdefault(t, []).append(
-                    ("lora", (a, b), float(torch.tensor(alpha * scaling, dtype=torch.float32)))
-                )
+                contrib.setdefault(t, []).append(("lora", (a, b), _fp32(alpha * scaling)))
+        unfused = [
+            (module, a, b, _fp32(weight * scaling))
+            for prep, weight in items
+            for module, (a, b, scaling) in prep.unfused.items()
+        ]
         sparse, dense = {}, {}
         for t, parts in contrib.items():
             if any(kind == "lora" for kind, _, _ in parts):
@@ -118,7 +123,7 @@ class Switcher:
             else:
                 sparse[t] = _combine(parts)
                 self._check_range(t, sparse[t][1])
-        return Plan(tuple((p.name, float(w)) for p, w in items), sparse, dense)
+        return Plan(tuple((p.name, float(w)) for p, w in items), sparse, dense, unfused)
 
     def _check_range(self, t: str, delta: torch.Tensor) -> None:
         if not delta.numel():
@@ -143,6 +148,7 @@ class Switcher:
             self._write(plan, old, dense_out=False)
             self._apply_dense(old)
             raise
+        self.backend.set_unfused(plan.unfused)
         self.plan = plan
         ms = (time.perf_counter() - t0) * 1e3
         written += sum(self.backend.tensors[t].numel() for t in plan.dense)
@@ -209,6 +215,10 @@ class Switcher:
         for t, saved in self.dense_saved.items():
             self.backend.tensors[t].copy_(saved)
         self.dense_saved = {}
+
+
+def _fp32(x: float) -> float:
+    return float(torch.tensor(x, dtype=torch.float32))
 
 
 def _combine(parts: list[tuple[str, object, float]]) -> tuple[torch.Tensor, torch.Tensor]:

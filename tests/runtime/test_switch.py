@@ -137,3 +137,27 @@ def test_tied_weights_are_written_once():
     assert torch.equal(m.model.embed_tokens.weight.detach().reshape(-1)[idx.long()], before + 1)
     rt.switch(None)
     assert torch.equal(m.lm_head.weight.detach().reshape(-1)[idx.long()], before)
+
+
+def test_lora_unfused_matches_fused_and_leaves_weights_alone():
+    m = build("tiny", torch.float32, seed=5)
+    snap = snapshot(m)
+    lora = random_lora(m, TARGETS, rank=4, seed=6, std=0.05)
+    rt = Runtime.load(m)
+    rt.add_adapter("fused", lora)
+    rt.add_adapter("unfused", lora, mode="unfused")
+    rt.add_adapter("s", random_shira(m, TARGETS, 0.05, seed=1))
+    x = torch.randint(0, 256, (2, 7))
+    base_out = rt(x)
+    for names, weights in (("fused", 0.5), (["s", "fused"], [1.0, 0.5])):
+        rt.switch(names, weights)
+        want = rt(x)
+        rt.switch([n.replace("fused", "unfused") for n in ([names] if isinstance(names, str) else names)], weights)
+        torch.testing.assert_close(rt(x), want, atol=1e-5, rtol=1e-4)
+        if names == "fused":
+            assert_bit_identical(m, snap)  # unfused: the weights are the base's
+    rt.switch(None)
+    assert torch.equal(rt(x), base_out)
+    assert_bit_identical(m, snap)
+    with pytest.raises(ValueError, match="always fused"):
+        rt.add_adapter("x", random_shira(m, TARGETS, 0.05, seed=1), mode="unfused")
