@@ -1,10 +1,11 @@
-"""Switch latency: SHiRA (sparse scatter) against LoRA fused switching, on one model, in one run.
+"""Switch latency: SHiRA (sparse scatter) against LoRA fused and LoRA unfused, on one model, in one run.
 
     python -m benchmarks.switch_latency                  # llama-1b shapes, fp32
     python -m benchmarks.switch_latency --quick          # tiny preset, few repeats
-    python -m benchmarks.switch_latency --dtype fp32 bf16 --json out.json
+    python -m benchmarks.switch_latency --dtype fp32 bf16 --json out.json --plot out.png
 
-Every figure is measured in this run: medians (and p90) over A -> B -> A cycles, first call excluded.
+Every figure is measured in this run: switch medians (and p90) over A -> B -> A cycles, first call excluded;
+inference medians at 1 token and at a batch of tokens, with whatever the method leaves active, against the base.
 """
 
 from __future__ import annotations
@@ -22,7 +23,15 @@ import psutil
 import torch
 
 import kernels
-from benchmarks.common import Timing, copy_bandwidth_gbps, memory_floor_ms, print_table, progress, touched_lines
+from benchmarks.common import (
+    Timing,
+    copy_bandwidth_gbps,
+    memory_floor_ms,
+    print_table,
+    progress,
+    time_ms,
+    touched_lines,
+)
 from runtime import Runtime
 from runtime.models import PRESETS, TARGETS, build
 from runtime.synthetic import random_lora, random_shira
@@ -37,6 +46,8 @@ class Config:
     density: float
     rank: int
     repeats: int
+    infer_repeats: int
+    tokens: int = 64
     seed: int = 0
 
 
@@ -51,6 +62,9 @@ class Row:
     rss_mb: float
     bytes_written: int
     note: str = ""
+    infer_ms: float | None = None  # a batch of cfg.tokens tokens
+    infer_b1_ms: float | None = None  # one token
+    infer_overhead: float | None = None  # infer_ms / the base's infer_ms (1.0 = none)
 
     @property
     def floor_ratio(self) -> float | None:
@@ -73,7 +87,26 @@ def cycle(switches: list[Callable[[], object]], repeats: int) -> Timing:
     return Timing.of(samples)
 
 
-def shira_rows(cfg: Config, rt: Runtime, model, dtype: str, copy_gbps: float) -> list[Row]:
+class Inference:
+    """Inference timings on one runtime: one token, and a batch of ``tokens`` tokens (full-sequence forward)."""
+
+    def __init__(self, cfg: Config, rt: Runtime, vocab: int) -> None:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        self.rt, self.repeats = rt, cfg.infer_repeats
+        self.one = torch.randint(0, vocab, (1, 1), generator=gen)
+        self.batch = torch.randint(0, vocab, (max(1, cfg.tokens // 16), min(16, cfg.tokens)), generator=gen)
+        self.base: tuple[float, float] | None = None
+
+    def measure(self, row: Row) -> Row:
+        b1 = time_ms(lambda: self.rt(self.one), self.repeats).median_ms
+        bt = time_ms(lambda: self.rt(self.batch), self.repeats).median_ms
+        if self.base is None:
+            self.base = (b1, bt)
+        row.infer_b1_ms, row.infer_ms, row.infer_overhead = b1, bt, bt / self.base[1]
+        return row
+
+
+def shira_rows(cfg: Config, rt: Runtime, model, dtype: str, copy_gbps: float, infer: Inference) -> list[Row]:
     a = random_shira(model, TARGETS, cfg.density, seed=cfg.seed + 1)
     b = random_shira(model, TARGETS, cfg.density, seed=cfg.seed + 2)
     rt.add_adapter("shira_a", a)
@@ -97,13 +130,18 @@ def shira_rows(cfg: Config, rt: Runtime, model, dtype: str, copy_gbps: float) ->
         rows.append(Row("shira", f"torch/{path}", dtype, t.median_ms, t.p90_ms, floor, rss_mb(), nbytes, label))
     os.environ.pop("SHIRA_KERNELS", None)
     kernels.reset()
+    progress(f"{dtype}: inference with shira_a applied")
+    rt.switch("shira_a")
+    infer.measure(rows[0])
+    for r in rows[1:]:  # same weights, same code path: one measurement serves every kernel path
+        r.infer_b1_ms, r.infer_ms, r.infer_overhead = rows[0].infer_b1_ms, rows[0].infer_ms, rows[0].infer_overhead
     rt.switch(None)
     rt.remove_adapter("shira_a")
     rt.remove_adapter("shira_b")
     return rows
 
 
-def lora_rows(cfg: Config, rt: Runtime, model, dtype: str) -> list[Row]:
+def lora_rows(cfg: Config, rt: Runtime, model, dtype: str, infer: Inference) -> list[Row]:
     la = random_lora(model, TARGETS, cfg.rank, seed=cfg.seed + 3)
     lb = random_lora(model, TARGETS, cfg.rank, seed=cfg.seed + 4)
     names = list(la.A)
@@ -130,8 +168,19 @@ def lora_rows(cfg: Config, rt: Runtime, model, dtype: str) -> list[Row]:
     for n, w in zip(names, weights):  # start with A merged
         w.copy_(torch.addmm(w.float(), la.B[n], la.A[n], alpha=la.scaling[n]).to(w.dtype))
     t = cycle([unmerge_merge(la, lb), unmerge_merge(lb, la)], reps)
-    rows.append(Row("lora_fused", "torch/unmerge-merge", dtype, t.median_ms, t.p90_ms, None, rss_mb(), nbytes,
-                    "PEFT-style, not exact"))
+    rows.append(
+        Row(
+            "lora_fused",
+            "torch/unmerge-merge",
+            dtype,
+            t.median_ms,
+            t.p90_ms,
+            None,
+            rss_mb(),
+            nbytes,
+            "PEFT-style, not exact",
+        )
+    )
     for w, s in zip(weights, snapshot):
         w.copy_(s)
     del snapshot
@@ -141,11 +190,35 @@ def lora_rows(cfg: Config, rt: Runtime, model, dtype: str) -> list[Row]:
     rt.add_adapter("lora_b", lb)
     progress(f"{dtype}: lora fused, runtime exact switch, {reps} repeats")
     t = cycle([lambda: rt.switch("lora_a"), lambda: rt.switch("lora_b")], reps)
-    rows.append(Row("lora_fused", "torch/runtime-exact", dtype, t.median_ms, t.p90_ms, None, rss_mb(), nbytes,
-                    "exact revert, keeps a base copy"))
+    row = Row(
+        "lora_fused",
+        "torch/runtime-exact",
+        dtype,
+        t.median_ms,
+        t.p90_ms,
+        None,
+        rss_mb(),
+        nbytes,
+        "exact revert, keeps a base copy",
+    )
+    rt.switch("lora_a")
+    rows.append(infer.measure(row))
+    rows[0].infer_b1_ms, rows[0].infer_ms, rows[0].infer_overhead = row.infer_b1_ms, row.infer_ms, row.infer_overhead
     rt.switch(None)
-    rt.remove_adapter("lora_a")
-    rt.remove_adapter("lora_b")
+
+    # (3) unfused: switching swaps the extra x @ A.T @ B.T * s paths; weights untouched, inference pays
+    rt.add_adapter("lora_ua", la, mode="unfused")
+    rt.add_adapter("lora_ub", lb, mode="unfused")
+    progress(f"{dtype}: lora unfused, {cfg.repeats} repeats")
+    t = cycle([lambda: rt.switch("lora_ua"), lambda: rt.switch("lora_ub")], cfg.repeats)
+    row = Row(
+        "lora_unfused", "torch/hooks", dtype, t.median_ms, t.p90_ms, None, rss_mb(), 0, "extra matmuls at inference"
+    )
+    rt.switch("lora_ua")
+    rows.append(infer.measure(row))
+    rt.switch(None)
+    for n in ("lora_a", "lora_b", "lora_ua", "lora_ub"):
+        rt.remove_adapter(n)
     return rows
 
 
@@ -157,9 +230,13 @@ def run(cfg: Config) -> dict:
         progress(f"building {cfg.preset} in {dtype}")
         model = build(cfg.preset, DTYPES[dtype], seed=cfg.seed)
         rt = Runtime.load(model)
-        rows += shira_rows(cfg, rt, model, dtype, copy_gbps)
-        rows += lora_rows(cfg, rt, model, dtype)
-        del rt, model
+        infer = Inference(cfg, rt, model.config.vocab)
+        progress(f"{dtype}: base inference, {cfg.infer_repeats} repeats")
+        base = infer.measure(Row("base", "torch", dtype, 0.0, 0.0, None, rss_mb(), 0, "no adapter"))
+        rows.append(base)
+        rows += shira_rows(cfg, rt, model, dtype, copy_gbps, infer)
+        rows += lora_rows(cfg, rt, model, dtype, infer)
+        del rt, model, infer
     return {
         "config": asdict(cfg),
         "machine": {
@@ -176,19 +253,51 @@ def run(cfg: Config) -> dict:
 
 def report(out: dict) -> None:
     rows = out["results"]
-    print(f"\nswitch latency, preset {out['config']['preset']}, density {out['config']['density']}, "
-          f"LoRA rank {out['config']['rank']}, copy bandwidth {out['copy_gbps']:.1f} GB/s, "
-          f"kernels {out['machine']['kernels']}")
+    print(
+        f"\nswitch latency, preset {out['config']['preset']}, density {out['config']['density']}, "
+        f"LoRA rank {out['config']['rank']}, copy bandwidth {out['copy_gbps']:.1f} GB/s, "
+        f"kernels {out['machine']['kernels']}"
+    )
     for dtype in out["config"]["dtypes"]:
         sub = [r for r in rows if r["dtype"] == dtype]
         shira = min((r["switch_ms"] for r in sub if r["method"] == "shira"), default=None)
         print()
         print_table(
-            ["method", "backend", "dtype", "switch ms", "p90 ms", "floor ms", "x floor", "x shira", "MB written",
-             "rss MB", "note"],
-            [[r["method"], r["backend"], r["dtype"], r["switch_ms"], r["switch_p90_ms"], r["floor_ms"],
-              r["floor_ratio"], r["switch_ms"] / shira if shira else None, r["bytes_written"] / 1e6, r["rss_mb"],
-              r["note"]] for r in sub],
+            [
+                "method",
+                "backend",
+                "dtype",
+                "switch ms",
+                "p90 ms",
+                "floor ms",
+                "x floor",
+                "x shira",
+                "infer ms",
+                "1-tok ms",
+                "infer x base",
+                "MB written",
+                "rss MB",
+                "note",
+            ],
+            [
+                [
+                    r["method"],
+                    r["backend"],
+                    r["dtype"],
+                    r["switch_ms"],
+                    r["switch_p90_ms"],
+                    r["floor_ms"],
+                    r["floor_ratio"],
+                    r["switch_ms"] / shira if shira and r["switch_ms"] else None,
+                    r["infer_ms"],
+                    r["infer_b1_ms"],
+                    r["infer_overhead"],
+                    r["bytes_written"] / 1e6,
+                    r["rss_mb"],
+                    r["note"],
+                ]
+                for r in sub
+            ],
         )
 
 
@@ -198,19 +307,45 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", nargs="+", default=["fp32"], choices=sorted(DTYPES))
     p.add_argument("--density", type=float, default=0.01)
     p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=20, help="switches timed per method (LoRA fused: a quarter)")
+    p.add_argument("--infer-repeats", type=int, default=5)
+    p.add_argument("--tokens", type=int, default=64, help="tokens in the batched inference")
     p.add_argument("--quick", action="store_true", help="tiny preset, few repeats (well under a minute)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG: switch latency (log) and inference overhead")
     args = p.parse_args(argv)
     if args.quick:
-        args.preset, args.repeats = "tiny", min(args.repeats, 8)
-    cfg = Config(args.preset, tuple(args.dtype), args.density, args.rank, args.repeats)
+        args.preset, args.repeats, args.infer_repeats = "tiny", min(args.repeats, 8), min(args.infer_repeats, 3)
+    cfg = Config(args.preset, tuple(args.dtype), args.density, args.rank, args.repeats, args.infer_repeats, args.tokens)
     out = run(cfg)
     report(out)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
         print(f"\nwrote {args.json}", file=sys.stderr)
+    if args.plot:
+        plot(out, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+
+
+def plot(out: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in out["results"] if r["method"] != "base"]
+    labels = [f"{r['method']}\n{r['backend']} {r['dtype']}" for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 0.5 * len(rows) + 2), sharey=True)
+    ax1.barh(labels, [r["switch_ms"] for r in rows], color="tab:blue")
+    ax1.set_xscale("log")
+    ax1.set_xlabel("switch latency, ms (log)")
+    ax2.barh(labels, [r["infer_overhead"] or 0 for r in rows], color="tab:orange")
+    ax2.axvline(1.0, color="k", lw=0.8)
+    ax2.set_xlabel("inference time / base")
+    fig.suptitle(f"{out['config']['preset']}: measured by python -m benchmarks.switch_latency")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":
