@@ -1,0 +1,54 @@
+"""The benchmark runs end to end (--quick) and its memory floor arithmetic is right."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.common import memory_floor_ms, touched_lines
+from benchmarks.switch_latency import main
+
+
+def test_touched_lines_and_floor_hand_counted():
+    idx = torch.tensor([0, 1, 15, 16, 17, 100], dtype=torch.int32)
+    # fp32: byte offsets 0, 4, 60 | 64, 68 | 400 -> lines 0, 1, 6
+    assert touched_lines(idx, 4) == 3
+    # bf16: byte offsets 0, 2, 30, 32, 34 | 200 -> lines 0, 3
+    assert touched_lines(idx, 2) == 2
+    # a tensor starting 60 bytes into its line: fp32 offsets 60 | 64, 120 | 124, 128, 460 -> lines 0, 1, 2, 7
+    assert touched_lines(idx, 4, base_offset=60) == 4
+    assert touched_lines(torch.empty(0, dtype=torch.int32), 4) == 0
+    # 3 lines, read and written, at 1 GB/s: 3 * 64 * 2 bytes / 1e9 B/s = 384 ns
+    assert memory_floor_ms(3, 1.0) == pytest.approx(3.84e-4)
+
+
+def test_quick_run_writes_every_method_row(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    main(["--quick", "--dtype", "fp32", "bf16", "--json", str(out), "--repeats", "3"])
+    data = json.loads(out.read_text())
+    assert {"config", "machine", "copy_gbps", "results"} <= set(data)
+    assert data["copy_gbps"] > 0
+    methods = {(r["method"], r["dtype"]) for r in data["results"]}
+    for dtype in ("fp32", "bf16"):
+        for m in ("base", "shira", "lora_fused", "lora_unfused"):
+            assert (m, dtype) in methods
+    for r in data["results"]:
+        for key in (
+            "method",
+            "backend",
+            "dtype",
+            "switch_ms",
+            "switch_p90_ms",
+            "infer_ms",
+            "infer_overhead",
+            "floor_ms",
+            "rss_mb",
+        ):
+            assert key in r
+        assert r["infer_ms"] > 0 and r["rss_mb"] > 0
+        if r["method"] == "shira":
+            assert r["floor_ms"] > 0 and r["switch_ms"] > 0
+    printed = capsys.readouterr().out
+    assert "lora_unfused" in printed and "x floor" in printed
