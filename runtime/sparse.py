@@ -49,11 +49,12 @@ class SparseAdapter:
 
         return load_sparse(path)
 
-    def save(self, path: str | Path) -> None:
-        """Write our adapter file. Indices must be flat (or ``shapes`` known to flatten them)."""
+    def save(self, path: str | Path, values: str | None = None) -> None:
+        """Write our adapter file (``shapes`` must be known). ``values``: ``"fp16"``, ``"bf16"``, ``"fp32"`` to
+        store the deltas in that dtype, None to keep theirs."""
         from runtime.adapter_file import save_sparse
 
-        save_sparse(self, path)
+        save_sparse(self, path, values)
 
     @staticmethod
     def from_peft(directory: str | Path) -> SparseAdapter:
