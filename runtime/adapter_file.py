@@ -3,7 +3,8 @@
 Format ``shira-runtime/sparse``, version 2 (written; version 1 still loads):
 - ``<name>::gaps``: the sorted flat indices as gaps (``idx[0]``, then ``idx[i] - idx[i-1] - 1``) in uint8, or
   int16 read as uint16, whichever is smaller for that tensor; the largest value of the width is an escape,
-  whose gap is the next entry of ``<name>::escapes`` (int32, int64 past 2**31). Decoding is a few vectorized ops and a cumsum.
+  whose gap is the next entry of ``<name>::escapes`` (int32, int64 past 2**31). Decoding is a few
+  vectorized ops and a cumsum.
 - ``<name>::values``: fp32, fp16 or bf16 (chosen when saving);
 - ``<name>::probe``: fp32, the fingerprint's base values (when the adapter has a fingerprint);
 - metadata ``format``, ``version``, ``scale``, ``mask_kind``, ``shapes`` (JSON name -> shape), ``fingerprint``
