@@ -33,6 +33,7 @@ class Runtime:
         self.backend = backend
         self._switcher = Switcher(backend)
         self._bank: dict[str, Prepared] = {}
+        self._pending: dict[str, tuple[Source, str | None]] = {}  # registered lazily: read at first use
         self._lock = RWLock()
         self._bank_lock = threading.Lock()
 
@@ -50,45 +51,60 @@ class Runtime:
     # -- adapters --
     @property
     def adapters(self) -> tuple[str, ...]:
-        return tuple(self._bank)
+        return tuple(self._bank) + tuple(n for n in self._pending if n not in self._bank)
 
     @property
     def active(self) -> tuple[tuple[str, float], ...]:
         return self._switcher.plan.active
 
-    def add_adapter(self, name: str, source: Source, mode: str | None = None) -> None:
+    def add_adapter(self, name: str, source: Source, mode: str | None = None, lazy: bool = False) -> None:
         """Register ``source`` (our file, a PEFT SHiRA/LoRA directory, or an in-memory adapter) as ``name``.
 
         The adapter is decoded and checked against this base now (names, shapes, indices, values, fingerprint);
         nothing is written to the weights. ``mode`` is for LoRA: ``"fused"`` (default: merged into the weights
         at switch, exact revert) or ``"unfused"`` (weights untouched; an extra ``x @ A.T @ B.T * s`` path runs
-        at inference, torch backend only).
+        at inference, torch backend only). ``lazy=True`` only records the source: it is read and checked at its
+        first ``switch`` (a bad file then fails that switch, which changes nothing).
         """
         if not isinstance(name, str) or not name:
             raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
-        with self._bank_lock:
-            if name in self._bank:
-                raise ValueError(f"an adapter named {name!r} is already registered (remove_adapter it first)")
+        self._check_free(name)
+        if lazy:
+            with self._bank_lock:
+                self._check_free(name)
+                self._pending[name] = (source, mode)
+            return
         adapter = read_source(source)
         with self._lock.read():  # the fingerprint reads base values: no switch may run meanwhile
             prepared = prepare(self.backend, self._switcher, name, adapter, mode)
         with self._bank_lock:
-            if name in self._bank:
-                raise ValueError(f"an adapter named {name!r} is already registered (remove_adapter it first)")
+            self._check_free(name)
             self._bank[name] = prepared
+
+    def _check_free(self, name: str) -> None:
+        if name in self._bank or name in self._pending:
+            raise ValueError(f"an adapter named {name!r} is already registered (remove_adapter it first)")
 
     def remove_adapter(self, name: str) -> None:
         with self._lock.write(), self._bank_lock:
+            if name in self._pending:
+                del self._pending[name]
+                return
             self._get(name)
             if any(n == name for n, _ in self.active):
                 raise ShiraError(f"adapter {name!r} is active; switch away from it before removing it")
             del self._bank[name]
 
     def _get(self, name: str) -> Prepared:
-        try:
+        """The prepared adapter; a lazily registered one is read and checked now (call under the write lock)."""
+        if name in self._bank:
             return self._bank[name]
-        except KeyError:
-            raise UnknownAdapterError(f"no adapter named {name!r}; registered: {list(self._bank)}") from None
+        if name in self._pending:
+            source, mode = self._pending[name]
+            self._bank[name] = prepare(self.backend, self._switcher, name, read_source(source), mode)
+            del self._pending[name]
+            return self._bank[name]
+        raise UnknownAdapterError(f"no adapter named {name!r}; registered: {list(self.adapters)}")
 
     # -- switching --
     def switch(self, names: Names, weights: Sequence[float] | float | None = None) -> SwitchStats:

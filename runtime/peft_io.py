@@ -147,3 +147,51 @@ def _load_lora(directory: Path, cfg: dict) -> LoraAdapter:
         scaling,
         fan_in_fan_out=bool(cfg.get("fan_in_fan_out")),
     )
+
+
+def save_peft_shira(adapter: SparseAdapter, directory: str | Path, strict: bool = True) -> Path:
+    """Write ``adapter`` as a PEFT SHiRA directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    PEFT sizes each layer's ``shira_weight`` as ``r * (out + in)`` with one ``r`` for the whole adapter, so an
+    adapter whose nonzero counts do not fit that rule cannot be loaded by PEFT: refused unless ``strict=False``.
+    Values are written in fp32 (PEFT's dtype); the adapter's ``scale`` is folded into them.
+    """
+    directory = Path(directory)
+    tensors, ranks, modules = {}, set(), []
+    for name in sorted(adapter.indices):
+        shape = adapter.shapes.get(name)
+        if shape is None or len(shape) != 2 or not name.endswith(".weight"):
+            raise AdapterFormatError(f"tensor {name!r}: PEFT SHiRA needs the 2-D weight of a linear layer")
+        idx, val = adapter.flat(name, shape, adapter="<to_peft>")
+        module = name[: -len(".weight")]
+        modules.append(module)
+        r, rem = divmod(idx.numel(), shape[0] + shape[1])
+        ranks.add(r if rem == 0 else None)
+        rows, cols = idx.long() // shape[1], idx.long() % shape[1]
+        tensors[f"{PREFIX}{module}.shira_indices"] = torch.stack([rows, cols]).to(torch.int32)
+        tensors[f"{PREFIX}{module}.shira_weight"] = val.to(torch.float32) * float(adapter.scale)
+    if strict and (len(ranks) != 1 or None in ranks):
+        raise AdapterFormatError(
+            "PEFT could not load this adapter: its layers' nonzero counts are not r * (out + in) for one integer r "
+            "(pass strict=False to write it anyway)"
+        )
+    r = max((x for x in ranks if x), default=1)
+    config = {
+        "peft_type": "SHIRA",
+        "r": r,
+        "mask_type": adapter.mask_kind,
+        "target_modules": modules,
+        "fan_in_fan_out": False,
+        "init_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "random_seed": None,
+        "base_model_name_or_path": None,
+        "task_type": None,
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
+    (directory / CONFIG).write_text(json.dumps(config, indent=2))
+    return directory

@@ -66,6 +66,12 @@ class SparseAdapter:
             raise AdapterMismatchError(f"{directory}: is a PEFT LoRA adapter, not SHiRA (use LoraAdapter)")
         return adapter
 
+    def to_peft(self, directory: str | Path, strict: bool = True) -> Path:
+        """Write a PEFT SHiRA adapter directory (see ``runtime.peft_io.save_peft_shira``)."""
+        from runtime.peft_io import save_peft_shira
+
+        return save_peft_shira(self, directory, strict)
+
     # -- canonical form --
     def flat(self, name: str, shape: tuple[int, ...], adapter: str = "?") -> tuple[torch.Tensor, torch.Tensor]:
         """Validated ``(indices, values)`` of tensor ``name`` for a base tensor of ``shape``.

@@ -226,3 +226,22 @@ def test_bad_switch_arguments_change_nothing(setup):
         rt.add_adapter("good", random_shira(m, TARGETS, 0.05, seed=1))
     assert rt.active == (("good", 1.0),)
     assert_bit_identical(m, snap)
+
+
+def test_lazy_adapter_with_a_bad_file_fails_its_first_switch_and_changes_nothing(setup, tmp_path):
+    m, rt, snap = setup
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    rt.add_adapter("lazy", bad, lazy=True)
+    assert "lazy" in rt.adapters
+    with pytest.raises(AdapterFormatError, match="bad.safetensors"):
+        rt.switch(["good", "lazy"])
+    assert rt.active == (("good", 1.0),)
+    assert_bit_identical(m, snap)
+    good = tmp_path / "good.safetensors"
+    # made on a fresh copy of the base: the module now has "good" applied, and a fingerprint records the base
+    random_shira(build("tiny", torch.float32, seed=1), TARGETS, 0.05, seed=5).save(good)
+    rt.add_adapter("lazy_ok", good, lazy=True)
+    rt.switch("lazy_ok")
+    rt.switch("good")
+    assert_bit_identical(m, snap)

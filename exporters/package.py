@@ -1,0 +1,205 @@
+"""Package a base model and its adapters into one self-contained bundle directory (mobile-style deployment).
+
+    python -m exporters.package --base llama-1b --adapter chat=peft_shira_dir/ --adapter code=code.safetensors \
+        --out bundle/ [--values fp16] [--dtype fp32]
+
+``--base``: a built-in preset (``tiny``, ``small``, ``llama-1b``), a transformers model directory (needs
+``transformers``), or ``module.path:callable`` returning an ``nn.Module`` (then ``--example-shape`` gives the
+int64 input shape of its single input).
+Adapters: PEFT SHiRA directories and our files become compact files in ``adapters/`` (with checksums and a
+fingerprint of this base); PEFT LoRA directories are kept as LoRA. ``Runtime.load(bundle)`` registers them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from runtime.bank import read_source
+from runtime.fingerprint import PROBES, Fingerprint
+from runtime.lora import LoraAdapter
+from runtime.models import PRESETS, build
+from runtime.peft_io import is_peft_dir
+from runtime.sparse import SparseAdapter
+
+PEFT_BYTES_PER_NNZ = 12  # PEFT SHiRA: fp32 value + int32 row + int32 col
+
+
+def load_base(spec: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A base module from a preset name, a transformers model directory or ``module.path:callable``."""
+    if spec in PRESETS:
+        return build(spec, dtype)
+    if Path(spec).is_dir():
+        try:
+            import transformers
+        except ImportError as exc:
+            raise SystemExit(f"--base {spec}: loading a transformers model directory needs `transformers`") from exc
+        model = transformers.AutoModelForCausalLM.from_pretrained(spec, torch_dtype=dtype)
+        model.config.use_cache, model.config.return_dict = False, False  # forward returns (logits,)
+        return model.eval()
+    if ":" in spec:
+        mod, _, fn = spec.partition(":")
+        obj = getattr(importlib.import_module(mod), fn)()
+        if not isinstance(obj, nn.Module):
+            raise SystemExit(f"--base {spec}: returned {type(obj).__name__}, not an nn.Module")
+        return obj.to(dtype).eval()
+    raise SystemExit(f"--base {spec!r}: not a preset ({sorted(PRESETS)}), a directory, or module.path:callable")
+
+
+def default_example_args(base: nn.Module) -> tuple[torch.Tensor, ...]:
+    vocab = getattr(getattr(base, "config", None), "vocab", None) or getattr(
+        getattr(base, "config", None), "vocab_size", None
+    )
+    if vocab is None:
+        raise ValueError("example_args is required for a module that is not a built-in or transformers decoder")
+    return (torch.randint(0, int(vocab), (1, 8)),)
+
+
+def with_fingerprint(adapter: SparseAdapter, base: nn.Module) -> SparseAdapter:
+    """Record the shapes and a fingerprint of ``base`` in ``adapter`` (PEFT files carry neither)."""
+    sd = base.state_dict()
+    shapes = {n: tuple(sd[n].shape) for n in adapter.indices if n in sd}
+    missing = sorted(set(adapter.indices) - set(shapes))
+    if missing:
+        raise ValueError(f"the base has no tensors named {missing[:3]}")
+    probes = {}
+    for n in adapter.indices:
+        idx, _ = adapter.flat(n, shapes[n])
+        probes[n] = sd[n].reshape(-1)[idx[:PROBES].long()]
+    return SparseAdapter(
+        adapter.indices, adapter.values, shapes, adapter.scale, Fingerprint.of(shapes, probes), adapter.mask_kind
+    )
+
+
+@dataclass
+class PackedAdapter:
+    name: str
+    kind: str
+    path: str
+    nonzeros: int
+    bytes: int
+    peft_bytes: int
+
+    def row(self, total: dict[str, int]) -> list[object]:
+        per = self.bytes / self.nonzeros if self.nonzeros else None
+        return [
+            self.name,
+            self.kind,
+            self.nonzeros,
+            self.nonzeros / total[self.name] if total[self.name] else None,
+            self.bytes,
+            per,
+            self.peft_bytes,
+            self.peft_bytes / self.bytes if self.bytes else None,
+        ]
+
+
+def package(
+    base: nn.Module | str,
+    out_dir: str | Path,
+    adapters: dict[str, object],
+    example_args: tuple | None = None,
+    values: str = "fp16",
+    quiet: bool = False,
+) -> Path:
+    """Export ``base`` to an ONNX bundle in ``out_dir`` and pack ``adapters`` (name -> PEFT dir, our file or
+    in-memory adapter) into ``out_dir/adapters``; prints a size report unless ``quiet``. Returns ``out_dir``."""
+    from exporters.onnx_export import export_onnx
+
+    if isinstance(base, str):
+        base = load_base(base)
+    if example_args is None:
+        example_args = default_example_args(base)
+    out_dir = Path(out_dir)
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    # read and check every adapter before writing anything
+    read = {}
+    for name, source in adapters.items():
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"adapter name {name!r} cannot be a file name")
+        ad = read_source(source)
+        read[name] = with_fingerprint(ad, base) if isinstance(ad, SparseAdapter) else ad
+    t0 = time.perf_counter()
+    say(f"exporting the base to {out_dir} ...")
+    export_onnx(base, example_args, out_dir)
+    say(f"  exported in {time.perf_counter() - t0:.1f} s")
+    (out_dir / "adapters").mkdir(exist_ok=True)
+    sd = base.state_dict()
+    packed = []
+    for name, ad in read.items():
+        if isinstance(ad, SparseAdapter):
+            rel = f"adapters/{name}.safetensors"
+            ad.save(out_dir / rel, values=values)
+            packed.append(
+                PackedAdapter(name, "shira", rel, ad.nnz, (out_dir / rel).stat().st_size, PEFT_BYTES_PER_NNZ * ad.nnz)
+            )
+        else:
+            rel = f"adapters/{name}"
+            src = adapters[name]
+            if not (isinstance(src, (str, Path)) and is_peft_dir(src)):
+                raise ValueError(f"adapter {name!r}: LoRA adapters are packaged from PEFT directories")
+            shutil.copytree(src, out_dir / rel, dirs_exist_ok=True)
+            size = sum(f.stat().st_size for f in (out_dir / rel).iterdir() if f.suffix == ".safetensors")
+            assert isinstance(ad, LoraAdapter)
+            packed.append(PackedAdapter(name, "lora", rel, ad.params, size, size))
+    manifest_path = out_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["adapters"] = {
+        p.name: {"kind": p.kind, "path": p.path, "nonzeros": p.nonzeros, "bytes": p.bytes} for p in packed
+    }
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    if not quiet:
+        from benchmarks.common import print_table
+
+        total = {
+            n: sum(sd[t].numel() for t in (ad.indices if isinstance(ad, SparseAdapter) else ad.A))
+            for n, ad in read.items()
+        }
+        print()
+        print_table(
+            ["adapter", "kind", "nonzeros", "density", "bytes", "bytes/nonzero", "PEFT bytes", "x smaller"],
+            [p.row(total) for p in packed],
+        )
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m exporters.package", description=__doc__.split("\n")[0])
+    p.add_argument("--base", required=True, help="preset, transformers model dir, or module.path:callable")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a PEFT SHiRA/LoRA directory or our file; repeat for more",
+    )
+    p.add_argument("--out", required=True)
+    p.add_argument("--values", default="fp16", choices=["fp16", "bf16", "fp32"], help="dtype of stored deltas")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype of the base weights")
+    p.add_argument("--example-shape", default=None, help="int64 input shape for the export, e.g. 1,8")
+    args = p.parse_args(argv)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    adapters = {}
+    for item in args.adapter:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--adapter {item!r}: expected NAME=PATH")
+        adapters[name] = path
+    base = load_base(args.base, dtype)
+    example = None
+    if args.example_shape:
+        shape = tuple(int(x) for x in args.example_shape.split(","))
+        example = (torch.zeros(shape, dtype=torch.long),)
+    package(base, args.out, adapters, example, values=args.values)
+
+
+if __name__ == "__main__":
+    main()
