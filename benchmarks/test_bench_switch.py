@@ -1,0 +1,78 @@
+"""pytest-benchmark suite for the switch paths on the tiny preset; every timed call checks its result.
+
+python -m pytest benchmarks/ --benchmark-enable          # timed (plain `pytest` runs each case once)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from runtime import Runtime
+from runtime.models import TARGETS, build
+from runtime.synthetic import random_lora, random_shira
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@pytest.fixture(params=sorted(DTYPES))
+def setup(request):
+    m = build("tiny", DTYPES[request.param], seed=0)
+    rt = Runtime.load(m)
+    rt.add_adapter("a", random_shira(m, TARGETS, 0.02, seed=1))
+    rt.add_adapter("b", random_shira(m, TARGETS, 0.02, seed=2))
+    rt.add_adapter("la", random_lora(m, TARGETS, 8, seed=3))
+    rt.add_adapter("lb", random_lora(m, TARGETS, 8, seed=4))
+    rt.add_adapter("ua", random_lora(m, TARGETS, 8, seed=3), mode="unfused")
+    rt.add_adapter("ub", random_lora(m, TARGETS, 8, seed=4), mode="unfused")
+    states = {}
+    for name in ("a", "b", "la", "lb"):
+        rt.switch(name)
+        states[name] = {k: v.clone() for k, v in m.state_dict().items()}
+    rt.switch(None)
+    states[None] = {k: v.clone() for k, v in m.state_dict().items()}
+    return m, rt, states
+
+
+def check(m, want):
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, want[k]), k
+
+
+@pytest.mark.parametrize("path", ["cpp", "torch"])
+def test_shira_switch(benchmark, setup, path, monkeypatch):
+    monkeypatch.setenv("SHIRA_KERNELS", path)
+    kernels.reset()
+    if path == "cpp" and kernels.backend() != "cpp":
+        pytest.skip("C++ extension unavailable")
+    m, rt, states = setup
+    rt.switch("a")
+
+    def a_to_b_to_a():
+        rt.switch("b")
+        rt.switch("a")
+
+    benchmark(a_to_b_to_a)
+    check(m, states["a"])
+    rt.switch(None)
+    check(m, states[None])
+    kernels.reset()
+
+
+def test_lora_fused_switch(benchmark, setup):
+    m, rt, states = setup
+    rt.switch("la")
+    benchmark(lambda: (rt.switch("lb"), rt.switch("la")))
+    check(m, states["la"])
+
+
+def test_lora_unfused_switch(benchmark, setup):
+    m, rt, states = setup
+    rt.switch("ua")
+    x = torch.randint(0, 256, (1, 8))
+    benchmark(lambda: (rt.switch("ub"), rt.switch("ua")))
+    check(m, states[None])  # unfused: the weights stay the base's
+    got = rt(x)
+    rt.switch("la")
+    torch.testing.assert_close(got, rt(x), atol=2e-2, rtol=2e-2)
