@@ -36,8 +36,7 @@ _CXXFLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-fPIC", "-sh
 _SCHEMAS = {
     "restore_": "restore_(Tensor(a!)[] weights, Tensor[] indices, Tensor[] saved, bool validate=True) -> ()",
     "apply_": (
-        "apply_(Tensor(a!)[] weights, Tensor[] indices, Tensor[] deltas, Tensor(b!)[] saved, "
-        "bool validate=True) -> ()"
+        "apply_(Tensor(a!)[] weights, Tensor[] indices, Tensor[] deltas, Tensor(b!)[] saved, bool validate=True) -> ()"
     ),
     "switch_": (
         "switch_(Tensor(a!)[] out_weights, Tensor[] out_indices, Tensor[] out_saved, "
@@ -71,9 +70,7 @@ def _define() -> None:
         return None
 
     @torch.library.register_fake("shira::switch_", lib=lib)
-    def _switch_fake(
-        out_weights, out_indices, out_saved, in_weights, in_indices, in_deltas, in_saved, validate=True
-    ):
+    def _switch_fake(out_weights, out_indices, out_saved, in_weights, in_indices, in_deltas, in_saved, validate=True):
         return None
 
     _lib = lib

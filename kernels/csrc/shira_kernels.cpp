@@ -38,7 +38,7 @@ namespace {
 std::atomic<int64_t> g_chunk{4096};            // entries per chunk (restore + apply)
 std::atomic<int64_t> g_serial_below{1 << 15};  // total entries under which no thread is started
 std::atomic<int64_t> g_force_plan{0};          // 0 auto, 1 phased, 2 ordered
-std::atomic<int64_t> g_prefetch{0};            // software prefetch distance in entries (0: off)
+std::atomic<int64_t> g_prefetch{24};           // software prefetch distance in entries (0: off)
 std::atomic<int64_t> g_last_plan{0};           // bit 0: threaded; bits 1-2: 1 fused, 2 phased, 3 ordered
 
 enum Plan : int64_t { kFused = 1, kPhased = 2, kOrdered = 3 };
@@ -83,26 +83,33 @@ inline W from_float(float v) {
 template <typename W, typename I, bool kPrefetch>
 void restore_range(W* __restrict__ w, const I* __restrict__ idx, const W* __restrict__ saved, int64_t b,
                    int64_t e, int64_t pf) {
-  for (int64_t i = b; i < e; ++i) {
-    if constexpr (kPrefetch) {
-      if (i + pf < e) __builtin_prefetch(w + idx[i + pf], 1, 3);
+  int64_t i = b;
+  if constexpr (kPrefetch) {
+    for (; i + pf < e; ++i) {
+      __builtin_prefetch(w + idx[i + pf], 1, 3);
+      w[idx[i]] = saved[i];
     }
-    w[idx[i]] = saved[i];
   }
+  for (; i < e; ++i) w[idx[i]] = saved[i];
 }
 
 template <typename W, typename I, bool kPrefetch>
 void apply_range(W* __restrict__ w, const I* __restrict__ idx, const float* __restrict__ delta,
                  W* __restrict__ saved, int64_t b, int64_t e, int64_t pf) {
-  for (int64_t i = b; i < e; ++i) {
-    if constexpr (kPrefetch) {
-      if (i + pf < e) __builtin_prefetch(w + idx[i + pf], 1, 3);
-    }
+  auto one = [&](int64_t i) {
     W* p = w + idx[i];
     const W old = *p;
     saved[i] = old;
     *p = from_float<W>(static_cast<float>(old) + delta[i]);
+  };
+  int64_t i = b;
+  if constexpr (kPrefetch) {
+    for (; i + pf < e; ++i) {
+      __builtin_prefetch(w + idx[i + pf], 1, 3);
+      one(i);
+    }
   }
+  for (; i < e; ++i) one(i);
 }
 
 template <typename W, typename I>

@@ -1,0 +1,216 @@
+"""Kernel benchmark: one full adapter switch A -> B on Llama-3.2-1B linear shapes, reference vs C++ fast path.
+
+Run: ``python -m benchmarks.kernels [--quick]``. For each weight dtype and mask density it times
+``switch_`` from adapter A's state to adapter B's (median over repeats, first call excluded; an untimed
+B -> A switch between repeats), asserts that both paths leave bit-identical weights and saved buffers, and
+compares with the memory floor: the cache lines A's restore and B's apply touch, read and written, at the
+copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from benchmarks.common import (
+    Timing,
+    copy_bandwidth_gbps,
+    memory_floor_ms,
+    print_table,
+    progress,
+    touched_lines,
+)
+from kernels import extension, reference
+
+# Linear weights of one Llama-3.2-1B decoder layer: q, k, v, o, gate, up, down ([out, in]).
+LAYER_SHAPES = ((2048, 2048), (512, 2048), (512, 2048), (2048, 2048), (8192, 2048), (8192, 2048), (2048, 8192))
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Config:
+    layers: int = 16
+    densities: tuple[float, ...] = (0.01, 0.02)
+    dtypes: tuple[str, ...] = ("fp32", "bf16")
+    ref_repeats: int = 3
+    fast_repeats: int = 7
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Result:
+    dtype: str
+    density: float
+    elements: int  # entries written per switch (A's restore + B's apply)
+    ref: Timing
+    fast: Timing
+    fast_validated: Timing  # the same switch with validate=True (full bounds scan first)
+    copy_gbps: float  # median copy bandwidth, measured between the fast path's timed switches
+    floor_ms: float  # at copy_gbps
+    floor_ratio: float  # median over the timed switches of time / floor at the bandwidth measured just before
+    gbps: float  # fast path, counting the floor's bytes (touched lines read + written)
+
+
+@dataclass
+class Adapter:
+    indices: list[torch.Tensor]  # [N] int32, sorted, unique
+    deltas: list[torch.Tensor]  # [N] fp32
+
+
+def make_adapter(shapes: list[tuple[int, int]], density: float, gen: torch.Generator) -> Adapter:
+    indices, deltas = [], []
+    for rows, cols in shapes:
+        mask = torch.rand(rows * cols, generator=gen) < density
+        idx = mask.nonzero().flatten().to(torch.int32)  # sorted ascending, unique
+        indices.append(idx)
+        deltas.append(torch.randn(idx.numel(), generator=gen) * 0.02)
+    return Adapter(indices, deltas)
+
+
+class Path:
+    """One copy of the weights with adapter state, switched by one implementation (reference or fast)."""
+
+    def __init__(self, impl, weights: list[torch.Tensor], a: Adapter, b: Adapter):
+        self.impl, self.w, self.a, self.b = impl, weights, a, b
+        dtype = weights[0].dtype
+        self.saved = {id(x): [torch.empty(i.numel(), dtype=dtype) for i in x.indices] for x in (a, b)}
+        impl.apply_(self.w, a.indices, a.deltas, self.saved[id(a)], validate=False)  # start in state A
+
+    def switch(self, src: Adapter, dst: Adapter, validate: bool = False) -> None:
+        self.impl.switch_(
+            self.w,
+            src.indices,
+            self.saved[id(src)],
+            self.w,
+            dst.indices,
+            dst.deltas,
+            self.saved[id(dst)],
+            validate=validate,
+        )
+
+    def time_switch(self, repeats: int, validate: bool = False, bandwidth: list[float] | None = None) -> list[float]:
+        """A -> B timed, B -> A untimed between repeats; the first A -> B is not counted. Ends in state B.
+
+        With ``bandwidth``, the copy bandwidth is measured before every timed switch and appended to it,
+        so the floor sees the same machine state as the switch (this shared VM's bandwidth drifts).
+        """
+        samples = []
+        for k in range(repeats + 1):
+            if k and bandwidth is not None:
+                bandwidth.append(copy_bandwidth_gbps(256 << 20, repeats=3))
+            t0 = time.perf_counter()
+            self.switch(self.a, self.b, validate)
+            if k:
+                samples.append((time.perf_counter() - t0) * 1e3)
+            if k < repeats:
+                self.switch(self.b, self.a)
+        return samples
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def assert_same(ref: Path, fast: Path) -> None:
+    for t, (x, y) in enumerate(zip(ref.w, fast.w)):
+        assert torch.equal(bits(x), bits(y)), f"weight {t}: fast path differs from the reference"
+    for key in ref.saved:
+        for t, (x, y) in enumerate(zip(ref.saved[key], fast.saved[key])):
+            assert torch.equal(bits(x), bits(y)), f"saved {t}: fast path differs from the reference"
+
+
+def run_case(cfg: Config, dtype_name: str, density: float) -> Result:
+    dtype = DTYPES[dtype_name]
+    shapes = [s for _ in range(cfg.layers) for s in LAYER_SHAPES]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    progress(f"{dtype_name} {density:.0%}: weights and masks")
+    weights = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    a, b = make_adapter(shapes, density, gen), make_adapter(shapes, density, gen)
+    fast = Path(extension.load(), [w.clone() for w in weights], a, b)  # two weight copies alive at most
+    ref = Path(reference, weights, a, b)
+    del weights
+
+    progress(f"{dtype_name} {density:.0%}: reference")
+    t_ref = Timing.of(ref.time_switch(cfg.ref_repeats))
+    progress(f"{dtype_name} {density:.0%}: fast path")
+    bandwidth: list[float] = []
+    fast_ms = fast.time_switch(cfg.fast_repeats, bandwidth=bandwidth)
+    t_fast, copy_gbps = Timing.of(fast_ms), statistics.median(bandwidth)
+    assert_same(ref, fast)  # both in state B
+    t_val = Timing.of(fast.time_switch(cfg.fast_repeats, validate=True))
+    ref.switch(a, b)  # not timed; keeps the two copies comparable
+    ref.switch(b, a)
+    fast.switch(b, a)
+    assert_same(ref, fast)
+
+    esize = dtype.itemsize
+    lines = sum(touched_lines(i, esize) for i in a.indices) + sum(touched_lines(i, esize) for i in b.indices)
+    floor = memory_floor_ms(lines, copy_gbps)
+    # each timed switch against the floor at the bandwidth measured just before it
+    ratio = statistics.median(t / memory_floor_ms(lines, bw) for t, bw in zip(fast_ms, bandwidth))
+    elements = sum(i.numel() for i in a.indices) + sum(i.numel() for i in b.indices)
+    gbps = lines * 64 * 2 / (t_fast.median_ms * 1e-3) / 1e9
+    return Result(dtype_name, density, elements, t_ref, t_fast, t_val, copy_gbps, floor, ratio, gbps)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="2 layers instead of 16")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = Config(layers=2, ref_repeats=5, fast_repeats=15) if args.quick else Config()
+    extension.load()
+    progress(f"{torch.get_num_threads()} threads, {cfg.layers} layers")
+
+    results = []
+    for dtype_name in cfg.dtypes:
+        for density in cfg.densities:
+            results.append(run_case(cfg, dtype_name, density))
+            gc.collect()
+
+    print(
+        f"\nswitch A -> B, {cfg.layers} layers of Llama-3.2-1B linear shapes, {torch.get_num_threads()} threads, "
+        "fast path bit-identical to the reference (checked)"
+    )
+    print_table(
+        [
+            "dtype",
+            "density",
+            "entries",
+            "ref ms",
+            "fast ms",
+            "speedup",
+            "copy GB/s",
+            "floor ms",
+            "fast/floor",
+            "GB/s",
+            "validate ms",
+        ],
+        [
+            [
+                r.dtype,
+                f"{r.density:.0%}",
+                f"{r.elements / 1e6:.1f}M",
+                r.ref.median_ms,
+                r.fast.median_ms,
+                r.ref.median_ms / r.fast.median_ms,
+                r.copy_gbps,
+                r.floor_ms,
+                r.floor_ratio,
+                r.gbps,
+                r.fast_validated.median_ms,
+            ]
+            for r in results
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()
