@@ -33,6 +33,7 @@ from benchmarks.common import (
     touched_lines,
 )
 from runtime import Runtime
+from runtime.bank import read_source
 from runtime.models import PRESETS, TARGETS, build
 from runtime.synthetic import random_lora, random_shira
 
@@ -49,6 +50,10 @@ class Config:
     infer_repeats: int
     tokens: int = 64
     seed: int = 0
+    hf: str | None = None  # a transformers model directory instead of a preset
+    shira: tuple[str, ...] = ()  # user adapters (PEFT dirs or our files) instead of random ones
+    lora: tuple[str, ...] = ()
+    targets: tuple[str, ...] = TARGETS
 
 
 @dataclass
@@ -106,19 +111,39 @@ class Inference:
         return row
 
 
+def load_model(cfg: Config, dtype: str) -> tuple[torch.nn.Module, int]:
+    """The model and its vocabulary size: a built-in preset, or a transformers directory (``--hf``)."""
+    if cfg.hf:
+        from exporters.package import load_base
+
+        model = load_base(cfg.hf, DTYPES[dtype])
+        return model, int(model.config.vocab_size)
+    model = build(cfg.preset, DTYPES[dtype], seed=cfg.seed)
+    return model, model.config.vocab
+
+
+def pair(paths: tuple[str, ...], make: Callable[[int], object]) -> tuple[object, object, str]:
+    """Adapters A and B: the user's (the first two; one is switched against itself), or two random ones."""
+    if not paths:
+        return make(1), make(2), "random"
+    a = read_source(paths[0])
+    b = read_source(paths[1]) if len(paths) > 1 else a
+    return a, b, "user" if len(paths) > 1 else "user, A -> A"
+
+
 def shira_rows(cfg: Config, rt: Runtime, model, dtype: str, copy_gbps: float, infer: Inference) -> list[Row]:
-    a = random_shira(model, TARGETS, cfg.density, seed=cfg.seed + 1)
-    b = random_shira(model, TARGETS, cfg.density, seed=cfg.seed + 2)
+    a, b, origin = pair(cfg.shira, lambda k: random_shira(model, cfg.targets, cfg.density, seed=cfg.seed + k))
     rt.add_adapter("shira_a", a)
     rt.add_adapter("shira_b", b)
     tensors = rt.backend.tensors
-    lines = sum(
-        touched_lines(ad.indices[n], tensors[n].element_size(), tensors[n].data_ptr() % 64)
-        for ad in (a, b)
-        for n in ad.indices
-    )
+    lines, nbytes = 0, 0
+    for ad in (a, b):
+        for n in ad.indices:
+            t = rt.backend.canonical(n, "benchmark")
+            idx, _ = ad.flat(n, rt.backend.shapes[t])
+            lines += touched_lines(idx, tensors[t].element_size(), tensors[t].data_ptr() % 64)
+            nbytes += idx.numel() * tensors[t].element_size()
     floor = memory_floor_ms(lines, copy_gbps)
-    nbytes = (a.nnz + b.nnz) * tensors[next(iter(a.indices))].element_size()
     rows = []
     paths = [kernels.backend()] + (["torch"] if kernels.backend() != "torch" else [])
     for path in paths:
@@ -126,7 +151,7 @@ def shira_rows(cfg: Config, rt: Runtime, model, dtype: str, copy_gbps: float, in
         kernels.reset()
         progress(f"{dtype}: shira switch A -> B ({path} kernels), {cfg.repeats} repeats")
         t = cycle([lambda: rt.switch("shira_a"), lambda: rt.switch("shira_b")], cfg.repeats)
-        label = "fast path" if path == "cpp" else "pure-torch reference"
+        label = ("fast path" if path == "cpp" else "pure-torch reference") + f", {origin} adapters"
         rows.append(Row("shira", f"torch/{path}", dtype, t.median_ms, t.p90_ms, floor, rss_mb(), nbytes, label))
     os.environ.pop("SHIRA_KERNELS", None)
     kernels.reset()
@@ -142,8 +167,9 @@ def shira_rows(cfg: Config, rt: Runtime, model, dtype: str, copy_gbps: float, in
 
 
 def lora_rows(cfg: Config, rt: Runtime, model, dtype: str, infer: Inference) -> list[Row]:
-    la = random_lora(model, TARGETS, cfg.rank, seed=cfg.seed + 3)
-    lb = random_lora(model, TARGETS, cfg.rank, seed=cfg.seed + 4)
+    la, lb, _ = pair(cfg.lora, lambda k: random_lora(model, cfg.targets, cfg.rank, seed=cfg.seed + 2 + k))
+    if la.fan_in_fan_out or set(la.A) != set(lb.A):
+        raise SystemExit("--lora: the two adapters must target the same nn.Linear weights (no fan_in_fan_out)")
     names = list(la.A)
     weights = [rt.backend.tensors[n] for n in names]
     nbytes = 2 * sum(w.numel() * w.element_size() for w in weights)
@@ -227,10 +253,10 @@ def run(cfg: Config) -> dict:
     copy_gbps = copy_bandwidth_gbps()
     rows: list[Row] = []
     for dtype in cfg.dtypes:
-        progress(f"building {cfg.preset} in {dtype}")
-        model = build(cfg.preset, DTYPES[dtype], seed=cfg.seed)
+        progress(f"building {cfg.hf or cfg.preset} in {dtype}")
+        model, vocab = load_model(cfg, dtype)
         rt = Runtime.load(model)
-        infer = Inference(cfg, rt, model.config.vocab)
+        infer = Inference(cfg, rt, vocab)
         progress(f"{dtype}: base inference, {cfg.infer_repeats} repeats")
         base = infer.measure(Row("base", "torch", dtype, 0.0, 0.0, None, rss_mb(), 0, "no adapter"))
         rows.append(base)
@@ -252,9 +278,9 @@ def run(cfg: Config) -> dict:
 
 
 def report(out: dict) -> None:
-    rows = out["results"]
+    rows, c = out["results"], out["config"]
     print(
-        f"\nswitch latency, preset {out['config']['preset']}, density {out['config']['density']}, "
+        f"\nswitch latency, model {c['hf'] or c['preset']}, density {c['density']}, "
         f"LoRA rank {out['config']['rank']}, copy bandwidth {out['copy_gbps']:.1f} GB/s, "
         f"kernels {out['machine']['kernels']}"
     )
@@ -311,12 +337,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--infer-repeats", type=int, default=5)
     p.add_argument("--tokens", type=int, default=64, help="tokens in the batched inference")
     p.add_argument("--quick", action="store_true", help="tiny preset, few repeats (well under a minute)")
+    p.add_argument("--hf", metavar="DIR", help="a transformers causal-LM directory instead of --preset")
+    p.add_argument("--shira", nargs="+", default=[], metavar="PATH", help="your SHiRA adapters (A, B)")
+    p.add_argument("--lora", nargs="+", default=[], metavar="PATH", help="your LoRA adapters (A, B)")
+    p.add_argument("--targets", nargs="+", default=list(TARGETS), help="module names for random adapters")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG: switch latency (log) and inference overhead")
     args = p.parse_args(argv)
     if args.quick:
         args.preset, args.repeats, args.infer_repeats = "tiny", min(args.repeats, 8), min(args.infer_repeats, 3)
-    cfg = Config(args.preset, tuple(args.dtype), args.density, args.rank, args.repeats, args.infer_repeats, args.tokens)
+    cfg = Config(
+        args.preset,
+        tuple(args.dtype),
+        args.density,
+        args.rank,
+        args.repeats,
+        args.infer_repeats,
+        args.tokens,
+        hf=args.hf,
+        shira=tuple(args.shira),
+        lora=tuple(args.lora),
+        targets=tuple(args.targets),
+    )
     out = run(cfg)
     report(out)
     if args.json:

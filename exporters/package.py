@@ -43,7 +43,7 @@ def load_base(spec: str, dtype: torch.dtype = torch.float32) -> nn.Module:
         except ImportError as exc:
             raise SystemExit(f"--base {spec}: loading a transformers model directory needs `transformers`") from exc
         model = transformers.AutoModelForCausalLM.from_pretrained(spec, torch_dtype=dtype)
-        model.config.use_cache, model.config.return_dict = False, False  # forward returns (logits,)
+        model.config.use_cache = False
         return model.eval()
     if ":" in spec:
         mod, _, fn = spec.partition(":")

@@ -52,3 +52,54 @@ def test_quick_run_writes_every_method_row(tmp_path, capsys):
             assert r["floor_ms"] > 0 and r["switch_ms"] > 0
     printed = capsys.readouterr().out
     assert "lora_unfused" in printed and "x floor" in printed
+
+
+def test_user_model_and_peft_adapters(tmp_path):
+    """--hf with a transformers directory and the user's own PEFT SHiRA and LoRA adapters."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.save_pretrained(tmp_path / "hf")
+    dirs = {}
+    for name, conf in {
+        "s1": peft.ShiraConfig(r=2, target_modules=["q_proj", "v_proj"], random_seed=1, init_weights=False),
+        "s2": peft.ShiraConfig(r=2, target_modules=["q_proj", "v_proj"], random_seed=2, init_weights=False),
+        "l1": peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        "l2": peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    }.items():
+        peft.get_peft_model(transformers.LlamaForCausalLM(cfg), conf).save_pretrained(tmp_path / name)
+        dirs[name] = str(tmp_path / name)
+    out = tmp_path / "r.json"
+    main(
+        [
+            "--hf",
+            str(tmp_path / "hf"),
+            "--shira",
+            dirs["s1"],
+            dirs["s2"],
+            "--lora",
+            dirs["l1"],
+            dirs["l2"],
+            "--repeats",
+            "3",
+            "--infer-repeats",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
+    rows = json.loads(out.read_text())["results"]
+    shira = [r for r in rows if r["method"] == "shira"]
+    assert shira and all("user adapters" in r["note"] for r in shira)
+    # 2 adapters x r=2 x (out + in) per layer (q [32, 32], v [16, 32]) x 4 bytes (fp32)
+    assert shira[0]["bytes_written"] == 2 * 2 * ((32 + 32) + (16 + 32)) * 4
+    assert {r["method"] for r in rows} == {"base", "shira", "lora_fused", "lora_unfused"}
