@@ -77,6 +77,8 @@ def _prepare_sparse(backend: Backend, switcher: Switcher, name: str, adapter: Sp
             sidx, order = torch.sort(backend.storage_index(canon, idx))
             idx, delta = sidx.to(idx.dtype), delta[order]
         prep.sparse[canon] = (idx, delta)
+        prep.absmax[canon] = float(delta.abs().max()) if delta.numel() else 0.0
+        switcher.base_absmax(canon)  # computed (and cached) now, not in the first switch
     if adapter.fingerprint is not None:
         shapes = {t: backend.shapes[c] for t, (c, _) in logical.items()}
         probes = {

@@ -27,6 +27,7 @@ class Prepared:
     scale: float
     sparse: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # t -> (idx, delta fp32)
     lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)  # t -> (A, B, scaling)
+    absmax: dict[str, float] = field(default_factory=dict)  # t -> max |delta| (sparse parts)
     # unfused LoRA: module path -> (A, B, scaling); applied at inference, weights untouched
     unfused: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
 
@@ -105,10 +106,12 @@ class Switcher:
         if not items:
             return EMPTY_PLAN
         contrib: dict[str, list[tuple[str, object, float]]] = {}
+        bound: dict[str, float] = {}  # t -> an upper bound on |sum of sparse deltas|
         for prep, weight in items:
             alpha = _fp32(weight * prep.scale)
             for t, part in prep.sparse.items():
                 contrib.setdefault(t, []).append(("sparse", part, alpha))
+                bound[t] = bound.get(t, 0.0) + abs(alpha) * prep.absmax[t]
             for t, (a, b, scaling) in prep.lora.items():
                 contrib.setdefault(t, []).append(("lora", (a, b), _fp32(alpha * scaling)))
         unfused = [
@@ -122,18 +125,19 @@ class Switcher:
                 dense[t] = parts
             else:
                 sparse[t] = _combine(parts)
-                self._check_range(t, sparse[t][1])
+                self._check_range(t, sparse[t][1], bound[t])
         return Plan(tuple((p.name, float(w)) for p, w in items), sparse, dense, unfused)
 
-    def _check_range(self, t: str, delta: torch.Tensor) -> None:
-        if not delta.numel():
-            return
+    def _check_range(self, t: str, delta: torch.Tensor, delta_bound: float) -> None:
+        """Refuse a sparse result the dtype cannot hold: a cached bound first, the exact max only if it fails."""
         w = self.backend.tensors[t]
         limit = torch.finfo(w.dtype).max
-        bound = self.base_absmax(t) + delta.abs().max().item()
-        if bound > limit:
+        if not delta.numel() or self.base_absmax(t) + delta_bound <= limit:
+            return
+        reach = self.base_absmax(t) + delta.abs().max().item()
+        if reach > limit:
             raise AdapterValueError(
-                f"tensor {t!r}: base + delta may reach {bound:.3g}, beyond what {w.dtype} holds ({limit:.3g})"
+                f"tensor {t!r}: base + delta may reach {reach:.3g}, beyond what {w.dtype} holds ({limit:.3g})"
             )
 
     # -- writing --
