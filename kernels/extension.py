@@ -183,13 +183,19 @@ def tuning(chunk: int = -1, serial_below: int = -1, force_plan: int = -1, prefet
 _PLANS = {1: "fused", 2: "phased", 3: "ordered"}
 
 
-def _call(op, *args, validate: bool) -> None:
+def _call(op, *args, validate: bool, mutated: tuple[list[torch.Tensor], ...]) -> None:
     if _so_path is None:
         load()
+    if not any(isinstance(a, list) and a for a in args):
+        return  # no tensor at all: nothing to do (and nothing the dispatcher could route on)
     try:
         op(*args, validate=validate)
     except ValueError as exc:  # the C++ input checks raise ValueError("shira::<op>: ...")
         raise KernelInputError(str(exc)) from None
+    # The C++ kernel writes through raw pointers: tell autograd, as the reference's in-place ops do.
+    for tensors in mutated:
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
 
 
 def restore_(
@@ -199,7 +205,7 @@ def restore_(
     validate: bool = True,
 ) -> None:
     """In place: ``weights[t].flat[indices[t]] = saved[t]`` for every t (see ``kernels.reference``)."""
-    _call(torch.ops.shira.restore_, weights, indices, saved, validate=validate)
+    _call(torch.ops.shira.restore_, weights, indices, saved, validate=validate, mutated=(weights,))
 
 
 def apply_(
@@ -210,7 +216,7 @@ def apply_(
     validate: bool = True,
 ) -> None:
     """In place: ``saved[t] = w.flat[idx]``, then ``w.flat[idx] = dtype(fp32(saved) + delta)`` (one visit)."""
-    _call(torch.ops.shira.apply_, weights, indices, deltas, saved, validate=validate)
+    _call(torch.ops.shira.apply_, weights, indices, deltas, saved, validate=validate, mutated=(weights, saved))
 
 
 def switch_(
@@ -234,4 +240,5 @@ def switch_(
         in_deltas,
         in_saved,
         validate=validate,
+        mutated=(out_weights, in_weights, in_saved),
     )
