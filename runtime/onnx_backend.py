@@ -1,17 +1,507 @@
+"""The onnxruntime backend: an exported bundle run by one live session that reads weights we own and write.
+
+Mechanism (measured in ``benchmarks.onnx_live``; see the README section there for the alternatives):
+- the bundle's graph takes every weight as a graph *input* (``exporters.export_onnx``), so no onnxruntime
+  optimizer can fold, prepack or copy it;
+- the weights are C-contiguous numpy arrays read from the bundle into memory this backend owns (64-byte
+  aligned); ``tensors`` are ``torch.from_numpy`` views of them, so the switcher's kernels write them in place;
+- each thread has an ``IOBinding`` with every weight bound once as an ``OrtValue`` over that memory (zero
+  copy: checked by pointer), so a run passes only the real inputs;
+- ``MatMul(X, Transpose(W))`` (``nn.Linear`` on 3-D activations) is rewritten at load into
+  ``Transpose(Gemm(W, X2d, transB=1))``: the weight is the GEMM's *A* operand, which MLAS reads in place,
+  where as a non-constant *B* operand it would be re-packed on every run (~1.2-2x slower matmuls).
+  ``GemmTransposeFusion`` is disabled so onnxruntime does not fold the output transpose back. For a single
+  token (M=1) this form is slower than a GEMV; the full-sequence graphs we export have M = batch x seq.
+After opening, a probe writes one weight, runs, checks the output changed, and restores it bit for bit:
+if a future onnxruntime copies graph inputs, opening fails loudly instead of serving stale weights.
+
+Bundle files are untrusted: every check names the file and tensor at fault (``BundleError``).
+"""
+
 from __future__ import annotations
+
 import hashlib
+import json
+import struct
+import threading
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from runtime.backend import Backend
+from runtime.errors import AdapterFormatError, ShiraError
+from runtime.fingerprint import structure_hash
 
 FORMAT = "shira-onnx-bundle"
 VERSION = 1
 GRAPH_FILE = "model.onnx"
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
+ADAPTERS_DIR = "adapters"
+LAYOUTS = ("identity", "transposed")
+DTYPES = {"float32": "F32", "float16": "F16"}  # manifest dtype -> safetensors dtype
+ALIGN = 64
+MAX_HEADER = 100 << 20
+CHUNK = 1 << 24
+
+
+class BundleError(AdapterFormatError):
+    """A bundle directory is missing, truncated, corrupted or edited; the message names the file and tensor."""
+
+
+class LiveWeightsError(ShiraError, RuntimeError):
+    """The onnxruntime session does not read the weights we write (it copied them): switching would be ignored."""
 
 
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
+        while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+class OnnxBackend(Backend):
+    """Weights of an exported bundle, live in one onnxruntime session.
+
+    ``backend(*inputs, **named)`` takes numpy arrays or torch tensors, positionally in ``input_names`` order or
+    by name, and returns numpy arrays: a single array when the graph has one output (as a module returning
+    one tensor does), else a list in ``output_names`` order.
+    """
+
+    kind = "onnxruntime"
+
+    def __init__(self, bundle: Path, manifest: dict, arrays: dict[str, np.ndarray], graph: Any, threads: int | None):
+        import onnxruntime as ort
+
+        self.bundle, self.manifest, self.arrays = bundle, manifest, arrays  # arrays: ONNX name -> storage
+        params = manifest["parameters"]
+        self.aliases, self.tensors, self.shapes = {}, {}, {}
+        canon_of: dict[str, str] = {}
+        for name, p in params.items():
+            canon = canon_of.setdefault(p["onnx"], name)  # the first name of a tied group is canonical
+            self.aliases[name] = canon
+            if canon == name:
+                self.tensors[name] = torch.from_numpy(arrays[p["onnx"]])
+                self.shapes[name] = tuple(p["shape"])
+        self.transposed = frozenset(n for n in self.tensors if params[n]["layout"] == "transposed")
+        self.input_names = [i["name"] for i in manifest["inputs"]]
+        self.output_names = [o["name"] for o in manifest["outputs"]]
+        self._inputs = {i["name"]: i for i in manifest["inputs"]}
+        self.rewritten = _weights_as_gemm_a(graph, set(arrays))
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(
+            graph.SerializeToString(),
+            opts,
+            providers=["CPUExecutionProvider"],
+            disabled_optimizers=["GemmTransposeFusion"],
+        )
+        self._values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in arrays.items()}
+        for n, v in self._values.items():
+            if v.data_ptr() != arrays[n].ctypes.data:
+                raise LiveWeightsError(f"onnxruntime copied weight {n!r} when wrapping it; it would not see switches")
+        self._local = threading.local()
+
+    @classmethod
+    def open(cls, bundle: str | Path, *, threads: int | None = None, verify: bool = True) -> OnnxBackend:
+        """Load ``bundle`` (validated), start the live session, and probe that it reads our weights.
+
+        ``verify=False`` skips the sha256 of the weight file and the probe (faster opening, less safety).
+        """
+        import onnx
+
+        bundle = Path(bundle)
+        manifest = read_manifest(bundle)
+        graph_path = bundle / manifest["graph"]
+        raw = _read(graph_path)
+        if hashlib.sha256(raw).hexdigest() != manifest["fingerprint"]["graph_sha256"]:
+            raise BundleError(f"{graph_path}: sha256 differs from the manifest's fingerprint (edited or corrupted)")
+        try:
+            graph = onnx.load_from_string(raw)
+        except Exception as exc:
+            raise BundleError(f"{graph_path}: not a readable ONNX model ({exc})") from None
+        storage = _storage(manifest)
+        _check_graph(graph_path, graph, manifest, storage)
+        arrays = read_weights(
+            bundle / manifest["weights"], storage, manifest["fingerprint"]["weights_sha256"] if verify else None
+        )
+        backend = cls(bundle, manifest, arrays, graph, threads)
+        if verify:
+            backend.check_live()
+        return backend
+
+    @property
+    def adapters_dir(self) -> Path | None:
+        """``<bundle>/adapters`` if present. Registering what it holds at ``Runtime.load`` is a later issue."""
+        d = self.bundle / ADAPTERS_DIR
+        return d if d.is_dir() else None
+
+    # -- inference --
+    def __call__(self, *inputs: Any, **named: Any) -> np.ndarray | list[np.ndarray]:
+        feed = self._feed(inputs, named)
+        binding = self._binding()
+        for name, a in feed.items():
+            binding.bind_cpu_input(name, a)
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        outs = binding.copy_outputs_to_cpu()
+        return outs[0] if len(outs) == 1 else list(outs)
+
+    def _binding(self):
+        b = getattr(self._local, "binding", None)
+        if b is None:  # one per thread: a binding is not shared between concurrent runs
+            b = self.session.io_binding()
+            for name, v in self._values.items():
+                b.bind_ortvalue_input(name, v)
+            self._local.binding = b
+        return b
+
+    def _feed(self, inputs: tuple, named: dict) -> dict[str, np.ndarray]:
+        if len(inputs) > len(self.input_names):
+            raise TypeError(f"the graph takes {len(self.input_names)} inputs {self.input_names}, got {len(inputs)}")
+        feed = dict(zip(self.input_names, inputs))
+        for k, v in named.items():
+            if k not in self._inputs:
+                raise TypeError(f"unknown input {k!r}; the graph's inputs are {self.input_names}")
+            if k in feed:
+                raise TypeError(f"input {k!r} given twice")
+            feed[k] = v
+        missing = [n for n in self.input_names if n not in feed]
+        if missing:
+            raise TypeError(f"missing inputs {missing}; the graph's inputs are {self.input_names}")
+        return {n: self._array(n, feed[n]) for n in self.input_names}
+
+    def _array(self, name: str, x: Any) -> np.ndarray:
+        spec = self._inputs[name]
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().numpy()
+        x = np.asarray(x)
+        want = np.dtype(spec["dtype"])
+        if x.dtype != want:
+            if x.dtype.kind != want.kind:
+                raise TypeError(f"input {name!r}: dtype {x.dtype}, the graph takes {want}")
+            x = x.astype(want)
+        dims = spec["shape"]
+        if x.ndim != len(dims) or any(isinstance(d, int) and d != s for d, s in zip(dims, x.shape)):
+            raise ValueError(f"input {name!r}: shape {list(x.shape)}, the graph takes {dims}")
+        return np.ascontiguousarray(x)
+
+    # -- the live-weights check --
+    def check_live(self) -> None:
+        """Write a probe into a weight, run, check the output moved, restore bit for bit; raise if not."""
+        example = {
+            i["name"]: (np.ones if np.dtype(i["dtype"]).kind == "f" else np.zeros)(i["example_shape"], i["dtype"])
+            for i in self.manifest["inputs"]
+        }
+        before = self._outputs(example)
+        tried = []
+        for name in _probe_order(self.arrays):
+            a = self.arrays[name]
+            saved = a.copy()
+            try:
+                a[...] = np.where(a == 0.25, -0.25, 0.25).astype(a.dtype)  # every element changes
+                probed = self._outputs(example)
+            finally:
+                a[...] = saved
+            if not np.array_equal(saved.view(np.uint8), a.view(np.uint8)):
+                raise LiveWeightsError(f"weight {name!r} was not restored bit for bit after the probe")
+            if any(not np.array_equal(x, y, equal_nan=True) for x, y in zip(before, probed)):
+                after = self._outputs(example)
+                if any(not np.array_equal(x, y, equal_nan=True) for x, y in zip(before, after)):
+                    raise LiveWeightsError(f"{self.bundle}: outputs did not come back after restoring {name!r}")
+                return
+            tried.append(name)
+            if len(tried) == 3:
+                break
+        raise LiveWeightsError(
+            f"{self.bundle}: writing weights {tried} did not change the outputs: this onnxruntime "
+            f"({_ort_version()}) does not read the weight buffers live (copied or constant-folded them)"
+        )
+
+    def _outputs(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        out = self(**feed)
+        return [out] if isinstance(out, np.ndarray) else out
+
+
+# -- manifest --
+def read_manifest(bundle: Path) -> dict:
+    """The bundle's manifest, with every field the backend relies on checked."""
+    if not bundle.is_dir():
+        raise BundleError(f"{bundle}: not a bundle directory (no such directory)")
+    path = bundle / MANIFEST_FILE
+    try:
+        m = json.loads(_read(path))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise BundleError(f"{path}: not a {FORMAT} manifest (format={m.get('format') if isinstance(m, dict) else m!r})")
+    if m.get("version") != VERSION:
+        raise BundleError(f"{path}: format version {m.get('version')!r}; this runtime reads version {VERSION}")
+    for key, typ in (
+        ("graph", str),
+        ("weights", str),
+        ("inputs", list),
+        ("outputs", list),
+        ("parameters", dict),
+        ("fingerprint", dict),
+    ):
+        if not isinstance(m.get(key), typ):
+            raise BundleError(f"{path}: field {key!r} is missing or not a {typ.__name__}")
+    for key in ("graph", "weights"):
+        if Path(m[key]).name != m[key] or m[key] in ("", ".", ".."):
+            raise BundleError(f"{path}: {key} file {m[key]!r} must be a plain file name inside the bundle")
+    for key in ("structure", "weights_sha256", "graph_sha256"):
+        if not isinstance(m["fingerprint"].get(key), str):
+            raise BundleError(f"{path}: fingerprint field {key!r} is missing")
+    for kind in ("inputs", "outputs"):
+        for io in m[kind]:
+            if not (isinstance(io, dict) and isinstance(io.get("name"), str) and isinstance(io.get("shape"), list)):
+                raise BundleError(f"{path}: malformed {kind} entry {io!r}")
+            try:
+                np.dtype(io.get("dtype"))
+            except TypeError:
+                raise BundleError(f"{path}: {kind} {io['name']!r} has unknown dtype {io.get('dtype')!r}") from None
+        if kind == "inputs":
+            for io in m[kind]:
+                ex = io.get("example_shape")
+                if not (isinstance(ex, list) and len(ex) == len(io["shape"]) and all(_is_dim(d) for d in ex)):
+                    raise BundleError(f"{path}: input {io['name']!r} has no valid example_shape")
+    for name, p in m["parameters"].items():
+        where = f"{path}: parameter {name!r}"
+        if not isinstance(p, dict) or not isinstance(p.get("onnx"), str):
+            raise BundleError(f"{where}: malformed entry {p!r}")
+        if p.get("layout") not in LAYOUTS:
+            raise BundleError(f"{where}: layout {p.get('layout')!r}, expected one of {LAYOUTS}")
+        if p.get("dtype") not in DTYPES:
+            raise BundleError(f"{where}: dtype {p.get('dtype')!r}, expected one of {sorted(DTYPES)}")
+        shape = p.get("shape")
+        if not (isinstance(shape, list) and all(_is_dim(d) for d in shape)):
+            raise BundleError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if p["layout"] == "transposed" and len(shape) != 2:
+            raise BundleError(f"{where}: layout 'transposed' needs a 2-D shape, got {shape}")
+    got = structure_hash({n: tuple(p["shape"]) for n, p in m["parameters"].items()})
+    if got != m["fingerprint"]["structure"]:
+        raise BundleError(
+            f"{path}: parameter names/shapes do not match the fingerprint (structure hash {got} != "
+            f"{m['fingerprint']['structure']}): the manifest was edited or belongs to another base"
+        )
+    return m
+
+
+def _is_dim(d: Any) -> bool:
+    return isinstance(d, int) and not isinstance(d, bool) and d >= 0
+
+
+def _storage(manifest: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """ONNX tensor name -> (dtype, storage shape); names of one tied group must agree."""
+    storage, first = {}, {}
+    for name, p in manifest["parameters"].items():
+        shape = tuple(p["shape"][::-1] if p["layout"] == "transposed" else p["shape"])
+        entry = (p["dtype"], shape)
+        if p["onnx"] in storage and storage[p["onnx"]] != entry:
+            raise BundleError(
+                f"{MANIFEST_FILE}: parameters {first[p['onnx']]!r} and {name!r} share ONNX tensor {p['onnx']!r} "
+                f"but differ in dtype/layout/shape"
+            )
+        storage[p["onnx"]] = entry
+        first.setdefault(p["onnx"], name)
+    return storage
+
+
+def _check_graph(path: Path, graph: Any, manifest: dict, storage: dict) -> None:
+    from onnx import helper
+
+    inputs = {v.name: v for v in graph.graph.input}
+    wanted = [i["name"] for i in manifest["inputs"]] + list(storage)
+    missing = [n for n in wanted if n not in inputs]
+    extra = [n for n in inputs if n not in wanted]
+    if missing or extra:
+        raise BundleError(f"{path}: graph inputs do not match the manifest (missing {missing}, unknown {extra})")
+    outputs = [v.name for v in graph.graph.output]
+    if outputs != [o["name"] for o in manifest["outputs"]]:
+        raise BundleError(f"{path}: graph outputs {outputs} differ from the manifest's")
+    for name, (dtype, shape) in storage.items():
+        tt = inputs[name].type.tensor_type
+        got_dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type).name if tt.elem_type else "?"
+        got_shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim)
+        if got_dtype != dtype or got_shape != shape:
+            raise BundleError(
+                f"{path}: weight input {name!r} is {got_dtype}{list(got_shape)} in the graph, "
+                f"{dtype}{list(shape)} in the manifest"
+            )
+    if graph.graph.initializer and any(i.name in storage for i in graph.graph.initializer):
+        raise BundleError(f"{path}: weights are embedded as initializers; they would not be live")
+
+
+# -- weights: a safetensors file read into memory we own --
+def read_weights(
+    path: Path, storage: dict[str, tuple[str, tuple[int, ...]]], sha256: str | None
+) -> dict[str, np.ndarray]:
+    """Every tensor of ``storage`` from ``path``, as writable 64-byte-aligned C-contiguous arrays.
+
+    The whole file is hashed while it is read when ``sha256`` is given.
+    """
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot open the weight file ({exc.strerror})") from None
+    with f:
+        size = f.seek(0, 2)
+        f.seek(0)
+        h = hashlib.sha256()
+        head = f.read(8)
+        if len(head) < 8:
+            raise BundleError(f"{path}: truncated ({size} bytes; not a safetensors file)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(MAX_HEADER, size - 8):
+            raise BundleError(f"{path}: header length {n} exceeds the file ({size} bytes): truncated or corrupt")
+        raw = f.read(n)
+        h.update(head + raw)
+        try:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BundleError(f"{path}: header is not valid JSON ({exc})") from None
+        if not isinstance(header, dict):
+            raise BundleError(f"{path}: header is not a JSON object")
+        header.pop("__metadata__", None)
+        unknown = sorted(set(header) - set(storage))
+        missing = sorted(set(storage) - set(header))
+        if unknown or missing:
+            raise BundleError(f"{path}: tensors do not match the manifest (missing {missing}, unknown {unknown})")
+        spans = []
+        for name, (dtype, shape) in storage.items():
+            e = header[name]
+            offsets = e.get("data_offsets") if isinstance(e, dict) else None
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_dim(o) for o in offsets)):
+                raise BundleError(f"{path}: tensor {name!r}: malformed header entry {e!r}")
+            if e.get("dtype") != DTYPES[dtype] or e.get("shape") != list(shape):
+                raise BundleError(
+                    f"{path}: tensor {name!r} is {e.get('dtype')}{e.get('shape')}, the manifest says "
+                    f"{DTYPES[dtype]}{list(shape)}"
+                )
+            begin, end = offsets
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            if end - begin != nbytes:
+                raise BundleError(f"{path}: tensor {name!r}: data_offsets span {end - begin} bytes, expected {nbytes}")
+            if 8 + n + end > size:
+                raise BundleError(f"{path}: truncated: tensor {name!r} ends at byte {8 + n + end}, file has {size}")
+            spans.append((begin, end, name))
+        spans.sort()
+        arrays, pos = {}, 0
+        for begin, end, name in spans:
+            if begin < pos:
+                raise BundleError(f"{path}: tensor {name!r} overlaps the previous tensor's data")
+            if begin > pos:  # a gap: hashed, not used
+                h.update(f.read(begin - pos))
+            dtype, shape = storage[name]
+            arr = _aligned(shape, np.dtype(dtype))
+            view = memoryview(arr.reshape(-1).view(np.uint8))
+            for at in range(0, end - begin, CHUNK):
+                part = view[at : at + CHUNK]
+                if f.readinto(part) != len(part):
+                    raise BundleError(f"{path}: truncated inside tensor {name!r}")
+                h.update(part)
+            arrays[name] = arr
+            pos = end
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    if sha256 is not None and h.hexdigest() != sha256:
+        raise BundleError(f"{path}: sha256 differs from the manifest's fingerprint (weights edited or corrupted)")
+    return arrays
+
+
+def _aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf = np.empty(nbytes + ALIGN, np.uint8)
+    off = -buf.ctypes.data % ALIGN
+    return buf[off : off + nbytes].view(dtype).reshape(shape)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+# -- the live graph --
+def _weights_as_gemm_a(model: Any, weights: set[str]) -> int:
+    """Rewrite ``Y = MatMul(X, Transpose(W))`` (W a 2-D weight input, X [..., K]) in place into
+    ``Y = Reshape(Transpose(Gemm(W, Reshape(X, [-1, K]), transB=1)), [*X.shape[:-1], N])``; return how many."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    info = {v.name: v.type.tensor_type for v in graph.input if v.name in weights}
+    shapes = {n: [d.dim_value for d in tt.shape.dim] for n, tt in info.items()}
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def transposed_weight(name: str) -> str | None:
+        """The weight W if ``name`` is ``Transpose(W)``, seen through Identity and no-op Cast nodes."""
+        node = producer.get(name)
+        while node is not None and node.op_type in ("Identity", "Cast"):
+            if node.op_type == "Cast":
+                src = producer.get(node.input[0])
+                w = src.input[0] if src is not None and src.op_type == "Transpose" else None
+                to = next((a.i for a in node.attribute if a.name == "to"), None)
+                if w not in info or to != info[w].elem_type:
+                    return None
+            node = producer.get(node.input[0])
+        if node is None or node.op_type != "Transpose" or node.input[0] not in info:
+            return None
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
+        return node.input[0] if perm == [1, 0] and len(shapes[node.input[0]]) == 2 else None
+
+    nodes, count = [], 0
+    for node in graph.node:
+        w = transposed_weight(node.input[1]) if node.op_type == "MatMul" else None
+        if w is None:
+            nodes.append(node)
+            continue
+        x, y = node.input[0], node.output[0]
+        n_out, k = shapes[w]
+        p = f"{y}::live"
+
+        def const(name: str, values: list[int]) -> Any:
+            return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(values, np.int64)))
+
+        nodes += [
+            const(p + "/k", [-1, k]),
+            const(p + "/zero", [0]),
+            const(p + "/last", [-1]),
+            const(p + "/n", [n_out]),
+            helper.make_node("Reshape", [x, p + "/k"], [p + "/x2d"]),
+            helper.make_node("Gemm", [w, p + "/x2d"], [p + "/yt"], transB=1),  # [N, M]: W read in place
+            helper.make_node("Transpose", [p + "/yt"], [p + "/y2d"], perm=[1, 0]),
+            helper.make_node("Shape", [x], [p + "/xshape"]),
+            helper.make_node("Slice", [p + "/xshape", p + "/zero", p + "/last"], [p + "/lead"]),
+            helper.make_node("Concat", [p + "/lead", p + "/n"], [p + "/yshape"], axis=0),
+            helper.make_node("Reshape", [p + "/y2d", p + "/yshape"], [y]),
+        ]
+        count += 1
+    while True:  # drop the Transpose/Cast/Identity chains nothing reads any more
+        used = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in nodes if n.op_type in ("Transpose", "Cast", "Identity") and n.output[0] not in used]
+        if not dead:
+            break
+        nodes = [n for n in nodes if all(n is not d for d in dead)]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return count
+
+
+def _probe_order(arrays: dict[str, np.ndarray]) -> list[str]:
+    """Small matrices first (cheap to save and likely read by a GEMM), then the rest by size."""
+    return sorted(arrays, key=lambda n: (arrays[n].ndim != 2, arrays[n].size))
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return f"onnxruntime {onnxruntime.__version__}"

@@ -1,0 +1,335 @@
+"""Export a torch module to an onnxruntime bundle whose weights stay writable.
+
+    bundle/
+      model.onnx            the graph; every weight is a graph *input* (no weight bytes inside)
+      weights.safetensors   the weights, in the layout the graph consumes (some stored transposed)
+      manifest.json         parameter name -> ONNX name, layout, shape, dtype; inputs/outputs; fingerprint
+
+How the weights become graph inputs: the TorchScript exporter (installed with torch, no ``onnxscript`` needed)
+runs with ``export_params=False`` and ``do_constant_folding=False``, so every parameter arrives as a graph input
+named by its ``state_dict`` key and nothing is folded into copies of it. Then one pass over the graph:
+- ``Identity(w)`` nodes are dropped; one whose output is another parameter's name (the exporter merges
+  parameters with equal values) gives that parameter back its own input;
+- ``Transpose(w)`` of a 2-D weight (``nn.Linear`` on 3-D activations) is kept by default: the weight stays in
+  its ``state_dict`` layout, which the backend turns into the *A* operand of a GEMM (the fastest live form on
+  onnxruntime's CPU provider, see ``runtime.onnx_backend``). ``fold_transposes=True`` stores such weights
+  transposed instead (layout ``transposed``), for runtimes that want ``MatMul(X, W^T)`` with no transpose; a
+  weight needed in both layouts (an embedding tied to the LM head) then stays as it is and keeps one
+  ``Transpose`` node.
+onnxruntime folds the remaining constant subgraphs itself when it opens the session.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import struct
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+from torch import nn
+
+from runtime.fingerprint import structure_hash
+from runtime.onnx_backend import (
+    FORMAT,
+    GRAPH_FILE,
+    MANIFEST_FILE,
+    VERSION,
+    WEIGHTS_FILE,
+    file_sha256,
+)
+
+DTYPES = {torch.float32: ("float32", TensorProto.FLOAT), torch.float16: ("float16", TensorProto.FLOAT16)}
+SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16"}
+DEFAULT_OPSET = 17
+
+
+class ExportError(ValueError):
+    """The module cannot be exported to a live-weights bundle (the message says which tensor and why)."""
+
+
+def export_onnx(
+    module: nn.Module,
+    example_args: torch.Tensor | Sequence[torch.Tensor],
+    out_dir: str | Path,
+    *,
+    dynamic: bool = True,
+    dynamic_dims: Mapping[str, Mapping[int, str]] | None = None,
+    opset: int | None = None,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    fold_transposes: bool = False,
+    verify: bool = True,
+) -> Path:
+    """Write a bundle for ``module`` (traced on ``example_args``) into ``out_dir`` and return its path.
+
+    ``dynamic``: batch (dim 0) and sequence (dim 1 of integer inputs and of inputs with 3+ dims) are symbolic;
+    ``dynamic=False`` fixes every dim to the example's. ``dynamic_dims`` overrides per input, e.g.
+    ``{"input_ids": {0: "batch", 1: "seq"}}``. ``input_names`` default to ``forward``'s parameter names,
+    ``output_names`` to ``output`` (one output) or ``output_0, output_1, ...``.
+    ``fold_transposes``: store transposed the weights the graph only reads transposed (see the module doc).
+    ``verify``: open the bundle with onnxruntime and compare its outputs with the module's on the example.
+    Weights must be fp32 or fp16 (onnxruntime's CPU provider has no bf16 kernels for most ops).
+    """
+    args = (example_args,) if isinstance(example_args, torch.Tensor) else tuple(example_args)
+    if not args or not all(isinstance(a, torch.Tensor) for a in args):
+        raise TypeError("example_args must be a tensor or a sequence of tensors")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a directory")
+    module = module.eval()
+    names, canonical = _parameters(module)
+    in_names = list(input_names) if input_names is not None else _forward_names(module, len(args))
+    with torch.inference_mode():
+        expected = module(*args)
+    expected = (expected,) if isinstance(expected, torch.Tensor) else tuple(expected)
+    if output_names is None:
+        output_names = ["output"] if len(expected) == 1 else [f"output_{i}" for i in range(len(expected))]
+    out_names = list(output_names)
+    clash = set(in_names + out_names) & set(names)
+    if clash:
+        raise ExportError(f"input/output names {sorted(clash)} are also parameter names; pick others")
+    axes = _dynamic_axes(in_names, args, dynamic, dynamic_dims)
+
+    out.mkdir(parents=True, exist_ok=True)
+    raw = out / (GRAPH_FILE + ".tmp")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)  # the TorchScript exporter's notice
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(
+            module,
+            args,
+            str(raw),
+            dynamo=False,
+            export_params=False,
+            do_constant_folding=False,
+            input_names=in_names,
+            output_names=out_names,
+            dynamic_axes=axes,
+            opset_version=opset or DEFAULT_OPSET,
+        )
+    model = onnx.load(str(raw))
+    raw.unlink()
+    storage = _liven(model.graph, names, canonical, set(in_names), fold_transposes)
+
+    arrays, params = {}, {}
+    for name, t in names.items():
+        canon = canonical[name]
+        if canon not in storage:
+            continue
+        layout = storage[canon]
+        if canon not in arrays:
+            a = t.detach().cpu()
+            arrays[canon] = np.ascontiguousarray((a.t() if layout == "transposed" else a).numpy())
+        params[name] = {"onnx": canon, "layout": layout, "shape": list(t.shape), "dtype": DTYPES[t.dtype][0]}
+    unused = sorted(n for n in names if canonical[n] not in storage)
+    if unused:
+        warnings.warn(
+            f"export_onnx: parameters not in the exported graph (unused by forward, or folded into constants "
+            f"by the exporter), not writable in the bundle: {unused[:8]}{' ...' if len(unused) > 8 else ''}",
+            stacklevel=2,
+        )
+    onnx.checker.check_model(model)
+    _write_atomic(out / WEIGHTS_FILE, lambda p: write_safetensors(p, arrays, {"format": FORMAT}))
+    _write_atomic(out / GRAPH_FILE, lambda p: onnx.save(model, str(p)))
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "graph": GRAPH_FILE,
+        "weights": WEIGHTS_FILE,
+        "opset": opset or DEFAULT_OPSET,
+        "exporter": f"torch.onnx (torchscript) {torch.__version__}",
+        "inputs": [
+            _io(v) | {"example_shape": list(a.shape)} for v, a in zip(_values(model.graph.input, in_names), args)
+        ],
+        "outputs": [_io(v) for v in _values(model.graph.output, out_names)],
+        "parameters": params,
+        "unused": unused,
+        "fingerprint": {
+            "structure": structure_hash({n: tuple(p["shape"]) for n, p in params.items()}),
+            "weights_sha256": file_sha256(out / WEIGHTS_FILE),
+            "graph_sha256": file_sha256(out / GRAPH_FILE),
+        },
+    }
+    _write_atomic(out / MANIFEST_FILE, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    if verify:
+        _verify(out, args, expected)
+    return out
+
+
+# -- parameters --
+def _parameters(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Floating-point ``state_dict`` entries, and each name's canonical name (tied weights share one)."""
+    names, canonical, by_storage = {}, {}, {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        t = t.data if isinstance(t, nn.Parameter) else t
+        if not t.is_floating_point():
+            continue
+        if t.dtype not in DTYPES:
+            raise ExportError(
+                f"tensor {name!r} has dtype {t.dtype}; bundles hold float32 or float16 weights "
+                f"(onnxruntime's CPU provider lacks {t.dtype} kernels for most ops): convert the module first"
+            )
+        key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+        canonical[name] = by_storage.setdefault(key, name)
+        names[name] = t
+    return names, canonical
+
+
+def _forward_names(module: nn.Module, n: int) -> list[str]:
+    params = [
+        p.name
+        for p in inspect.signature(module.forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return params[:n] if len(params) >= n else [f"input_{i}" for i in range(n)]
+
+
+def _dynamic_axes(
+    in_names: list[str], args: tuple[torch.Tensor, ...], dynamic: bool, dims: Mapping | None
+) -> dict[str, dict[int, str]]:
+    axes = {}
+    for name, a in zip(in_names, args):
+        if dims is not None and name in dims:
+            axes[name] = {int(k): str(v) for k, v in dims[name].items()}
+        elif dynamic and a.dim() >= 1:
+            axes[name] = {0: "batch"}
+            if a.dim() >= 3 or (a.dim() == 2 and not a.is_floating_point()):
+                axes[name][1] = "seq"
+    return axes
+
+
+# -- the graph pass: weights become graph inputs in the layout their consumers need --
+def _liven(
+    graph: onnx.GraphProto, names: dict, canonical: dict[str, str], user_inputs: set[str], fold_transposes: bool
+) -> dict[str, str]:
+    """Rewrite ``graph`` in place; return canonical name -> storage layout (``identity`` / ``transposed``)."""
+    weight_of: dict[str, tuple[str, str]] = {}  # graph tensor -> (canonical param, layout)
+    for v in graph.input:
+        if v.name in canonical:
+            weight_of[v.name] = (canonical[v.name], "identity")
+        elif v.name not in user_inputs:
+            raise ExportError(f"the exporter made graph input {v.name!r}, which is neither an input nor a parameter")
+    absorbed = []  # Identity/Transpose nodes folded into weight names
+    for node in graph.node:  # topological order: producers first
+        src = weight_of.get(node.input[0]) if node.input else None
+        if src is None:
+            continue
+        if node.op_type == "Identity":
+            out = node.output[0]
+            # the exporter merges equal-valued parameters: an Identity named after another parameter is that one
+            weight_of[out] = (canonical[out], "identity") if out in canonical else src
+            absorbed.append(node)
+        elif fold_transposes and node.op_type == "Transpose" and _is_2d_swap(node, names[src[0]]):
+            weight_of[node.output[0]] = (src[0], "identity" if src[1] == "transposed" else "transposed")
+            absorbed.append(node)
+
+    needs: dict[str, set[str]] = {}
+    uses = []  # (node or None for a graph output, input slot, canonical, layout)
+    absorbed_ids = {id(n) for n in absorbed}
+    for node in graph.node:
+        if id(node) in absorbed_ids:
+            continue
+        for i, x in enumerate(node.input):
+            if x in weight_of:
+                uses.append((node, i) + weight_of[x])
+    for o in graph.output:
+        if o.name in weight_of and o.name not in canonical:
+            uses.append((o, -1) + weight_of[o.name])
+    for _, _, canon, layout in uses:
+        needs.setdefault(canon, set()).add(layout)
+    storage = {c: ("transposed" if lay == {"transposed"} else "identity") for c, lay in needs.items()}
+
+    transposes: dict[str, str] = {}  # canonical -> output of the one Transpose node it keeps
+    new_nodes = []
+    for _, _, canon, layout in uses:
+        if layout != storage[canon] and canon not in transposes:
+            transposes[canon] = f"{canon}::T"
+            new_nodes.append(helper.make_node("Transpose", [canon], [transposes[canon]], perm=[1, 0]))
+    for node, i, canon, layout in uses:
+        src = canon if layout == storage[canon] else transposes[canon]
+        if i >= 0:
+            node.input[i] = src
+        else:  # a weight returned as a graph output: keep the name through an Identity
+            new_nodes.append(helper.make_node("Identity", [src], [node.name]))
+    kept = [n for n in graph.node if id(n) not in absorbed_ids]
+    del graph.node[:]
+    graph.node.extend(new_nodes + kept)
+
+    user = [v for v in graph.input if v.name in user_inputs]
+    del graph.input[:]
+    graph.input.extend(user)
+    for canon, layout in storage.items():
+        t = names[canon]
+        shape = list(t.shape)[::-1] if layout == "transposed" else list(t.shape)
+        graph.input.append(helper.make_tensor_value_info(canon, DTYPES[t.dtype][1], shape))
+    return storage
+
+
+def _is_2d_swap(node: onnx.NodeProto, t: torch.Tensor) -> bool:
+    perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+    return t.dim() == 2 and perm in (None, [1, 0])
+
+
+# -- files --
+def _values(values, wanted: list[str]) -> list[onnx.ValueInfoProto]:
+    by_name = {v.name: v for v in values}
+    return [by_name[n] for n in wanted]
+
+
+def _io(v: onnx.ValueInfoProto) -> dict:
+    tt = v.type.tensor_type
+    dims = [
+        d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else None)
+        for d in tt.shape.dim
+    ]
+    return {"name": v.name, "dtype": helper.tensor_dtype_to_np_dtype(tt.elem_type).name, "shape": dims}
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _verify(out: Path, args: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]) -> None:
+    from runtime.onnx_backend import OnnxBackend
+
+    backend = OnnxBackend.open(out)
+    got = backend(*args)
+    got = (got,) if isinstance(got, np.ndarray) else tuple(got)
+    for name, g, e in zip(backend.output_names, got, expected):
+        tol = 1e-3 if e.dtype == torch.float32 and g.dtype != np.float16 else 3e-2
+        e = e.detach().float().numpy()
+        g = np.asarray(g, dtype=np.float32)
+        scale = max(1.0, float(np.abs(e).max())) if e.size else 1.0
+        if g.shape != e.shape or not np.allclose(g, e, atol=tol * scale, rtol=tol):
+            err = float(np.abs(g - e).max()) if g.shape == e.shape else float("nan")
+            raise ExportError(
+                f"{out}: onnxruntime output {name!r} differs from the module's (max abs error {err:.3g}, "
+                f"shapes {g.shape} vs {e.shape})"
+            )
+
+
+def write_safetensors(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """A safetensors file written tensor by tensor from the arrays' own memory (no serialised copy)."""
+    header, pos = {"__metadata__": metadata}, 0
+    for name, a in arrays.items():
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[a.dtype.name],
+            "shape": list(a.shape),
+            "data_offsets": [pos, pos + a.nbytes],
+        }
+        pos += a.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for a in arrays.values():
+            f.write(memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8)))

@@ -1,0 +1,270 @@
+"""The onnxruntime backend: switching inside a live session equals the torch backend, reverts bit for bit,
+never shows a mixed state to concurrent inference, and refuses hostile bundles with clear errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import struct
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from exporters import export_onnx
+from runtime import AdapterFormatError, Runtime
+from runtime.models import TARGETS, build
+from runtime.onnx_backend import BundleError, LiveWeightsError, OnnxBackend
+from runtime.synthetic import random_lora, random_shira
+
+IDS = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def bit_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+def close(got: np.ndarray, want: torch.Tensor, dtype: torch.dtype) -> None:
+    t = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
+    torch.testing.assert_close(torch.from_numpy(got).float(), want.float(), **t)
+
+
+def make(tmp_path_factory, dtype=torch.float32, fold=False):
+    m = build("tiny", dtype, seed=5)
+    path = export_onnx(
+        m, IDS[:1], tmp_path_factory.mktemp("bundle") / "b", output_names=["logits"], fold_transposes=fold
+    )
+    return m, path
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return make(tmp_path_factory)
+
+
+def adapters(m):
+    return {
+        "a": random_shira(m, TARGETS, 0.05, seed=1, std=0.05),
+        "b": random_shira(m, TARGETS, 0.05, seed=2, std=0.05),
+        "l": random_lora(m, ["q_proj", "up_proj", "down_proj"], rank=4, seed=3),
+    }
+
+
+@pytest.mark.parametrize(
+    "dtype,fold",
+    [(torch.float32, False), (torch.float32, True), (torch.float16, False)],
+    ids=["fp32", "fp32-transposed", "fp16"],
+)
+def test_switches_match_torch_and_revert_bit_for_bit(tmp_path_factory, dtype, fold):
+    m, path = make(tmp_path_factory, dtype, fold)
+    rt_ort, rt_torch = Runtime.load(path), Runtime.load(m)
+    assert rt_ort.backend.kind == "onnxruntime" and bool(rt_ort.backend.transposed) == fold
+    for name, ad in adapters(m).items():
+        rt_ort.add_adapter(name, ad)
+        rt_torch.add_adapter(name, ad)
+    close(rt_ort(IDS), rt_torch(IDS), dtype)
+    for names, weights in (("a", None), ("b", None), (["a", "b"], [1.0, 0.5]), ("l", None), (["l", "a"], [0.7, -1.0])):
+        rt_ort.switch(names, weights)
+        rt_torch.switch(names, weights)
+        lora_on_transposed = fold and "l" in names
+        for name, t in rt_torch.backend.tensors.items():  # same kernels, same formula: the same bits
+            got = rt_ort.backend.logical(rt_ort.backend.aliases[name])
+            if lora_on_transposed:  # A.T @ B.T sums in another order than B @ A: last-bit differences
+                torch.testing.assert_close(got, t, atol=1e-6, rtol=1e-5)
+            else:
+                assert torch.equal(got, t), name
+        close(rt_ort(IDS), rt_torch(IDS), dtype)
+    rt_ort.switch(None)
+    fresh = OnnxBackend.open(path)
+    for name, a in rt_ort.backend.arrays.items():
+        assert bit_equal(a, fresh.arrays[name]), name
+    assert np.array_equal(rt_ort(IDS), fresh(IDS))
+
+
+def test_peft_shira_adapter_matches_torch(bundle, tmp_path):
+    peft = pytest.importorskip("peft")
+    m, path = bundle
+    torch.manual_seed(7)
+    cfg = peft.ShiraConfig(r=2, target_modules=list(TARGETS), init_weights=False, random_seed=7)
+    peft.get_peft_model(copy.deepcopy(m), cfg).save_pretrained(str(tmp_path / "shira"))
+    rt_ort, rt_torch = Runtime.load(path), Runtime.load(m)
+    rt_ort.add_adapter("p", tmp_path / "shira")
+    rt_torch.add_adapter("p", tmp_path / "shira")
+    base = rt_ort(IDS)
+    with rt_ort.using("p"), rt_torch.using("p"):
+        got = rt_ort(IDS)
+        assert not np.allclose(got, base, atol=1e-4)
+        close(got, rt_torch(IDS), torch.float32)
+    assert np.array_equal(rt_ort(IDS), base)
+
+
+def test_inputs_by_position_name_tensor_or_array(bundle):
+    m, path = bundle
+    backend = OnnxBackend.open(path)
+    want = backend(IDS)
+    assert isinstance(want, np.ndarray) and want.shape == (2, 9, 256)  # one output: an array, not a list
+    assert np.array_equal(backend(input_ids=IDS.numpy()), want)
+    assert np.array_equal(backend(IDS.int()), want)  # int32 ids are widened
+    with pytest.raises(TypeError, match="dtype float32"):
+        backend(IDS.float())
+    with pytest.raises(TypeError, match="unknown input 'x'"):
+        backend(x=IDS)
+    with pytest.raises(TypeError, match="missing inputs"):
+        backend()
+    with pytest.raises(TypeError, match="given twice"):
+        backend(IDS, input_ids=IDS)
+    with pytest.raises(ValueError, match="shape"):
+        backend(IDS[0])
+
+
+def test_weights_are_owned_writable_aligned_views(bundle):
+    _, path = bundle
+    backend = OnnxBackend.open(path)
+    for name, t in backend.tensors.items():
+        a = backend.arrays[name]
+        assert a.flags.c_contiguous and a.flags.writeable and a.ctypes.data % 64 == 0
+        assert t.data_ptr() == a.ctypes.data  # torch writes the memory onnxruntime reads
+    assert backend.adapters_dir is None
+    (path / "adapters").mkdir()
+    try:
+        assert OnnxBackend.open(path).adapters_dir == path / "adapters"
+    finally:
+        (path / "adapters").rmdir()
+
+
+def test_probe_detects_a_session_that_copied_the_weights(bundle):
+    import onnxruntime as ort
+
+    _, path = bundle
+    backend = OnnxBackend.open(path)
+    backend.check_live()  # passes on this onnxruntime, and leaves the weights as they were
+    fresh = OnnxBackend.open(path, verify=False)
+    assert all(bit_equal(a, fresh.arrays[n]) for n, a in backend.arrays.items())
+    # simulate an onnxruntime that copies graph inputs: bind copies instead of our buffers
+    backend._values = {n: ort.OrtValue.ortvalue_from_numpy(a.copy()) for n, a in backend.arrays.items()}
+    backend._local = threading.local()
+    with pytest.raises(LiveWeightsError, match="did not change the outputs"):
+        backend.check_live()
+
+
+def test_concurrent_inference_never_sees_a_mixed_state(bundle):
+    m, path = bundle
+    rt = Runtime.load(path)
+    for name, ad in adapters(m).items():
+        rt.add_adapter(name, ad)
+    states = [None, "a", "b", ["a", "b"], "l"]
+    expected = []
+    for s in states:
+        rt.switch(s)
+        expected.append(rt(IDS))
+    stop, errors, seen = threading.Event(), [], [0] * len(states)
+
+    def infer():
+        while not stop.is_set():
+            y = rt(IDS)
+            hits = [k for k, e in enumerate(expected) if np.array_equal(y, e)]
+            if len(hits) != 1:
+                errors.append("inference saw a state that is none of the switch targets")
+                return
+            seen[hits[0]] += 1
+
+    def switcher():
+        k = 0
+        while not stop.is_set():
+            rt.switch(states[k % len(states)])
+            k += 1
+
+    threads = [threading.Thread(target=infer) for _ in range(3)] + [threading.Thread(target=switcher)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and sum(1 for c in seen if c) < len(states):
+        time.sleep(0.05)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert sum(1 for c in seen if c) >= 3, f"inference saw too few distinct states: {seen}"
+
+
+# -- hostile bundles --
+def edit_manifest(path, fn):
+    p = path / "manifest.json"
+    m = json.loads(p.read_text())
+    fn(m)
+    p.write_text(json.dumps(m))
+
+
+def set_shape(m, name, shape):
+    from runtime.fingerprint import structure_hash
+
+    m["parameters"][name]["shape"] = shape
+    m["fingerprint"]["structure"] = structure_hash({n: tuple(p["shape"]) for n, p in m["parameters"].items()})
+
+
+def flip_byte(path, at):
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def header_len(path):
+    return struct.unpack("<Q", (path / "weights.safetensors").read_bytes()[:8])[0]
+
+
+Q = "model.layers.0.self_attn.q_proj.weight"
+HOSTILE = {
+    "no manifest": (lambda p: (p / "manifest.json").unlink(), "manifest.json: cannot read"),
+    "no weights": (lambda p: (p / "weights.safetensors").unlink(), "weights.safetensors: cannot open"),
+    "no graph": (lambda p: (p / "model.onnx").unlink(), "model.onnx: cannot read"),
+    "manifest not json": (lambda p: (p / "manifest.json").write_text("{"), "not valid JSON"),
+    "wrong format": (lambda p: edit_manifest(p, lambda m: m.update(format="x")), "not a shira-onnx-bundle"),
+    "future version": (lambda p: edit_manifest(p, lambda m: m.update(version=99)), "version 99"),
+    "path escape": (lambda p: edit_manifest(p, lambda m: m.update(weights="../w")), "plain file name"),
+    "edited shape": (lambda p: edit_manifest(p, lambda m: m["parameters"][Q].update(shape=[64, 32])), "structure"),
+    "unknown name": (
+        lambda p: edit_manifest(p, lambda m: m["parameters"].update(extra=dict(m["parameters"][Q]))),
+        "structure",
+    ),
+    "shape with hash": (lambda p: edit_manifest(p, lambda m: set_shape(m, Q, [32, 128])), Q),
+    "dtype": (lambda p: edit_manifest(p, lambda m: m["parameters"][Q].update(dtype="float16")), Q),
+    "bad dtype": (lambda p: edit_manifest(p, lambda m: m["parameters"][Q].update(dtype="int8")), "dtype 'int8'"),
+    "layout": (lambda p: edit_manifest(p, lambda m: m["parameters"][Q].update(layout="diagonal")), "layout"),
+    "retied": (
+        lambda p: edit_manifest(p, lambda m: m["parameters"]["lm_head.weight"].update(layout="transposed")),
+        "share ONNX tensor",
+    ),
+    "truncated weights": (
+        lambda p: (p / "weights.safetensors").write_bytes((p / "weights.safetensors").read_bytes()[:-100]),
+        "truncated: tensor",
+    ),
+    "short file": (lambda p: (p / "weights.safetensors").write_bytes(b"\x01"), "truncated"),
+    "huge header": (
+        lambda p: (p / "weights.safetensors").write_bytes(struct.pack("<Q", 1 << 40) + b"{}"),
+        "header length",
+    ),
+    "weights edited": (lambda p: flip_byte(p / "weights.safetensors", -5), "sha256 differs"),
+    "graph edited": (lambda p: flip_byte(p / "model.onnx", -5), "model.onnx: sha256 differs"),
+    "header garbage": (lambda p: flip_byte(p / "weights.safetensors", 8), "header"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_bundles_are_refused_clearly(bundle, tmp_path, case):
+    _, path = bundle
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    damage, message = HOSTILE[case]
+    damage(bad)
+    with pytest.raises(BundleError, match=message.replace("[", "\\[")):
+        OnnxBackend.open(bad)
+    with pytest.raises(AdapterFormatError):  # what Runtime.load raises, whatever the bundle's fault
+        Runtime.load(bad)
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(BundleError, match="not a bundle directory"):
+        Runtime.load(tmp_path / "nothing")
