@@ -108,7 +108,8 @@ def _cache_dir(cxx: str) -> Path:
     h = hashlib.sha256()
     for s in _SOURCES:
         h.update(s.read_bytes())
-    h.update(" ".join([cxx, *_CXXFLAGS, torch.__version__, sysconfig.get_platform()]).encode())
+    torch_lib = Path(torch.__file__).parent / "lib"  # baked in as the rpath
+    h.update(" ".join([cxx, *_CXXFLAGS, torch.__version__, str(torch_lib), sysconfig.get_platform()]).encode())
     root = Path(os.environ.get("SHIRA_KERNELS_CACHE", Path.home() / ".cache" / "shira_kernels"))
     return root / h.hexdigest()[:16]
 

@@ -55,6 +55,7 @@ struct Item {
   int64_t n;
   const float* delta;        // [n] (apply only)
   void* saved;               // [n] weight dtype
+  bool apply;                // an apply_ entry (else a restore_ entry)
   int64_t pos;               // position in its list, for messages
   const char* list;          // "" or "outgoing " / "incoming " (switch_)
 };
@@ -250,6 +251,7 @@ Item make_item(const char* op, const char* list, int64_t t, const at::Tensor& w,
   item.idx64 = it == at::kLong;
   item.n = idx.numel();
   item.delta = delta ? delta->data_ptr<float>() : nullptr;
+  item.apply = delta != nullptr;
   item.saved = saved.data_ptr();
   item.pos = t;
   item.list = list;
@@ -408,7 +410,7 @@ void run(const char* op, const std::vector<Item>& outs, const std::vector<Item>&
   } else {
     for (const Item& it : all) {
       tasks.clear();
-      chunk_by_position(&it, it.delta != nullptr, chunk, tasks);
+      chunk_by_position(&it, it.apply, chunk, tasks);
       run_tasks(tasks, threaded && it.n >= g_serial_below.load(std::memory_order_relaxed));
     }
   }
