@@ -87,6 +87,7 @@ class PackedAdapter:
     nonzeros: int
     bytes: int
     peft_bytes: int
+    decode_ms: float | None = None
 
     def row(self, total: dict[str, int]) -> list[object]:
         per = self.bytes / self.nonzeros if self.nonzeros else None
@@ -165,7 +166,17 @@ def package(
         }
         print()
         print_table(
-            ["adapter", "kind", "nonzeros", "density", "bytes", "bytes/nonzero", "PEFT bytes", "x smaller"],
+            [
+                "adapter",
+                "kind",
+                "nonzeros",
+                "density",
+                "bytes",
+                "bytes/nonzero",
+                "PEFT bytes",
+                "x smaller",
+                "decode ms",
+            ],
             [p.row(total) for p in packed],
         )
     return out_dir

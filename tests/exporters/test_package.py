@@ -1,0 +1,112 @@
+"""Packaging: one directory with the base (ONNX) and compact adapters; loads in a fresh process, no model code."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+pytest.importorskip("onnxruntime")
+
+from peft import LoraConfig, ShiraConfig, get_peft_model  # noqa: E402
+
+from exporters.package import main as package_main  # noqa: E402
+from exporters.package import package  # noqa: E402
+from runtime import AdapterFormatError, BaseMismatchError, Runtime  # noqa: E402
+from runtime.models import TARGETS, build  # noqa: E402
+from runtime.synthetic import random_shira  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def packaged(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pkg")
+    base = build("tiny", torch.float32, seed=0)
+    torch.manual_seed(1)
+    get_peft_model(
+        copy.deepcopy(base), ShiraConfig(r=2, target_modules=list(TARGETS), init_weights=False, random_seed=1)
+    ).save_pretrained(tmp / "peft_shira")
+    pl = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    pl.save_pretrained(tmp / "peft_lora")
+    random_shira(base, TARGETS, 0.02, seed=5).save(tmp / "ours.safetensors")
+    adapters = {"s": tmp / "peft_shira", "l": tmp / "peft_lora", "o": tmp / "ours.safetensors"}
+    out = package(base, tmp / "bundle", adapters, values="fp16", quiet=True)
+    return base, adapters, out
+
+
+def test_bundle_lists_adapters_and_is_compact(packaged):
+    base, adapters, out = packaged
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["adapters"]) == {"s", "l", "o"}
+    s = manifest["adapters"]["s"]
+    # PEFT spends 12 bytes per nonzero; on this tiny model the header (checksums, probes) weighs too
+    assert s["kind"] == "shira" and s["bytes"] < 12 * s["nonzeros"]
+    assert manifest["adapters"]["l"]["kind"] == "lora"
+
+
+def test_bundle_switches_like_the_torch_runtime(packaged):
+    base, adapters, out = packaged
+    rt = Runtime.load(out)
+    assert set(rt.adapters) == {"s", "l", "o"}
+    ref = Runtime.load(copy.deepcopy(base))
+    for n, entry in json.loads((out / "manifest.json").read_text())["adapters"].items():
+        ref.add_adapter(n, out / entry["path"])  # the same (fp16-rounded) deltas, applied by the torch backend
+    x = torch.randint(0, 256, (2, 8))
+    for state in (None, "s", "o", "l", ["s", "o"], None):
+        rt.switch(state)
+        ref.switch(state)
+        np.testing.assert_allclose(rt(x), ref(x).numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_fresh_process_without_model_code(packaged):
+    _, _, out = packaged
+    code = (
+        "import sys, numpy as np\n"
+        "from runtime import Runtime\n"
+        f"rt = Runtime.load({str(out)!r})\n"
+        "x = np.arange(16, dtype=np.int64).reshape(2, 8)\n"
+        "y0 = rt(x); rt.switch('s'); y1 = rt(x); rt.switch(None); y2 = rt(x)\n"
+        "assert not np.allclose(y0, y1) and np.array_equal(y0, y2)\n"
+        "print('ok', sorted(rt.adapters), 'runtime.models' in sys.modules)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["ok", "['l',", "'o',", "'s']", "False"]
+
+
+def test_tampered_or_foreign_bundled_adapter_fails_its_switch_and_changes_nothing(packaged, tmp_path):
+    import shutil
+
+    _, _, out = packaged
+    bundle = tmp_path / "b"
+    shutil.copytree(out, bundle)
+    f = bundle / "adapters" / "o.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0x55
+    f.write_bytes(bytes(data))
+    other = build("tiny", torch.float32, seed=42)  # same shapes, other weights
+    random_shira(other, TARGETS, 0.02, seed=5).save(bundle / "adapters" / "s.safetensors")
+    rt = Runtime.load(bundle)
+    before = {n: t.clone() for n, t in rt.backend.tensors.items()}
+    with pytest.raises(AdapterFormatError, match="o.safetensors.*corrupted"):
+        rt.switch("o")
+    with pytest.raises(BaseMismatchError):
+        rt.switch("s")
+    assert rt.active == ()
+    for n, t in rt.backend.tensors.items():
+        assert torch.equal(t, before[n]), n
+
+
+def test_cli_report(packaged, tmp_path, capsys):
+    _, adapters, _ = packaged
+    package_main(["--base", "tiny", "--adapter", f"s={adapters['s']}", "--out", str(tmp_path / "cli")])
+    printed = capsys.readouterr().out
+    assert "bytes/nonzero" in printed and "PEFT bytes" in printed
+    assert Runtime.load(tmp_path / "cli").adapters == ("s",)
