@@ -100,6 +100,7 @@ class PackedAdapter:
             per,
             self.peft_bytes,
             self.peft_bytes / self.bytes if self.bytes else None,
+            self.decode_ms,
         ]
 
 
