@@ -6,8 +6,11 @@ source with the system C++ compiler on first use (no ninja, no setuptools), cach
 ``$SHIRA_KERNELS_CACHE`` (default ``~/.cache/shira_kernels``) in a folder named by a hash of the source,
 the flags and the torch version, and loads it with ``torch.ops.load_library``.
 
-The verbs have the signatures and results of ``kernels.reference`` (bit for bit); bad inputs raise
-``KernelInputError`` with a message naming the op and the tensor, before anything is written.
+The verbs have the signatures and results of ``kernels.reference`` (bit for bit; the one exception is the
+bit pattern of a NaN produced in bf16); bad inputs raise ``KernelInputError`` with a message naming the op
+and the tensor, before anything is written. ``validate=True`` checks every index (and accepts any order);
+``validate=False`` trusts the caller's promise of sorted, in-range indices and checks only the first and
+last of each list.
 """
 
 from __future__ import annotations
