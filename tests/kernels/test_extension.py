@@ -355,3 +355,22 @@ def test_malformed_inputs_refused(ext, kind, message):
     if kind not in ("deltas-length", "delta-dtype", "delta-shape"):
         with pytest.raises(KernelInputError, match=rf"^shira::switch_: outgoing .*{message}"):
             ext.switch_(ws, idx, saved, [], [], [], [])
+
+
+def test_non_finite(ext, dtype):
+    """Inf and NaN deltas: same bits as the reference, except the sign/payload of a bf16 NaN (NaN either way:
+    torch's own .to(bf16) writes 0xFFFF in its vector body and 0x7FC0 in its scalar tail)."""
+    n = 100
+    w = torch.randn(n).to(dtype)
+    d = torch.tensor([float("inf"), -float("inf"), float("nan"), 1e30, -1e30]).repeat(n // 5)
+    idx = torch.arange(n)
+    w_ref, s_ref, s = w.clone(), torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)
+    reference.apply_([w_ref], [idx], [d], [s_ref])
+    ext.apply_([w], [idx], [d], [s])
+    assert_bits_equal([s], [s_ref], "saved")
+    nan = torch.isnan(w_ref)
+    assert torch.equal(nan, torch.isnan(w))
+    keep = ~nan if dtype == torch.bfloat16 else torch.ones(n, dtype=torch.bool)
+    assert_bits_equal([w[keep]], [w_ref[keep]], "weight")
+    ext.restore_([w], [idx], [s])  # the revert is exact whatever was written
+    assert_bits_equal([w], [s_ref], "restored weight")
