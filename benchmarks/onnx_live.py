@@ -2,7 +2,7 @@
 backend and against rebuilding the session, on one exported graph, in one run.
 
     python -m benchmarks.onnx_live                       # small preset
-    python -m benchmarks.onnx_live --preset llama-1b     # Llama-3.2-1B shapes (~5 GB bundle, ~14 GB RAM)
+    python -m benchmarks.onnx_live --preset llama-1b     # Llama-3.2-1B shapes (5 GB bundle, ~17 GB peak RSS)
     python -m benchmarks.onnx_live --quick               # tiny preset, few repeats
     python -m benchmarks.onnx_live --alternatives        # also the live mechanisms we did not choose
 
@@ -10,8 +10,10 @@ Sessions compared (same bundle graph, same thread count):
 - live: ``OnnxBackend`` (weights as graph inputs bound zero-copy, weight-as-GEMM-A rewrite);
 - default: the graph with the weights as initializers, fully optimized, prepacked (what a plain export gets;
   its weights are frozen into onnxruntime's own packed copies);
-- ``--alternatives``: weights as graph inputs without the rewrite, and shared initializers
-  (``add_initializer``) with prepacking disabled.
+- ``--alternatives``: weights as graph inputs fed per run without the rewrite, and shared initializers
+  (``add_initializer``) with prepacking and constant folding disabled (with folding on, onnxruntime folds
+  ``Transpose(W)`` into its own copy and stops reading ours). The ``live`` column checks each session: writing
+  two weights (a matmul weight and a norm) must change its output.
 Rebuild: creating a default session over already-fused weights in memory (shared initializers, so no file is
 read or copied): a lower bound on what applying an adapter costs without live weights.
 Inference medians interleave the sessions round by round, so load from other processes hits them alike.
@@ -66,6 +68,7 @@ class Row:
     p90_ms: float
     vs: float | None = None  # ratio to the row's reference
     note: str = ""
+    live: str = ""  # inference rows: does the session read writes to our weight buffers?
 
 
 def rss_gb() -> float:
@@ -94,6 +97,30 @@ def cycle(rt: Runtime, names: list[str], repeats: int) -> Timing:
         rt.switch(names[(i + 1) % len(names)])
         samples.append((time.perf_counter() - t0) * 1e3)
     return Timing.of(samples)
+
+
+PROBES = ("model.layers.0.self_attn.q_proj.weight", "model.norm.weight")
+
+
+def reads_live(fn: Callable[[], object], arrays: dict[str, np.ndarray]) -> bool:
+    """Whether writing each of ``PROBES`` (then restoring it) changes ``fn()``'s output."""
+
+    def out() -> np.ndarray:
+        y = fn()
+        return np.asarray(y[0] if isinstance(y, list) else y)
+
+    before = out()
+    for name in PROBES:
+        a = arrays[name]
+        saved = a.copy()
+        a[...] = np.where(a == 0.25, -0.25, 0.25).astype(a.dtype)
+        try:
+            changed = not np.array_equal(out(), before)
+        finally:
+            a[...] = saved
+        if not changed:
+            return False
+    return True
 
 
 # -- sessions over the bundle's graph --
@@ -213,7 +240,7 @@ def run(cfg: Config, workdir: Path) -> list[Row]:
     if cfg.alternatives:
         others["inputs, no GEMM-A rewrite"] = session(plain_inputs_graph(bundle), cfg.threads, prepack=False)
         others["shared initializers, no prepack"] = session(
-            default_path, cfg.threads, shared=bundle_arrays, prepack=False
+            default_path, cfg.threads, shared=bundle_arrays, prepack=False, disabled=("ConstantFolding",)
         )
     for batch in BATCHES:
         ids = np.random.default_rng(batch).integers(0, PRESETS[cfg.preset].vocab, (batch, SEQ), dtype=np.int64)
@@ -233,7 +260,10 @@ def run(cfg: Config, workdir: Path) -> list[Row]:
             note = "reference" if label.startswith("default") else "vs default"
             if label == "onnxruntime live" and batch * SEQ == 64:
                 note += " (target <= 1.15)"
-            rows.append(Row(f"inference {batch}x{SEQ} tokens", label, t.median_ms, t.p90_ms, t.median_ms / base, note))
+            live = "yes" if reads_live(fns[label], bundle_arrays) else "NO"
+            rows.append(
+                Row(f"inference {batch}x{SEQ} tokens", label, t.median_ms, t.p90_ms, t.median_ms / base, note, live)
+            )
     del default, others
     gc.collect()
 
@@ -280,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         rows = run(cfg, Path(tmp))
     print_table(
-        ["what", "how", "median ms", "p90 ms", "ratio", "note"],
-        [[r.what, r.how, r.ms, r.p90_ms, r.vs, r.note] for r in rows],
+        ["what", "how", "median ms", "p90 ms", "ratio", "live", "note"],
+        [[r.what, r.how, r.ms, r.p90_ms, r.vs, r.live, r.note] for r in rows],
     )
     if args.json:
         args.json.write_text(json.dumps({"config": asdict(cfg), "rows": [asdict(r) for r in rows]}, indent=1))

@@ -83,7 +83,19 @@ def export_onnx(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory")
-    module = module.eval()
+    was_training = module.training
+    module.eval()
+    try:
+        return _export(
+            module, args, out, dynamic, dynamic_dims, opset, input_names, output_names, fold_transposes, verify
+        )
+    finally:
+        module.train(was_training)
+
+
+def _export(
+    module, args, out, dynamic, dynamic_dims, opset, input_names, output_names, fold_transposes, verify
+) -> Path:
     names, canonical = _parameters(module)
     in_names = list(input_names) if input_names is not None else _forward_names(module, len(args))
     with torch.inference_mode():

@@ -1,6 +1,6 @@
 """The onnxruntime backend: an exported bundle run by one live session that reads weights we own and write.
 
-Mechanism (measured in ``benchmarks.onnx_live``; see the README section there for the alternatives):
+Mechanism (measured, with the alternatives, by ``python -m benchmarks.onnx_live --alternatives``):
 - the bundle's graph takes every weight as a graph *input* (``exporters.export_onnx``), so no onnxruntime
   optimizer can fold, prepack or copy it;
 - the weights are C-contiguous numpy arrays read from the bundle into memory this backend owns (64-byte
@@ -10,8 +10,10 @@ Mechanism (measured in ``benchmarks.onnx_live``; see the README section there fo
 - ``MatMul(X, Transpose(W))`` (``nn.Linear`` on 3-D activations) is rewritten at load into
   ``Transpose(Gemm(W, X2d, transB=1))``: the weight is the GEMM's *A* operand, which MLAS reads in place,
   where as a non-constant *B* operand it would be re-packed on every run (~1.2-2x slower matmuls).
-  ``GemmTransposeFusion`` is disabled so onnxruntime does not fold the output transpose back. For a single
-  token (M=1) this form is slower than a GEMV; the full-sequence graphs we export have M = batch x seq.
+  ``GemmTransposeFusion`` is disabled so onnxruntime does not fold the output transpose back. Weights under
+  ``GEMM_A_MIN`` elements are left alone: there the five extra small nodes cost more than the packing saves.
+  For a single token (M=1) this form is slower than a GEMV; the full-sequence graphs we export have
+  M = batch x seq.
 After opening, a probe writes one weight, runs, checks the output changed, and restores it bit for bit:
 if a future onnxruntime copies graph inputs, opening fails loudly instead of serving stale weights.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 import threading
 from pathlib import Path
@@ -45,6 +48,8 @@ DTYPES = {"float32": "F32", "float16": "F16"}  # manifest dtype -> safetensors d
 ALIGN = 64
 MAX_HEADER = 100 << 20
 CHUNK = 1 << 24
+MAX_EXAMPLE = 1 << 20  # elements of one probe input
+GEMM_A_MIN = 1 << 16  # weight elements from which the GEMM-A rewrite pays (256 x 256)
 
 
 class BundleError(AdapterFormatError):
@@ -73,7 +78,15 @@ class OnnxBackend(Backend):
 
     kind = "onnxruntime"
 
-    def __init__(self, bundle: Path, manifest: dict, arrays: dict[str, np.ndarray], graph: Any, threads: int | None):
+    def __init__(
+        self,
+        bundle: Path,
+        manifest: dict,
+        arrays: dict[str, np.ndarray],
+        graph: Any,
+        threads: int | None = None,
+        gemm_a: bool | None = None,
+    ):
         import onnxruntime as ort
 
         self.bundle, self.manifest, self.arrays = bundle, manifest, arrays  # arrays: ONNX name -> storage
@@ -90,7 +103,8 @@ class OnnxBackend(Backend):
         self.input_names = [i["name"] for i in manifest["inputs"]]
         self.output_names = [o["name"] for o in manifest["outputs"]]
         self._inputs = {i["name"]: i for i in manifest["inputs"]}
-        self.rewritten = _weights_as_gemm_a(graph, set(arrays))
+        min_elements = {None: GEMM_A_MIN, True: 0, False: None}[gemm_a]
+        self.rewritten = _weights_as_gemm_a(graph, set(arrays), min_elements) if min_elements is not None else 0
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.add_session_config_entry("session.disable_prepacking", "1")
@@ -109,10 +123,15 @@ class OnnxBackend(Backend):
         self._local = threading.local()
 
     @classmethod
-    def open(cls, bundle: str | Path, *, threads: int | None = None, verify: bool = True) -> OnnxBackend:
+    def open(
+        cls, bundle: str | Path, *, threads: int | None = None, verify: bool = True, gemm_a: bool | None = None
+    ) -> OnnxBackend:
         """Load ``bundle`` (validated), start the live session, and probe that it reads our weights.
 
+        ``threads``: onnxruntime intra-op threads (default: its own choice, the physical cores).
         ``verify=False`` skips the sha256 of the weight file and the probe (faster opening, less safety).
+        ``gemm_a``: the weight-as-GEMM-A rewrite for every eligible weight (True), none (False), or only for
+        weights of at least ``GEMM_A_MIN`` elements (None, the default).
         """
         import onnx
 
@@ -131,14 +150,15 @@ class OnnxBackend(Backend):
         arrays = read_weights(
             bundle / manifest["weights"], storage, manifest["fingerprint"]["weights_sha256"] if verify else None
         )
-        backend = cls(bundle, manifest, arrays, graph, threads)
+        backend = cls(bundle, manifest, arrays, graph, threads, gemm_a)
         if verify:
             backend.check_live()
         return backend
 
     @property
     def adapters_dir(self) -> Path | None:
-        """``<bundle>/adapters`` if present. Registering what it holds at ``Runtime.load`` is a later issue."""
+        """``<bundle>/adapters`` if present: the seam where ``Runtime.load(bundle)`` will register the adapters
+        it holds (by file name) once that lands; today nothing reads it."""
         d = self.bundle / ADAPTERS_DIR
         return d if d.is_dir() else None
 
@@ -273,6 +293,8 @@ def read_manifest(bundle: Path) -> dict:
                 ex = io.get("example_shape")
                 if not (isinstance(ex, list) and len(ex) == len(io["shape"]) and all(_is_dim(d) for d in ex)):
                     raise BundleError(f"{path}: input {io['name']!r} has no valid example_shape")
+                if math.prod(ex) > MAX_EXAMPLE:
+                    raise BundleError(f"{path}: input {io['name']!r}: example_shape {ex} is too large for the probe")
     for name, p in m["parameters"].items():
         where = f"{path}: parameter {name!r}"
         if not isinstance(p, dict) or not isinstance(p.get("onnx"), str):
@@ -387,7 +409,7 @@ def read_weights(
                     f"{DTYPES[dtype]}{list(shape)}"
                 )
             begin, end = offsets
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            nbytes = math.prod(shape) * np.dtype(dtype).itemsize  # Python ints: no overflow
             if end - begin != nbytes:
                 raise BundleError(f"{path}: tensor {name!r}: data_offsets span {end - begin} bytes, expected {nbytes}")
             if 8 + n + end > size:
@@ -418,7 +440,7 @@ def read_weights(
 
 
 def _aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     buf = np.empty(nbytes + ALIGN, np.uint8)
     off = -buf.ctypes.data % ALIGN
     return buf[off : off + nbytes].view(dtype).reshape(shape)
@@ -432,7 +454,7 @@ def _read(path: Path) -> bytes:
 
 
 # -- the live graph --
-def _weights_as_gemm_a(model: Any, weights: set[str]) -> int:
+def _weights_as_gemm_a(model: Any, weights: set[str], min_elements: int) -> int:
     """Rewrite ``Y = MatMul(X, Transpose(W))`` (W a 2-D weight input, X [..., K]) in place into
     ``Y = Reshape(Transpose(Gemm(W, Reshape(X, [-1, K]), transB=1)), [*X.shape[:-1], N])``; return how many."""
     from onnx import helper, numpy_helper
@@ -456,7 +478,8 @@ def _weights_as_gemm_a(model: Any, weights: set[str]) -> int:
         if node is None or node.op_type != "Transpose" or node.input[0] not in info:
             return None
         perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
-        return node.input[0] if perm == [1, 0] and len(shapes[node.input[0]]) == 2 else None
+        shape = shapes[node.input[0]]
+        return node.input[0] if perm == [1, 0] and len(shape) == 2 and math.prod(shape) >= min_elements else None
 
     nodes, count = [], 0
     for node in graph.node:

@@ -119,7 +119,8 @@ def test_mixed_module_every_parameter_is_live(tmp_path, dtype, fold):
     torch.manual_seed(0)
     m = Mixed().to(dtype).eval()
     path = export_onnx(m, mixed_args(dtype), tmp_path / "b", fold_transposes=fold)
-    backend = OnnxBackend.open(path)
+    backend = OnnxBackend.open(path, gemm_a=True)  # also through the weight-as-GEMM-A rewrite
+    assert backend.rewritten == (1 if fold else 3)  # a, b, and the tied output projection
     assert backend.input_names == ["ids", "feats"] and backend.output_names == ["output_0", "output_1"]
     assert backend.aliases["out.weight"] == backend.aliases["emb.weight"] == "emb.weight"
     assert set(backend.tensors) == set(m.state_dict()) - {"out.weight"}
@@ -141,8 +142,10 @@ def test_mixed_module_every_parameter_is_live(tmp_path, dtype, fold):
 
 def test_2d_module_with_biases(tmp_path):
     torch.manual_seed(1)
-    m = Mlp2d().eval()
+    m = Mlp2d().train()
     path = export_onnx(m, torch.randn(4, 12), tmp_path / "b")
+    assert m.training  # exported in eval mode, handed back as it came
+    m.eval()
     man = json.loads((path / "manifest.json").read_text())
     assert man["inputs"][0]["shape"] == ["batch", 12]
     backend = OnnxBackend.open(path)

@@ -54,14 +54,20 @@ def adapters(m):
 
 
 @pytest.mark.parametrize(
-    "dtype,fold",
-    [(torch.float32, False), (torch.float32, True), (torch.float16, False)],
-    ids=["fp32", "fp32-transposed", "fp16"],
+    "dtype,fold,gemm_a",
+    [
+        (torch.float32, False, None),
+        (torch.float32, False, True),
+        (torch.float32, True, True),
+        (torch.float16, False, True),
+    ],
+    ids=["fp32", "fp32-gemm-a", "fp32-transposed", "fp16-gemm-a"],
 )
-def test_switches_match_torch_and_revert_bit_for_bit(tmp_path_factory, dtype, fold):
+def test_switches_match_torch_and_revert_bit_for_bit(tmp_path_factory, dtype, fold, gemm_a):
     m, path = make(tmp_path_factory, dtype, fold)
-    rt_ort, rt_torch = Runtime.load(path), Runtime.load(m)
+    rt_ort, rt_torch = Runtime(OnnxBackend.open(path, gemm_a=gemm_a)), Runtime.load(m)
     assert rt_ort.backend.kind == "onnxruntime" and bool(rt_ort.backend.transposed) == fold
+    assert (rt_ort.backend.rewritten > 0) == bool(gemm_a)  # tiny weights are under GEMM_A_MIN by default
     for name, ad in adapters(m).items():
         rt_ort.add_adapter(name, ad)
         rt_torch.add_adapter(name, ad)
@@ -78,7 +84,7 @@ def test_switches_match_torch_and_revert_bit_for_bit(tmp_path_factory, dtype, fo
                 assert torch.equal(got, t), name
         close(rt_ort(IDS), rt_torch(IDS), dtype)
     rt_ort.switch(None)
-    fresh = OnnxBackend.open(path)
+    fresh = OnnxBackend.open(path, gemm_a=gemm_a)
     for name, a in rt_ort.backend.arrays.items():
         assert bit_equal(a, fresh.arrays[name]), name
     assert np.array_equal(rt_ort(IDS), fresh(IDS))
