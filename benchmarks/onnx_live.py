@@ -88,15 +88,18 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
     return {k: Timing.of(v) for k, v in samples.items()}
 
 
-def cycle(rt: Runtime, names: list[str], repeats: int) -> Timing:
-    """Median of single switches around ``names`` (A -> B -> A ...); the first is a warm-up."""
-    rt.switch(names[0])
-    samples = []
+def switch_cycles(rts: dict[str, Runtime], names: list[str], repeats: int) -> dict[str, Timing]:
+    """Single switches around ``names`` (A -> B -> A ...), the runtimes taking turns at each step; the first
+    switch is a warm-up."""
+    for rt in rts.values():
+        rt.switch(names[0])
+    samples: dict[str, list[float]] = {k: [] for k in rts}
     for i in range(repeats):
-        t0 = time.perf_counter()
-        rt.switch(names[(i + 1) % len(names)])
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return Timing.of(samples)
+        for k, rt in rts.items():
+            t0 = time.perf_counter()
+            rt.switch(names[(i + 1) % len(names)])
+            samples[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: Timing.of(v) for k, v in samples.items()}
 
 
 PROBES = ("model.layers.0.self_attn.q_proj.weight", "model.norm.weight")
@@ -191,20 +194,18 @@ def run(cfg: Config, workdir: Path) -> list[Row]:
     )
     rows.append(Row("export", "torch.onnx (torchscript) + weights", (time.perf_counter() - t0) * 1e3, 0.0))
 
-    progress(f"switch A -> B on the torch backend ({kernels.backend()} kernels), {cfg.repeats} repeats")
     rt_torch = Runtime.load(model)
-    rt_torch.add_adapter("a", a)
-    rt_torch.add_adapter("b", b)
-    t_torch = cycle(rt_torch, ["a", "b"], cfg.repeats)
-    rows.append(Row("shira switch A->B", f"torch backend ({kernels.backend()})", t_torch.median_ms, t_torch.p90_ms))
-
-    progress("open the bundle (read + sha256 + probe) and switch A -> B inside the live session")
+    progress("open the bundle (read + sha256 + probe)")
     t0 = time.perf_counter()
     rt = Runtime.load(bundle)
     rows.append(Row("open bundle", "read + sha256 + live probe", (time.perf_counter() - t0) * 1e3, 0.0))
-    rt.add_adapter("a", a)
-    rt.add_adapter("b", b)
-    t_live = cycle(rt, ["a", "b"], cfg.repeats)
+    for r in (rt_torch, rt):
+        r.add_adapter("a", a)
+        r.add_adapter("b", b)
+    progress(f"switch A -> B, torch backend and live session in turn ({kernels.backend()} kernels), {cfg.repeats}x")
+    t = switch_cycles({"torch": rt_torch, "live": rt}, ["a", "b"], cfg.repeats)
+    t_torch, t_live = t["torch"], t["live"]
+    rows.append(Row("shira switch A->B", f"torch backend ({kernels.backend()})", t_torch.median_ms, t_torch.p90_ms))
     rows.append(
         Row(
             "shira switch A->B",
