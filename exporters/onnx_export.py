@@ -26,7 +26,8 @@ import json
 import os
 import struct
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from runtime.fingerprint import structure_hash
 from runtime.onnx_backend import (
@@ -83,24 +85,39 @@ def export_onnx(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory")
-    was_training = module.training
-    module.eval()
-    try:
+    with _eval_mode(module):
         return _export(
             module, args, out, dynamic, dynamic_dims, opset, input_names, output_names, fold_transposes, verify
         )
+
+
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Export in eval mode; hand the module back in the mode it came in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
     finally:
         module.train(was_training)
 
 
 def _export(
-    module, args, out, dynamic, dynamic_dims, opset, input_names, output_names, fold_transposes, verify
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    out: Path,
+    dynamic: bool,
+    dynamic_dims: Mapping | None,
+    opset: int | None,
+    input_names: Sequence[str] | None,
+    output_names: Sequence[str] | None,
+    fold_transposes: bool,
+    verify: bool,
 ) -> Path:
     names, canonical = _parameters(module)
     in_names = list(input_names) if input_names is not None else _forward_names(module, len(args))
     with torch.inference_mode():
-        expected = module(*args)
-    expected = (expected,) if isinstance(expected, torch.Tensor) else tuple(expected)
+        expected = [t for t in tree_leaves(module(*args)) if isinstance(t, torch.Tensor)]  # as the exporter flattens
     if output_names is None:
         output_names = ["output"] if len(expected) == 1 else [f"output_{i}" for i in range(len(expected))]
     out_names = list(output_names)
@@ -110,6 +127,7 @@ def _export(
     axes = _dynamic_axes(in_names, args, dynamic, dynamic_dims)
 
     out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_FILE).unlink(missing_ok=True)  # the manifest is written last: no manifest, no bundle
     raw = out / (GRAPH_FILE + ".tmp")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)  # the TorchScript exporter's notice
@@ -310,12 +328,14 @@ def _write_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def _verify(out: Path, args: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]) -> None:
+def _verify(out: Path, args: tuple[torch.Tensor, ...], expected: list[torch.Tensor]) -> None:
     from runtime.onnx_backend import OnnxBackend
 
     backend = OnnxBackend.open(out)
     got = backend(*args)
     got = (got,) if isinstance(got, np.ndarray) else tuple(got)
+    if len(got) != len(expected):
+        raise ExportError(f"{out}: the graph has {len(got)} outputs, the module returns {len(expected)} tensors")
     for name, g, e in zip(backend.output_names, got, expected):
         tol = 1e-3 if e.dtype == torch.float32 and g.dtype != np.float16 else 3e-2
         e = e.detach().float().numpy()

@@ -154,6 +154,23 @@ def test_2d_module_with_biases(tmp_path):
     close(backend(x.numpy()), m(x), torch.float32)
 
 
+class DictOut(Mlp2d):
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.net(x)
+        return {"scores": h, "best": h.max(-1).values}
+
+
+def test_dict_outputs_are_flattened_in_order(tmp_path):
+    torch.manual_seed(2)
+    m = DictOut().eval()
+    path = export_onnx(m, torch.randn(3, 12), tmp_path / "b", output_names=["scores", "best"])
+    backend = OnnxBackend.open(path)
+    x = torch.randn(5, 12)
+    scores, best = backend(x)
+    close(scores, m(x)["scores"], torch.float32)
+    close(best, m(x)["best"], torch.float32)
+
+
 def test_unused_parameters_are_listed_and_warned(tmp_path):
     m = Mlp2d().eval()
     m.spare = nn.Linear(3, 3)
