@@ -2,16 +2,19 @@
 backend and against rebuilding the session, on one exported graph, in one run.
 
     python -m benchmarks.onnx_live                       # small preset
-    python -m benchmarks.onnx_live --preset llama-1b     # Llama-3.2-1B shapes (5 GB bundle, ~17 GB peak RSS)
+    python -m benchmarks.onnx_live --preset llama-1b     # Llama-3.2-1B shapes (5 GB bundle, ~10 GB RAM)
     python -m benchmarks.onnx_live --quick               # tiny preset, few repeats
     python -m benchmarks.onnx_live --alternatives        # also the live mechanisms we did not choose
 
-Sessions compared (same bundle graph, same thread count):
+Sessions compared (the same bundle graph, the same thread count):
 - live: ``OnnxBackend`` (weights as graph inputs bound zero-copy, weight-as-GEMM-A rewrite);
-- default: the graph with the weights as initializers, fully optimized, prepacked (what a plain export gets;
-  its weights are frozen into onnxruntime's own packed copies);
-- ``--alternatives``: weights as graph inputs fed per run without the rewrite, and shared initializers
-  (``add_initializer``) with prepacking and constant folding disabled (with folding on, onnxruntime folds
+- default: the weights as initializers, fully optimized, prepacked: what a plain export gets, its weights
+  frozen into onnxruntime's own packed copies. Linears are spelled ``Gemm(X, W, transB=1)`` so onnxruntime
+  packs W from its stored layout (its kernels after packing are the same as for ``MatMul(X, W^T)``); the
+  initializers are shared with the live backend's arrays (``add_initializer``), so no second raw copy exists;
+- ``--alternatives``: the plain graph with its weights read from the file (onnxruntime folds ``Transpose(W)``
+  and packs; not on llama-1b: memory), weights as graph inputs fed per run without the rewrite, and shared
+  initializers with prepacking and constant folding disabled (with folding on, onnxruntime folds
   ``Transpose(W)`` into its own copy and stops reading ours). The ``live`` column checks each session: writing
   two weights (a matmul weight and a norm) must change its output.
 Rebuild: creating a default session over already-fused weights in memory (shared initializers, so no file is
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import struct
 import sys
 import tempfile
 import time
@@ -43,7 +47,7 @@ from benchmarks.common import Timing, print_table, progress
 from exporters import export_onnx
 from runtime import Runtime
 from runtime.models import PRESETS, TARGETS, build
-from runtime.onnx_backend import GRAPH_FILE, WEIGHTS_FILE
+from runtime.onnx_backend import GRAPH_FILE, WEIGHTS_FILE, rewrite_linears
 from runtime.synthetic import random_shira
 
 SEQ = 16
@@ -127,20 +131,19 @@ def reads_live(fn: Callable[[], object], arrays: dict[str, np.ndarray]) -> bool:
 
 
 # -- sessions over the bundle's graph --
-def initializer_graph(bundle: Path) -> Path:
-    """``default.onnx`` beside the bundle's graph: the weights as initializers, stored as ONNX external data
-    that points into ``weights.safetensors`` (nothing is copied on disk)."""
-    import struct
-
+def initializer_graph(bundle: Path, name: str, gemm_b: bool) -> Path:
+    """``name`` beside the bundle's graph: the weights as initializers, stored as ONNX external data that
+    points into ``weights.safetensors`` (nothing is copied on disk). ``gemm_b``: linears as
+    ``Gemm(X, W, transB=1)``, which onnxruntime prepacks straight from W; otherwise it folds ``Transpose(W)``
+    into a copy first (on llama-1b that transient copy pushes the peak RSS past 17 GB)."""
     model = onnx.load(str(bundle / GRAPH_FILE))
-    raw = (bundle / WEIGHTS_FILE).read_bytes()[:8]
-    (n,) = struct.unpack("<Q", raw)
     with open(bundle / WEIGHTS_FILE, "rb") as f:
-        f.seek(8)
+        (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
     header.pop("__metadata__", None)
-    weights = [v for v in model.graph.input if v.name in header]
-    for v in weights:
+    if gemm_b:
+        rewrite_linears(model, set(header), 0, weight_operand="B")
+    for v in [v for v in model.graph.input if v.name in header]:
         model.graph.input.remove(v)
         begin, end = header[v.name]["data_offsets"]
         t = TensorProto(name=v.name, data_type=v.type.tensor_type.elem_type, dims=header[v.name]["shape"])
@@ -148,7 +151,7 @@ def initializer_graph(bundle: Path) -> Path:
         for key, value in (("location", WEIGHTS_FILE), ("offset", str(8 + n + begin)), ("length", str(end - begin))):
             t.external_data.add(key=key, value=value)
         model.graph.initializer.append(t)
-    path = bundle / "default.onnx"
+    path = bundle / name
     onnx.save(model, str(path))
     return path
 
@@ -232,16 +235,19 @@ def run(cfg: Config, workdir: Path) -> list[Row]:
 
     bundle_arrays = rt.backend.arrays
     progress(f"inference: live vs default (prepacked) session, {cfg.repeats} interleaved rounds; RSS {rss_gb():.1f} GB")
-    default_path = initializer_graph(bundle)
+    default_path = initializer_graph(bundle, "default.onnx", gemm_b=True)
+    plain_path = initializer_graph(bundle, "plain.onnx", gemm_b=False)
     t0 = time.perf_counter()
-    default = session(default_path, cfg.threads)
+    default = session(default_path, cfg.threads, shared=bundle_arrays)
     create_default = (time.perf_counter() - t0) * 1e3
     progress(f"default session created in {create_default:.0f} ms; RSS {rss_gb():.1f} GB")
     others: dict[str, ort.InferenceSession] = {}
     if cfg.alternatives:
+        if cfg.preset != "llama-1b":  # its own copy of the weights, and the folded transposes: too big there
+            others["default, plain graph, weights from file"] = session(plain_path, cfg.threads)
         others["inputs, no GEMM-A rewrite"] = session(plain_inputs_graph(bundle), cfg.threads, prepack=False)
         others["shared initializers, no prepack"] = session(
-            default_path, cfg.threads, shared=bundle_arrays, prepack=False, disabled=("ConstantFolding",)
+            plain_path, cfg.threads, shared=bundle_arrays, prepack=False, disabled=("ConstantFolding",)
         )
     for batch in BATCHES:
         ids = np.random.default_rng(batch).integers(0, PRESETS[cfg.preset].vocab, (batch, SEQ), dtype=np.int64)
@@ -258,7 +264,7 @@ def run(cfg: Config, workdir: Path) -> list[Row]:
         timings = interleaved(fns, cfg.repeats)
         base = timings["default (prepacked initializers)"].median_ms
         for label, t in timings.items():
-            note = "reference" if label.startswith("default") else "vs default"
+            note = "reference" if label == "default (prepacked initializers)" else "vs default"
             if label == "onnxruntime live" and batch * SEQ == 64:
                 note += " (target <= 1.15)"
             live = "yes" if reads_live(fns[label], bundle_arrays) else "NO"

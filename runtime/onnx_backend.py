@@ -104,7 +104,7 @@ class OnnxBackend(Backend):
         self.output_names = [o["name"] for o in manifest["outputs"]]
         self._inputs = {i["name"]: i for i in manifest["inputs"]}
         min_elements = {None: GEMM_A_MIN, True: 0, False: None}[gemm_a]
-        self.rewritten = _weights_as_gemm_a(graph, set(arrays), min_elements) if min_elements is not None else 0
+        self.rewritten = rewrite_linears(graph, set(arrays), min_elements) if min_elements is not None else 0
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.add_session_config_entry("session.disable_prepacking", "1")
@@ -454,9 +454,14 @@ def _read(path: Path) -> bytes:
 
 
 # -- the live graph --
-def _weights_as_gemm_a(model: Any, weights: set[str], min_elements: int) -> int:
-    """Rewrite ``Y = MatMul(X, Transpose(W))`` (W a 2-D weight input, X [..., K]) in place into
-    ``Y = Reshape(Transpose(Gemm(W, Reshape(X, [-1, K]), transB=1)), [*X.shape[:-1], N])``; return how many."""
+def rewrite_linears(model: Any, weights: set[str], min_elements: int = 0, weight_operand: str = "A") -> int:
+    """Rewrite ``Y = MatMul(X, Transpose(W))`` (W a 2-D weight input of ``min_elements`` or more, X [..., K])
+    in place; return how many. ``weight_operand="A"`` (the live form):
+    ``Y = Reshape(Transpose(Gemm(W, Reshape(X, [-1, K]), transB=1)), [*X.shape[:-1], N])``;
+    ``"B"`` (for a prepacked session: onnxruntime packs W straight from its stored layout, with no folded
+    transposed copy): ``Y = Reshape(Gemm(Reshape(X, [-1, K]), W, transB=1), [*X.shape[:-1], N])``."""
+    if weight_operand not in ("A", "B"):
+        raise ValueError(f"weight_operand must be 'A' or 'B', got {weight_operand!r}")
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -494,14 +499,20 @@ def _weights_as_gemm_a(model: Any, weights: set[str], min_elements: int) -> int:
         def const(name: str, values: list[int]) -> Any:
             return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(values, np.int64)))
 
+        if weight_operand == "A":
+            gemm = [
+                helper.make_node("Gemm", [w, p + "/x2d"], [p + "/yt"], transB=1),  # [N, M]: W read in place
+                helper.make_node("Transpose", [p + "/yt"], [p + "/y2d"], perm=[1, 0]),
+            ]
+        else:
+            gemm = [helper.make_node("Gemm", [p + "/x2d", w], [p + "/y2d"], transB=1)]  # [M, N]
         nodes += [
             const(p + "/k", [-1, k]),
             const(p + "/zero", [0]),
             const(p + "/last", [-1]),
             const(p + "/n", [n_out]),
             helper.make_node("Reshape", [x, p + "/k"], [p + "/x2d"]),
-            helper.make_node("Gemm", [w, p + "/x2d"], [p + "/yt"], transB=1),  # [N, M]: W read in place
-            helper.make_node("Transpose", [p + "/yt"], [p + "/y2d"], perm=[1, 0]),
+            *gemm,
             helper.make_node("Shape", [x], [p + "/xshape"]),
             helper.make_node("Slice", [p + "/xshape", p + "/zero", p + "/last"], [p + "/lead"]),
             helper.make_node("Concat", [p + "/lead", p + "/n"], [p + "/yshape"], axis=0),
