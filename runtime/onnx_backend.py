@@ -9,9 +9,9 @@ Mechanism (measured, with the alternatives, by ``python -m benchmarks.onnx_live 
   copy: checked by pointer), so a run passes only the real inputs;
 - ``MatMul(X, Transpose(W))`` (``nn.Linear`` on 3-D activations) is rewritten at load into
   ``Transpose(Gemm(W, X2d, transB=1))``: the weight is the GEMM's *A* operand, which MLAS reads in place,
-  where as a non-constant *B* operand it would be re-packed on every run (~1.2-2x slower matmuls).
+  whereas as a non-constant *B* operand it would be re-packed on every run (~1.2-2x slower matmuls).
   ``GemmTransposeFusion`` is disabled so onnxruntime does not fold the output transpose back. Weights under
-  ``GEMM_A_MIN`` elements are left alone: there the five extra small nodes cost more than the packing saves.
+  ``GEMM_A_MIN`` elements are left alone: there the extra small nodes cost more than the packing saves.
   For a single token (M=1) this form is slower than a GEMV; the full-sequence graphs we export have
   M = batch x seq.
 After opening, a probe writes one weight, runs, checks the output changed, and restores it bit for bit:
