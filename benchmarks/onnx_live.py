@@ -47,7 +47,7 @@ from benchmarks.common import Timing, print_table, progress
 from exporters import export_onnx
 from runtime import Runtime
 from runtime.models import PRESETS, TARGETS, build
-from runtime.onnx_backend import GRAPH_FILE, WEIGHTS_FILE, rewrite_linears
+from runtime.onnx_backend import GEMM_A_MIN, GRAPH_FILE, WEIGHTS_FILE, rewrite_linears
 from runtime.synthetic import random_shira
 
 SEQ = 16
@@ -142,7 +142,7 @@ def initializer_graph(bundle: Path, name: str, gemm_b: bool) -> Path:
         header = json.loads(f.read(n))
     header.pop("__metadata__", None)
     if gemm_b:
-        rewrite_linears(model, set(header), 0, weight_operand="B")
+        rewrite_linears(model, set(header), GEMM_A_MIN, weight_operand="B")  # as the live session does
     for v in [v for v in model.graph.input if v.name in header]:
         model.graph.input.remove(v)
         begin, end = header[v.name]["data_offsets"]
@@ -181,6 +181,44 @@ def session(
 
 def plain_inputs_graph(bundle: Path) -> bytes:
     return onnx.load(str(bundle / GRAPH_FILE)).SerializeToString()
+
+
+def inference_rows(cfg: Config, rt: Runtime, bundle: Path, default_path: Path) -> list[Row]:
+    """Live vs default (and ``--alternatives``) inference, interleaved, at each batch of ``BATCHES``."""
+    rows, arrays = [], rt.backend.arrays
+    progress(f"inference: live vs default (prepacked) session, {cfg.repeats} interleaved rounds; RSS {rss_gb():.1f} GB")
+    t0 = time.perf_counter()
+    default = session(default_path, cfg.threads, shared=arrays)
+    progress(f"default session created in {(time.perf_counter() - t0) * 1e3:.0f} ms; RSS {rss_gb():.1f} GB")
+    sessions = {"default (prepacked initializers)": default}
+    if cfg.alternatives:
+        plain_path = initializer_graph(bundle, "plain.onnx", gemm_b=False)
+        if cfg.preset != "llama-1b":  # its own copy of the weights, and the folded transposes: too big there
+            sessions["default, plain graph, weights from file"] = session(plain_path, cfg.threads)
+        sessions["inputs, no GEMM-A rewrite"] = session(plain_inputs_graph(bundle), cfg.threads, prepack=False)
+        sessions["shared initializers, no prepack"] = session(
+            plain_path, cfg.threads, shared=arrays, prepack=False, disabled=("ConstantFolding",)
+        )
+    for batch in BATCHES:
+        ids = np.random.default_rng(batch).integers(0, PRESETS[cfg.preset].vocab, (batch, SEQ), dtype=np.int64)
+        ref = default.run(None, {"input_ids": ids})[0]
+        assert np.allclose(rt(ids), ref, atol=1e-3 * max(1.0, float(np.abs(ref).max()))), "live != default"
+        fns = {"onnxruntime live": lambda ids=ids: rt(ids)}
+        for label, s in sessions.items():
+            feed = {**arrays, "input_ids": ids} if label.startswith("inputs") else {"input_ids": ids}
+            fns[label] = lambda s=s, feed=feed: s.run(None, feed)
+        timings = interleaved(fns, cfg.repeats)
+        base = timings["default (prepacked initializers)"].median_ms
+        for label in ["default (prepacked initializers)", "onnxruntime live", *list(sessions)[1:]]:
+            t = timings[label]
+            note = "reference" if label == "default (prepacked initializers)" else "vs default"
+            if label == "onnxruntime live" and batch * SEQ == 64:
+                note += " (target <= 1.15)"
+            live = "yes" if reads_live(fns[label], arrays) else "NO"
+            rows.append(
+                Row(f"inference {batch}x{SEQ} tokens", label, t.median_ms, t.p90_ms, t.median_ms / base, note, live)
+            )
+    return rows
 
 
 # -- the run --
@@ -234,44 +272,8 @@ def run(cfg: Config, workdir: Path) -> list[Row]:
     gc.collect()
 
     bundle_arrays = rt.backend.arrays
-    progress(f"inference: live vs default (prepacked) session, {cfg.repeats} interleaved rounds; RSS {rss_gb():.1f} GB")
     default_path = initializer_graph(bundle, "default.onnx", gemm_b=True)
-    plain_path = initializer_graph(bundle, "plain.onnx", gemm_b=False)
-    t0 = time.perf_counter()
-    default = session(default_path, cfg.threads, shared=bundle_arrays)
-    create_default = (time.perf_counter() - t0) * 1e3
-    progress(f"default session created in {create_default:.0f} ms; RSS {rss_gb():.1f} GB")
-    others: dict[str, ort.InferenceSession] = {}
-    if cfg.alternatives:
-        if cfg.preset != "llama-1b":  # its own copy of the weights, and the folded transposes: too big there
-            others["default, plain graph, weights from file"] = session(plain_path, cfg.threads)
-        others["inputs, no GEMM-A rewrite"] = session(plain_inputs_graph(bundle), cfg.threads, prepack=False)
-        others["shared initializers, no prepack"] = session(
-            plain_path, cfg.threads, shared=bundle_arrays, prepack=False, disabled=("ConstantFolding",)
-        )
-    for batch in BATCHES:
-        ids = np.random.default_rng(batch).integers(0, PRESETS[cfg.preset].vocab, (batch, SEQ), dtype=np.int64)
-        ref = default.run(None, {"input_ids": ids})[0]
-        assert np.allclose(rt(ids), ref, atol=1e-3 * max(1.0, float(np.abs(ref).max()))), "live != default"
-        weights_feed = {**bundle_arrays, "input_ids": ids}
-        fns = {
-            "default (prepacked initializers)": lambda ids=ids, s=default: s.run(None, {"input_ids": ids}),
-            "onnxruntime live": lambda ids=ids: rt(ids),
-        }
-        for label, s in others.items():
-            feed = weights_feed if label.startswith("inputs") else {"input_ids": ids}
-            fns[label] = lambda s=s, feed=feed: s.run(None, feed)
-        timings = interleaved(fns, cfg.repeats)
-        base = timings["default (prepacked initializers)"].median_ms
-        for label, t in timings.items():
-            note = "reference" if label == "default (prepacked initializers)" else "vs default"
-            if label == "onnxruntime live" and batch * SEQ == 64:
-                note += " (target <= 1.15)"
-            live = "yes" if reads_live(fns[label], bundle_arrays) else "NO"
-            rows.append(
-                Row(f"inference {batch}x{SEQ} tokens", label, t.median_ms, t.p90_ms, t.median_ms / base, note, live)
-            )
-    del default, others
+    rows += inference_rows(cfg, rt, bundle, default_path)  # its sessions are gone when it returns
     gc.collect()
 
     reps = max(2, min(cfg.repeats, 5))
