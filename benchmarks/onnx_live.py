@@ -47,7 +47,7 @@ from benchmarks.common import Timing, print_table, progress
 from exporters import export_onnx
 from runtime import Runtime
 from runtime.models import PRESETS, TARGETS, build
-from runtime.onnx_backend import GEMM_A_MIN, GRAPH_FILE, WEIGHTS_FILE, rewrite_linears
+from runtime.onnx_backend import GEMM_A_MIN, GRAPH_FILE, WEIGHTS_FILE, OnnxBackend, rewrite_linears
 from runtime.synthetic import random_shira
 
 SEQ = 16
@@ -238,7 +238,7 @@ def run(cfg: Config, workdir: Path) -> list[Row]:
     rt_torch = Runtime.load(model)
     progress("open the bundle (read + sha256 + probe)")
     t0 = time.perf_counter()
-    rt = Runtime.load(bundle)
+    rt = Runtime(OnnxBackend.open(bundle, threads=cfg.threads))  # what Runtime.load(bundle) does, threads set
     rows.append(Row("open bundle", "read + sha256 + live probe", (time.perf_counter() - t0) * 1e3, 0.0))
     for r in (rt_torch, rt):
         r.add_adapter("a", a)
