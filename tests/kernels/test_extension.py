@@ -220,9 +220,9 @@ def test_large_default_knobs(ext, knobs, dtype, idx_dtype):
     knobs()
     if torch.get_num_threads() < 2:
         torch.set_num_threads(2)
-    shapes = [(1024, 1024), (300, 777)]
-    ws, a_idx, a_d, a_saved = state(shapes, dtype, idx_dtype, 0.1, seed=9)
-    _, b_idx, b_d, b_saved = state(shapes, dtype, idx_dtype, 0.1, seed=10)
+    shapes = [(700, 300), (300, 777)]  # 2 x 44k entries per adapter, over the 32k threshold
+    ws, a_idx, a_d, a_saved = state(shapes, dtype, idx_dtype, 0.2, seed=9)
+    _, b_idx, b_d, b_saved = state(shapes, dtype, idx_dtype, 0.2, seed=10)
     w_ref, a_ref, b_ref = clone(ws), clone(a_saved), clone(b_saved)
     reference.apply_(w_ref, a_idx, a_d, a_ref)
     reference.switch_(w_ref, a_idx, a_ref, w_ref, b_idx, b_d, b_ref)
