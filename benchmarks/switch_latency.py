@@ -11,13 +11,16 @@ inference medians at 1 token and at a batch of tokens, with whatever the method 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import psutil
 import torch
@@ -54,6 +57,7 @@ class Config:
     shira: tuple[str, ...] = ()  # user adapters (PEFT dirs or our files) instead of random ones
     lora: tuple[str, ...] = ()
     targets: tuple[str, ...] = TARGETS
+    no_onnx: bool = False
 
 
 @dataclass
@@ -74,6 +78,28 @@ class Row:
     @property
     def floor_ratio(self) -> float | None:
         return self.switch_ms / self.floor_ms if self.floor_ms else None
+
+
+def make_row(method, backend, dtype, switch_ms, p90_ms, floor_ms, nbytes, note, b1_ms, infer_ms, overhead) -> Row:
+    return Row(method, backend, dtype, switch_ms, p90_ms, floor_ms, rss_mb(), nbytes, note, infer_ms, b1_ms, overhead)
+
+
+def onnx_unavailable(cfg: Config, dtype: str) -> str | None:
+    """Why the onnxruntime rows cannot run for ``dtype`` (None: they can)."""
+    from benchmarks.switch_onnx import ONNX_DTYPES
+
+    if cfg.no_onnx:
+        return "--no-onnx given"
+    if dtype not in ONNX_DTYPES:
+        return f"the exporter writes {'/'.join(ONNX_DTYPES)} only (onnxruntime's CPU kernels lack {dtype})"
+    if cfg.hf:
+        return "--hf models run on the torch backend only in this benchmark"
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        return f"not installed ({exc.name}); pip install -e '.[onnx]'"
+    return None
 
 
 def rss_mb() -> float:
@@ -131,7 +157,7 @@ def pair(paths: tuple[str, ...], make: Callable[[int], object]) -> tuple[object,
     return a, b, "user" if len(paths) > 1 else "user, A -> A"
 
 
-def shira_rows(cfg: Config, rt: Runtime, model, dtype: str, copy_gbps: float, infer: Inference) -> list[Row]:
+def shira_rows(cfg: Config, rt: Runtime, model, dtype: str, copy_gbps: float, infer: Inference, ctx: dict) -> list[Row]:
     a, b, origin = pair(cfg.shira, lambda k: random_shira(model, cfg.targets, cfg.density, seed=cfg.seed + k))
     rt.add_adapter("shira_a", a)
     rt.add_adapter("shira_b", b)
@@ -144,6 +170,7 @@ def shira_rows(cfg: Config, rt: Runtime, model, dtype: str, copy_gbps: float, in
             lines += touched_lines(idx, tensors[t].element_size(), tensors[t].data_ptr() % 64)
             nbytes += idx.numel() * tensors[t].element_size()
     floor = memory_floor_ms(lines, copy_gbps)
+    ctx.update(shira_a=a, shira_b=b, floor=floor, shira_bytes=nbytes)
     rows = []
     paths = [kernels.backend()] + (["torch"] if kernels.backend() != "torch" else [])
     for path in paths:
@@ -166,8 +193,9 @@ def shira_rows(cfg: Config, rt: Runtime, model, dtype: str, copy_gbps: float, in
     return rows
 
 
-def lora_rows(cfg: Config, rt: Runtime, model, dtype: str, infer: Inference) -> list[Row]:
+def lora_rows(cfg: Config, rt: Runtime, model, dtype: str, infer: Inference, ctx: dict) -> list[Row]:
     la, lb, _ = pair(cfg.lora, lambda k: random_lora(model, cfg.targets, cfg.rank, seed=cfg.seed + 2 + k))
+    ctx.update(lora_a=la, lora_b=lb)
     if la.fan_in_fan_out or set(la.A) != set(lb.A):
         raise SystemExit("--lora: the two adapters must target the same nn.Linear weights (no fan_in_fan_out)")
     names = list(la.A)
@@ -252,6 +280,7 @@ def run(cfg: Config) -> dict:
     progress(f"measuring copy bandwidth; kernels: {kernels.backend()}")
     copy_gbps = copy_bandwidth_gbps()
     rows: list[Row] = []
+    skipped: list[str] = []
     for dtype in cfg.dtypes:
         progress(f"building {cfg.hf or cfg.preset} in {dtype}")
         model, vocab = load_model(cfg, dtype)
@@ -260,9 +289,21 @@ def run(cfg: Config) -> dict:
         progress(f"{dtype}: base inference, {cfg.infer_repeats} repeats")
         base = infer.measure(Row("base", "torch", dtype, 0.0, 0.0, None, rss_mb(), 0, "no adapter"))
         rows.append(base)
-        rows += shira_rows(cfg, rt, model, dtype, copy_gbps, infer)
-        rows += lora_rows(cfg, rt, model, dtype, infer)
-        del rt, model, infer
+        ctx: dict = {"vocab": vocab}
+        rows += shira_rows(cfg, rt, model, dtype, copy_gbps, infer, ctx)
+        rows += lora_rows(cfg, rt, model, dtype, infer, ctx)
+        del rt, infer
+        gc.collect()
+        why = onnx_unavailable(cfg, dtype)
+        if why:
+            skipped.append(f"onnxruntime rows for {dtype}: {why}")
+        else:
+            from benchmarks.switch_onnx import onnx_rows
+
+            with tempfile.TemporaryDirectory(prefix="switch_latency_") as tmp:
+                rows += onnx_rows(cfg, model, dtype, ctx, ctx["floor"], Path(tmp), make_row)
+        del model, ctx
+        gc.collect()
     return {
         "config": asdict(cfg),
         "machine": {
@@ -271,10 +312,21 @@ def run(cfg: Config) -> dict:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "kernels": kernels.backend(),
+            "onnxruntime": _version("onnxruntime"),
         },
         "copy_gbps": copy_gbps,
+        "skipped": skipped,
         "results": [asdict(r) | {"floor_ratio": r.floor_ratio} for r in rows],
     }
+
+
+def _version(pkg: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return None
 
 
 def report(out: dict) -> None:
@@ -286,7 +338,11 @@ def report(out: dict) -> None:
     )
     for dtype in out["config"]["dtypes"]:
         sub = [r for r in rows if r["dtype"] == dtype]
-        shira = min((r["switch_ms"] for r in sub if r["method"] == "shira"), default=None)
+        shira = {}  # backend family (torch, onnxruntime) -> the fastest SHiRA switch there
+        for r in sub:
+            if r["method"] == "shira":
+                fam = r["backend"].split("/")[0]
+                shira[fam] = min(shira.get(fam, r["switch_ms"]), r["switch_ms"])
         print()
         print_table(
             [
@@ -314,7 +370,9 @@ def report(out: dict) -> None:
                     r["switch_p90_ms"],
                     r["floor_ms"],
                     r["floor_ratio"],
-                    r["switch_ms"] / shira if shira and r["switch_ms"] else None,
+                    r["switch_ms"] / shira[fam]
+                    if (fam := r["backend"].split("/")[0]) in shira and r["switch_ms"]
+                    else None,
                     r["infer_ms"],
                     r["infer_b1_ms"],
                     r["infer_overhead"],
@@ -325,6 +383,9 @@ def report(out: dict) -> None:
                 for r in sub
             ],
         )
+    print("\nx shira: against the fastest SHiRA switch on the same backend; infer x base: against the base there")
+    for line in out["skipped"]:
+        print(f"skipped: {line}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -341,6 +402,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shira", nargs="+", default=[], metavar="PATH", help="your SHiRA adapters (A, B)")
     p.add_argument("--lora", nargs="+", default=[], metavar="PATH", help="your LoRA adapters (A, B)")
     p.add_argument("--targets", nargs="+", default=list(TARGETS), help="module names for random adapters")
+    p.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime rows")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG: switch latency (log) and inference overhead")
     args = p.parse_args(argv)

@@ -30,10 +30,15 @@ def test_quick_run_writes_every_method_row(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert {"config", "machine", "copy_gbps", "results"} <= set(data)
     assert data["copy_gbps"] > 0
-    methods = {(r["method"], r["dtype"]) for r in data["results"]}
+    methods = {(r["method"], r["backend"].split("/")[0], r["dtype"]) for r in data["results"]}
     for dtype in ("fp32", "bf16"):
         for m in ("base", "shira", "lora_fused", "lora_unfused"):
-            assert (m, dtype) in methods
+            assert (m, "torch", dtype) in methods
+    # onnxruntime rows: every method for fp32; bf16 is skipped, and the output says why
+    for m in ("base", "shira", "lora_fused", "lora_unfused"):
+        assert (m, "onnxruntime", "fp32") in methods
+    assert not any(b == "onnxruntime" and d == "bf16" for _, b, d in methods)
+    assert any("bf16" in line for line in data["skipped"])
     for r in data["results"]:
         for key in (
             "method",
@@ -51,7 +56,7 @@ def test_quick_run_writes_every_method_row(tmp_path, capsys):
         if r["method"] == "shira":
             assert r["floor_ms"] > 0 and r["switch_ms"] > 0
     printed = capsys.readouterr().out
-    assert "lora_unfused" in printed and "x floor" in printed
+    assert "lora_unfused" in printed and "x floor" in printed and "skipped: onnxruntime rows for bf16" in printed
 
 
 def test_user_model_and_peft_adapters(tmp_path):
@@ -103,3 +108,4 @@ def test_user_model_and_peft_adapters(tmp_path):
     # 2 adapters x r=2 x (out + in) per layer (q [32, 32], v [16, 32]) x 4 bytes (fp32)
     assert shira[0]["bytes_written"] == 2 * 2 * ((32 + 32) + (16 + 32)) * 4
     assert {r["method"] for r in rows} == {"base", "shira", "lora_fused", "lora_unfused"}
+    assert {r["backend"].split("/")[0] for r in rows} == {"torch"}  # --hf: torch backend only, said in "skipped"

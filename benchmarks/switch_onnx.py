@@ -1,0 +1,189 @@
+"""The onnxruntime rows of ``benchmarks.switch_latency``: the same adapters and methods on an exported bundle.
+
+- ``shira``: the live-weights session (``Runtime.load(bundle)``), switched in place;
+- ``lora_fused``: the honest fused alternative without live weights: fuse B (exact, into the weights) and build
+  a new default (prepacked) session over them; the time is both together;
+- ``lora_unfused``: a graph variant whose linears carry ``lora_A``/``lora_B`` as live inputs (an extra
+  ``x @ A.T @ B.T`` per linear): switching writes the small factors, inference pays the matmuls.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.common import Timing, progress, time_ms
+from runtime import LoraAdapter, Runtime, SparseAdapter
+
+ONNX_DTYPES = ("fp32", "fp16")  # what the exporter writes
+
+
+class LoraLinear(nn.Linear):
+    """``nn.Linear`` plus an unfused LoRA path whose factors are parameters (so the export makes them inputs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + (x @ self.lora_A.t()) @ self.lora_B.t()
+
+
+def export_with_lora(model: nn.Module, lora: LoraAdapter, example: tuple, out: Path) -> None:
+    """Export ``model`` with ``lora``'s linears turned into ``LoraLinear`` (scaling folded into B), then undo."""
+    from exporters import export_onnx
+
+    changed = []
+    for name in lora.A:
+        mod = model.get_submodule(name.rsplit(".", 1)[0])
+        dt = mod.weight.dtype
+        mod.__class__ = LoraLinear
+        mod.lora_A = nn.Parameter(lora.A[name].to(dt), requires_grad=False)
+        mod.lora_B = nn.Parameter((lora.B[name] * lora.scaling[name]).to(dt), requires_grad=False)
+        changed.append(mod)
+    try:
+        export_onnx(model, example, out, verify=False)
+    finally:
+        for mod in changed:
+            mod.__class__ = nn.Linear
+            del mod.lora_A, mod.lora_B
+
+
+def onnx_rows(cfg, model: nn.Module, dtype: str, adapters: dict, floor_ms: float, workdir: Path, make_row) -> list:
+    """Rows for the onnxruntime backend. ``adapters``: shira_a/shira_b (SparseAdapter), lora_a/lora_b."""
+    from benchmarks.onnx_live import initializer_graph, session
+    from exporters import export_onnx
+
+    vocab = adapters["vocab"]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    one = torch.randint(0, vocab, (1, 1), generator=gen).numpy()
+    batch = torch.randint(0, vocab, (max(1, cfg.tokens // 16), min(16, cfg.tokens)), generator=gen).numpy()
+    example = (torch.zeros(1, 8, dtype=torch.long),)
+    la, lb = adapters["lora_a"], adapters["lora_b"]
+
+    progress(f"{dtype}: exporting the bundle (onnxruntime rows)")
+    export_onnx(model, example, workdir / "base", verify=False)
+    progress(f"{dtype}: exporting the LoRA-unfused graph variant")
+    export_with_lora(model, la, example, workdir / "lora")
+
+    def infer(fn) -> tuple[float, float]:
+        return time_ms(lambda: fn(one), cfg.infer_repeats).median_ms, time_ms(
+            lambda: fn(batch), cfg.infer_repeats
+        ).median_ms
+
+    rows = []
+    rt = Runtime.load(workdir / "base")
+    b1, bt = infer(rt)
+    rows.append(make_row("base", "onnxruntime/live", dtype, 0.0, 0.0, None, 0, "no adapter", b1, bt, 1.0))
+    base_bt = bt
+
+    # shira, switched inside the live session
+    sa: SparseAdapter = adapters["shira_a"]
+    rt.add_adapter("shira_a", sa)
+    rt.add_adapter("shira_b", adapters["shira_b"])
+    progress(f"{dtype}: shira switch A -> B in the live onnxruntime session, {cfg.repeats} repeats")
+    rt.switch("shira_a")
+    samples = []
+    for i in range(cfg.repeats):
+        samples.append(rt.switch("shira_b" if i % 2 == 0 else "shira_a").ms)
+    t = Timing.of(samples)
+    rt.switch("shira_a")
+    b1, bt = infer(rt)
+    nbytes = adapters["shira_bytes"]
+    rows.append(
+        make_row(
+            "shira",
+            "onnxruntime/live",
+            dtype,
+            t.median_ms,
+            t.p90_ms,
+            floor_ms,
+            nbytes,
+            "switched in the live session",
+            b1,
+            bt,
+            bt / base_bt,
+        )
+    )
+    rt.switch(None)
+
+    # lora fused: no live weights -> fuse, then a new prepacked session over the fused weights
+    rt.add_adapter("lora_a", la)
+    rt.add_adapter("lora_b", lb)
+    default_path = initializer_graph(workdir / "base", "default.onnx", gemm_b=True)
+    arrays = rt.backend.arrays
+    reps = max(2, min(5, cfg.repeats // 4))
+    progress(f"{dtype}: lora fused on onnxruntime = fuse + rebuild a prepacked session, {reps} repeats")
+    samples, s = [], None
+    for i in range(reps):
+        s = None  # the previous session goes before the next is built
+        gc.collect()
+        t0 = time.perf_counter()
+        rt.switch("lora_b" if i % 2 == 0 else "lora_a")
+        s = session(default_path, torch.get_num_threads(), shared=arrays)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    t = Timing.of(samples)
+    feed_name = rt.backend.input_names[0]
+    b1, bt = infer(lambda x: s.run(None, {feed_name: x}))
+    rows.append(
+        make_row(
+            "lora_fused",
+            "onnxruntime/rebuild",
+            dtype,
+            t.median_ms,
+            t.p90_ms,
+            None,
+            0,
+            "fuse + new prepacked session",
+            b1,
+            bt,
+            bt / base_bt,
+        )
+    )
+    s = None
+    rt.switch(None)
+    del rt
+    gc.collect()
+
+    # lora unfused: the factors are live inputs of the variant graph
+    ru = Runtime.load(workdir / "lora")
+    fa = {n: t for n, t in ru.backend.tensors.items() if n.endswith((".lora_A", ".lora_B"))}
+
+    def set_factors(ad: LoraAdapter) -> None:
+        with torch.no_grad():
+            for name in ad.A:
+                mod = name.rsplit(".", 1)[0]
+                fa[mod + ".lora_A"].copy_(ad.A[name])
+                fa[mod + ".lora_B"].copy_(ad.B[name] * ad.scaling[name])
+
+    progress(f"{dtype}: lora unfused on onnxruntime (write the factors), {cfg.repeats} repeats")
+    samples = []
+    for i in range(cfg.repeats):
+        t0 = time.perf_counter()
+        with ru._lock.write():  # the same exclusion a switch takes
+            set_factors(lb if i % 2 == 0 else la)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    t = Timing.of(samples)
+    b1, bt = infer(ru)
+    nbytes = sum(v.numel() * v.element_size() for v in fa.values())
+    rows.append(
+        make_row(
+            "lora_unfused",
+            "onnxruntime/live",
+            dtype,
+            t.median_ms,
+            t.p90_ms,
+            None,
+            nbytes,
+            "extra matmuls at inference",
+            b1,
+            bt,
+            bt / base_bt,
+        )
+    )
+    assert np.isfinite(ru(one)).all()
+    del ru
+    gc.collect()
+    return rows
