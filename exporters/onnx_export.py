@@ -261,7 +261,7 @@ def _liven(
             absorbed.append(node)
 
     needs: dict[str, set[str]] = {}
-    uses = []  # (node or None for a graph output, input slot, canonical, layout)
+    uses = []  # (node, input slot, canonical, layout); (graph output ValueInfo, -1, ...) for a weight output
     absorbed_ids = {id(n) for n in absorbed}
     for node in graph.node:
         if id(node) in absorbed_ids:
