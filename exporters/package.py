@@ -27,6 +27,7 @@ from runtime.bank import read_source
 from runtime.fingerprint import PROBES, Fingerprint
 from runtime.lora import LoraAdapter
 from runtime.models import PRESETS, build
+from runtime.onnx_backend import ADAPTERS_DIR, MANIFEST_FILE
 from runtime.peft_io import is_peft_dir
 from runtime.sparse import SparseAdapter
 
@@ -133,18 +134,18 @@ def package(
     say(f"exporting the base to {out_dir} ...")
     export_onnx(base, example_args, out_dir)
     say(f"  exported in {time.perf_counter() - t0:.1f} s")
-    (out_dir / "adapters").mkdir(exist_ok=True)
+    (out_dir / ADAPTERS_DIR).mkdir(exist_ok=True)
     sd = base.state_dict()
     packed = []
     for name, ad in read.items():
         if isinstance(ad, SparseAdapter):
-            rel = f"adapters/{name}.safetensors"
+            rel = f"{ADAPTERS_DIR}/{name}.safetensors"
             ad.save(out_dir / rel, values=values)
             packed.append(
                 PackedAdapter(name, "shira", rel, ad.nnz, (out_dir / rel).stat().st_size, PEFT_BYTES_PER_NNZ * ad.nnz)
             )
         else:
-            rel = f"adapters/{name}"
+            rel = f"{ADAPTERS_DIR}/{name}"
             src = adapters[name]
             if not (isinstance(src, (str, Path)) and is_peft_dir(src)):
                 raise ValueError(f"adapter {name!r}: LoRA adapters are packaged from PEFT directories")
@@ -152,7 +153,7 @@ def package(
             size = sum(f.stat().st_size for f in (out_dir / rel).iterdir() if f.suffix == ".safetensors")
             assert isinstance(ad, LoraAdapter)
             packed.append(PackedAdapter(name, "lora", rel, ad.params, size, size))
-    manifest_path = out_dir / "manifest.json"
+    manifest_path = out_dir / MANIFEST_FILE
     manifest = json.loads(manifest_path.read_text())
     manifest["adapters"] = {
         p.name: {"kind": p.kind, "path": p.path, "nonzeros": p.nonzeros, "bytes": p.bytes} for p in packed

@@ -155,13 +155,6 @@ class OnnxBackend(Backend):
             backend.check_live()
         return backend
 
-    @property
-    def adapters_dir(self) -> Path | None:
-        """``<bundle>/adapters`` if present: the seam where ``Runtime.load(bundle)`` will register the adapters
-        it holds (by file name) once that lands; today nothing reads it."""
-        d = self.bundle / ADAPTERS_DIR
-        return d if d.is_dir() else None
-
     # -- inference --
     def __call__(self, *inputs: Any, **named: Any) -> np.ndarray | list[np.ndarray]:
         feed = self._feed(inputs, named)

@@ -155,7 +155,8 @@ class Switcher:
         self.backend.set_unfused(plan.unfused)
         self.plan = plan
         ms = (time.perf_counter() - t0) * 1e3
-        written += sum(self.backend.tensors[t].numel() for t in plan.dense)
+        restored = [t for t in old.dense if t not in plan.dense]  # copied back whole
+        written += sum(self.backend.tensors[t].numel() for t in [*plan.dense, *restored])
         nbytes = self._bytes(old) + self._bytes(plan)
         return SwitchStats(ms, written, nbytes, plan.active, kernels.backend())
 
@@ -172,7 +173,8 @@ class Switcher:
         tensors = self.backend.tensors
         if dense_out:
             for t in old.dense:
-                tensors[t].copy_(self.dense_saved.pop(t))
+                if t not in new.dense:  # still dense after: its base copy stays, the apply rewrites it whole
+                    tensors[t].copy_(self.dense_saved.pop(t))
         out_t = list(self.sparse_saved)
         out_idx = [self.sparse_saved[t][0] for t in out_t]
         out_saved = [self.sparse_saved[t][1] for t in out_t]
@@ -195,25 +197,33 @@ class Switcher:
         return sum(i.numel() for i in out_idx) + sum(i.numel() for i in in_idx)
 
     def _apply_dense(self, plan: Plan) -> None:
+        """Write ``dtype(base + sum of parts)`` over each dense tensor, from its kept base copy."""
         for t, parts in plan.dense.items():
             w = self.backend.tensors[t]
-            total = torch.zeros(w.shape, dtype=torch.float32)
+            if t not in self.dense_saved:
+                self.dense_saved[t] = w.clone()  # w holds the base here
+            base = self.dense_saved[t]
             transposed = t in self.backend.transposed
-            for kind, part, alpha in parts:
-                if kind == "lora":
-                    a, b = part
-                    if transposed:  # storage is [in, out]: add (B @ A).T = A.T @ B.T
-                        total.addmm_(a.t(), b.t(), alpha=alpha)
-                    else:
-                        total.addmm_(b, a, alpha=alpha)
+            if len(parts) == 1 and parts[0][0] == "lora":  # the common case: one fused GEMM, no temporaries in fp32
+                (a, b), alpha = parts[0][1], parts[0][2]
+                m1, m2 = (a.t(), b.t()) if transposed else (b, a)  # storage [in, out]: (B @ A).T = A.T @ B.T
+                if w.dtype == torch.float32:
+                    torch.addmm(base, m1, m2, alpha=alpha, out=w)
                 else:
-                    idx, delta = part
-                    total.view(-1).index_add_(0, idx.long(), delta, alpha=alpha)
-            new = (w.float() + total).to(w.dtype)
-            if not bool(torch.isfinite(new).all()):
+                    w.copy_(torch.addmm(base.float(), m1, m2, alpha=alpha))
+            else:
+                total = torch.zeros(w.shape, dtype=torch.float32)
+                for kind, part, alpha in parts:
+                    if kind == "lora":
+                        a, b = part
+                        total.addmm_(*((a.t(), b.t()) if transposed else (b, a)), alpha=alpha)
+                    else:
+                        idx, delta = part
+                        total.view(-1).index_add_(0, idx.long(), delta, alpha=alpha)
+                w.copy_(total.add_(base))
+            # a sum is finite only if every term is (cheap); the elementwise check only if it is not
+            if not bool(torch.isfinite(w.sum(dtype=torch.float32))) and not bool(torch.isfinite(w).all()):
                 raise AdapterValueError(f"tensor {t!r}: the adapted weights overflow {w.dtype} (Inf/NaN)")
-            self.dense_saved[t] = w.clone()
-            w.copy_(new)
 
     def _undo_dense_partial(self) -> None:
         for t, saved in self.dense_saved.items():

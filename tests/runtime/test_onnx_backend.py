@@ -133,12 +133,6 @@ def test_weights_are_owned_writable_aligned_views(bundle):
         a = backend.arrays[name]
         assert a.flags.c_contiguous and a.flags.writeable and a.ctypes.data % 64 == 0
         assert t.data_ptr() == a.ctypes.data  # torch writes the memory onnxruntime reads
-    assert backend.adapters_dir is None
-    (path / "adapters").mkdir()
-    try:
-        assert OnnxBackend.open(path).adapters_dir == path / "adapters"
-    finally:
-        (path / "adapters").rmdir()
 
 
 def test_probe_detects_a_session_that_copied_the_weights(bundle):
