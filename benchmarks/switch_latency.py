@@ -32,7 +32,6 @@ from benchmarks.common import (
     memory_floor_ms,
     print_table,
     progress,
-    time_ms,
     touched_lines,
 )
 from runtime import Runtime
@@ -119,21 +118,42 @@ def cycle(switches: list[Callable[[], object]], repeats: int) -> Timing:
 
 
 class Inference:
-    """Inference timings on one runtime: one token, and a batch of ``tokens`` tokens (full-sequence forward)."""
+    """Inference timings (one token, and a batch of ``tokens`` tokens, full-sequence forward) against the base.
 
-    def __init__(self, cfg: Config, rt: Runtime, vocab: int) -> None:
+    A method's timings interleave with the base's, round by round (the switch between them is not timed), so a
+    slow spell of a noisy machine hits both alike; ``infer_overhead`` is the ratio of the two medians.
+    """
+
+    def __init__(self, cfg: Config, rt, vocab: int, numpy: bool = False) -> None:
         gen = torch.Generator().manual_seed(cfg.seed)
         self.rt, self.repeats = rt, cfg.infer_repeats
         self.one = torch.randint(0, vocab, (1, 1), generator=gen)
         self.batch = torch.randint(0, vocab, (max(1, cfg.tokens // 16), min(16, cfg.tokens)), generator=gen)
-        self.base: tuple[float, float] | None = None
+        if numpy:
+            self.one, self.batch = self.one.numpy(), self.batch.numpy()
 
-    def measure(self, row: Row) -> Row:
-        b1 = time_ms(lambda: self.rt(self.one), self.repeats).median_ms
-        bt = time_ms(lambda: self.rt(self.batch), self.repeats).median_ms
-        if self.base is None:
-            self.base = (b1, bt)
-        row.infer_b1_ms, row.infer_ms, row.infer_overhead = b1, bt, bt / self.base[1]
+    def _once(self, fn, x) -> float:
+        t0 = time.perf_counter()
+        fn(x)
+        return (time.perf_counter() - t0) * 1e3
+
+    def measure(self, row: Row, state=None, run=None) -> Row:
+        """Time ``run`` (default: the runtime) with ``state`` switched in, interleaved with the base."""
+        run = run or self.rt
+        base1, baset, one, batch = [], [], [], []
+        for i in range(self.repeats + 1):  # round 0 warms up
+            if state is not None:
+                self.rt.switch(None)
+            b = (self._once(self.rt, self.one), self._once(self.rt, self.batch))
+            if state is not None:
+                self.rt.switch(state)
+            m = (self._once(run, self.one), self._once(run, self.batch))
+            if i:
+                base1.append(b[0]), baset.append(b[1]), one.append(m[0]), batch.append(m[1])
+        row.infer_b1_ms, row.infer_ms = Timing.of(one).median_ms, Timing.of(batch).median_ms
+        row.infer_overhead = row.infer_ms / Timing.of(baset).median_ms
+        if state is not None:
+            self.rt.switch(None)
         return row
 
 
@@ -182,9 +202,8 @@ def shira_rows(cfg: Config, rt: Runtime, model, dtype: str, copy_gbps: float, in
         rows.append(Row("shira", f"torch/{path}", dtype, t.median_ms, t.p90_ms, floor, rss_mb(), nbytes, label))
     os.environ.pop("SHIRA_KERNELS", None)
     kernels.reset()
-    progress(f"{dtype}: inference with shira_a applied")
-    rt.switch("shira_a")
-    infer.measure(rows[0])
+    progress(f"{dtype}: inference with shira_a applied, interleaved with the base")
+    infer.measure(rows[0], "shira_a")
     for r in rows[1:]:  # same weights, same code path: one measurement serves every kernel path
         r.infer_b1_ms, r.infer_ms, r.infer_overhead = rows[0].infer_b1_ms, rows[0].infer_ms, rows[0].infer_overhead
     rt.switch(None)
@@ -255,10 +274,8 @@ def lora_rows(cfg: Config, rt: Runtime, model, dtype: str, infer: Inference, ctx
         nbytes,
         "exact revert, keeps a base copy",
     )
-    rt.switch("lora_a")
-    rows.append(infer.measure(row))
+    rows.append(infer.measure(row, "lora_a"))
     rows[0].infer_b1_ms, rows[0].infer_ms, rows[0].infer_overhead = row.infer_b1_ms, row.infer_ms, row.infer_overhead
-    rt.switch(None)
 
     # (3) unfused: switching swaps the extra x @ A.T @ B.T * s paths; weights untouched, inference pays
     rt.add_adapter("lora_ua", la, mode="unfused")
@@ -268,9 +285,7 @@ def lora_rows(cfg: Config, rt: Runtime, model, dtype: str, infer: Inference, ctx
     row = Row(
         "lora_unfused", "torch/hooks", dtype, t.median_ms, t.p90_ms, None, rss_mb(), 0, "extra matmuls at inference"
     )
-    rt.switch("lora_ua")
-    rows.append(infer.measure(row))
-    rt.switch(None)
+    rows.append(infer.measure(row, "lora_ua"))
     for n in ("lora_a", "lora_b", "lora_ua", "lora_ub"):
         rt.remove_adapter(n)
     return rows
@@ -288,6 +303,7 @@ def run(cfg: Config) -> dict:
         infer = Inference(cfg, rt, vocab)
         progress(f"{dtype}: base inference, {cfg.infer_repeats} repeats")
         base = infer.measure(Row("base", "torch", dtype, 0.0, 0.0, None, rss_mb(), 0, "no adapter"))
+        base.infer_overhead = 1.0  # by definition; the rows below are timed interleaved with it
         rows.append(base)
         ctx: dict = {"vocab": vocab}
         rows += shira_rows(cfg, rt, model, dtype, copy_gbps, infer, ctx)
