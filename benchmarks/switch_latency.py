@@ -17,6 +17,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -101,8 +102,37 @@ def onnx_unavailable(cfg: Config, dtype: str) -> str | None:
     return None
 
 
+class PeakRSS:
+    """Peak resident memory, sampled every 10 ms by a daemon thread (psutil)."""
+
+    def __init__(self) -> None:
+        self._proc, self._peak, self._lock = psutil.Process(), 0, threading.Lock()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while True:
+            rss = self._proc.memory_info().rss
+            with self._lock:
+                self._peak = max(self._peak, rss)
+            time.sleep(0.01)
+
+    def take(self) -> float:
+        """The peak (MB) since the previous ``take``: one method's measurement."""
+        with self._lock:
+            now = self._proc.memory_info().rss
+            peak, self._peak = max(self._peak, now), now
+        return peak / 2**20
+
+
+_PEAK: PeakRSS | None = None
+
+
 def rss_mb() -> float:
-    return psutil.Process().memory_info().rss / 2**20
+    """Peak RSS in MB since the previous call (each row takes it right after its method ran)."""
+    global _PEAK
+    if _PEAK is None:
+        _PEAK = PeakRSS()
+    return _PEAK.take()
 
 
 def cycle(switches: list[Callable[[], object]], repeats: int) -> Timing:
@@ -144,9 +174,11 @@ class Inference:
         for i in range(self.repeats + 1):  # round 0 warms up
             if state is not None:
                 self.rt.switch(None)
+                self._once(self.rt, self.one)  # untimed: after a switch, the first run pays for cold caches
             b = (self._once(self.rt, self.one), self._once(self.rt, self.batch))
             if state is not None:
                 self.rt.switch(state)
+                self._once(run, self.one)
             m = (self._once(run, self.one), self._once(run, self.batch))
             if i:
                 base1.append(b[0]), baset.append(b[1]), one.append(m[0]), batch.append(m[1])
@@ -374,7 +406,7 @@ def report(out: dict) -> None:
                 "1-tok ms",
                 "infer x base",
                 "MB written",
-                "rss MB",
+                "peak rss MB",
                 "note",
             ],
             [
@@ -437,8 +469,12 @@ def main(argv: list[str] | None = None) -> None:
         lora=tuple(args.lora),
         targets=tuple(args.targets),
     )
+    t0 = time.perf_counter()
     out = run(cfg)
+    out["elapsed_s"] = time.perf_counter() - t0
     report(out)
+    command = " ".join(["python -m benchmarks.switch_latency", *(argv if argv is not None else sys.argv[1:])])
+    print(f"measured in {out['elapsed_s'] / 60:.1f} min by: {command}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

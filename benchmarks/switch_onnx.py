@@ -111,7 +111,7 @@ def onnx_rows(cfg, model: nn.Module, dtype: str, adapters: dict, floor_ms: float
     rt.add_adapter("lora_b", lb)
     default_path = initializer_graph(workdir / "base", "default.onnx", gemm_b=True)
     arrays = rt.backend.arrays
-    reps = max(2, min(5, cfg.repeats // 4))
+    reps = max(2, min(3, cfg.repeats // 4))  # each rebuild of llama-1b takes seconds
     progress(f"{dtype}: lora fused on onnxruntime = fuse + rebuild a prepacked session, {reps} repeats")
     samples, s = [], None
     for i in range(reps):
