@@ -141,9 +141,11 @@ def package(
         if isinstance(ad, SparseAdapter):
             rel = f"{ADAPTERS_DIR}/{name}.safetensors"
             ad.save(out_dir / rel, values=values)
-            packed.append(
-                PackedAdapter(name, "shira", rel, ad.nnz, (out_dir / rel).stat().st_size, PEFT_BYTES_PER_NNZ * ad.nnz)
-            )
+            t0 = time.perf_counter()
+            SparseAdapter.load(out_dir / rel)  # read back as a runtime would: checksums verified, indices decoded
+            decode_ms = (time.perf_counter() - t0) * 1e3
+            size = (out_dir / rel).stat().st_size
+            packed.append(PackedAdapter(name, "shira", rel, ad.nnz, size, PEFT_BYTES_PER_NNZ * ad.nnz, decode_ms))
         else:
             rel = f"{ADAPTERS_DIR}/{name}"
             src = adapters[name]

@@ -108,5 +108,7 @@ def test_cli_report(packaged, tmp_path, capsys):
     _, adapters, _ = packaged
     package_main(["--base", "tiny", "--adapter", f"s={adapters['s']}", "--out", str(tmp_path / "cli")])
     printed = capsys.readouterr().out
-    assert "bytes/nonzero" in printed and "PEFT bytes" in printed
+    assert "bytes/nonzero" in printed and "PEFT bytes" in printed and "decode ms" in printed
+    row = next(line for line in printed.splitlines() if line.startswith("s "))
+    assert row.split()[-1] != "-"  # the decode time was measured
     assert Runtime.load(tmp_path / "cli").adapters == ("s",)
