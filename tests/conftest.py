@@ -27,3 +27,47 @@ def assert_bit_identical(module: torch.nn.Module, snap: dict[str, torch.Tensor])
 @pytest.fixture(params=[torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 def dtype(request) -> torch.dtype:
     return request.param
+
+
+def stress_switching(rt, states: list, run, same, seconds: float = 10.0) -> list[int]:
+    """Three threads run inference while a fourth switches through ``states`` in a loop.
+
+    ``run()`` is one inference, ``same(y, e)`` compares outputs. Every output must equal exactly one of the
+    outputs the states give when run alone (no mixed, half-switched state); returns how often each was seen.
+    """
+    import threading
+    import time
+
+    expected = []
+    for s in states:
+        rt.switch(s)
+        expected.append(run())
+    stop, errors, seen = threading.Event(), [], [0] * len(states)
+
+    def infer():
+        while not stop.is_set():
+            y = run()
+            hits = [k for k, e in enumerate(expected) if same(y, e)]
+            if len(hits) != 1:
+                errors.append("inference saw a state that is none of the switch targets")
+                return
+            seen[hits[0]] += 1
+
+    def switcher():
+        k = 0
+        while not stop.is_set():
+            rt.switch(states[k % len(states)])
+            k += 1
+
+    threads = [threading.Thread(target=infer) for _ in range(3)] + [threading.Thread(target=switcher)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and sum(1 for c in seen if c) < len(states):
+        time.sleep(0.05)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert sum(1 for c in seen if c) >= 3, f"inference saw too few distinct states: {seen}"
+    return seen

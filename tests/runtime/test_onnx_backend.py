@@ -8,7 +8,6 @@ import json
 import shutil
 import struct
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from runtime import AdapterFormatError, Runtime
 from runtime.models import TARGETS, build
 from runtime.onnx_backend import BundleError, LiveWeightsError, OnnxBackend
 from runtime.synthetic import random_lora, random_shira
+from tests.conftest import stress_switching
 
 IDS = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
 
@@ -155,39 +155,7 @@ def test_concurrent_inference_never_sees_a_mixed_state(bundle):
     rt = Runtime.load(path)
     for name, ad in adapters(m).items():
         rt.add_adapter(name, ad)
-    states = [None, "a", "b", ["a", "b"], "l"]
-    expected = []
-    for s in states:
-        rt.switch(s)
-        expected.append(rt(IDS))
-    stop, errors, seen = threading.Event(), [], [0] * len(states)
-
-    def infer():
-        while not stop.is_set():
-            y = rt(IDS)
-            hits = [k for k, e in enumerate(expected) if np.array_equal(y, e)]
-            if len(hits) != 1:
-                errors.append("inference saw a state that is none of the switch targets")
-                return
-            seen[hits[0]] += 1
-
-    def switcher():
-        k = 0
-        while not stop.is_set():
-            rt.switch(states[k % len(states)])
-            k += 1
-
-    threads = [threading.Thread(target=infer) for _ in range(3)] + [threading.Thread(target=switcher)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and sum(1 for c in seen if c) < len(states):
-        time.sleep(0.05)
-    stop.set()
-    for t in threads:
-        t.join()
-    assert not errors, errors[0]
-    assert sum(1 for c in seen if c) >= 3, f"inference saw too few distinct states: {seen}"
+    stress_switching(rt, [None, "a", "b", ["a", "b"], "l"], lambda: rt(IDS), np.array_equal)
 
 
 # -- hostile bundles --
