@@ -3,8 +3,9 @@
 - ``shira``: the live-weights session (``Runtime.load(bundle)``), switched in place;
 - ``lora_fused``: the honest fused alternative without live weights: fuse B (exact, into the weights) and build
   a new default (prepacked) session over them; the time is both together;
-- ``lora_unfused``: a graph variant whose linears carry ``lora_A``/``lora_B`` as live inputs (an extra
-  ``x @ A.T @ B.T`` per linear): switching writes the small factors, inference pays the matmuls.
+- ``lora_unfused``: a bundle exported with LoRA slots (``export_onnx(..., lora_rank=R)``: an extra
+  ``x @ A.T @ B.T`` per linear, factors as live inputs): ``Runtime.switch`` writes the small factors into them,
+  inference pays the matmuls.
 """
 
 from __future__ import annotations
@@ -15,41 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import Timing, progress, time_ms
 from benchmarks.switch_latency import Inference
-from runtime import LoraAdapter, Runtime, SparseAdapter
+from runtime import Runtime, SparseAdapter
 
 ONNX_DTYPES = ("fp32", "fp16")  # what the exporter writes
-
-
-class LoraLinear(nn.Linear):
-    """``nn.Linear`` plus an unfused LoRA path whose factors are parameters (so the export makes them inputs)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + (x @ self.lora_A.t()) @ self.lora_B.t()
-
-
-def export_with_lora(model: nn.Module, lora: LoraAdapter, example: tuple, out: Path) -> None:
-    """Export ``model`` with ``lora``'s linears turned into ``LoraLinear`` (scaling folded into B), then undo."""
-    from exporters import export_onnx
-
-    changed = []
-    for name in lora.A:
-        mod = model.get_submodule(name.rsplit(".", 1)[0])
-        dt = mod.weight.dtype
-        mod.__class__ = LoraLinear
-        mod.lora_A = nn.Parameter(lora.A[name].to(dt), requires_grad=False)
-        mod.lora_B = nn.Parameter((lora.B[name] * lora.scaling[name]).to(dt), requires_grad=False)
-        changed.append(mod)
-    try:
-        export_onnx(model, example, out, verify=False)
-    finally:
-        for mod in changed:
-            mod.__class__ = nn.Linear
-            del mod.lora_A, mod.lora_B
 
 
 def onnx_rows(cfg, model: nn.Module, dtype: str, adapters: dict, floor_ms: float, workdir: Path, make_row) -> list:
@@ -67,7 +40,9 @@ def onnx_rows(cfg, model: nn.Module, dtype: str, adapters: dict, floor_ms: float
     progress(f"{dtype}: exporting the bundle (onnxruntime rows)")
     export_onnx(model, example, workdir / "base", verify=False)
     progress(f"{dtype}: exporting the LoRA-unfused graph variant")
-    export_with_lora(model, la, example, workdir / "lora")
+    rank = max(int(a.shape[0]) for a in la.A.values())
+    modules = [n.rsplit(".", 1)[0] for n in la.A]
+    export_onnx(model, example, workdir / "lora", verify=False, lora_rank=rank, lora_targets=modules)
 
     def infer(fn) -> tuple[float, float]:
         return time_ms(lambda: fn(one), cfg.infer_repeats).median_ms, time_ms(
@@ -146,31 +121,20 @@ def onnx_rows(cfg, model: nn.Module, dtype: str, adapters: dict, floor_ms: float
     del rt
     gc.collect()
 
-    # lora unfused: the factors are live inputs of the variant graph
+    # lora unfused: the variant graph's LoRA slots are live inputs; a switch writes the factors into them
     ru = Runtime.load(workdir / "lora")
-    fa = {n: t for n, t in ru.backend.tensors.items() if n.endswith((".lora_A", ".lora_B"))}
-
-    def set_factors(ad: LoraAdapter) -> None:
-        with torch.no_grad():
-            for name in ad.A:
-                mod = name.rsplit(".", 1)[0]
-                fa[mod + ".lora_A"].copy_(ad.A[name])
-                fa[mod + ".lora_B"].copy_(ad.B[name] * ad.scaling[name])
-
-    progress(f"{dtype}: lora unfused on onnxruntime (write the factors), {cfg.repeats} repeats")
-    samples = []
-    for i in range(cfg.repeats):
-        t0 = time.perf_counter()
-        with ru._lock.write():  # the same exclusion a switch takes
-            set_factors(lb if i % 2 == 0 else la)
-        samples.append((time.perf_counter() - t0) * 1e3)
-    t = Timing.of(samples)
+    ru.add_adapter("lora_ua", la, mode="unfused")
+    ru.add_adapter("lora_ub", lb, mode="unfused")
+    progress(f"{dtype}: lora unfused on onnxruntime (factors written into the slots), {cfg.repeats} repeats")
+    ru.switch("lora_ua")
+    t = Timing.of([ru.switch("lora_ub" if i % 2 == 0 else "lora_ua").ms for i in range(cfg.repeats)])
+    ru.switch("lora_ua")
     b1, bt = infer(ru)
-    nbytes = sum(v.numel() * v.element_size() for v in fa.values())
+    nbytes = sum(v.numel() * v.element_size() for n, v in ru.backend.tensors.items() if ".lora_" in n)
     rows.append(
         make_row(
             "lora_unfused",
-            "onnxruntime/live",
+            "onnxruntime/slots",
             dtype,
             t.median_ms,
             t.p90_ms,

@@ -37,6 +37,7 @@ from onnx import TensorProto, helper
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from exporters.lora_slots import lora_slots
 from runtime.fingerprint import structure_hash
 from runtime.onnx_backend import (
     FORMAT,
@@ -68,6 +69,8 @@ def export_onnx(
     output_names: Sequence[str] | None = None,
     fold_transposes: bool = False,
     verify: bool = True,
+    lora_rank: int = 0,
+    lora_targets: Sequence[str] | None = None,
 ) -> Path:
     """Write a bundle for ``module`` (traced on ``example_args``) into ``out_dir`` and return its path.
 
@@ -77,6 +80,8 @@ def export_onnx(
     ``output_names`` to ``output`` (one output) or ``output_0, output_1, ...``.
     ``fold_transposes``: store transposed the weights the graph only reads transposed (see the module doc).
     ``verify``: open the bundle with onnxruntime and compare its outputs with the module's on the example.
+    ``lora_rank``: give the linears named by ``lora_targets`` (name suffixes; None: all) zero LoRA slots of that
+    rank, live inputs that unfused LoRA adapters are written into (see ``exporters.lora_slots``).
     Weights must be fp32 or fp16 (onnxruntime's CPU provider has no bf16 kernels for most ops).
     """
     args = (example_args,) if isinstance(example_args, torch.Tensor) else tuple(example_args)
@@ -85,7 +90,7 @@ def export_onnx(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory")
-    with _eval_mode(module):
+    with _eval_mode(module), lora_slots(module, lora_targets, lora_rank):
         return _export(
             module, args, out, dynamic, dynamic_dims, opset, input_names, output_names, fold_transposes, verify
         )

@@ -61,6 +61,13 @@ class Backend(ABC):
         """The module that an unfused LoRA on ``tensor`` attaches to; raise if this backend cannot."""
         raise AdapterMismatchError(f"adapter {adapter!r}: unfused LoRA is not supported on the {self.kind} backend")
 
+    def check_unfused_plan(self, entries: list[tuple[str, torch.Tensor, torch.Tensor, float]]) -> None:
+        """Raise if ``set_unfused(entries)`` could not be done (called before a switch writes anything).
+
+        The base accepts what ``check_unfused`` let through; backends with limited room (LoRA slots) check it.
+        """
+        return None
+
     def set_unfused(self, entries: list[tuple[str, torch.Tensor, torch.Tensor, float]]) -> None:
         """Make ``entries`` ``(module, A, B, alpha)`` the unfused LoRA paths run at inference."""
         if entries:

@@ -83,8 +83,9 @@ class Runtime:
         The adapter is decoded and checked against this base now (names, shapes, indices, values, fingerprint);
         nothing is written to the weights. ``mode`` is for LoRA: ``"fused"`` (default: merged into the weights
         at switch, exact revert) or ``"unfused"`` (weights untouched; an extra ``x @ A.T @ B.T * s`` path runs
-        at inference, torch backend only). ``lazy=True`` only records the source: it is read and checked at its
-        first ``switch`` (a bad file then fails that switch, which changes nothing).
+        at inference; on a bundle, it needs LoRA slots: ``export_onnx(..., lora_rank=R)``). ``lazy=True`` only
+        records the source: it is read and checked at its first ``switch`` (a bad file then fails that switch,
+        which changes nothing).
         """
         if not isinstance(name, str) or not name:
             raise ValueError(f"adapter name must be a non-empty string, got {name!r}")

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from runtime.backend import Backend
-from runtime.errors import AdapterFormatError, ShiraError
+from runtime.errors import AdapterFormatError, AdapterMismatchError, ShiraError
 from runtime.fingerprint import structure_hash
 
 FORMAT = "shira-onnx-bundle"
@@ -100,6 +100,13 @@ class OnnxBackend(Backend):
                 self.tensors[name] = torch.from_numpy(arrays[p["onnx"]])
                 self.shapes[name] = tuple(p["shape"])
         self.transposed = frozenset(n for n in self.tensors if params[n]["layout"] == "transposed")
+        # LoRA slots (exporters.lora_slots): module path -> (lora_A name, lora_B name); zero when unused
+        self.lora_slots = {
+            n[: -len(".lora_A")]: (n, n[: -len(".lora_A")] + ".lora_B")
+            for n in self.tensors
+            if n.endswith(".lora_A") and n[: -len(".lora_A")] + ".lora_B" in self.tensors
+        }
+        self._slots_in_use: set[str] = set()
         self.input_names = [i["name"] for i in manifest["inputs"]]
         self.output_names = [o["name"] for o in manifest["outputs"]]
         self._inputs = {i["name"]: i for i in manifest["inputs"]}
@@ -154,6 +161,45 @@ class OnnxBackend(Backend):
         if verify:
             backend.check_live()
         return backend
+
+    # -- unfused LoRA, written into the bundle's LoRA slots --
+    def check_unfused(self, tensor: str, adapter: str) -> str:
+        module = tensor[: -len(".weight")] if tensor.endswith(".weight") else tensor
+        if module not in self.lora_slots:
+            raise AdapterMismatchError(
+                f"adapter {adapter!r}: this bundle has no LoRA slot for {tensor!r}; export it with "
+                f"export_onnx(..., lora_rank=R) to run LoRA unfused on onnxruntime"
+            )
+        return module
+
+    def check_unfused_plan(self, entries: list[tuple[str, torch.Tensor, torch.Tensor, float]]) -> None:
+        ranks: dict[str, int] = {}
+        for module, a, _, _ in entries:
+            ranks[module] = ranks.get(module, 0) + int(a.shape[0])
+        for module, r in ranks.items():
+            cap = self.shapes[self.lora_slots[module][0]][0]
+            if r > cap:
+                raise AdapterMismatchError(
+                    f"module {module!r}: the unfused LoRA adapters need rank {r}, its slot holds {cap}"
+                )
+
+    def set_unfused(self, entries: list[tuple[str, torch.Tensor, torch.Tensor, float]]) -> None:
+        by_module: dict[str, list] = {}
+        for module, a, b, alpha in entries:
+            by_module.setdefault(module, []).append((a, b, alpha))
+        for module in self._slots_in_use - set(by_module):
+            for n in self.lora_slots[module]:
+                self.logical(n).zero_()
+        for module, terms in by_module.items():  # several adapters on one linear: their ranks side by side
+            sa, sb = (self.logical(n) for n in self.lora_slots[module])
+            sa.zero_()
+            sb.zero_()
+            r = 0
+            for a, b, alpha in terms:
+                sa[r : r + a.shape[0]].copy_(a)
+                sb[:, r : r + a.shape[0]].copy_(b * alpha)
+                r += a.shape[0]
+        self._slots_in_use = set(by_module)
 
     # -- inference --
     def __call__(self, *inputs: Any, **named: Any) -> np.ndarray | list[np.ndarray]:
@@ -215,7 +261,8 @@ class OnnxBackend(Backend):
         }
         before = self._outputs(example)
         tried = []
-        for name in _probe_order(self.arrays):
+        slots = {self.manifest["parameters"][n]["onnx"] for pair in self.lora_slots.values() for n in pair}
+        for name in _probe_order({n: a for n, a in self.arrays.items() if n not in slots}):  # zero slots: no effect
             a = self.arrays[name]
             saved = a.copy()
             try:

@@ -126,6 +126,7 @@ class Switcher:
             else:
                 sparse[t] = _combine(parts)
                 self._check_range(t, sparse[t][1], bound[t])
+        self.backend.check_unfused_plan(unfused)
         return Plan(tuple((p.name, float(w)) for p, w in items), sparse, dense, unfused)
 
     def _check_range(self, t: str, delta: torch.Tensor, delta_bound: float) -> None:
