@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from runtime.bank import read_source
-from runtime.fingerprint import PROBES, Fingerprint
+from runtime.fingerprint import Fingerprint
 from runtime.lora import LoraAdapter
 from runtime.models import PRESETS, build
 from runtime.onnx_backend import ADAPTERS_DIR, MANIFEST_FILE
@@ -71,12 +71,9 @@ def with_fingerprint(adapter: SparseAdapter, base: nn.Module) -> SparseAdapter:
     missing = sorted(set(adapter.indices) - set(shapes))
     if missing:
         raise ValueError(f"the base has no tensors named {missing[:3]}")
-    probes = {}
-    for n in adapter.indices:
-        idx, _ = adapter.flat(n, shapes[n])
-        probes[n] = sd[n].reshape(-1)[idx[:PROBES].long()]
+    flat = {n: adapter.flat(n, shapes[n])[0] for n in adapter.indices}
     return SparseAdapter(
-        adapter.indices, adapter.values, shapes, adapter.scale, Fingerprint.of(shapes, probes), adapter.mask_kind
+        adapter.indices, adapter.values, shapes, adapter.scale, Fingerprint.of(sd, flat), adapter.mask_kind
     )
 
 

@@ -32,12 +32,10 @@ class Fingerprint:
     probes: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> fp32 [<=PROBES]
 
     @staticmethod
-    def of(
-        shapes: dict[str, tuple[int, ...]],
-        base_values: dict[str, torch.Tensor],
-    ) -> Fingerprint:
-        """``base_values[name]``: the base's values at the adapter's first indices of ``name`` (any dtype)."""
-        probes = {n: v[:PROBES].detach().to(torch.float32).clone() for n, v in base_values.items()}
+    def of(base: dict[str, torch.Tensor], indices: dict[str, torch.Tensor]) -> Fingerprint:
+        """The fingerprint of ``base`` (name -> base tensor) for an adapter with these sorted flat ``indices``."""
+        shapes = {n: tuple(base[n].shape) for n in indices}
+        probes = {n: base[n].detach().reshape(-1)[idx[:PROBES].long()].to(torch.float32) for n, idx in indices.items()}
         return Fingerprint(structure_hash(shapes), probes)
 
     def check(

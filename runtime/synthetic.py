@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from runtime.fingerprint import PROBES, Fingerprint
+from runtime.fingerprint import Fingerprint
 from runtime.lora import LoraAdapter
 from runtime.sparse import SparseAdapter
 
@@ -55,14 +55,13 @@ def random_shira(
         raise ValueError(f"density {density} is not in [0, 1]")
     gen = torch.Generator().manual_seed(seed)
     weights = target_weights(module, targets)
-    indices, values, shapes, probes = {}, {}, {}, {}
+    indices, values, shapes = {}, {}, {}
     for name, w in weights.items():
         idx = random_indices(w.numel(), max(1, round(density * w.numel())), gen)
         indices[name] = idx
         values[name] = (torch.randn(idx.numel(), generator=gen) * std).to(values_dtype)
         shapes[name] = tuple(w.shape)
-        probes[name] = w.detach().reshape(-1)[idx[:PROBES].long()]
-    return SparseAdapter(indices, values, shapes, 1.0, Fingerprint.of(shapes, probes))
+    return SparseAdapter(indices, values, shapes, 1.0, Fingerprint.of(weights, indices))
 
 
 def random_lora(
