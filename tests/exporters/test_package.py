@@ -112,3 +112,27 @@ def test_cli_report(packaged, tmp_path, capsys):
     row = next(line for line in printed.splitlines() if line.startswith("s "))
     assert row.split()[-1] != "-"  # the decode time was measured
     assert Runtime.load(tmp_path / "cli").adapters == ("s",)
+
+
+def tiny_plain() -> torch.nn.Module:
+    """A zero-argument callable for ``--base module.path:callable``."""
+    return build("tiny", torch.float32, seed=0)
+
+
+def test_cli_base_from_a_callable(packaged, tmp_path, capsys):
+    _, adapters, _ = packaged
+    package_main(
+        [
+            "--base",
+            "tests.exporters.test_package:tiny_plain",
+            "--example-shape",
+            "1,8",
+            "--adapter",
+            f"o={adapters['o']}",
+            "--out",
+            str(tmp_path / "callable"),
+        ]
+    )
+    rt = Runtime.load(tmp_path / "callable")
+    rt.switch("o")  # the fingerprint was taken from this base: accepted
+    assert rt.active == (("o", 1.0),)
