@@ -46,8 +46,9 @@ import kernels
 from benchmarks.common import Timing, print_table, progress
 from exporters import export_onnx
 from runtime import Runtime
+from runtime.bundle import GRAPH_FILE, WEIGHTS_FILE
 from runtime.models import PRESETS, TARGETS, build
-from runtime.onnx_backend import GEMM_A_MIN, GRAPH_FILE, WEIGHTS_FILE, OnnxBackend, rewrite_linears
+from runtime.onnx_backend import GEMM_A_MIN, OnnxBackend, rewrite_linears
 from runtime.synthetic import random_shira
 
 SEQ = 16

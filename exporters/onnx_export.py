@@ -38,8 +38,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from exporters.lora_slots import lora_slots
-from runtime.fingerprint import structure_hash
-from runtime.onnx_backend import (
+from runtime.bundle import (
     FORMAT,
     GRAPH_FILE,
     MANIFEST_FILE,
@@ -47,6 +46,7 @@ from runtime.onnx_backend import (
     WEIGHTS_FILE,
     file_sha256,
 )
+from runtime.fingerprint import structure_hash
 
 DTYPES = {torch.float32: ("float32", TensorProto.FLOAT), torch.float16: ("float16", TensorProto.FLOAT16)}
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16"}

@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from runtime.bank import read_source
+from runtime.bundle import ADAPTERS_DIR, MANIFEST_FILE
 from runtime.fingerprint import Fingerprint
 from runtime.lora import LoraAdapter
 from runtime.models import PRESETS, build
-from runtime.onnx_backend import ADAPTERS_DIR, MANIFEST_FILE
 from runtime.peft_io import is_peft_dir
 from runtime.sparse import SparseAdapter
 

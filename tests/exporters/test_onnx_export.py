@@ -13,8 +13,9 @@ from safetensors.numpy import load_file
 from torch import nn
 
 from exporters import ExportError, export_onnx
+from runtime.bundle import FORMAT, VERSION
 from runtime.models import build
-from runtime.onnx_backend import FORMAT, VERSION, OnnxBackend
+from runtime.onnx_backend import OnnxBackend
 
 IDS = torch.zeros(1, 8, dtype=torch.long)
 

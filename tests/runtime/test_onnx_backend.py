@@ -15,8 +15,9 @@ import torch
 
 from exporters import export_onnx
 from runtime import AdapterFormatError, Runtime
+from runtime.bundle import BundleError
 from runtime.models import TARGETS, build
-from runtime.onnx_backend import BundleError, LiveWeightsError, OnnxBackend
+from runtime.onnx_backend import LiveWeightsError, OnnxBackend
 from runtime.synthetic import random_lora, random_shira
 from tests.conftest import stress_switching
 
