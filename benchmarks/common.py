@@ -1,13 +1,15 @@
-"""Shared measuring tools: one timer, the copy bandwidth, the memory floor of a scatter, a table printer."""
+"""Shared measuring tools: one timer, switch cycles, peak RSS, the copy bandwidth, the memory floor, a table."""
 
 from __future__ import annotations
 
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import psutil
 import torch
 
 CACHE_LINE = 64
@@ -81,3 +83,48 @@ def _fmt(v: object) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
     return str(v)
+
+
+class PeakRSS:
+    """Peak resident memory, sampled every 10 ms by a daemon thread (psutil)."""
+
+    def __init__(self) -> None:
+        self._proc, self._peak, self._lock = psutil.Process(), 0, threading.Lock()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while True:
+            rss = self._proc.memory_info().rss
+            with self._lock:
+                self._peak = max(self._peak, rss)
+            time.sleep(0.01)
+
+    def take(self) -> float:
+        """The peak (MB) since the previous ``take``: one method's measurement."""
+        with self._lock:
+            now = self._proc.memory_info().rss
+            peak, self._peak = max(self._peak, now), now
+        return peak / 2**20
+
+
+_PEAK: PeakRSS | None = None
+
+
+def rss_mb() -> float:
+    """Peak RSS in MB since the previous call (each row takes it right after its method ran)."""
+    global _PEAK
+    if _PEAK is None:
+        _PEAK = PeakRSS()
+    return _PEAK.take()
+
+
+def cycle(switches: list[Callable[[], object]], repeats: int) -> Timing:
+    """Time each switch of an A -> B -> A ... cycle separately; the first call (warm-up) is not counted."""
+    switches[0]()
+    samples = []
+    for i in range(repeats):
+        fn = switches[(i + 1) % len(switches)]
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return Timing.of(samples)

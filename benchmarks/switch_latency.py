@@ -17,24 +17,24 @@ import os
 import platform
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import psutil
 import torch
 
 import kernels
 from benchmarks.common import (
     Timing,
     copy_bandwidth_gbps,
+    cycle,
     memory_floor_ms,
-    print_table,
     progress,
+    rss_mb,
     touched_lines,
 )
+from benchmarks.switch_report import package_version, plot, report
 from runtime import Runtime
 from runtime.bank import read_source
 from runtime.models import PRESETS, TARGETS, build
@@ -100,51 +100,6 @@ def onnx_unavailable(cfg: Config, dtype: str) -> str | None:
     except ImportError as exc:
         return f"not installed ({exc.name}); pip install -e '.[onnx]'"
     return None
-
-
-class PeakRSS:
-    """Peak resident memory, sampled every 10 ms by a daemon thread (psutil)."""
-
-    def __init__(self) -> None:
-        self._proc, self._peak, self._lock = psutil.Process(), 0, threading.Lock()
-        threading.Thread(target=self._sample, daemon=True).start()
-
-    def _sample(self) -> None:
-        while True:
-            rss = self._proc.memory_info().rss
-            with self._lock:
-                self._peak = max(self._peak, rss)
-            time.sleep(0.01)
-
-    def take(self) -> float:
-        """The peak (MB) since the previous ``take``: one method's measurement."""
-        with self._lock:
-            now = self._proc.memory_info().rss
-            peak, self._peak = max(self._peak, now), now
-        return peak / 2**20
-
-
-_PEAK: PeakRSS | None = None
-
-
-def rss_mb() -> float:
-    """Peak RSS in MB since the previous call (each row takes it right after its method ran)."""
-    global _PEAK
-    if _PEAK is None:
-        _PEAK = PeakRSS()
-    return _PEAK.take()
-
-
-def cycle(switches: list[Callable[[], object]], repeats: int) -> Timing:
-    """Time each switch of an A -> B -> A ... cycle separately; the first call (warm-up) is not counted."""
-    switches[0]()
-    samples = []
-    for i in range(repeats):
-        fn = switches[(i + 1) % len(switches)]
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return Timing.of(samples)
 
 
 class Inference:
@@ -360,80 +315,12 @@ def run(cfg: Config) -> dict:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "kernels": kernels.backend(),
-            "onnxruntime": _version("onnxruntime"),
+            "onnxruntime": package_version("onnxruntime"),
         },
         "copy_gbps": copy_gbps,
         "skipped": skipped,
         "results": [asdict(r) | {"floor_ratio": r.floor_ratio} for r in rows],
     }
-
-
-def _version(pkg: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(pkg)
-    except PackageNotFoundError:
-        return None
-
-
-def report(out: dict) -> None:
-    rows, c = out["results"], out["config"]
-    print(
-        f"\nswitch latency, model {c['hf'] or c['preset']}, density {c['density']}, "
-        f"LoRA rank {out['config']['rank']}, copy bandwidth {out['copy_gbps']:.1f} GB/s, "
-        f"kernels {out['machine']['kernels']}"
-    )
-    for dtype in out["config"]["dtypes"]:
-        sub = [r for r in rows if r["dtype"] == dtype]
-        shira = {}  # backend family (torch, onnxruntime) -> the fastest SHiRA switch there
-        for r in sub:
-            if r["method"] == "shira":
-                fam = r["backend"].split("/")[0]
-                shira[fam] = min(shira.get(fam, r["switch_ms"]), r["switch_ms"])
-        print()
-        print_table(
-            [
-                "method",
-                "backend",
-                "dtype",
-                "switch ms",
-                "p90 ms",
-                "floor ms",
-                "x floor",
-                "x shira",
-                "infer ms",
-                "1-tok ms",
-                "infer x base",
-                "MB written",
-                "peak rss MB",
-                "note",
-            ],
-            [
-                [
-                    r["method"],
-                    r["backend"],
-                    r["dtype"],
-                    r["switch_ms"],
-                    r["switch_p90_ms"],
-                    r["floor_ms"],
-                    r["floor_ratio"],
-                    r["switch_ms"] / shira[fam]
-                    if (fam := r["backend"].split("/")[0]) in shira and r["switch_ms"]
-                    else None,
-                    r["infer_ms"],
-                    r["infer_b1_ms"],
-                    r["infer_overhead"],
-                    r["bytes_written"] / 1e6,
-                    r["rss_mb"],
-                    r["note"],
-                ]
-                for r in sub
-            ],
-        )
-    print("\nx shira: against the fastest SHiRA switch on the same backend; infer x base: against the base there")
-    for line in out["skipped"]:
-        print(f"skipped: {line}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -468,6 +355,7 @@ def main(argv: list[str] | None = None) -> None:
         shira=tuple(args.shira),
         lora=tuple(args.lora),
         targets=tuple(args.targets),
+        no_onnx=args.no_onnx,
     )
     t0 = time.perf_counter()
     out = run(cfg)
@@ -482,26 +370,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.plot:
         plot(out, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
-
-
-def plot(out: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in out["results"] if r["method"] != "base"]
-    labels = [f"{r['method']}\n{r['backend']} {r['dtype']}" for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 0.5 * len(rows) + 2), sharey=True)
-    ax1.barh(labels, [r["switch_ms"] for r in rows], color="tab:blue")
-    ax1.set_xscale("log")
-    ax1.set_xlabel("switch latency, ms (log)")
-    ax2.barh(labels, [r["infer_overhead"] or 0 for r in rows], color="tab:orange")
-    ax2.axvline(1.0, color="k", lw=0.8)
-    ax2.set_xlabel("inference time / base")
-    fig.suptitle(f"{out['config']['preset']}: measured by python -m benchmarks.switch_latency")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,14 @@ def test_quick_run_writes_every_method_row(tmp_path, capsys):
     assert "lora_unfused" in printed and "x floor" in printed and "skipped: onnxruntime rows for bf16" in printed
 
 
+def test_no_onnx_skips_the_onnxruntime_rows_and_says_so(tmp_path):
+    out = tmp_path / "r.json"
+    main(["--quick", "--no-onnx", "--repeats", "2", "--infer-repeats", "1", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert {r["backend"].split("/")[0] for r in data["results"]} == {"torch"}
+    assert data["skipped"] == ["onnxruntime rows for fp32: --no-onnx given"]
+
+
 def test_user_model_and_peft_adapters(tmp_path):
     """--hf with a transformers directory and the user's own PEFT SHiRA and LoRA adapters."""
     transformers = pytest.importorskip("transformers")

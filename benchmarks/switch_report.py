@@ -1,0 +1,93 @@
+"""Printing and plotting the results of ``benchmarks.switch_latency``."""
+
+from __future__ import annotations
+
+from benchmarks.common import print_table
+
+
+def package_version(pkg: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return None
+
+
+def report(out: dict) -> None:
+    rows, c = out["results"], out["config"]
+    print(
+        f"\nswitch latency, model {c['hf'] or c['preset']}, density {c['density']}, "
+        f"LoRA rank {out['config']['rank']}, copy bandwidth {out['copy_gbps']:.1f} GB/s, "
+        f"kernels {out['machine']['kernels']}"
+    )
+    for dtype in out["config"]["dtypes"]:
+        sub = [r for r in rows if r["dtype"] == dtype]
+        shira = {}  # backend family (torch, onnxruntime) -> the fastest SHiRA switch there
+        for r in sub:
+            if r["method"] == "shira":
+                fam = r["backend"].split("/")[0]
+                shira[fam] = min(shira.get(fam, r["switch_ms"]), r["switch_ms"])
+        print()
+        print_table(
+            [
+                "method",
+                "backend",
+                "dtype",
+                "switch ms",
+                "p90 ms",
+                "floor ms",
+                "x floor",
+                "x shira",
+                "infer ms",
+                "1-tok ms",
+                "infer x base",
+                "MB written",
+                "peak rss MB",
+                "note",
+            ],
+            [
+                [
+                    r["method"],
+                    r["backend"],
+                    r["dtype"],
+                    r["switch_ms"],
+                    r["switch_p90_ms"],
+                    r["floor_ms"],
+                    r["floor_ratio"],
+                    r["switch_ms"] / shira[fam]
+                    if (fam := r["backend"].split("/")[0]) in shira and r["switch_ms"]
+                    else None,
+                    r["infer_ms"],
+                    r["infer_b1_ms"],
+                    r["infer_overhead"],
+                    r["bytes_written"] / 1e6,
+                    r["rss_mb"],
+                    r["note"],
+                ]
+                for r in sub
+            ],
+        )
+    print("\nx shira: against the fastest SHiRA switch on the same backend; infer x base: against the base there")
+    for line in out["skipped"]:
+        print(f"skipped: {line}")
+
+
+def plot(out: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in out["results"] if r["method"] != "base"]
+    labels = [f"{r['method']}\n{r['backend']} {r['dtype']}" for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 0.5 * len(rows) + 2), sharey=True)
+    ax1.barh(labels, [r["switch_ms"] for r in rows], color="tab:blue")
+    ax1.set_xscale("log")
+    ax1.set_xlabel("switch latency, ms (log)")
+    ax2.barh(labels, [r["infer_overhead"] or 0 for r in rows], color="tab:orange")
+    ax2.axvline(1.0, color="k", lw=0.8)
+    ax2.set_xlabel("inference time / base")
+    fig.suptitle(f"{out['config']['preset']}: measured by python -m benchmarks.switch_latency")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
