@@ -122,21 +122,25 @@ class Inference:
         fn(x)
         return (time.perf_counter() - t0) * 1e3
 
-    def measure(self, row: Row, state=None, run=None) -> Row:
-        """Time ``run`` (default: the runtime) with ``state`` switched in, interleaved with the base."""
+    def measure(self, row: Row, state=None, run=None, rounds: int | None = None) -> Row:
+        """Time ``run`` (default: the runtime) with ``state`` switched in, against the base, in ``rounds``.
+
+        Each round times ``repeats // rounds`` runs of the base, switches, then as many of the method. The
+        default is one run per round (fully interleaved); a method whose switch moves gigabytes (fused LoRA)
+        takes one round, because that traffic, untimed, still slows the runs right after it.
+        """
         run = run or self.rt
+        rounds = rounds or self.repeats
+        per = max(1, self.repeats // rounds)
         base1, baset, one, batch = [], [], [], []
-        for i in range(self.repeats + 1):  # round 0 warms up
-            if state is not None:
-                self.rt.switch(None)
-                self._once(self.rt, self.one)  # untimed: after a switch, the first run pays for cold caches
-            b = (self._once(self.rt, self.one), self._once(self.rt, self.batch))
-            if state is not None:
-                self.rt.switch(state)
-                self._once(run, self.one)
-            m = (self._once(run, self.one), self._once(run, self.batch))
-            if i:
-                base1.append(b[0]), baset.append(b[1]), one.append(m[0]), batch.append(m[1])
+        for _ in range(rounds):
+            for fn, into1, intot, target in ((self.rt, base1, baset, None), (run, one, batch, state)):
+                if state is not None:
+                    self.rt.switch(target)
+                self._once(fn, self.one)  # untimed: the first run after a switch pays for cold caches
+                for _ in range(per):
+                    into1.append(self._once(fn, self.one))
+                    intot.append(self._once(fn, self.batch))
         row.infer_b1_ms, row.infer_ms = Timing.of(one).median_ms, Timing.of(batch).median_ms
         row.infer_overhead = row.infer_ms / Timing.of(baset).median_ms
         if state is not None:
@@ -261,7 +265,7 @@ def lora_rows(cfg: Config, rt: Runtime, model, dtype: str, infer: Inference, ctx
         nbytes,
         "exact revert, keeps a base copy",
     )
-    rows.append(infer.measure(row, "lora_a"))
+    rows.append(infer.measure(row, "lora_a", rounds=1))
     rows[0].infer_b1_ms, rows[0].infer_ms, rows[0].infer_overhead = row.infer_b1_ms, row.infer_ms, row.infer_overhead
 
     # (3) unfused: switching swaps the extra x @ A.T @ B.T * s paths; weights untouched, inference pays
