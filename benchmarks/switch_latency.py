@@ -84,6 +84,11 @@ def make_row(method, backend, dtype, switch_ms, p90_ms, floor_ms, nbytes, note, 
     return Row(method, backend, dtype, switch_ms, p90_ms, floor_ms, rss_mb(), nbytes, note, infer_ms, b1_ms, overhead)
 
 
+def _switch_cols(t: Timing, nbytes: int, floor_ms: float | None = None) -> tuple:
+    """The switch columns of a ``Row``: median, p90, floor, peak RSS, bytes written."""
+    return t.median_ms, t.p90_ms, floor_ms, rss_mb(), nbytes
+
+
 def onnx_unavailable(cfg: Config, dtype: str) -> str | None:
     """Why the onnxruntime rows cannot run for ``dtype`` (None: they can)."""
     from benchmarks.switch_onnx import ONNX_DTYPES
@@ -190,7 +195,7 @@ def shira_rows(cfg: Config, rt: Runtime, model, dtype: str, copy_gbps: float, in
         progress(f"{dtype}: shira switch A -> B ({path} kernels), {cfg.repeats} repeats")
         t = cycle([lambda: rt.switch("shira_a"), lambda: rt.switch("shira_b")], cfg.repeats)
         label = ("fast path" if path == "cpp" else "pure-torch reference") + f", {origin} adapters"
-        rows.append(Row("shira", f"torch/{path}", dtype, t.median_ms, t.p90_ms, floor, rss_mb(), nbytes, label))
+        rows.append(Row("shira", f"torch/{path}", dtype, *_switch_cols(t, nbytes, floor), label))
     os.environ.pop("SHIRA_KERNELS", None)
     kernels.reset()
     progress(f"{dtype}: inference with shira_a applied, interleaved with the base")
@@ -232,19 +237,7 @@ def lora_rows(cfg: Config, rt: Runtime, model, dtype: str, infer: Inference, ctx
     for n, w in zip(names, weights):  # start with A merged
         w.copy_(torch.addmm(w.float(), la.B[n], la.A[n], alpha=la.scaling[n]).to(w.dtype))
     t = cycle([unmerge_merge(la, lb), unmerge_merge(lb, la)], reps)
-    rows.append(
-        Row(
-            "lora_fused",
-            "torch/unmerge-merge",
-            dtype,
-            t.median_ms,
-            t.p90_ms,
-            None,
-            rss_mb(),
-            nbytes,
-            "PEFT-style, not exact",
-        )
-    )
+    rows.append(Row("lora_fused", "torch/unmerge-merge", dtype, *_switch_cols(t, nbytes), "PEFT-style, not exact"))
     for w, s in zip(weights, snapshot):
         w.copy_(s)
     del snapshot
@@ -254,17 +247,7 @@ def lora_rows(cfg: Config, rt: Runtime, model, dtype: str, infer: Inference, ctx
     rt.add_adapter("lora_b", lb)
     progress(f"{dtype}: lora fused, runtime exact switch, {reps} repeats")
     t = cycle([lambda: rt.switch("lora_a"), lambda: rt.switch("lora_b")], reps)
-    row = Row(
-        "lora_fused",
-        "torch/runtime-exact",
-        dtype,
-        t.median_ms,
-        t.p90_ms,
-        None,
-        rss_mb(),
-        nbytes,
-        "exact revert, keeps a base copy",
-    )
+    row = Row("lora_fused", "torch/runtime-exact", dtype, *_switch_cols(t, nbytes), "exact revert, keeps a base copy")
     rows.append(infer.measure(row, "lora_a", rounds=1))
     rows[0].infer_b1_ms, rows[0].infer_ms, rows[0].infer_overhead = row.infer_b1_ms, row.infer_ms, row.infer_overhead
 
@@ -273,9 +256,7 @@ def lora_rows(cfg: Config, rt: Runtime, model, dtype: str, infer: Inference, ctx
     rt.add_adapter("lora_ub", lb, mode="unfused")
     progress(f"{dtype}: lora unfused, {cfg.repeats} repeats")
     t = cycle([lambda: rt.switch("lora_ua"), lambda: rt.switch("lora_ub")], cfg.repeats)
-    row = Row(
-        "lora_unfused", "torch/hooks", dtype, t.median_ms, t.p90_ms, None, rss_mb(), 0, "extra matmuls at inference"
-    )
+    row = Row("lora_unfused", "torch/hooks", dtype, *_switch_cols(t, 0), "extra matmuls at inference")
     rows.append(infer.measure(row, "lora_ua"))
     for n in ("lora_a", "lora_b", "lora_ua", "lora_ub"):
         rt.remove_adapter(n)

@@ -80,20 +80,30 @@ def _unexpected(directory: Path, keys: list[str]) -> None:
         )
 
 
-def _load_shira(directory: Path, cfg: dict) -> SparseAdapter:
-    tensors = read_tensors(directory)
-    indices, values, other = {}, {}, []
+def _pairs(
+    directory: Path, tensors: dict[str, torch.Tensor], first: str, second: str, label: str
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Split PEFT keys ending in ``first`` / ``second`` by module path; anything else, or a half pair, is refused."""
+    a, b, other = {}, {}, []
     for key, t in tensors.items():
-        if key.endswith(".shira_weight"):
-            values[_module_path(key, ".shira_weight") + ".weight"] = t
-        elif key.endswith(".shira_indices"):
-            indices[_module_path(key, ".shira_indices") + ".weight"] = t
+        if key.endswith(first):
+            a[_module_path(key, first)] = t
+        elif key.endswith(second):
+            b[_module_path(key, second)] = t
         else:
             other.append(key)
     _unexpected(directory, other)
-    unpaired = sorted(set(indices) ^ set(values))
+    unpaired = sorted(set(a) ^ set(b))
     if unpaired:
-        raise AdapterFormatError(f"{directory / WEIGHTS}: shira_weight/shira_indices not paired for {unpaired}")
+        raise AdapterFormatError(f"{directory / WEIGHTS}: {label} not paired for {unpaired}")
+    return a, b
+
+
+def _load_shira(directory: Path, cfg: dict) -> SparseAdapter:
+    tensors = read_tensors(directory)
+    values, indices = _pairs(directory, tensors, ".shira_weight", ".shira_indices", "shira_weight/shira_indices")
+    values = {m + ".weight": t for m, t in values.items()}
+    indices = {m + ".weight": t for m, t in indices.items()}
     for name, idx in indices.items():
         if idx.dim() != 2 or idx.shape[0] != 2:
             raise AdapterFormatError(
@@ -122,18 +132,7 @@ def _load_lora(directory: Path, cfg: dict) -> LoraAdapter:
     if cfg.get("lora_bias") or cfg.get("bias", "none") != "none":
         raise AdapterFormatError(f"{directory / CONFIG}: LoRA adapters that train biases are not supported")
     tensors = read_tensors(directory)
-    A, B, other = {}, {}, []
-    for key, t in tensors.items():
-        if key.endswith(".lora_A.weight"):
-            A[_module_path(key, ".lora_A.weight")] = t
-        elif key.endswith(".lora_B.weight"):
-            B[_module_path(key, ".lora_B.weight")] = t
-        else:
-            other.append(key)
-    _unexpected(directory, other)
-    unpaired = sorted(set(A) ^ set(B))
-    if unpaired:
-        raise AdapterFormatError(f"{directory / WEIGHTS}: lora_A/lora_B not paired for {unpaired}")
+    A, B = _pairs(directory, tensors, ".lora_A.weight", ".lora_B.weight", "lora_A/lora_B")
     scaling = {}
     for module, a in A.items():
         r = int(a.shape[0]) if a.dim() == 2 else 0
