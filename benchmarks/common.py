@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import psutil
 import torch
 
+from runtime.table import print_table  # noqa: F401  (re-exported for the benchmarks)
+
 CACHE_LINE = 64
 
 
@@ -66,23 +68,6 @@ def memory_floor_ms(lines: int, copy_gbps: float) -> float:
 
 def progress(msg: str) -> None:
     print(f"  .. {msg}", file=sys.stderr, flush=True)
-
-
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    cells = [[_fmt(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
-    print("  ".join("-" * w for w in widths))
-    for r in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
-
-
-def _fmt(v: object) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
-    return str(v)
 
 
 class PeakRSS:

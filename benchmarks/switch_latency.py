@@ -156,7 +156,7 @@ class Inference:
 def load_model(cfg: Config, dtype: str) -> tuple[torch.nn.Module, int]:
     """The model and its vocabulary size: a built-in preset, or a transformers directory (``--hf``)."""
     if cfg.hf:
-        from exporters.package import load_base
+        from runtime.models import load_base
 
         model = load_base(cfg.hf, DTYPES[dtype])
         return model, int(model.config.vocab_size)

@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from runtime.models import load_base
 from runtime.sparse import SparseAdapter
 
 
@@ -30,8 +31,6 @@ def peft_to_ours(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from exporters.package import load_base
-
     p = argparse.ArgumentParser(prog="python -m exporters.convert", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("to-ours", help="PEFT SHiRA directory -> our compact file")

@@ -13,7 +13,6 @@ fingerprint of this base); PEFT LoRA directories are kept as LoRA. ``Runtime.loa
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import shutil
 import time
@@ -25,34 +24,15 @@ from torch import nn
 
 from runtime.bank import read_source
 from runtime.bundle import ADAPTERS_DIR, MANIFEST_FILE
+from runtime.dtypes import SHORT, by_short
 from runtime.fingerprint import Fingerprint
 from runtime.lora import LoraAdapter
-from runtime.models import PRESETS, build
+from runtime.models import load_base
 from runtime.peft_io import is_peft_dir
 from runtime.sparse import SparseAdapter
+from runtime.table import print_table
 
 PEFT_BYTES_PER_NNZ = 12  # PEFT SHiRA: fp32 value + int32 row + int32 col
-
-
-def load_base(spec: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A base module from a preset name, a transformers model directory or ``module.path:callable``."""
-    if spec in PRESETS:
-        return build(spec, dtype)
-    if Path(spec).is_dir():
-        try:
-            import transformers
-        except ImportError as exc:
-            raise SystemExit(f"--base {spec}: loading a transformers model directory needs `transformers`") from exc
-        model = transformers.AutoModelForCausalLM.from_pretrained(spec, torch_dtype=dtype)
-        model.config.use_cache = False
-        return model.eval()
-    if ":" in spec:
-        mod, _, fn = spec.partition(":")
-        obj = getattr(importlib.import_module(mod), fn)()
-        if not isinstance(obj, nn.Module):
-            raise SystemExit(f"--base {spec}: returned {type(obj).__name__}, not an nn.Module")
-        return obj.to(dtype).eval()
-    raise SystemExit(f"--base {spec!r}: not a preset ({sorted(PRESETS)}), a directory, or module.path:callable")
 
 
 def default_example_args(base: nn.Module) -> tuple[torch.Tensor, ...]:
@@ -159,8 +139,6 @@ def package(
     }
     manifest_path.write_text(json.dumps(manifest, indent=2))
     if not quiet:
-        from benchmarks.common import print_table
-
         total = {
             n: sum(sd[t].numel() for t in (ad.indices if isinstance(ad, SparseAdapter) else ad.A))
             for n, ad in read.items()
@@ -194,18 +172,17 @@ def main(argv: list[str] | None = None) -> None:
         help="a PEFT SHiRA/LoRA directory or our file; repeat for more",
     )
     p.add_argument("--out", required=True)
-    p.add_argument("--values", default="fp16", choices=["fp16", "bf16", "fp32"], help="dtype of stored deltas")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype of the base weights")
+    p.add_argument("--values", default="fp16", choices=sorted(SHORT), help="dtype of stored deltas")
+    p.add_argument("--dtype", default="fp32", choices=sorted(SHORT), help="dtype of the base weights")
     p.add_argument("--example-shape", default=None, help="int64 input shape for the export, e.g. 1,8")
     args = p.parse_args(argv)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     adapters = {}
     for item in args.adapter:
         name, sep, path = item.partition("=")
         if not sep:
             raise SystemExit(f"--adapter {item!r}: expected NAME=PATH")
         adapters[name] = path
-    base = load_base(args.base, dtype)
+    base = load_base(args.base, by_short(args.dtype).torch)
     example = None
     if args.example_shape:
         shape = tuple(int(x) for x in args.example_shape.split(","))

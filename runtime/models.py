@@ -7,8 +7,10 @@ for latency and for exactness tests, no download needed.
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -161,3 +163,24 @@ def build(preset: str | LlamaConfig = "tiny", dtype: torch.dtype = torch.float32
     model.to(dtype)
     model.inv_freq = model.inv_freq.float()  # rotary frequencies stay fp32 whatever the weights' dtype
     return model.eval()
+
+
+def load_base(spec: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A base module from a preset name, a transformers model directory or ``module.path:callable``."""
+    if spec in PRESETS:
+        return build(spec, dtype)
+    if Path(spec).is_dir():
+        try:
+            import transformers
+        except ImportError as exc:
+            raise SystemExit(f"--base {spec}: loading a transformers model directory needs `transformers`") from exc
+        model = transformers.AutoModelForCausalLM.from_pretrained(spec, torch_dtype=dtype)
+        model.config.use_cache = False
+        return model.eval()
+    if ":" in spec:
+        mod, _, fn = spec.partition(":")
+        obj = getattr(importlib.import_module(mod), fn)()
+        if not isinstance(obj, nn.Module):
+            raise SystemExit(f"--base {spec}: returned {type(obj).__name__}, not an nn.Module")
+        return obj.to(dtype).eval()
+    raise SystemExit(f"--base {spec!r}: not a preset ({sorted(PRESETS)}), a directory, or module.path:callable")
