@@ -35,8 +35,7 @@ from benchmarks.common import (
     touched_lines,
 )
 from benchmarks.switch_report import package_version, plot, report
-from runtime import Runtime
-from runtime.bank import read_source
+from runtime import Runtime, load_adapter
 from runtime.models import PRESETS, TARGETS, build
 from runtime.synthetic import random_lora, random_shira
 
@@ -168,8 +167,8 @@ def pair(paths: tuple[str, ...], make: Callable[[int], object]) -> tuple[object,
     """Adapters A and B: the user's (the first two; one is switched against itself), or two random ones."""
     if not paths:
         return make(1), make(2), "random"
-    a = read_source(paths[0])
-    b = read_source(paths[1]) if len(paths) > 1 else a
+    a = load_adapter(paths[0])
+    b = load_adapter(paths[1]) if len(paths) > 1 else a
     return a, b, "user" if len(paths) > 1 else "user, A -> A"
 
 
