@@ -1,10 +1,10 @@
 """Kernel benchmark: one full adapter switch A -> B on Llama-3.2-1B linear shapes, reference vs C++ fast path.
 
-Run: ``python -m benchmarks.kernels [--quick]``. For each weight dtype and mask density it times
-``switch_`` from adapter A's state to adapter B's (median over repeats, first call excluded; an untimed
-B -> A switch between repeats), asserts that both paths leave bit-identical weights and saved buffers, and
-compares with the memory floor: the cache lines A's restore and B's apply touch, read and written, at the
-copy bandwidth measured in the same run.
+Run: ``python -m benchmarks.kernels [--quick]``. For each weight dtype and mask density it times ``switch_``
+over A -> B -> A cycles (``benchmarks.timing.cycle``: each switch timed, first call excluded), asserts that
+both paths leave bit-identical weights and saved buffers, and compares with the memory floor: the cache lines
+one switch's restore and apply touch (A's and B's), read and written, at the copy bandwidth measured just
+before each timed switch.
 """
 
 from __future__ import annotations
@@ -12,29 +12,24 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 
-from benchmarks.common import (
-    Timing,
-    copy_bandwidth_gbps,
-    memory_floor_ms,
-    print_table,
-    progress,
-    touched_lines,
-)
+from benchmarks.common import copy_bandwidth_gbps, memory_floor_ms, progress, touched_lines
+from benchmarks.timing import Timing, cycle
 from kernels import extension, reference
+from runtime.dtypes import by_short
+from runtime.table import print_table
 
 # Linear weights of one Llama-3.2-1B decoder layer: q, k, v, o, gate, up, down ([out, in]).
 LAYER_SHAPES = ((2048, 2048), (512, 2048), (512, 2048), (2048, 2048), (8192, 2048), (8192, 2048), (2048, 8192))
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
 class Config:
     layers: int = 16
+    shapes: tuple[tuple[int, int], ...] = LAYER_SHAPES  # of one layer
     densities: tuple[float, ...] = (0.01, 0.02)
     dtypes: tuple[str, ...] = ("fp32", "bf16")
     ref_repeats: int = 3
@@ -80,8 +75,11 @@ class Path:
         dtype = weights[0].dtype
         self.saved = {id(x): [torch.empty(i.numel(), dtype=dtype) for i in x.indices] for x in (a, b)}
         impl.apply_(self.w, a.indices, a.deltas, self.saved[id(a)], validate=False)  # start in state A
+        self.state = a
 
-    def switch(self, src: Adapter, dst: Adapter, validate: bool = False) -> None:
+    def to(self, dst: Adapter, validate: bool = False) -> None:
+        """Switch from the current state to ``dst``'s (one ``switch_`` call)."""
+        src = self.state
         self.impl.switch_(
             self.w,
             src.indices,
@@ -92,24 +90,28 @@ class Path:
             self.saved[id(dst)],
             validate=validate,
         )
+        self.state = dst
 
-    def time_switch(self, repeats: int, validate: bool = False, bandwidth: list[float] | None = None) -> list[float]:
-        """A -> B timed, B -> A untimed between repeats; the first A -> B is not counted. Ends in state B.
+    def time_switch(self, repeats: int, validate: bool = False, bandwidth: list[float] | None = None) -> Timing:
+        """A -> B -> A ... (from state A, reached untimed), each switch timed, the first not counted. Ends in A.
 
         With ``bandwidth``, the copy bandwidth is measured before every timed switch and appended to it,
         so the floor sees the same machine state as the switch (this shared VM's bandwidth drifts).
         """
-        samples = []
-        for k in range(repeats + 1):
-            if k and bandwidth is not None:
-                bandwidth.append(copy_bandwidth_gbps(256 << 20, repeats=3))
-            t0 = time.perf_counter()
-            self.switch(self.a, self.b, validate)
-            if k:
-                samples.append((time.perf_counter() - t0) * 1e3)
-            if k < repeats:
-                self.switch(self.b, self.a)
-        return samples
+        if self.state is not self.a:
+            self.to(self.a)
+
+        def measure_bandwidth() -> None:
+            bandwidth.append(copy_bandwidth_gbps(256 << 20, repeats=3))
+
+        t = cycle(
+            [lambda: self.to(self.b, validate), lambda: self.to(self.a, validate)],
+            repeats,
+            before=measure_bandwidth if bandwidth is not None else None,
+        )
+        if self.state is not self.a:
+            self.to(self.a)
+        return t
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -125,8 +127,8 @@ def assert_same(ref: Path, fast: Path) -> None:
 
 
 def run_case(cfg: Config, dtype_name: str, density: float) -> Result:
-    dtype = DTYPES[dtype_name]
-    shapes = [s for _ in range(cfg.layers) for s in LAYER_SHAPES]
+    dtype = by_short(dtype_name).torch
+    shapes = [s for _ in range(cfg.layers) for s in cfg.shapes]
     gen = torch.Generator().manual_seed(cfg.seed)
     progress(f"{dtype_name} {density:.0%}: weights and masks")
     weights = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
@@ -136,33 +138,32 @@ def run_case(cfg: Config, dtype_name: str, density: float) -> Result:
     del weights
 
     progress(f"{dtype_name} {density:.0%}: reference")
-    t_ref = Timing.of(ref.time_switch(cfg.ref_repeats))
+    t_ref = ref.time_switch(cfg.ref_repeats)
     progress(f"{dtype_name} {density:.0%}: fast path")
     bandwidth: list[float] = []
-    fast_ms = fast.time_switch(cfg.fast_repeats, bandwidth=bandwidth)
-    t_fast, copy_gbps = Timing.of(fast_ms), statistics.median(bandwidth)
-    assert_same(ref, fast)  # both in state B
-    t_val = Timing.of(fast.time_switch(cfg.fast_repeats, validate=True))
-    ref.switch(a, b)  # not timed; keeps the two copies comparable
-    ref.switch(b, a)
-    fast.switch(b, a)
+    t_fast = fast.time_switch(cfg.fast_repeats, bandwidth=bandwidth)
+    copy_gbps = statistics.median(bandwidth)
+    assert_same(ref, fast)  # both in state A
+    t_val = fast.time_switch(cfg.fast_repeats, validate=True)
+    ref.to(b)  # not timed: both in state B
+    fast.to(b)
     assert_same(ref, fast)
 
     esize = dtype.itemsize
     lines = sum(touched_lines(i, esize) for i in a.indices) + sum(touched_lines(i, esize) for i in b.indices)
     floor = memory_floor_ms(lines, copy_gbps)
     # each timed switch against the floor at the bandwidth measured just before it
-    ratio = statistics.median(t / memory_floor_ms(lines, bw) for t, bw in zip(fast_ms, bandwidth))
+    ratio = statistics.median(t / memory_floor_ms(lines, bw) for t, bw in zip(t_fast.samples_ms, bandwidth))
     elements = sum(i.numel() for i in a.indices) + sum(i.numel() for i in b.indices)
     gbps = lines * 64 * 2 / (t_fast.median_ms * 1e-3) / 1e9
     return Result(dtype_name, density, elements, t_ref, t_fast, t_val, copy_gbps, floor, ratio, gbps)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 layers instead of 16")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = Config(layers=2, ref_repeats=5, fast_repeats=15) if args.quick else Config()

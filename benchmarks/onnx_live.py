@@ -30,7 +30,6 @@ import json
 import struct
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,13 +42,15 @@ import torch
 from onnx import TensorProto
 
 import kernels
-from benchmarks.common import Timing, print_table, progress
+from benchmarks.common import progress
+from benchmarks.timing import cycle, cycles, once
 from exporters import export_onnx
 from runtime import Runtime
 from runtime.bundle import GRAPH_FILE, WEIGHTS_FILE
 from runtime.models import PRESETS, TARGETS, build
 from runtime.onnx_backend import GEMM_A_MIN, OnnxBackend, rewrite_linears
 from runtime.synthetic import random_shira
+from runtime.table import print_table
 
 SEQ = 16
 BATCHES = (1, 4)  # 16 and 64 tokens
@@ -78,33 +79,6 @@ class Row:
 
 def rss_gb() -> float:
     return psutil.Process().memory_info().rss / 2**30
-
-
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, Timing]:
-    """Each function once per round, ``repeats`` rounds, after one warm-up round."""
-    for fn in fns.values():
-        fn()
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: Timing.of(v) for k, v in samples.items()}
-
-
-def switch_cycles(rts: dict[str, Runtime], names: list[str], repeats: int) -> dict[str, Timing]:
-    """Single switches around ``names`` (A -> B -> A ...), the runtimes taking turns at each step; the first
-    switch is a warm-up."""
-    for rt in rts.values():
-        rt.switch(names[0])
-    samples: dict[str, list[float]] = {k: [] for k in rts}
-    for i in range(repeats):
-        for k, rt in rts.items():
-            t0 = time.perf_counter()
-            rt.switch(names[(i + 1) % len(names)])
-            samples[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: Timing.of(v) for k, v in samples.items()}
 
 
 PROBES = ("model.layers.0.self_attn.q_proj.weight", "model.norm.weight")
@@ -188,9 +162,8 @@ def inference_rows(cfg: Config, rt: Runtime, bundle: Path, default_path: Path) -
     """Live vs default (and ``--alternatives``) inference, interleaved, at each batch of ``BATCHES``."""
     rows, arrays = [], rt.backend.arrays
     progress(f"inference: live vs default (prepacked) session, {cfg.repeats} interleaved rounds; RSS {rss_gb():.1f} GB")
-    t0 = time.perf_counter()
-    default = session(default_path, cfg.threads, shared=arrays)
-    progress(f"default session created in {(time.perf_counter() - t0) * 1e3:.0f} ms; RSS {rss_gb():.1f} GB")
+    default, ms = once(session, default_path, cfg.threads, shared=arrays)
+    progress(f"default session created in {ms:.0f} ms; RSS {rss_gb():.1f} GB")
     sessions = {"default (prepacked initializers)": default}
     if cfg.alternatives:
         plain_path = initializer_graph(bundle, "plain.onnx", gemm_b=False)
@@ -208,7 +181,7 @@ def inference_rows(cfg: Config, rt: Runtime, bundle: Path, default_path: Path) -
         for label, s in sessions.items():
             feed = {**arrays, "input_ids": ids} if label.startswith("inputs") else {"input_ids": ids}
             fns[label] = lambda s=s, feed=feed: s.run(None, feed)
-        timings = interleaved(fns, cfg.repeats)
+        timings = cycles({k: [fn] for k, fn in fns.items()}, cfg.repeats)  # each once per round, interleaved
         base = timings["default (prepacked initializers)"].median_ms
         for label in ["default (prepacked initializers)", "onnxruntime live", *list(sessions)[1:]]:
             t = timings[label]
@@ -230,22 +203,23 @@ def run(cfg: Config, workdir: Path) -> list[Row]:
     a = random_shira(model, TARGETS, cfg.density, seed=cfg.seed + 1)
     b = random_shira(model, TARGETS, cfg.density, seed=cfg.seed + 2)
     progress("export the bundle")
-    t0 = time.perf_counter()
-    bundle = export_onnx(
-        model, torch.zeros(1, SEQ, dtype=torch.long), workdir / "bundle", output_names=["logits"], verify=False
-    )
-    rows.append(Row("export", "torch.onnx (torchscript) + weights", (time.perf_counter() - t0) * 1e3, 0.0))
+    example = torch.zeros(1, SEQ, dtype=torch.long)
+    bundle, ms = once(export_onnx, model, example, workdir / "bundle", output_names=["logits"], verify=False)
+    rows.append(Row("export", "torch.onnx (torchscript) + weights", ms, 0.0))
 
     rt_torch = Runtime.load(model)
     progress("open the bundle (read + sha256 + probe)")
-    t0 = time.perf_counter()
-    rt = Runtime(OnnxBackend.open(bundle, threads=cfg.threads))  # what Runtime.load(bundle) does, threads set
-    rows.append(Row("open bundle", "read + sha256 + live probe", (time.perf_counter() - t0) * 1e3, 0.0))
+    # what Runtime.load(bundle) does, threads set
+    rt, ms = once(lambda: Runtime(OnnxBackend.open(bundle, threads=cfg.threads)))
+    rows.append(Row("open bundle", "read + sha256 + live probe", ms, 0.0))
     for r in (rt_torch, rt):
         r.add_adapter("a", a)
         r.add_adapter("b", b)
     progress(f"switch A -> B, torch backend and live session in turn ({kernels.backend()} kernels), {cfg.repeats}x")
-    t = switch_cycles({"torch": rt_torch, "live": rt}, ["a", "b"], cfg.repeats)
+    # A -> B -> A, the two runtimes taking turns at each step
+    t = cycles(
+        {k: [lambda r=r, n=n: r.switch(n) for n in "ab"] for k, r in (("torch", rt_torch), ("live", rt))}, cfg.repeats
+    )
     t_torch, t_live = t["torch"], t["live"]
     rows.append(Row("shira switch A->B", f"torch backend ({kernels.backend()})", t_torch.median_ms, t_torch.p90_ms))
     rows.append(
@@ -280,15 +254,18 @@ def run(cfg: Config, workdir: Path) -> list[Row]:
     reps = max(2, min(cfg.repeats, 5))
     progress(f"rebuild: a default session over the fused weights, {reps} times; RSS {rss_gb():.1f} GB")
     rt.switch("a")
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        s = session(default_path, cfg.threads, shared=bundle_arrays)
-        samples.append((time.perf_counter() - t0) * 1e3)
-        del s
+    built: list = []  # the one session alive; it goes before the next is built
+
+    def rebuild() -> None:
+        built[:] = [session(default_path, cfg.threads, shared=bundle_arrays)]
+
+    def drop() -> None:
+        built.clear()
         gc.collect()
+
+    t_rebuild = cycle([rebuild], reps, before=drop)
+    drop()
     rt.switch(None)
-    t_rebuild = Timing.of(samples)
     rows.append(
         Row(
             "apply adapter by rebuild",
