@@ -1,45 +1,17 @@
-"""Shared measuring tools: one timer, switch cycles, peak RSS, the copy bandwidth, the memory floor, a table."""
+"""What the benchmarks measure besides time: the copy bandwidth and the memory floor it sets, peak RSS."""
 
 from __future__ import annotations
 
-import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import psutil
 import torch
 
-from runtime.table import print_table  # noqa: F401  (re-exported for the benchmarks)
+from benchmarks.timing import time_ms
 
 CACHE_LINE = 64
-
-
-@dataclass(frozen=True)
-class Timing:
-    median_ms: float
-    p90_ms: float
-    runs: int
-
-    @staticmethod
-    def of(samples_ms: Sequence[float]) -> Timing:
-        s = sorted(samples_ms)
-        p90 = s[min(len(s) - 1, round(0.9 * (len(s) - 1)))]
-        return Timing(statistics.median(s), p90, len(s))
-
-
-def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> Timing:
-    """Median and p90 wall time of ``fn()`` over ``repeats`` calls, after ``warmup`` calls not counted."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return Timing.of(samples)
 
 
 def copy_bandwidth_gbps(nbytes: int = 512 << 20, repeats: int = 5) -> float:
@@ -101,15 +73,3 @@ def rss_mb() -> float:
     if _PEAK is None:
         _PEAK = PeakRSS()
     return _PEAK.take()
-
-
-def cycle(switches: list[Callable[[], object]], repeats: int) -> Timing:
-    """Time each switch of an A -> B -> A ... cycle separately; the first call (warm-up) is not counted."""
-    switches[0]()
-    samples = []
-    for i in range(repeats):
-        fn = switches[(i + 1) % len(switches)]
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return Timing.of(samples)

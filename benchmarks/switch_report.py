@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.common import print_table
+from runtime.table import print_table
 
 
 def package_version(pkg: str) -> str | None:
