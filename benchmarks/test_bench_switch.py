@@ -10,15 +10,14 @@ import torch
 
 import kernels
 from runtime import Runtime
+from runtime.dtypes import SHORT
 from runtime.models import TARGETS, build
 from runtime.synthetic import random_lora, random_shira
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-
-@pytest.fixture(params=sorted(DTYPES))
+@pytest.fixture(params=sorted(SHORT))
 def setup(request):
-    m = build("tiny", DTYPES[request.param], seed=0)
+    m = build("tiny", SHORT[request.param].torch, seed=0)
     rt = Runtime.load(m)
     rt.add_adapter("a", random_shira(m, TARGETS, 0.02, seed=1))
     rt.add_adapter("b", random_shira(m, TARGETS, 0.02, seed=2))
