@@ -13,19 +13,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from torch import nn
+
+from runtime.adapters import SparseAdapter
 from runtime.models import load_base
-from runtime.sparse import SparseAdapter
 
 
-def peft_to_ours(
-    peft_dir: str | Path, out: str | Path, shapes: dict[str, tuple[int, ...]], values: str | None = "fp32"
-) -> SparseAdapter:
-    """Read a PEFT SHiRA directory, flatten with the base ``shapes``, write our file; returns the adapter."""
-    adapter = SparseAdapter.from_peft(peft_dir)
-    adapter.shapes = {n: tuple(shapes[n]) for n in adapter.indices if n in shapes}
-    missing = sorted(set(adapter.indices) - set(adapter.shapes))
-    if missing:
-        raise SystemExit(f"{peft_dir}: the base has no tensors named {missing[:3]}")
+def peft_to_ours(peft_dir: str | Path, out: str | Path, base: nn.Module, values: str | None = "fp32") -> SparseAdapter:
+    """Read a PEFT SHiRA directory, check it against ``base`` (shapes, PEFT's ``r``) and write our file with
+    the base's shapes and fingerprint; returns the adapter written."""
+    adapter = SparseAdapter.from_peft(peft_dir).for_base(base.state_dict(), str(peft_dir))
     adapter.save(out, values=values)
     return adapter
 
@@ -44,9 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--force", action="store_true", help="write even if PEFT could not load it (see docs)")
     args = p.parse_args(argv)
     if args.cmd == "to-ours":
-        base = load_base(args.base)
-        shapes = {k: tuple(v.shape) for k, v in base.state_dict().items()}
-        ad = peft_to_ours(args.peft_dir, args.out, shapes, args.values)
+        ad = peft_to_ours(args.peft_dir, args.out, load_base(args.base), args.values)
         size = Path(args.out).stat().st_size
         print(f"wrote {args.out}: {ad.nnz} nonzeros, {size} bytes, {size / max(ad.nnz, 1):.2f} bytes/nonzero")
     else:

@@ -22,14 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from runtime.bank import read_source
+from runtime.adapters import LoraAdapter, SparseAdapter, load_adapter, save_adapter
 from runtime.bundle import ADAPTERS_DIR, MANIFEST_FILE
 from runtime.dtypes import SHORT, by_short
-from runtime.fingerprint import Fingerprint
-from runtime.lora import LoraAdapter
 from runtime.models import load_base
-from runtime.peft_io import is_peft_dir
-from runtime.sparse import SparseAdapter
+from runtime.peft_format import is_peft_dir
 from runtime.table import print_table
 
 PEFT_BYTES_PER_NNZ = 12  # PEFT SHiRA: fp32 value + int32 row + int32 col
@@ -42,19 +39,6 @@ def default_example_args(base: nn.Module) -> tuple[torch.Tensor, ...]:
     if vocab is None:
         raise ValueError("example_args is required for a module that is not a built-in or transformers decoder")
     return (torch.randint(0, int(vocab), (1, 8)),)
-
-
-def with_fingerprint(adapter: SparseAdapter, base: nn.Module) -> SparseAdapter:
-    """Record the shapes and a fingerprint of ``base`` in ``adapter`` (PEFT files carry neither)."""
-    sd = base.state_dict()
-    shapes = {n: tuple(sd[n].shape) for n in adapter.indices if n in sd}
-    missing = sorted(set(adapter.indices) - set(shapes))
-    if missing:
-        raise ValueError(f"the base has no tensors named {missing[:3]}")
-    flat = {n: adapter.flat(n, shapes[n])[0] for n in adapter.indices}
-    return SparseAdapter(
-        adapter.indices, adapter.values, shapes, adapter.scale, Fingerprint.of(sd, flat), adapter.mask_kind
-    )
 
 
 @dataclass
@@ -105,8 +89,8 @@ def package(
     for name, source in adapters.items():
         if not name or "/" in name or name.startswith("."):
             raise ValueError(f"adapter name {name!r} cannot be a file name")
-        ad = read_source(source)
-        read[name] = with_fingerprint(ad, base) if isinstance(ad, SparseAdapter) else ad
+        ad = load_adapter(source)
+        read[name] = ad.for_base(base.state_dict(), name) if isinstance(ad, SparseAdapter) else ad
     t0 = time.perf_counter()
     say(f"exporting the base to {out_dir} ...")
     export_onnx(base, example_args, out_dir)
@@ -117,7 +101,7 @@ def package(
     for name, ad in read.items():
         if isinstance(ad, SparseAdapter):
             rel = f"{ADAPTERS_DIR}/{name}.safetensors"
-            ad.save(out_dir / rel, values=values)
+            save_adapter(ad, out_dir / rel, values=values)
             t0 = time.perf_counter()
             SparseAdapter.load(out_dir / rel)  # read back as a runtime would: checksums verified, indices decoded
             decode_ms = (time.perf_counter() - t0) * 1e3

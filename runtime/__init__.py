@@ -1,5 +1,6 @@
 """Adapter-switching inference runtime: SHiRA sparse adapters switched in place, LoRA as the baseline."""
 
+from runtime.adapters import LoraAdapter, SparseAdapter, load_adapter, save_adapter
 from runtime.errors import (
     AdapterFormatError,
     AdapterMismatchError,
@@ -9,9 +10,7 @@ from runtime.errors import (
     UnknownAdapterError,
 )
 from runtime.fingerprint import Fingerprint
-from runtime.lora import LoraAdapter
 from runtime.manager import Runtime
-from runtime.sparse import SparseAdapter
 from runtime.switcher import SwitchStats
 
 __all__ = [
@@ -26,4 +25,6 @@ __all__ = [
     "SparseAdapter",
     "SwitchStats",
     "UnknownAdapterError",
+    "load_adapter",
+    "save_adapter",
 ]

@@ -5,37 +5,13 @@ Everything that can be wrong with an adapter is found here, before any switch wr
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from runtime.adapter_file import load_sparse
+from runtime.adapters import LoraAdapter, SparseAdapter
 from runtime.backend import Backend
-from runtime.errors import AdapterFormatError, AdapterMismatchError
+from runtime.errors import AdapterMismatchError
 from runtime.fingerprint import PROBES
-from runtime.lora import LoraAdapter
-from runtime.peft_io import is_peft_dir, load_peft
-from runtime.sparse import SparseAdapter
 from runtime.switcher import Prepared, Switcher
-
-Source = str | Path | SparseAdapter | LoraAdapter
-
-
-def read_source(source: Source) -> SparseAdapter | LoraAdapter:
-    """An adapter object from a path (our file or a PEFT directory) or the object itself."""
-    if isinstance(source, (SparseAdapter, LoraAdapter)):
-        return source
-    if not isinstance(source, (str, Path)):
-        raise TypeError(f"adapter source must be a path, SparseAdapter or LoraAdapter, got {type(source).__name__}")
-    path = Path(source)
-    if path.is_dir():
-        if is_peft_dir(path):
-            return load_peft(path)
-        raise AdapterFormatError(f"{path}: a directory without adapter_config.json is not a PEFT adapter")
-    if not path.exists():
-        raise AdapterFormatError(f"{path}: no such file or directory")
-    return load_sparse(path)
-
 
 MODES = ("fused", "unfused")
 
@@ -53,8 +29,8 @@ def prepare(
     return _prepare_lora(backend, name, adapter, unfused=mode == "unfused")
 
 
-def _claim(backend: Backend, seen: dict[str, str], tensor: str, adapter: str) -> str:
-    canon = backend.canonical(tensor, adapter)
+def _claim(backend: Backend, seen: dict[str, str], tensor: str, adapter: str, source: str | None) -> str:
+    canon = backend.canonical(tensor, adapter + (f" (from {source})" if source else ""))
     if canon in seen:
         raise AdapterMismatchError(
             f"adapter {adapter!r}: tensors {seen[canon]!r} and {tensor!r} are the same (tied) weight"
@@ -69,7 +45,7 @@ def _prepare_sparse(backend: Backend, switcher: Switcher, name: str, adapter: Sp
     if not torch.isfinite(torch.tensor(adapter.scale)):
         raise AdapterMismatchError(f"adapter {name!r}: scale {adapter.scale} is not finite")
     for tensor in adapter.indices:
-        canon = _claim(backend, seen, tensor, name)
+        canon = _claim(backend, seen, tensor, name, adapter.source)
         idx, val = adapter.flat(tensor, backend.shapes[canon], name)
         logical[tensor] = (canon, idx)
         delta = val.to(torch.float32).contiguous()
@@ -86,14 +62,14 @@ def _prepare_sparse(backend: Backend, switcher: Switcher, name: str, adapter: Sp
             for t, (c, idx) in logical.items()
             if t in adapter.fingerprint.probes
         }
-        adapter.fingerprint.check(name, shapes, probes)
+        adapter.fingerprint.check(name + (f" (from {adapter.source})" if adapter.source else ""), shapes, probes)
     return prep
 
 
 def _prepare_lora(backend: Backend, name: str, adapter: LoraAdapter, unfused: bool) -> Prepared:
     prep, seen = Prepared(name, 1.0), {}
     for tensor in adapter.A:
-        canon = _claim(backend, seen, tensor, name)
+        canon = _claim(backend, seen, tensor, name, adapter.source)
         a, b = adapter.factors(tensor, backend.shapes[canon], name)
         if unfused:
             if adapter.fan_in_fan_out:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +54,8 @@ class Fingerprint:
         for name, want in self.probes.items():
             got = base_values[name][: want.numel()].to(torch.float32)
             atol = 1e-3 * float(want.abs().max()) if want.numel() else 0.0
+            if not math.isfinite(atol):
+                raise BaseMismatchError(f"adapter {adapter!r}: tensor {name!r}: the fingerprint's probe is not finite")
             if got.shape != want.shape or not torch.allclose(got, want, rtol=RTOL, atol=atol):
                 raise BaseMismatchError(
                     f"adapter {adapter!r} was made for another base: tensor {name!r} has other weights at the "

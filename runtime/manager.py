@@ -12,8 +12,9 @@ from typing import Any
 
 from torch import nn
 
+from runtime.adapters import Source, load_adapter
 from runtime.backend import Backend, TorchBackend
-from runtime.bank import Source, prepare, read_source
+from runtime.bank import prepare
 from runtime.errors import ShiraError, UnknownAdapterError
 from runtime.rwlock import RWLock
 from runtime.switcher import Prepared, Switcher, SwitchStats
@@ -35,7 +36,7 @@ class Runtime:
         self._bank: dict[str, Prepared] = {}
         self._pending: dict[str, tuple[Source, str | None]] = {}  # registered lazily: read at first use
         self._lock = RWLock()
-        self._bank_lock = threading.Lock()
+        self._bank_lock = threading.RLock()  # _get names the registered adapters in its error
 
     @classmethod
     def load(cls, base: nn.Module | str | Path) -> Runtime:
@@ -71,7 +72,9 @@ class Runtime:
     # -- adapters --
     @property
     def adapters(self) -> tuple[str, ...]:
-        return tuple(self._bank) + tuple(n for n in self._pending if n not in self._bank)
+        """Registered names, in registration order (lazily registered ones included)."""
+        with self._bank_lock:
+            return tuple(dict.fromkeys([*self._bank, *self._pending]))
 
     @property
     def active(self) -> tuple[tuple[str, float], ...]:
@@ -95,7 +98,7 @@ class Runtime:
                 self._check_free(name)
                 self._pending[name] = (source, mode)
             return
-        adapter = read_source(source)
+        adapter = load_adapter(source)
         with self._lock.read():  # the fingerprint reads base values: no switch may run meanwhile
             prepared = prepare(self.backend, self._switcher, name, adapter, mode)
         with self._bank_lock:
@@ -122,7 +125,7 @@ class Runtime:
             return self._bank[name]
         if name in self._pending:
             source, mode = self._pending[name]
-            self._bank[name] = prepare(self.backend, self._switcher, name, read_source(source), mode)
+            self._bank[name] = prepare(self.backend, self._switcher, name, load_adapter(source), mode)
             del self._pending[name]
             return self._bank[name]
         raise UnknownAdapterError(f"no adapter named {name!r}; registered: {list(self.adapters)}")
@@ -184,4 +187,4 @@ class Runtime:
             return self.backend(*args, **kwargs)
 
     def __repr__(self) -> str:
-        return f"Runtime({self.backend.kind}, adapters={list(self._bank)}, active={self.active})"
+        return f"Runtime({self.backend.kind}, adapters={list(self.adapters)}, active={self.active})"

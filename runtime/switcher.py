@@ -68,22 +68,42 @@ class SwitchStats:
 EMPTY_PLAN = Plan((), {}, {}, [])
 
 
+@dataclass(frozen=True)
+class State:
+    """What is applied, and what an exact revert needs; replaced whole (one assignment) when a switch commits."""
+
+    plan: Plan
+    sparse_saved: dict[str, tuple[torch.Tensor, torch.Tensor]]  # t -> (idx, base values at idx)
+    dense_saved: dict[str, torch.Tensor]  # t -> full copy of the base tensor
+
+
+# A NaN bit pattern per dtype that fills the incoming saved buffers before the kernel runs: an entry still
+# holding it was never gathered, so its weight element was never written (the kernels gather before they
+# write, element by element). A base value with exactly these bits is written back unchanged either way.
+UNGATHERED = {torch.float32: (torch.int32, 0x7FDADBAD), torch.float16: (torch.int16, 0x7E5B)}
+UNGATHERED[torch.bfloat16] = (torch.int16, 0x7FDB)
+ROLLBACK_TRIES = 3  # a rollback that fails (other than by KeyboardInterrupt) is retried this often
+
+
 class Switcher:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
-        self.plan: Plan = EMPTY_PLAN
-        self.sparse_saved: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # t -> (idx, saved base values)
-        self.dense_saved: dict[str, torch.Tensor] = {}  # t -> full copy of the base tensor
+        self.state = State(EMPTY_PLAN, {}, {})
         self._absmax: dict[str, float] = {}
+
+    @property
+    def plan(self) -> Plan:
+        return self.state.plan
 
     # -- reading the base while adapters may be applied --
     def base_values(self, t: str, idx: torch.Tensor) -> torch.Tensor:
         """Base values of storage tensor ``t`` at flat ``idx`` (whatever is applied now)."""
-        if t in self.dense_saved:
-            return self.dense_saved[t].view(-1)[idx.long()]
+        state = self.state
+        if t in state.dense_saved:
+            return state.dense_saved[t].view(-1)[idx.long()]
         out = self.backend.tensors[t].view(-1)[idx.long()]
-        if t in self.sparse_saved:
-            aidx, saved = self.sparse_saved[t]
+        if t in state.sparse_saved:
+            aidx, saved = state.sparse_saved[t]
             if aidx.numel():
                 pos = torch.searchsorted(aidx, idx.to(aidx.dtype)).clamp_(max=aidx.numel() - 1)
                 hit = aidx[pos] == idx.to(aidx.dtype)
@@ -93,11 +113,12 @@ class Switcher:
     def base_absmax(self, t: str) -> float:
         """An upper bound on |base| over tensor ``t`` (cached): for the overflow check."""
         if t not in self._absmax:
+            state = self.state
             m = self.backend.tensors[t].abs().max().item() if self.backend.tensors[t].numel() else 0.0
-            if t in self.sparse_saved and self.sparse_saved[t][1].numel():
-                m = max(m, self.sparse_saved[t][1].abs().max().item())
-            if t in self.dense_saved:
-                m = max(m, self.dense_saved[t].abs().max().item())
+            if t in state.sparse_saved and state.sparse_saved[t][1].numel():
+                m = max(m, state.sparse_saved[t][1].abs().max().item())
+            if t in state.dense_saved:
+                m = max(m, state.dense_saved[t].abs().max().item())
             self._absmax[t] = float(m)
         return self._absmax[t]
 
@@ -141,25 +162,81 @@ class Switcher:
                 f"tensor {t!r}: base + delta may reach {reach:.3g}, beyond what {w.dtype} holds ({limit:.3g})"
             )
 
-    # -- writing --
+    # -- writing: one transaction --
     def switch(self, plan: Plan) -> SwitchStats:
+        """Make ``plan`` the applied state. Any exception at any point (``KeyboardInterrupt`` and
+        ``MemoryError`` included) rolls every write back: weights and state are as before the call."""
         t0 = time.perf_counter()
-        old = self.plan
-        written = self._write(old, plan)
+        old, tensors = self.state, self.backend.tensors
+        in_t = list(plan.sparse)
+        in_idx = [plan.sparse[t][0] for t in in_t]
+        in_saved = [_ungathered(i.numel(), tensors[t].dtype) for t, i in zip(in_t, in_idx)]
+        dense_saved = {t: c for t, c in old.dense_saved.items() if t in plan.dense}  # base copies kept
         try:
-            self._apply_dense(plan)
+            for t in old.plan.dense:
+                if t not in plan.dense:  # leaves dense: its base copy goes back whole
+                    tensors[t].copy_(old.dense_saved[t])
+            out_t = list(old.sparse_saved)
+            if out_t or in_t:
+                kernels.switch_(
+                    [tensors[t] for t in out_t],
+                    [old.sparse_saved[t][0] for t in out_t],
+                    [old.sparse_saved[t][1] for t in out_t],
+                    [tensors[t] for t in in_t],
+                    in_idx,
+                    [plan.sparse[t][1] for t in in_t],
+                    in_saved,
+                    validate=False,
+                )
+            for t in plan.dense:
+                if t not in dense_saved:
+                    dense_saved[t] = tensors[t].clone()  # the base: the kernel restored any sparse state
+            _apply_dense(self.backend, plan, dense_saved)
+            self.backend.set_unfused(plan.unfused)
+            self.state = State(plan, dict(zip(in_t, zip(in_idx, in_saved))), dense_saved)  # commit
         except BaseException:
-            self._undo_dense_partial()
-            self._write(plan, old, dense_out=False)
-            self._apply_dense(old)
+            self._rollback(old, plan, in_saved, dense_saved)
             raise
-        self.backend.set_unfused(plan.unfused)
-        self.plan = plan
         ms = (time.perf_counter() - t0) * 1e3
-        restored = [t for t in old.dense if t not in plan.dense]  # copied back whole
-        written += sum(self.backend.tensors[t].numel() for t in [*plan.dense, *restored])
-        nbytes = self._bytes(old) + self._bytes(plan)
+        restored = [t for t in old.plan.dense if t not in plan.dense]  # copied back whole
+        written = sum(i.numel() for i, _ in old.sparse_saved.values()) + sum(i.numel() for i in in_idx)
+        written += sum(tensors[t].numel() for t in [*plan.dense, *restored])
+        nbytes = self._bytes(old.plan) + self._bytes(plan)
         return SwitchStats(ms, written, nbytes, plan.active, kernels.backend())
+
+    def _rollback(self, old: State, plan: Plan, in_saved: list[torch.Tensor], dense_saved: dict) -> None:
+        """Undo whatever part of a switch to ``plan`` ran, wherever it stopped; every step is idempotent, so
+        an interrupted rollback is run again (a ``KeyboardInterrupt`` during it is raised once it is done)."""
+        interrupt, tries = None, 0
+        while True:
+            try:
+                self._undo(old, plan, in_saved, dense_saved)
+                break
+            except KeyboardInterrupt as exc:
+                interrupt = exc
+            except BaseException:
+                tries += 1
+                if tries >= ROLLBACK_TRIES:
+                    raise
+        if interrupt is not None:
+            raise interrupt
+
+    def _undo(self, old: State, plan: Plan, in_saved: list[torch.Tensor], dense_saved: dict) -> None:
+        tensors = self.backend.tensors
+        for t in {*old.plan.dense, *plan.dense}:  # dense tensors back to their base copies
+            base = old.dense_saved.get(t, dense_saved.get(t))
+            if base is not None:
+                tensors[t].copy_(base)
+        for t, saved in zip(plan.sparse, in_saved):  # the incoming writes, undone where they happened
+            int_dtype, marker = UNGATHERED[saved.dtype]
+            done = saved.view(int_dtype) != marker
+            idx = plan.sparse[t][0].long()[done]
+            tensors[t].view(-1).index_copy_(0, idx, saved[done])
+        for t, (idx, base) in old.sparse_saved.items():  # the outgoing state, written as it was
+            value = (base.float() + old.plan.sparse[t][1]).to(base.dtype)  # the kernels' formula
+            tensors[t].view(-1).index_copy_(0, idx.long(), value)
+        _apply_dense(self.backend, old.plan, old.dense_saved)
+        self.backend.set_unfused(old.plan.unfused)
 
     def _bytes(self, plan: Plan) -> int:
         n = 0
@@ -169,67 +246,37 @@ class Switcher:
             n += 2 * self.backend.tensors[t].numel() * self.backend.tensors[t].element_size()
         return n
 
-    def _write(self, old: Plan, new: Plan, dense_out: bool = True) -> int:
-        """Restore ``old`` (dense then sparse) and apply ``new``'s sparse part, in one kernel call."""
-        tensors = self.backend.tensors
-        if dense_out:
-            for t in old.dense:
-                if t not in new.dense:  # still dense after: its base copy stays, the apply rewrites it whole
-                    tensors[t].copy_(self.dense_saved.pop(t))
-        out_t = list(self.sparse_saved)
-        out_idx = [self.sparse_saved[t][0] for t in out_t]
-        out_saved = [self.sparse_saved[t][1] for t in out_t]
-        in_t = list(new.sparse)
-        in_idx = [new.sparse[t][0] for t in in_t]
-        in_delta = [new.sparse[t][1] for t in in_t]
-        in_saved = [torch.empty(i.numel(), dtype=tensors[t].dtype) for t, i in zip(in_t, in_idx)]
-        if out_t or in_t:
-            kernels.switch_(
-                [tensors[t] for t in out_t],
-                out_idx,
-                out_saved,
-                [tensors[t] for t in in_t],
-                in_idx,
-                in_delta,
-                in_saved,
-                validate=False,
-            )
-        self.sparse_saved = {t: (i, s) for t, i, s in zip(in_t, in_idx, in_saved)}
-        return sum(i.numel() for i in out_idx) + sum(i.numel() for i in in_idx)
 
-    def _apply_dense(self, plan: Plan) -> None:
-        """Write ``dtype(base + sum of parts)`` over each dense tensor, from its kept base copy."""
-        for t, parts in plan.dense.items():
-            w = self.backend.tensors[t]
-            if t not in self.dense_saved:
-                self.dense_saved[t] = w.clone()  # w holds the base here
-            base = self.dense_saved[t]
-            transposed = t in self.backend.transposed
-            if len(parts) == 1 and parts[0][0] == "lora":  # the common case: one fused GEMM, no temporaries in fp32
-                (a, b), alpha = parts[0][1], parts[0][2]
-                m1, m2 = (a.t(), b.t()) if transposed else (b, a)  # storage [in, out]: (B @ A).T = A.T @ B.T
-                if w.dtype == torch.float32:
-                    torch.addmm(base, m1, m2, alpha=alpha, out=w)
-                else:
-                    w.copy_(torch.addmm(base.float(), m1, m2, alpha=alpha))
+def _ungathered(n: int, dtype: torch.dtype) -> torch.Tensor:
+    int_dtype, marker = UNGATHERED[dtype]
+    return torch.full((n,), marker, dtype=int_dtype).view(dtype)
+
+
+def _apply_dense(backend: Backend, plan: Plan, base_copies: dict[str, torch.Tensor]) -> None:
+    """Write ``dtype(base + sum of parts)`` over each dense tensor of ``plan``, from its base copy."""
+    for t, parts in plan.dense.items():
+        w, base = backend.tensors[t], base_copies[t]
+        transposed = t in backend.transposed
+        if len(parts) == 1 and parts[0][0] == "lora":  # the common case: one fused GEMM, no temporaries in fp32
+            (a, b), alpha = parts[0][1], parts[0][2]
+            m1, m2 = (a.t(), b.t()) if transposed else (b, a)  # storage [in, out]: (B @ A).T = A.T @ B.T
+            if w.dtype == torch.float32:
+                torch.addmm(base, m1, m2, alpha=alpha, out=w)
             else:
-                total = torch.zeros(w.shape, dtype=torch.float32)
-                for kind, part, alpha in parts:
-                    if kind == "lora":
-                        a, b = part
-                        total.addmm_(*((a.t(), b.t()) if transposed else (b, a)), alpha=alpha)
-                    else:
-                        idx, delta = part
-                        total.view(-1).index_add_(0, idx.long(), delta, alpha=alpha)
-                w.copy_(total.add_(base))
-            # a sum is finite only if every term is (cheap); the elementwise check only if it is not
-            if not bool(torch.isfinite(w.sum(dtype=torch.float32))) and not bool(torch.isfinite(w).all()):
-                raise AdapterValueError(f"tensor {t!r}: the adapted weights overflow {w.dtype} (Inf/NaN)")
-
-    def _undo_dense_partial(self) -> None:
-        for t, saved in self.dense_saved.items():
-            self.backend.tensors[t].copy_(saved)
-        self.dense_saved = {}
+                w.copy_(torch.addmm(base.float(), m1, m2, alpha=alpha))
+        else:
+            total = torch.zeros(w.shape, dtype=torch.float32)
+            for kind, part, alpha in parts:
+                if kind == "lora":
+                    a, b = part
+                    total.addmm_(*((a.t(), b.t()) if transposed else (b, a)), alpha=alpha)
+                else:
+                    idx, delta = part
+                    total.view(-1).index_add_(0, idx.long(), delta, alpha=alpha)
+            w.copy_(total.add_(base))
+        # a sum is finite only if every term is (cheap); the elementwise check only if it is not
+        if not bool(torch.isfinite(w.sum(dtype=torch.float32))) and not bool(torch.isfinite(w).all()):
+            raise AdapterValueError(f"tensor {t!r}: the adapted weights overflow {w.dtype} (Inf/NaN)")
 
 
 def _fp32(x: float) -> float:

@@ -10,9 +10,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from runtime.adapters import LoraAdapter, SparseAdapter
 from runtime.fingerprint import Fingerprint
-from runtime.lora import LoraAdapter
-from runtime.sparse import SparseAdapter
 
 
 def target_weights(module: nn.Module, targets: Iterable[str]) -> dict[str, torch.Tensor]:

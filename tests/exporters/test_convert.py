@@ -30,8 +30,7 @@ def peft_shira(base, path, seed=1):
 def test_peft_to_ours_to_peft_is_identical_in_fp32_and_peft_loads_it(tmp_path):
     base = build("tiny", torch.float32, seed=1)
     merged = peft_shira(base, tmp_path / "peft")
-    shapes = {k: tuple(v.shape) for k, v in base.state_dict().items()}
-    ours = peft_to_ours(tmp_path / "peft", tmp_path / "a.safetensors", shapes, values="fp32")
+    ours = peft_to_ours(tmp_path / "peft", tmp_path / "a.safetensors", base, values="fp32")
     back = SparseAdapter.load(tmp_path / "a.safetensors").to_peft(tmp_path / "back")
     orig = SparseAdapter.from_peft(tmp_path / "peft")
     again = SparseAdapter.from_peft(back)
@@ -50,7 +49,7 @@ def test_fp16_values_round_to_nearest_once(tmp_path):
     base = build("tiny", torch.float32, seed=1)
     peft_shira(base, tmp_path / "peft")
     shapes = {k: tuple(v.shape) for k, v in base.state_dict().items()}
-    peft_to_ours(tmp_path / "peft", tmp_path / "a16.safetensors", shapes, values="fp16")
+    peft_to_ours(tmp_path / "peft", tmp_path / "a16.safetensors", base, values="fp16")
     orig = SparseAdapter.from_peft(tmp_path / "peft")
     half = SparseAdapter.load(tmp_path / "a16.safetensors")
     for n in orig.indices:

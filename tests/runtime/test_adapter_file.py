@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from runtime import AdapterFormatError, Runtime, SparseAdapter
-from runtime.adapter_file import decode_gaps, encode_gaps
 from runtime.models import TARGETS, build
+from runtime.shira_file import decode_gaps, encode_gaps
 from runtime.synthetic import random_indices, random_shira
 from tests.conftest import assert_bit_identical, snapshot
 
@@ -23,7 +23,7 @@ def test_gap_codec_round_trip(density):
     idx = random_indices(n, max(1, int(density * n)), gen)
     for case in (idx, idx[:1], torch.tensor([0, 1, 2, n - 1]), torch.tensor([70000]), idx[:0]):
         gaps, esc = encode_gaps(case)
-        assert torch.equal(decode_gaps(gaps, esc, "t"), case.long())
+        assert torch.equal(decode_gaps(gaps, esc, "t", n), case.long())
 
 
 def test_round_trip_values_dtypes(tmp_path):
@@ -77,7 +77,7 @@ def test_golden_bytes_pin_the_format(tmp_path):
     header_len = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + header_len])
     meta = header.pop("__metadata__")
-    assert meta["format"] == "shira-runtime/sparse" and meta["version"] == "2" and meta["scale"] == "0.5"
+    assert meta["format"] == "shira-runtime/sparse" and meta["version"] == "3" and meta["scale"] == "0.5"
     assert header["w::gaps"]["dtype"] == "U8" and header["w::gaps"]["shape"] == [5]
     assert header["w::escapes"]["dtype"] == "I32" and header["w::escapes"]["shape"] == [2]  # gaps 296, 69698
     assert header["w::values"]["dtype"] == "F16"
@@ -86,9 +86,13 @@ def test_golden_bytes_pin_the_format(tmp_path):
     assert list(gaps) == [0, 2, 255, 0, 255]
     # the tensor bytes are pinned whole (the header's metadata order is not stable across writers)
     assert hashlib.sha256(body).hexdigest() == GOLDEN_BODY_SHA256
-    assert json.loads(meta["checksums"]) == {
-        k: hashlib.sha256(body[slice(*v["data_offsets"])]).hexdigest()[:32] for k, v in header.items()
-    }
+    torch_dtype = {"U8": "torch.uint8", "I32": "torch.int32", "F16": "torch.float16"}
+    sums = {}
+    for k, v in header.items():  # each checksum binds the tensor's key, dtype and shape to its bytes
+        h = hashlib.sha256(json.dumps([k, torch_dtype[v["dtype"]], v["shape"]]).encode())
+        h.update(body[slice(*v["data_offsets"])])
+        sums[k] = h.hexdigest()[:32]
+    assert json.loads(meta["checksums"]) == sums
 
 
 GOLDEN_BODY_SHA256 = "041c39b0f8947980cb5d60c7f8985f7cd03d6a32f533206aed48d226216a62c1"

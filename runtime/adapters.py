@@ -1,0 +1,303 @@
+"""Adapters: the data (``SparseAdapter``, ``LoraAdapter``) and the two verbs that move them to and from files.
+
+    adapter = load_adapter("a.safetensors")        # our file, a PEFT SHiRA or LoRA directory, or an object
+    save_adapter(adapter, "a.safetensors", values="fp16")     # our compact file
+    save_adapter(adapter, "peft_dir/", format="peft")          # a PEFT SHiRA directory
+
+The byte layouts belong to ``runtime.shira_file`` (ours) and ``runtime.peft_format`` (PEFT's); the classes
+hold data and validate it against a base (``SparseAdapter.flat``, ``LoraAdapter.factors``).
+``SparseAdapter.load/.save/.from_peft/.to_peft`` and ``LoraAdapter.from_peft`` are the same verbs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from runtime import peft_format, shira_file
+from runtime.dtypes import FLOATS, by_short
+from runtime.errors import AdapterFormatError, AdapterMismatchError, AdapterValueError, BaseMismatchError
+from runtime.fingerprint import Fingerprint
+
+
+@dataclass(eq=False)
+class SparseAdapter:
+    """A sparse adapter: ``W_new = dtype(W_base + weight * scale * delta)`` at ``indices``, computed in fp32.
+
+    ``indices[name]`` is 1-D (flat, row-major) or ``[2, N]`` (row, col) for 2-D tensors; ``values[name]`` is
+    1-D, same length. ``shapes`` holds the base shapes when known. ``peft_r``: PEFT's SHiRA ``r`` when the
+    adapter came from PEFT: each 2-D tensor then holds ``r * (out + in)`` entries, checked against the base.
+    ``source``: the file it was read from, named in errors.
+    """
+
+    indices: dict[str, torch.Tensor]
+    values: dict[str, torch.Tensor]
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    scale: float = 1.0
+    fingerprint: Fingerprint | None = None
+    mask_kind: str = "random"
+    peft_r: int | None = None
+    source: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.indices, dict) or not isinstance(self.values, dict):
+            raise AdapterValueError("SparseAdapter: indices and values must be dicts of tensors by name")
+        if set(self.indices) != set(self.values):
+            missing = sorted(set(self.indices) ^ set(self.values))
+            raise AdapterValueError(f"SparseAdapter: indices and values name different tensors: {missing}")
+        for name in self.indices:
+            if not isinstance(self.indices[name], torch.Tensor) or not isinstance(self.values[name], torch.Tensor):
+                raise AdapterValueError(f"SparseAdapter: tensor {name!r}: indices and values must be tensors")
+        shapes = {}
+        for name, shape in dict(self.shapes).items():
+            dims = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else None
+            if dims is None or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
+                raise AdapterValueError(f"SparseAdapter: tensor {name!r}: shape {shape!r} is not non-negative ints")
+            shapes[name] = dims
+        self.shapes = shapes
+        if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
+            raise AdapterValueError(f"SparseAdapter: scale {self.scale!r} is not a finite number")
+
+    @property
+    def nnz(self) -> int:
+        return sum(int(v.numel()) for v in self.values.values())
+
+    def __repr__(self) -> str:
+        return f"SparseAdapter({len(self.values)} tensors, nnz={self.nnz}, scale={self.scale})"
+
+    def where(self, adapter: str, name: str) -> str:
+        src = f" (from {self.source})" if self.source else ""
+        return f"adapter {adapter!r}{src}, tensor {name!r}"
+
+    def flat(self, name: str, shape: tuple[int, ...], adapter: str = "?") -> tuple[torch.Tensor, torch.Tensor]:
+        """Validated ``(indices, values)`` of tensor ``name`` for a base tensor of ``shape``.
+
+        Indices come back flat, sorted, unique, int32 (int64 past 2**31 elements); values are reordered to match.
+        Raises a specific error naming the adapter, its file, the tensor and the index at fault.
+        """
+        where = self.where(adapter, name)
+        idx, val = self.indices[name], self.values[name]
+        shape = tuple(int(d) for d in shape)
+        if name in self.shapes and self.shapes[name] != shape:
+            raise AdapterMismatchError(f"{where}: made for shape {self.shapes[name]}, the base has {shape}")
+        if self.peft_r is not None and len(shape) == 2 and val.numel() != self.peft_r * (shape[0] + shape[1]):
+            raise BaseMismatchError(
+                f"{where}: {val.numel()} entries, but PEFT's r={self.peft_r} gives r * (out + in) = "
+                f"{self.peft_r * (shape[0] + shape[1])} for this base's {shape}: made for a base of other shapes"
+            )
+        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+            raise AdapterMismatchError(f"{where}: indices have dtype {idx.dtype}, expected an integer dtype")
+        if val.dtype not in FLOATS:
+            raise AdapterMismatchError(f"{where}: values have dtype {val.dtype}, expected fp32/fp16/bf16")
+        if val.dim() != 1:
+            raise AdapterMismatchError(f"{where}: values must be 1-D, got shape {tuple(val.shape)}")
+        numel = math.prod(shape)
+        idx = idx.long()
+        if idx.dim() == 2 and idx.shape[0] == 2:
+            if len(shape) != 2:
+                raise AdapterMismatchError(f"{where}: (row, col) indices given for a {len(shape)}-D tensor")
+            for axis, (part, bound) in enumerate(((idx[0], shape[0]), (idx[1], shape[1]))):
+                bad = (part < 0) | (part >= bound)
+                if bool(bad.any()):
+                    i = int(bad.nonzero()[0])
+                    raise AdapterMismatchError(
+                        f"{where}: {'row' if axis == 0 else 'col'} index {int(part[i])} at position {i} "
+                        f"out of range for shape {shape}"
+                    )
+            idx = idx[0] * shape[1] + idx[1]
+        elif idx.dim() != 1:
+            raise AdapterMismatchError(f"{where}: indices must be flat [N] or [2, N], got {tuple(idx.shape)}")
+        if idx.numel() != val.numel():
+            raise AdapterMismatchError(f"{where}: {idx.numel()} indices but {val.numel()} values")
+        bad = (idx < 0) | (idx >= numel)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise AdapterMismatchError(
+                f"{where}: index {int(idx[i])} at position {i} out of range for shape {shape} ({numel} elements)"
+            )
+        finite = torch.isfinite(val)
+        if not bool(finite.all()):
+            i = int((~finite).nonzero()[0])
+            raise AdapterValueError(
+                f"{where}: value {float(val[i])} at position {i} (index {int(idx[i])}) is not finite"
+            )
+        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            order = torch.argsort(idx, stable=True)
+            idx, val = idx[order], val[order]
+            dup = idx[1:] == idx[:-1]
+            if bool(dup.any()):
+                i = int(dup.nonzero()[0])
+                raise AdapterValueError(f"{where}: index {int(idx[i])} appears more than once")
+        return idx.to(torch.int32 if numel < 2**31 else torch.int64).contiguous(), val.contiguous()
+
+    def for_base(self, base: dict[str, torch.Tensor], adapter: str = "?") -> SparseAdapter:
+        """This adapter checked against ``base`` (name -> tensor), with its shapes and fingerprint recorded
+        (a PEFT adapter carries neither; a fingerprint it carries must match ``base``): indices flat, sorted."""
+        missing = sorted(set(self.indices) - set(base))
+        if missing:
+            src = f" (from {self.source})" if self.source else ""
+            raise AdapterMismatchError(f"adapter {adapter!r}{src}: the base has no tensors named {missing[:3]}")
+        flat = {n: self.flat(n, tuple(base[n].shape), adapter) for n in self.indices}
+        idx = {n: i for n, (i, _) in flat.items()}
+        shapes = {n: tuple(base[n].shape) for n in idx}
+        fingerprint = Fingerprint.of(base, idx)
+        if self.fingerprint is not None:
+            self.fingerprint.check(
+                adapter + (f" (from {self.source})" if self.source else ""), shapes, fingerprint.probes
+            )
+        values = {n: v for n, (_, v) in flat.items()}
+        return SparseAdapter(idx, values, shapes, self.scale, fingerprint, self.mask_kind, source=self.source)
+
+    # the verbs, under the contract's spellings
+    @staticmethod
+    def load(path: str | Path) -> SparseAdapter:
+        """Read our adapter file (any supported format version)."""
+        return _expect(load_adapter(path), SparseAdapter, path)
+
+    def save(self, path: str | Path, values: str | None = None) -> Path:
+        """Write our adapter file (``shapes`` must be known); ``values``: fp16/bf16/fp32, None keeps theirs."""
+        return save_adapter(self, path, values=values)
+
+    @staticmethod
+    def from_peft(directory: str | Path) -> SparseAdapter:
+        """Read a PEFT SHiRA adapter directory."""
+        return _expect(load_adapter(directory), SparseAdapter, directory)
+
+    def to_peft(self, directory: str | Path, strict: bool = True) -> Path:
+        """Write a PEFT SHiRA adapter directory (see ``save_adapter``)."""
+        return save_adapter(self, directory, format="peft", strict=strict)
+
+
+@dataclass(eq=False)
+class LoraAdapter:
+    """A LoRA adapter: ``W_new = dtype(W_base + weight * scaling * B @ A)``, computed in fp32.
+
+    ``scaling[name]`` is ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with rsLoRA), per tensor.
+    ``fan_in_fan_out``: the base stores the weight as ``[in, out]`` (GPT-2 ``Conv1D``): the delta is transposed.
+    """
+
+    A: dict[str, torch.Tensor]
+    B: dict[str, torch.Tensor]
+    scaling: dict[str, float] = field(default_factory=dict)
+    fan_in_fan_out: bool = False
+    source: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if set(self.A) != set(self.B):
+            raise AdapterValueError(f"LoraAdapter: A and B name different tensors: {sorted(set(self.A) ^ set(self.B))}")
+        for name in self.A:
+            s = self.scaling.setdefault(name, 1.0)
+            if not isinstance(s, (int, float)) or not math.isfinite(s):
+                raise AdapterValueError(f"LoraAdapter: tensor {name!r}: scaling {s!r} is not a finite number")
+
+    @property
+    def params(self) -> int:
+        return sum(int(self.A[n].numel() + self.B[n].numel()) for n in self.A)
+
+    def __repr__(self) -> str:
+        ranks = sorted({int(a.shape[0]) for a in self.A.values() if a.dim()})
+        return f"LoraAdapter({len(self.A)} tensors, rank {ranks}, params={self.params})"
+
+    def factors(self, name: str, shape: tuple[int, ...], adapter: str = "?") -> tuple[torch.Tensor, torch.Tensor]:
+        """Validated fp32 ``(A, B)`` for tensor ``name`` of a base tensor of ``shape``; delta is ``B @ A``."""
+        src = f" (from {self.source})" if self.source else ""
+        where = f"adapter {adapter!r}{src}, tensor {name!r}"
+        a, b = self.A[name], self.B[name]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise AdapterMismatchError(
+                f"{where}: LoRA factors A {tuple(a.shape)} and B {tuple(b.shape)} do not form B @ A"
+            )
+        out_in = (b.shape[0], a.shape[1])
+        want = tuple(shape[::-1]) if self.fan_in_fan_out else tuple(shape)
+        if len(shape) != 2 or out_in != want:
+            raise AdapterMismatchError(f"{where}: B @ A has shape {out_in}, the base tensor has {tuple(shape)}")
+        for label, t in (("A", a), ("B", b)):
+            if not t.dtype.is_floating_point:
+                raise AdapterMismatchError(f"{where}: {label} has dtype {t.dtype}, expected a float dtype")
+            if not bool(torch.isfinite(t).all()):
+                raise AdapterValueError(f"{where}: {label} holds NaN or Inf values")
+        return a.to(torch.float32).contiguous(), b.to(torch.float32).contiguous()
+
+    @staticmethod
+    def from_peft(directory: str | Path) -> LoraAdapter:
+        """Read a PEFT LoRA adapter directory."""
+        return _expect(load_adapter(directory), LoraAdapter, directory)
+
+
+Adapter = SparseAdapter | LoraAdapter
+Source = str | Path | SparseAdapter | LoraAdapter
+
+
+def load_adapter(source: Source) -> Adapter:
+    """An adapter from our file, a PEFT SHiRA or LoRA directory, or the object itself (returned as is).
+
+    Every file is untrusted: anything malformed is an ``AdapterFormatError`` naming the file."""
+    if isinstance(source, (SparseAdapter, LoraAdapter)):
+        return source
+    if not isinstance(source, (str, Path)):
+        raise TypeError(f"adapter source must be a path, SparseAdapter or LoraAdapter, got {type(source).__name__}")
+    path = Path(source)
+    if path.is_dir():
+        if not peft_format.is_peft_dir(path):
+            raise AdapterFormatError(f"{path}: a directory without adapter_config.json is not a PEFT adapter")
+        kind, fields = peft_format.read(path)
+        cls = SparseAdapter if kind == "shira" else LoraAdapter
+    elif path.exists():
+        cls, fields = SparseAdapter, shira_file.read(path)
+    else:
+        raise AdapterFormatError(f"{path}: no such file or directory")
+    try:
+        return cls(**fields, source=str(path))
+    except AdapterValueError as exc:
+        raise AdapterFormatError(f"{path}: {exc}") from None
+
+
+def save_adapter(
+    adapter: SparseAdapter, path: str | Path, format: str = "shira", values: str | None = None, strict: bool = True
+) -> Path:
+    """Write ``adapter``: ``format="shira"`` our compact file (``values``: ``"fp16"``/``"bf16"``/``"fp32"`` to
+    store the deltas in that dtype, None keeps theirs); ``format="peft"`` a PEFT SHiRA directory.
+
+    PEFT sizes each layer's ``shira_weight`` as ``r * (out + in)`` with one ``r`` for the whole adapter, so an
+    adapter whose counts do not fit that rule could not be loaded by PEFT: refused unless ``strict=False``.
+    PEFT values are fp32, with ``scale`` folded in; a forced directory records ``r: null``. Both formats need
+    the base ``shapes``."""
+    if not isinstance(adapter, SparseAdapter):
+        raise TypeError(f"save_adapter writes SparseAdapters, got {type(adapter).__name__}")
+    unknown = sorted(n for n in adapter.indices if n not in adapter.shapes)
+    if unknown:
+        raise AdapterValueError(f"cannot save tensors {unknown[:3]}: their base shapes are unknown (set shapes)")
+    flat = {n: adapter.flat(n, adapter.shapes[n], adapter="<save>") for n in sorted(adapter.indices)}
+    if format == "shira":
+        dtype = by_short(values).torch if values is not None else None
+        vals = {n: v.to(dtype) if dtype else v for n, (_, v) in flat.items()}
+        idx = {n: i for n, (i, _) in flat.items()}
+        return shira_file.write(path, idx, vals, adapter.shapes, adapter.scale, adapter.mask_kind, adapter.fingerprint)
+    if format != "peft":
+        raise ValueError(f"format {format!r}: expected 'shira' or 'peft'")
+    entries, ranks = {}, set()
+    for name, (idx, val) in flat.items():
+        shape = adapter.shapes[name]
+        if len(shape) != 2 or not name.endswith(".weight"):
+            raise AdapterFormatError(f"tensor {name!r}: PEFT SHiRA needs the 2-D weight of a linear layer")
+        r, rem = divmod(idx.numel(), shape[0] + shape[1])
+        ranks.add(r if rem == 0 else None)
+        rc = torch.stack([idx.long() // shape[1], idx.long() % shape[1]]).to(torch.int32)
+        entries[name[: -len(".weight")]] = (rc, val.to(torch.float32) * float(adapter.scale))
+    if strict and (len(ranks) != 1 or None in ranks):
+        raise AdapterFormatError(
+            "PEFT could not load this adapter: its layers' nonzero counts are not r * (out + in) for one integer r "
+            "(pass strict=False to write it anyway)"
+        )
+    r = ranks.pop() if len(ranks) == 1 else None  # None: no r fits every layer (strict=False)
+    return peft_format.write_shira(path, entries, r, adapter.mask_kind)
+
+
+def _expect(adapter: Adapter, cls: type, path: str | Path) -> Adapter:
+    if not isinstance(adapter, cls):
+        other = "LoraAdapter" if cls is SparseAdapter else "SparseAdapter"
+        raise AdapterMismatchError(f"{path}: holds a {type(adapter).__name__}, not a {cls.__name__} (use {other})")
+    return adapter

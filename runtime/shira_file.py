@@ -1,0 +1,269 @@
+"""Our adapter file, the one owner of its bytes: a safetensors file with string metadata.
+
+Format ``shira-runtime/sparse``, version 3 (written; versions 1 and 2 still load):
+- ``<name>::gaps``: the sorted flat indices as gaps (``idx[0]``, then ``idx[i] - idx[i-1] - 1``) in uint8, or
+  int16 read as uint16, whichever is smaller for that tensor; the largest value of the width is an escape,
+  whose gap is the next entry of ``<name>::escapes`` (int32, int64 past 2**31). Decoding is a few
+  vectorized ops and a cumsum.
+- ``<name>::values``: fp32, fp16 or bf16 (chosen when saving);
+- ``<name>::probe``: fp32, the fingerprint's base values (when the adapter has a fingerprint);
+- metadata ``format``, ``version``, ``scale``, ``mask_kind``, ``shapes`` (JSON name -> shape), ``fingerprint``
+  (JSON, optional), ``checksums`` (JSON tensor key -> sha256 of the key, dtype, shape and bytes) and
+  ``meta_checksum`` (sha256 of every other metadata field). A relabelled dtype, an edited shape, a renamed
+  tensor or a flipped byte anywhere fails one of them.
+Version 2 checksummed the bytes only (a header relabel of a same-sized dtype passes it); version 1 stored
+``<name>::indices`` (int32/int64 flat) and no checksums. Whatever the version, every field and tensor is
+checked for type, dtype, rank, range and finiteness: anything unexpected is an ``AdapterFormatError``
+naming the file and the tensor. This module knows bytes only; ``runtime.adapters`` builds the objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from runtime.dtypes import FLOATS
+from runtime.errors import AdapterFormatError
+from runtime.fingerprint import PROBES, Fingerprint
+
+FORMAT = "shira-runtime/sparse"
+VERSION = 3
+READS = ("1", "2", "3")
+SEP = "::"
+PARTS = {"1": ("indices", "values", "probe"), "2": ("gaps", "escapes", "values", "probe")}
+PARTS["3"] = PARTS["2"]
+# gap width -> (stored dtype, escape value, mask to read it unsigned)
+WIDTHS = {1: (torch.uint8, 0xFF, 0xFF), 2: (torch.int16, 0xFFFF, 0xFFFF)}
+
+
+def encode_gaps(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted unique flat indices -> (gaps in the smaller of uint8/uint16 with escapes, escaped gaps)."""
+    idx = idx.long()
+    gaps = torch.diff(idx, prepend=torch.tensor([-1])) - 1  # >= 0
+    best = None
+    for dtype, esc, _ in WIDTHS.values():
+        big = gaps >= esc
+        size = gaps.numel() * torch.empty(0, dtype=dtype).element_size() + int(big.sum()) * 4
+        if best is None or size < best[0]:
+            best = (size, dtype, esc, big)
+    _, dtype, esc, big = best
+    escapes = gaps[big].contiguous()
+    if not escapes.numel() or int(escapes.max()) < 2**31:
+        escapes = escapes.to(torch.int32)
+    small = torch.where(big, esc, gaps)
+    small = small.to(torch.uint8) if dtype == torch.uint8 else small.to(torch.int32).to(torch.int16)
+    return small.contiguous(), escapes
+
+
+def decode_gaps(gaps: torch.Tensor, escapes: torch.Tensor, where: str, numel: int) -> torch.Tensor:
+    """Inverse of ``encode_gaps``: sorted unique flat int64 indices, all below ``numel`` (vectorized)."""
+    width = {torch.uint8: 1, torch.int16: 2}.get(gaps.dtype)
+    if width is None or gaps.dim() != 1 or escapes.dtype not in (torch.int32, torch.int64) or escapes.dim() != 1:
+        raise AdapterFormatError(f"{where}: gaps must be uint8/int16 [N] and escapes int32/int64 [E]")
+    _, esc, mask = WIDTHS[width]
+    g = gaps.to(torch.int64) & mask
+    big = g == esc
+    if int(big.sum()) != escapes.numel():
+        raise AdapterFormatError(f"{where}: {int(big.sum())} escaped gaps but {escapes.numel()} escape values")
+    if escapes.numel() and (int(escapes.min()) < esc or int(escapes.max()) >= numel):
+        raise AdapterFormatError(f"{where}: an escape value is outside [{esc}, {numel})")
+    g[big] = escapes.long()
+    idx = torch.cumsum(g + 1, 0) - 1  # no overflow: every gap is below numel
+    if idx.numel() and int(idx[-1]) >= numel:
+        raise AdapterFormatError(f"{where}: index {int(idx[-1])} is out of range for {numel} elements")
+    return idx
+
+
+def tensor_checksum(key: str, t: torch.Tensor) -> str:
+    """sha256 of a tensor's key, dtype, shape and bytes: a header relabel fails it as a byte flip does."""
+    h = hashlib.sha256(json.dumps([key, str(t.dtype), list(t.shape)]).encode())
+    h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _bytes_checksum(t: torch.Tensor) -> str:  # version 2
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:32]
+
+
+def meta_checksum(meta: dict[str, str]) -> str:
+    """sha256 of every metadata field but ``meta_checksum`` itself."""
+    body = json.dumps({k: v for k, v in sorted(meta.items()) if k != "meta_checksum"})
+    return hashlib.sha256(body.encode()).hexdigest()[:32]
+
+
+# -- writing --
+def write(
+    path: str | Path,
+    indices: dict[str, torch.Tensor],
+    values: dict[str, torch.Tensor],
+    shapes: dict[str, tuple[int, ...]],
+    scale: float,
+    mask_kind: str,
+    fingerprint: Fingerprint | None,
+) -> Path:
+    """Write a version-3 file from validated parts (``indices``: sorted unique flat); atomic (temp + rename)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, idx in indices.items():
+        gaps, escapes = encode_gaps(idx)
+        tensors[f"{name}{SEP}gaps"] = gaps
+        tensors[f"{name}{SEP}escapes"] = escapes
+        tensors[f"{name}{SEP}values"] = values[name].contiguous()
+    meta = {
+        "format": FORMAT,
+        "version": str(VERSION),
+        "scale": repr(float(scale)),
+        "mask_kind": str(mask_kind),
+        "shapes": json.dumps({n: list(shapes[n]) for n in indices}),
+    }
+    if fingerprint is not None:
+        meta["fingerprint"] = fingerprint.to_meta()
+        for name, probe in fingerprint.probes.items():
+            tensors[f"{name}{SEP}probe"] = probe.to(torch.float32).contiguous()
+    meta["checksums"] = json.dumps({k: tensor_checksum(k, t) for k, t in sorted(tensors.items())})
+    meta["meta_checksum"] = meta_checksum(meta)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    return path
+
+
+def atomic_write(path: Path, write_to: Any) -> None:
+    """``write_to(tmp)`` then rename over ``path``: readers see the old file or the new one, never half."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write_to(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# -- reading --
+def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """All tensors and the metadata of a safetensors file, with errors that name the file."""
+    if not path.is_file():
+        raise AdapterFormatError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as exc:
+        raise AdapterFormatError(f"{path}: unreadable safetensors file ({exc})") from exc
+    return meta, tensors
+
+
+def read(path: str | Path) -> dict[str, Any]:
+    """The fields of the adapter stored at ``path`` (keyword arguments of ``SparseAdapter``), fully checked."""
+    path = Path(path)
+    meta, tensors = read_safetensors(path)
+    if meta.get("format") != FORMAT:
+        raise AdapterFormatError(f"{path}: not a {FORMAT} file (format={meta.get('format')!r})")
+    version = meta.get("version")
+    if version not in READS:
+        raise AdapterFormatError(f"{path}: format version {version!r} is not supported (this runtime reads {READS})")
+    if version != "1":
+        _check_sums(path, meta, tensors, tensor_checksum if version == "3" else lambda _, t: _bytes_checksum(t))
+    scale = _field(path, meta, "scale", float)
+    if not math.isfinite(scale):
+        raise AdapterFormatError(f"{path}: scale {scale} is not finite")
+    shapes = _shapes(path, _field(path, meta, "shapes", json.loads))
+    mask_kind = meta.get("mask_kind", "random")
+    parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in PARTS[version]}
+    for key, t in tensors.items():
+        name, _, part = key.rpartition(SEP)
+        if part not in parts or not name:
+            raise AdapterFormatError(f"{path}: unexpected tensor {key!r}")
+        parts[part][name] = t
+    names = set(parts["values"])
+    for part, found in parts.items():
+        if part != "probe" and set(found) != names:
+            raise AdapterFormatError(f"{path}: tensors {sorted(names ^ set(found))} lack their {part} or values")
+    indices, values = {}, {}
+    for name in sorted(names):
+        where = f"{path}: tensor {name!r}"
+        if name not in shapes:
+            raise AdapterFormatError(f"{where} has no recorded shape")
+        numel = math.prod(shapes[name])
+        val = parts["values"][name]
+        if val.dtype not in FLOATS or val.dim() != 1:
+            raise AdapterFormatError(f"{where}: values are {val.dtype}{list(val.shape)}, expected fp32/fp16/bf16 [N]")
+        if not bool(torch.isfinite(val).all()):
+            raise AdapterFormatError(f"{where}: values hold NaN or Inf")
+        if version == "1":
+            idx = parts["indices"][name]
+            if idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1:
+                raise AdapterFormatError(f"{where}: indices must be int32/int64 [N]")
+        else:
+            idx = decode_gaps(parts["gaps"][name], parts["escapes"][name], where, numel)
+        if idx.numel() != val.numel():
+            raise AdapterFormatError(f"{where}: {idx.numel()} indices but {val.numel()} values")
+        indices[name], values[name] = idx, val
+    fingerprint = _fingerprint(path, meta.get("fingerprint"), parts["probe"], indices)
+    return {
+        "indices": indices,
+        "values": values,
+        "shapes": {n: shapes[n] for n in indices},
+        "scale": scale,
+        "fingerprint": fingerprint,
+        "mask_kind": str(mask_kind),
+    }
+
+
+def _check_sums(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor], checksum) -> None:
+    if meta.get("meta_checksum") != meta_checksum(meta):
+        raise AdapterFormatError(f"{path}: the metadata is corrupted (checksum mismatch)")
+    sums = _field(path, meta, "checksums", json.loads)
+    if not isinstance(sums, dict) or set(sums) != set(tensors):
+        raise AdapterFormatError(f"{path}: the checksums do not list exactly the tensors stored")
+    for key, t in tensors.items():
+        if checksum(key, t) != sums[key]:
+            raise AdapterFormatError(f"{path}: tensor {key!r} is corrupted (checksum of its header and bytes)")
+
+
+def _field(path: Path, meta: dict[str, str], key: str, parse) -> Any:
+    try:
+        return parse(meta[key])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise AdapterFormatError(f"{path}: metadata field {key!r} is missing or malformed ({exc!r})") from None
+
+
+def _shapes(path: Path, raw: Any) -> dict[str, tuple[int, ...]]:
+    if not isinstance(raw, dict):
+        raise AdapterFormatError(f"{path}: metadata 'shapes' must map tensor names to shapes")
+    for name, shape in raw.items():
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise AdapterFormatError(f"{path}: tensor {name!r}: shape {shape!r} is not a list of non-negative ints")
+    return {n: tuple(s) for n, s in raw.items()}
+
+
+def _fingerprint(
+    path: Path, raw: str | None, probes: dict[str, torch.Tensor], indices: dict[str, torch.Tensor]
+) -> Fingerprint | None:
+    if raw is None:
+        if probes:
+            raise AdapterFormatError(f"{path}: probe tensors {sorted(probes)} but no fingerprint")
+        return None
+    try:
+        d = json.loads(raw)
+        ok = isinstance(d, dict) and isinstance(d.get("structure"), str) and isinstance(d.get("probes"), list)
+    except (ValueError, TypeError):
+        ok = False
+    if not ok or sorted(d["probes"]) != sorted(probes):
+        raise AdapterFormatError(f"{path}: the fingerprint is malformed or does not list its probe tensors")
+    for name, p in probes.items():
+        want = min(PROBES, indices[name].numel()) if name in indices else -1
+        if p.dtype != torch.float32 or p.dim() != 1 or p.numel() != want or not bool(torch.isfinite(p).all()):
+            raise AdapterFormatError(
+                f"{path}: tensor {name!r}: probe is {p.dtype}{list(p.shape)}, expected {want} finite fp32 values"
+            )
+    return Fingerprint(d["structure"], dict(probes))
