@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import struct
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -33,23 +32,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper
+from onnx import helper
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from exporters.lora_slots import lora_slots
-from runtime.bundle import (
-    FORMAT,
-    GRAPH_FILE,
-    MANIFEST_FILE,
-    VERSION,
-    WEIGHTS_FILE,
-    file_sha256,
-)
-from runtime.fingerprint import structure_hash
+from runtime.atomic import atomic_write
+from runtime.bundle import FORMAT, GRAPH_FILE, MANIFEST_FILE, WEIGHTS_FILE, Manifest, file_sha256
+from runtime.dtypes import BUNDLE, NUMPY, TORCH
 
-DTYPES = {torch.float32: ("float32", TensorProto.FLOAT), torch.float16: ("float16", TensorProto.FLOAT16)}
-SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16"}
 DEFAULT_OPSET = 17
 
 
@@ -162,7 +153,7 @@ def _export(
         if canon not in arrays:
             a = t.detach().cpu()
             arrays[canon] = np.ascontiguousarray((a.t() if layout == "transposed" else a).numpy())
-        params[name] = {"onnx": canon, "layout": layout, "shape": list(t.shape), "dtype": DTYPES[t.dtype][0]}
+        params[name] = {"onnx": canon, "layout": layout, "shape": list(t.shape), "dtype": TORCH[t.dtype].numpy}
     unused = sorted(n for n in names if canonical[n] not in storage)
     if unused:
         warnings.warn(
@@ -171,28 +162,20 @@ def _export(
             stacklevel=2,
         )
     onnx.checker.check_model(model)
-    _write_atomic(out / WEIGHTS_FILE, lambda p: write_safetensors(p, arrays, {"format": FORMAT}))
-    _write_atomic(out / GRAPH_FILE, lambda p: onnx.save(model, str(p)))
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "graph": GRAPH_FILE,
-        "weights": WEIGHTS_FILE,
-        "opset": opset or DEFAULT_OPSET,
-        "exporter": f"torch.onnx (torchscript) {torch.__version__}",
-        "inputs": [
-            _io(v) | {"example_shape": list(a.shape)} for v, a in zip(_values(model.graph.input, in_names), args)
-        ],
-        "outputs": [_io(v) for v in _values(model.graph.output, out_names)],
-        "parameters": params,
-        "unused": unused,
-        "fingerprint": {
-            "structure": structure_hash({n: tuple(p["shape"]) for n, p in params.items()}),
-            "weights_sha256": file_sha256(out / WEIGHTS_FILE),
-            "graph_sha256": file_sha256(out / GRAPH_FILE),
+    atomic_write(out / WEIGHTS_FILE, lambda p: write_safetensors(p, arrays, {"format": FORMAT}))
+    atomic_write(out / GRAPH_FILE, lambda p: onnx.save(model, str(p)))
+    Manifest(
+        inputs=[_io(v) | {"example_shape": list(a.shape)} for v, a in zip(_values(model.graph.input, in_names), args)],
+        outputs=[_io(v) for v in _values(model.graph.output, out_names)],
+        parameters=params,
+        weights_sha256=file_sha256(out / WEIGHTS_FILE),
+        graph_sha256=file_sha256(out / GRAPH_FILE),
+        info={
+            "exporter": f"torch.onnx (torchscript) {torch.__version__}",
+            "opset": opset or DEFAULT_OPSET,
+            "unused": unused,
         },
-    }
-    _write_atomic(out / MANIFEST_FILE, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    ).write(out)
     if verify:
         _verify(out, args, expected)
     return out
@@ -206,7 +189,7 @@ def _parameters(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, s
         t = t.data if isinstance(t, nn.Parameter) else t
         if not t.is_floating_point():
             continue
-        if t.dtype not in DTYPES:
+        if t.dtype not in TORCH or TORCH[t.dtype].short not in BUNDLE:
             raise ExportError(
                 f"tensor {name!r} has dtype {t.dtype}; bundles hold float32 or float16 weights "
                 f"(onnxruntime's CPU provider lacks {t.dtype} kernels for most ops): convert the module first"
@@ -303,7 +286,7 @@ def _liven(
     for canon, layout in storage.items():
         t = names[canon]
         shape = list(t.shape)[::-1] if layout == "transposed" else list(t.shape)
-        graph.input.append(helper.make_tensor_value_info(canon, DTYPES[t.dtype][1], shape))
+        graph.input.append(helper.make_tensor_value_info(canon, TORCH[t.dtype].onnx, shape))
     return storage
 
 
@@ -325,12 +308,6 @@ def _io(v: onnx.ValueInfoProto) -> dict:
         for d in tt.shape.dim
     ]
     return {"name": v.name, "dtype": helper.tensor_dtype_to_np_dtype(tt.elem_type).name, "shape": dims}
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _verify(out: Path, args: tuple[torch.Tensor, ...], expected: list[torch.Tensor]) -> None:
@@ -359,7 +336,7 @@ def write_safetensors(path: Path, arrays: dict[str, np.ndarray], metadata: dict[
     header, pos = {"__metadata__": metadata}, 0
     for name, a in arrays.items():
         header[name] = {
-            "dtype": SAFETENSORS_DTYPES[a.dtype.name],
+            "dtype": NUMPY[a.dtype.name].safetensors,
             "shape": list(a.shape),
             "data_offsets": [pos, pos + a.nbytes],
         }

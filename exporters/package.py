@@ -13,7 +13,6 @@ fingerprint of this base); PEFT LoRA directories are kept as LoRA. ``Runtime.loa
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from runtime.adapters import LoraAdapter, SparseAdapter, load_adapter, save_adapter
-from runtime.bundle import ADAPTERS_DIR, MANIFEST_FILE
+from runtime.bundle import ADAPTERS_DIR, Manifest
 from runtime.dtypes import SHORT, by_short
 from runtime.models import load_base
 from runtime.peft_format import is_peft_dir
@@ -116,12 +115,11 @@ def package(
             size = sum(f.stat().st_size for f in (out_dir / rel).iterdir() if f.suffix == ".safetensors")
             assert isinstance(ad, LoraAdapter)
             packed.append(PackedAdapter(name, "lora", rel, ad.params, size, size))
-    manifest_path = out_dir / MANIFEST_FILE
-    manifest = json.loads(manifest_path.read_text())
-    manifest["adapters"] = {
+    manifest = Manifest.read(out_dir)
+    manifest.adapters = {
         p.name: {"kind": p.kind, "path": p.path, "nonzeros": p.nonzeros, "bytes": p.bytes} for p in packed
     }
-    manifest_path.write_text(json.dumps(manifest, indent=2))
+    manifest.write(out_dir)
     if not quiet:
         total = {
             n: sum(sd[t].numel() for t in (ad.indices if isinstance(ad, SparseAdapter) else ad.A))

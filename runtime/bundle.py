@@ -11,22 +11,24 @@ import hashlib
 import json
 import math
 import struct
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from runtime.atomic import atomic_write
+from runtime.dtypes import BUNDLE, NUMPY, SHORT
 from runtime.errors import AdapterFormatError
-from runtime.fingerprint import structure_hash
 
 FORMAT = "shira-onnx-bundle"
-VERSION = 1
+VERSION = 2  # 1: no manifest checksum, a structure hash of names and shapes only
 GRAPH_FILE = "model.onnx"
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
 ADAPTERS_DIR = "adapters"
 LAYOUTS = ("identity", "transposed")
-DTYPES = {"float32": "F32", "float16": "F16"}  # manifest dtype -> safetensors dtype
+ADAPTER_KINDS = ("shira", "lora")
 ALIGN = 64
 MAX_HEADER = 100 << 20
 CHUNK = 1 << 24
@@ -45,116 +47,230 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-# -- manifest --
-def read_manifest(bundle: Path) -> dict:
-    """The bundle's manifest, with every field the backend relies on checked."""
-    if not bundle.is_dir():
-        raise BundleError(f"{bundle}: not a bundle directory (no such directory)")
-    path = bundle / MANIFEST_FILE
-    try:
-        m = json.loads(read_bytes(path))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise BundleError(f"{path}: not a {FORMAT} manifest (format={m.get('format') if isinstance(m, dict) else m!r})")
-    if m.get("version") != VERSION:
-        raise BundleError(f"{path}: format version {m.get('version')!r}; this runtime reads version {VERSION}")
-    for key, typ in (
-        ("graph", str),
-        ("weights", str),
-        ("inputs", list),
-        ("outputs", list),
-        ("parameters", dict),
-        ("fingerprint", dict),
-    ):
-        if not isinstance(m.get(key), typ):
-            raise BundleError(f"{path}: field {key!r} is missing or not a {typ.__name__}")
-    for key in ("graph", "weights"):
-        if Path(m[key]).name != m[key] or m[key] in ("", ".", ".."):
-            raise BundleError(f"{path}: {key} file {m[key]!r} must be a plain file name inside the bundle")
-    for key in ("structure", "weights_sha256", "graph_sha256"):
-        if not isinstance(m["fingerprint"].get(key), str):
-            raise BundleError(f"{path}: fingerprint field {key!r} is missing")
-    for kind in ("inputs", "outputs"):
-        for io in m[kind]:
-            if not (isinstance(io, dict) and isinstance(io.get("name"), str) and isinstance(io.get("shape"), list)):
-                raise BundleError(f"{path}: malformed {kind} entry {io!r}")
-            try:
-                np.dtype(io.get("dtype"))
-            except TypeError:
-                raise BundleError(f"{path}: {kind} {io['name']!r} has unknown dtype {io.get('dtype')!r}") from None
-        if kind == "inputs":
-            for io in m[kind]:
-                ex = io.get("example_shape")
-                if not (isinstance(ex, list) and len(ex) == len(io["shape"]) and all(_is_dim(d) for d in ex)):
-                    raise BundleError(f"{path}: input {io['name']!r} has no valid example_shape")
-                if math.prod(ex) > MAX_EXAMPLE:
-                    raise BundleError(f"{path}: input {io['name']!r}: example_shape {ex} is too large for the probe")
-    for name, p in m["parameters"].items():
-        where = f"{path}: parameter {name!r}"
-        if not isinstance(p, dict) or not isinstance(p.get("onnx"), str):
-            raise BundleError(f"{where}: malformed entry {p!r}")
-        if p.get("layout") not in LAYOUTS:
-            raise BundleError(f"{where}: layout {p.get('layout')!r}, expected one of {LAYOUTS}")
-        if p.get("dtype") not in DTYPES:
-            raise BundleError(f"{where}: dtype {p.get('dtype')!r}, expected one of {sorted(DTYPES)}")
-        shape = p.get("shape")
-        if not (isinstance(shape, list) and all(_is_dim(d) for d in shape)):
-            raise BundleError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-        if p["layout"] == "transposed" and len(shape) != 2:
-            raise BundleError(f"{where}: layout 'transposed' needs a 2-D shape, got {shape}")
-    got = structure_hash({n: tuple(p["shape"]) for n, p in m["parameters"].items()})
-    if got != m["fingerprint"]["structure"]:
-        raise BundleError(
-            f"{path}: parameter names/shapes do not match the fingerprint (structure hash {got} != "
-            f"{m['fingerprint']['structure']}): the manifest was edited or belongs to another base"
+def structure_of(parameters: dict[str, dict]) -> str:
+    """Hash of every parameter's name, ONNX tensor, layout, shape and dtype: what the switcher relies on."""
+    items = sorted((n, p["onnx"], p["layout"], list(p["shape"]), p["dtype"]) for n, p in parameters.items())
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:32]
+
+
+@dataclass
+class Manifest:
+    """The bundle's ``manifest.json``: the one type that writes it (exporter, packager) and reads it (runtime).
+
+    ``parameters``: state_dict name -> ``{"onnx", "layout", "shape", "dtype"}``; ``inputs``/``outputs``:
+    ``{"name", "dtype", "shape"}`` (inputs add ``example_shape``, the probe's input); ``adapters``: name ->
+    ``{"kind", "path", "nonzeros", "bytes"}``. The file carries a hash of the parameters' structure and a
+    checksum of its whole content: an edit by hand is an error (edit through this type, then ``write``).
+    """
+
+    inputs: list[dict]
+    outputs: list[dict]
+    parameters: dict[str, dict]
+    weights_sha256: str
+    graph_sha256: str
+    adapters: dict[str, dict] = field(default_factory=dict)
+    graph: str = GRAPH_FILE
+    weights: str = WEIGHTS_FILE
+    info: dict = field(default_factory=dict)  # exporter, opset, unused parameters: for people, not checked
+
+    def to_json(self) -> dict:
+        body = {
+            "format": FORMAT,
+            "version": VERSION,
+            "graph": self.graph,
+            "weights": self.weights,
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "parameters": self.parameters,
+            "adapters": self.adapters,
+            "info": self.info,
+            "fingerprint": {
+                "structure": structure_of(self.parameters),
+                "weights_sha256": self.weights_sha256,
+                "graph_sha256": self.graph_sha256,
+            },
+        }
+        return Manifest.seal(body)
+
+    @staticmethod
+    def seal(body: dict) -> dict:
+        """``body`` (a manifest's JSON) with its checksum recomputed: what a deliberate edit must do."""
+        body = {k: v for k, v in body.items() if k != "checksum"}
+        return body | {"checksum": _checksum(body)}
+
+    def write(self, bundle: Path) -> None:
+        """Write ``bundle/manifest.json`` atomically (temp file + rename): readers see the old or the new one."""
+        text = json.dumps(self.to_json(), indent=1)
+        atomic_write(bundle / MANIFEST_FILE, lambda tmp: tmp.write_text(text))
+
+    @staticmethod
+    def read(bundle: Path) -> Manifest:
+        """The bundle's manifest, with every field checked that can be checked without the graph."""
+        if not bundle.is_dir():
+            raise BundleError(f"{bundle}: not a bundle directory (no such directory)")
+        path = bundle / MANIFEST_FILE
+        try:
+            m = json.loads(read_bytes(path))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise BundleError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(m, dict) or m.get("format") != FORMAT:
+            got = m.get("format") if isinstance(m, dict) else type(m).__name__
+            raise BundleError(f"{path}: not a {FORMAT} manifest (format={got!r})")
+        if m.get("version") != VERSION:
+            raise BundleError(
+                f"{path}: format version {m.get('version')!r}; this runtime reads version {VERSION} (re-export it)"
+            )
+        if m.get("checksum") != _checksum({k: v for k, v in m.items() if k != "checksum"}):
+            raise BundleError(f"{path}: checksum mismatch: the manifest was edited or corrupted")
+        for key, typ in (("graph", str), ("weights", str), ("inputs", list), ("outputs", list)):
+            _expect(path, key, m.get(key), typ)
+        for key in ("parameters", "fingerprint", "adapters", "info"):
+            _expect(path, key, m.get(key), dict)
+        for key in ("graph", "weights"):
+            if Path(m[key]).name != m[key] or m[key] in ("", ".", ".."):
+                raise BundleError(f"{path}: {key} file {m[key]!r} must be a plain file name inside the bundle")
+        fp = m["fingerprint"]
+        for key in ("structure", "weights_sha256", "graph_sha256"):
+            _expect(path, f"fingerprint.{key}", fp.get(key), str)
+        _check_io(path, m["inputs"], "inputs")
+        _check_io(path, m["outputs"], "outputs")
+        for name, p in m["parameters"].items():
+            _check_parameter(path, name, p)
+        if structure_of(m["parameters"]) != fp["structure"]:
+            raise BundleError(
+                f"{path}: the parameters' names, ONNX tensors, layouts or shapes differ from the structure hash"
+            )
+        for name, entry in m["adapters"].items():
+            _check_adapter(bundle, path, name, entry)
+        return Manifest(
+            m["inputs"],
+            m["outputs"],
+            m["parameters"],
+            fp["weights_sha256"],
+            fp["graph_sha256"],
+            m["adapters"],
+            m["graph"],
+            m["weights"],
+            m["info"],
         )
-    return m
+
+    def storage(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """ONNX tensor name -> (dtype, storage shape); names of one tied group must agree."""
+        storage, first = {}, {}
+        for name, p in self.parameters.items():
+            shape = tuple(p["shape"][::-1] if p["layout"] == "transposed" else p["shape"])
+            entry = (p["dtype"], shape)
+            if p["onnx"] in storage and storage[p["onnx"]] != entry:
+                raise BundleError(
+                    f"{MANIFEST_FILE}: parameters {first[p['onnx']]!r} and {name!r} share ONNX tensor {p['onnx']!r} "
+                    f"but differ in dtype/layout/shape"
+                )
+            storage[p["onnx"]] = entry
+            first.setdefault(p["onnx"], name)
+        return storage
+
+    def check_graph(self, path: Path, graph: Any) -> None:
+        """The graph's inputs and outputs are exactly the manifest's: names, element types, fixed dims."""
+        from onnx import helper
+
+        inputs = {v.name: v for v in graph.graph.input}
+        storage = self.storage()
+        wanted = [i["name"] for i in self.inputs] + list(storage)
+        missing = [n for n in wanted if n not in inputs]
+        extra = [n for n in inputs if n not in wanted]
+        if missing or extra:
+            raise BundleError(f"{path}: graph inputs do not match the manifest (missing {missing}, unknown {extra})")
+        outputs = {v.name: v for v in graph.graph.output}
+        if list(outputs) != [o["name"] for o in self.outputs]:
+            raise BundleError(f"{path}: graph outputs {list(outputs)} differ from the manifest's")
+
+        def typed(v) -> tuple[str, list]:
+            tt = v.type.tensor_type
+            dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type).name if tt.elem_type else "?"
+            return dtype, [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+
+        for name, (dtype, shape) in storage.items():
+            got_dtype, got_shape = typed(inputs[name])
+            if got_dtype != dtype or tuple(got_shape) != shape:
+                raise BundleError(
+                    f"{path}: weight input {name!r} is {got_dtype}{got_shape} in the graph, {dtype}{list(shape)} "
+                    f"in the manifest"
+                )
+        ios = [(i, inputs[i["name"]]) for i in self.inputs] + [(o, outputs[o["name"]]) for o in self.outputs]
+        for io, v in ios:
+            got_dtype, got_shape = typed(v)
+            dims = [d if isinstance(d, int) else None for d in io["shape"]]
+            if got_dtype != io["dtype"] or got_shape != dims:
+                raise BundleError(
+                    f"{path}: {io['name']!r} is {got_dtype}{got_shape} in the graph, the manifest says "
+                    f"{io['dtype']}{io['shape']}"
+                )
+        if any(i.name in storage for i in graph.graph.initializer):
+            raise BundleError(f"{path}: weights are embedded as initializers; they would not be live")
+
+
+def _checksum(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _expect(path: Path, key: str, value: Any, typ: type) -> None:
+    if not isinstance(value, typ):
+        raise BundleError(f"{path}: field {key!r} is missing or not a {typ.__name__}")
+
+
+def _check_io(path: Path, entries: list, kind: str) -> None:
+    names = set()
+    for io in entries:
+        if not (isinstance(io, dict) and isinstance(io.get("name"), str) and isinstance(io.get("shape"), list)):
+            raise BundleError(f"{path}: malformed {kind} entry {io!r}")
+        if io["name"] in names or not io["name"]:
+            raise BundleError(f"{path}: {kind} name {io['name']!r} is empty or appears twice")
+        names.add(io["name"])
+        if not all(isinstance(d, str) or _is_dim(d) for d in io["shape"]):
+            raise BundleError(f"{path}: {kind} {io['name']!r} has a malformed shape {io['shape']!r}")
+        try:
+            np.dtype(io.get("dtype"))
+        except TypeError:
+            raise BundleError(f"{path}: {kind} {io['name']!r} has unknown dtype {io.get('dtype')!r}") from None
+        if kind == "inputs":
+            ex = io.get("example_shape")
+            ok = isinstance(ex, list) and len(ex) == len(io["shape"]) and all(_is_dim(d) and d > 0 for d in ex)
+            if not ok or any(isinstance(d, int) and d != e for d, e in zip(io["shape"], ex)):
+                raise BundleError(f"{path}: input {io['name']!r}: example_shape {ex!r} does not fit {io['shape']}")
+            if math.prod(ex) > MAX_EXAMPLE:
+                raise BundleError(f"{path}: input {io['name']!r}: example_shape {ex} is too large for the probe")
+
+
+def _check_parameter(path: Path, name: str, p: Any) -> None:
+    where = f"{path}: parameter {name!r}"
+    if not name or not isinstance(p, dict) or not isinstance(p.get("onnx"), str) or not p["onnx"]:
+        raise BundleError(f"{where}: malformed entry {p!r}")
+    if p.get("layout") not in LAYOUTS:
+        raise BundleError(f"{where}: layout {p.get('layout')!r}, expected one of {LAYOUTS}")
+    if p.get("dtype") not in NUMPY or NUMPY[p["dtype"]].short not in BUNDLE:
+        raise BundleError(f"{where}: dtype {p.get('dtype')!r}, expected one of {[SHORT[d].numpy for d in BUNDLE]}")
+    shape = p.get("shape")
+    if not (isinstance(shape, list) and all(_is_dim(d) for d in shape)):
+        raise BundleError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if p["layout"] == "transposed" and len(shape) != 2:
+        raise BundleError(f"{where}: layout 'transposed' needs a 2-D shape, got {shape}")
+
+
+def _check_adapter(bundle: Path, path: Path, name: str, entry: Any) -> None:
+    where = f"{path}: adapter {name!r}"
+    if not name or name.startswith(".") or "/" in name or "\\" in name:
+        raise BundleError(f"{where}: the name must be a non-empty plain name")
+    if not isinstance(entry, dict) or entry.get("kind") not in ADAPTER_KINDS or not isinstance(entry.get("path"), str):
+        raise BundleError(f"{where}: malformed entry {entry!r} (kind in {ADAPTER_KINDS}, path)")
+    full = (bundle / entry["path"]).resolve()
+    if (bundle / ADAPTERS_DIR).resolve() not in full.parents:
+        raise BundleError(f"{where}: path {entry['path']!r} is not inside {ADAPTERS_DIR}/")
+    if not (full.is_file() if entry["kind"] == "shira" else full.is_dir()):
+        raise BundleError(f"{where}: {full} is missing or not a {'file' if entry['kind'] == 'shira' else 'directory'}")
 
 
 def _is_dim(d: Any) -> bool:
     return isinstance(d, int) and not isinstance(d, bool) and d >= 0
-
-
-def storage_layout(manifest: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """ONNX tensor name -> (dtype, storage shape); names of one tied group must agree."""
-    storage, first = {}, {}
-    for name, p in manifest["parameters"].items():
-        shape = tuple(p["shape"][::-1] if p["layout"] == "transposed" else p["shape"])
-        entry = (p["dtype"], shape)
-        if p["onnx"] in storage and storage[p["onnx"]] != entry:
-            raise BundleError(
-                f"{MANIFEST_FILE}: parameters {first[p['onnx']]!r} and {name!r} share ONNX tensor {p['onnx']!r} "
-                f"but differ in dtype/layout/shape"
-            )
-        storage[p["onnx"]] = entry
-        first.setdefault(p["onnx"], name)
-    return storage
-
-
-def check_graph(path: Path, graph: Any, manifest: dict, storage: dict) -> None:
-    from onnx import helper
-
-    inputs = {v.name: v for v in graph.graph.input}
-    wanted = [i["name"] for i in manifest["inputs"]] + list(storage)
-    missing = [n for n in wanted if n not in inputs]
-    extra = [n for n in inputs if n not in wanted]
-    if missing or extra:
-        raise BundleError(f"{path}: graph inputs do not match the manifest (missing {missing}, unknown {extra})")
-    outputs = [v.name for v in graph.graph.output]
-    if outputs != [o["name"] for o in manifest["outputs"]]:
-        raise BundleError(f"{path}: graph outputs {outputs} differ from the manifest's")
-    for name, (dtype, shape) in storage.items():
-        tt = inputs[name].type.tensor_type
-        got_dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type).name if tt.elem_type else "?"
-        got_shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim)
-        if got_dtype != dtype or got_shape != shape:
-            raise BundleError(
-                f"{path}: weight input {name!r} is {got_dtype}{list(got_shape)} in the graph, "
-                f"{dtype}{list(shape)} in the manifest"
-            )
-    if graph.graph.initializer and any(i.name in storage for i in graph.graph.initializer):
-        raise BundleError(f"{path}: weights are embedded as initializers; they would not be live")
 
 
 # -- weights: a safetensors file read into memory we own --
@@ -198,10 +314,11 @@ def read_weights(
             offsets = e.get("data_offsets") if isinstance(e, dict) else None
             if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_dim(o) for o in offsets)):
                 raise BundleError(f"{path}: tensor {name!r}: malformed header entry {e!r}")
-            if e.get("dtype") != DTYPES[dtype] or e.get("shape") != list(shape):
+            code = NUMPY[dtype].safetensors
+            if e.get("dtype") != code or e.get("shape") != list(shape):
                 raise BundleError(
                     f"{path}: tensor {name!r} is {e.get('dtype')}{e.get('shape')}, the manifest says "
-                    f"{DTYPES[dtype]}{list(shape)}"
+                    f"{code}{list(shape)}"
                 )
             begin, end = offsets
             nbytes = math.prod(shape) * np.dtype(dtype).itemsize  # Python ints: no overflow

@@ -15,6 +15,7 @@ from torch import nn
 from runtime.adapters import Source, load_adapter
 from runtime.backend import Backend, TorchBackend
 from runtime.bank import prepare
+from runtime.bundle import Manifest
 from runtime.errors import ShiraError, UnknownAdapterError
 from runtime.rwlock import RWLock
 from runtime.switcher import Prepared, Switcher, SwitchStats
@@ -51,23 +52,11 @@ class Runtime:
             return rt
         raise TypeError(f"Runtime.load needs a torch.nn.Module or a bundle directory, got {type(base).__name__}")
 
-    def _register_bundled(self, bundle: Path, manifest: dict) -> None:
-        """Register the adapters a packaged bundle lists, lazily: each is read and verified (checksums,
-        fingerprint) before its first switch."""
-        from runtime.errors import AdapterFormatError
-
-        entries = manifest.get("adapters", {})
-        if not isinstance(entries, dict):
-            raise AdapterFormatError(f"{bundle / 'manifest.json'}: 'adapters' must be an object")
-        root = bundle.resolve()
-        for name, entry in entries.items():
-            rel = entry.get("path") if isinstance(entry, dict) else None
-            path = (bundle / rel).resolve() if isinstance(rel, str) else None
-            if path is None or root not in path.parents:
-                raise AdapterFormatError(f"{bundle / 'manifest.json'}: adapter {name!r} has a bad path {rel!r}")
-            if not path.exists():
-                raise AdapterFormatError(f"{path}: adapter {name!r} listed in the manifest is missing")
-            self.add_adapter(name, path, lazy=True)
+    def _register_bundled(self, bundle: Path, manifest: Manifest) -> None:
+        """Register the adapters a packaged bundle lists (the manifest checked their names and paths), lazily:
+        each is read and verified (checksums, fingerprint) before its first switch."""
+        for name, entry in manifest.adapters.items():
+            self.add_adapter(name, bundle / entry["path"], lazy=True)
 
     # -- adapters --
     @property

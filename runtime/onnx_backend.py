@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from runtime.backend import Backend
-from runtime.bundle import BundleError, check_graph, read_bytes, read_manifest, read_weights, storage_layout
+from runtime.bundle import BundleError, Manifest, read_bytes, read_weights
 from runtime.errors import AdapterMismatchError, ShiraError
 
 GEMM_A_MIN = 1 << 16  # weight elements from which the GEMM-A rewrite pays (256 x 256)
@@ -55,7 +55,7 @@ class OnnxBackend(Backend):
     def __init__(
         self,
         bundle: Path,
-        manifest: dict,
+        manifest: Manifest,
         arrays: dict[str, np.ndarray],
         graph: Any,
         threads: int | None = None,
@@ -64,7 +64,7 @@ class OnnxBackend(Backend):
         import onnxruntime as ort
 
         self.bundle, self.manifest, self.arrays = bundle, manifest, arrays  # arrays: ONNX name -> storage
-        params = manifest["parameters"]
+        params = manifest.parameters
         self.aliases, self.tensors, self.shapes = {}, {}, {}
         canon_of: dict[str, str] = {}
         for name, p in params.items():
@@ -81,9 +81,9 @@ class OnnxBackend(Backend):
             if n.endswith(".lora_A") and n[: -len(".lora_A")] + ".lora_B" in self.tensors
         }
         self._slots_in_use: set[str] = set()
-        self.input_names = [i["name"] for i in manifest["inputs"]]
-        self.output_names = [o["name"] for o in manifest["outputs"]]
-        self._inputs = {i["name"]: i for i in manifest["inputs"]}
+        self.input_names = [i["name"] for i in manifest.inputs]
+        self.output_names = [o["name"] for o in manifest.outputs]
+        self._inputs = {i["name"]: i for i in manifest.inputs}
         min_elements = {None: GEMM_A_MIN, True: 0, False: None}[gemm_a]
         self.rewritten = rewrite_linears(graph, set(arrays), min_elements) if min_elements is not None else 0
         opts = ort.SessionOptions()
@@ -117,19 +117,18 @@ class OnnxBackend(Backend):
         import onnx
 
         bundle = Path(bundle)
-        manifest = read_manifest(bundle)
-        graph_path = bundle / manifest["graph"]
+        manifest = Manifest.read(bundle)
+        graph_path = bundle / manifest.graph
         raw = read_bytes(graph_path)
-        if hashlib.sha256(raw).hexdigest() != manifest["fingerprint"]["graph_sha256"]:
+        if hashlib.sha256(raw).hexdigest() != manifest.graph_sha256:
             raise BundleError(f"{graph_path}: sha256 differs from the manifest's fingerprint (edited or corrupted)")
         try:
             graph = onnx.load_from_string(raw)
         except Exception as exc:
             raise BundleError(f"{graph_path}: not a readable ONNX model ({exc})") from None
-        storage = storage_layout(manifest)
-        check_graph(graph_path, graph, manifest, storage)
+        manifest.check_graph(graph_path, graph)
         arrays = read_weights(
-            bundle / manifest["weights"], storage, manifest["fingerprint"]["weights_sha256"] if verify else None
+            bundle / manifest.weights, manifest.storage(), manifest.weights_sha256 if verify else None
         )
         backend = cls(bundle, manifest, arrays, graph, threads, gemm_a)
         if verify:
@@ -231,11 +230,11 @@ class OnnxBackend(Backend):
         """Write a probe into a weight, run, check the output moved, restore bit for bit; raise if not."""
         example = {
             i["name"]: (np.ones if np.dtype(i["dtype"]).kind == "f" else np.zeros)(i["example_shape"], i["dtype"])
-            for i in self.manifest["inputs"]
+            for i in self.manifest.inputs
         }
         before = self._outputs(example)
         tried = []
-        slots = {self.manifest["parameters"][n]["onnx"] for pair in self.lora_slots.values() for n in pair}
+        slots = {self.manifest.parameters[n]["onnx"] for pair in self.lora_slots.values() for n in pair}
         for name in _probe_order({n: a for n, a in self.arrays.items() if n not in slots}):  # zero slots: no effect
             a = self.arrays[name]
             saved = a.copy()

@@ -22,8 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from runtime.atomic import atomic_write
 from runtime.dtypes import FLOATS
 from runtime.errors import AdapterFormatError
 from runtime.fingerprint import PROBES, Fingerprint
@@ -134,18 +133,6 @@ def write(
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return path
-
-
-def atomic_write(path: Path, write_to: Any) -> None:
-    """``write_to(tmp)`` then rename over ``path``: readers see the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write_to(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # -- reading --

@@ -178,7 +178,7 @@ def test_unused_parameters_are_listed_and_warned(tmp_path):
     with pytest.warns(UserWarning, match="spare.weight"):
         path = export_onnx(m, torch.randn(2, 12), tmp_path / "b")
     man = json.loads((path / "manifest.json").read_text())
-    assert man["unused"] == ["spare.bias", "spare.weight"] and "spare.weight" not in man["parameters"]
+    assert man["info"]["unused"] == ["spare.bias", "spare.weight"] and "spare.weight" not in man["parameters"]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])

@@ -15,7 +15,7 @@ import torch
 
 from exporters import export_onnx
 from runtime import AdapterFormatError, Runtime
-from runtime.bundle import BundleError
+from runtime.bundle import BundleError, Manifest, structure_of
 from runtime.models import TARGETS, build
 from runtime.onnx_backend import LiveWeightsError, OnnxBackend
 from runtime.synthetic import random_lora, random_shira
@@ -160,18 +160,23 @@ def test_concurrent_inference_never_sees_a_mixed_state(bundle):
 
 
 # -- hostile bundles --
-def edit_manifest(path, fn):
+def edit_manifest(path, fn, seal=True):
+    """Edit the manifest's JSON; ``seal``: recompute its checksum, as a deliberate edit would."""
     p = path / "manifest.json"
     m = json.loads(p.read_text())
     fn(m)
-    p.write_text(json.dumps(m))
+    p.write_text(json.dumps(Manifest.seal(m) if seal else m))
 
 
-def set_shape(m, name, shape):
-    from runtime.fingerprint import structure_hash
+def set_param(m, name, **fields):
+    """Edit a parameter entry and recompute the structure hash over it (so deeper checks are reached)."""
+    m["parameters"][name].update(fields)
+    m["fingerprint"]["structure"] = structure_of(m["parameters"])
 
-    m["parameters"][name]["shape"] = shape
-    m["fingerprint"]["structure"] = structure_hash({n: tuple(p["shape"]) for n, p in m["parameters"].items()})
+
+def swap_onnx(m, a, b):
+    pa, pb = m["parameters"][a], m["parameters"][b]
+    pa["onnx"], pb["onnx"] = pb["onnx"], pa["onnx"]
 
 
 def flip_byte(path, at):
@@ -198,12 +203,41 @@ HOSTILE = {
         lambda p: edit_manifest(p, lambda m: m["parameters"].update(extra=dict(m["parameters"][Q]))),
         "structure",
     ),
-    "shape with hash": (lambda p: edit_manifest(p, lambda m: set_shape(m, Q, [32, 128])), Q),
-    "dtype": (lambda p: edit_manifest(p, lambda m: m["parameters"][Q].update(dtype="float16")), Q),
+    "shape with hash": (lambda p: edit_manifest(p, lambda m: set_param(m, Q, shape=[32, 128])), Q),
+    "dtype": (lambda p: edit_manifest(p, lambda m: m["parameters"][Q].update(dtype="float16")), "structure"),
+    "dtype with hash": (lambda p: edit_manifest(p, lambda m: set_param(m, Q, dtype="float16")), Q),
+    "square weight relaid": (
+        lambda p: edit_manifest(p, lambda m: m["parameters"][Q].update(layout="transposed")),
+        "structure",
+    ),
+    "same-shaped weights swapped": (
+        lambda p: edit_manifest(p, lambda m: swap_onnx(m, Q, Q.replace("q_proj", "o_proj"))),
+        "structure",
+    ),
+    "unsealed edit": (
+        lambda p: edit_manifest(p, lambda m: m["outputs"][0].update(dtype="float16"), seal=False),
+        "checksum mismatch",
+    ),
+    "input dtype": (
+        lambda p: edit_manifest(p, lambda m: m["inputs"][0].update(dtype="float32")),
+        "'input_ids' is int64",
+    ),
+    "empty example": (
+        lambda p: edit_manifest(p, lambda m: m["inputs"][0].update(example_shape=[0, 8])),
+        "example_shape",
+    ),
+    "output dtype": (
+        lambda p: edit_manifest(p, lambda m: m["outputs"][0].update(dtype="float16")),
+        "the manifest says float16",
+    ),
     "bad dtype": (lambda p: edit_manifest(p, lambda m: m["parameters"][Q].update(dtype="int8")), "dtype 'int8'"),
     "layout": (lambda p: edit_manifest(p, lambda m: m["parameters"][Q].update(layout="diagonal")), "layout"),
     "retied": (
         lambda p: edit_manifest(p, lambda m: m["parameters"]["lm_head.weight"].update(layout="transposed")),
+        "structure",
+    ),
+    "retied with hash": (
+        lambda p: edit_manifest(p, lambda m: set_param(m, "lm_head.weight", layout="transposed")),
         "share ONNX tensor",
     ),
     "truncated weights": (
