@@ -6,7 +6,6 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -130,9 +129,7 @@ class Runtime:
             t0 = time.perf_counter()
             with self._bank_lock:
                 prepared = [(self._get(n), w) for n, w in items]
-            plan = self._switcher.make_plan(prepared)
-            stats = self._switcher.switch(plan)
-            return replace(stats, ms=(time.perf_counter() - t0) * 1e3)
+            return self._switcher.switch(self._switcher.make_plan(prepared), t0)
 
     @staticmethod
     def _items(names: Names, weights: Sequence[float] | float | None) -> list[tuple[str, float]]:

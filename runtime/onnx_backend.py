@@ -160,7 +160,9 @@ class OnnxBackend(Backend):
         by_module: dict[str, list] = {}
         for module, a, b, alpha in entries:
             by_module.setdefault(module, []).append((a, b, alpha))
-        for module in self._slots_in_use - set(by_module):
+        stale = self._slots_in_use - set(by_module)
+        self._slots_in_use |= set(by_module)  # first: a write cut short leaves every touched slot on record
+        for module in stale:
             for n in self.lora_slots[module]:
                 self.logical(n).zero_()
         for module, terms in by_module.items():  # several adapters on one linear: their ranks side by side

@@ -58,7 +58,7 @@ class SwitchStats:
     kernels: str
 
     def __str__(self) -> str:
-        names = ", ".join(f"{n}x{w:g}" for n, w in self.active) or "base"
+        names = ", ".join(f"{n} (weight {w:g})" for n, w in self.active) or "base"
         return (
             f"switch -> {names}: {self.ms:.2f} ms, {self.elements_written} elements written, "
             f"{self.bytes_touched / 1e6:.1f} MB touched ({self.kernels} kernels)"
@@ -163,10 +163,11 @@ class Switcher:
             )
 
     # -- writing: one transaction --
-    def switch(self, plan: Plan) -> SwitchStats:
+    def switch(self, plan: Plan, t0: float | None = None) -> SwitchStats:
         """Make ``plan`` the applied state. Any exception at any point (``KeyboardInterrupt`` and
-        ``MemoryError`` included) rolls every write back: weights and state are as before the call."""
-        t0 = time.perf_counter()
+        ``MemoryError`` included) rolls every write back: weights and state are as before the call.
+        ``t0``: the ``perf_counter`` the reported time counts from (default: now)."""
+        t0 = time.perf_counter() if t0 is None else t0
         old, tensors = self.state, self.backend.tensors
         in_t = list(plan.sparse)
         in_idx = [plan.sparse[t][0] for t in in_t]
@@ -193,16 +194,12 @@ class Switcher:
                     dense_saved[t] = tensors[t].clone()  # the base: the kernel restored any sparse state
             _apply_dense(self.backend, plan, dense_saved)
             self.backend.set_unfused(plan.unfused)
-            self.state = State(plan, dict(zip(in_t, zip(in_idx, in_saved))), dense_saved)  # commit
+            stats = self._stats(old.plan, plan, (time.perf_counter() - t0) * 1e3)
+            self.state = State(plan, dict(zip(in_t, zip(in_idx, in_saved))), dense_saved)  # commit: the last step
         except BaseException:
             self._rollback(old, plan, in_saved, dense_saved)
             raise
-        ms = (time.perf_counter() - t0) * 1e3
-        restored = [t for t in old.plan.dense if t not in plan.dense]  # copied back whole
-        written = sum(i.numel() for i, _ in old.sparse_saved.values()) + sum(i.numel() for i in in_idx)
-        written += sum(tensors[t].numel() for t in [*plan.dense, *restored])
-        nbytes = self._bytes(old.plan) + self._bytes(plan)
-        return SwitchStats(ms, written, nbytes, plan.active, kernels.backend())
+        return stats
 
     def _rollback(self, old: State, plan: Plan, in_saved: list[torch.Tensor], dense_saved: dict) -> None:
         """Undo whatever part of a switch to ``plan`` ran, wherever it stopped; every step is idempotent, so
@@ -223,6 +220,7 @@ class Switcher:
 
     def _undo(self, old: State, plan: Plan, in_saved: list[torch.Tensor], dense_saved: dict) -> None:
         tensors = self.backend.tensors
+        self.state = old  # in case the commit happened before the exception
         for t in {*old.plan.dense, *plan.dense}:  # dense tensors back to their base copies
             base = old.dense_saved.get(t, dense_saved.get(t))
             if base is not None:
@@ -238,13 +236,16 @@ class Switcher:
         _apply_dense(self.backend, old.plan, old.dense_saved)
         self.backend.set_unfused(old.plan.unfused)
 
-    def _bytes(self, plan: Plan) -> int:
-        n = 0
-        for t, (idx, _) in plan.sparse.items():
-            n += 2 * idx.numel() * self.backend.tensors[t].element_size()
-        for t in plan.dense:
-            n += 2 * self.backend.tensors[t].numel() * self.backend.tensors[t].element_size()
-        return n
+    def _stats(self, old: Plan, new: Plan, ms: float) -> SwitchStats:
+        tensors = self.backend.tensors
+        restored = [t for t in old.dense if t not in new.dense]  # copied back whole
+        written = sum(i.numel() for plan in (old, new) for i, _ in plan.sparse.values())
+        written += sum(tensors[t].numel() for t in [*new.dense, *restored])
+        nbytes = 0
+        for plan in (old, new):
+            nbytes += sum(2 * i.numel() * tensors[t].element_size() for t, (i, _) in plan.sparse.items())
+            nbytes += sum(2 * tensors[t].numel() * tensors[t].element_size() for t in plan.dense)
+        return SwitchStats(ms, written, nbytes, new.active, kernels.backend())
 
 
 def _ungathered(n: int, dtype: torch.dtype) -> torch.Tensor:
