@@ -136,6 +136,12 @@ class Manifest:
         _check_io(path, m["outputs"], "outputs")
         for name, p in m["parameters"].items():
             _check_parameter(path, name, p)
+        for name, p in m["parameters"].items():  # ONNX tensors are named after a parameter (the first of a tied group)
+            owner = m["parameters"].get(p["onnx"])
+            if owner is None or owner["onnx"] != p["onnx"]:
+                raise BundleError(
+                    f"{path}: parameter {name!r} reads ONNX tensor {p['onnx']!r}, which is no parameter's own"
+                )
         if structure_of(m["parameters"]) != fp["structure"]:
             raise BundleError(
                 f"{path}: the parameters' names, ONNX tensors, layouts or shapes differ from the structure hash"
@@ -229,7 +235,9 @@ def _check_io(path: Path, entries: list, kind: str) -> None:
         if not all(isinstance(d, str) or _is_dim(d) for d in io["shape"]):
             raise BundleError(f"{path}: {kind} {io['name']!r} has a malformed shape {io['shape']!r}")
         try:
-            np.dtype(io.get("dtype"))
+            if not isinstance(io.get("dtype"), str):
+                raise TypeError
+            np.dtype(io["dtype"])
         except TypeError:
             raise BundleError(f"{path}: {kind} {io['name']!r} has unknown dtype {io.get('dtype')!r}") from None
         if kind == "inputs":
@@ -247,7 +255,7 @@ def _check_parameter(path: Path, name: str, p: Any) -> None:
         raise BundleError(f"{where}: malformed entry {p!r}")
     if p.get("layout") not in LAYOUTS:
         raise BundleError(f"{where}: layout {p.get('layout')!r}, expected one of {LAYOUTS}")
-    if p.get("dtype") not in NUMPY or NUMPY[p["dtype"]].short not in BUNDLE:
+    if not isinstance(p.get("dtype"), str) or p["dtype"] not in NUMPY or NUMPY[p["dtype"]].short not in BUNDLE:
         raise BundleError(f"{where}: dtype {p.get('dtype')!r}, expected one of {[SHORT[d].numpy for d in BUNDLE]}")
     shape = p.get("shape")
     if not (isinstance(shape, list) and all(_is_dim(d) for d in shape)):
@@ -262,10 +270,15 @@ def _check_adapter(bundle: Path, path: Path, name: str, entry: Any) -> None:
         raise BundleError(f"{where}: the name must be a non-empty plain name")
     if not isinstance(entry, dict) or entry.get("kind") not in ADAPTER_KINDS or not isinstance(entry.get("path"), str):
         raise BundleError(f"{where}: malformed entry {entry!r} (kind in {ADAPTER_KINDS}, path)")
-    full = (bundle / entry["path"]).resolve()
-    if (bundle / ADAPTERS_DIR).resolve() not in full.parents:
+    try:
+        full = (bundle / entry["path"]).resolve()
+        inside = (bundle / ADAPTERS_DIR).resolve() in full.parents
+        present = full.is_file() if entry["kind"] == "shira" else full.is_dir()
+    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL byte
+        raise BundleError(f"{where}: path {entry['path']!r} cannot be resolved ({exc})") from None
+    if not inside:
         raise BundleError(f"{where}: path {entry['path']!r} is not inside {ADAPTERS_DIR}/")
-    if not (full.is_file() if entry["kind"] == "shira" else full.is_dir()):
+    if not present:
         raise BundleError(f"{where}: {full} is missing or not a {'file' if entry['kind'] == 'shira' else 'directory'}")
 
 
