@@ -212,7 +212,7 @@ HOSTILE = {
     ),
     "same-shaped weights swapped": (
         lambda p: edit_manifest(p, lambda m: swap_onnx(m, Q, Q.replace("q_proj", "o_proj"))),
-        "structure",
+        "no parameter's own",
     ),
     "unsealed edit": (
         lambda p: edit_manifest(p, lambda m: m["outputs"][0].update(dtype="float16"), seal=False),
