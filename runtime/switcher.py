@@ -90,6 +90,9 @@ class Switcher:
         self.backend = backend
         self.state = State(EMPTY_PLAN, {}, {})
         self._absmax: dict[str, float] = {}
+        # saved-value buffers of the state before the current one, reused by the next switch: their pages are
+        # mapped already, so the marker fill is paid instead of the page faults (one more set of saved values)
+        self._spare: dict[str, torch.Tensor] = {}
 
     @property
     def plan(self) -> Plan:
@@ -171,7 +174,7 @@ class Switcher:
         old, tensors = self.state, self.backend.tensors
         in_t = list(plan.sparse)
         in_idx = [plan.sparse[t][0] for t in in_t]
-        in_saved = [_ungathered(i.numel(), tensors[t].dtype) for t, i in zip(in_t, in_idx)]
+        in_saved = [self._ungathered(t, i.numel(), tensors[t].dtype) for t, i in zip(in_t, in_idx)]
         dense_saved = {t: c for t, c in old.dense_saved.items() if t in plan.dense}  # base copies kept
         try:
             for t in old.plan.dense:
@@ -195,7 +198,8 @@ class Switcher:
             _apply_dense(self.backend, plan, dense_saved)
             self.backend.set_unfused(plan.unfused)
             stats = self._stats(old.plan, plan, (time.perf_counter() - t0) * 1e3)
-            self.state = State(plan, dict(zip(in_t, zip(in_idx, in_saved))), dense_saved)  # commit: the last step
+            self.state = State(plan, dict(zip(in_t, zip(in_idx, in_saved))), dense_saved)  # commit
+            self._spare = {t: s for t, (_, s) in old.sparse_saved.items()}  # free now that the switch committed
         except BaseException:
             self._rollback(old, plan, in_saved, dense_saved)
             raise
@@ -221,6 +225,7 @@ class Switcher:
     def _undo(self, old: State, plan: Plan, in_saved: list[torch.Tensor], dense_saved: dict) -> None:
         tensors = self.backend.tensors
         self.state = old  # in case the commit happened before the exception
+        self._spare = {}  # it may hold old's buffers (they are in use again)
         for t in {*old.plan.dense, *plan.dense}:  # dense tensors back to their base copies
             base = old.dense_saved.get(t, dense_saved.get(t))
             if base is not None:
@@ -236,6 +241,16 @@ class Switcher:
         _apply_dense(self.backend, old.plan, old.dense_saved)
         self.backend.set_unfused(old.plan.unfused)
 
+    def _ungathered(self, t: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """A saved-value buffer for ``n`` values of tensor ``t``, every entry holding the ungathered marker."""
+        spare = self._spare.pop(t, None)
+        buf = spare[:n] if spare is not None and spare.numel() >= n and spare.dtype == dtype else None
+        int_dtype, marker = UNGATHERED[dtype]
+        if buf is None:
+            return torch.full((n,), marker, dtype=int_dtype).view(dtype)
+        buf.view(int_dtype).fill_(marker)
+        return buf
+
     def _stats(self, old: Plan, new: Plan, ms: float) -> SwitchStats:
         tensors = self.backend.tensors
         restored = [t for t in old.dense if t not in new.dense]  # copied back whole
@@ -246,11 +261,6 @@ class Switcher:
             nbytes += sum(2 * i.numel() * tensors[t].element_size() for t, (i, _) in plan.sparse.items())
             nbytes += sum(2 * tensors[t].numel() * tensors[t].element_size() for t in plan.dense)
         return SwitchStats(ms, written, nbytes, new.active, kernels.backend())
-
-
-def _ungathered(n: int, dtype: torch.dtype) -> torch.Tensor:
-    int_dtype, marker = UNGATHERED[dtype]
-    return torch.full((n,), marker, dtype=int_dtype).view(dtype)
 
 
 def _apply_dense(backend: Backend, plan: Plan, base_copies: dict[str, torch.Tensor]) -> None:
