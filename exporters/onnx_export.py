@@ -38,8 +38,9 @@ from torch.utils._pytree import tree_leaves
 
 from exporters.lora_slots import lora_slots
 from runtime.atomic import atomic_write
-from runtime.bundle import FORMAT, GRAPH_FILE, MANIFEST_FILE, WEIGHTS_FILE, Manifest, file_sha256
+from runtime.bundle import FORMAT, GRAPH_FILE, MANIFEST_FILE, WEIGHTS_FILE, file_sha256
 from runtime.dtypes import BUNDLE, NUMPY, TORCH
+from runtime.manifest import Manifest
 
 DEFAULT_OPSET = 17
 

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from runtime.adapters import LoraAdapter, SparseAdapter, load_adapter, save_adapter
-from runtime.bundle import ADAPTERS_DIR, Manifest
+from runtime.bundle import ADAPTERS_DIR
 from runtime.dtypes import SHORT, by_short
+from runtime.manifest import Manifest
 from runtime.models import load_base
 from runtime.peft_format import is_peft_dir
 from runtime.table import print_table

@@ -14,8 +14,8 @@ from torch import nn
 from runtime.adapters import Source, load_adapter
 from runtime.backend import Backend, TorchBackend
 from runtime.bank import prepare
-from runtime.bundle import Manifest
 from runtime.errors import ShiraError, UnknownAdapterError
+from runtime.manifest import Manifest
 from runtime.rwlock import RWLock
 from runtime.switcher import Prepared, Switcher, SwitchStats
 

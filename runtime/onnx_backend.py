@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from runtime.backend import Backend
-from runtime.bundle import BundleError, Manifest, read_bytes, read_weights
+from runtime.bundle import BundleError, read_bytes, read_weights
 from runtime.errors import AdapterMismatchError, ShiraError
+from runtime.manifest import Manifest
 
 GEMM_A_MIN = 1 << 16  # weight elements from which the GEMM-A rewrite pays (256 x 256)
 

@@ -7,7 +7,6 @@ When one moves or is renamed, edit ``HOMES`` and nothing else.
 from __future__ import annotations
 
 import importlib
-import inspect
 from collections.abc import Callable
 from functools import cache
 
@@ -15,23 +14,13 @@ import torch
 
 HOMES: dict[str, list[tuple[str, str]]] = {
     # metadata dict (str -> str) -> str, stored under "meta_checksum"
-    "meta_checksum": [
-        ("runtime.shira_file", "meta_checksum"),
-        ("runtime.adapter_file", "meta_checksum"),
-        ("runtime.adapter_file", "_meta_checksum"),
-    ],
-    # (key, tensor) -> str, or (tensor) -> str in format version 2; stored in the "checksums" metadata field
-    "tensor_checksum": [
-        ("runtime.shira_file", "tensor_checksum"),
-        ("runtime.adapter_file", "tensor_checksum"),
-        ("runtime.adapter_file", "_checksum"),
-    ],
-    # a bundle manifest's fingerprint.structure: from its "parameters" object (format 2) ...
-    "structure_of": [("runtime.bundle", "structure_of")],
-    # ... or from {parameter name: shape} (format 1)
-    "structure_hash": [("runtime.bundle", "structure_hash"), ("runtime.fingerprint", "structure_hash")],
-    # a manifest's "checksum" (format 2), over every other top-level field
-    "manifest_checksum": [("runtime.bundle", "manifest_checksum"), ("runtime.bundle", "_checksum")],
+    "meta_checksum": [("runtime.shira_file", "meta_checksum")],
+    # (key, tensor) -> str, stored in the "checksums" metadata field
+    "tensor_checksum": [("runtime.shira_file", "tensor_checksum")],
+    # a bundle manifest's fingerprint.structure, from its "parameters" object
+    "structure_of": [("runtime.manifest", "structure_of")],
+    # a manifest's JSON with its "checksum" recomputed over every other top-level field
+    "seal": [("runtime.manifest", "Manifest")],
 }
 
 # safetensors dtype letters -> torch dtype (to rebuild a tensor from header + bytes for its checksum)
@@ -72,19 +61,8 @@ def meta_checksum(meta: dict[str, str]) -> str:
 def tensor_checksum(key: str, dtype: str, shape: list[int], raw: bytes) -> str:
     """The format's checksum of the tensor a safetensors header entry + its bytes describe."""
     tdtype = ST_DTYPES[dtype]
-    if raw:
-        t = torch.frombuffer(bytearray(raw), dtype=tdtype).reshape(shape)
-    else:
-        t = torch.empty(shape, dtype=tdtype)
-    fn = _find("tensor_checksum")
-    return fn(key, t) if len(inspect.signature(fn).parameters) == 2 else fn(t)
-
-
-def _maybe(name: str) -> Callable | None:
-    try:
-        return _find(name)
-    except ImportError:
-        return None
+    t = torch.frombuffer(bytearray(raw), dtype=tdtype).reshape(shape) if raw else torch.empty(shape, dtype=tdtype)
+    return _find("tensor_checksum")(key, t)
 
 
 def resum_manifest(m: dict, edited: tuple = ()) -> dict:
@@ -99,12 +77,9 @@ def resum_manifest(m: dict, edited: tuple = ()) -> dict:
     fp, params = m.get("fingerprint"), m.get("parameters")
     if isinstance(fp, dict) and isinstance(params, dict) and not touched(("fingerprint", "structure")):
         try:
-            if (structure_of := _maybe("structure_of")) is not None:
-                fp["structure"] = structure_of(params)
-            else:
-                fp["structure"] = _find("structure_hash")({n: tuple(p["shape"]) for n, p in params.items()})
+            fp["structure"] = _find("structure_of")(params)
         except (KeyError, TypeError, ValueError, AttributeError):
             pass  # the edit broke what the structure is computed from: left stale
-    if "checksum" in m and not touched(("checksum",)) and (checksum := _maybe("manifest_checksum")) is not None:
-        m["checksum"] = checksum({k: v for k, v in m.items() if k != "checksum"})
+    if "checksum" in m and not touched(("checksum",)):
+        m["checksum"] = _find("seal").seal(m)["checksum"]
     return m

@@ -15,7 +15,8 @@ import torch
 
 from exporters import export_onnx
 from runtime import AdapterFormatError, Runtime
-from runtime.bundle import BundleError, Manifest, structure_of
+from runtime.bundle import BundleError
+from runtime.manifest import Manifest, structure_of
 from runtime.models import TARGETS, build
 from runtime.onnx_backend import LiveWeightsError, OnnxBackend
 from runtime.synthetic import random_lora, random_shira

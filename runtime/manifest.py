@@ -1,0 +1,265 @@
+"""The bundle manifest, the one owner of ``manifest.json``: the exporter and the packager write through
+``Manifest``, the runtime reads through it, and every check of it lives here."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.atomic import atomic_write
+from runtime.bundle import (
+    ADAPTER_KINDS,
+    ADAPTERS_DIR,
+    FORMAT,
+    GRAPH_FILE,
+    LAYOUTS,
+    MANIFEST_FILE,
+    MAX_EXAMPLE,
+    VERSION,
+    WEIGHTS_FILE,
+    BundleError,
+    is_dim,
+    read_bytes,
+)
+from runtime.dtypes import BUNDLE, NUMPY, SHORT
+
+
+def structure_of(parameters: dict[str, dict]) -> str:
+    """Hash of every parameter's name, ONNX tensor, layout, shape and dtype: what the switcher relies on."""
+    items = sorted((n, p["onnx"], p["layout"], list(p["shape"]), p["dtype"]) for n, p in parameters.items())
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:32]
+
+
+@dataclass
+class Manifest:
+    """The bundle's ``manifest.json``: the one type that writes it (exporter, packager) and reads it (runtime).
+
+    ``parameters``: state_dict name -> ``{"onnx", "layout", "shape", "dtype"}``; ``inputs``/``outputs``:
+    ``{"name", "dtype", "shape"}`` (inputs add ``example_shape``, the probe's input); ``adapters``: name ->
+    ``{"kind", "path", "nonzeros", "bytes"}``. The file carries a hash of the parameters' structure and a
+    checksum of its whole content: an edit by hand is an error (edit through this type, then ``write``).
+    """
+
+    inputs: list[dict]
+    outputs: list[dict]
+    parameters: dict[str, dict]
+    weights_sha256: str
+    graph_sha256: str
+    adapters: dict[str, dict] = field(default_factory=dict)
+    graph: str = GRAPH_FILE
+    weights: str = WEIGHTS_FILE
+    info: dict = field(default_factory=dict)  # exporter, opset, unused parameters: for people, not checked
+
+    def to_json(self) -> dict:
+        body = {
+            "format": FORMAT,
+            "version": VERSION,
+            "graph": self.graph,
+            "weights": self.weights,
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "parameters": self.parameters,
+            "adapters": self.adapters,
+            "info": self.info,
+            "fingerprint": {
+                "structure": structure_of(self.parameters),
+                "weights_sha256": self.weights_sha256,
+                "graph_sha256": self.graph_sha256,
+            },
+        }
+        return Manifest.seal(body)
+
+    @staticmethod
+    def seal(body: dict) -> dict:
+        """``body`` (a manifest's JSON) with its checksum recomputed: what a deliberate edit must do."""
+        body = {k: v for k, v in body.items() if k != "checksum"}
+        return body | {"checksum": _checksum(body)}
+
+    def write(self, bundle: Path) -> None:
+        """Write ``bundle/manifest.json`` atomically (temp file + rename): readers see the old or the new one."""
+        text = json.dumps(self.to_json(), indent=1)
+        atomic_write(bundle / MANIFEST_FILE, lambda tmp: tmp.write_text(text))
+
+    @staticmethod
+    def read(bundle: Path) -> Manifest:
+        """The bundle's manifest, with every field checked that can be checked without the graph."""
+        if not bundle.is_dir():
+            raise BundleError(f"{bundle}: not a bundle directory (no such directory)")
+        path = bundle / MANIFEST_FILE
+        try:
+            m = json.loads(read_bytes(path))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise BundleError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(m, dict) or m.get("format") != FORMAT:
+            got = m.get("format") if isinstance(m, dict) else type(m).__name__
+            raise BundleError(f"{path}: not a {FORMAT} manifest (format={got!r})")
+        if m.get("version") != VERSION:
+            raise BundleError(
+                f"{path}: format version {m.get('version')!r}; this runtime reads version {VERSION} (re-export it)"
+            )
+        if m.get("checksum") != _checksum({k: v for k, v in m.items() if k != "checksum"}):
+            raise BundleError(f"{path}: checksum mismatch: the manifest was edited or corrupted")
+        for key, typ in (("graph", str), ("weights", str), ("inputs", list), ("outputs", list)):
+            _expect(path, key, m.get(key), typ)
+        for key in ("parameters", "fingerprint", "adapters", "info"):
+            _expect(path, key, m.get(key), dict)
+        for key in ("graph", "weights"):
+            if Path(m[key]).name != m[key] or m[key] in ("", ".", ".."):
+                raise BundleError(f"{path}: {key} file {m[key]!r} must be a plain file name inside the bundle")
+        fp = m["fingerprint"]
+        for key in ("structure", "weights_sha256", "graph_sha256"):
+            _expect(path, f"fingerprint.{key}", fp.get(key), str)
+        _check_io(path, m["inputs"], "inputs")
+        _check_io(path, m["outputs"], "outputs")
+        for name, p in m["parameters"].items():
+            _check_parameter(path, name, p)
+        for name, p in m["parameters"].items():  # ONNX tensors are named after a parameter (the first of a tied group)
+            owner = m["parameters"].get(p["onnx"])
+            if owner is None or owner["onnx"] != p["onnx"]:
+                raise BundleError(
+                    f"{path}: parameter {name!r} reads ONNX tensor {p['onnx']!r}, which is no parameter's own"
+                )
+        if structure_of(m["parameters"]) != fp["structure"]:
+            raise BundleError(
+                f"{path}: the parameters' names, ONNX tensors, layouts or shapes differ from the structure hash"
+            )
+        for name, entry in m["adapters"].items():
+            _check_adapter(bundle, path, name, entry)
+        return Manifest(
+            m["inputs"],
+            m["outputs"],
+            m["parameters"],
+            fp["weights_sha256"],
+            fp["graph_sha256"],
+            m["adapters"],
+            m["graph"],
+            m["weights"],
+            m["info"],
+        )
+
+    def storage(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """ONNX tensor name -> (dtype, storage shape); names of one tied group must agree."""
+        storage, first = {}, {}
+        for name, p in self.parameters.items():
+            shape = tuple(p["shape"][::-1] if p["layout"] == "transposed" else p["shape"])
+            entry = (p["dtype"], shape)
+            if p["onnx"] in storage and storage[p["onnx"]] != entry:
+                raise BundleError(
+                    f"{MANIFEST_FILE}: parameters {first[p['onnx']]!r} and {name!r} share ONNX tensor {p['onnx']!r} "
+                    f"but differ in dtype/layout/shape"
+                )
+            storage[p["onnx"]] = entry
+            first.setdefault(p["onnx"], name)
+        return storage
+
+    def check_graph(self, path: Path, graph: Any) -> None:
+        """The graph's inputs and outputs are exactly the manifest's: names, element types, fixed dims."""
+        from onnx import helper
+
+        inputs = {v.name: v for v in graph.graph.input}
+        storage = self.storage()
+        wanted = [i["name"] for i in self.inputs] + list(storage)
+        missing = [n for n in wanted if n not in inputs]
+        extra = [n for n in inputs if n not in wanted]
+        if missing or extra:
+            raise BundleError(f"{path}: graph inputs do not match the manifest (missing {missing}, unknown {extra})")
+        outputs = {v.name: v for v in graph.graph.output}
+        if list(outputs) != [o["name"] for o in self.outputs]:
+            raise BundleError(f"{path}: graph outputs {list(outputs)} differ from the manifest's")
+
+        def typed(v) -> tuple[str, list]:
+            tt = v.type.tensor_type
+            dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type).name if tt.elem_type else "?"
+            return dtype, [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+
+        for name, (dtype, shape) in storage.items():
+            got_dtype, got_shape = typed(inputs[name])
+            if got_dtype != dtype or tuple(got_shape) != shape:
+                raise BundleError(
+                    f"{path}: weight input {name!r} is {got_dtype}{got_shape} in the graph, {dtype}{list(shape)} "
+                    f"in the manifest"
+                )
+        ios = [(i, inputs[i["name"]]) for i in self.inputs] + [(o, outputs[o["name"]]) for o in self.outputs]
+        for io, v in ios:
+            got_dtype, got_shape = typed(v)
+            dims = [d if isinstance(d, int) else None for d in io["shape"]]
+            if got_dtype != io["dtype"] or got_shape != dims:
+                raise BundleError(
+                    f"{path}: {io['name']!r} is {got_dtype}{got_shape} in the graph, the manifest says "
+                    f"{io['dtype']}{io['shape']}"
+                )
+        if any(i.name in storage for i in graph.graph.initializer):
+            raise BundleError(f"{path}: weights are embedded as initializers; they would not be live")
+
+
+def _checksum(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _expect(path: Path, key: str, value: Any, typ: type) -> None:
+    if not isinstance(value, typ):
+        raise BundleError(f"{path}: field {key!r} is missing or not a {typ.__name__}")
+
+
+def _check_io(path: Path, entries: list, kind: str) -> None:
+    names = set()
+    for io in entries:
+        if not (isinstance(io, dict) and isinstance(io.get("name"), str) and isinstance(io.get("shape"), list)):
+            raise BundleError(f"{path}: malformed {kind} entry {io!r}")
+        if io["name"] in names or not io["name"]:
+            raise BundleError(f"{path}: {kind} name {io['name']!r} is empty or appears twice")
+        names.add(io["name"])
+        if not all(isinstance(d, str) or is_dim(d) for d in io["shape"]):
+            raise BundleError(f"{path}: {kind} {io['name']!r} has a malformed shape {io['shape']!r}")
+        try:
+            if not isinstance(io.get("dtype"), str):
+                raise TypeError
+            np.dtype(io["dtype"])
+        except TypeError:
+            raise BundleError(f"{path}: {kind} {io['name']!r} has unknown dtype {io.get('dtype')!r}") from None
+        if kind == "inputs":
+            ex = io.get("example_shape")
+            ok = isinstance(ex, list) and len(ex) == len(io["shape"]) and all(is_dim(d) and d > 0 for d in ex)
+            if not ok or any(isinstance(d, int) and d != e for d, e in zip(io["shape"], ex)):
+                raise BundleError(f"{path}: input {io['name']!r}: example_shape {ex!r} does not fit {io['shape']}")
+            if math.prod(ex) > MAX_EXAMPLE:
+                raise BundleError(f"{path}: input {io['name']!r}: example_shape {ex} is too large for the probe")
+
+
+def _check_parameter(path: Path, name: str, p: Any) -> None:
+    where = f"{path}: parameter {name!r}"
+    if not name or not isinstance(p, dict) or not isinstance(p.get("onnx"), str) or not p["onnx"]:
+        raise BundleError(f"{where}: malformed entry {p!r}")
+    if p.get("layout") not in LAYOUTS:
+        raise BundleError(f"{where}: layout {p.get('layout')!r}, expected one of {LAYOUTS}")
+    if not isinstance(p.get("dtype"), str) or p["dtype"] not in NUMPY or NUMPY[p["dtype"]].short not in BUNDLE:
+        raise BundleError(f"{where}: dtype {p.get('dtype')!r}, expected one of {[SHORT[d].numpy for d in BUNDLE]}")
+    shape = p.get("shape")
+    if not (isinstance(shape, list) and all(is_dim(d) for d in shape)):
+        raise BundleError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if p["layout"] == "transposed" and len(shape) != 2:
+        raise BundleError(f"{where}: layout 'transposed' needs a 2-D shape, got {shape}")
+
+
+def _check_adapter(bundle: Path, path: Path, name: str, entry: Any) -> None:
+    where = f"{path}: adapter {name!r}"
+    if not name or name.startswith(".") or "/" in name or "\\" in name:
+        raise BundleError(f"{where}: the name must be a non-empty plain name")
+    if not isinstance(entry, dict) or entry.get("kind") not in ADAPTER_KINDS or not isinstance(entry.get("path"), str):
+        raise BundleError(f"{where}: malformed entry {entry!r} (kind in {ADAPTER_KINDS}, path)")
+    try:
+        full = (bundle / entry["path"]).resolve()
+        inside = (bundle / ADAPTERS_DIR).resolve() in full.parents
+        present = full.is_file() if entry["kind"] == "shira" else full.is_dir()
+    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL byte
+        raise BundleError(f"{where}: path {entry['path']!r} cannot be resolved ({exc})") from None
+    if not inside:
+        raise BundleError(f"{where}: path {entry['path']!r} is not inside {ADAPTERS_DIR}/")
+    if not present:
+        raise BundleError(f"{where}: {full} is missing or not a {'file' if entry['kind'] == 'shira' else 'directory'}")
