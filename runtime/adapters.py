@@ -58,8 +58,7 @@ class SparseAdapter:
                 raise AdapterValueError(f"SparseAdapter: tensor {name!r}: shape {shape!r} is not non-negative ints")
             shapes[name] = dims
         self.shapes = shapes
-        if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
-            raise AdapterValueError(f"SparseAdapter: scale {self.scale!r} is not a finite number")
+        self.scale = _finite(self.scale, "SparseAdapter: scale")
 
     @property
     def nnz(self) -> int:
@@ -189,9 +188,7 @@ class LoraAdapter:
         if set(self.A) != set(self.B):
             raise AdapterValueError(f"LoraAdapter: A and B name different tensors: {sorted(set(self.A) ^ set(self.B))}")
         for name in self.A:
-            s = self.scaling.setdefault(name, 1.0)
-            if not isinstance(s, (int, float)) or not math.isfinite(s):
-                raise AdapterValueError(f"LoraAdapter: tensor {name!r}: scaling {s!r} is not a finite number")
+            self.scaling[name] = _finite(self.scaling.get(name, 1.0), f"LoraAdapter: tensor {name!r}: scaling")
 
     @property
     def params(self) -> int:
@@ -294,6 +291,16 @@ def save_adapter(
         )
     r = ranks.pop() if len(ranks) == 1 else None  # None: no r fits every layer (strict=False)
     return peft_format.write_shira(path, entries, r, adapter.mask_kind)
+
+
+def _finite(value: object, what: str) -> float:
+    try:
+        x = float(value)  # python, numpy and 0-d torch numbers
+    except (TypeError, ValueError):
+        x = math.nan
+    if isinstance(value, bool) or not math.isfinite(x):
+        raise AdapterValueError(f"{what} {value!r} is not a finite number")
+    return x
 
 
 def _expect(adapter: Adapter, cls: type, path: str | Path) -> Adapter:

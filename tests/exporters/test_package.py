@@ -136,3 +136,30 @@ def test_cli_base_from_a_callable(packaged, tmp_path, capsys):
     rt = Runtime.load(tmp_path / "callable")
     rt.switch("o")  # the fingerprint was taken from this base: accepted
     assert rt.active == (("o", 1.0),)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda a: a.update({"": a.pop("s")}), "adapter '': the name must be a non-empty plain name"),
+        (lambda a: a["s"].update(path="../manifest.json"), "is not inside adapters/"),
+        (lambda a: a["o"].update(path="adapters/missing.safetensors"), "is missing"),
+        (lambda a: a["l"].update(kind="dora"), "malformed entry"),
+    ],
+)
+def test_bad_adapters_section_is_a_bundle_error(packaged, tmp_path, edit, message):
+    """An empty adapter name in the manifest used to escape as a bare ValueError; every entry is checked when the
+    manifest is read, even through a deliberately re-sealed manifest."""
+    import shutil
+
+    from runtime.bundle import BundleError
+    from runtime.manifest import Manifest
+
+    _, _, out = packaged
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    edit(m["adapters"])
+    (bad / "manifest.json").write_text(json.dumps(Manifest.seal(m)))
+    with pytest.raises(BundleError, match=message):
+        Runtime.load(bad)
