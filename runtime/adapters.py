@@ -67,9 +67,9 @@ class SparseAdapter:
     def __repr__(self) -> str:
         return f"SparseAdapter({len(self.values)} tensors, nnz={self.nnz}, scale={self.scale})"
 
-    def where(self, adapter: str, name: str) -> str:
-        src = f" (from {self.source})" if self.source else ""
-        return f"adapter {adapter!r}{src}, tensor {name!r}"
+    def label(self, adapter: str) -> str:
+        """``adapter`` and the file it came from, for messages."""
+        return adapter + (f" (from {self.source})" if self.source else "")
 
     def flat(self, name: str, shape: tuple[int, ...], adapter: str = "?") -> tuple[torch.Tensor, torch.Tensor]:
         """Validated ``(indices, values)`` of tensor ``name`` for a base tensor of ``shape``.
@@ -77,7 +77,7 @@ class SparseAdapter:
         Indices come back flat, sorted, unique, int32 (int64 past 2**31 elements); values are reordered to match.
         Raises a specific error naming the adapter, its file, the tensor and the index at fault.
         """
-        where = self.where(adapter, name)
+        where = f"adapter {self.label(adapter)!r}, tensor {name!r}"
         idx, val = self.indices[name], self.values[name]
         shape = tuple(int(d) for d in shape)
         if name in self.shapes and self.shapes[name] != shape:
@@ -137,16 +137,13 @@ class SparseAdapter:
         (a PEFT adapter carries neither; a fingerprint it carries must match ``base``): indices flat, sorted."""
         missing = sorted(set(self.indices) - set(base))
         if missing:
-            src = f" (from {self.source})" if self.source else ""
-            raise AdapterMismatchError(f"adapter {adapter!r}{src}: the base has no tensors named {missing[:3]}")
+            raise AdapterMismatchError(f"adapter {self.label(adapter)!r}: the base has no tensors named {missing[:3]}")
         flat = {n: self.flat(n, tuple(base[n].shape), adapter) for n in self.indices}
         idx = {n: i for n, (i, _) in flat.items()}
         shapes = {n: tuple(base[n].shape) for n in idx}
         fingerprint = Fingerprint.of(base, idx)
         if self.fingerprint is not None:
-            self.fingerprint.check(
-                adapter + (f" (from {self.source})" if self.source else ""), shapes, fingerprint.probes
-            )
+            self.fingerprint.check(self.label(adapter), shapes, fingerprint.probes)
         values = {n: v for n, (_, v) in flat.items()}
         return SparseAdapter(idx, values, shapes, self.scale, fingerprint, self.mask_kind, source=self.source)
 
@@ -190,6 +187,8 @@ class LoraAdapter:
         for name in self.A:
             self.scaling[name] = _finite(self.scaling.get(name, 1.0), f"LoraAdapter: tensor {name!r}: scaling")
 
+    label = SparseAdapter.label
+
     @property
     def params(self) -> int:
         return sum(int(self.A[n].numel() + self.B[n].numel()) for n in self.A)
@@ -200,8 +199,7 @@ class LoraAdapter:
 
     def factors(self, name: str, shape: tuple[int, ...], adapter: str = "?") -> tuple[torch.Tensor, torch.Tensor]:
         """Validated fp32 ``(A, B)`` for tensor ``name`` of a base tensor of ``shape``; delta is ``B @ A``."""
-        src = f" (from {self.source})" if self.source else ""
-        where = f"adapter {adapter!r}{src}, tensor {name!r}"
+        where = f"adapter {self.label(adapter)!r}, tensor {name!r}"
         a, b = self.A[name], self.B[name]
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise AdapterMismatchError(

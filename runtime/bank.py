@@ -29,8 +29,8 @@ def prepare(
     return _prepare_lora(backend, name, adapter, unfused=mode == "unfused")
 
 
-def _claim(backend: Backend, seen: dict[str, str], tensor: str, adapter: str, source: str | None) -> str:
-    canon = backend.canonical(tensor, adapter + (f" (from {source})" if source else ""))
+def _claim(backend: Backend, seen: dict[str, str], tensor: str, adapter: str, label: str) -> str:
+    canon = backend.canonical(tensor, label)
     if canon in seen:
         raise AdapterMismatchError(
             f"adapter {adapter!r}: tensors {seen[canon]!r} and {tensor!r} are the same (tied) weight"
@@ -45,7 +45,7 @@ def _prepare_sparse(backend: Backend, switcher: Switcher, name: str, adapter: Sp
     if not torch.isfinite(torch.tensor(adapter.scale)):
         raise AdapterMismatchError(f"adapter {name!r}: scale {adapter.scale} is not finite")
     for tensor in adapter.indices:
-        canon = _claim(backend, seen, tensor, name, adapter.source)
+        canon = _claim(backend, seen, tensor, name, adapter.label(name))
         idx, val = adapter.flat(tensor, backend.shapes[canon], name)
         logical[tensor] = (canon, idx)
         delta = val.to(torch.float32).contiguous()
@@ -62,14 +62,14 @@ def _prepare_sparse(backend: Backend, switcher: Switcher, name: str, adapter: Sp
             for t, (c, idx) in logical.items()
             if t in adapter.fingerprint.probes
         }
-        adapter.fingerprint.check(name + (f" (from {adapter.source})" if adapter.source else ""), shapes, probes)
+        adapter.fingerprint.check(adapter.label(name), shapes, probes)
     return prep
 
 
 def _prepare_lora(backend: Backend, name: str, adapter: LoraAdapter, unfused: bool) -> Prepared:
     prep, seen = Prepared(name, 1.0), {}
     for tensor in adapter.A:
-        canon = _claim(backend, seen, tensor, name, adapter.source)
+        canon = _claim(backend, seen, tensor, name, adapter.label(name))
         a, b = adapter.factors(tensor, backend.shapes[canon], name)
         if unfused:
             if adapter.fan_in_fan_out:
