@@ -54,7 +54,24 @@ class RWLock:
         try:
             yield
         finally:
-            with self._cond:
-                self._writer = False
-                self._reader_quota = self._readers_waiting
-                self._cond.notify_all()
+            _through_interrupts(self._release_write)
+
+    def _release_write(self) -> None:  # idempotent: safe to run again
+        with self._cond:
+            self._writer = False
+            self._reader_quota = self._readers_waiting
+            self._cond.notify_all()
+
+
+def _through_interrupts(fn) -> None:
+    """Run idempotent ``fn`` to the end even if a KeyboardInterrupt lands inside it (then raise that once):
+    a switch interrupted while it releases the lock must not leave the lock held."""
+    interrupt = None
+    while True:
+        try:
+            fn()
+            break
+        except KeyboardInterrupt as exc:
+            interrupt = exc
+    if interrupt is not None:
+        raise interrupt

@@ -58,3 +58,29 @@ def test_switch_waits_for_running_inference():
     s.join()
     h.remove()
     assert order == ["inference done", "switch done"]
+
+
+def test_an_interrupt_while_releasing_the_write_lock_still_releases_it(monkeypatch):
+    from runtime.rwlock import RWLock
+
+    lock = RWLock()
+    real = lock._cond.notify_all
+    calls = []
+
+    def interrupted_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        real()
+
+    monkeypatch.setattr(lock._cond, "notify_all", interrupted_once)
+    try:
+        with lock.write():
+            pass
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the KeyboardInterrupt was swallowed")
+    assert len(calls) == 2 and not lock._writer
+    with lock.read():  # would block forever if the lock were still held
+        pass
