@@ -85,6 +85,7 @@ class OnnxBackend(Backend):
         self.input_names = [i["name"] for i in manifest.inputs]
         self.output_names = [o["name"] for o in manifest.outputs]
         self._inputs = {i["name"]: i for i in manifest.inputs}
+        self._indexes = _indexed_rows(graph, arrays)
         min_elements = {None: GEMM_A_MIN, True: 0, False: None}[gemm_a]
         self.rewritten = rewrite_linears(graph, set(arrays), min_elements) if min_elements is not None else 0
         opts = ort.SessionOptions()
@@ -229,12 +230,27 @@ class OnnxBackend(Backend):
         return np.ascontiguousarray(x)
 
     # -- the live-weights check --
+    def probe_inputs(self, seed: int = 0) -> dict[str, np.ndarray]:
+        """Non-degenerate inputs of the manifest's example shapes: floats ~ N(0, 1); integer inputs that index a
+        table (``Gather`` of a weight: token or position ids) drawn from ``[1, rows)``, away from a padding row
+        0; other integer or boolean inputs (masks) all ones."""
+        gen = np.random.default_rng(seed)
+        feed = {}
+        for i in self.manifest.inputs:
+            shape, dtype = i["example_shape"], np.dtype(i["dtype"])
+            rows = self._indexes.get(i["name"])
+            if dtype.kind == "f":
+                feed[i["name"]] = gen.standard_normal(shape).astype(dtype)
+            elif rows is not None and rows > 1:
+                feed[i["name"]] = gen.integers(1, rows, shape).astype(dtype)
+            else:
+                feed[i["name"]] = np.ones(shape, dtype)
+        return feed
+
     def check_live(self) -> None:
-        """Write a probe into a weight, run, check the output moved, restore bit for bit; raise if not."""
-        example = {
-            i["name"]: (np.ones if np.dtype(i["dtype"]).kind == "f" else np.zeros)(i["example_shape"], i["dtype"])
-            for i in self.manifest.inputs
-        }
+        """Write a probe into each weight in turn (small matrices first), run, and stop at the first that moves
+        the output, after restoring it bit for bit; raise if none does (the session does not read our memory)."""
+        example = self.probe_inputs()
         before = self._outputs(example)
         tried = []
         slots = {self.manifest.parameters[n]["onnx"] for pair in self.lora_slots.values() for n in pair}
@@ -254,10 +270,9 @@ class OnnxBackend(Backend):
                     raise LiveWeightsError(f"{self.bundle}: outputs did not come back after restoring {name!r}")
                 return
             tried.append(name)
-            if len(tried) == 3:
-                break
+        more = f" (and {len(tried) - 3} more)" if len(tried) > 3 else ""
         raise LiveWeightsError(
-            f"{self.bundle}: writing weights {tried} did not change the outputs: this onnxruntime "
+            f"{self.bundle}: writing weights {tried[:3]}{more} did not change the outputs: this onnxruntime "
             f"({_ort_version()}) does not read the weight buffers live (copied or constant-folded them)"
         )
 
@@ -341,6 +356,18 @@ def rewrite_linears(model: Any, weights: set[str], min_elements: int = 0, weight
     del graph.node[:]
     graph.node.extend(nodes)
     return count
+
+
+def _indexed_rows(model: Any, arrays: dict[str, np.ndarray]) -> dict[str, int]:
+    """Graph input -> rows of the weight it indexes, for inputs read by ``Gather(weight, input)`` (ids)."""
+    rows: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[0] in arrays:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            shape = arrays[node.input[0]].shape
+            n = shape[axis] if -len(shape) <= axis < len(shape) else 0
+            rows[node.input[1]] = min(rows.get(node.input[1], n), n)
+    return rows
 
 
 def _probe_order(arrays: dict[str, np.ndarray]) -> list[str]:

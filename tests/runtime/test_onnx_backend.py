@@ -272,3 +272,26 @@ def test_hostile_bundles_are_refused_clearly(bundle, tmp_path, case):
 def test_not_a_directory(tmp_path):
     with pytest.raises(BundleError, match="not a bundle directory"):
         Runtime.load(tmp_path / "nothing")
+
+
+def test_probe_accepts_live_bundles_whose_example_is_padding(tmp_path):
+    """The probe used to feed all-zero ids (the padding row, zero) and give up after three weights, refusing
+    live bundles; it now draws ids away from row 0 and tries every weight. Repro from the issue."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Embedding(16, 8, padding_idx=0),
+        nn.Linear(8, 8, bias=False),
+        nn.Linear(8, 8, bias=False),
+        nn.Linear(8, 8, bias=False),
+        nn.Linear(8, 16),
+    )
+    path = export_onnx(m, (torch.zeros(1, 8, dtype=torch.long),), tmp_path / "seq")
+    backend = OnnxBackend.open(path)  # probes
+    ids = backend.probe_inputs()[backend.input_names[0]]
+    assert ids.min() >= 1 and ids.max() < 16
+    llama = build("tiny", torch.float32, seed=2)
+    with torch.no_grad():
+        llama.model.embed_tokens.weight[0].zero_()  # a padding row, as with pad_token_id=0
+    OnnxBackend.open(export_onnx(llama, (torch.zeros(1, 8, dtype=torch.long),), tmp_path / "llama"))
