@@ -9,12 +9,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from runtime.adapters import Source, load_adapter
 from runtime.backend import Backend, TorchBackend
 from runtime.bank import prepare
 from runtime.errors import ShiraError, UnknownAdapterError
+from runtime.generate import Sampling, check_ids, loop
 from runtime.manifest import Manifest
 from runtime.rwlock import RWLock
 from runtime.switcher import Prepared, Switcher, SwitchStats
@@ -172,5 +174,70 @@ class Runtime:
         with self._lock.read():
             return self.backend(*args, **kwargs)
 
+    def generate(
+        self,
+        input_ids: Any,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        attention_mask: Any = None,
+    ) -> torch.Tensor:
+        """Generate up to ``max_new_tokens`` after ``input_ids`` ``[batch, seq]`` with the active adapter; returns
+        ``[batch, seq + new]`` (prompt, then new tokens), like transformers' ``generate``. Greedy by default;
+        ``do_sample=True`` samples with ``temperature``, ``top_k``, ``top_p`` (reproducible with ``seed``).
+
+        The generation holds the inference side of the lock throughout: no switch lands inside it. A transformers
+        model on the torch backend runs its own ``generate`` (KV cache, padding via ``attention_mask``); other
+        decoders and bundles re-run the sequence each step (see ``runtime.generate``)."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
+        ids, mask = check_ids(input_ids, attention_mask)
+        module = getattr(self.backend, "module", None)
+        with self._lock.read():
+            if module is not None and hasattr(module, "generation_config") and callable(module.generate):
+                return _hf_generate(module, ids, mask, max_new_tokens, sampling, eos_token_id)
+            if mask is not None and not bool(mask.all()):
+                raise ValueError(
+                    "a batch with padding needs a transformers model on the torch backend; this decoder takes "
+                    "prompts of one length (attention_mask all ones)"
+                )
+            return loop(lambda x: _logits(self.backend(x)), ids, max_new_tokens, sampling, eos_token_id)
+
     def __repr__(self) -> str:
         return f"Runtime({self.backend.kind}, adapters={list(self.adapters)}, active={self.active})"
+
+
+def _logits(out: Any) -> torch.Tensor:
+    """The logits of one forward: a tensor, an array, the first of several outputs, or ``.logits``."""
+    out = getattr(out, "logits", out)
+    if isinstance(out, (list, tuple)):
+        out = out[0]
+    return torch.as_tensor(out)
+
+
+def _hf_generate(
+    model: nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    max_new_tokens: int,
+    sampling: Sampling,
+    eos_token_id: int | list[int] | None,
+) -> torch.Tensor:
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": sampling.do_sample}
+    if mask is not None:
+        kwargs["attention_mask"] = mask
+    if eos_token_id is not None:
+        kwargs["eos_token_id"] = eos_token_id
+        if getattr(model.generation_config, "pad_token_id", None) is None:
+            kwargs["pad_token_id"] = eos_token_id if isinstance(eos_token_id, int) else eos_token_id[0]
+    if sampling.do_sample:  # top_k=0 / top_p=1.0 switch those filters off (transformers' defaults would not)
+        kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k or 0, top_p=sampling.top_p or 1.0)
+    with torch.random.fork_rng(devices=[]):
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        return model.generate(ids, **kwargs)

@@ -1,0 +1,96 @@
+"""Token-by-token generation over whatever adapter is active: greedy, or sampling with temperature, top-k,
+top-p and a seed; stops at ``eos_token_id``. Returns the prompt followed by the new tokens, like transformers'
+``generate`` (``[batch, prompt + new]``).
+
+A transformers model on the torch backend runs its own ``generate`` (its KV cache, its attention masks). Any
+other decoder, a bundle included, runs the loop here: each step re-runs the whole sequence and takes the last
+position's logits (no KV cache yet), so a batch must hold prompts of one length (no padding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen from the last position's logits."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def pick(self, logits: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        """Next token ids ``[B]`` from ``logits`` ``[B, V]``."""
+        if not self.do_sample:
+            return logits.argmax(-1)
+        scores = logits.float() / self.temperature
+        if self.top_k is not None and self.top_k < scores.shape[-1]:
+            kth = torch.topk(scores, self.top_k, dim=-1).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1:
+            ordered, order = torch.sort(scores, descending=True, dim=-1)
+            before = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)  # mass ranked above each token
+            drop = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, before >= self.top_p)
+            scores = scores.masked_fill(drop, float("-inf"))  # the top token always stays (its "before" is 0)
+        return torch.multinomial(scores.softmax(-1), 1, generator=gen).squeeze(-1)
+
+
+def loop(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    sampling: Sampling,
+    eos_token_id: int | list[int] | None = None,
+) -> torch.Tensor:
+    """Generate with ``forward(ids [B, S]) -> logits [B, S, V]`` re-run on the whole sequence every step."""
+    gen = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+    eos = torch.tensor([] if eos_token_id is None else np.atleast_1d(eos_token_id).tolist(), dtype=torch.long)
+    ids, done = input_ids, torch.zeros(input_ids.shape[0], dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        logits = forward(ids)
+        logits = torch.as_tensor(logits)[:, -1, :]
+        nxt = sampling.pick(logits, gen)
+        if eos.numel():
+            nxt = torch.where(done, eos[0], nxt)  # finished rows repeat their end token
+            done |= torch.isin(nxt, eos)
+        ids = torch.cat([ids, nxt[:, None].to(ids.dtype)], dim=1)
+        if eos.numel() and bool(done.all()):
+            break
+    return ids
+
+
+def check_ids(input_ids: object, attention_mask: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``input_ids`` as a ``[B, S]`` int64 tensor (numpy accepted), and the mask the same way."""
+    ids = _tensor(input_ids)
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be integer token ids [batch, seq], got {ids.dtype}{list(ids.shape)}")
+    mask = None
+    if attention_mask is not None:
+        mask = torch.as_tensor(
+            np.asarray(attention_mask) if not isinstance(attention_mask, torch.Tensor) else attention_mask
+        )
+        mask = mask[None] if mask.dim() == 1 else mask
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask {list(mask.shape)} does not match input_ids {list(ids.shape)}")
+    return ids.long(), mask
+
+
+def _tensor(x: object) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
