@@ -36,6 +36,7 @@ from onnx import helper
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from exporters.dynamo_trace import call_kwargs, trace
 from exporters.lora_slots import lora_slots
 from runtime.atomic import atomic_write
 from runtime.bundle import FORMAT, GRAPH_FILE, MANIFEST_FILE, WEIGHTS_FILE, file_sha256
@@ -63,6 +64,7 @@ def export_onnx(
     verify: bool = True,
     lora_rank: int = 0,
     lora_targets: Sequence[str] | None = None,
+    exporter: str = "auto",
 ) -> Path:
     """Write a bundle for ``module`` (traced on ``example_args``) into ``out_dir`` and return its path.
 
@@ -75,7 +77,13 @@ def export_onnx(
     ``lora_rank``: give the linears named by ``lora_targets`` (name suffixes; None: all) zero LoRA slots of that
     rank, live inputs that unfused LoRA adapters are written into (see ``exporters.lora_slots``).
     Weights must be fp32 or fp16 (onnxruntime's CPU provider has no bf16 kernels for most ops).
+    ``exporter``: ``"dynamo"`` (torch's dynamo exporter, ``exporters.dynamo_trace``), ``"torchscript"`` (the
+    deprecated TorchScript exporter), or ``"auto"``: dynamo for transformers models (TorchScript cannot trace
+    them), TorchScript for other modules (its ``MatMul(X, Transpose(W))`` linears are what the live session
+    rewrites into its fastest form).
     """
+    if exporter not in ("auto", "dynamo", "torchscript"):
+        raise ValueError(f"exporter={exporter!r}: expected 'auto', 'dynamo' or 'torchscript'")
     args = (example_args,) if isinstance(example_args, torch.Tensor) else tuple(example_args)
     if not args or not all(isinstance(a, torch.Tensor) for a in args):
         raise TypeError("example_args must be a tensor or a sequence of tensors")
@@ -83,8 +91,20 @@ def export_onnx(
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory")
     with _eval_mode(module), lora_slots(module, lora_targets, lora_rank):
+        if exporter == "auto":
+            exporter = "dynamo" if hasattr(getattr(module, "config", None), "model_type") else "torchscript"
         return _export(
-            module, args, out, dynamic, dynamic_dims, opset, input_names, output_names, fold_transposes, verify
+            module,
+            args,
+            out,
+            dynamic,
+            dynamic_dims,
+            opset,
+            input_names,
+            output_names,
+            fold_transposes,
+            verify,
+            exporter,
         )
 
 
@@ -110,11 +130,13 @@ def _export(
     output_names: Sequence[str] | None,
     fold_transposes: bool,
     verify: bool,
+    exporter: str,
 ) -> Path:
     names, canonical = _parameters(module)
     in_names = list(input_names) if input_names is not None else _forward_names(module, len(args))
     with torch.inference_mode():
-        expected = [t for t in tree_leaves(module(*args)) if isinstance(t, torch.Tensor)]  # as the exporter flattens
+        out_tree = module(*args, **call_kwargs(module))
+        expected = [t for t in tree_leaves(out_tree) if isinstance(t, torch.Tensor)]  # as the exporter flattens
     if output_names is None:
         output_names = ["output"] if len(expected) == 1 else [f"output_{i}" for i in range(len(expected))]
     out_names = list(output_names)
@@ -125,24 +147,11 @@ def _export(
 
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_FILE).unlink(missing_ok=True)  # the manifest is written last: no manifest, no bundle
-    raw = out / (GRAPH_FILE + ".tmp")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)  # the TorchScript exporter's notice
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(
-            module,
-            args,
-            str(raw),
-            dynamo=False,
-            export_params=False,
-            do_constant_folding=False,
-            input_names=in_names,
-            output_names=out_names,
-            dynamic_axes=axes,
-            opset_version=opset or DEFAULT_OPSET,
-        )
-    model = onnx.load(str(raw))
-    raw.unlink()
+    if exporter == "dynamo":
+        weights = {n: t for n, t in names.items() if canonical[n] == n}
+        model = trace(module, args, weights, in_names, out_names, axes, opset)
+    else:
+        model = _torchscript(module, args, in_names, out_names, axes, opset, out)
     storage = _liven(model.graph, names, canonical, set(in_names), fold_transposes)
 
     arrays, params = {}, {}
@@ -180,6 +189,31 @@ def _export(
     if verify:
         _verify(out, args, expected)
     return out
+
+
+def _torchscript(
+    module: nn.Module, args: tuple, in_names: list[str], out_names: list[str], axes: dict, opset: int | None, out: Path
+) -> onnx.ModelProto:
+    """The TorchScript exporter, every parameter a graph input named by its key, nothing folded."""
+    raw = out / (GRAPH_FILE + ".tmp")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)  # the TorchScript exporter's notice
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(
+            module,
+            args,
+            str(raw),
+            dynamo=False,
+            export_params=False,
+            do_constant_folding=False,
+            input_names=in_names,
+            output_names=out_names,
+            dynamic_axes=axes,
+            opset_version=opset or DEFAULT_OPSET,
+        )
+    model = onnx.load(str(raw))
+    raw.unlink()
+    return model
 
 
 # -- parameters --
