@@ -174,7 +174,10 @@ def load_base(spec: str, dtype: torch.dtype = torch.float32) -> nn.Module:
             import transformers
         except ImportError as exc:
             raise SystemExit(f"--base {spec}: loading a transformers model directory needs `transformers`") from exc
-        model = transformers.AutoModelForCausalLM.from_pretrained(spec, torch_dtype=dtype)
+        # the class the directory was saved from (config.json "architectures"), e.g. LlamaForCausalLM, BertModel
+        archs = getattr(transformers.AutoConfig.from_pretrained(spec), "architectures", None) or []
+        cls = getattr(transformers, archs[0], None) if archs else None
+        model = (cls or transformers.AutoModelForCausalLM).from_pretrained(spec, dtype=dtype)
         model.config.use_cache = False
         return model.eval()
     if ":" in spec:

@@ -118,3 +118,17 @@ def test_bundle_generates_the_tokens_of_the_peft_merged_model(tmp_path):
     want = merged.generate(X, max_new_tokens=16, do_sample=False, eos_token_id=eos, pad_token_id=eos)
     got = rt.generate(X, max_new_tokens=16, eos_token_id=eos)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_load_base_builds_the_class_the_directory_was_saved_from(arch, tmp_path):
+    """An encoder directory used to come back as a causal LM with freshly initialised heads."""
+    from runtime.models import load_base
+
+    cfg, cls, _ = ARCHS[arch]
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    model.save_pretrained(str(tmp_path))
+    loaded = load_base(str(tmp_path))
+    assert type(loaded) is cls
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
