@@ -132,3 +132,14 @@ def test_load_base_builds_the_class_the_directory_was_saved_from(arch, tmp_path)
     loaded = load_base(str(tmp_path))
     assert type(loaded) is cls
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_the_live_rewrite_applies_to_dynamo_linears(tmp_path):
+    from runtime.onnx_backend import OnnxBackend
+
+    cfg, cls, _ = ARCHS["llama"]
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    backend = OnnxBackend.open(export_onnx(model, (X[:1],), tmp_path / "b"), gemm_a=True)
+    assert backend.rewritten == 7 * cfg.num_hidden_layers + 1  # 7 projections a layer, and the LM head
+    assert np.abs(backend(X.numpy()) - first(model(X))).max() < 1e-4
