@@ -49,21 +49,19 @@ def trace(
 ) -> onnx.ModelProto:
     """The ONNX model of ``module`` on ``args``: graph inputs ``in_names`` then one per ``weights`` key (named by
     it), outputs ``out_names``."""
-    dims = tuple(dict(axes[n]) if n in axes else None for n in in_names)
-    # torch.export specializes a dimension of size 1 to 1: trace on 2 where a dynamic dimension is 1
+    # Dim.AUTO: each requested dimension is dynamic where the model allows it and static where the trace finds
+    # it fixed (the channels of an image, say); torch.export specializes a size-1 dimension, so trace at 2
+    dims = tuple({d: torch.export.Dim.AUTO for d in axes[n]} if n in axes else None for n in in_names)
     args = tuple(_widen(a, d) for a, d in zip(args, dims))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
+        exported = torch.export.export(
             _Live(module, call_kwargs(module)),
             args,
             kwargs={"weights": dict(weights)},
-            dynamo=True,
             dynamic_shapes={"args": dims, "weights": {k: None for k in weights}},
-            opset_version=opset,
-            optimize=True,
-            verbose=False,
         )
+        program = torch.onnx.export(exported, dynamo=True, opset_version=opset, optimize=True, verbose=False)
     model = program.model_proto
     graph = model.graph
     if len(graph.input) != len(in_names) + len(weights) or len(graph.output) != len(out_names):

@@ -78,9 +78,9 @@ def export_onnx(
     rank, live inputs that unfused LoRA adapters are written into (see ``exporters.lora_slots``).
     Weights must be fp32 or fp16 (onnxruntime's CPU provider has no bf16 kernels for most ops).
     ``exporter``: ``"dynamo"`` (torch's dynamo exporter, ``exporters.dynamo_trace``), ``"torchscript"`` (the
-    deprecated TorchScript exporter), or ``"auto"``: dynamo for transformers models (TorchScript cannot trace
-    them), TorchScript for other modules (its ``MatMul(X, Transpose(W))`` linears are what the live session
-    rewrites into its fastest form).
+    deprecated TorchScript exporter), or ``"auto"``: dynamo for transformers and diffusers models (TorchScript
+    cannot trace transformers' decoders), TorchScript for other modules (it exports them in a second where
+    dynamo takes several). With dynamo, a requested dynamic dimension the trace finds fixed stays static.
     """
     if exporter not in ("auto", "dynamo", "torchscript"):
         raise ValueError(f"exporter={exporter!r}: expected 'auto', 'dynamo' or 'torchscript'")
@@ -92,7 +92,8 @@ def export_onnx(
         raise ExportError(f"{out}: exists and is not a directory")
     with _eval_mode(module), lora_slots(module, lora_targets, lora_rank):
         if exporter == "auto":
-            exporter = "dynamo" if hasattr(getattr(module, "config", None), "model_type") else "torchscript"
+            library = type(module).__module__.split(".")[0]
+            exporter = "dynamo" if library in ("transformers", "diffusers") else "torchscript"
         return _export(
             module,
             args,

@@ -143,3 +143,39 @@ def test_the_live_rewrite_applies_to_dynamo_linears(tmp_path):
     backend = OnnxBackend.open(export_onnx(model, (X[:1],), tmp_path / "b"), gemm_a=True)
     assert backend.rewritten == 7 * cfg.num_hidden_layers + 1  # 7 projections a layer, and the LM head
     assert np.abs(backend(X.numpy()) - first(model(X))).max() < 1e-4
+
+
+def test_diffusers_unet_exports_and_switches_a_peft_lora(tmp_path):
+    """A diffusers UNet2DConditionModel: three inputs (image latents, timestep, text states), the channel
+    dimension static and the batch dynamic; a PEFT LoRA on its attention projections switches like on torch."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).eval()
+    lora = peft.get_peft_model(
+        copy.deepcopy(unet), peft.LoraConfig(r=4, target_modules=["to_q", "to_v"], init_lora_weights=False)
+    )
+    lora.save_pretrained(str(tmp_path / "lora"))
+    example = (torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 6, 32))
+    bundle = Runtime.load(export_onnx(unet, example, tmp_path / "unet"))
+    ref = Runtime.load(copy.deepcopy(unet))
+    x = (torch.randn(2, 4, 8, 8), torch.tensor([5, 7]), torch.randn(2, 6, 32))
+    fresh = first(bundle(*x))
+    assert np.abs(fresh - first(ref(*x).sample)).max() < 1e-4
+    for rt in (bundle, ref):
+        rt.add_adapter("l", tmp_path / "lora")
+        rt.switch("l")
+    got = first(bundle(*x))
+    assert np.abs(got - first(ref(*x).sample)).max() < 1e-4 and np.abs(got - fresh).max() > 1e-3
+    bundle.switch(None)
+    assert np.array_equal(first(bundle(*x)), fresh)
