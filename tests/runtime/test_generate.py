@@ -115,19 +115,12 @@ def test_bundle_generates_like_the_torch_runtime(tmp_path):
 def test_transformers_model_with_a_peft_adapter_generates_like_the_merged_model(tmp_path):
     """On the torch backend a transformers model runs its own generate over the switched weights: the same tokens
     as PEFT's merged model, for a batch of two prompts of different lengths (left padding, attention mask)."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    cfg = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(cfg).eval()
+    from tests.runtime.test_peft_interop import tiny_hf_llama
+
+    base = tiny_hf_llama()
+    base.generation_config.pad_token_id = 0
     pm = peft.get_peft_model(
         copy.deepcopy(base), peft.ShiraConfig(r=4, target_modules=list(TARGETS), init_weights=False)
     )
