@@ -12,6 +12,7 @@ hold data and validate it against a base (``SparseAdapter.flat``, ``LoraAdapter.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,8 +54,8 @@ class SparseAdapter:
                 raise AdapterValueError(f"SparseAdapter: tensor {name!r}: indices and values must be tensors")
         shapes = {}
         for name, shape in dict(self.shapes).items():
-            dims = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else None
-            if dims is None or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
+            dims = _dims(shape)
+            if dims is None:
                 raise AdapterValueError(f"SparseAdapter: tensor {name!r}: shape {shape!r} is not non-negative ints")
             shapes[name] = dims
         self.shapes = shapes
@@ -289,6 +290,22 @@ def save_adapter(
         )
     r = ranks.pop() if len(ranks) == 1 else None  # None: no r fits every layer (strict=False)
     return peft_format.write_shira(path, entries, r, adapter.mask_kind)
+
+
+def _dims(shape: object) -> tuple[int, ...] | None:
+    """``shape`` as a tuple of non-negative ints (numpy and torch integers too), or None."""
+    if not isinstance(shape, (tuple, list, torch.Size)):
+        return None
+    dims = []
+    for d in shape:
+        try:
+            d = operator.index(d) if not isinstance(d, bool) else -1
+        except TypeError:
+            return None
+        if d < 0:
+            return None
+        dims.append(d)
+    return tuple(dims)
 
 
 def _finite(value: object, what: str) -> float:

@@ -153,3 +153,16 @@ def test_repr_lists_lazy_adapters_and_stats_name_the_weight(saved):
     assert "'now', 'later'" in repr(rt)
     stats = rt.switch(["now", "later"], [1.0, 0.5])
     assert "now (weight 1), later (weight 0.5)" in str(stats)
+
+
+def test_in_memory_shapes_accept_numpy_ints_and_refuse_the_rest():
+    """Shapes given in memory: any integer type (numpy, torch) is a dimension; anything else is refused clearly."""
+    import numpy as np
+
+    from runtime import AdapterValueError
+
+    idx, val = {"w": torch.tensor([1])}, {"w": torch.tensor([0.1])}
+    assert SparseAdapter(idx, val, {"w": (np.int64(4), torch.tensor(3).item())}).shapes == {"w": (4, 3)}
+    for bad in [(True, 3), ("x", 3), (-1, 3), [2.0, 3], "ab"]:
+        with pytest.raises(AdapterValueError, match="is not non-negative ints"):
+            SparseAdapter(idx, val, {"w": bad})
