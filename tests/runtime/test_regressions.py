@@ -119,6 +119,8 @@ def test_peft_shira_for_a_base_of_other_shapes_is_refused(tmp_path):
         ({"alpha_pattern": "abc"}, "alpha_pattern must be an object"),
         ({"use_rslora": "false"}, "use_rslora must be true or false"),
         ({"r": 3}, "the config says rank 3"),
+        ({"rank_pattern": {"q_proj": 2}}, "the config says rank 2"),
+        ({"target_modules": ["k_proj"]}, "is not in the config's target_modules"),
     ],
 )
 def test_lora_config_values_are_checked_when_added(tmp_path, edit, message):
