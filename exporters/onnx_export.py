@@ -36,7 +36,7 @@ from onnx import helper
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from exporters.dynamo_trace import call_kwargs, trace
+from exporters.dynamo_trace import Decoder, call_kwargs, decoder_of, is_decoder, trace, trace_decoder
 from exporters.lora_slots import lora_slots
 from runtime.atomic import atomic_write
 from runtime.bundle import FORMAT, GRAPH_FILE, MANIFEST_FILE, WEIGHTS_FILE, file_sha256
@@ -65,6 +65,7 @@ def export_onnx(
     lora_rank: int = 0,
     lora_targets: Sequence[str] | None = None,
     exporter: str = "auto",
+    kv_cache: bool | None = None,
 ) -> Path:
     """Write a bundle for ``module`` (traced on ``example_args``) into ``out_dir`` and return its path.
 
@@ -81,6 +82,11 @@ def export_onnx(
     deprecated TorchScript exporter), or ``"auto"``: dynamo for transformers and diffusers models (TorchScript
     cannot trace transformers' decoders), TorchScript for other modules (it exports them in a second where
     dynamo takes several). With dynamo, a requested dynamic dimension the trace finds fixed stays static.
+    ``kv_cache``: export a transformers decoder with its KV cache (default: every transformers model that
+    generates): ``example_args`` is ``input_ids`` alone; the graph takes ``input_ids``, ``attention_mask``,
+    ``position_ids`` (where the model takes them) and ``past_key_values.<i>.key/value`` and returns ``logits``
+    and ``present.<i>.key/value``; one graph serves prefill (a past of length 0) and one-token decode steps, and
+    ``Runtime.generate`` runs it. ``input_names``/``output_names``/``dynamic_dims`` do not apply then.
     """
     if exporter not in ("auto", "dynamo", "torchscript"):
         raise ValueError(f"exporter={exporter!r}: expected 'auto', 'dynamo' or 'torchscript'")
@@ -94,6 +100,9 @@ def export_onnx(
         if exporter == "auto":
             library = type(module).__module__.split(".")[0]
             exporter = "dynamo" if library in ("transformers", "diffusers") else "torchscript"
+        decoder = None
+        if kv_cache or (kv_cache is None and is_decoder(module)):
+            decoder = _decoder(module, args, exporter, input_names, output_names, dynamic_dims)
         return _export(
             module,
             args,
@@ -106,7 +115,26 @@ def export_onnx(
             fold_transposes,
             verify,
             exporter,
+            decoder,
         )
+
+
+def _decoder(module: nn.Module, args: tuple, exporter: str, *names_and_dims) -> Decoder:
+    if exporter != "dynamo":
+        raise ExportError("kv_cache=True needs the dynamo exporter (exporter='dynamo' or 'auto')")
+    if not is_decoder(module):
+        raise ExportError(f"kv_cache=True: {type(module).__name__} is not a transformers model that generates")
+    if any(x is not None for x in names_and_dims):
+        raise ExportError(
+            "kv_cache=True names the graph's inputs and outputs itself: drop input_names, "
+            "output_names and dynamic_dims (or export with kv_cache=False)"
+        )
+    if len(args) != 1 or args[0].dim() != 2 or args[0].is_floating_point():
+        raise ExportError("kv_cache=True: example_args must be input_ids alone, an integer tensor [batch, seq]")
+    try:
+        return decoder_of(module)
+    except TypeError as exc:
+        raise ExportError(str(exc)) from None
 
 
 @contextmanager
@@ -132,11 +160,20 @@ def _export(
     fold_transposes: bool,
     verify: bool,
     exporter: str,
+    decoder: Decoder | None,
 ) -> Path:
     names, canonical = _parameters(module)
-    in_names = list(input_names) if input_names is not None else _forward_names(module, len(args))
+    weights = {n: t for n, t in names.items() if canonical[n] == n}
+    if decoder is not None:
+        args = decoder.example(args[0])
+        in_names, output_names = decoder.inputs, decoder.outputs
+    else:
+        in_names = list(input_names) if input_names is not None else _forward_names(module, len(args))
     with torch.inference_mode():
-        out_tree = module(*args, **call_kwargs(module))
+        if decoder is not None:
+            out_tree = decoder.wrap(module)(*args, weights=weights)
+        else:
+            out_tree = module(*args, **call_kwargs(module))
         expected = [t for t in tree_leaves(out_tree) if isinstance(t, torch.Tensor)]  # as the exporter flattens
     if output_names is None:
         output_names = ["output"] if len(expected) == 1 else [f"output_{i}" for i in range(len(expected))]
@@ -148,8 +185,9 @@ def _export(
 
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_FILE).unlink(missing_ok=True)  # the manifest is written last: no manifest, no bundle
-    if exporter == "dynamo":
-        weights = {n: t for n, t in names.items() if canonical[n] == n}
+    if decoder is not None:
+        model = trace_decoder(module, decoder, args, weights, opset)
+    elif exporter == "dynamo":
         model = trace(module, args, weights, in_names, out_names, axes, opset)
     else:
         model = _torchscript(module, args, in_names, out_names, axes, opset, out)
@@ -181,8 +219,9 @@ def _export(
         parameters=params,
         weights_sha256=file_sha256(out / WEIGHTS_FILE),
         graph_sha256=file_sha256(out / GRAPH_FILE),
+        decoder=decoder.to_json(module) if decoder is not None else {},
         info={
-            "exporter": f"torch.onnx (torchscript) {torch.__version__}",
+            "exporter": f"torch.onnx ({exporter}) {torch.__version__}",
             "opset": opset or DEFAULT_OPSET,
             "unused": unused,
         },

@@ -2,15 +2,17 @@
 top-p and a seed; stops at ``eos_token_id``. Returns the prompt followed by the new tokens, like transformers'
 ``generate`` (``[batch, prompt + new]``).
 
-A transformers model on the torch backend runs its own ``generate`` (its KV cache, its attention masks). Any
-other decoder, a bundle included, runs the loop here: each step re-runs the whole sequence and takes the last
-position's logits (no KV cache yet), so a batch must hold prompts of one length (no padding).
+A transformers model on the torch backend runs its own ``generate`` (its KV cache, its attention masks). A bundle
+exported with its KV cache runs ``cached_loop``: a prefill over the (left-padded) prompts, then one-token steps
+that pass the cache on. Any other decoder runs ``loop``: each step re-runs the whole sequence and takes the last
+position's logits, so a batch must hold prompts of one length (no padding).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,28 +52,72 @@ class Sampling:
         return torch.multinomial(scores.softmax(-1), 1, generator=gen).squeeze(-1)
 
 
+class _Picker:
+    """The per-step choice shared by both loops: sample or argmax, then finished rows repeat the padding token."""
+
+    def __init__(self, sampling: Sampling, batch: int, eos_token_id, pad_token_id) -> None:
+        self.sampling = sampling
+        self.gen = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        self.eos = torch.tensor([] if eos_token_id is None else np.atleast_1d(eos_token_id).tolist(), dtype=torch.long)
+        self.pad = pad_token_id if pad_token_id is not None else (int(self.eos[0]) if self.eos.numel() else 0)
+        self.done = torch.zeros(batch, dtype=torch.bool)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        nxt = self.sampling.pick(logits, self.gen)
+        if self.eos.numel():
+            nxt = torch.where(self.done, self.pad, nxt)  # finished rows repeat the padding token, as transformers
+            self.done |= torch.isin(nxt, self.eos)
+        return nxt
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.eos.numel()) and bool(self.done.all())
+
+
 def loop(
     forward: Callable[[torch.Tensor], torch.Tensor],
     input_ids: torch.Tensor,
     max_new_tokens: int,
     sampling: Sampling,
     eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
 ) -> torch.Tensor:
     """Generate with ``forward(ids [B, S]) -> logits [B, S, V]`` re-run on the whole sequence every step."""
-    gen = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-    eos = torch.tensor([] if eos_token_id is None else np.atleast_1d(eos_token_id).tolist(), dtype=torch.long)
-    ids, done = input_ids, torch.zeros(input_ids.shape[0], dtype=torch.bool)
+    pick = _Picker(sampling, input_ids.shape[0], eos_token_id, pad_token_id)
+    ids = input_ids
     for _ in range(max_new_tokens):
-        logits = forward(ids)
-        logits = torch.as_tensor(logits)[:, -1, :]
-        nxt = sampling.pick(logits, gen)
-        if eos.numel():
-            nxt = torch.where(done, eos[0], nxt)  # finished rows repeat their end token
-            done |= torch.isin(nxt, eos)
+        nxt = pick(torch.as_tensor(forward(ids))[:, -1, :])
         ids = torch.cat([ids, nxt[:, None].to(ids.dtype)], dim=1)
-        if eos.numel() and bool(done.all()):
+        if pick.finished:
             break
     return ids
+
+
+def cached_loop(
+    step: Callable[[np.ndarray, np.ndarray, Any], tuple[np.ndarray, Any]],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    max_new_tokens: int,
+    sampling: Sampling,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+) -> torch.Tensor:
+    """Generate with ``step(ids [B, S], mask [B, past + S], cache) -> (last position's logits [B, V], cache)``:
+    the prompt once (``cache`` None), then one token per step. Prompts are padded on the left (mask 0)."""
+    pick = _Picker(sampling, input_ids.shape[0], eos_token_id, pad_token_id)
+    mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).numpy().astype(np.int64)
+    ids, new, cache = input_ids.numpy(), [], None
+    for _ in range(max_new_tokens):
+        logits, cache = step(ids, mask, cache)
+        nxt = pick(torch.from_numpy(np.asarray(logits)))
+        new.append(nxt)
+        if pick.finished:
+            break
+        ids = nxt[:, None].numpy().astype(np.int64)
+        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
+    if not new:
+        return input_ids
+    return torch.cat([input_ids, torch.stack(new, 1).to(input_ids.dtype)], dim=1)
 
 
 def check_ids(input_ids: object, attention_mask: object) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -16,7 +16,7 @@ from runtime.adapters import Source, load_adapter
 from runtime.backend import Backend, TorchBackend
 from runtime.bank import prepare
 from runtime.errors import ShiraError, UnknownAdapterError
-from runtime.generate import Sampling, check_ids, loop
+from runtime.generate import Sampling, cached_loop, check_ids, loop
 from runtime.manifest import Manifest
 from runtime.rwlock import RWLock
 from runtime.switcher import Prepared, Switcher, SwitchStats
@@ -190,21 +190,32 @@ class Runtime:
         ``[batch, seq + new]`` (prompt, then new tokens), like transformers' ``generate``. Greedy by default;
         ``do_sample=True`` samples with ``temperature``, ``top_k``, ``top_p`` (reproducible with ``seed``).
 
+        ``eos_token_id`` stops a row (default: the model's own, from its generation config, as transformers does);
+        finished rows are filled with the padding token. ``attention_mask`` marks left padding (0) in a batch of
+        prompts of different lengths.
+
         The generation holds the inference side of the lock throughout: no switch lands inside it. A transformers
-        model on the torch backend runs its own ``generate`` (KV cache, padding via ``attention_mask``); other
-        decoders and bundles re-run the sequence each step (see ``runtime.generate``)."""
+        model on the torch backend runs its own ``generate``; a bundle exported with its KV cache runs a prefill
+        then one-token steps over the cache; other decoders re-run the sequence each step, without padding (see
+        ``runtime.generate``)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
         sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
         ids, mask = check_ids(input_ids, attention_mask)
         module = getattr(self.backend, "module", None)
+        decoder = getattr(self.backend, "decoder", None)
         with self._lock.read():
             if module is not None and hasattr(module, "generation_config") and callable(module.generate):
                 return _hf_generate(module, ids, mask, max_new_tokens, sampling, eos_token_id)
+            if decoder is not None:  # a bundle with its KV cache; the model's own end token by default
+                eos = eos_token_id if eos_token_id is not None else decoder.get("eos_token_id")
+                return cached_loop(
+                    self.backend.step, ids, mask, max_new_tokens, sampling, eos, decoder.get("pad_token_id")
+                )
             if mask is not None and not bool(mask.all()):
                 raise ValueError(
-                    "a batch with padding needs a transformers model on the torch backend; this decoder takes "
-                    "prompts of one length (attention_mask all ones)"
+                    "a batch with padding needs a KV-cache bundle or a transformers model on the torch backend; "
+                    "this decoder takes prompts of one length (attention_mask all ones)"
                 )
             return loop(lambda x: _logits(self.backend(x)), ids, max_new_tokens, sampling, eos_token_id)
 

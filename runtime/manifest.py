@@ -55,6 +55,7 @@ class Manifest:
     graph: str = GRAPH_FILE
     weights: str = WEIGHTS_FILE
     info: dict = field(default_factory=dict)  # exporter, opset, unused parameters: for people, not checked
+    decoder: dict = field(default_factory=dict)  # a decoder with a KV cache: its graph names (_check_decoder)
 
     def to_json(self) -> dict:
         body = {
@@ -67,6 +68,7 @@ class Manifest:
             "parameters": self.parameters,
             "adapters": self.adapters,
             "info": self.info,
+            **({"decoder": self.decoder} if self.decoder else {}),
             "fingerprint": {
                 "structure": structure_of(self.parameters),
                 "weights_sha256": self.weights_sha256,
@@ -131,6 +133,9 @@ class Manifest:
             )
         for name, entry in m["adapters"].items():
             _check_adapter(bundle, path, name, entry)
+        decoder = m.get("decoder", {})
+        if decoder:
+            _check_decoder(path, decoder, m["inputs"], m["outputs"])
         return Manifest(
             m["inputs"],
             m["outputs"],
@@ -141,6 +146,7 @@ class Manifest:
             m["graph"],
             m["weights"],
             m["info"],
+            decoder,
         )
 
     def storage(self) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -230,6 +236,45 @@ def _check_io(path: Path, entries: list, kind: str) -> None:
                 raise BundleError(f"{path}: input {io['name']!r}: example_shape {ex!r} does not fit {io['shape']}")
             if math.prod(ex) > MAX_EXAMPLE:
                 raise BundleError(f"{path}: input {io['name']!r}: example_shape {ex} is too large for the probe")
+
+
+def _check_decoder(path: Path, d: Any, inputs: list[dict], outputs: list[dict]) -> None:
+    """The ``decoder`` section names graph inputs and outputs of the right kinds: ids and mask (integers),
+    positions and the logits positions to keep (integers, or null), logits, and per layer a past key/value
+    input ``[batch, heads, past, dim]`` (heads and dim fixed) with its present output."""
+    where = f"{path}: decoder"
+    if not isinstance(d, dict) or not isinstance(d.get("cache"), list) or not d["cache"]:
+        raise BundleError(f"{where}: malformed section (needs a non-empty 'cache' list)")
+    ins, outs = {i["name"]: i for i in inputs}, {o["name"]: o for o in outputs}
+
+    def named(key: str, table: dict, kind: str, optional: bool = False) -> dict | None:
+        name = d.get(key)
+        if name is None and optional:
+            return None
+        if not isinstance(name, str) or name not in table:
+            raise BundleError(f"{where}: {key} {name!r} is not one of the graph's {kind}")
+        return table[name]
+
+    for key, rank in (("input_ids", 2), ("attention_mask", 2), ("position_ids", 2), ("logits_to_keep", 1)):
+        io = named(key, ins, "inputs", optional=key in ("position_ids", "logits_to_keep"))
+        if io is not None and (np.dtype(io["dtype"]).kind not in "iu" or len(io["shape"]) != rank):
+            raise BundleError(f"{where}: {key} must be an integer input of rank {rank}, got {io['dtype']}{io['shape']}")
+    named("logits", outs, "outputs")
+    for i, layer in enumerate(d["cache"]):
+        if not (isinstance(layer, list) and len(layer) == 4 and all(isinstance(n, str) for n in layer)):
+            raise BundleError(f"{where}: cache layer {i} must name [past key, past value, present key, present value]")
+        for name in layer[:2]:
+            io = ins.get(name)
+            if io is None or len(io["shape"]) != 4 or not all(is_dim(x) and x > 0 for x in io["shape"][1::2]):
+                raise BundleError(f"{where}: cache input {name!r} is not a graph input [batch, heads, past, dim]")
+        for name in layer[2:]:
+            if name not in outs:
+                raise BundleError(f"{where}: cache output {name!r} is not a graph output")
+    for key in ("eos_token_id", "pad_token_id"):
+        v = d.get(key)
+        ok = v is None or is_dim(v) or (isinstance(v, list) and v and all(is_dim(x) for x in v))
+        if not ok:
+            raise BundleError(f"{where}: {key} {v!r} is not a token id, a list of them, or null")
 
 
 def _check_parameter(path: Path, name: str, p: Any) -> None:

@@ -48,7 +48,9 @@ class OnnxBackend(Backend):
 
     ``backend(*inputs, **named)`` takes numpy arrays or torch tensors, positionally in ``input_names`` order or
     by name, and returns numpy arrays: a single array when the graph has one output (as a module returning
-    one tensor does), else a list in ``output_names`` order.
+    one tensor does), else a list in ``output_names`` order. A decoder bundle with a KV cache called without
+    the past keys/values (``input_ids`` and optionally ``attention_mask``) runs like the model's full-sequence
+    forward: an empty past, positions counted over the mask, and it returns the logits alone.
     """
 
     kind = "onnxruntime"
@@ -62,8 +64,6 @@ class OnnxBackend(Backend):
         threads: int | None = None,
         gemm_a: bool | None = None,
     ):
-        import onnxruntime as ort
-
         self.bundle, self.manifest, self.arrays = bundle, manifest, arrays  # arrays: ONNX name -> storage
         params = manifest.parameters
         self.aliases, self.tensors, self.shapes = {}, {}, {}
@@ -86,19 +86,18 @@ class OnnxBackend(Backend):
         self.output_names = [o["name"] for o in manifest.outputs]
         self._inputs = {i["name"]: i for i in manifest.inputs}
         self._indexes = _indexed_rows(graph, arrays)
+        self.decoder = manifest.decoder or None
+        one_row = None
+        if self.decoder is not None:  # one-token steps get their own session over the same buffers
+            one_row = type(graph)()
+            one_row.CopyFrom(graph)
+            rewrite_linears(one_row, set(arrays), 0, weight_operand="B")
         min_elements = {None: GEMM_A_MIN, True: 0, False: None}[gemm_a]
         self.rewritten = rewrite_linears(graph, set(arrays), min_elements) if min_elements is not None else 0
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.add_session_config_entry("session.disable_prepacking", "1")
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(
-            graph.SerializeToString(),
-            opts,
-            providers=["CPUExecutionProvider"],
-            disabled_optimizers=["GemmTransposeFusion"],
-        )
+        self.session = _session(graph, threads)
+        self.one_row_session = _session(one_row, threads) if one_row is not None else self.session
+        import onnxruntime as ort
+
         self._values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in arrays.items()}
         for n, v in self._values.items():
             if v.data_ptr() != arrays[n].ctypes.data:
@@ -180,23 +179,64 @@ class OnnxBackend(Backend):
 
     # -- inference --
     def __call__(self, *inputs: Any, **named: Any) -> np.ndarray | list[np.ndarray]:
+        past_given = bool(self.decoder) and any(n in named for n in self._past_names())
         feed = self._feed(inputs, named)
-        binding = self._binding()
+        session = self._session_for(feed)
+        binding = self._binding(session)
         for name, a in feed.items():
             binding.bind_cpu_input(name, a)
         for name in self.output_names:
             binding.bind_output(name, "cpu")
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         outs = binding.copy_outputs_to_cpu()
+        if self.decoder is not None and not past_given and len(inputs) < len(self.input_names):
+            return outs[self.output_names.index(self.decoder["logits"])]  # a full-sequence forward: its logits
         return outs[0] if len(outs) == 1 else list(outs)
 
-    def _binding(self):
-        b = getattr(self._local, "binding", None)
-        if b is None:  # one per thread: a binding is not shared between concurrent runs
-            b = self.session.io_binding()
+    def step(self, ids: np.ndarray, mask: np.ndarray, cache: list[Any] | None) -> tuple[np.ndarray, list[Any]]:
+        """One decoder run for generation: ``ids`` ``[B, S]`` after a past of ``cache`` (the previous run's
+        present keys/values, onnxruntime ``OrtValue``s passed on without a copy; None: an empty past), ``mask``
+        ``[B, past + S]``. Returns the last position's logits ``[B, V]`` and this run's present keys/values."""
+        d = self.decoder
+        if d is None:
+            raise TypeError(f"{self.bundle}: this bundle has no KV cache (export a decoder with kv_cache=True)")
+        feed = {d["input_ids"]: ids, d["attention_mask"]: mask}
+        if d.get("position_ids"):
+            feed[d["position_ids"]] = positions(mask, ids.shape[1])
+        if d.get("logits_to_keep"):
+            feed[d["logits_to_keep"]] = np.array([ids.shape[1] - 1], np.int64)
+        if cache is None:
+            feed |= self._empty_past(ids.shape[0])
+        session = self._session_for(feed)
+        binding = self._binding(session)
+        for name, a in feed.items():
+            binding.bind_cpu_input(name, self._array(name, a))
+        for (past_k, past_v, _, _), k, v in zip(d["cache"], (cache or [])[0::2], (cache or [])[1::2]):
+            binding.bind_ortvalue_input(past_k, k)
+            binding.bind_ortvalue_input(past_v, v)
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        session.run_with_iobinding(binding)
+        outs = dict(zip(self.output_names, binding.get_outputs()))
+        return outs[d["logits"]].numpy()[:, -1], [outs[n] for layer in d["cache"] for n in layer[2:]]
+
+    def _session_for(self, feed: dict[str, Any]) -> Any:
+        """The one-row session (weights as GEMM *B*: a GEMV reads them in place) when one token runs, else the
+        prefill session (weights as GEMM *A*)."""
+        if self.decoder is not None and np.size(feed[self.decoder["input_ids"]]) == 1:
+            return self.one_row_session
+        return self.session
+
+    def _binding(self, session: Any) -> Any:
+        bindings = getattr(self._local, "bindings", None)
+        if bindings is None:  # per thread: a binding is not shared between concurrent runs
+            bindings = self._local.bindings = {}
+        b = bindings.get(id(session))
+        if b is None:
+            b = session.io_binding()
             for name, v in self._values.items():
                 b.bind_ortvalue_input(name, v)
-            self._local.binding = b
+            bindings[id(session)] = b
         return b
 
     def _feed(self, inputs: tuple, named: dict) -> dict[str, np.ndarray]:
@@ -209,10 +249,47 @@ class OnnxBackend(Backend):
             if k in feed:
                 raise TypeError(f"input {k!r} given twice")
             feed[k] = v
+        if self.decoder is not None:
+            feed = self._decoder_defaults(feed)
         missing = [n for n in self.input_names if n not in feed]
         if missing:
             raise TypeError(f"missing inputs {missing}; the graph's inputs are {self.input_names}")
         return {n: self._array(n, feed[n]) for n in self.input_names}
+
+    def _decoder_defaults(self, feed: dict[str, Any]) -> dict[str, Any]:
+        """A decoder bundle called with ``input_ids`` (and optionally a mask) runs like the model's full-sequence
+        forward: an empty past, a mask of ones, positions counted over the mask, every position's logits."""
+        d = self.decoder
+        if d["input_ids"] not in feed:
+            return feed
+        ids = np.asarray(feed[d["input_ids"]])
+        if ids.ndim != 2:
+            return feed  # _array names the shape at fault
+        pasts = self._past_names()
+        given = [n for n in pasts if n in feed]
+        if given and len(given) != len(pasts):
+            missing = sorted(set(pasts) - set(given))
+            raise TypeError(f"give every past key/value of the cache or none; missing {missing}")
+        feed = dict(feed)
+        if not given:
+            feed |= self._empty_past(ids.shape[0])
+        past = np.shape(feed[pasts[0]])[2] if np.ndim(feed[pasts[0]]) == 4 else 0
+        if feed.get(d["attention_mask"]) is None:
+            feed[d["attention_mask"]] = np.ones((ids.shape[0], past + ids.shape[1]), np.int64)
+        if d.get("position_ids") and feed.get(d["position_ids"]) is None:
+            feed[d["position_ids"]] = positions(np.asarray(feed[d["attention_mask"]]), ids.shape[1])
+        if d.get("logits_to_keep") and feed.get(d["logits_to_keep"]) is None:
+            feed[d["logits_to_keep"]] = np.arange(ids.shape[1], dtype=np.int64)
+        return feed
+
+    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        """Past keys/values of length 0 for ``batch`` rows (the prefill's)."""
+        empty = {}
+        for name in self._past_names():
+            spec = self._inputs[name]
+            _, heads, _, dim = spec["shape"]
+            empty[name] = np.zeros((batch, heads, 0, dim), np.dtype(spec["dtype"]))
+        return empty
 
     def _array(self, name: str, x: Any) -> np.ndarray:
         spec = self._inputs[name]
@@ -248,10 +325,16 @@ class OnnxBackend(Backend):
         return feed
 
     def check_live(self) -> None:
-        """Write a probe into each weight in turn (small matrices first), run, and stop at the first that moves
-        the output, after restoring it bit for bit; raise if none does (the session does not read our memory)."""
-        example = self.probe_inputs()
-        before = self._outputs(example)
+        """Write a probe into each weight in turn (small matrices first), run, and stop once the outputs moved,
+        after restoring it bit for bit; raise if no weight moves them (the session does not read our memory).
+        A decoder's one-token session is probed too (a one-token run of the probe inputs)."""
+        feeds = [self.probe_inputs()]
+        if self.decoder is not None:
+            one = {k: v[:1] for k, v in feeds[0].items() if k in self._past_names()}
+            one[self.decoder["input_ids"]] = feeds[0][self.decoder["input_ids"]][:1, :1]
+            feeds.append(one)
+        before = [self._outputs(f) for f in feeds]
+        moved = [False] * len(feeds)
         tried = []
         slots = {self.manifest.parameters[n]["onnx"] for pair in self.lora_slots.values() for n in pair}
         for name in _probe_order({n: a for n, a in self.arrays.items() if n not in slots}):  # zero slots: no effect
@@ -259,26 +342,61 @@ class OnnxBackend(Backend):
             saved = a.copy()
             try:
                 a[...] = np.where(a == 0.25, -0.25, 0.25).astype(a.dtype)  # every element changes
-                probed = self._outputs(example)
+                probed = [self._outputs(f) for f in feeds]
             finally:
                 a[...] = saved
             if not np.array_equal(saved.view(np.uint8), a.view(np.uint8)):
                 raise LiveWeightsError(f"weight {name!r} was not restored bit for bit after the probe")
-            if any(not np.array_equal(x, y, equal_nan=True) for x, y in zip(before, probed)):
-                after = self._outputs(example)
-                if any(not np.array_equal(x, y, equal_nan=True) for x, y in zip(before, after)):
+            changed = [not _same(b, p) for b, p in zip(before, probed)]
+            if any(changed):
+                if not all(_same(b, self._outputs(f)) for b, f in zip(before, feeds)):
                     raise LiveWeightsError(f"{self.bundle}: outputs did not come back after restoring {name!r}")
-                return
+                moved = [m or c for m, c in zip(moved, changed)]
+                if all(moved):
+                    return
             tried.append(name)
         more = f" (and {len(tried) - 3} more)" if len(tried) > 3 else ""
+        which = ""
+        if any(moved):  # one of a decoder's two sessions reads our memory, the other does not
+            which = " in the one-token session" if moved[0] else " in the prefill session"
         raise LiveWeightsError(
-            f"{self.bundle}: writing weights {tried[:3]}{more} did not change the outputs: this onnxruntime "
+            f"{self.bundle}: writing weights {tried[:3]}{more} did not change the outputs{which}: this onnxruntime "
             f"({_ort_version()}) does not read the weight buffers live (copied or constant-folded them)"
         )
+
+    def _past_names(self) -> list[str]:
+        return [n for layer in self.decoder["cache"] for n in layer[:2]] if self.decoder else []
 
     def _outputs(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         out = self(**feed)
         return [out] if isinstance(out, np.ndarray) else out
+
+
+def _same(xs: list[np.ndarray], ys: list[np.ndarray]) -> bool:
+    return all(np.array_equal(x, y, equal_nan=True) for x, y in zip(xs, ys))
+
+
+def positions(mask: np.ndarray, seq: int) -> np.ndarray:
+    """Position ids of the last ``seq`` tokens, counted over ``mask`` ``[batch, past + seq]`` like transformers'
+    ``generate``: padding (mask 0) does not advance the count, and padded slots get position 1."""
+    pos = np.cumsum(mask != 0, axis=-1, dtype=np.int64) - 1
+    pos[mask == 0] = 1
+    return np.ascontiguousarray(pos[:, -seq:])
+
+
+def _session(graph: Any, threads: int | None) -> Any:
+    """A session over ``graph`` that reads its weight inputs where we bind them: no prepacking (it would copy
+    them), no ``GemmTransposeFusion`` (it would fold the GEMM-A form's output transpose back)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.disable_prepacking", "1")
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(
+        graph.SerializeToString(), opts, providers=["CPUExecutionProvider"], disabled_optimizers=["GemmTransposeFusion"]
+    )
 
 
 # -- the live graph --

@@ -99,27 +99,6 @@ def test_package_a_transformers_directory_and_load_it_without_model_code(tmp_pat
     assert np.abs(np.load(tmp_path / "y.npy") - first(ref(X))).max() < 1e-4
 
 
-def test_bundle_generates_the_tokens_of_the_peft_merged_model(tmp_path):
-    """Greedy rt.generate on a transformers bundle with a PEFT LoRA adapter switched in gives the tokens of
-    transformers' own generate on the PEFT-merged model (16 new tokens, 2 prompts of one length: the bundle's
-    loop takes no padding yet)."""
-    cfg, cls, targets = ARCHS["llama"]
-    torch.manual_seed(0)
-    model = cls(cfg).eval()
-    lora = peft.get_peft_model(
-        copy.deepcopy(model), peft.LoraConfig(r=4, target_modules=targets, init_lora_weights=False)
-    )
-    lora.save_pretrained(str(tmp_path / "lora"))
-    merged = lora.merge_and_unload().eval()
-    rt = Runtime.load(export_onnx(model, (X[:1],), tmp_path / "bundle"))
-    rt.add_adapter("l", tmp_path / "lora")
-    rt.switch("l")
-    eos = cfg.eos_token_id
-    want = merged.generate(X, max_new_tokens=16, do_sample=False, eos_token_id=eos, pad_token_id=eos)
-    got = rt.generate(X, max_new_tokens=16, eos_token_id=eos)
-    assert torch.equal(got, want)
-
-
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
 def test_load_base_builds_the_class_the_directory_was_saved_from(arch, tmp_path):
     """An encoder directory used to come back as a causal LM with freshly initialised heads."""

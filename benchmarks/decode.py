@@ -1,0 +1,193 @@
+"""Generation speed on live weights: a transformers Llama exported with its KV cache, one decode step (one token
+after a cache of ``--past`` tokens) and a prefill of ``--prompt`` tokens, the live session against a default
+prepacked session of the same graph, interleaved, in one run.
+
+    python -m benchmarks.decode                     # Llama-3.2-1B shapes, fp32 and fp16 (random weights)
+    python -m benchmarks.decode --quick             # small preset shapes, few repeats
+
+Sessions (the same bundle graph, the same thread count, the same inputs):
+- live: ``OnnxBackend``'s two sessions over one set of weight buffers: prefill with the weights as GEMM *A*
+  operands, one-token steps with the weights as GEMM *B* (onnxruntime's one-row kernel reads them in place);
+- default: the weights as initializers (shared with the live arrays, ``add_initializer``), fully optimized and
+  prepacked, linears spelled ``Gemm(X, W, transB=1)`` so onnxruntime packs W straight from its stored layout
+  (``benchmarks.onnx_live.initializer_graph``).
+Both run through an ``IOBinding`` with the inputs as numpy arrays. Ratios are live / default, medians of
+interleaved rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+from benchmarks.common import progress
+from benchmarks.onnx_live import initializer_graph, session
+from benchmarks.timing import Timing, cycles
+from exporters import export_onnx
+from runtime.models import PRESETS
+from runtime.onnx_backend import OnnxBackend, positions
+from runtime.table import print_table
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str
+    dtypes: tuple[str, ...]
+    past: int
+    prompt: int
+    repeats: int
+    threads: int
+
+
+@dataclass(frozen=True)
+class Row:
+    dtype: str
+    phase: str  # decode_step / prefill_<n>
+    live_ms: float
+    default_ms: float
+    ratio: float  # live / default
+    other_form_ratio: float  # the live session's other weight form (GEMM A <-> B) / default
+
+
+def hf_llama(preset: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    """A transformers ``LlamaForCausalLM`` of the preset's shapes with random weights (no download)."""
+    import transformers
+
+    c = PRESETS[preset]
+    cfg = transformers.LlamaConfig(
+        vocab_size=c.vocab,
+        hidden_size=c.hidden,
+        intermediate_size=c.intermediate,
+        num_hidden_layers=c.layers,
+        num_attention_heads=c.heads,
+        num_key_value_heads=c.kv_heads,
+        rope_theta=c.rope_theta,
+        rms_norm_eps=c.eps,
+        tie_word_embeddings=c.tie_embeddings,
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def feeds(backend: OnnxBackend, past: int, prompt: int, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """The inputs of one decode step (batch 1, one token after ``past``) and of a prefill of ``prompt`` tokens."""
+    d, gen = backend.decoder, np.random.default_rng(seed)
+    vocab = backend.manifest.parameters["model.embed_tokens.weight"]["shape"][0]
+
+    def feed(seq: int, past_len: int) -> dict[str, np.ndarray]:
+        mask = np.ones((1, past_len + seq), np.int64)
+        f = {d["input_ids"]: gen.integers(1, vocab, (1, seq)).astype(np.int64), d["attention_mask"]: mask}
+        if d.get("position_ids"):
+            f[d["position_ids"]] = positions(mask, seq)
+        if d.get("logits_to_keep"):
+            f[d["logits_to_keep"]] = np.array([seq - 1], np.int64)
+        for name in backend._past_names():
+            _, heads, _, dim = backend._inputs[name]["shape"]
+            dtype = np.dtype(backend._inputs[name]["dtype"])
+            f[name] = gen.standard_normal((1, heads, past_len, dim)).astype(dtype)
+        return f
+
+    return {"decode_step": feed(1, past), f"prefill_{prompt}": feed(prompt, 0)}
+
+
+def runner(sess, feed: dict[str, np.ndarray], outputs: list[str], bound: dict | None = None):
+    """A no-argument call running ``feed`` on ``sess`` through one IOBinding (``bound``: OrtValues bound once)."""
+    import onnxruntime as ort
+
+    binding = sess.io_binding()
+    for name, v in (bound or {}).items():
+        binding.bind_ortvalue_input(name, v)
+    values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in feed.items()}
+    for name, v in values.items():
+        binding.bind_ortvalue_input(name, v)
+
+    def run() -> None:
+        for name in outputs:
+            binding.bind_output(name, "cpu")
+        sess.run_with_iobinding(binding)
+
+    run._keep = values  # the inputs must outlive the binding
+    return run
+
+
+def measure(cfg: Config, dtype: str, workdir: Path) -> list[Row]:
+    progress(f"[{dtype}] building a transformers Llama of {cfg.preset} shapes")
+    model = hf_llama(cfg.preset, DTYPES[dtype])
+    bundle = workdir / f"bundle-{dtype}"
+    progress(f"[{dtype}] exporting with its KV cache (torch.export + dynamo ONNX exporter)")
+    export_onnx(model, (torch.ones(1, 4, dtype=torch.long),), bundle, verify=False)
+    del model
+    gc.collect()
+    progress(f"[{dtype}] opening the live bundle (checks and the live-weights probe)")
+    live = OnnxBackend.open(bundle, threads=cfg.threads)
+    progress(f"[{dtype}] opening the default prepacked session (shared initializers)")
+    default = session(initializer_graph(bundle, "default.onnx", gemm_b=True), cfg.threads, shared=live.arrays)
+    outs = live.output_names
+    rows = []
+    for phase, feed in feeds(live, cfg.past, cfg.prompt).items():
+        chosen = live._session_for(feed)  # the session the backend runs this phase on
+        subjects = {
+            "live": [runner(chosen, feed, outs, live._values)],
+            "default": [runner(default, feed, outs)],
+        }
+        other = live.session if chosen is live.one_row_session else live.one_row_session
+        subjects["live, the other form"] = [runner(other, feed, outs, live._values)]
+        progress(f"[{dtype}] {phase}: {cfg.repeats} interleaved rounds")
+        t: dict[str, Timing] = cycles(subjects, cfg.repeats)
+        live_ms, default_ms, other_ms = (t[k].median_ms for k in ("live", "default", "live, the other form"))
+        rows.append(Row(dtype, phase, live_ms, default_ms, live_ms / default_ms, other_ms / default_ms))
+        progress(f"[{dtype}] {phase}: live {live_ms:.1f} ms, default {default_ms:.1f} ms, other form {other_ms:.1f}")
+    del live, default
+    gc.collect()
+    return rows
+
+
+def live_vs_prepacked(rows: list[Row], dtype: str = "fp32") -> dict[str, float]:
+    """The ratios the README quotes: ``decode_step`` and ``prefill_<n>``, live / default, for ``dtype``."""
+    return {r.phase: r.ratio for r in rows if r.dtype == dtype}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="llama-1b")
+    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp32", "fp16"])
+    p.add_argument("--past", type=int, default=128, help="KV cache length before the decode step")
+    p.add_argument("--prompt", type=int, default=64, help="prefill length")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--threads", type=int, default=psutil.cpu_count(logical=False) or 1)
+    p.add_argument("--quick", action="store_true", help="small preset, fp32, few repeats")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--dir", type=Path, default=None, help="where to write the bundles (default: a temp dir)")
+    args = p.parse_args(argv)
+    preset = "small" if args.quick else args.preset
+    dtypes = ("fp32",) if args.quick else tuple(args.dtype)
+    repeats = args.repeats or (5 if args.quick else 15)
+    cfg = Config(preset, dtypes, args.past, args.prompt, repeats, args.threads)
+    print(f"# decode: {cfg}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        for dtype in dtypes:
+            rows += measure(cfg, dtype, Path(tmp))
+    print_table(
+        ["dtype", "phase", "live ms", "default ms", "live / default", "other live form / default"],
+        [[r.dtype, r.phase, r.live_ms, r.default_ms, r.ratio, r.other_form_ratio] for r in rows],
+    )
+    if args.json:
+        doc = {"config": asdict(cfg), "rows": [asdict(r) for r in rows], "live_vs_prepacked": live_vs_prepacked(rows)}
+        args.json.write_text(json.dumps(doc, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
