@@ -31,6 +31,7 @@ import torch
 
 from benchmarks.common import progress
 from benchmarks.onnx_live import initializer_graph, session
+from benchmarks.switch_rows import hf_llama
 from benchmarks.timing import Timing, cycles
 from exporters import export_onnx
 from runtime.models import PRESETS
@@ -60,30 +61,10 @@ class Row:
     other_form_ratio: float  # the live session's other weight form (GEMM A <-> B) / default
 
 
-def hf_llama(preset: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
-    """A transformers ``LlamaForCausalLM`` of the preset's shapes with random weights (no download)."""
-    import transformers
-
-    c = PRESETS[preset]
-    cfg = transformers.LlamaConfig(
-        vocab_size=c.vocab,
-        hidden_size=c.hidden,
-        intermediate_size=c.intermediate,
-        num_hidden_layers=c.layers,
-        num_attention_heads=c.heads,
-        num_key_value_heads=c.kv_heads,
-        rope_theta=c.rope_theta,
-        rms_norm_eps=c.eps,
-        tie_word_embeddings=c.tie_embeddings,
-    )
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
-
-
 def feeds(backend: OnnxBackend, past: int, prompt: int, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     """The inputs of one decode step (batch 1, one token after ``past``) and of a prefill of ``prompt`` tokens."""
     d, gen = backend.decoder, np.random.default_rng(seed)
-    vocab = backend.manifest.parameters["model.embed_tokens.weight"]["shape"][0]
+    vocab = backend._indexes.get(d["input_ids"], 2)  # the rows of the table the ids index
 
     def feed(seq: int, past_len: int) -> dict[str, np.ndarray]:
         mask = np.ones((1, past_len + seq), np.int64)

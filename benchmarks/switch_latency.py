@@ -27,8 +27,9 @@ import torch
 import kernels
 from benchmarks.common import copy_bandwidth_gbps, memory_floor_ms, progress, touched_lines
 from benchmarks.switch_onnx import onnx_rows, onnx_unavailable
+from benchmarks.switch_peft import peft_rows, peft_unavailable
 from benchmarks.switch_report import package_version, plot, report
-from benchmarks.switch_rows import Config, Row, inference, load_model, pair
+from benchmarks.switch_rows import Config, Row, gen_timing, inference, load_model, pair, prompt
 from benchmarks.timing import Inference, cycle, once
 from runtime import Runtime
 from runtime.dtypes import SHORT
@@ -50,7 +51,7 @@ def shira_rows(cfg: Config, rt: Runtime, model, dtype: str, copy_gbps: float, in
             nbytes += idx.numel() * tensors[t].element_size()
     floor = memory_floor_ms(lines, copy_gbps)
     ctx.update(shira_a=a, shira_b=b, floor=floor, shira_bytes=nbytes)
-    rows, inf = [], None
+    rows, inf, gen = [], None, None
     paths = [kernels.backend()] + (["torch"] if kernels.backend() != "torch" else [])
     for path in paths:
         os.environ["SHIRA_KERNELS"] = path
@@ -61,7 +62,9 @@ def shira_rows(cfg: Config, rt: Runtime, model, dtype: str, copy_gbps: float, in
             progress(f"{dtype}: inference with shira_a applied, interleaved with the base")
             inf = infer.measure("shira_a")
         label = ("fast path" if path == "cpp" else "pure-torch reference") + f", {origin} adapters"
-        rows.append(Row.of("shira", f"torch/{path}", dtype, t, nbytes, label, inf, floor))
+        if gen is None:
+            gen = gen_timing(cfg, rt, ctx["prompt"], "shira_a")
+        rows.append(Row.of("shira", f"torch/{path}", dtype, t, nbytes, label, inf, floor).with_gen(gen))
     os.environ.pop("SHIRA_KERNELS", None)
     kernels.reset()
     rt.switch(None)
@@ -109,8 +112,10 @@ def lora_rows(cfg: Config, rt: Runtime, model, dtype: str, infer: Inference, ctx
     progress(f"{dtype}: lora fused, runtime exact switch, {reps} repeats")
     t = cycle([lambda: rt.switch("lora_a"), lambda: rt.switch("lora_b")], reps)
     inf = infer.measure("lora_a", rounds=1)  # the same fused weights serve the PEFT-style row
-    rows = [peft_style.with_infer(inf)]
-    rows.append(Row.of("lora_fused", "torch/runtime-exact", dtype, t, nbytes, "exact revert, keeps a base copy", inf))
+    gen = gen_timing(cfg, rt, ctx["prompt"], "lora_a")
+    rows = [peft_style.with_infer(inf).with_gen(gen)]
+    note = "exact revert, keeps a base copy"
+    rows.append(Row.of("lora_fused", "torch/runtime-exact", dtype, t, nbytes, note, inf).with_gen(gen))
 
     # (3) unfused: switching swaps the extra x @ A.T @ B.T * s paths; weights untouched, inference pays
     rt.add_adapter("lora_ua", la, mode="unfused")
@@ -118,7 +123,8 @@ def lora_rows(cfg: Config, rt: Runtime, model, dtype: str, infer: Inference, ctx
     progress(f"{dtype}: lora unfused, {cfg.repeats} repeats")
     t = cycle([lambda: rt.switch("lora_ua"), lambda: rt.switch("lora_ub")], cfg.repeats)
     inf = infer.measure("lora_ua")
-    rows.append(Row.of("lora_unfused", "torch/hooks", dtype, t, 0, "extra matmuls at inference", inf))
+    gen = gen_timing(cfg, rt, ctx["prompt"], "lora_ua")
+    rows.append(Row.of("lora_unfused", "torch/hooks", dtype, t, 0, "extra matmuls at inference", inf).with_gen(gen))
     for n in ("lora_a", "lora_b", "lora_ua", "lora_ub"):
         rt.remove_adapter(n)
     return rows
@@ -129,6 +135,7 @@ def run(cfg: Config) -> dict:
     copy_gbps = copy_bandwidth_gbps()
     rows: list[Row] = []
     skipped: list[str] = []
+    live_vs_prepacked: dict = {}
     for dtype in cfg.dtypes:
         progress(f"building {cfg.hf or cfg.preset} in {dtype}")
         model, vocab = load_model(cfg, dtype)
@@ -136,8 +143,9 @@ def run(cfg: Config) -> dict:
         infer = inference(cfg, rt, vocab)
         progress(f"{dtype}: base inference, {cfg.infer_repeats} repeats")
         # overhead 1 by definition; the rows below are timed interleaved with it
-        rows.append(Row.of("base", "torch", dtype, None, 0, "no adapter", infer.measure().as_base()))
-        ctx: dict = {"vocab": vocab}
+        ctx: dict = {"vocab": vocab, "prompt": prompt(cfg, vocab)}
+        base = Row.of("base", "torch", dtype, None, 0, "no adapter", infer.measure().as_base())
+        rows.append(base.with_gen(gen_timing(cfg, rt, ctx["prompt"], None)))
         rows += shira_rows(cfg, rt, model, dtype, copy_gbps, infer, ctx)
         rows += lora_rows(cfg, rt, model, dtype, infer, ctx)
         del rt, infer
@@ -148,6 +156,13 @@ def run(cfg: Config) -> dict:
         else:
             with tempfile.TemporaryDirectory(prefix="switch_latency_") as tmp:
                 rows += onnx_rows(cfg, model, dtype, ctx, Path(tmp))
+            if "live_vs_prepacked" in ctx:
+                live_vs_prepacked[dtype] = ctx["live_vs_prepacked"]
+        why = peft_unavailable(cfg, model)
+        if why:
+            skipped.append(f"peft rows for {dtype}: {why}")
+        else:
+            rows += peft_rows(cfg, model, dtype, ctx)  # last: PEFT wraps the model in place
         del model, ctx
         gc.collect()
     return {
@@ -163,6 +178,9 @@ def run(cfg: Config) -> dict:
         "copy_gbps": copy_gbps,
         "skipped": skipped,
         "results": [asdict(r) | {"floor_ratio": r.floor_ratio} for r in rows],
+        # live / default prepacked onnxruntime session of the same graph: the first dtype's, and each dtype's
+        "live_vs_prepacked": next(({"dtype": k, **v} for k, v in live_vs_prepacked.items()), None),
+        "live_vs_prepacked_by_dtype": live_vs_prepacked,
     }
 
 
@@ -181,6 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lora", nargs="+", default=[], metavar="PATH", help="your LoRA adapters (A, B)")
     p.add_argument("--targets", nargs="+", default=list(TARGETS), help="module names for random adapters")
     p.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime rows")
+    p.add_argument("--no-peft", action="store_true", help="skip the rows timing PEFT's own switch")
+    p.add_argument("--new-tokens", type=int, default=32, help="decode tokens timed after the first")
+    p.add_argument("--gen-repeats", type=int, default=3, help="generations timed per method")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG: switch latency (log) and inference overhead")
     args = p.parse_args(argv)
@@ -199,6 +220,9 @@ def main(argv: list[str] | None = None) -> None:
         lora=tuple(args.lora),
         targets=tuple(args.targets),
         no_onnx=args.no_onnx,
+        new_tokens=args.new_tokens,
+        gen_repeats=args.gen_repeats,
+        no_peft=args.no_peft,
     )
     out, elapsed_ms = once(lambda: run(cfg))
     out["elapsed_s"] = elapsed_ms / 1e3

@@ -21,10 +21,13 @@ import torch
 from torch import nn
 
 from benchmarks.common import progress
-from benchmarks.switch_rows import Config, Row, inference
-from benchmarks.timing import cycle
+from benchmarks.onnx_live import initializer_graph, session
+from benchmarks.switch_rows import Config, Row, gen_timing, inference
+from benchmarks.timing import Timing, cycle, cycles, generation
 from runtime import Runtime
 from runtime.dtypes import BUNDLE
+from runtime.generate import Sampling, cached_loop
+from runtime.onnx_backend import OnnxBackend
 
 
 def onnx_unavailable(cfg: Config, dtype: str) -> str | None:
@@ -33,8 +36,6 @@ def onnx_unavailable(cfg: Config, dtype: str) -> str | None:
         return "--no-onnx given"
     if dtype not in BUNDLE:
         return f"the exporter writes {'/'.join(BUNDLE)} only (onnxruntime's CPU kernels lack {dtype})"
-    if cfg.hf:
-        return "--hf models run on the torch backend only in this benchmark"
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
@@ -46,7 +47,6 @@ def onnx_unavailable(cfg: Config, dtype: str) -> str | None:
 def onnx_rows(cfg: Config, model: nn.Module, dtype: str, ctx: dict, workdir: Path) -> list[Row]:
     """Rows for the onnxruntime backend. ``ctx``: what the torch rows used (vocab, shira_a/shira_b, shira_bytes,
     floor, lora_a/lora_b), so that both backends switch the same adapters against the same floor."""
-    from benchmarks.onnx_live import initializer_graph, session
     from exporters import export_onnx
 
     example = (torch.zeros(1, 8, dtype=torch.long),)
@@ -61,7 +61,14 @@ def onnx_rows(cfg: Config, model: nn.Module, dtype: str, ctx: dict, workdir: Pat
     rt = Runtime.load(workdir / "base")
     infer = inference(cfg, rt, ctx["vocab"], numpy=True)
     progress(f"{dtype}: base inference on the live onnxruntime session, {cfg.infer_repeats} repeats")
-    rows = [Row.of("base", "onnxruntime/live", dtype, None, 0, "no adapter", infer.measure().as_base())]
+    base = Row.of("base", "onnxruntime/live", dtype, None, 0, "no adapter", infer.measure().as_base())
+    rows = [base.with_gen(gen_timing(cfg, rt, ctx["prompt"], None))]
+    default_path = initializer_graph(workdir / "base", "default.onnx", gemm_b=True)
+    if rt.backend.decoder is not None:
+        progress(f"{dtype}: live vs default prepacked session: one decode step, prefill of {cfg.tokens}")
+        default = session(default_path, torch.get_num_threads(), shared=rt.backend.arrays)
+        ctx["live_vs_prepacked"] = live_vs_prepacked(rt.backend, default, cfg)
+        del default
 
     # shira, switched inside the live session
     rt.add_adapter("shira_a", ctx["shira_a"])
@@ -69,13 +76,14 @@ def onnx_rows(cfg: Config, model: nn.Module, dtype: str, ctx: dict, workdir: Pat
     progress(f"{dtype}: shira switch A -> B in the live onnxruntime session, {cfg.repeats} repeats")
     t = cycle([lambda: rt.switch("shira_a"), lambda: rt.switch("shira_b")], cfg.repeats)
     inf = infer.measure("shira_a")
+    gen = gen_timing(cfg, rt, ctx["prompt"], "shira_a")
     note = "switched in the live session"
-    rows.append(Row.of("shira", "onnxruntime/live", dtype, t, ctx["shira_bytes"], note, inf, ctx["floor"]))
+    shira = Row.of("shira", "onnxruntime/live", dtype, t, ctx["shira_bytes"], note, inf, ctx["floor"])
+    rows.append(shira.with_gen(gen))
 
     # lora fused: no live weights -> fuse, then a new prepacked session over the fused weights
     rt.add_adapter("lora_a", la)
     rt.add_adapter("lora_b", lb)
-    default_path = initializer_graph(workdir / "base", "default.onnx", gemm_b=True)
     arrays = rt.backend.arrays
     reps = max(2, min(3, cfg.repeats // 4))  # each rebuild of llama-1b takes seconds
     progress(f"{dtype}: lora fused on onnxruntime = fuse + rebuild a prepacked session, {reps} repeats")
@@ -95,9 +103,18 @@ def onnx_rows(cfg: Config, model: nn.Module, dtype: str, ctx: dict, workdir: Pat
     t = cycle([rebuild("lora_a"), rebuild("lora_b")], reps, before=drop)
     # the rebuilt session shares the unadapted weights (norms, embeddings) with the live arrays, so it runs with
     # its fused state switched back in, against the live session's base, in one block each (as on torch)
-    feed = rt.backend.input_names[0]
-    inf = infer.measure(built["name"], run=lambda x: built["session"].run(None, {feed: x}), rounds=1)
-    rows.append(Row.of("lora_fused", "onnxruntime/rebuild", dtype, t, 0, "fuse + new prepacked session", inf))
+    inf = infer.measure(built["name"], run=lambda x: built["session"].run(None, rt.backend._feed((x,), {})), rounds=1)
+    gen = None
+    if rt.backend.decoder is not None:  # generation on the rebuilt session, its fused state switched back in
+        progress(f"  generation on the rebuilt session: prompt {cfg.tokens}, 1 + {cfg.new_tokens} tokens")
+        rt.switch(built["name"])
+        step = session_step(built["session"], rt.backend)
+        gen = generation(
+            lambda n: cached_loop(step, ctx["prompt"], None, n, Sampling()), cfg.new_tokens, cfg.gen_repeats
+        )
+        rt.switch(None)
+    note = "fuse + new prepacked session"
+    rows.append(Row.of("lora_fused", "onnxruntime/rebuild", dtype, t, 0, note, inf).with_gen(gen))
     for name in ("lora_a", "lora_b"):  # their saved base copies go before the variant bundle is opened
         rt.remove_adapter(name)
     drop()
@@ -109,8 +126,43 @@ def onnx_rows(cfg: Config, model: nn.Module, dtype: str, ctx: dict, workdir: Pat
     progress(f"{dtype}: lora unfused on onnxruntime (factors written into the slots), {cfg.repeats} repeats")
     t = cycle([lambda: ru.switch("lora_ua"), lambda: ru.switch("lora_ub")], cfg.repeats)
     inf = infer.measure("lora_ua", on=ru)  # against the base bundle's live session, interleaved
+    gen = gen_timing(cfg, ru, ctx["prompt"], "lora_ua")
     nbytes = sum(v.numel() * v.element_size() for n, v in ru.backend.tensors.items() if ".lora_" in n)
-    rows.append(Row.of("lora_unfused", "onnxruntime/slots", dtype, t, nbytes, "extra matmuls at inference", inf))
+    note = "extra matmuls at inference"
+    rows.append(Row.of("lora_unfused", "onnxruntime/slots", dtype, t, nbytes, note, inf).with_gen(gen))
     ru.switch("lora_ua")
     assert np.isfinite(ru(infer.one)).all()
     return rows
+
+
+def session_step(sess, backend: OnnxBackend):
+    """``OnnxBackend.step`` over a plain session ``sess`` of the same graph (weights as initializers): the cache
+    goes from run to run as numpy arrays."""
+    d, names = backend.decoder, backend.output_names
+    pasts = [n for layer in d["cache"] for n in layer[:2]]
+    presents = [n for layer in d["cache"] for n in layer[2:]]
+
+    def step(ids: np.ndarray, mask: np.ndarray, cache: dict | None):
+        out = dict(zip(names, sess.run(None, backend.step_feed(ids, mask, cache is None) | (cache or {}))))
+        return out[d["logits"]][:, -1], dict(zip(pasts, (out[n] for n in presents)))
+
+    return step
+
+
+def live_vs_prepacked(backend: OnnxBackend, default, cfg: Config) -> dict[str, float]:
+    """Live time / default prepacked time (``default``: a session of the same graph with the weights as
+    initializers), medians of interleaved rounds, for one decode step (one token after 128 cached ones) and a
+    prefill of ``cfg.tokens`` tokens, each on the session the backend picks for it."""
+    from benchmarks.decode import feeds, runner
+
+    ratios = {}
+    for phase, feed in feeds(backend, 128, cfg.tokens).items():
+        chosen = backend._session_for(feed)
+        subjects = {
+            "live": [runner(chosen, feed, backend.output_names, backend._values)],
+            "default": [runner(default, feed, backend.output_names)],
+        }
+        t: dict[str, Timing] = cycles(subjects, max(5, cfg.infer_repeats))
+        ratios[phase] = t["live"].median_ms / t["default"].median_ms
+        progress(f"  {phase}: live {t['live'].median_ms:.1f} ms, default {t['default'].median_ms:.1f} ms")
+    return ratios

@@ -42,6 +42,8 @@ def report(out: dict) -> None:
                 "infer ms",
                 "1-tok ms",
                 "infer x base",
+                "TTFT ms",
+                "decode tok/s",
                 "MB written",
                 "peak rss MB",
                 "note",
@@ -61,6 +63,8 @@ def report(out: dict) -> None:
                     r["infer_ms"],
                     r["infer_b1_ms"],
                     r["infer_overhead"],
+                    r.get("ttft_ms"),
+                    r.get("decode_tokens_per_s"),
                     r["bytes_written"] / 1e6,
                     r["rss_mb"],
                     r["note"],
@@ -69,6 +73,17 @@ def report(out: dict) -> None:
             ],
         )
     print("\nx shira: against the fastest SHiRA switch on the same backend; infer x base: against the base there")
+    print(
+        f"TTFT: the switch, then a prompt of {c['tokens']} tokens and the first new token; decode tok/s: the "
+        f"{c['new_tokens']} tokens after it, with the method active (KV cache on both backends)"
+    )
+    lvp = out.get("live_vs_prepacked")
+    if lvp:
+        prefill = lvp[f"prefill_{c['tokens']}"]
+        print(
+            f"live vs prepacked onnxruntime session ({lvp['dtype']}, same graph, this run): one decode step "
+            f"{lvp['decode_step']:.2f}x, prefill of {c['tokens']} tokens {prefill:.2f}x"
+        )
     for line in out["skipped"]:
         print(f"skipped: {line}")
 

@@ -8,11 +8,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from benchmarks.common import rss_mb
-from benchmarks.timing import Inference, InferTiming, Timing
+from benchmarks.common import progress, rss_mb
+from benchmarks.timing import GenTiming, Inference, InferTiming, Timing, generation
 from runtime import load_adapter
 from runtime.dtypes import by_short
-from runtime.models import TARGETS, build, load_base
+from runtime.models import PRESETS, TARGETS, build, load_base
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,9 @@ class Config:
     lora: tuple[str, ...] = ()
     targets: tuple[str, ...] = TARGETS
     no_onnx: bool = False
+    new_tokens: int = 32  # decode tokens timed after the first (generation columns)
+    gen_repeats: int = 3
+    no_peft: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class Row:
     infer_ms: float | None = None  # a batch of cfg.tokens tokens
     infer_b1_ms: float | None = None  # one token
     infer_overhead: float | None = None  # infer_ms / the base's infer_ms (1.0 = none)
+    ttft_ms: float | None = None  # time to first token after a switch: switch + prompt prefill + first token
+    decode_tokens_per_s: float | None = None  # the tokens after the first, with the method active
 
     @property
     def floor_ratio(self) -> float | None:
@@ -71,6 +76,11 @@ class Row:
         row = Row(method, backend, dtype, median, p90, floor_ms, rss_mb(), bytes_written, note)
         return row.with_infer(infer) if infer else row
 
+    def with_gen(self, gen: GenTiming | None) -> Row:
+        if gen is None:
+            return self
+        return replace(self, ttft_ms=self.switch_ms + gen.first.median_ms, decode_tokens_per_s=gen.decode_tokens_per_s)
+
     def with_infer(self, infer: InferTiming) -> Row:
         return replace(
             self, infer_ms=infer.batch.median_ms, infer_b1_ms=infer.one.median_ms, infer_overhead=infer.overhead
@@ -88,12 +98,52 @@ def inference(cfg: Config, rt, vocab: int, numpy: bool = False) -> Inference:
 
 
 def load_model(cfg: Config, dtype: str) -> tuple[torch.nn.Module, int]:
-    """The model and its vocabulary size: a built-in preset, or a transformers directory (``--hf``)."""
+    """The model and its vocabulary size: a transformers directory (``--hf``), else a transformers
+    ``LlamaForCausalLM`` of the preset's shapes (it generates with a KV cache, and its bundle carries one), or the
+    built-in decoder where transformers is not installed."""
     if cfg.hf:
         model = load_base(cfg.hf, by_short(dtype).torch)
-        return model, int(model.config.vocab_size)
-    model = build(cfg.preset, by_short(dtype).torch, seed=cfg.seed)
-    return model, model.config.vocab
+    else:
+        try:
+            model = hf_llama(cfg.preset, by_short(dtype).torch, cfg.seed)
+        except ImportError:
+            model = build(cfg.preset, by_short(dtype).torch, seed=cfg.seed)
+            return model, model.config.vocab
+    model.generation_config.eos_token_id = None  # every generation runs its full length
+    return model, int(model.config.vocab_size)
+
+
+def hf_llama(preset: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    """A transformers ``LlamaForCausalLM`` of the preset's shapes with random weights (no download)."""
+    import transformers
+
+    c = PRESETS[preset]
+    cfg = transformers.LlamaConfig(
+        vocab_size=c.vocab,
+        hidden_size=c.hidden,
+        intermediate_size=c.intermediate,
+        num_hidden_layers=c.layers,
+        num_attention_heads=c.heads,
+        num_key_value_heads=c.kv_heads,
+        rope_theta=c.rope_theta,
+        rms_norm_eps=c.eps,
+        tie_word_embeddings=c.tie_embeddings,
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+    model.config.use_cache = False  # a plain forward returns the logits alone (generate turns the cache on)
+    return model
+
+
+def prompt(cfg: Config, vocab: int) -> torch.Tensor:
+    """The generation prompt: ``cfg.tokens`` random ids, one row."""
+    return torch.randint(1, vocab, (1, cfg.tokens), generator=torch.Generator().manual_seed(cfg.seed + 7))
+
+
+def can_generate(rt) -> bool:
+    """Whether ``rt`` generates with a KV cache (a transformers model, or a bundle exported with its cache)."""
+    module = getattr(rt.backend, "module", None)
+    return getattr(rt.backend, "decoder", None) is not None or hasattr(module, "generation_config")
 
 
 def pair(paths: tuple[str, ...], make: Callable[[int], object]) -> tuple[object, object, str]:
@@ -103,3 +153,17 @@ def pair(paths: tuple[str, ...], make: Callable[[int], object]) -> tuple[object,
     a = load_adapter(paths[0])
     b = load_adapter(paths[1]) if len(paths) > 1 else a
     return a, b, "user" if len(paths) > 1 else "user, A -> A"
+
+
+def gen_timing(cfg: Config, rt, ids, state: str | None, on=None) -> GenTiming | None:
+    """Generation timings with ``state`` switched in on ``on`` (default ``rt``), generating through ``rt``
+    (None where it cannot generate with a KV cache); ``on`` is left at the base."""
+    on = on if on is not None else rt
+    if not can_generate(rt):
+        return None
+    progress(f"  generation with {state or 'the base'}: prompt {ids.shape[1]}, 1 + {cfg.new_tokens} tokens")
+    on.switch(state)
+    try:
+        return generation(lambda n: rt.generate(ids, max_new_tokens=n), cfg.new_tokens, cfg.gen_repeats)
+    finally:
+        on.switch(None)

@@ -5,6 +5,8 @@
   ``time_ms`` is a cycle of one function: the same loop for anything timed by repetition.
 - ``Inference``: a method's inference (one token, and a batch) timed against the base's on the same backend,
   round by round, for the torch backend and the onnxruntime backend alike.
+- ``generation``: what a user of a generating model feels: the first token after a prompt, and the decode rate
+  of the tokens after it.
 """
 
 from __future__ import annotations
@@ -128,3 +130,24 @@ class Inference:
         if state is not None:
             on.switch(None)
         return InferTiming(Timing.of(one), Timing.of(batch), Timing.of(base_batch))
+
+
+@dataclass(frozen=True)
+class GenTiming:
+    """A generation after a prompt: the first new token, and the whole of ``1 + new`` tokens."""
+
+    first: Timing  # the prompt's prefill and the first token
+    total: Timing  # 1 + new tokens
+    new: int
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """The ``new`` tokens after the first, per second of the time they added (medians)."""
+        return self.new / max(1e-9, (self.total.median_ms - self.first.median_ms) / 1e3)
+
+
+def generation(generate: Callable[[int], object], new: int, repeats: int) -> GenTiming:
+    """Time ``generate(n)`` (n tokens after a fixed prompt) for one token and for ``1 + new``, the two taking
+    turns, ``repeats`` timed calls each after a warm-up."""
+    t = cycles({"first": [lambda: generate(1)], "total": [lambda: generate(1 + new)]}, repeats)
+    return GenTiming(t["first"], t["total"], new)

@@ -198,15 +198,7 @@ class OnnxBackend(Backend):
         present keys/values, onnxruntime ``OrtValue``s passed on without a copy; None: an empty past), ``mask``
         ``[B, past + S]``. Returns the last position's logits ``[B, V]`` and this run's present keys/values."""
         d = self.decoder
-        if d is None:
-            raise TypeError(f"{self.bundle}: this bundle has no KV cache (export a decoder with kv_cache=True)")
-        feed = {d["input_ids"]: ids, d["attention_mask"]: mask}
-        if d.get("position_ids"):
-            feed[d["position_ids"]] = positions(mask, ids.shape[1])
-        if d.get("logits_to_keep"):
-            feed[d["logits_to_keep"]] = np.array([ids.shape[1] - 1], np.int64)
-        if cache is None:
-            feed |= self._empty_past(ids.shape[0])
+        feed = self.step_feed(ids, mask, empty_past=cache is None)
         session = self._session_for(feed)
         binding = self._binding(session)
         for name, a in feed.items():
@@ -219,6 +211,19 @@ class OnnxBackend(Backend):
         session.run_with_iobinding(binding)
         outs = dict(zip(self.output_names, binding.get_outputs()))
         return outs[d["logits"]].numpy()[:, -1], [outs[n] for layer in d["cache"] for n in layer[2:]]
+
+    def step_feed(self, ids: np.ndarray, mask: np.ndarray, empty_past: bool) -> dict[str, np.ndarray]:
+        """A generation step's inputs but the past: ids, mask, positions counted over the mask, the last
+        position's logits only; with ``empty_past``, a past of length 0 (the prefill)."""
+        d = self.decoder
+        if d is None:
+            raise TypeError(f"{self.bundle}: this bundle has no KV cache (export a decoder with kv_cache=True)")
+        feed = {d["input_ids"]: ids, d["attention_mask"]: mask}
+        if d.get("position_ids"):
+            feed[d["position_ids"]] = positions(mask, ids.shape[1])
+        if d.get("logits_to_keep"):
+            feed[d["logits_to_keep"]] = np.array([ids.shape[1] - 1], np.int64)
+        return feed | (self._empty_past(ids.shape[0]) if empty_past else {})
 
     def _session_for(self, feed: dict[str, Any]) -> Any:
         """The one-row session (weights as GEMM *B*: a GEMV reads them in place) when one token runs, else the

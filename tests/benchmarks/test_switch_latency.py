@@ -39,7 +39,15 @@ def test_quick_run_writes_every_method_row(tmp_path, capsys):
         assert (m, "onnxruntime", "fp32") in methods
     assert not any(b == "onnxruntime" and d == "bf16" for _, b, d in methods)
     assert any("bf16" in line for line in data["skipped"])
+    for dtype in ("fp32", "bf16"):  # PEFT's own switch, the peer
+        assert {("shira", "peft", dtype), ("lora_fused", "peft", dtype)} <= methods
+    lvp = data["live_vs_prepacked"]  # the KV-cache bundle's decode step and prefill against a prepacked session
+    assert lvp["dtype"] == "fp32" and lvp["decode_step"] > 0 and lvp["prefill_64"] > 0
     for r in data["results"]:
+        # what a user feels: the first token after a switch, and the decode rate after it (KV cache everywhere)
+        assert r["ttft_ms"] > r["switch_ms"] and r["decode_tokens_per_s"] > 0
+        if r["backend"] == "peft":  # timed through generation only
+            continue
         for key in (
             "method",
             "backend",
@@ -57,14 +65,15 @@ def test_quick_run_writes_every_method_row(tmp_path, capsys):
             assert r["floor_ms"] > 0 and r["switch_ms"] > 0
     printed = capsys.readouterr().out
     assert "lora_unfused" in printed and "x floor" in printed and "skipped: onnxruntime rows for bf16" in printed
+    assert "TTFT ms" in printed and "live vs prepacked" in printed
 
 
-def test_no_onnx_skips_the_onnxruntime_rows_and_says_so(tmp_path):
+def test_no_onnx_and_no_peft_skip_their_rows_and_say_so(tmp_path):
     out = tmp_path / "r.json"
-    main(["--quick", "--no-onnx", "--repeats", "2", "--infer-repeats", "1", "--json", str(out)])
+    main(["--quick", "--no-onnx", "--no-peft", "--repeats", "2", "--infer-repeats", "1", "--json", str(out)])
     data = json.loads(out.read_text())
     assert {r["backend"].split("/")[0] for r in data["results"]} == {"torch"}
-    assert data["skipped"] == ["onnxruntime rows for fp32: --no-onnx given"]
+    assert data["skipped"] == ["onnxruntime rows for fp32: --no-onnx given", "peft rows for fp32: --no-peft given"]
 
 
 def test_user_model_and_peft_adapters(tmp_path):
@@ -111,9 +120,11 @@ def test_user_model_and_peft_adapters(tmp_path):
         ]
     )
     rows = json.loads(out.read_text())["results"]
-    shira = [r for r in rows if r["method"] == "shira"]
+    shira = [r for r in rows if r["method"] == "shira" and r["backend"].startswith("torch")]
     assert shira and all("user adapters" in r["note"] for r in shira)
     # 2 adapters x r=2 x (out + in) per layer (q [32, 32], v [16, 32]) x 4 bytes (fp32)
     assert shira[0]["bytes_written"] == 2 * 2 * ((32 + 32) + (16 + 32)) * 4
     assert {r["method"] for r in rows} == {"base", "shira", "lora_fused", "lora_unfused"}
-    assert {r["backend"].split("/")[0] for r in rows} == {"torch"}  # --hf: torch backend only, said in "skipped"
+    # --hf: the directory's model on torch, exported with its KV cache for onnxruntime, and under PEFT itself
+    assert {r["backend"].split("/")[0] for r in rows} == {"torch", "onnxruntime", "peft"}
+    assert all("user adapters" in r["note"] for r in rows if r["backend"] == "peft")
