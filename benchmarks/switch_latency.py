@@ -26,7 +26,7 @@ import torch
 
 import kernels
 from benchmarks.common import copy_bandwidth_gbps, memory_floor_ms, progress, touched_lines
-from benchmarks.switch_onnx import onnx_rows, onnx_unavailable
+from benchmarks.switch_onnx import export_bundles, onnx_rows, onnx_unavailable
 from benchmarks.switch_peft import peft_rows, peft_unavailable
 from benchmarks.switch_report import package_version, plot, report
 from benchmarks.switch_rows import Config, Row, gen_timing, inference, load_model, pair, prompt
@@ -155,9 +155,13 @@ def run(cfg: Config) -> dict:
             skipped.append(f"onnxruntime rows for {dtype}: {why}")
         else:
             with tempfile.TemporaryDirectory(prefix="switch_latency_") as tmp:
-                rows += onnx_rows(cfg, model, dtype, ctx, Path(tmp))
+                export_bundles(model, dtype, ctx, Path(tmp))
+                del model  # the onnxruntime rows hold two bundles and a rebuilt session: free the torch copy
+                gc.collect()
+                rows += onnx_rows(cfg, dtype, ctx, Path(tmp))
             if "live_vs_prepacked" in ctx:
                 live_vs_prepacked[dtype] = ctx["live_vs_prepacked"]
+            model, _ = load_model(cfg, dtype)  # the same weights again (seeded, or the same directory)
         why = peft_unavailable(cfg, model)
         if why:
             skipped.append(f"peft rows for {dtype}: {why}")

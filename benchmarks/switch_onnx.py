@@ -44,13 +44,12 @@ def onnx_unavailable(cfg: Config, dtype: str) -> str | None:
     return None
 
 
-def onnx_rows(cfg: Config, model: nn.Module, dtype: str, ctx: dict, workdir: Path) -> list[Row]:
-    """Rows for the onnxruntime backend. ``ctx``: what the torch rows used (vocab, shira_a/shira_b, shira_bytes,
-    floor, lora_a/lora_b), so that both backends switch the same adapters against the same floor."""
+def export_bundles(model: nn.Module, dtype: str, ctx: dict, workdir: Path) -> None:
+    """The two bundles the onnxruntime rows run: ``base`` and ``lora`` (with LoRA slots for ``ctx``'s LoRA)."""
     from exporters import export_onnx
 
     example = (torch.zeros(1, 8, dtype=torch.long),)
-    la, lb = ctx["lora_a"], ctx["lora_b"]
+    la = ctx["lora_a"]
     progress(f"{dtype}: exporting the bundle (onnxruntime rows)")
     export_onnx(model, example, workdir / "base", verify=False)
     progress(f"{dtype}: exporting the LoRA-unfused graph variant")
@@ -58,6 +57,12 @@ def onnx_rows(cfg: Config, model: nn.Module, dtype: str, ctx: dict, workdir: Pat
     modules = [n.rsplit(".", 1)[0] for n in la.A]
     export_onnx(model, example, workdir / "lora", verify=False, lora_rank=rank, lora_targets=modules)
 
+
+def onnx_rows(cfg: Config, dtype: str, ctx: dict, workdir: Path) -> list[Row]:
+    """Rows for the onnxruntime backend over ``export_bundles``' bundles (the torch model need not stay in
+    memory). ``ctx``: what the torch rows used (vocab, prompt, shira_a/shira_b, shira_bytes, floor,
+    lora_a/lora_b), so that both backends switch the same adapters against the same floor."""
+    la, lb = ctx["lora_a"], ctx["lora_b"]
     rt = Runtime.load(workdir / "base")
     infer = inference(cfg, rt, ctx["vocab"], numpy=True)
     progress(f"{dtype}: base inference on the live onnxruntime session, {cfg.infer_repeats} repeats")

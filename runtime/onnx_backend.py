@@ -93,7 +93,13 @@ class OnnxBackend(Backend):
             one_row.CopyFrom(graph)
             rewrite_linears(one_row, set(arrays), 0, weight_operand="B")
         min_elements = {None: GEMM_A_MIN, True: 0, False: None}[gemm_a]
-        self.rewritten = rewrite_linears(graph, set(arrays), min_elements) if min_elements is not None else 0
+        # the logits projection of a decoder that keeps only the positions it is asked for sees one row per
+        # prompt in a prefill too: it takes the one-row form in both sessions
+        head = _logits_weights(graph, self.decoder, set(arrays)) if self.decoder is not None else set()
+        self.rewritten = 0
+        if min_elements is not None:
+            self.rewritten = rewrite_linears(graph, set(arrays) - head, min_elements)
+            self.rewritten += rewrite_linears(graph, head, 0, weight_operand="B")
         self.session = _session(graph, threads)
         self.one_row_session = _session(one_row, threads) if one_row is not None else self.session
         import onnxruntime as ort
@@ -479,6 +485,25 @@ def rewrite_linears(model: Any, weights: set[str], min_elements: int = 0, weight
     del graph.node[:]
     graph.node.extend(nodes)
     return count
+
+
+def _logits_weights(model: Any, decoder: dict, weights: set[str]) -> set[str]:
+    """The weight of the projection that makes a decoder's logits (``MatMul`` reached back from the logits
+    output through reshapes and casts), where the graph computes only the positions in ``logits_to_keep``."""
+    if not decoder.get("logits_to_keep"):
+        return set()
+    producer = {o: n for n in model.graph.node for o in n.output}
+    node = producer.get(decoder["logits"])
+    while node is not None and node.op_type in ("Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze"):
+        node = producer.get(node.input[0])
+    if node is None or node.op_type != "MatMul":
+        return set()
+    src = producer.get(node.input[1])
+    while src is not None and src.op_type in ("Transpose", "Cast", "Identity"):
+        if src.input[0] in weights:
+            return {src.input[0]}
+        src = producer.get(src.input[0])
+    return set()
 
 
 def _indexed_rows(model: Any, arrays: dict[str, np.ndarray]) -> dict[str, int]:

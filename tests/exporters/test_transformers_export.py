@@ -59,19 +59,46 @@ def test_export_switch_and_revert(arch, tmp_path):
         adapters["shira"] = tmp_path / "shira"
 
     path = export_onnx(model, (X[:1],), tmp_path / "bundle")
-    bundle, ref = Runtime.load(path), Runtime.load(copy.deepcopy(model))
-    fresh = first(bundle(X))
-    assert np.abs(fresh - first(ref(X))).max() < 1e-4
+    got = in_fresh_process(path, adapters, X, tmp_path)  # the bundle alone: no model code in that process
+    ref = Runtime.load(copy.deepcopy(model))
+    assert np.abs(got["base"] - first(ref(X))).max() < 1e-4
     for name, source in adapters.items():
-        bundle.add_adapter(name, source)
         ref.add_adapter(name, source)
-        bundle.switch(name)
         ref.switch(name)
-        got, want = first(bundle(X)), first(ref(X))
-        assert np.abs(got - want).max() < 1e-4, name
-        assert np.abs(got - fresh).max() > 1e-3, name  # the adapter changed the outputs
-    bundle.switch(None)
-    assert np.array_equal(first(bundle(X)), fresh)
+        assert np.abs(got[name] - first(ref(X))).max() < 1e-4, name
+        assert np.abs(got[name] - got["base"]).max() > 1e-3, name  # the adapter changed the outputs
+    assert np.array_equal(got["reverted"], got["base"])  # switch(None) gives the fresh bundle's output exactly
+
+
+FRESH = """
+import sys, numpy as np
+from runtime import Runtime
+bundle, x, out, *adapters = sys.argv[1:]
+rt, x = Runtime.load(bundle), np.load(x)
+first = lambda o: o[0] if isinstance(o, list) else o  # an encoder's first output (a decoder returns logits)
+got = {"base": first(rt(x))}
+for spec in adapters:
+    name, _, source = spec.partition("=")
+    rt.add_adapter(name, source)
+    rt.switch(name)
+    got[name] = first(rt(x))
+rt.switch(None)
+got["reverted"] = first(rt(x))
+loaded = sorted(m for m in ("transformers", "diffusers", "peft") if m in sys.modules)
+assert not loaded, f"model code imported: {loaded}"
+np.savez(out, **got)
+"""
+
+
+def in_fresh_process(bundle, adapters: dict, x: torch.Tensor, tmp_path) -> dict[str, np.ndarray]:
+    """Outputs of ``bundle`` in a new Python process that imports no model code: fresh, with each adapter
+    switched in, and after ``switch(None)``."""
+    np.save(tmp_path / "x.npy", x.numpy())
+    specs = [f"{name}={source}" for name, source in adapters.items()]
+    args = [str(bundle), str(tmp_path / "x.npy"), str(tmp_path / "out.npz"), *specs]
+    subprocess.run([sys.executable, "-c", FRESH, *args], check=True, timeout=300)
+    with np.load(tmp_path / "out.npz") as f:
+        return {k: f[k] for k in f.files}
 
 
 def test_package_a_transformers_directory_and_load_it_without_model_code(tmp_path):
@@ -89,14 +116,24 @@ def test_package_a_transformers_directory_and_load_it_without_model_code(tmp_pat
     ref = Runtime.load(copy.deepcopy(model))
     ref.add_adapter("s", tmp_path / "b" / "adapters" / "s.safetensors")  # the packaged (fp16) deltas
     ref.switch("s")
-    np.save(tmp_path / "x.npy", X.numpy())
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0  # two prompts, the second shorter and padded on the left
+    np.save(tmp_path / "ids.npy", ids.numpy())
+    np.save(tmp_path / "mask.npy", mask.numpy())
     code = (
         "import sys, numpy as np; from runtime import Runtime; rt = Runtime.load(sys.argv[1]); rt.switch('s'); "
-        "np.save(sys.argv[3], rt(np.load(sys.argv[2])))"
+        "np.save(sys.argv[3], rt(np.load(sys.argv[2]))); "
+        "ids, mask = np.load(sys.argv[4]), np.load(sys.argv[5]); "
+        "np.save(sys.argv[6], rt.generate(ids, max_new_tokens=16, attention_mask=mask))"
     )
-    args = [str(tmp_path / "b"), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")]
+    args = [str(tmp_path / n) for n in ("b", "x.npy", "y.npy", "ids.npy", "mask.npy", "tokens.npy")]
+    np.save(tmp_path / "x.npy", X.numpy())
     subprocess.run([sys.executable, "-c", code, *args], check=True, timeout=300)  # imports no model code
     assert np.abs(np.load(tmp_path / "y.npy") - first(ref(X))).max() < 1e-4
+    # the bundle generates the tokens transformers generates with the same (packaged) adapter applied
+    want = ref.generate(ids, max_new_tokens=16, attention_mask=mask)
+    assert np.array_equal(np.load(tmp_path / "tokens.npy"), want.numpy())
 
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
