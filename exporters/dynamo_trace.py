@@ -4,8 +4,10 @@
 Why this path: the TorchScript exporter is deprecated and fails on transformers models (``aten::diff`` in the
 causal-mask code, keyword-only arguments); the dynamo exporter traces them with ``torch.export`` as they are.
 It has no "parameters as inputs" switch, so the module runs under ``torch.func.functional_call`` with its
-weights passed in as a keyword argument: ``torch.export`` then sees them as inputs, the ONNX graph takes them
-as inputs (named ``weights_<key with dots as underscores>``), and they are renamed here to their keys.
+weights passed in as a keyword argument (one tensor per tied group: ``tie_weights=True`` hands it to every name
+of the group, so a tied LM head reads the live embedding, not a constant copy): ``torch.export`` then sees them
+as inputs, the ONNX graph takes them as inputs (named ``weights_<key with dots as underscores>``), and they are
+renamed here to their keys.
 
 A transformers decoder is traced with its KV cache (``trace_decoder``): the cache goes in and out as flat tensors
 ``past_key_values.<i>.key/value`` -> ``present.<i>.key/value`` (a ``DynamicCache`` is built from them inside the
@@ -34,7 +36,7 @@ class _Live(nn.Module):
         self.module, self.call_kwargs = module, call_kwargs
 
     def forward(self, *args: torch.Tensor, weights: dict[str, torch.Tensor]):
-        return functional_call(self.module, weights, args, kwargs=self.call_kwargs, tie_weights=False)
+        return functional_call(self.module, weights, args, kwargs=self.call_kwargs, tie_weights=True)
 
 
 def call_kwargs(module: nn.Module) -> dict:
@@ -67,7 +69,7 @@ class _LiveDecoder(nn.Module):
             kwargs["position_ids"] = position_ids
         if self.keep:  # the positions whose logits are computed (the last one, when generating)
             kwargs["logits_to_keep"] = keep
-        out = functional_call(self.module, weights, (), kwargs=kwargs, tie_weights=False)
+        out = functional_call(self.module, weights, (), kwargs=kwargs, tie_weights=True)
         return (out.logits, *[t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)])
 
 

@@ -192,6 +192,7 @@ def _export(
     else:
         model = _torchscript(module, args, in_names, out_names, axes, opset, out)
     storage = _liven(model.graph, names, canonical, set(in_names), fold_transposes)
+    _check_no_frozen_copies(model.graph, names)
 
     arrays, params = {}, {}
     for name, t in names.items():
@@ -363,6 +364,21 @@ def _liven(
         shape = list(t.shape)[::-1] if layout == "transposed" else list(t.shape)
         graph.input.append(helper.make_tensor_value_info(canon, TORCH[t.dtype].onnx, shape))
     return storage
+
+
+def _check_no_frozen_copies(graph: onnx.GraphProto, names: dict[str, torch.Tensor]) -> None:
+    """No parameter-sized constant in the graph: a weight traced as a constant would not see switches."""
+    shapes = {}
+    for n, t in names.items():
+        if t.numel() >= 1 << 12:  # small constants (a scale, a bias) may match a parameter's shape by chance
+            shapes[tuple(t.shape)] = shapes[tuple(t.shape)[::-1]] = n  # transposed copies too
+    for init in graph.initializer:
+        name = shapes.get(tuple(init.dims))
+        if name is not None:
+            raise ExportError(
+                f"the exported graph holds a constant {init.name!r} of the shape of parameter {name!r}: that "
+                f"weight was frozen into the graph and would not see switches"
+            )
 
 
 def _is_2d_swap(node: onnx.NodeProto, t: torch.Tensor) -> bool:

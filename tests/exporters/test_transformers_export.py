@@ -195,3 +195,27 @@ def test_diffusers_unet_exports_and_switches_a_peft_lora(tmp_path):
     assert np.abs(got - first(ref(*x).sample)).max() < 1e-4 and np.abs(got - fresh).max() > 1e-3
     bundle.switch(None)
     assert np.array_equal(first(bundle(*x)), fresh)
+
+
+def test_a_tied_lm_head_reads_the_live_embedding(tmp_path):
+    """Qwen2 with tied embeddings: an adapter on the LM head (the embedding's other name) changes the bundle's
+    logits as it changes the torch model's; the graph holds no frozen copy of the embedding."""
+    import onnx
+
+    from runtime.synthetic import random_shira
+
+    cfg, cls, _ = ARCHS["qwen2"]
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    path = export_onnx(model, (X[:1],), tmp_path / "bundle")
+    graph = onnx.load(str(path / "model.onnx"))
+    assert all(np.prod(list(t.dims)) < 128 * 64 for t in graph.graph.initializer)
+    adapter = random_shira(model, ["lm_head"], 0.05, seed=3)
+    assert list(adapter.indices) == ["lm_head.weight"]
+    bundle, ref = Runtime.load(path), Runtime.load(copy.deepcopy(model))
+    for rt in (bundle, ref):
+        rt.add_adapter("head", adapter)
+        rt.switch("head")
+    got, want = first(bundle(X)), first(ref(X))
+    assert np.abs(got - want).max() < 1e-4
