@@ -102,6 +102,24 @@ def runner(sess, feed: dict[str, np.ndarray], outputs: list[str], bound: dict | 
     return run
 
 
+def phases(
+    live: OnnxBackend, default, past: int, prompt: int, repeats: int, other_form: bool = False
+) -> dict[str, dict[str, Timing]]:
+    """Per phase (``decode_step``, ``prefill_<prompt>``): the live session the backend picks for it against
+    ``default`` (a prepacked session of the same graph), and with ``other_form`` the live session it does not
+    pick, ``repeats`` interleaved rounds."""
+    outs, timings = live.output_names, {}
+    for phase, feed in feeds(live, past, prompt).items():
+        chosen = live._session_for(feed)
+        subjects = {"live": [runner(chosen, feed, outs, live._values)], "default": [runner(default, feed, outs)]}
+        if other_form:
+            other = live.session if chosen is live.one_row_session else live.one_row_session
+            subjects["other"] = [runner(other, feed, outs, live._values)]
+        progress(f"  {phase}: {repeats} interleaved rounds")
+        timings[phase] = cycles(subjects, repeats)
+    return timings
+
+
 def measure(cfg: Config, dtype: str, workdir: Path) -> list[Row]:
     progress(f"[{dtype}] building a transformers Llama of {cfg.preset} shapes")
     model = hf_llama(cfg.preset, DTYPES[dtype])
@@ -114,19 +132,9 @@ def measure(cfg: Config, dtype: str, workdir: Path) -> list[Row]:
     live = OnnxBackend.open(bundle, threads=cfg.threads)
     progress(f"[{dtype}] opening the default prepacked session (shared initializers)")
     default = session(initializer_graph(bundle, "default.onnx", gemm_b=True), cfg.threads, shared=live.arrays)
-    outs = live.output_names
     rows = []
-    for phase, feed in feeds(live, cfg.past, cfg.prompt).items():
-        chosen = live._session_for(feed)  # the session the backend runs this phase on
-        subjects = {
-            "live": [runner(chosen, feed, outs, live._values)],
-            "default": [runner(default, feed, outs)],
-        }
-        other = live.session if chosen is live.one_row_session else live.one_row_session
-        subjects["live, the other form"] = [runner(other, feed, outs, live._values)]
-        progress(f"[{dtype}] {phase}: {cfg.repeats} interleaved rounds")
-        t: dict[str, Timing] = cycles(subjects, cfg.repeats)
-        live_ms, default_ms, other_ms = (t[k].median_ms for k in ("live", "default", "live, the other form"))
+    for phase, t in phases(live, default, cfg.past, cfg.prompt, cfg.repeats, other_form=True).items():
+        live_ms, default_ms, other_ms = (t[k].median_ms for k in ("live", "default", "other"))
         rows.append(Row(dtype, phase, live_ms, default_ms, live_ms / default_ms, other_ms / default_ms))
         progress(f"[{dtype}] {phase}: live {live_ms:.1f} ms, default {default_ms:.1f} ms, other form {other_ms:.1f}")
     del live, default

@@ -23,7 +23,7 @@ from torch import nn
 from benchmarks.common import progress
 from benchmarks.onnx_live import initializer_graph, session
 from benchmarks.switch_rows import Config, Row, gen_timing, inference
-from benchmarks.timing import Timing, cycle, cycles, generation
+from benchmarks.timing import cycle, generation
 from runtime import Runtime
 from runtime.dtypes import BUNDLE
 from runtime.generate import Sampling, cached_loop
@@ -157,17 +157,11 @@ def session_step(sess, backend: OnnxBackend):
 def live_vs_prepacked(backend: OnnxBackend, default, cfg: Config) -> dict[str, float]:
     """Live time / default prepacked time (``default``: a session of the same graph with the weights as
     initializers), medians of interleaved rounds, for one decode step (one token after 128 cached ones) and a
-    prefill of ``cfg.tokens`` tokens, each on the session the backend picks for it."""
-    from benchmarks.decode import feeds, runner
+    prefill of ``cfg.tokens`` tokens, each on the session the backend picks for it (``benchmarks.decode``)."""
+    from benchmarks.decode import phases
 
     ratios = {}
-    for phase, feed in feeds(backend, 128, cfg.tokens).items():
-        chosen = backend._session_for(feed)
-        subjects = {
-            "live": [runner(chosen, feed, backend.output_names, backend._values)],
-            "default": [runner(default, feed, backend.output_names)],
-        }
-        t: dict[str, Timing] = cycles(subjects, max(5, cfg.infer_repeats))
+    for phase, t in phases(backend, default, 128, cfg.tokens, max(5, cfg.infer_repeats)).items():
         ratios[phase] = t["live"].median_ms / t["default"].median_ms
         progress(f"  {phase}: live {t['live'].median_ms:.1f} ms, default {t['default'].median_ms:.1f} ms")
     return ratios

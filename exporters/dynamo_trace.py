@@ -86,11 +86,11 @@ class Decoder:
     def inputs(self) -> list[str]:
         names = ["input_ids", "attention_mask"] + (["position_ids"] if self.positions else [])
         names += ["logits_to_keep"] if self.keep else []
-        return names + [f"past_key_values.{i}.{kv}" for i in range(len(self.layers)) for kv in ("key", "value")]
+        return names + [n for i in range(len(self.layers)) for n in _cache_names("past_key_values", i)]
 
     @property
     def outputs(self) -> list[str]:
-        return ["logits"] + [f"present.{i}.{kv}" for i in range(len(self.layers)) for kv in ("key", "value")]
+        return ["logits"] + [n for i in range(len(self.layers)) for n in _cache_names("present", i)]
 
     def wrap(self, module: nn.Module) -> nn.Module:
         return _LiveDecoder(module, len(self.layers), self.positions, self.keep)
@@ -105,7 +105,7 @@ class Decoder:
             "position_ids": "position_ids" if self.positions else None,
             "logits_to_keep": "logits_to_keep" if self.keep else None,
             "logits": "logits",
-            "cache": [self.inputs[-2 * n :][2 * i : 2 * i + 2] + self.outputs[1:][2 * i : 2 * i + 2] for i in range(n)],
+            "cache": [[*_cache_names("past_key_values", i), *_cache_names("present", i)] for i in range(n)],
             "eos_token_id": getattr(config, "eos_token_id", None),
             "pad_token_id": getattr(config, "pad_token_id", None),
         }
@@ -120,6 +120,10 @@ class Decoder:
         cache = [torch.randn(b, h, past, d, generator=gen).to(self.dtype) for h, d in self.layers for _ in "kv"]
         keep = torch.arange(s - 2, s)  # a different length than the sequence's: both stay dynamic
         return (ids, mask, *([pos] if self.positions else []), *([keep] if self.keep else []), *cache)
+
+
+def _cache_names(prefix: str, layer: int) -> list[str]:
+    return [f"{prefix}.{layer}.key", f"{prefix}.{layer}.value"]
 
 
 def is_decoder(module: nn.Module) -> bool:
