@@ -200,3 +200,38 @@ def test_kv_cache_export_refuses_what_it_cannot_do(tmp_path):
     bert, _ = build("bert")
     with pytest.raises(ExportError, match="not a transformers model that generates"):
         export_onnx(bert, (X[:1],), tmp_path / "d", kv_cache=True)
+
+
+DECODER_EDITS = {
+    "no cache list": lambda d: d.pop("cache"),
+    "empty cache": lambda d: d.update(cache=[]),
+    "unknown past input": lambda d: d["cache"][0].__setitem__(0, "nope"),
+    "unknown present output": lambda d: d["cache"][1].__setitem__(3, "nope"),
+    "three names for a layer": lambda d: d["cache"][0].pop(),
+    "ids named after a cache input": lambda d: d.update(input_ids="past_key_values.0.key"),
+    "positions named after no input": lambda d: d.update(position_ids="pos"),
+    "logits named after an input": lambda d: d.update(logits="input_ids"),
+    "a string end token": lambda d: d.update(eos_token_id="2"),
+    "a negative padding token": lambda d: d.update(pad_token_id=-1),
+    "not a mapping": lambda d: (d.clear(), d.update(cache="x")),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(DECODER_EDITS))
+def test_a_lying_decoder_section_is_refused_naming_it(llama_bundle, tmp_path, edit):
+    """A re-sealed manifest whose decoder section names the wrong inputs, outputs or tokens fails at load with a
+    BundleError naming the section, before any session starts."""
+    import shutil
+
+    from runtime.bundle import BundleError
+    from runtime.manifest import Manifest
+
+    _, path = llama_bundle
+    copy_ = tmp_path / "b"
+    shutil.copytree(path, copy_)
+    m = Manifest.read(copy_)
+    DECODER_EDITS[edit](m.decoder)
+    m.decoder = m.decoder or {"cache": "x"}
+    m.write(copy_)
+    with pytest.raises(BundleError, match="decoder"):
+        Runtime.load(copy_)
