@@ -2,23 +2,25 @@
 
 ``shira_mask_fn(kind, ...)`` returns a callable with PEFT's mask signature ``mask_fn(base_layer, r, **kwargs)``::
 
-    config = ShiraConfig(r=32, target_modules=["q_proj", "v_proj"], mask_type="snip")  # mask_type: a label only
+    config = ShiraConfig(r=32, target_modules=["q_proj", "v_proj"], mask_type="snip")  # a label (PEFT warns)
     config.mask_fn = shira_mask_fn("snip", model, batch)    # gradients: one forward/backward, now
     peft_model = get_peft_model(model, config)
 
 Kinds (the paper's sec. 3.1 and appendix B): ``struct`` (rows, columns and a diagonal), ``rand``, ``wm`` (largest
 ``|w|``), ``grad`` (largest ``|dL/dw|``), ``snip`` (largest ``|w * dL/dw|``) and ``block`` (whole 64-byte runs).
-Ties are broken by a generator seeded from ``seed`` and the layer's shape and weights, so a mask is reproducible
+Ties are broken by a generator seeded from ``seed`` and the layer (shape, dtype, weights): a mask is reproducible
 and two layers of one model get different random picks unless their weights are equal.
 
 Non-overlapping adapters (the paper's second fusion variant): pass the earlier mask functions as ``exclude``.
 A mask function memoizes its masks by module, and computes one on demand when a later function asks for it::
 
-    fns = shira_masks("rand", 3, overlap=False)     # or by hand: b = shira_mask_fn("rand", seed=1, exclude=[a])
-    for i, fn in enumerate(fns):
-        config = ShiraConfig(r=32, target_modules=["q_proj", "v_proj"])
-        config.mask_fn = fn
-        get_peft_model(copy.deepcopy(model), config).save_pretrained(f"adapter_{i}")   # ... after training it
+    fns = shira_masks("snip", 3, model, batch, overlap=False, targets=["q_proj", "v_proj"])
+    configs = [ShiraConfig(r=32, target_modules=["q_proj", "v_proj"]) for _ in fns]
+    for config, fn in zip(configs, fns):
+        config.mask_fn = fn     # by hand: a = shira_mask_fn("rand"); b = shira_mask_fn("rand", seed=1, exclude=[a])
+    peft_model = get_peft_model(model, configs[0], adapter_name="a0")
+    peft_model.add_adapter("a1", configs[1])     # PEFT passes the same base layers: masks disjoint from a0's
+    peft_model.add_adapter("a2", configs[2])
 
 ``exclude`` also takes ``{module or weight: mask}`` mappings (masks of adapters made elsewhere), or a list mixing
 both. For our own adapters, ``fn.indices(model, targets, r)`` gives the flat indices of ``SparseAdapter``.
@@ -103,9 +105,9 @@ class ShiraMaskFn:
 
     def flat(self, base_layer: nn.Module, r: int) -> torch.Tensor:
         """The mask of ``base_layer`` as sorted flat indices (int64, on the weight's device)."""
-        where = f"shira_mask_fn({self.kind!r}): layer {self._describe(base_layer)}"
         if base_layer in self._memo and self._memo[base_layer][0] == r:
             return self._memo[base_layer][1]
+        where = f"shira_mask_fn({self.kind!r}): layer {self._describe(base_layer)}"
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"{where}: SHiRA masks are for nn.Linear layers, got {type(base_layer).__name__}")
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
@@ -116,8 +118,8 @@ class ShiraMaskFn:
         banned = self._banned(base_layer, r, where)
         free = w.numel() - int(banned.sum())
         if k > free:
-            left = "" if free == w.numel() else " outside the excluded masks"
-            raise ValueError(f"{where}: r={r} needs r * (out + in) = {k} positions, only {free} remain{left}")
+            left = f"the weight has {free}" if free == w.numel() else f"only {free} remain outside the excluded masks"
+            raise ValueError(f"{where}: r={r} needs r * (out + in) = {k} positions, {left}")
         gen = torch.Generator().manual_seed(_layer_seed(self.seed, w))
         if self._scores is not None:  # grad, snip, SNIP-scored block
             score = self._scores.take(base_layer, self, where).to(w.device)
@@ -177,11 +179,16 @@ def shira_mask_fn(
 
     ``grad`` and ``snip`` need ``model`` and ``batch`` (a dict of model inputs or a tensor of input ids); so does
     ``block`` for SNIP-scored blocks (without both, its blocks are random). The gradients are computed here, once
-    for all ``nn.Linear`` layers named by ``targets`` (None: all), in fp32; the default loss is next-token
-    cross-entropy of the model's logits against the input ids, ``loss_fn(model, batch) -> scalar`` replaces it.
-    ``exclude``: positions never chosen (see the module docstring). ``block`` takes whole cache lines of the
-    weight's dtype (16 fp32 or 32 bf16/fp16 elements) aligned within each row; a row's last block may be
-    shorter when ``in`` is not a multiple; the count is exact: the best positions of the next block fill up.
+    for the ``nn.Linear`` layers named by ``targets`` (PEFT's ``target_modules``; None: all), in fp32, and their
+    scores are held (fp32, the weights' size) until each layer's mask is made. The mask function must then be
+    called on these module objects (PEFT does: not on a deep copy). The default loss is next-token cross-entropy
+    of the model's logits against the input ids (padding masked); ``loss_fn(model, batch) -> scalar`` replaces it.
+    ``struct``: ``r`` rows and ``r`` columns at strides ``out // r`` and ``in // r`` plus a diagonal, all shifted
+    by ``seed``; to make the count exact, random row/column positions (never diagonal ones) are dropped or random
+    other positions added. ``block``: whole cache lines of the weight's dtype (16 fp32 or 32 bf16/fp16 elements)
+    aligned within each row (a row's last block is shorter when ``in`` is not a multiple), best summed score
+    first; the count is exact: the best positions of the next block fill the remainder. ``exclude``: positions
+    never chosen (see the module docstring).
     """
     return shira_masks(kind, 1, model, batch, loss_fn, seed, exclude=exclude, targets=targets)[0]
 

@@ -159,7 +159,7 @@ def test_errors_name_the_kind_and_layer_at_fault():
     fn(model.up, 2)
     with pytest.raises(ValueError, match="layer 'up' .* freed after its first mask"):
         fn(model.up, 3)
-    with pytest.raises(ValueError, match=r"r=100 needs r \* \(out \+ in\) = 10400 positions, only 2560 remain"):
+    with pytest.raises(ValueError, match=r"r=100 needs r \* \(out \+ in\) = 10400 positions, the weight has 2560"):
         shira_mask_fn("rand")(model.up, 100)
     with pytest.raises(TypeError, match="SHiRA masks are for nn.Linear layers, got Embedding"):
         shira_mask_fn("rand")(model.emb, 1)
@@ -221,6 +221,17 @@ def test_overlapping_sets_from_different_seeds_differ(kind):
     for lin in linears(model):
         masks = [mask_indices(fn(lin, 2)) for fn in fns]
         assert all(not torch.equal(a, b) for a, b in itertools.combinations(masks, 2))
+
+
+def test_one_batch_per_adapter_gives_each_its_own_gradients():
+    model = tiny_lm()
+    b0, b1 = ids(0), ids(1)
+    fns = shira_masks("grad", 2, model, [b0, b1])
+    for fn, batch in zip(fns, (b0, b1)):
+        assert torch.equal(fn(model.mid, 2), shira_mask_fn("grad", model, batch)(model.mid, 2))
+    assert not torch.equal(fns[0](model.mid, 2), fns[1](model.mid, 2))
+    with pytest.raises(ValueError, match="shira_masks: 2 batches for n=3 adapters"):
+        shira_masks("grad", 3, model, [b0, b1])
 
 
 def test_exclude_takes_mappings_and_computes_earlier_masks_on_demand():
@@ -313,3 +324,24 @@ def test_works_as_peft_mask_fn_and_loads_in_the_runtime(tmp_path, kind):
     rt.switch("a")
     with torch.no_grad():
         torch.testing.assert_close(rt(x).logits, merged(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_disjoint_peft_adapters_through_add_adapter():
+    peft = pytest.importorskip("peft")
+    model = tiny_llama()
+    x = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    targets = ["q_proj", "v_proj"]
+    fns = shira_masks("snip", 3, model, {"input_ids": x}, overlap=False, targets=targets)
+    configs = [peft.ShiraConfig(r=2, target_modules=targets) for _ in fns]
+    for config, fn in zip(configs, fns):
+        config.mask_fn = fn
+    pm = peft.get_peft_model(model, configs[0], adapter_name="a0")
+    pm.add_adapter("a1", configs[1])
+    pm.add_adapter("a2", configs[2])
+    layers = [m for m in pm.modules() if hasattr(m, "shira_indices")]
+    assert len(layers) == 4
+    for layer in layers:
+        k = 2 * sum(layer.base_layer.weight.shape)
+        rows_cols = [layer.shira_indices[a].long() for a in ("a0", "a1", "a2")]  # [2, K] each
+        flat = [rc[0] * layer.in_features + rc[1] for rc in rows_cols]
+        assert all(f.numel() == k for f in flat) and torch.cat(flat).unique().numel() == 3 * k
