@@ -1,0 +1,360 @@
+"""Serving many adapters to many users: the runtime on Ray Serve, with adapter-affinity routing.
+
+    python -m runtime.serve BUNDLE_DIR --replicas 2               # HTTP on 127.0.0.1:8000, every bundled adapter
+    python -m runtime.serve small --synthetic 8 --check           # a preset with 8 random SHiRA adapters, self-test
+
+Each replica holds one ``Runtime`` (over a bundle directory or a preset module) with every adapter registered,
+and one ``GroupWorker`` (``runtime.serve_groups``): waiting requests are grouped by adapter, the replica switches
+once per group and generates the group as one batch. A request names its adapter by Ray's multiplexed model id
+(``handle.options(multiplexed_model_id=name)``, or the HTTP header ``serve_multiplexed_model_id``; none for the
+base) and carries a prompt: ``{"ids": [token ids], "max_new_tokens": n}``. The reply names the adapter that
+produced it (read from the runtime, not from the request).
+
+What Ray calls a replica's loaded models is here the adapters the replica *claims* (``@serve.multiplexed``'s
+LRU set, ``affinity_slots`` of them): Ray routes a request to a replica that claims its adapter, so each replica
+keeps switching among a few adapters instead of all of them. Claiming costs nothing (every adapter is already in
+memory on every replica) and an LRU eviction only drops the claim: the switch itself happens in the worker, per
+group, never in Ray's loader. Without a model id (``affinity=False``; the adapter named in the payload) Ray
+routes adapter-blind, by queue length: the round-robin baseline of ``benchmarks.serve_load``.
+
+Ray is imported only by the functions that need it (``pip install -e ".[serve]"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runtime.manager import Runtime
+from runtime.models import PRESETS, TARGETS, build
+from runtime.serve_groups import AdapterGroups, GroupWorker, ServeError, check_adapter
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Synthetic:
+    """Random adapters made from seeds on a preset base: identical in every replica and in a checking driver."""
+
+    count: int = 8
+    kind: str = "shira"  # or "lora"
+    density: float = 0.01  # shira: fraction of each target weight
+    rank: int = 16  # lora
+    std: float = 0.05  # large enough that adapters change greedy outputs (the wrong-adapter check needs it)
+    seed: int = 1
+    mode: str | None = None  # lora: "fused" (default) or "unfused"
+
+    def names(self) -> list[str]:
+        return [f"{self.kind}{i:02d}" for i in range(self.count)]
+
+    def make(self, module: torch.nn.Module) -> dict[str, Any]:
+        from runtime.synthetic import random_lora, random_shira
+
+        if self.kind == "shira":
+            return {
+                n: random_shira(module, TARGETS, self.density, seed=self.seed + i, std=self.std)
+                for i, n in enumerate(self.names())
+            }
+        if self.kind == "lora":
+            return {
+                n: random_lora(module, TARGETS, self.rank, seed=self.seed + i, std=self.std)
+                for i, n in enumerate(self.names())
+            }
+        raise ValueError(f"synthetic adapter kind {self.kind!r} is not 'shira' or 'lora'")
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """What one replica loads: ``base`` (a bundle directory, whose adapters are registered, or a preset name of
+    ``runtime.models``), extra ``adapters`` (name, our file or a PEFT directory), ``synthetic`` adapters."""
+
+    base: str
+    adapters: tuple[tuple[str, str], ...] = ()
+    mode: str | None = None  # LoRA mode of ``adapters``
+    synthetic: Synthetic | None = None
+    dtype: str = "float32"  # preset bases
+    seed: int = 0  # preset bases' weights
+    threads: int = 1  # torch / onnxruntime threads of one replica
+
+    def is_bundle(self) -> bool:
+        return self.base not in PRESETS
+
+    def adapter_names(self) -> list[str]:
+        """The names a replica registers, without building it (a bundle's come from its manifest)."""
+        names = []
+        if self.is_bundle():
+            from runtime.manifest import Manifest
+
+            names += list(Manifest.read(Path(self.base)).adapters)
+        names += [n for n, _ in self.adapters]
+        names += self.synthetic.names() if self.synthetic else []
+        return names
+
+    def build(self) -> Runtime:
+        torch.set_num_threads(self.threads)
+        if self.is_bundle():
+            from runtime.onnx_backend import OnnxBackend
+
+            if self.synthetic is not None:
+                raise ValueError(f"synthetic adapters need a preset base, not the bundle {self.base}")
+            rt = Runtime(OnnxBackend.open(Path(self.base), threads=self.threads))
+            rt._register_bundled(Path(self.base), rt.backend.manifest)  # what Runtime.load(bundle) does
+        else:
+            module = build(self.base, DTYPES[self.dtype], self.seed)
+            rt = Runtime.load(module)
+            for name, adapter in (self.synthetic.make(module) if self.synthetic else {}).items():
+                rt.add_adapter(name, adapter, mode=self.synthetic.mode)
+        for name, source in self.adapters:
+            rt.add_adapter(name, source, mode=self.mode)
+        return rt
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    replicas: int = 2
+    max_batch: int = 8  # requests generated together
+    max_stay: int = 4  # groups the active adapter may run in a row while another adapter waits
+    affinity_slots: int | None = None  # adapters a replica claims (Ray's max models); None: adapters / replicas
+    max_ongoing_requests: int = 32  # per replica; past it Ray routes elsewhere (or queues at the caller)
+    replica_cpus: float = 1.0
+    health_check_period_s: float = 2.0  # how soon a dead replica is noticed and replaced
+    name: str = "shira"
+
+    def slots(self, adapters: int) -> int:
+        return self.affinity_slots or max(1, math.ceil(adapters / self.replicas))
+
+
+def bank_bytes(rt: Runtime) -> dict[str, int]:
+    """Bytes each registered (and already read) adapter keeps in the runtime's bank: indices and fp32 deltas for
+    sparse adapters, the factors for LoRA. What a replica pays per adapter it keeps registered."""
+    with rt._bank_lock:
+        bank = dict(rt._bank)
+    out = {}
+    for name, p in bank.items():
+        tensors = [t for pair in p.sparse.values() for t in pair]
+        tensors += [t for a, b, _ in (*p.lora.values(), *p.unfused.values()) for t in (a, b)]
+        out[name] = sum(t.numel() * t.element_size() for t in tensors)
+    return out
+
+
+def deployment(spec: RuntimeSpec, cfg: ServeConfig = ServeConfig()):
+    """The Ray Serve application (``serve.run`` it): ``cfg.replicas`` replicas, each over ``spec``."""
+    import ray
+    from ray import serve
+
+    slots = cfg.slots(len(spec.adapter_names()))
+
+    @serve.deployment(
+        name="AdapterServer",
+        num_replicas=cfg.replicas,
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        ray_actor_options={"num_cpus": cfg.replica_cpus},
+        health_check_period_s=cfg.health_check_period_s,
+    )
+    class AdapterServer:
+        def __init__(self, spec: RuntimeSpec, cfg: ServeConfig) -> None:
+            self.rt = spec.build()
+            self.replica = ray.get_runtime_context().get_actor_name() or "replica"
+            self.groups = AdapterGroups(cfg.max_batch, cfg.max_stay)
+            self.worker = GroupWorker(self.rt, self.groups, self.replica).start()
+
+        @serve.multiplexed(max_num_models_per_replica=slots)
+        async def claim(self, model_id: str) -> str:
+            """Ray's "load": the adapter is already registered, the claim only steers routing here."""
+            return check_adapter(self.rt, model_id)
+
+        async def __call__(self, request: Any) -> dict:
+            payload = await request.json() if hasattr(request, "json") else request  # HTTP or handle
+            if not isinstance(payload, dict) or "ids" not in payload:
+                raise ServeError(
+                    f"a request is {{'ids': [token ids], 'max_new_tokens': n}}, got {type(payload).__name__}"
+                )
+            adapter, model_id = payload.get("adapter"), serve.get_multiplexed_model_id()
+            if model_id:
+                if adapter is not None and adapter != model_id:
+                    raise ServeError(f"the request names adapter {adapter!r} and model id {model_id!r}")
+                adapter = await self.claim(model_id)
+            else:
+                check_adapter(self.rt, adapter)
+            future = self.groups.put(adapter, payload["ids"], payload.get("max_new_tokens", 16))
+            return (await asyncio.wrap_future(future)).as_dict()
+
+        def stats(self) -> dict:
+            w = self.worker
+            return {"replica": self.replica, "switches": w.switches, "switch_ms": w.switch_ms, "served": w.served}
+
+        def check_health(self) -> None:
+            if not self.worker.alive:
+                raise ServeError(f"replica {self.replica}: its worker stopped ({self.worker.error!r})")
+
+        def __del__(self) -> None:
+            self.worker.stop()
+
+    return AdapterServer.bind(spec, cfg)
+
+
+def start_local(num_cpus: int | None = None, http_port: int | None = None, quiet: bool = True) -> None:
+    """A Ray cluster on this machine only (loopback), and Serve: handles only, or HTTP on 127.0.0.1:``http_port``."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=not quiet,
+        )
+    if http_port is None:
+        serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING" if quiet else "INFO"})
+    else:
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+
+
+def run(spec: RuntimeSpec, cfg: ServeConfig = ServeConfig(), http: bool = False):
+    """Deploy (or redeploy) the application; returns its ``DeploymentHandle``."""
+    from ray import serve
+
+    return serve.run(deployment(spec, cfg), name=cfg.name, route_prefix="/" if http else None)
+
+
+def stop() -> None:
+    """Shut Serve and the local Ray cluster down (everything ``start_local`` started)."""
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
+
+
+@dataclass
+class Client:
+    """Requests to a deployment: with ``affinity`` the adapter is the multiplexed model id (Ray routes by it),
+    without, it travels in the payload (Ray routes adapter-blind)."""
+
+    handle: Any
+    affinity: bool = True
+    _handles: dict[str, Any] = field(default_factory=dict)
+
+    def submit(self, adapter: str | None, ids: Sequence[int], max_new_tokens: int = 16):
+        """A ``DeploymentResponse``; ``.result()`` is the reply dict (see ``runtime.serve_groups.Reply``)."""
+        payload = {"ids": [int(t) for t in ids], "max_new_tokens": max_new_tokens}
+        if not self.affinity:
+            return self.handle.remote({**payload, "adapter": adapter})
+        key = adapter or ""
+        if key not in self._handles:
+            self._handles[key] = self.handle.options(multiplexed_model_id=key)
+        return self._handles[key].remote(payload)
+
+
+def expected(rt: Runtime, adapter: str | None, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list:
+    """The new tokens ``rt`` generates for ``prompts`` with ``adapter`` active: the offline answer a reply is
+    checked against (prompts of one length go as one batch)."""
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    out: list = [None] * len(prompts)
+    with rt.using(adapter):
+        for n, rows in by_len.items():
+            ids = torch.tensor([list(prompts[i]) for i in rows], dtype=torch.long)
+            for i, row in zip(rows, rt.generate(ids, max_new_tokens=max_new_tokens)):
+                out[i] = row[n:].tolist()
+    return out
+
+
+def _http_check(spec: RuntimeSpec, port: int, max_new_tokens: int) -> int:
+    """One request per adapter and the base over HTTP, each checked against the driver's own runtime."""
+    import json
+    import urllib.request
+
+    rt = spec.build()
+    prompt = [1 + (7 * i) % 200 for i in range(8)]
+    bad = 0
+    for adapter in [None, *rt.adapters]:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/",
+            data=json.dumps({"ids": prompt, "max_new_tokens": max_new_tokens}).encode(),
+            headers={"serve_multiplexed_model_id": adapter or "", "content-type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            reply = json.loads(resp.read())
+        want = expected(rt, adapter, [prompt], max_new_tokens)[0]
+        ok = reply["adapter"] == adapter and reply["tokens"] == want
+        bad += not ok
+        print(f"{adapter or '(base)':>12}: {'ok   ' if ok else 'WRONG'} {reply['tokens']} from {reply['replica']}")
+    return bad
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Serve a bundle (or a preset) and its adapters on a local Ray Serve.")
+    p.add_argument("base", help="a bundle directory (its adapters are served) or a preset name: " + str(list(PRESETS)))
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="one more adapter (repeat)")
+    p.add_argument("--mode", choices=["fused", "unfused"], default=None, help="LoRA mode of --adapter adapters")
+    p.add_argument("--synthetic", type=int, default=0, help="N random SHiRA adapters (preset bases: a demo)")
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="threads per replica")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--affinity-slots", type=int, default=None, help="adapters a replica claims (default: n/replicas)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs the local Ray cluster may use")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1")
+    p.add_argument("--check", action="store_true", help="answer one request per adapter over HTTP, check, exit")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="for --check")
+    args = p.parse_args(argv)
+    adapters = []
+    for item in args.adapter:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            p.error(f"--adapter {item!r}: expected NAME=PATH")
+        adapters.append((name, path))
+    if args.base not in PRESETS and not Path(args.base).is_dir():
+        p.error(f"{args.base!r} is neither a bundle directory nor a preset ({list(PRESETS)})")
+    spec = RuntimeSpec(
+        args.base,
+        tuple(adapters),
+        args.mode,
+        Synthetic(args.synthetic) if args.synthetic else None,
+        threads=args.threads,
+    )
+    cfg = ServeConfig(
+        replicas=args.replicas,
+        max_batch=args.max_batch,
+        affinity_slots=args.affinity_slots,
+        replica_cpus=min(1.0, args.threads),
+    )
+    start_local(args.num_cpus, http_port=args.port, quiet=args.check)
+    try:
+        run(spec, cfg, http=True)
+        names = spec.adapter_names()
+        print(f"serving {len(names)} adapters {names} on {cfg.replicas} replicas at http://127.0.0.1:{args.port}/")
+        if args.check:
+            bad = _http_check(spec, args.port, args.max_new_tokens)
+            print("all replies right" if not bad else f"{bad} WRONG replies")
+            return 1 if bad else 0
+        body = '{"ids": [1, 2, 3], "max_new_tokens": 8}'
+        header = f"serve_multiplexed_model_id: {names[0] if names else ''}"
+        print(f"try: curl -s 127.0.0.1:{args.port}/ -H '{header}' -d '{body}'   (Ctrl-C stops)", flush=True)
+        done = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: done.set())
+        try:
+            while not done.wait(1.0):
+                pass
+        except KeyboardInterrupt:
+            pass
+        return 0
+    finally:
+        stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
