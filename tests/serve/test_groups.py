@@ -1,0 +1,198 @@
+"""A replica's scheduler without Ray: requests grouped by adapter, one switch per group, replies that name the
+adapter read from the runtime."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+
+import pytest
+import torch
+
+from runtime import Runtime, UnknownAdapterError
+from runtime.models import TARGETS, build
+from runtime.serve import expected
+from runtime.serve_groups import AdapterGroups, GroupWorker, ServeError, adapter_name, check_adapter
+from runtime.synthetic import random_shira
+
+PROMPT = (5, 9, 2, 7)
+
+
+def keys(group) -> list:
+    return [(j.adapter, j.ids) for j in group]
+
+
+def test_oldest_group_first_and_one_group_per_adapter():
+    g = AdapterGroups(max_batch=8)
+    for i, a in enumerate(["a", "b", "a", "b", "a"]):
+        g.put(a, (i,), 4)
+    assert keys(g.take(active=None)) == [("a", (0,)), ("a", (2,)), ("a", (4,))]
+    assert keys(g.take(active="a")) == [("b", (1,)), ("b", (3,))]
+    assert g.pending == 0
+
+
+def test_the_active_adapter_goes_first_even_when_younger():
+    g = AdapterGroups()
+    g.put("a", (1,), 4)
+    g.put("b", (2,), 4)
+    assert [j.adapter for j in g.take(active="b")] == ["b"]  # no switch
+    assert [j.adapter for j in g.take(active="b")] == ["a"]
+
+
+def test_the_active_adapter_yields_after_max_stay_groups():
+    """A busy adapter cannot starve another: after ``max_stay`` groups in a row, the waiting one runs."""
+    g = AdapterGroups(max_batch=1, max_stay=3)
+    g.put("b", (0,), 4)
+    for i in range(10):
+        g.put("a", (i,), 4)
+    taken = [g.take(active="a")[0].adapter for _ in range(4)]
+    assert taken == ["a", "a", "a", "b"]
+    # alone, an adapter stays as long as it has requests
+    assert [g.take(active="b")[0].adapter for _ in range(7)] == ["a"] * 7
+
+
+def test_max_batch_splits_a_group_and_lengths_never_mix():
+    g = AdapterGroups(max_batch=2)
+    for i in range(3):
+        g.put("a", (i, i), 4)
+    g.put("a", (9,), 4)  # another prompt length: another group
+    g.put("a", (8, 8), 6)  # another max_new_tokens: another group
+    sizes = []
+    while g.pending:
+        group = g.take(active="a")
+        assert len({(len(j.ids), j.max_new_tokens) for j in group}) == 1
+        sizes.append(len(group))
+    assert sorted(sizes) == [1, 1, 1, 2]
+
+
+def test_take_times_out_empty_and_close_fails_waiting_requests():
+    g = AdapterGroups()
+    assert g.take(active=None, timeout=0.01) == []
+    fut = g.put("a", PROMPT, 4)
+    g.close("replica stopping")
+    with pytest.raises(ServeError, match="request not run: replica stopping"):
+        fut.result(timeout=1)
+    with pytest.raises(ServeError, match="the scheduler is closed: replica stopping"):
+        g.put("a", PROMPT, 4)
+    with pytest.raises(ServeError, match="the scheduler is closed"):
+        g.take(active=None)
+
+
+@pytest.mark.parametrize(
+    ("ids", "new", "match"),
+    [((), 4, "non-empty prompt"), ((1, 2), -1, "max_new_tokens must be a non-negative int"), ((1,), True, "int")],
+)
+def test_bad_requests_are_refused_at_put(ids, new, match):
+    with pytest.raises(ValueError, match=match):
+        AdapterGroups().put("a", ids, new)
+
+
+def test_adapter_name_of_active():
+    assert adapter_name(()) is None
+    assert adapter_name((("a", 1.0),)) == "a"
+    assert adapter_name((("a", 0.5), ("b", 1.0))) == "a*0.5+b*1"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny decoder with three SHiRA adapters big enough to change its greedy outputs."""
+    m = build("tiny", torch.float32, seed=0)
+    rt = Runtime.load(m)
+    for i in range(3):
+        rt.add_adapter(f"s{i}", random_shira(m, TARGETS, 0.01, seed=i + 1, std=0.2))
+    prompts = [
+        tuple(int(t) for t in torch.randint(1, 256, (6,), generator=torch.Generator().manual_seed(k))) for k in range(4)
+    ]
+    want = {a: expected(rt, a, prompts, 5) for a in [None, "s0", "s1", "s2"]}
+    assert len({str(w) for w in want.values()}) == 4  # every adapter answers differently: a wrong one would show
+    return rt, prompts, want
+
+
+def test_worker_answers_every_request_with_its_adapter_switching_once_per_group(tiny):
+    rt, prompts, want = tiny
+    g = AdapterGroups(max_batch=4, max_stay=2)
+    order = [a for _ in range(3) for a in (None, "s0", "s1", "s2")]
+    futures: list[tuple[str | None, int, Future]] = []
+    # queue everything before the worker starts: groups are then as large as they can be
+    for a in order:
+        for k, p in enumerate(prompts):
+            futures.append((a, k, g.put(a, p, 5)))
+    assert rt.active == ()
+    worker = GroupWorker(rt, g, "test").start()
+    try:
+        replies = [(a, k, f.result(timeout=60)) for a, k, f in futures]
+    finally:
+        worker.stop()
+    for a, k, r in replies:
+        assert r.adapter == a
+        assert r.tokens == want[a][k]
+        assert r.replica == "test"
+    # 48 requests of 4 adapters, batches of 4: 12 groups, and a switch only when the adapter changes
+    assert len({(r.switch_seq, r.batch, r.generate_ms) for _, _, r in replies}) == 12
+    assert worker.switches == len({r.switch_seq for _, _, r in replies if r.switched})
+    # each adapter's 3 groups run as 2 + 1 (max_stay 2): base, base, s0, s0, s1, s1, s2, s2, base, s0, s1, s2;
+    # 7 switches (the base was active at the start), where one switch per request would make up to 48
+    assert worker.switches == 7
+    assert worker.served == 48
+    assert adapter_name(rt.active) == "s2"  # the last group's
+
+
+def test_worker_under_concurrent_submitters(tiny):
+    """Threads submit while the worker runs: every reply still comes from its own adapter."""
+    rt, prompts, want = tiny
+    g = AdapterGroups(max_batch=3)
+    worker = GroupWorker(rt, g).start()
+    results, errors = [], []
+
+    def client(seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        try:
+            for _ in range(12):
+                a = [None, "s0", "s1", "s2"][int(torch.randint(4, (1,), generator=gen))]
+                k = int(torch.randint(len(prompts), (1,), generator=gen))
+                results.append((a, k, g.put(a, prompts[k], 5).result(timeout=60)))
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    worker.stop()
+    assert errors == []
+    assert len(results) == 48
+    assert all(r.adapter == a and r.tokens == want[a][k] for a, k, r in results)
+
+
+def test_a_failing_group_fails_only_its_requests(tiny):
+    """An adapter that cannot be switched to fails its own group with the runtime's error; the others run."""
+    rt, prompts, want = tiny
+    g = AdapterGroups()
+    bad = g.put("missing", prompts[0], 5)
+    good = g.put("s1", prompts[1], 5)
+    worker = GroupWorker(rt, g).start()
+    try:
+        with pytest.raises(UnknownAdapterError, match="no adapter named 'missing'"):
+            bad.result(timeout=60)
+        assert good.result(timeout=60).tokens == want["s1"][1]
+    finally:
+        worker.stop()
+    assert worker.alive is False and worker.error is None
+
+
+def test_cancelled_requests_are_skipped(tiny):
+    rt, prompts, _ = tiny
+    g = AdapterGroups()
+    gone = g.put("s2", prompts[0], 5)
+    assert gone.cancel()
+    worker = GroupWorker(rt, g)
+    worker.run_group(g.take(active=None))
+    assert worker.served == 0 and worker.switches == 0
+
+
+def test_check_adapter_names_the_registered_ones(tiny):
+    rt, _, _ = tiny
+    assert check_adapter(rt, None) is None and check_adapter(rt, "s0") == "s0"
+    with pytest.raises(UnknownAdapterError, match=r"no adapter named 'x' on this replica; registered: \['s0'"):
+        check_adapter(rt, "x")
