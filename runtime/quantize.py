@@ -1,0 +1,215 @@
+"""Quantized bases: ``quantize(module, "int8" | "fp8_e4m3" | "fp8_e5m2" | "auto")`` in place.
+
+Each targeted ``nn.Linear`` becomes a ``QuantLinear`` whose ``weight`` is a buffer of 1-byte codes
+(``torch.int8`` / ``float8_e4m3fn`` / ``float8_e5m2``, ``[out, in]``, contiguous) and whose ``weight_scale`` is
+an fp32 ``[out]`` buffer: ``W = decode(weight, weight_scale)``. The state_dict key of the codes stays
+``<module>.weight``, so adapters address the same names; a switch writes the codes in place (the grid math is
+``runtime.qformats``: ``encode``/``decode``). Bias, if any, stays as it was.
+
+Targets: module-name suffixes (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``), as in PEFT and
+``runtime.synthetic``. The default is every ``nn.Linear`` except the LM head, which is: the module's
+``get_output_embeddings()`` (transformers), any Linear named ``lm_head``, and any Linear whose weight is an
+``nn.Embedding``'s (tied) or whose ``out_features`` equals an embedding's ``num_embeddings`` (the vocabulary).
+A weight shared by several modules (tied) is refused even when named: quantizing it would untie it.
+
+``auto`` picks, per tensor, the format of ``qformats.AUTO_CANDIDATES`` with the highest SQNR of the weight
+(equivalently the lowest MSE), int8 on a tie. Quantizing is all-or-nothing: every target is checked (finite,
+2-D, not tied) and encoded before the first module is replaced.
+
+Inference (``QuantLinear.forward``): measured on this repo's 2-core AVX2 CPU (``python -m
+benchmarks.quant_formats``, README), no ready torch CPU kernel serves FP8, and the int8 one serves small batches:
+
+- int8, ``tokens <= INT8MM_MAX_TOKENS`` and ``in_features % 8 == 0``: ``torch._weight_int8pack_mm`` reads the
+  live codes in place (bf16 activations, output scaled by the fp32 scales); no extra memory. The kernel needs
+  ``in_features % 8 == 0`` (other sizes crash or give garbage on torch 2.13), else the dequantize path.
+- int8, more tokens: ``dequant``: the codes decoded to fp32 per call, then an fp32 GEMM (a transient fp32 copy
+  of one weight at a time).
+- fp8: no usable kernel (``torch._scaled_mm`` is emulated and decoding fp8 costs ~20x a one-token GEMV), so
+  ``QuantLinear`` keeps a bf16 **compute copy** of the code values (exact: every E4M3/E5M2 value is a bf16
+  value), +2 bytes per weight: one token multiplies with it in bf16, more tokens convert it to fp32 and run
+  the fp32 GEMM. The copy must follow the codes: ``refresh_rows(rows)`` after writing codes (what a switch
+  does); a forward that sees the codes' version counter moved (a torch in-place op) refreshes it whole, so a
+  stale copy is never used after torch writes. Writes through raw pointers must call ``refresh_rows``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.qformats import FORMATS, channel_scales, choose_format, decode, encode, quant_format
+
+INT8MM_MAX_TOKENS = 32  # int8: above this many rows, dequantize + fp32 GEMM beats torch._weight_int8pack_mm
+FORMAT_NAMES = (*FORMATS, "auto")
+
+
+class QuantLinear(nn.Module):
+    """A linear layer over 1-byte weight codes with per-output-channel fp32 scales.
+
+    Buffers (state_dict): ``weight`` ``[out, in]`` codes, ``weight_scale`` ``[out]`` fp32; ``bias`` as the
+    original. ``format`` is the ``qformats`` name. FP8 layers hold a bf16 compute copy (non-persistent).
+    """
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        fmt = quant_format(codes)
+        if codes.dim() != 2 or scale.shape != (codes.shape[0],) or scale.dtype != torch.float32:
+            raise ValueError(f"QuantLinear needs codes [out, in] and fp32 scales [out]; got {codes.shape}, {scale}")
+        self.out_features, self.in_features = codes.shape
+        self.format = fmt.name
+        self.register_buffer("weight", codes.contiguous())
+        self.register_buffer("weight_scale", scale.contiguous())
+        self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, False)
+        self._int8mm = fmt.name == "int8" and self.in_features % 8 == 0 and self.in_features > 0
+        if self._int8mm:
+            self.register_buffer("_ones", torch.ones(self.out_features, dtype=torch.bfloat16), persistent=False)
+        self._synced = -1
+        if fmt.name != "int8":
+            self.register_buffer("weight_compute", torch.empty(0, dtype=torch.bfloat16), persistent=False)
+            self.refresh_rows()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: str) -> QuantLinear:
+        codes, scale = quantize_weight(linear.weight, fmt)
+        return cls(codes, scale, linear.bias)
+
+    def dequantize_weight(self) -> torch.Tensor:
+        """The fp32 weight this layer's grid holds: ``decode(weight, weight_scale)``."""
+        return decode(self.weight, self.weight_scale)
+
+    @property
+    def has_compute_copy(self) -> bool:
+        return hasattr(self, "weight_compute")
+
+    def refresh_rows(self, rows: torch.Tensor | None = None) -> None:
+        """Bring the compute copy's ``rows`` (all if None) back in line with the codes; a no-op without a copy.
+
+        Exact: the copy holds the code values themselves (no scale), converted to bf16 without rounding."""
+        if not self.has_compute_copy:
+            return
+        if self.weight_compute.shape != self.weight.shape:
+            self.weight_compute = self.weight.to(torch.bfloat16)
+        elif rows is None:
+            self.weight_compute.copy_(self.weight)  # in place: also right under inference_mode
+        else:
+            rows = rows.long()
+            self.weight_compute[rows] = self.weight[rows].to(torch.bfloat16)
+        self._synced = self.weight._version
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        tokens = x2.shape[0]
+        scale = self.weight_scale
+        if self.has_compute_copy and self._synced != self.weight._version:
+            self.refresh_rows()  # codes written by a torch op since the copy was made
+        if tokens == 0:
+            y = x2.new_zeros(0, self.out_features)
+        elif self._int8mm and tokens <= INT8MM_MAX_TOKENS:
+            xb = x2.to(torch.bfloat16).contiguous()
+            y = torch._weight_int8pack_mm(xb, self.weight, self._ones).float() * scale
+        elif self.has_compute_copy and tokens == 1:
+            y = F.linear(x2.to(torch.bfloat16), self.weight_compute).float() * scale
+        elif self.has_compute_copy:
+            y = F.linear(x2.float(), self.weight_compute.float()) * scale
+        else:
+            y = F.linear(x2.float(), self.dequantize_weight())
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        copy = ", compute copy bf16" if self.has_compute_copy else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}{copy}"
+
+
+def quantize_weight(w: torch.Tensor, fmt: str, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, scales)`` of a 2-D weight in ``fmt`` (``auto`` resolved here), per-output-channel scales."""
+    w = w.detach()
+    if w.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(w.shape)}")
+    if not bool(torch.isfinite(w).all()):
+        bad = int((~torch.isfinite(w)).sum())
+        raise ValueError(f"{name}: {bad} of {w.numel()} weights are NaN/Inf; cannot quantize")
+    if fmt == "auto":
+        fmt = choose_format(w.float())
+    scale = channel_scales(w, fmt)
+    codes, _ = encode(w, scale, fmt)
+    return codes, scale
+
+
+def quantize(module: nn.Module, format: str, targets: Iterable[str] | None = None) -> nn.Module:
+    """Quantize ``module``'s target linears to ``format`` in place and return ``module`` (see the module doc).
+
+    Raises ValueError for an unknown format, no matching target, a NaN/Inf or tied target weight: before any
+    module is replaced."""
+    if format not in FORMAT_NAMES:
+        raise ValueError(f"unknown quantization format {format!r}; expected one of {list(FORMAT_NAMES)}")
+    linears = target_linears(module, targets)
+    tied = _shared_weights(module)
+    for name, lin in linears.items():
+        if lin.weight.data_ptr() in tied and len(tied[lin.weight.data_ptr()]) > 1:
+            others = [n for n in tied[lin.weight.data_ptr()] if n != f"{name}.weight"]
+            raise ValueError(f"{name}.weight is shared with {others} (tied); quantizing it would untie them")
+    for name, lin in linears.items():  # every check first: nothing changes on a bad tensor
+        if not bool(torch.isfinite(lin.weight.detach()).all()):
+            bad = int((~torch.isfinite(lin.weight.detach())).sum())
+            raise ValueError(f"{name}.weight: {bad} of {lin.weight.numel()} weights are NaN/Inf; nothing quantized")
+    new = {name: QuantLinear.from_linear(lin, format) for name, lin in linears.items()}
+    for name, q in new.items():
+        parent, _, leaf = name.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, leaf, q)
+    return module
+
+
+def quantized_formats(module: nn.Module) -> dict[str, str]:
+    """``{"<module>.weight": format}`` of every ``QuantLinear`` in ``module`` (what ``auto`` chose)."""
+    return {f"{n}.weight": m.format for n, m in module.named_modules() if isinstance(m, QuantLinear)}
+
+
+def lm_heads(module: nn.Module) -> set[str]:
+    """Names of the linears that project to the vocabulary (the LM head rule of the module doc)."""
+    heads: set[str] = set()
+    out_emb = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+    embeddings = [m for m in module.modules() if isinstance(m, nn.Embedding)]
+    emb_ptrs = {m.weight.data_ptr() for m in embeddings}
+    vocab = {m.num_embeddings for m in embeddings}
+    for name, m in module.named_modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        if (
+            m is out_emb
+            or name.split(".")[-1] == "lm_head"
+            or m.weight.data_ptr() in emb_ptrs
+            or m.out_features in vocab
+        ):
+            heads.add(name)
+    return heads
+
+
+def target_linears(module: nn.Module, targets: Iterable[str] | None = None) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` modules ``quantize`` would replace, by name (LM heads excluded when ``targets`` is None)."""
+    wanted = None if targets is None else [targets] if isinstance(targets, str) else list(targets)
+    skip = lm_heads(module) if wanted is None else set()
+    found = {}
+    for name, m in module.named_modules():
+        if not isinstance(m, nn.Linear) or name in skip:
+            continue
+        plain = name.removesuffix(".base_layer")
+        if wanted is None or any(plain == t or plain.endswith("." + t) for t in wanted):
+            found[name] = m
+    if not found:
+        what = "every nn.Linear but the LM head" if wanted is None else f"targets {wanted}"
+        raise ValueError(f"quantize: no nn.Linear in the module matches {what}")
+    return found
+
+
+def _shared_weights(module: nn.Module) -> dict[int, list[str]]:
+    """data_ptr -> every parameter name that holds that storage (tied weights have several)."""
+    names: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        names.setdefault(p.data_ptr(), []).append(name)
+    return names
