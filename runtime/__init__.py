@@ -11,6 +11,7 @@ from runtime.errors import (
 )
 from runtime.fingerprint import Fingerprint
 from runtime.manager import Runtime
+from runtime.quantize import quantize
 from runtime.switcher import SwitchStats
 
 __all__ = [
@@ -26,5 +27,6 @@ __all__ = [
     "SwitchStats",
     "UnknownAdapterError",
     "load_adapter",
+    "quantize",
     "save_adapter",
 ]
