@@ -332,7 +332,12 @@ def main(argv: list[str] | None = None) -> int:
         affinity_slots=args.affinity_slots,
         replica_cpus=min(1.0, args.threads),
     )
-    start_local(args.num_cpus, http_port=args.port, quiet=args.check)
+    try:
+        start_local(args.num_cpus, http_port=args.port, quiet=args.check)
+    except Exception as exc:  # no cluster on this machine: say so (exit 3), nothing was deployed
+        stop()
+        print(f"Ray cannot start here: {exc!r}", file=sys.stderr)
+        return 3
     try:
         run(spec, cfg, http=True)
         names = spec.adapter_names()
