@@ -157,29 +157,31 @@ def load():
             torch.ops.load_library(str(so))
             fn = ctypes.CDLL(str(so)).shira_tuning
             fn.restype = None
-            fn.argtypes = [ctypes.c_int64] * 4 + [ctypes.POINTER(ctypes.c_int64)]
+            fn.argtypes = [ctypes.c_int64] * 5 + [ctypes.POINTER(ctypes.c_int64)]
             _tuning_fn = fn
             _so_path = so
     return sys.modules[__name__]
 
 
-def tuning(chunk: int = -1, serial_below: int = -1, force_plan: int = -1, prefetch: int = -1) -> dict:
+def tuning(chunk: int = -1, serial_below: int = -1, force_plan: int = -1, prefetch: int = -1, runs: int = -1) -> dict:
     """Read (and optionally set) the dispatch knobs; tests use them to force every branch.
 
     ``chunk``: entries per parallel task. ``serial_below``: total entries under which the call stays on
     the calling thread. ``force_plan``: 0 auto, 1 phased, 2 ordered. ``prefetch``: software prefetch
-    distance in entries (0 off). ``last_plan`` (read only) describes the previous call:
-    ``{"threaded": bool, "plan": "fused" | "phased" | "ordered"}``.
+    distance in entries (0 off). ``runs``: 1 copies contiguous runs of one cache line as blocks when the lists
+    are sorted (a ``block`` mask's layout), 0 visits every entry alone. ``last_plan`` (read only) describes
+    the previous call: ``{"threaded": bool, "plan": "fused" | "phased" | "ordered"}``.
     """
     load()
-    cur = (ctypes.c_int64 * 5)()
-    _tuning_fn(chunk, serial_below, force_plan, prefetch, cur)
+    cur = (ctypes.c_int64 * 6)()
+    _tuning_fn(chunk, serial_below, force_plan, prefetch, runs, cur)
     last = cur[4]
     return {
         "chunk": cur[0],
         "serial_below": cur[1],
         "force_plan": cur[2],
         "prefetch": cur[3],
+        "runs": cur[5],
         "last_plan": {"threaded": bool(last & 1), "plan": _PLANS.get(last >> 1)},
     }
 

@@ -15,6 +15,8 @@
 //   ordered  - weights alias in a way the plans above cannot order (same tensor twice in one list,
 //              partial overlaps): one list entry at a time, in list order, each entry's chunks in
 //              parallel.
+// With sorted lists (fused plan, or ordered with sorted lists), aligned-or-not runs of one cache line of
+// consecutive indices (a "block" mask) are copied as blocks; everything else is visited entry by entry.
 // Chunks are handed out dynamically to at::parallel_for threads; below a size threshold everything
 // runs on the calling thread.
 
@@ -39,6 +41,7 @@ std::atomic<int64_t> g_chunk{4096};            // entries per chunk (restore + a
 std::atomic<int64_t> g_serial_below{1 << 15};  // total entries under which no thread is started
 std::atomic<int64_t> g_force_plan{0};          // 0 auto, 1 phased, 2 ordered
 std::atomic<int64_t> g_prefetch{24};           // software prefetch distance in entries (0: off)
+std::atomic<int64_t> g_runs{1};               // 1: copy contiguous runs as blocks (sorted lists); 0: off
 std::atomic<int64_t> g_last_plan{0};           // bit 0: threaded; bits 1-2: 1 fused, 2 phased, 3 ordered
 
 enum Plan : int64_t { kFused = 1, kPhased = 2, kOrdered = 3 };
@@ -81,69 +84,110 @@ inline W from_float(float v) {
   return static_cast<W>(v);  // c10::Half / c10::BFloat16: round to nearest even, like Tensor.to()
 }
 
+// Runs: with sorted unique indices, idx[i + K - 1] == idx[i] + K - 1 means entries i .. i + K - 1 are one
+// contiguous run of K elements (K = one 64-byte line of W). A cache-line mask (runtime.masks "block") is made
+// of such runs; they are copied as a block (vectorized, no per-entry prefetch), everything else entry by
+// entry. Only valid for sorted lists: callers pass runs = false otherwise.
+template <typename W>
+constexpr int64_t kRun = 64 / static_cast<int64_t>(sizeof(W));
+
+template <typename I>
+inline bool run_at(const I* __restrict__ idx, int64_t i, int64_t e, int64_t k) {
+  // the neighbour test first: it fails at once for a scattered (random) mask
+  return i + k <= e && idx[i + 1] == idx[i] + 1 &&
+         static_cast<int64_t>(idx[i + k - 1]) - static_cast<int64_t>(idx[i]) == k - 1;
+}
+
 template <typename W, typename I, bool kPrefetch>
 void restore_range(W* __restrict__ w, const I* __restrict__ idx, const W* __restrict__ saved, int64_t b,
-                   int64_t e, int64_t pf) {
+                   int64_t e, int64_t pf, bool runs) {
+  constexpr int64_t K = kRun<W>;
   int64_t i = b;
-  if constexpr (kPrefetch) {
-    for (; i + pf < e; ++i) {
-      __builtin_prefetch(w + idx[i + pf], 1, 3);
+  while (i < e) {
+    if (runs && run_at(idx, i, e, K)) {
+      if constexpr (kPrefetch) {  // the distance counts lines: K entries per line in a run
+        if (i + pf * K < e) __builtin_prefetch(w + idx[i + pf * K], 1, 3);
+      }
+      W* __restrict__ p = w + idx[i];
+      const W* __restrict__ s = saved + i;
+      for (int64_t k = 0; k < K; ++k) p[k] = s[k];
+      i += K;
+    } else {
+      if constexpr (kPrefetch) {
+        if (i + pf < e) __builtin_prefetch(w + idx[i + pf], 1, 3);
+      }
       w[idx[i]] = saved[i];
+      ++i;
     }
   }
-  for (; i < e; ++i) w[idx[i]] = saved[i];
 }
 
 template <typename W, typename I, bool kPrefetch>
 void apply_range(W* __restrict__ w, const I* __restrict__ idx, const float* __restrict__ delta,
-                 W* __restrict__ saved, int64_t b, int64_t e, int64_t pf) {
-  auto one = [&](int64_t i) {
-    W* p = w + idx[i];
-    const W old = *p;
-    saved[i] = old;
-    *p = from_float<W>(static_cast<float>(old) + delta[i]);
-  };
+                 W* __restrict__ saved, int64_t b, int64_t e, int64_t pf, bool runs) {
+  constexpr int64_t K = kRun<W>;
   int64_t i = b;
-  if constexpr (kPrefetch) {
-    for (; i + pf < e; ++i) {
-      __builtin_prefetch(w + idx[i + pf], 1, 3);
-      one(i);
+  while (i < e) {
+    if (runs && run_at(idx, i, e, K)) {
+      if constexpr (kPrefetch) {  // the distance counts lines: K entries per line in a run
+        if (i + pf * K < e) __builtin_prefetch(w + idx[i + pf * K], 1, 3);
+      }
+      W* __restrict__ p = w + idx[i];
+      W* __restrict__ s = saved + i;
+      const float* __restrict__ d = delta + i;
+      for (int64_t k = 0; k < K; ++k) {
+        const W old = p[k];
+        s[k] = old;
+        p[k] = from_float<W>(static_cast<float>(old) + d[k]);
+      }
+      i += K;
+    } else {
+      if constexpr (kPrefetch) {
+        if (i + pf < e) __builtin_prefetch(w + idx[i + pf], 1, 3);
+      }
+      W* p = w + idx[i];
+      const W old = *p;
+      saved[i] = old;
+      *p = from_float<W>(static_cast<float>(old) + delta[i]);
+      ++i;
     }
   }
-  for (; i < e; ++i) one(i);
 }
 
 template <typename W, typename I>
-void run_range(const Item& it, bool apply, int64_t b, int64_t e) {
+void run_range(const Item& it, bool apply, int64_t b, int64_t e, bool runs) {
   if (b >= e) return;
   W* w = reinterpret_cast<W*>(it.w);
   const I* idx = static_cast<const I*>(it.idx);
   W* saved = static_cast<W*>(it.saved);
   const int64_t pf = g_prefetch.load(std::memory_order_relaxed);
+  runs = runs && g_runs.load(std::memory_order_relaxed);
   if (apply) {
     if (pf > 0)
-      apply_range<W, I, true>(w, idx, it.delta, saved, b, e, pf);
+      apply_range<W, I, true>(w, idx, it.delta, saved, b, e, pf, runs);
     else
-      apply_range<W, I, false>(w, idx, it.delta, saved, b, e, 0);
+      apply_range<W, I, false>(w, idx, it.delta, saved, b, e, 0, runs);
   } else {
     if (pf > 0)
-      restore_range<W, I, true>(w, idx, saved, b, e, pf);
+      restore_range<W, I, true>(w, idx, saved, b, e, pf, runs);
     else
-      restore_range<W, I, false>(w, idx, saved, b, e, 0);
+      restore_range<W, I, false>(w, idx, saved, b, e, 0, runs);
   }
 }
 
 // Restore (apply == false) or apply entries [b, e) of one list entry.
-void run_entries(const Item& it, bool apply, int64_t b, int64_t e) {
+// `runs`: the entries are sorted (contiguous runs may be copied as blocks).
+void run_entries(const Item& it, bool apply, int64_t b, int64_t e, bool runs) {
   switch (it.wtype) {
     case at::kFloat:
-      return it.idx64 ? run_range<float, int64_t>(it, apply, b, e) : run_range<float, int32_t>(it, apply, b, e);
+      return it.idx64 ? run_range<float, int64_t>(it, apply, b, e, runs)
+                      : run_range<float, int32_t>(it, apply, b, e, runs);
     case at::kHalf:
-      return it.idx64 ? run_range<c10::Half, int64_t>(it, apply, b, e)
-                      : run_range<c10::Half, int32_t>(it, apply, b, e);
+      return it.idx64 ? run_range<c10::Half, int64_t>(it, apply, b, e, runs)
+                      : run_range<c10::Half, int32_t>(it, apply, b, e, runs);
     case at::kBFloat16:
-      return it.idx64 ? run_range<c10::BFloat16, int64_t>(it, apply, b, e)
-                      : run_range<c10::BFloat16, int32_t>(it, apply, b, e);
+      return it.idx64 ? run_range<c10::BFloat16, int64_t>(it, apply, b, e, runs)
+                      : run_range<c10::BFloat16, int32_t>(it, apply, b, e, runs);
     default:
       TORCH_CHECK(false, "shira: unreachable weight dtype");
   }
@@ -151,16 +195,18 @@ void run_entries(const Item& it, bool apply, int64_t b, int64_t e) {
 
 // ---- tasks and the thread pool -------------------------------------------------------------------
 
-// A chunk: restore entries [r0, r1) of *r, then apply entries [a0, a1) of *a (either may be absent).
+// A chunk: restore entries [r0, r1) of *r, then apply entries [a0, a1) of *a (either may be absent);
+// `runs`: both lists are sorted.
 struct Task {
   const Item* r;
   const Item* a;
   int64_t r0, r1, a0, a1;
+  bool runs;
 };
 
 void run_task(const Task& t) {
-  if (t.r) run_entries(*t.r, false, t.r0, t.r1);
-  if (t.a) run_entries(*t.a, true, t.a0, t.a1);
+  if (t.r) run_entries(*t.r, false, t.r0, t.r1, t.runs);
+  if (t.a) run_entries(*t.a, true, t.a0, t.a1, t.runs);
 }
 
 // Runs every task; threaded (dynamic hand-out) when `threaded`, else on the calling thread.
@@ -178,10 +224,10 @@ void run_tasks(const std::vector<Task>& tasks, bool threaded) {
 }
 
 // Chunks of one list entry by position (valid for any order: indices are unique within a list).
-void chunk_by_position(const Item* it, bool apply, int64_t chunk, std::vector<Task>& out) {
+void chunk_by_position(const Item* it, bool apply, int64_t chunk, bool runs, std::vector<Task>& out) {
   for (int64_t b = 0; b < it->n; b += chunk) {
     const int64_t e = std::min(it->n, b + chunk);
-    out.push_back(apply ? Task{nullptr, it, 0, 0, b, e} : Task{it, nullptr, b, e, 0, 0});
+    out.push_back(apply ? Task{nullptr, it, 0, 0, b, e, runs} : Task{it, nullptr, b, e, 0, 0, runs});
   }
 }
 
@@ -204,9 +250,9 @@ void chunk_by_range(const Item* r, const Item* a, int64_t chunk, std::vector<Tas
     }
     if (l1 > l0 || o1 > o0) {
       if (cut_on_a)
-        out.push_back(Task{r, a, o0, o1, l0, l1});
+        out.push_back(Task{r, a, o0, o1, l0, l1, true});
       else
-        out.push_back(Task{r, a, l0, l1, o0, o1});
+        out.push_back(Task{r, a, l0, l1, o0, o1, true});
     }
     l0 = l1;
     o0 = o1;
@@ -402,15 +448,15 @@ void run(const char* op, const std::vector<Item>& outs, const std::vector<Item>&
     for (size_t j = 0; j < ins.size(); ++j) chunk_by_range(partner[j], &ins[j], chunk, tasks);
     run_tasks(tasks, threaded);
   } else if (plan == kPhased) {
-    for (const Item& it : outs) chunk_by_position(&it, false, chunk, tasks);
+    for (const Item& it : outs) chunk_by_position(&it, false, chunk, false, tasks);
     run_tasks(tasks, threaded);
     tasks.clear();
-    for (const Item& it : ins) chunk_by_position(&it, true, chunk, tasks);
+    for (const Item& it : ins) chunk_by_position(&it, true, chunk, false, tasks);
     run_tasks(tasks, threaded);
   } else {
     for (const Item& it : all) {
       tasks.clear();
-      chunk_by_position(&it, it.apply, chunk, tasks);
+      chunk_by_position(&it, it.apply, chunk, sorted, tasks);
       run_tasks(tasks, threaded && it.n >= g_serial_below.load(std::memory_order_relaxed));
     }
   }
@@ -471,16 +517,18 @@ TORCH_LIBRARY_IMPL(shira, CPU, m) {
 }
 
 // Knobs for tests and benchmarks (called through ctypes). A negative argument leaves a knob unchanged;
-// `current` receives {chunk, serial_below, force_plan, prefetch, last_plan}.
+// `current` receives {chunk, serial_below, force_plan, prefetch, last_plan, runs}.
 extern "C" void shira_tuning(int64_t chunk, int64_t serial_below, int64_t force_plan, int64_t prefetch,
-                             int64_t* current) {
+                             int64_t runs, int64_t* current) {
   if (chunk >= 0) shira::g_chunk.store(std::max<int64_t>(1, chunk));
   if (serial_below >= 0) shira::g_serial_below.store(serial_below);
   if (force_plan >= 0) shira::g_force_plan.store(force_plan);
   if (prefetch >= 0) shira::g_prefetch.store(prefetch);
+  if (runs >= 0) shira::g_runs.store(runs ? 1 : 0);
   current[0] = shira::g_chunk.load();
   current[1] = shira::g_serial_below.load();
   current[2] = shira::g_force_plan.load();
   current[3] = shira::g_prefetch.load();
   current[4] = shira::g_last_plan.load();
+  current[5] = shira::g_runs.load();
 }

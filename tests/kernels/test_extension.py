@@ -165,6 +165,57 @@ def test_switch_sorted_unvalidated(ext, knobs, dtype, idx_dtype):
     assert_bits_equal(b_saved, b_ref, "incoming saved")
 
 
+def run_indices(numel: int, run: int, idx_dtype, g, sort: bool = True) -> torch.Tensor:
+    """A cache-line mask's layout and its edge cases: aligned runs of ``run`` elements, unaligned runs, runs one
+    short or one long, and single entries between them."""
+    starts = rand_indices(numel // run, max(1, numel // run // 4), torch.int64, g) * run
+    pieces = []
+    for k, s in enumerate(starts.tolist()):
+        kind = k % 5
+        if kind == 0 or kind == 1:
+            pieces.append(torch.arange(s, s + run))  # aligned run
+        elif kind == 2:
+            pieces.append(torch.arange(s + 3, s + 3 + run))  # unaligned run
+        elif kind == 3:
+            pieces.append(torch.arange(s, s + run - 1 + 2 * (k % 2)))  # one short or one long
+        else:
+            pieces.append(torch.tensor([s, s + 2, s + 5]))  # singles
+    idx = torch.cat(pieces).clamp(max=numel - 1).unique()
+    return (idx if sort else idx[torch.randperm(idx.numel(), generator=g)]).to(idx_dtype)
+
+
+@pytest.mark.parametrize("idx_dtype", IDX_DTYPES, ids=["i32", "i64"])
+@pytest.mark.parametrize("threaded", [False, True], ids=["serial", "threaded"])
+@pytest.mark.parametrize("plan", ["fused", "phased", "ordered"])
+@pytest.mark.parametrize("runs", [1, 0], ids=["runs", "no-runs"])
+def test_contiguous_runs(ext, knobs, dtype, idx_dtype, threaded, plan, runs):
+    """Block-mask layouts (runs of one cache line, copied as blocks) agree with the reference bit for bit,
+    whatever the chunking cuts (chunk sizes that split runs), in every plan, for apply, switch and restore."""
+    knobs(threaded=threaded, chunk=45, force_plan={"fused": 0, "phased": 1, "ordered": 2}[plan], runs=runs)
+    run = 64 // torch.empty(0, dtype=dtype).element_size()
+    g = gen(21)
+    shapes = [(64, 96), (3000,), (17, 33)]
+    ws = [rand_weight(s, dtype, g) for s in shapes]
+    unsorted = plan == "phased"
+    a_idx = [run_indices(w.numel(), run, idx_dtype, g, sort=not unsorted) for w in ws]
+    b_idx = [run_indices(w.numel(), run, idx_dtype, g, sort=not unsorted) for w in ws]
+    a_d = [rand_deltas(w, i, g) for w, i in zip(ws, a_idx)]
+    b_d = [rand_deltas(w, i, g) for w, i in zip(ws, b_idx)]
+    a_saved = [torch.empty(i.numel(), dtype=dtype) for i in a_idx]
+    b_saved = [torch.empty(i.numel(), dtype=dtype) for i in b_idx]
+    base = clone(ws)
+    w_ref, a_ref, b_ref = clone(ws), clone(a_saved), clone(b_saved)
+    reference.apply_(w_ref, a_idx, a_d, a_ref)
+    ext.apply_(ws, a_idx, a_d, a_saved)
+    assert_bits_equal(ws + a_saved, w_ref + a_ref, "after apply: tensor")
+    reference.switch_(w_ref, a_idx, a_ref, w_ref, b_idx, b_d, b_ref)
+    ext.switch_(ws, a_idx, a_saved, ws, b_idx, b_d, b_saved)
+    assert last_plan(ext) == {"threaded": threaded, "plan": plan}
+    assert_bits_equal(ws + b_saved, w_ref + b_ref, "after switch: tensor")
+    ext.restore_(ws, b_idx, b_saved)
+    assert_bits_equal(ws, base, "restored weight")
+
+
 def test_same_weight_twice_in_a_list_keeps_list_order(ext, knobs, dtype):
     """Two incoming entries on one weight with shared elements: the second sees the first's write."""
     knobs(threaded=True, chunk=16)
