@@ -56,6 +56,20 @@ def mask_indices(mask: torch.Tensor) -> torch.Tensor:
     return idx.to(torch.int32 if flat.numel() < 2**31 else torch.int64)
 
 
+def random_indices(numel: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """``k`` distinct flat indices in ``[0, numel)``, sorted, int32/int64, without an O(numel) permutation."""
+    k = min(k, numel)
+    if k * 4 > numel:
+        idx = torch.randperm(numel, generator=gen)[:k]
+    else:
+        idx = torch.empty(0, dtype=torch.int64)
+        while idx.numel() < k:
+            draw = torch.randint(numel, (int((k - idx.numel()) * 1.1) + 16,), generator=gen)
+            idx = torch.unique(torch.cat([idx, draw]))
+        idx = idx[torch.randperm(idx.numel(), generator=gen)[:k]]
+    return idx.sort().values.to(torch.int32 if numel < 2**31 else torch.int64)
+
+
 class _Scores:
     """Per-module gradient scores (``|g|`` or ``|w * g|``, fp32) shared by ``consumers`` mask functions; a
     module's score is dropped once every consumer has made its mask (it is as large as the weight, in fp32)."""
@@ -115,12 +129,20 @@ class ShiraMaskFn:
         w = base_layer.weight.detach()
         out, inn = w.shape
         k = r * (out + inn)
-        banned = self._banned(base_layer, r, where)
-        free = w.numel() - int(banned.sum())
+        banned = self._banned(base_layer, r, where) if self.exclude else None  # None: nothing excluded
+        free = w.numel() - (int(banned.sum()) if banned is not None else 0)
         if k > free:
             left = f"the weight has {free}" if free == w.numel() else f"only {free} remain outside the excluded masks"
             raise ValueError(f"{where}: r={r} needs r * (out + in) = {k} positions, {left}")
         gen = torch.Generator().manual_seed(_layer_seed(self.seed, w))
+        if self.kind == "rand":  # every free position equally likely: sample, no score to rank
+            if banned is None:
+                idx = random_indices(w.numel(), k, gen).long().to(w.device)
+            else:
+                allowed = (~banned).reshape(-1).nonzero().squeeze(1)
+                idx = allowed[random_indices(allowed.numel(), k, gen).long().to(w.device)]
+            self._memo[base_layer] = (r, idx)
+            return idx
         if self._scores is not None:  # grad, snip, SNIP-scored block
             score = self._scores.take(base_layer, self, where).to(w.device)
             if not bool(torch.isfinite(score).all()):
@@ -129,11 +151,13 @@ class ShiraMaskFn:
             score = w.float().abs()
         elif self.kind == "struct":
             score = _struct_score(out, inn, r, self.seed, w.device)
-        else:  # rand, random blocks: every position ties, the generator picks
-            score = torch.zeros(w.shape, device=w.device)
+        else:  # random blocks: no score
+            score = None
+        if banned is None:
+            banned = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
         if self.kind == "block":
             run = max(1, CACHE_LINE_BYTES // w.element_size())
-            idx = _block(score, banned, k, run, gen, random_blocks=self._scores is None)
+            idx = _block(score, banned, k, run, gen)
         else:
             idx = _top_k(score.masked_fill(banned, float("-inf")).reshape(-1), k, gen)
         self._memo[base_layer] = (r, idx)
@@ -283,24 +307,19 @@ def _struct_score(out: int, inn: int, r: int, seed: int, device: torch.device) -
     return score
 
 
-def _block(
-    score: torch.Tensor, banned: torch.Tensor, k: int, run: int, gen: torch.Generator, random_blocks: bool
-) -> torch.Tensor:
+def _block(score: torch.Tensor | None, banned: torch.Tensor, k: int, run: int, gen: torch.Generator) -> torch.Tensor:
     """Sorted flat indices of whole blocks of ``run`` positions (aligned within rows; a row's last block may be
-    shorter; excluded positions leave a block), best total ``score`` first (random when ``random_blocks``),
+    shorter; excluded positions leave a block), best total ``score`` first (random when ``score`` is None),
     taken while they fit in ``k``; the best positions of the next block fill the remainder."""
-    out, inn = score.shape
+    out, inn = banned.shape
     nb = -(-inn // run)
     pad = nb * run - inn
     ok = F.pad(~banned, (0, pad), value=False).view(out * nb, run)
-    elem = F.pad(score, (0, pad)).view(out * nb, run)
-    size = ok.sum(1)
-    if random_blocks:
-        total = torch.rand(out * nb, generator=gen).to(score.device)
-    else:
-        total = (elem * ok).sum(1)
+    size = ok.sum(1, dtype=torch.int64)
+    elem = None if score is None else F.pad(score, (0, pad)).view(out * nb, run)
+    total = torch.rand(out * nb, generator=gen).to(banned.device) if elem is None else (elem * ok).sum(1)
     total = total.masked_fill(size == 0, float("-inf"))
-    perm = torch.randperm(out * nb, generator=gen).to(score.device)  # seeded ties: a stable sort of a shuffle
+    perm = torch.randperm(out * nb, generator=gen).to(banned.device)  # seeded ties: a stable sort of a shuffle
     order = perm[torch.argsort(total[perm], descending=True, stable=True)]
     csum = size[order].cumsum(0)
     whole = int((csum <= k).sum())
@@ -309,7 +328,8 @@ def _block(
     rest = k - (int(csum[whole - 1]) if whole else 0)
     if rest:
         b = int(order[whole])
-        chosen[b, _top_k(elem[b].masked_fill(~ok[b], float("-inf")), rest, gen)] = True
+        row = torch.zeros(run, device=banned.device) if elem is None else elem[b]  # random blocks: random ties
+        chosen[b, _top_k(row.masked_fill(~ok[b], float("-inf")), rest, gen)] = True
     return chosen.view(out, nb * run)[:, :inn].reshape(-1).nonzero().squeeze(1)
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from runtime.adapters import LoraAdapter, SparseAdapter
 from runtime.fingerprint import Fingerprint
+from runtime.masks import random_indices, shira_mask_fn
 
 
 def target_weights(module: nn.Module, targets: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -27,20 +28,6 @@ def target_weights(module: nn.Module, targets: Iterable[str]) -> dict[str, torch
     return found
 
 
-def random_indices(numel: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    """``k`` distinct flat indices in ``[0, numel)``, sorted, int32/int64, without an O(numel) permutation."""
-    k = min(k, numel)
-    if k * 4 > numel:
-        idx = torch.randperm(numel, generator=gen)[:k]
-    else:
-        idx = torch.empty(0, dtype=torch.int64)
-        while idx.numel() < k:
-            draw = torch.randint(numel, (int((k - idx.numel()) * 1.1) + 16,), generator=gen)
-            idx = torch.unique(torch.cat([idx, draw]))
-        idx = idx[torch.randperm(idx.numel(), generator=gen)[:k]]
-    return idx.sort().values.to(torch.int32 if numel < 2**31 else torch.int64)
-
-
 def random_shira(
     module: nn.Module,
     targets: Iterable[str],
@@ -48,15 +35,28 @@ def random_shira(
     seed: int = 0,
     std: float = 0.01,
     values_dtype: torch.dtype = torch.float32,
+    mask: str | None = None,
 ) -> SparseAdapter:
-    """A random SHiRA adapter over the target linears: ``density`` of each weight, deltas ~ N(0, std)."""
+    """A random SHiRA adapter over the target linears: ``density`` of each weight, deltas ~ N(0, std).
+
+    ``mask``: a kind of ``runtime.masks`` that needs no calibration batch (``rand``, ``struct``, ``wm``,
+    ``block`` with random blocks) picks the positions, with PEFT's count ``r * (out + in)`` for the ``r`` nearest
+    to ``density``; None: uniformly random positions, ``round(density * numel)`` of them."""
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"density {density} is not in [0, 1]")
     gen = torch.Generator().manual_seed(seed)
     weights = target_weights(module, targets)
+    fn = None
+    if mask is not None:
+        fn = shira_mask_fn(mask, seed=seed)
+        linears = {f"{n}.weight": m for n, m in module.named_modules() if f"{n}.weight" in weights}
     indices, values, shapes = {}, {}, {}
     for name, w in weights.items():
-        idx = random_indices(w.numel(), max(1, round(density * w.numel())), gen)
+        if fn is None:
+            idx = random_indices(w.numel(), max(1, round(density * w.numel())), gen)
+        else:
+            r = max(1, round(density * w.numel() / (w.shape[0] + w.shape[1])))
+            idx = fn.flat(linears[name], r).cpu().to(torch.int32 if w.numel() < 2**31 else torch.int64)
         indices[name] = idx
         values[name] = (torch.randn(idx.numel(), generator=gen) * std).to(values_dtype)
         shapes[name] = tuple(w.shape)
