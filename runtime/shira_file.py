@@ -1,10 +1,15 @@
 """Our adapter file, the one owner of its bytes: a safetensors file with string metadata.
 
-Format ``shira-runtime/sparse``, version 3 (written; versions 1 and 2 still load):
+Format ``shira-runtime/sparse``, version 4 where a tensor is stored as runs, else version 3 (versions 1 and 2
+still load):
 - ``<name>::gaps``: the sorted flat indices as gaps (``idx[0]``, then ``idx[i] - idx[i-1] - 1``) in uint8, or
   int16 read as uint16, whichever is smaller for that tensor; the largest value of the width is an escape,
   whose gap is the next entry of ``<name>::escapes`` (int32, int64 past 2**31). Decoding is a few
   vectorized ops and a cumsum.
+- ``<name>::runs`` and ``<name>::run_escapes`` (version 4, per tensor, when smaller: a cache-line ``block`` mask
+  or a ``struct`` mask's rows): the indices as maximal runs of consecutive positions; ``gaps`` then holds the
+  gap before each run (``start - previous end - 1``) and ``runs`` each run's length minus 1, in the same
+  uint8/uint16-with-escapes code. A run of 16 fp32 positions costs ~3 bytes of index instead of 16.
 - ``<name>::values``: fp32, fp16 or bf16 (chosen when saving);
 - ``<name>::probe``: fp32, the fingerprint's base values (when the adapter has a fingerprint);
 - metadata ``format``, ``version``, ``scale``, ``mask_kind``, ``shapes`` (JSON name -> shape), ``fingerprint``
@@ -35,51 +40,115 @@ from runtime.errors import AdapterFormatError
 from runtime.fingerprint import PROBES, Fingerprint
 
 FORMAT = "shira-runtime/sparse"
-VERSION = 3
-READS = ("1", "2", "3")
+VERSION = 4
+READS = ("1", "2", "3", "4")
 SEP = "::"
 PARTS = {"1": ("indices", "values", "probe"), "2": ("gaps", "escapes", "values", "probe")}
 PARTS["3"] = PARTS["2"]
+PARTS["4"] = (*PARTS["3"], "runs", "run_escapes")
+OPTIONAL = ("probe", "runs", "run_escapes")  # per tensor
 # gap width -> (stored dtype, escape value, mask to read it unsigned)
 WIDTHS = {1: (torch.uint8, 0xFF, 0xFF), 2: (torch.int16, 0xFFFF, 0xFFFF)}
+
+
+def _encode_small(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-negative ints -> (the smaller of uint8/uint16 codes with escapes, the escaped values int32/int64)."""
+    best = None
+    for dtype, esc, _ in WIDTHS.values():
+        big = values >= esc
+        size = values.numel() * torch.empty(0, dtype=dtype).element_size() + int(big.sum()) * 4
+        if best is None or size < best[0]:
+            best = (size, dtype, esc, big)
+    _, dtype, esc, big = best
+    escapes = values[big].contiguous()
+    if not escapes.numel() or int(escapes.max()) < 2**31:
+        escapes = escapes.to(torch.int32)
+    small = torch.where(big, esc, values)
+    small = small.to(torch.uint8) if dtype == torch.uint8 else small.to(torch.int32).to(torch.int16)
+    return small.contiguous(), escapes
+
+
+def _decode_small(codes: torch.Tensor, escapes: torch.Tensor, where: str, what: str, limit: int) -> torch.Tensor:
+    """Inverse of ``_encode_small``: int64 values, every escaped one in ``[escape, limit)``."""
+    width = {torch.uint8: 1, torch.int16: 2}.get(codes.dtype)
+    if width is None or codes.dim() != 1 or escapes.dtype not in (torch.int32, torch.int64) or escapes.dim() != 1:
+        raise AdapterFormatError(f"{where}: {what} must be uint8/int16 [N] and their escapes int32/int64 [E]")
+    _, esc, mask = WIDTHS[width]
+    g = codes.to(torch.int64) & mask
+    big = g == esc
+    if int(big.sum()) != escapes.numel():
+        raise AdapterFormatError(f"{where}: {int(big.sum())} escaped {what} but {escapes.numel()} escape values")
+    if escapes.numel() and (int(escapes.min()) < esc or int(escapes.max()) >= limit):
+        raise AdapterFormatError(f"{where}: an escape value of the {what} is outside [{esc}, {limit})")
+    g[big] = escapes.long()
+    return g
 
 
 def encode_gaps(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted unique flat indices -> (gaps in the smaller of uint8/uint16 with escapes, escaped gaps)."""
     idx = idx.long()
-    gaps = torch.diff(idx, prepend=torch.tensor([-1])) - 1  # >= 0
-    best = None
-    for dtype, esc, _ in WIDTHS.values():
-        big = gaps >= esc
-        size = gaps.numel() * torch.empty(0, dtype=dtype).element_size() + int(big.sum()) * 4
-        if best is None or size < best[0]:
-            best = (size, dtype, esc, big)
-    _, dtype, esc, big = best
-    escapes = gaps[big].contiguous()
-    if not escapes.numel() or int(escapes.max()) < 2**31:
-        escapes = escapes.to(torch.int32)
-    small = torch.where(big, esc, gaps)
-    small = small.to(torch.uint8) if dtype == torch.uint8 else small.to(torch.int32).to(torch.int16)
-    return small.contiguous(), escapes
+    return _encode_small(torch.diff(idx, prepend=torch.tensor([-1])) - 1)
+
+
+def encode_runs(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sorted unique flat indices as maximal runs: (gaps before runs, their escapes, lengths - 1, escapes)."""
+    idx = idx.long()
+    starts = torch.ones(idx.numel(), dtype=torch.bool)
+    starts[1:] = idx[1:] != idx[:-1] + 1
+    first = starts.nonzero().squeeze(1)
+    lengths = torch.diff(first, append=torch.tensor([idx.numel()]))
+    begin = idx[first]
+    end_before = torch.cat([torch.tensor([-1]), begin[:-1] + lengths[:-1] - 1])
+    return (*_encode_small(begin - end_before - 1), *_encode_small(lengths - 1))
+
+
+def encode_indices(idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The file parts of one tensor's indices: ``gaps``/``escapes``, plus ``runs``/``run_escapes`` when the run
+    form is smaller (cache-line masks, whole rows)."""
+    gaps, escapes = encode_gaps(idx)
+    plain = {"gaps": gaps, "escapes": escapes}
+    if idx.numel() < 2:
+        return plain
+    run_gaps, run_gap_escapes, runs, run_escapes = encode_runs(idx)
+    as_runs = {"gaps": run_gaps, "escapes": run_gap_escapes, "runs": runs, "run_escapes": run_escapes}
+    size = lambda parts: sum(t.numel() * t.element_size() for t in parts.values())  # noqa: E731
+    return as_runs if size(as_runs) < size(plain) else plain
 
 
 def decode_gaps(gaps: torch.Tensor, escapes: torch.Tensor, where: str, numel: int) -> torch.Tensor:
     """Inverse of ``encode_gaps``: sorted unique flat int64 indices, all below ``numel`` (vectorized)."""
-    width = {torch.uint8: 1, torch.int16: 2}.get(gaps.dtype)
-    if width is None or gaps.dim() != 1 or escapes.dtype not in (torch.int32, torch.int64) or escapes.dim() != 1:
-        raise AdapterFormatError(f"{where}: gaps must be uint8/int16 [N] and escapes int32/int64 [E]")
-    _, esc, mask = WIDTHS[width]
-    g = gaps.to(torch.int64) & mask
-    big = g == esc
-    if int(big.sum()) != escapes.numel():
-        raise AdapterFormatError(f"{where}: {int(big.sum())} escaped gaps but {escapes.numel()} escape values")
-    if escapes.numel() and (int(escapes.min()) < esc or int(escapes.max()) >= numel):
-        raise AdapterFormatError(f"{where}: an escape value is outside [{esc}, {numel})")
-    g[big] = escapes.long()
+    g = _decode_small(gaps, escapes, where, "gaps", numel)
     idx = torch.cumsum(g + 1, 0) - 1  # no overflow: every gap is below numel
     if idx.numel() and int(idx[-1]) >= numel:
         raise AdapterFormatError(f"{where}: index {int(idx[-1])} is out of range for {numel} elements")
     return idx
+
+
+def decode_runs(
+    gaps: torch.Tensor,
+    escapes: torch.Tensor,
+    runs: torch.Tensor,
+    run_escapes: torch.Tensor,
+    where: str,
+    numel: int,
+    count: int,
+) -> torch.Tensor:
+    """Inverse of ``encode_runs``: ``count`` sorted unique flat int64 indices below ``numel``. Lengths and bounds
+    are checked before the runs are expanded (a hostile file cannot make it allocate more than ``count``)."""
+    g = _decode_small(gaps, escapes, where, "run gaps", numel)
+    lengths = _decode_small(runs, run_escapes, where, "run lengths", numel) + 1
+    if g.numel() != lengths.numel():
+        raise AdapterFormatError(f"{where}: {g.numel()} run gaps but {lengths.numel()} run lengths")
+    if int(lengths.sum()) != count:
+        raise AdapterFormatError(f"{where}: the runs hold {int(lengths.sum())} positions but there are {count} values")
+    if not g.numel():
+        return torch.empty(0, dtype=torch.int64)
+    starts = torch.cumsum(g + torch.cat([torch.zeros(1, dtype=torch.int64), lengths[:-1]]), 0)
+    last = int(starts[-1] + lengths[-1] - 1)
+    if last >= numel:
+        raise AdapterFormatError(f"{where}: index {last} is out of range for {numel} elements")
+    offsets = torch.arange(count) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    return torch.repeat_interleave(starts, lengths) + offsets
 
 
 def tensor_checksum(key: str, t: torch.Tensor) -> str:
@@ -109,16 +178,17 @@ def write(
     mask_kind: str,
     fingerprint: Fingerprint | None,
 ) -> Path:
-    """Write a version-3 file from validated parts (``indices``: sorted unique flat); atomic (temp + rename)."""
+    """Write a file from validated parts (``indices``: sorted unique flat); atomic (temp + rename). Version 4
+    when some tensor is stored as runs, else version 3 (readable by runtimes that predate runs)."""
     tensors: dict[str, torch.Tensor] = {}
     for name, idx in indices.items():
-        gaps, escapes = encode_gaps(idx)
-        tensors[f"{name}{SEP}gaps"] = gaps
-        tensors[f"{name}{SEP}escapes"] = escapes
+        for part, t in encode_indices(idx).items():
+            tensors[f"{name}{SEP}{part}"] = t
         tensors[f"{name}{SEP}values"] = values[name].contiguous()
+    with_runs = any(k.endswith(f"{SEP}runs") for k in tensors)
     meta = {
         "format": FORMAT,
-        "version": str(VERSION),
+        "version": str(VERSION) if with_runs else "3",
         "scale": repr(float(scale)),
         "mask_kind": str(mask_kind),
         "shapes": json.dumps({n: list(shapes[n]) for n in indices}),
@@ -159,7 +229,7 @@ def read(path: str | Path) -> dict[str, Any]:
     if version not in READS:
         raise AdapterFormatError(f"{path}: format version {version!r} is not supported (this runtime reads {READS})")
     if version != "1":
-        _check_sums(path, meta, tensors, tensor_checksum if version == "3" else lambda _, t: _bytes_checksum(t))
+        _check_sums(path, meta, tensors, _bytes_checksum if version == "2" else tensor_checksum)
     scale = _field(path, meta, "scale", float)
     if not math.isfinite(scale):
         raise AdapterFormatError(f"{path}: scale {scale} is not finite")
@@ -173,8 +243,13 @@ def read(path: str | Path) -> dict[str, Any]:
         parts[part][name] = t
     names = set(parts["values"])
     for part, found in parts.items():
-        if part != "probe" and set(found) != names:
+        if part not in OPTIONAL and set(found) != names:
             raise AdapterFormatError(f"{path}: tensors {sorted(names ^ set(found))} lack their {part} or values")
+    if version == "4" and set(parts["runs"]) != set(parts["run_escapes"]):
+        odd = sorted(set(parts["runs"]) ^ set(parts["run_escapes"]))
+        raise AdapterFormatError(f"{path}: tensors {odd} have runs without run_escapes or the reverse")
+    if version == "4" and not set(parts["runs"]) <= names:
+        raise AdapterFormatError(f"{path}: runs for tensors without values: {sorted(set(parts['runs']) - names)}")
     indices, values = {}, {}
     for name in sorted(names):
         where = f"{path}: tensor {name!r}"
@@ -190,6 +265,10 @@ def read(path: str | Path) -> dict[str, Any]:
             idx = parts["indices"][name]
             if idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1:
                 raise AdapterFormatError(f"{where}: indices must be int32/int64 [N]")
+        elif name in parts.get("runs", {}):
+            g, e = parts["gaps"][name], parts["escapes"][name]
+            r, re_ = parts["runs"][name], parts["run_escapes"][name]
+            idx = decode_runs(g, e, r, re_, where, numel, val.numel())
         else:
             idx = decode_gaps(parts["gaps"][name], parts["escapes"][name], where, numel)
         if idx.numel() != val.numel():

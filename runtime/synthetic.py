@@ -40,8 +40,9 @@ def random_shira(
     """A random SHiRA adapter over the target linears: ``density`` of each weight, deltas ~ N(0, std).
 
     ``mask``: a kind of ``runtime.masks`` that needs no calibration batch (``rand``, ``struct``, ``wm``,
-    ``block`` with random blocks) picks the positions, with PEFT's count ``r * (out + in)`` for the ``r`` nearest
-    to ``density``; None: uniformly random positions, ``round(density * numel)`` of them."""
+    ``block`` with random blocks) picks the positions, PEFT's way: ``r * (out + in)`` per layer for one ``r``
+    (the adapter's ``density`` overall; saved as PEFT SHiRA, it loads in PEFT); None: uniformly random
+    positions, ``round(density * numel)`` in each weight."""
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"density {density} is not in [0, 1]")
     gen = torch.Generator().manual_seed(seed)
@@ -50,12 +51,13 @@ def random_shira(
     if mask is not None:
         fn = shira_mask_fn(mask, seed=seed)
         linears = {f"{n}.weight": m for n, m in module.named_modules() if f"{n}.weight" in weights}
+        total = sum(w.numel() for w in weights.values())
+        r = max(1, round(density * total / sum(w.shape[0] + w.shape[1] for w in weights.values())))
     indices, values, shapes = {}, {}, {}
     for name, w in weights.items():
         if fn is None:
             idx = random_indices(w.numel(), max(1, round(density * w.numel())), gen)
         else:
-            r = max(1, round(density * w.numel() / (w.shape[0] + w.shape[1])))
             idx = fn.flat(linears[name], r).cpu().to(torch.int32 if w.numel() < 2**31 else torch.int64)
         indices[name] = idx
         values[name] = (torch.randn(idx.numel(), generator=gen) * std).to(values_dtype)

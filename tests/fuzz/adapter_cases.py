@@ -40,6 +40,8 @@ INVALID_FOR = {
     "values": {"I16", "U16", "I32", "U32", "I8", "BOOL"},
     "gaps": {"I8", "BOOL", "F8_E4M3", "F8_E5M2", "F16", "BF16"},
     "escapes": {"U32", "F32", "U64", "F64"},
+    "runs": {"I8", "BOOL", "F8_E4M3", "F8_E5M2", "F16", "BF16"},
+    "run_escapes": {"U32", "F32", "U64", "F64"},
     "probe": {"I32", "U32"},
 }
 
@@ -281,7 +283,7 @@ def relabel_resummed(rng, originals, n=12) -> list[Mut]:
         pairs = [(a, b) for g in groups.values() for a in g for b in g if a < b]
         a, b = rng.choice(pairs)
         what = rng.choice(["indices", "probe"])
-        parts = ("gaps", "escapes") if what == "indices" else ("probe",)
+        parts = ("gaps", "escapes", "runs", "run_escapes") if what == "indices" else ("probe",)
         edit = mu.chain(*(mu.swap_entries(f"{a}::{p}", f"{b}::{p}") for p in parts))
         out.append((name, {"op": f"swap {what}, resummed", "tensors": [a, b]}, _resummed(mu.edit_header(edit))))
     return _unique(out, n)

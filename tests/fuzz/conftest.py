@@ -19,8 +19,13 @@ from runtime.synthetic import random_shira
 from tests.conftest import snapshot
 from tests.fuzz.harness import SEED, TALLIES, AdapterWorld, BundleWorld, as_list, same
 
-# original name -> (values dtype of the saved file, seed of random_shira)
-ORIGINALS = {"fp16_s101": ("fp16", 101), "fp16_s102": ("fp16", 102), "fp32_s103": ("fp32", 103)}
+# original name -> (values dtype of the saved file, seed of random_shira, mask kind: None random, "block" runs)
+ORIGINALS = {
+    "fp16_s101": ("fp16", 101, None),
+    "fp16_s102": ("fp16", 102, None),
+    "fp32_s103": ("fp32", 103, None),
+    "block_s104": ("fp16", 104, "block"),  # stored as runs (format version 4)
+}
 LORA = "peft_lora"
 MIN_ADAPTER_CASES, MIN_BUNDLE_CASES = 500, 200
 
@@ -49,9 +54,9 @@ def adapter_sources(tmp_path_factory) -> AdapterSources:
     module = build("tiny", torch.float32, seed=1)
     pristine = {k: v.clone() for k, v in module.state_dict().items()}
     paths = {}
-    for name, (values, seed) in ORIGINALS.items():
+    for name, (values, seed, mask) in ORIGINALS.items():
         paths[name] = tmp / f"{name}.safetensors"
-        random_shira(module, TARGETS, 0.02, seed=seed).save(paths[name], values=values)
+        random_shira(module, TARGETS, 0.02, seed=seed, mask=mask).save(paths[name], values=values)
     paths[LORA] = peft_lora_dir(module, tmp / LORA, seed=7)
     world = AdapterWorld(module, pristine, snapshot(module), {})
     for name, path in paths.items():

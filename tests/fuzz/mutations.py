@@ -113,10 +113,15 @@ def set_entry(key: str, field: str, value: Any) -> Callable[[dict], dict]:
 
 
 def swap_entries(k1: str, k2: str) -> Callable[[dict], dict]:
-    """Relabel: tensor ``k1`` gets ``k2``'s dtype/shape/bytes and the other way round."""
+    """Relabel: tensor ``k1`` gets ``k2``'s dtype/shape/bytes and the other way round (a key only one of them
+    has moves to the other; neither: nothing)."""
 
     def run(header: dict) -> dict:
-        header[k1], header[k2] = header[k2], header[k1]
+        a, b = header.pop(k1, None), header.pop(k2, None)
+        if b is not None:
+            header[k1] = b
+        if a is not None:
+            header[k2] = a
         return header
 
     return run
