@@ -37,6 +37,7 @@ from runtime.serve import Client, RuntimeSpec, ServeConfig, Synthetic, bank_byte
 from runtime.table import print_table
 
 RETRIES = 2
+ROUTINGS = ("affinity", "round_robin", "unfused_lora")
 TIMEOUT_S = 120.0
 
 
@@ -52,6 +53,7 @@ class Config:
     new_tokens: int
     replicas: int
     max_batch: int
+    max_ongoing: int  # requests a replica accepts at once; past it Ray tries another replica (load balance)
     density: float  # SHiRA
     std: float  # adapter deltas: big enough to change greedy outputs
     lora_rank: int
@@ -59,8 +61,8 @@ class Config:
     kill_s: float  # the kill-a-replica run: seconds of arrivals (0: no such run); the kill comes at a quarter
 
 
-DEFAULT = Config("small", 16, 1.1, 6.0, 30.0, 16, 16, 8, 2, 8, 0.01, 0.05, 16, 0, 40.0)
-QUICK = Config("tiny", 8, 1.1, 30.0, 10.0, 16, 16, 8, 2, 8, 0.01, 0.2, 16, 0, 20.0)
+DEFAULT = Config("small", 16, 1.1, 6.0, 30.0, 16, 16, 8, 2, 8, 8, 0.01, 0.05, 16, 0, 40.0)
+QUICK = Config("tiny", 8, 1.1, 30.0, 10.0, 16, 16, 8, 2, 8, 8, 0.01, 0.2, 16, 0, 20.0)
 
 
 @dataclass(frozen=True)
@@ -256,7 +258,7 @@ class Killer:
         }
 
 
-def measure(cfg: Config) -> tuple[list[Row], dict | None, dict]:
+def measure(cfg: Config, routings: tuple[str, ...] = ROUTINGS) -> tuple[list[Row], dict | None, dict]:
     from ray import serve
 
     from runtime.serve import run, start_local, stop
@@ -267,6 +269,8 @@ def measure(cfg: Config) -> tuple[list[Row], dict | None, dict]:
     progress(f"{len(arrivals)} arrivals per run over {cfg.duration_s:.0f} s; offline answers for every adapter")
     tables, memory = {}, {}
     for kind, s in spec.items():
+        if kind == "lora" and "unfused_lora" not in routings:
+            continue
         tables[kind], per = offline(s, pool, cfg.new_tokens)
         memory[kind] = sum(per.values()) / max(1, len(per))
     lora_names = spec["lora"].synthetic.names()
@@ -279,7 +283,14 @@ def measure(cfg: Config) -> tuple[list[Row], dict | None, dict]:
     if cfg.kill_s:
         long = workload(cfg, names, cfg.kill_s)[1]
         runs.append(("affinity+kill", spec["shira"], True, long, Killer(0.25 * cfg.kill_s)))
-    serve_cfg = ServeConfig(replicas=cfg.replicas, max_batch=cfg.max_batch, replica_cpus=0.5, name="serve-load")
+    runs = [r for r in runs if r[0].split("+")[0] in routings or r[0] == "affinity+kill"]
+    serve_cfg = ServeConfig(
+        replicas=cfg.replicas,
+        max_batch=cfg.max_batch,
+        max_ongoing_requests=cfg.max_ongoing,
+        replica_cpus=0.5,
+        name="serve-load",
+    )
     rows, kill = [], None
     progress("starting a local Ray cluster (loopback)")
     start_local(num_cpus=2)
@@ -311,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapters", type=int, default=None)
     p.add_argument("--rate", type=float, default=None, help="requests per second (Poisson arrivals)")
     p.add_argument("--duration", type=float, default=None, help="seconds of arrivals per run")
+    p.add_argument("--max-ongoing", type=int, default=None, help="requests a replica accepts at once")
+    p.add_argument("--routing", nargs="+", choices=ROUTINGS, default=list(ROUTINGS))
     p.add_argument("--no-kill", action="store_true", help="skip the kill-a-replica run")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -321,10 +334,11 @@ def main(argv: list[str] | None = None) -> int:
         adapters=args.adapters or cfg.adapters,
         rate_rps=args.rate or cfg.rate_rps,
         duration_s=args.duration or cfg.duration_s,
+        max_ongoing=args.max_ongoing or cfg.max_ongoing,
         kill_s=0.0 if args.no_kill else cfg.kill_s,
     )
     print(f"# serve_load: {cfg}", flush=True)
-    rows, kill, memory = measure(cfg)
+    rows, kill, memory = measure(cfg, tuple(args.routing))
     print_table(
         ["routing", "rps", "p50 ms", "p99 ms", "switches", "/s", "/request", "switch ms", "batch", "requests", "wrong"],
         [
@@ -344,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows
         ],
     )
-    print(f"adapter bytes in a replica's bank, per adapter: SHiRA {memory['shira']:.0f}, LoRA {memory['lora']:.0f}")
+    per = ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in memory.items())
+    print(f"adapter bytes in a replica's bank, per adapter: {per}")
     if kill is not None:
         print(
             f"kill-a-replica: killed {kill['killed']} at {kill['killed_at_s']:.1f} s with {kill['in_flight_at_kill']} "

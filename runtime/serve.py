@@ -274,25 +274,28 @@ def expected(rt: Runtime, adapter: str | None, prompts: Sequence[Sequence[int]],
 
 
 def _http_check(spec: RuntimeSpec, port: int, max_new_tokens: int) -> int:
-    """One request per adapter and the base over HTTP, each checked against the driver's own runtime."""
+    """Three prompts per adapter and for the base over HTTP, each reply checked against the driver's own runtime
+    (same files or seeds, same code); returns how many were wrong."""
     import json
     import urllib.request
 
     rt = spec.build()
-    prompt = [1 + (7 * i) % 200 for i in range(8)]
+    prompts = [[1 + (7 * i + 31 * k) % 200 for i in range(8)] for k in range(3)]
     bad = 0
     for adapter in [None, *rt.adapters]:
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{port}/",
-            data=json.dumps({"ids": prompt, "max_new_tokens": max_new_tokens}).encode(),
-            headers={"serve_multiplexed_model_id": adapter or "", "content-type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            reply = json.loads(resp.read())
-        want = expected(rt, adapter, [prompt], max_new_tokens)[0]
-        ok = reply["adapter"] == adapter and reply["tokens"] == want
-        bad += not ok
-        print(f"{adapter or '(base)':>12}: {'ok   ' if ok else 'WRONG'} {reply['tokens']} from {reply['replica']}")
+        want = expected(rt, adapter, prompts, max_new_tokens)
+        for prompt, tokens in zip(prompts, want):
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/",
+                data=json.dumps({"ids": prompt, "max_new_tokens": max_new_tokens}).encode(),
+                headers={"serve_multiplexed_model_id": adapter or "", "content-type": "application/json"},
+            )
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                reply = json.loads(resp.read())
+            ok = reply["adapter"] == adapter and reply["tokens"] == tokens
+            bad += not ok
+            name = adapter or "(base)"
+            print(f"{name:>12}: {'ok   ' if ok else 'WRONG'} {reply['tokens']} from {reply['replica']}", flush=True)
     return bad
 
 

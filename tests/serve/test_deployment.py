@@ -23,17 +23,26 @@ NEW = 5
 PROMPTS = [[1 + (13 * i + 7 * j) % 250 for j in range(6)] for i in range(4)]
 
 
-def test_command_line_server_answers_over_http():
-    """``python -m runtime.serve tiny --synthetic 3 --check``: its own cluster, HTTP on loopback, every adapter
-    and the base answered right, everything shut down (run first, before this module's cluster starts)."""
-    cmd = [sys.executable, "-m", "runtime.serve", "tiny", "--synthetic", "3", "--num-cpus", "2", "--port", "8765"]
-    proc = subprocess.run([*cmd, "--check"], capture_output=True, text=True, timeout=300)
+def test_command_line_server_serves_a_bundle_over_http(tmp_path):
+    """``python -m runtime.serve BUNDLE --check``: a packaged bundle and its adapters served on its own cluster,
+    HTTP on loopback, every adapter and the base answered right (checked against the driver's runtime over the
+    same bundle), everything shut down. Runs first, before this module's cluster starts."""
+    from exporters.package import package
+    from runtime.models import TARGETS, build
+    from runtime.synthetic import random_shira
+
+    m = build("tiny")
+    adapters = {f"s{i}": random_shira(m, TARGETS, 0.01, seed=i + 1, std=0.2) for i in range(3)}
+    bundle = package(m, tmp_path / "bundle", adapters, quiet=True)
+    cmd = [sys.executable, "-m", "runtime.serve", str(bundle), "--num-cpus", "2", "--port", "8765", "--check"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode == 3:
         pytest.skip(proc.stderr.strip().splitlines()[-1])
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "serving 3 adapters ['s0', 's1', 's2'] on 2 replicas at http://127.0.0.1:8765/" in proc.stdout
     assert "all replies right" in proc.stdout
-    for name in ("(base)", "shira00", "shira01", "shira02"):
-        assert f"{name}: ok" in proc.stdout
+    for name in ("(base)", "s0", "s1", "s2"):
+        assert proc.stdout.count(f"{name}: ok") == 3
 
 
 @pytest.fixture(scope="module")
