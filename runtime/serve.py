@@ -101,6 +101,7 @@ class RuntimeSpec:
         return names
 
     def build(self) -> Runtime:
+        """The runtime with every adapter registered; sets this process's torch threads to ``threads``."""
         torch.set_num_threads(self.threads)
         if self.is_bundle():
             from runtime.onnx_backend import OnnxBackend

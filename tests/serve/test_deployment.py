@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 ray = pytest.importorskip("ray", reason="Ray Serve is not installed (pip install -e '.[serve]')")
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[serve]')")
@@ -54,8 +55,12 @@ def served():
         pytest.skip(f"Ray cannot start here: {exc!r}")
     try:
         handle = run(SPEC, ServeConfig(replicas=2, max_batch=4, replica_cpus=0.5, name="test-shira"))
-        rt = SPEC.build()  # the offline answers, from the same seeds
-        want = {a: expected(rt, a, PROMPTS, NEW) for a in [None, *rt.adapters]}
+        threads = torch.get_num_threads()
+        try:  # the offline answers, from the same seeds, with one thread like a replica
+            rt = SPEC.build()
+            want = {a: expected(rt, a, PROMPTS, NEW) for a in [None, *rt.adapters]}
+        finally:
+            torch.set_num_threads(threads)  # build() set this process's threads
         assert len({str(w) for w in want.values()}) == 4  # every adapter answers differently
         yield handle, want
     finally:
