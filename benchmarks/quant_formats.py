@@ -169,7 +169,7 @@ def speed_rows(cfg: Config) -> list[SpeedRow]:
             progress(f"speed {shape} tokens={tokens}")
             x = torch.randn(tokens, shape[1], generator=gen)
             cands = _candidates(w, tokens, cfg.slow)
-            if tokens > 64:  # the crossover question only: int8 paths against the base
+            if tokens > 128:  # the crossover question only: int8 paths against the base
                 cands = {k: v for k, v in cands.items() if "base" in k or "int8" in k}
             heavy = {k for k in cands if "_scaled_mm" in k or "_int_mm" in k or "fp32 act" in k}
             steps = {k: [lambda f=f, x=x: f(x)] for k, (f, _) in cands.items() if k not in heavy}
@@ -228,26 +228,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-speed", action="store_true", help="the format table only")
+    p.add_argument("--no-formats", action="store_true", help="the speed table only")
+    p.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts of the speed rows")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of SQNR per format (needs matplotlib)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     quick = args.quick
     cfg = Config(
-        shapes=QUICK_SHAPES if quick else LLAMA_SHAPES,
+        shapes=() if args.no_formats else QUICK_SHAPES if quick else LLAMA_SHAPES,
         dists=DISTS,
         speed_shapes=() if args.no_speed else ((256, 512),) if quick else ((8192, 2048), (2048, 8192)),
-        tokens=(1, 64) if quick else (1, 64, 256),
+        tokens=tuple(args.tokens or ((1, 64) if quick else (1, 64, 256))),
         repeats=args.repeats or (3 if quick else 9),
         slow=not quick,
         seed=args.seed,
     )
     print(f"# quant_formats: {cfg}  (torch {torch.__version__}, {torch.get_num_threads()} threads)", flush=True)
     frows = format_rows(cfg)
-    print("\nSQNR (dB) per format, per-output-channel scales; best of all, and auto's pick (int8/E4M3/E5M2)")
-    print_table(
-        ["shape", "dist", "kurtosis", *FORMATS, "best", "auto"],
-        [[r.shape, r.dist, r.kurtosis, *(r.sqnr_db[f] for f in FORMATS), r.best, r.auto] for r in frows],
-    )
+    if frows:
+        print("\nSQNR (dB) per format, per-output-channel scales; best of all, and auto's pick (int8/E4M3/E5M2)")
+        print_table(
+            ["shape", "dist", "kurtosis", *FORMATS, "best", "auto"],
+            [[r.shape, r.dist, r.kurtosis, *(r.sqnr_db[f] for f in FORMATS), r.best, r.auto] for r in frows],
+        )
     srows = speed_rows(cfg)
     if srows:
         print(
@@ -261,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                 for r in srows
             ],
         )
-    if args.plot:
+    if args.plot and frows:
         plot(frows, args.plot)
     if args.json:
         doc = {"config": asdict(cfg), "formats": [asdict(r) for r in frows], "speed": [asdict(r) for r in srows]}

@@ -22,8 +22,8 @@ benchmarks.quant_formats``, README), no ready torch CPU kernel serves FP8, and t
 - int8, ``tokens <= INT8MM_MAX_TOKENS`` and ``in_features % 8 == 0``: ``torch._weight_int8pack_mm`` reads the
   live codes in place (bf16 activations, output scaled by the fp32 scales); no extra memory. The kernel needs
   ``in_features % 8 == 0`` (other sizes crash or give garbage on torch 2.13), else the dequantize path.
-- int8, more tokens: ``dequant``: the codes decoded to fp32 per call, then an fp32 GEMM (a transient fp32 copy
-  of one weight at a time).
+- int8, more tokens: the codes converted to fp32 per call, an fp32 GEMM, the scales applied to its output (a
+  transient fp32 copy of one weight at a time). Crossover measured between 128 and 256 tokens on llama-1b shapes.
 - fp8: no usable kernel (``torch._scaled_mm`` is emulated and decoding fp8 costs ~20x a one-token GEMV), so
   ``QuantLinear`` keeps a bf16 **compute copy** of the code values (exact: every E4M3/E5M2 value is a bf16
   value), +2 bytes per weight: one token multiplies with it in bf16, more tokens convert it to fp32 and run
@@ -42,7 +42,8 @@ from torch import nn
 
 from runtime.qformats import FORMATS, channel_scales, choose_format, decode, encode, quant_format
 
-INT8MM_MAX_TOKENS = 32  # int8: above this many rows, dequantize + fp32 GEMM beats torch._weight_int8pack_mm
+INT8MM_MAX_TOKENS = 128  # int8: above this many rows the fp32 GEMM on decoded codes beats _weight_int8pack_mm
+FP8_BF16_MAX_TOKENS = 1  # fp8: up to this many rows the bf16 GEMV on the copy, above it the fp32 GEMM
 FORMAT_NAMES = (*FORMATS, "auto")
 
 
@@ -110,12 +111,12 @@ class QuantLinear(nn.Module):
         elif self._int8mm and tokens <= INT8MM_MAX_TOKENS:
             xb = x2.to(torch.bfloat16).contiguous()
             y = torch._weight_int8pack_mm(xb, self.weight, self._ones).float() * scale
-        elif self.has_compute_copy and tokens == 1:
+        elif self.has_compute_copy and tokens <= FP8_BF16_MAX_TOKENS:
             y = F.linear(x2.to(torch.bfloat16), self.weight_compute).float() * scale
         elif self.has_compute_copy:
             y = F.linear(x2.float(), self.weight_compute.float()) * scale
-        else:
-            y = F.linear(x2.float(), self.dequantize_weight())
+        else:  # codes to fp32, scales on the output: one pass less than decode() over the weight
+            y = F.linear(x2.float(), self.weight.float()) * scale
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
