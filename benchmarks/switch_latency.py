@@ -3,6 +3,7 @@
     python -m benchmarks.switch_latency                  # llama-1b shapes, fp32
     python -m benchmarks.switch_latency --quick          # tiny preset, few repeats
     python -m benchmarks.switch_latency --dtype fp32 bf16 --json out.json --plot out.png
+    python -m benchmarks.switch_latency --mask rand block struct wm snip   # switch rows per SHiRA mask kind
 
 Every figure is measured in this run: switch medians (and p90) over A -> B -> A cycles, first call excluded;
 inference medians at 1 token and at a batch of tokens, with whatever the method leaves active, against the base.
@@ -19,7 +20,7 @@ import os
 import platform
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -33,38 +34,64 @@ from benchmarks.switch_rows import Config, Row, gen_timing, inference, load_mode
 from benchmarks.timing import Inference, cycle, once
 from runtime import Runtime
 from runtime.dtypes import SHORT
+from runtime.masks import KINDS
 from runtime.models import PRESETS, TARGETS
 from runtime.synthetic import random_lora, random_shira
 
 
-def shira_rows(cfg: Config, rt: Runtime, model, dtype: str, copy_gbps: float, infer: Inference, ctx: dict) -> list[Row]:
-    a, b, origin = pair(cfg.shira, lambda k: random_shira(model, cfg.targets, cfg.density, seed=cfg.seed + k))
+def shira_adapters(cfg: Config, model, mask: str, calibration: torch.Tensor | None):
+    """Adapters A and B: the user's, or random ones with ``mask``'s positions (``grad``/``snip``: gradients
+    of one calibration batch of random tokens)."""
+    batch = calibration if mask in ("grad", "snip") else None
+    if batch is not None:
+        progress(f"{mask} masks: one forward/backward on a calibration batch of random tokens")
+    return pair(
+        cfg.shira,
+        lambda k: random_shira(model, cfg.targets, cfg.density, seed=cfg.seed + k, mask=mask, batch=batch),
+    )
+
+
+def shira_rows(
+    cfg: Config, rt: Runtime, model, dtype: str, copy_gbps: float, infer: Inference, ctx: dict, mask: str
+) -> list[Row]:
+    """Switch rows of one mask kind (both kernel paths); the first mask's also time inference and generation,
+    and its adapters serve the onnxruntime and PEFT rows (``ctx``)."""
+    first = "shira_a" not in ctx
+    progress(f"{dtype}: making two SHiRA adapters, {mask} masks, density {cfg.density}")
+    a, b, origin = shira_adapters(cfg, model, mask, ctx.get("calibration"))
+    mask = mask if origin == "random" else "user"
     rt.add_adapter("shira_a", a)
     rt.add_adapter("shira_b", b)
     tensors = rt.backend.tensors
-    lines, nbytes = 0, 0
+    lines, nbytes, streams = 0, 0, 0
     for ad in (a, b):
         for n in ad.indices:
             t = rt.backend.canonical(n, "benchmark")
             idx, _ = ad.flat(n, rt.backend.shapes[t])
-            lines += touched_lines(idx, tensors[t].element_size(), tensors[t].data_ptr() % 64)
-            nbytes += idx.numel() * tensors[t].element_size()
+            size = tensors[t].element_size()
+            lines += touched_lines(idx, size, tensors[t].data_ptr() % 64)
+            nbytes += idx.numel() * size
+            # a switch into `ad` writes its saved values and reads its fp32 deltas and int32 indices; the
+            # switch out of it reads the saved values and the indices again
+            streams += idx.numel() * (2 * size + 4 + 2 * 4)
     floor = memory_floor_ms(lines, copy_gbps)
-    ctx.update(shira_a=a, shira_b=b, floor=floor, shira_bytes=nbytes)
+    streams_floor = floor + streams / 2 / (copy_gbps * 1e9) * 1e3  # per switch: half of the A->B->A cycle
+    if first:
+        ctx.update(shira_a=a, shira_b=b, floor=floor, shira_bytes=nbytes, shira_mask=mask)
     rows, inf, gen = [], None, None
     paths = [kernels.backend()] + (["torch"] if kernels.backend() != "torch" else [])
     for path in paths:
         os.environ["SHIRA_KERNELS"] = path
         kernels.reset()
-        progress(f"{dtype}: shira switch A -> B ({path} kernels), {cfg.repeats} repeats")
+        progress(f"{dtype}: shira switch A -> B, {mask} masks ({path} kernels), {cfg.repeats} repeats")
         t = cycle([lambda: rt.switch("shira_a"), lambda: rt.switch("shira_b")], cfg.repeats)
-        if inf is None:  # same weights, same code path: one measurement serves every kernel path
+        if inf is None and first:  # same weights, same code path: one measurement serves every kernel path
             progress(f"{dtype}: inference with shira_a applied, interleaved with the base")
             inf = infer.measure("shira_a")
-        label = ("fast path" if path == "cpp" else "pure-torch reference") + f", {origin} adapters"
-        if gen is None:
             gen = gen_timing(cfg, rt, ctx["prompt"], "shira_a")
-        rows.append(Row.of("shira", f"torch/{path}", dtype, t, nbytes, label, inf, floor).with_gen(gen))
+        label = ("fast path" if path == "cpp" else "pure-torch reference") + f", {origin} adapters"
+        row = Row.of("shira", f"torch/{path}", dtype, t, nbytes, label, inf, floor).with_gen(gen)
+        rows.append(replace(row, mask=mask, streams_floor_ms=streams_floor))
     os.environ.pop("SHIRA_KERNELS", None)
     kernels.reset()
     rt.switch(None)
@@ -146,7 +173,12 @@ def run(cfg: Config) -> dict:
         ctx: dict = {"vocab": vocab, "prompt": prompt(cfg, vocab)}
         base = Row.of("base", "torch", dtype, None, 0, "no adapter", infer.measure().as_base())
         rows.append(base.with_gen(gen_timing(cfg, rt, ctx["prompt"], None)))
-        rows += shira_rows(cfg, rt, model, dtype, copy_gbps, infer, ctx)
+        if any(m in ("grad", "snip") for m in cfg.masks):
+            gen = torch.Generator().manual_seed(cfg.seed)
+            ctx["calibration"] = torch.randint(0, vocab, (2, 32), generator=gen)
+        for mask in cfg.masks if not cfg.shira else cfg.masks[:1]:
+            rows += shira_rows(cfg, rt, model, dtype, copy_gbps, infer, ctx, mask)
+            gc.collect()
         rows += lora_rows(cfg, rt, model, dtype, infer, ctx)
         del rt, infer
         gc.collect()
@@ -181,7 +213,9 @@ def run(cfg: Config) -> dict:
         },
         "copy_gbps": copy_gbps,
         "skipped": skipped,
-        "results": [asdict(r) | {"floor_ratio": r.floor_ratio} for r in rows],
+        "results": [
+            asdict(r) | {"floor_ratio": r.floor_ratio, "streams_floor_ratio": r.streams_floor_ratio} for r in rows
+        ],
         # live / default prepacked onnxruntime session of the same graph: the first dtype's, and each dtype's
         "live_vs_prepacked": next(({"dtype": k, **v} for k, v in live_vs_prepacked.items()), None),
         "live_vs_prepacked_by_dtype": live_vs_prepacked,
@@ -206,6 +240,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-peft", action="store_true", help="skip the rows timing PEFT's own switch")
     p.add_argument("--new-tokens", type=int, default=32, help="decode tokens timed after the first")
     p.add_argument("--gen-repeats", type=int, default=3, help="generations timed per method")
+    p.add_argument(
+        "--mask",
+        nargs="+",
+        default=["rand", "block"],
+        choices=list(KINDS),
+        help="mask kinds of the random SHiRA adapters, one pair of switch rows each (grad/snip: a calibration "
+        "pass on random tokens); the first also runs the inference, onnxruntime and PEFT rows",
+    )
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG: switch latency (log) and inference overhead")
     args = p.parse_args(argv)
@@ -227,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         new_tokens=args.new_tokens,
         gen_repeats=args.gen_repeats,
         no_peft=args.no_peft,
+        masks=tuple(dict.fromkeys(args.mask)),
     )
     out, elapsed_ms = once(lambda: run(cfg))
     out["elapsed_s"] = elapsed_ms / 1e3

@@ -14,6 +14,7 @@ interleaving with the base), and every row is the same ``benchmarks.switch_rows.
 from __future__ import annotations
 
 import gc
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,7 @@ def onnx_rows(cfg: Config, dtype: str, ctx: dict, workdir: Path) -> list[Row]:
     gen = gen_timing(cfg, rt, ctx["prompt"], "shira_a")
     note = "switched in the live session"
     shira = Row.of("shira", "onnxruntime/live", dtype, t, ctx["shira_bytes"], note, inf, ctx["floor"])
+    shira = replace(shira, mask=ctx.get("shira_mask"))
     rows.append(shira.with_gen(gen))
 
     # lora fused: no live weights -> fuse, then a new prepacked session over the fused weights

@@ -28,16 +28,19 @@ def report(out: dict) -> None:
             if r["method"] == "shira":
                 fam = r["backend"].split("/")[0]
                 shira[fam] = min(shira.get(fam, r["switch_ms"]), r["switch_ms"])
+        by_mask(sub)
         print()
         print_table(
             [
                 "method",
+                "mask",
                 "backend",
                 "dtype",
                 "switch ms",
                 "p90 ms",
                 "floor ms",
                 "x floor",
+                "x streams floor",
                 "x shira",
                 "infer ms",
                 "1-tok ms",
@@ -51,12 +54,14 @@ def report(out: dict) -> None:
             [
                 [
                     r["method"],
+                    r.get("mask"),
                     r["backend"],
                     r["dtype"],
                     r["switch_ms"],
                     r["switch_p90_ms"],
                     r["floor_ms"],
                     r["floor_ratio"],
+                    r.get("streams_floor_ratio"),
                     r["switch_ms"] / shira[fam]
                     if (fam := r["backend"].split("/")[0]) in shira and r["switch_ms"]
                     else None,
@@ -74,6 +79,10 @@ def report(out: dict) -> None:
         )
     print("\nx shira: against the fastest SHiRA switch on the same backend; infer x base: against the base there")
     print(
+        "x floor: against the time to read and write the weight lines the two adapters touch, at the copy "
+        "bandwidth; x streams floor: adding the adapters' own bytes (saved values, deltas, indices)"
+    )
+    print(
         f"TTFT: the switch, then a prompt of {c['tokens']} tokens and the first new token; decode tok/s: the "
         f"{c['new_tokens']} tokens after it, with the method active (KV cache on both backends)"
     )
@@ -88,6 +97,26 @@ def report(out: dict) -> None:
         print(f"skipped: {line}")
 
 
+def by_mask(rows: list[dict]) -> None:
+    """The SHiRA switch per mask kind (the fast kernel path) against the random mask and the fused LoRA switch."""
+    fast = {}
+    for r in rows:
+        if r["method"] == "shira" and r["backend"].startswith("torch/") and r.get("mask"):
+            fast[r["mask"]] = min(fast.get(r["mask"], r["switch_ms"]), r["switch_ms"])
+    fused = {
+        r["backend"]: r["switch_ms"] for r in rows if r["method"] == "lora_fused" and r["backend"].startswith("torch")
+    }
+    if len(fast) < 2 and not fused:
+        return
+    print(f"\nSHiRA switch by mask ({rows[0]['dtype']}, fastest kernel path, this run):")
+    for mask, ms in fast.items():
+        parts = [f"  {mask:>6}: {ms:8.2f} ms"]
+        if "rand" in fast and mask != "rand":
+            parts.append(f"rand / {mask} = {fast['rand'] / ms:.1f}x")
+        parts += [f"LoRA fused ({b.split('/')[1]}) / {mask} = {f / ms:.1f}x" for b, f in fused.items()]
+        print(", ".join(parts))
+
+
 def plot(out: dict, path: str) -> None:
     import matplotlib
 
@@ -95,7 +124,7 @@ def plot(out: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in out["results"] if r["method"] != "base"]
-    labels = [f"{r['method']}\n{r['backend']} {r['dtype']}" for r in rows]
+    labels = [f"{r['method']} {r.get('mask') or ''}\n{r['backend']} {r['dtype']}" for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 0.5 * len(rows) + 2), sharey=True)
     ax1.barh(labels, [r["switch_ms"] for r in rows], color="tab:blue")
     ax1.set_xscale("log")

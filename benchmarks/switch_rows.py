@@ -33,6 +33,8 @@ class Config:
     new_tokens: int = 32  # decode tokens timed after the first (generation columns)
     gen_repeats: int = 3
     no_peft: bool = False
+    masks: tuple[str, ...] = ("rand",)  # SHiRA mask kinds of the random adapters (runtime.masks); the first one
+    # also serves the onnxruntime and PEFT rows
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,10 @@ class Row:
     infer_overhead: float | None = None  # infer_ms / the base's infer_ms (1.0 = none)
     ttft_ms: float | None = None  # time to first token after a switch: switch + prompt prefill + first token
     decode_tokens_per_s: float | None = None  # the tokens after the first, with the method active
+    mask: str | None = None  # SHiRA rows: the mask kind of the adapters ("user": the user's files)
+    # SHiRA rows: the floor counting every byte a switch must move: the weight lines (as floor_ms) plus the
+    # adapter's own streams (saved values written and read back, deltas and indices read)
+    streams_floor_ms: float | None = None
 
     @property
     def floor_ratio(self) -> float | None:
@@ -75,6 +81,10 @@ class Row:
         median, p90 = (switch.median_ms, switch.p90_ms) if switch else (0.0, 0.0)
         row = Row(method, backend, dtype, median, p90, floor_ms, rss_mb(), bytes_written, note)
         return row.with_infer(infer) if infer else row
+
+    @property
+    def streams_floor_ratio(self) -> float | None:
+        return self.switch_ms / self.streams_floor_ms if self.streams_floor_ms else None
 
     def with_gen(self, gen: GenTiming | None) -> Row:
         if gen is None:

@@ -36,20 +36,23 @@ def random_shira(
     std: float = 0.01,
     values_dtype: torch.dtype = torch.float32,
     mask: str | None = None,
+    batch: torch.Tensor | None = None,
 ) -> SparseAdapter:
     """A random SHiRA adapter over the target linears: ``density`` of each weight, deltas ~ N(0, std).
 
-    ``mask``: a kind of ``runtime.masks`` that needs no calibration batch (``rand``, ``struct``, ``wm``,
-    ``block`` with random blocks) picks the positions, PEFT's way: ``r * (out + in)`` per layer for one ``r``
+    ``mask``: a kind of ``runtime.masks`` (``block`` without ``batch``: random blocks) picks the positions,
+    PEFT's way: ``r * (out + in)`` per layer for one ``r``
     (the adapter's ``density`` overall; saved as PEFT SHiRA, it loads in PEFT); None: uniformly random
-    positions, ``round(density * numel)`` in each weight."""
+    positions, ``round(density * numel)`` in each weight. ``batch`` (input ids) is the calibration batch of the
+    gradient kinds (``grad``, ``snip``, SNIP-scored ``block``): one forward/backward of ``module`` on it."""
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"density {density} is not in [0, 1]")
     gen = torch.Generator().manual_seed(seed)
+    targets = tuple(targets)
     weights = target_weights(module, targets)
     fn = None
     if mask is not None:
-        fn = shira_mask_fn(mask, seed=seed)
+        fn = shira_mask_fn(mask, module if batch is not None else None, batch, seed=seed, targets=targets)
         linears = {f"{n}.weight": m for n, m in module.named_modules() if f"{n}.weight" in weights}
         total = sum(w.numel() for w in weights.values())
         r = max(1, round(density * total / sum(w.shape[0] + w.shape[1] for w in weights.values())))

@@ -26,7 +26,7 @@ def test_touched_lines_and_floor_hand_counted():
 
 def test_quick_run_writes_every_method_row(tmp_path, capsys):
     out = tmp_path / "r.json"
-    main(["--quick", "--dtype", "fp32", "bf16", "--json", str(out), "--repeats", "3"])
+    main(["--quick", "--dtype", "fp32", "bf16", "--json", str(out), "--repeats", "3", "--mask", "rand"])
     data = json.loads(out.read_text())
     assert {"config", "machine", "copy_gbps", "results"} <= set(data)
     assert data["copy_gbps"] > 0
@@ -66,6 +66,27 @@ def test_quick_run_writes_every_method_row(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "lora_unfused" in printed and "x floor" in printed and "skipped: onnxruntime rows for bf16" in printed
     assert "TTFT ms" in printed and "live vs prepacked" in printed
+
+
+def test_switch_rows_per_mask(tmp_path, capsys):
+    """--mask: one pair of SHiRA switch rows per mask kind (grad: a calibration pass), each with the floors of
+    the lines its adapters touch; the first mask's rows also time inference; the ratios are printed."""
+    out = tmp_path / "r.json"
+    argv = ["--quick", "--no-onnx", "--no-peft", "--repeats", "2", "--infer-repeats", "1", "--json", str(out)]
+    main([*argv, "--mask", "rand", "block", "struct", "grad"])
+    rows = [r for r in json.loads(out.read_text())["results"] if r["method"] == "shira"]
+    assert [r["mask"] for r in rows] == ["rand", "rand", "block", "block", "struct", "struct", "grad", "grad"]
+    for r in rows:
+        assert r["switch_ms"] > 0 and r["floor_ms"] > 0 and r["streams_floor_ms"] > r["floor_ms"]
+        assert (r["infer_ms"] is not None) == (r["mask"] == "rand")
+    floors = {r["mask"]: r["floor_ms"] for r in rows}
+    assert floors["block"] < floors["rand"] / 4  # a cache-line mask touches far fewer lines (16 fp32 per line)
+    printed = capsys.readouterr().out
+    assert (
+        "SHiRA switch by mask" in printed
+        and "rand / block = " in printed
+        and "LoRA fused (unmerge-merge) / block" in printed
+    )
 
 
 def test_no_onnx_and_no_peft_skip_their_rows_and_say_so(tmp_path):
