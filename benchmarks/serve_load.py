@@ -4,16 +4,18 @@
     python -m benchmarks.serve_load --quick         # tiny preset, shorter runs (< 3 minutes)
 
 An open-loop load generator (Poisson arrivals at a fixed mean rate; adapters drawn with Zipf popularity; prompts
-of one length from a fixed pool) sends the same request sequence to three deployments, one after the other:
+of one length from a fixed pool) sends the same request sequence three ways, in ``rounds`` runs each, the three
+taking turns (the machine is shared: a slow spell then hits them alike):
 - ``affinity``: SHiRA adapters, the adapter as Ray's multiplexed model id (Ray routes to a replica claiming it);
 - ``round_robin``: the same deployment, the adapter in the payload (Ray routes adapter-blind, by queue length);
-- ``unfused_lora``: LoRA adapters registered unfused (a switch writes no weight; every token pays the extra
-  ``x @ A.T @ B.T`` matmuls), affinity routing.
+- ``unfused_lora``: a second deployment with LoRA adapters registered unfused (a switch writes no weight; every
+  token pays the extra ``x @ A.T @ B.T`` matmuls), affinity routing.
+Both deployments are started once (2 replicas each, idle while the other runs).
 Every reply is checked against the driver's own runtime (same seeds, same code): ``wrong`` counts replies whose
 adapter or tokens differ from what that adapter generates offline, and must be 0. Latency runs from a request's
 scheduled arrival to its reply. Switches are counted from the replies (each names its replica's switch count).
 
-A fourth run (``--kill``, on by default) repeats ``affinity`` and kills one replica actor mid-run (``ray.kill``
+A last run (on unless ``--no-kill``) repeats ``affinity`` and kills one replica actor mid-run (``ray.kill``
 with ``no_restart=False``): Ray Serve replaces it; a request that fails with Ray's actor error is retried (up to
 ``RETRIES`` times); the result says how many failed, were retried, and how soon a new replica answered.
 """
@@ -47,7 +49,8 @@ class Config:
     adapters: int
     zipf: float  # popularity of the i-th adapter ~ 1 / (i + 1) ** zipf
     rate_rps: float  # mean arrival rate (Poisson)
-    duration_s: float  # arrivals per run: rate * duration
+    duration_s: float  # seconds of arrivals per routing, split into ``rounds`` taking turns
+    rounds: int
     prompt: int  # tokens per prompt
     prompts: int  # distinct prompts in the pool
     new_tokens: int
@@ -61,8 +64,8 @@ class Config:
     kill_s: float  # the kill-a-replica run: seconds of arrivals (0: no such run); the kill comes at a quarter
 
 
-DEFAULT = Config("small", 16, 1.1, 6.0, 30.0, 16, 16, 8, 2, 8, 8, 0.01, 0.05, 16, 0, 40.0)
-QUICK = Config("tiny", 8, 1.1, 30.0, 10.0, 16, 16, 8, 2, 8, 8, 0.01, 0.2, 16, 0, 20.0)
+DEFAULT = Config("small", 16, 1.1, 6.0, 30.0, 3, 16, 16, 8, 2, 8, 8, 0.01, 0.05, 16, 0, 40.0)
+QUICK = Config("tiny", 8, 1.1, 30.0, 10.0, 2, 16, 16, 8, 2, 8, 8, 0.01, 0.2, 16, 0, 20.0)
 
 
 @dataclass(frozen=True)
@@ -109,11 +112,13 @@ def specs(cfg: Config) -> dict[str, RuntimeSpec]:
     return {"shira": RuntimeSpec(cfg.preset, synthetic=shira), "lora": RuntimeSpec(cfg.preset, synthetic=lora)}
 
 
-def workload(cfg: Config, names: list[str], duration_s: float) -> tuple[list[list[int]], list[Arrival]]:
-    """The prompt pool and ``duration_s`` of arrivals (Poisson times, Zipf adapters), the same for every run."""
+def workload(cfg: Config, names: list[str], duration_s: float, part: int = 0) -> tuple[list[list[int]], list[Arrival]]:
+    """The prompt pool and ``duration_s`` of arrivals (Poisson times, Zipf adapters); ``part`` draws another
+    stretch of arrivals over the same pool. The same for every routing."""
     rng = random.Random(cfg.seed)
     vocab = PRESETS[cfg.preset].vocab
     pool = [[rng.randrange(1, vocab) for _ in range(cfg.prompt)] for _ in range(cfg.prompts)]
+    rng = random.Random(f"{cfg.seed}:{part}")
     weights = [1.0 / (i + 1) ** cfg.zipf for i in range(len(names))]
     arrivals, t = [], 0.0
     while True:
@@ -175,11 +180,18 @@ def drive(client: Client, arrivals: list[Arrival], pool: list[list[int]], cfg: C
     return outcomes
 
 
-def summarize(routing: str, outcomes: list[Outcome], table: dict) -> Row:
+def summarize(routing: str, segments: list[list[Outcome]], table: dict) -> Row:
+    """One row from the outcomes of one or more runs (``segments``, each timed from its own start)."""
+    outcomes = [o for seg in segments for o in seg]
     done = [o for o in outcomes if o.reply is not None]
     lat = sorted(o.latency_ms for o in done)
     pct = lambda q: lat[min(len(lat) - 1, round(q * (len(lat) - 1)))] if lat else float("nan")
-    span = max((o.done_s for o in done), default=0.0) - min((o.arrival.at_s for o in outcomes), default=0.0)
+    span = sum(
+        max((o.done_s for o in seg if o.reply is not None), default=0.0)
+        - min((o.arrival.at_s for o in seg), default=0.0)
+        for seg in segments
+        if seg
+    )
     switches = {(o.reply["replica"], o.reply["switch_seq"]): o.reply["switch_ms"] for o in done if o.reply["switched"]}
     wrong = sum(
         o.reply["adapter"] != o.arrival.adapter or o.reply["tokens"] != table[o.arrival.adapter, o.arrival.prompt]
@@ -259,57 +271,64 @@ class Killer:
 
 
 def measure(cfg: Config, routings: tuple[str, ...] = ROUTINGS) -> tuple[list[Row], dict | None, dict]:
+    """Each routing in ``cfg.rounds`` runs, the routings taking turns (a slow spell of a shared machine hits
+    them alike) over deployments started once; then the kill-a-replica run."""
     from ray import serve
 
     from runtime.serve import run, start_local, stop
 
     spec = specs(cfg)
-    names = spec["shira"].synthetic.names()
-    pool, arrivals = workload(cfg, names, cfg.duration_s)
-    progress(f"{len(arrivals)} arrivals per run over {cfg.duration_s:.0f} s; offline answers for every adapter")
+    names, lora_names = spec["shira"].synthetic.names(), spec["lora"].synthetic.names()
+    part_s = cfg.duration_s / cfg.rounds
+    pool = workload(cfg, names, 0.0)[0]
+    parts = [workload(cfg, names, part_s, r)[1] for r in range(cfg.rounds)]
+    to_lora = lambda arr: [replace(a, adapter=lora_names[names.index(a.adapter)]) for a in arr]
+    kinds = {"affinity": "shira", "round_robin": "shira", "unfused_lora": "lora"}
+    needed = {kinds[r] for r in routings}
+    progress(f"{sum(map(len, parts))} arrivals per routing in {cfg.rounds} runs; offline answers for every adapter")
     tables, memory = {}, {}
-    for kind, s in spec.items():
-        if kind == "lora" and "unfused_lora" not in routings:
-            continue
-        tables[kind], per = offline(s, pool, cfg.new_tokens)
+    for kind in sorted(needed):
+        tables[kind], per = offline(spec[kind], pool, cfg.new_tokens)
         memory[kind] = sum(per.values()) / max(1, len(per))
-    lora_names = spec["lora"].synthetic.names()
-    lora_arrivals = [replace(a, adapter=lora_names[names.index(a.adapter)]) for a in arrivals]
-    runs = [
-        ("affinity", spec["shira"], True, arrivals, None),
-        ("round_robin", spec["shira"], False, arrivals, None),
-        ("unfused_lora", spec["lora"], True, lora_arrivals, None),
-    ]
-    if cfg.kill_s:
-        long = workload(cfg, names, cfg.kill_s)[1]
-        runs.append(("affinity+kill", spec["shira"], True, long, Killer(0.25 * cfg.kill_s)))
-    runs = [r for r in runs if r[0].split("+")[0] in routings or r[0] == "affinity+kill"]
     serve_cfg = ServeConfig(
-        replicas=cfg.replicas,
-        max_batch=cfg.max_batch,
-        max_ongoing_requests=cfg.max_ongoing,
-        replica_cpus=0.5,
-        name="serve-load",
+        replicas=cfg.replicas, max_batch=cfg.max_batch, max_ongoing_requests=cfg.max_ongoing, replica_cpus=0.5
     )
-    rows, kill = [], None
+    apps = {kind: replace(serve_cfg, name=f"serve-load-{kind}") for kind in needed}
     progress("starting a local Ray cluster (loopback)")
     start_local(num_cpus=2)
     try:
-        for routing, s, affinity, arr, killer in runs:
-            progress(f"[{routing}] deploying {cfg.replicas} replicas of {cfg.preset} with {cfg.adapters} adapters")
-            serve.delete(serve_cfg.name)
-            client = Client(run(s, serve_cfg), affinity=affinity)
-            for a in dict.fromkeys(x.adapter for x in arr):  # warm-up (not counted): one request per adapter
-                client.submit(a, pool[0], cfg.new_tokens).result(timeout_s=TIMEOUT_S)
-            progress(f"[{routing}] {len(arr)} requests at {cfg.rate_rps} rps")
-            outcomes = drive(client, arr, pool, cfg, during=killer)
-            table = tables["lora" if routing == "unfused_lora" else "shira"]
-            row = summarize(routing.split("+")[0], outcomes, table)
-            progress(f"[{routing}] {row}")
-            if killer is not None:
-                kill = killer.result(outcomes, serve_cfg.name, row)
-            else:
-                rows.append(row)
+        clients = {}
+        for kind, app in apps.items():
+            progress(f"deploying {cfg.replicas} replicas of {cfg.preset} with {cfg.adapters} {kind} adapters")
+            handle = run(spec[kind], app)
+            for a in lora_names if kind == "lora" else names:  # warm-up (not counted): one request per adapter
+                Client(handle).submit(a, pool[0], cfg.new_tokens).result(timeout_s=TIMEOUT_S)
+            clients[kind] = handle
+        segments: dict[str, list[list[Outcome]]] = {r: [] for r in routings}
+        for r, arrivals in enumerate(parts):
+            order = list(routings[r % len(routings) :] + routings[: r % len(routings)])  # who goes first rotates
+            for routing in order:
+                client = Client(clients[kinds[routing]], affinity=routing != "round_robin")
+                arr = to_lora(arrivals) if routing == "unfused_lora" else arrivals
+                progress(f"[{routing}] run {r + 1}/{cfg.rounds}: {len(arr)} requests at {cfg.rate_rps} rps")
+                segments[routing].append(drive(client, arr, pool, cfg))
+        rows = [summarize(r, segments[r], tables[kinds[r]]) for r in routings]
+        for row in rows:
+            progress(str(row))
+        kill = None
+        if cfg.kill_s:
+            if "lora" in apps:
+                serve.delete(apps["lora"].name)  # its CPUs go to the replica that replaces the killed one
+            if "shira" not in apps:
+                apps["shira"] = replace(serve_cfg, name="serve-load-shira")
+                clients["shira"] = run(spec["shira"], apps["shira"])
+                tables["shira"] = offline(spec["shira"], pool, cfg.new_tokens)[0]
+            arrivals = workload(cfg, names, cfg.kill_s, cfg.rounds)[1]
+            killer = Killer(0.25 * cfg.kill_s)
+            progress(f"[kill] {len(arrivals)} requests at {cfg.rate_rps} rps, one replica killed at {killer.at_s} s")
+            outcomes = drive(Client(clients["shira"]), arrivals, pool, cfg, during=killer)
+            row = summarize("affinity", [outcomes], tables["shira"])
+            kill = killer.result(outcomes, apps["shira"].name, row)
     finally:
         stop()
     return rows, kill, memory
@@ -321,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", choices=sorted(PRESETS), default=None)
     p.add_argument("--adapters", type=int, default=None)
     p.add_argument("--rate", type=float, default=None, help="requests per second (Poisson arrivals)")
-    p.add_argument("--duration", type=float, default=None, help="seconds of arrivals per run")
+    p.add_argument("--duration", type=float, default=None, help="seconds of arrivals per routing, all runs")
+    p.add_argument("--rounds", type=int, default=None, help="runs per routing, the routings taking turns")
     p.add_argument("--max-ongoing", type=int, default=None, help="requests a replica accepts at once")
     p.add_argument("--routing", nargs="+", choices=ROUTINGS, default=list(ROUTINGS))
     p.add_argument("--no-kill", action="store_true", help="skip the kill-a-replica run")
@@ -334,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         adapters=args.adapters or cfg.adapters,
         rate_rps=args.rate or cfg.rate_rps,
         duration_s=args.duration or cfg.duration_s,
+        rounds=args.rounds or cfg.rounds,
         max_ongoing=args.max_ongoing or cfg.max_ongoing,
         kill_s=0.0 if args.no_kill else cfg.kill_s,
     )

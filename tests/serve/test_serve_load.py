@@ -55,11 +55,12 @@ def test_summary_counts_switches_once_and_every_wrong_reply():
         # no answer after the retries
         Outcome(Arrival(0.5, "a", 0), None, done_s=2.0, attempts=3, error="ActorDiedError: gone"),
     ]
-    row = summarize("affinity", outcomes, table)
+    row = summarize("affinity", [outcomes[:3], outcomes[3:]], table)
     assert (row.requests, row.failed, row.retried) == (6, 1, 1)
     assert row.switches == 3 and row.switch_ms == pytest.approx(6.0)
     assert row.switches_per_request == pytest.approx(0.5)
     assert row.wrong == 2
-    assert row.throughput_rps == pytest.approx(6 / 1.0)  # first arrival (0 s) -> last answer (1 s)
+    # two runs: 0 s -> 0.3 s (first arrival -> last answer) and 0.2 s -> 1 s (a failed request is no answer)
+    assert row.throughput_rps == pytest.approx(6 / (0.3 + 0.8))
     assert row.p50_ms == pytest.approx(200.0)  # latencies 100 100 200 200 200 600
     assert row.distinct == pytest.approx(1.0)  # every right answer differs from the base's
