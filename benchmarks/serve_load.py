@@ -82,6 +82,7 @@ class Row:
     switches_per_request: float
     switch_ms: float  # the replicas' time in switches, summed
     mean_batch: float
+    busiest_share: float  # the share of replies that came from the busiest replica (load concentration)
     wrong: int  # replies whose adapter or tokens differ from the offline answer (all replies are checked)
     distinct: float  # share of replies whose right answer differs from the base's: what the check can tell apart
 
@@ -212,6 +213,7 @@ def summarize(routing: str, segments: list[list[Outcome]], table: dict) -> Row:
         switches_per_request=len(switches) / n,
         switch_ms=sum(switches.values()),
         mean_batch=sum(o.reply["batch"] for o in done) / n,
+        busiest_share=max(Counter(o.reply["replica"] for o in done).values(), default=0) / n,
         wrong=wrong,
         distinct=distinct / n,
     )
@@ -361,7 +363,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# serve_load: {cfg}", flush=True)
     rows, kill, memory = measure(cfg, tuple(args.routing))
     print_table(
-        ["routing", "rps", "p50 ms", "p99 ms", "switches", "/s", "/request", "switch ms", "batch", "requests", "wrong"],
+        [
+            "routing",
+            "rps",
+            "p50 ms",
+            "p99 ms",
+            "switches",
+            "/s",
+            "/request",
+            "switch ms",
+            "batch",
+            "busiest",
+            "requests",
+            "wrong",
+        ],
         [
             [
                 r.routing,
@@ -373,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                 r.switches_per_request,
                 r.switch_ms,
                 r.mean_batch,
+                r.busiest_share,
                 f"{r.requests} ({r.failed} failed)",
                 r.wrong,
             ]

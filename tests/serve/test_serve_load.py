@@ -63,4 +63,5 @@ def test_summary_counts_switches_once_and_every_wrong_reply():
     # two runs: 0 s -> 0.3 s (first arrival -> last answer) and 0.2 s -> 1 s (a failed request is no answer)
     assert row.throughput_rps == pytest.approx(6 / (0.3 + 0.8))
     assert row.p50_ms == pytest.approx(200.0)  # latencies 100 100 200 200 200 600
+    assert row.busiest_share == pytest.approx(3 / 6)  # r1 and r2 answered 3 each
     assert row.distinct == pytest.approx(1.0)  # every right answer differs from the base's
