@@ -1,7 +1,8 @@
 """Scatter/gather engine for adapter switching: a pure-torch reference and an optional C++ fast path.
 
 Verbs (multi-tensor, in place; see ``kernels.reference`` for the exact semantics):
-``restore_``, ``apply_``, ``switch_``. Both paths give bit-identical results.
+``restore_``, ``apply_``, ``switch_``. Both paths give bit-identical results. Weights are fp32/fp16/bf16, or the
+1-byte codes of a quantized base (int8, fp8 e4m3fn/e5m2) with per-row scales, switched on their grid.
 
 ``SHIRA_KERNELS`` picks the path: ``auto`` (default: the C++ extension if it builds/loads, else the
 reference with one warning), ``torch`` (force the reference), ``cpp`` (a missing extension is an error).
@@ -66,11 +67,31 @@ def restore_(weights, indices, saved, validate: bool = True) -> None:
     _get().restore_(weights, indices, saved, validate=validate)
 
 
-def apply_(weights, indices, deltas, saved, validate: bool = True) -> None:
-    _get().apply_(weights, indices, deltas, saved, validate=validate)
+def apply_(weights, indices, deltas, saved, validate: bool = True, scales=None, saturated=None) -> None:
+    _get().apply_(weights, indices, deltas, saved, validate=validate, scales=scales, saturated=saturated)
 
 
 def switch_(
-    out_weights, out_indices, out_saved, in_weights, in_indices, in_deltas, in_saved, validate: bool = True
+    out_weights,
+    out_indices,
+    out_saved,
+    in_weights,
+    in_indices,
+    in_deltas,
+    in_saved,
+    validate: bool = True,
+    in_scales=None,
+    saturated=None,
 ) -> None:
-    _get().switch_(out_weights, out_indices, out_saved, in_weights, in_indices, in_deltas, in_saved, validate=validate)
+    _get().switch_(
+        out_weights,
+        out_indices,
+        out_saved,
+        in_weights,
+        in_indices,
+        in_deltas,
+        in_saved,
+        validate=validate,
+        in_scales=in_scales,
+        saturated=saturated,
+    )

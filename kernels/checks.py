@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+QUANT_DTYPES = (torch.int8, torch.float8_e4m3fn, torch.float8_e5m2)  # 1-byte codes of a quantized base
+SUPPORTED_DTYPES = FLOAT_DTYPES + QUANT_DTYPES
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -23,7 +25,7 @@ def _check_common(op: str, weights, indices, saved, with_bounds: bool) -> None:
         )
     for t, (w, idx, s) in enumerate(zip(weights, indices, saved)):
         if w.dtype not in SUPPORTED_DTYPES:
-            _fail(op, t, f"weight dtype {w.dtype} is not one of fp32/fp16/bf16")
+            _fail(op, t, f"weight dtype {w.dtype} is not one of fp32/fp16/bf16/int8/float8_e4m3fn/float8_e5m2")
         if not w.is_contiguous():
             _fail(op, t, "weight is not contiguous")
         if idx.dtype not in INDEX_DTYPES:
@@ -45,12 +47,32 @@ def check_restore(op: str, weights, indices, saved, with_bounds: bool = True) ->
     _check_common(op, weights, indices, saved, with_bounds)
 
 
-def check_apply(op: str, weights, indices, deltas, saved, with_bounds: bool = True) -> None:
+def check_apply(
+    op: str, weights, indices, deltas, saved, scales=None, saturated=None, with_bounds: bool = True
+) -> None:
     _check_common(op, weights, indices, saved, with_bounds)
     if len(deltas) != len(weights):
         raise KernelInputError(f"{op}: {len(deltas)} delta tensors for {len(weights)} weights")
-    for t, (idx, d) in enumerate(zip(indices, deltas)):
+    if scales is not None and len(scales) != len(weights):
+        raise KernelInputError(f"{op}: {len(scales)} scale tensors for {len(weights)} weights")
+    if saturated is not None and (
+        saturated.dtype != torch.int64 or saturated.shape != (len(weights),) or not saturated.is_contiguous()
+    ):
+        raise KernelInputError(
+            f"{op}: saturated must be int64 [{len(weights)}], got {saturated.dtype}{list(saturated.shape)}"
+        )
+    for t, (w, idx, d) in enumerate(zip(weights, indices, deltas)):
         if d.dtype != torch.float32:
             _fail(op, t, f"delta dtype {d.dtype} is not float32")
         if d.shape != idx.shape or not d.is_contiguous():
             _fail(op, t, f"delta shape {tuple(d.shape)} does not match indices shape {tuple(idx.shape)}")
+        s = scales[t] if scales is not None else None
+        if w.dtype in QUANT_DTYPES:
+            if s is None or s.numel() == 0:
+                _fail(op, t, f"a {w.dtype} weight needs its per-row scales")
+            if s.dtype != torch.float32 or s.dim() != 1 or not s.is_contiguous():
+                _fail(op, t, f"scales must be fp32 1-D contiguous, got {s.dtype}{list(s.shape)}")
+            if w.numel() % s.numel():
+                _fail(op, t, f"{s.numel()} scales do not divide a weight of {w.numel()} elements into rows")
+        elif s is not None and s.numel():
+            _fail(op, t, f"scales given for a {w.dtype} weight (only 1-byte quantized weights take scales)")

@@ -6,11 +6,11 @@ source with the system C++ compiler on first use (no ninja, no setuptools), cach
 ``$SHIRA_KERNELS_CACHE`` (default ``~/.cache/shira_kernels``) in a folder named by a hash of the source,
 the flags and the torch version, and loads it with ``torch.ops.load_library``.
 
-The verbs have the signatures and results of ``kernels.reference`` (bit for bit; the one exception is the
-bit pattern of a NaN produced in bf16); bad inputs raise ``KernelInputError`` with a message naming the op
-and the tensor, before anything is written. ``validate=True`` checks every index (and accepts any order);
-``validate=False`` trusts the caller's promise of sorted, in-range indices and checks only the first and
-last of each list.
+The verbs have the signatures and results of ``kernels.reference`` (bit for bit, 1-byte quantized codes
+included; the one exception is the bit pattern of a NaN produced in bf16); bad inputs raise
+``KernelInputError`` with a message naming the op and the tensor, before anything is written.
+``validate=True`` checks every index (and accepts any order); ``validate=False`` trusts the caller's promise of
+sorted, in-range indices and checks only the first and last of each list.
 """
 
 from __future__ import annotations
@@ -39,12 +39,13 @@ _CXXFLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-fPIC", "-sh
 _SCHEMAS = {
     "restore_": "restore_(Tensor(a!)[] weights, Tensor[] indices, Tensor[] saved, bool validate=True) -> ()",
     "apply_": (
-        "apply_(Tensor(a!)[] weights, Tensor[] indices, Tensor[] deltas, Tensor(b!)[] saved, bool validate=True) -> ()"
+        "apply_(Tensor(a!)[] weights, Tensor[] indices, Tensor[] deltas, Tensor(b!)[] saved, bool validate=True, "
+        "Tensor[]? scales=None, Tensor(c!)? saturated=None) -> ()"
     ),
     "switch_": (
         "switch_(Tensor(a!)[] out_weights, Tensor[] out_indices, Tensor[] out_saved, "
         "Tensor(b!)[] in_weights, Tensor[] in_indices, Tensor[] in_deltas, Tensor(c!)[] in_saved, "
-        "bool validate=True) -> ()"
+        "bool validate=True, Tensor[]? in_scales=None, Tensor(d!)? saturated=None) -> ()"
     ),
 }
 
@@ -69,11 +70,22 @@ def _define() -> None:
         return None
 
     @torch.library.register_fake("shira::apply_", lib=lib)
-    def _apply_fake(weights, indices, deltas, saved, validate=True):
+    def _apply_fake(weights, indices, deltas, saved, validate=True, scales=None, saturated=None):
         return None
 
     @torch.library.register_fake("shira::switch_", lib=lib)
-    def _switch_fake(out_weights, out_indices, out_saved, in_weights, in_indices, in_deltas, in_saved, validate=True):
+    def _switch_fake(
+        out_weights,
+        out_indices,
+        out_saved,
+        in_weights,
+        in_indices,
+        in_deltas,
+        in_saved,
+        validate=True,
+        in_scales=None,
+        saturated=None,
+    ):
         return None
 
     _lib = lib
@@ -189,13 +201,13 @@ def tuning(chunk: int = -1, serial_below: int = -1, force_plan: int = -1, prefet
 _PLANS = {1: "fused", 2: "phased", 3: "ordered"}
 
 
-def _call(op, *args, validate: bool, mutated: tuple[list[torch.Tensor], ...]) -> None:
+def _call(op, *args, validate: bool, mutated: tuple[list[torch.Tensor], ...], **extra) -> None:
     if _so_path is None:
         load()
     if not any(isinstance(a, list) and a for a in args):
         return  # no tensor at all: nothing to do (and nothing the dispatcher could route on)
     try:
-        op(*args, validate=validate)
+        op(*args, validate=validate, **extra)
     except ValueError as exc:  # the C++ input checks raise ValueError("shira::<op>: ...")
         raise KernelInputError(str(exc)) from None
     # The C++ kernel writes through raw pointers: tell autograd, as the reference's in-place ops do.
@@ -220,9 +232,22 @@ def apply_(
     deltas: list[torch.Tensor],
     saved: list[torch.Tensor],
     validate: bool = True,
+    scales: list[torch.Tensor] | None = None,
+    saturated: torch.Tensor | None = None,
 ) -> None:
-    """In place: ``saved[t] = w.flat[idx]``, then ``w.flat[idx] = dtype(fp32(saved) + delta)`` (one visit)."""
-    _call(torch.ops.shira.apply_, weights, indices, deltas, saved, validate=validate, mutated=(weights, saved))
+    """In place: ``saved[t] = w.flat[idx]``, then ``w.flat[idx] = dtype(fp32(saved) + delta)`` (one visit);
+    1-byte codes with ``scales`` on their grid, clamped entries added to ``saturated`` (``kernels.reference``)."""
+    _call(
+        torch.ops.shira.apply_,
+        weights,
+        indices,
+        deltas,
+        saved,
+        validate=validate,
+        mutated=(weights, saved),
+        scales=scales,
+        saturated=saturated,
+    )
 
 
 def switch_(
@@ -234,8 +259,11 @@ def switch_(
     in_deltas: list[torch.Tensor],
     in_saved: list[torch.Tensor],
     validate: bool = True,
+    in_scales: list[torch.Tensor] | None = None,
+    saturated: torch.Tensor | None = None,
 ) -> None:
-    """Restore the outgoing state, then apply the incoming one; all checks happen before the first write."""
+    """Restore the outgoing state, then apply the incoming one; all checks happen before the first write.
+    ``in_scales`` / ``saturated``: as ``apply_``'s, for the incoming lists."""
     _call(
         torch.ops.shira.switch_,
         out_weights,
@@ -247,4 +275,6 @@ def switch_(
         in_saved,
         validate=validate,
         mutated=(out_weights, in_weights, in_saved),
+        in_scales=in_scales,
+        saturated=saturated,
     )

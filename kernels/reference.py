@@ -2,20 +2,28 @@
 
 Every verb works on lists of tensors (one call per switch). For tensor ``t``:
 
-- ``weights[t]``: the live weight, any shape, C-contiguous, fp32/fp16/bf16; addressed flat (row-major).
+- ``weights[t]``: the live weight, any shape, C-contiguous, fp32/fp16/bf16, or 1-byte codes of a quantized base
+  (int8 / float8_e4m3fn / float8_e5m2, see ``runtime.qformats``); addressed flat (row-major).
 - ``indices[t]``: int32 or int64 flat indices, ``[N]``, unique (the caller guarantees it; duplicates
   would make the write order undefined).
 - ``deltas[t]``: fp32 ``[N]``, already multiplied by adapter weight and scale.
 - ``saved[t]``: ``[N]`` in the weight's dtype: the values that were there before the apply.
+- ``scales[t]`` (apply only, optional list): fp32 ``[rows]``, the per-row scales of a 1-byte weight whose flat
+  length is ``rows * row_len``; an empty tensor for a float weight. A 1-byte weight is written on its grid:
+  ``code = Q(fp32(code) * scale[row] + delta)`` with ``Q(v) = clamp(round_to_grid(v / scale[row]), +-max)``
+  (nearest, ties to even; ``runtime.qformats``), every step one fp32 operation.
+- ``saturated`` (apply only, optional): int64 ``[len(weights)]``; for each 1-byte weight the number of entries
+  whose nearest grid point lies beyond ``max`` (clamped) is added to its slot.
 
-The C++ extension implements the same verbs and must give bit-identical results.
+Restoring 1-byte weights is a plain byte scatter. The C++ extension implements the same verbs and must give
+bit-identical results.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels.checks import check_apply, check_restore
+from kernels.checks import QUANT_DTYPES, check_apply, check_restore
 
 
 def restore_(
@@ -28,7 +36,7 @@ def restore_(
     check_restore("restore_", weights, indices, saved, with_bounds=validate)
     for w, idx, s in zip(weights, indices, saved):
         if idx.numel():
-            w.view(-1).index_copy_(0, idx.long(), s)
+            _raw(w).view(-1).index_copy_(0, idx.long(), _raw(s))
 
 
 def apply_(
@@ -37,16 +45,45 @@ def apply_(
     deltas: list[torch.Tensor],
     saved: list[torch.Tensor],
     validate: bool = True,
+    scales: list[torch.Tensor] | None = None,
+    saturated: torch.Tensor | None = None,
 ) -> None:
-    """In place: ``saved[t] = w.flat[idx]``, then ``w.flat[idx] = dtype(fp32(saved) + delta)``."""
-    check_apply("apply_", weights, indices, deltas, saved, with_bounds=validate)
-    for w, idx, d, s in zip(weights, indices, deltas, saved):
+    """In place: ``saved[t] = w.flat[idx]``, then ``w.flat[idx] = dtype(fp32(saved) + delta)`` (float weights)
+    or ``Q(fp32(saved) * scale[row] + delta)`` (1-byte weights, see the module doc)."""
+    check_apply("apply_", weights, indices, deltas, saved, scales, saturated, with_bounds=validate)
+    for t, (w, idx, d, s) in enumerate(zip(weights, indices, deltas, saved)):
         if not idx.numel():
             continue
-        flat = w.view(-1)
+        flat = _raw(w).view(-1)
         idx = idx.long()
-        torch.index_select(flat, 0, idx, out=s)
-        flat.index_copy_(0, idx, (s.float() + d).to(w.dtype))
+        torch.index_select(flat, 0, idx, out=_raw(s))
+        if w.dtype in QUANT_DTYPES:
+            scale = scales[t]
+            new, sat = requantize(s, scale[idx // (w.numel() // scale.numel())], d)
+            if saturated is not None:
+                saturated[t] += sat
+        else:
+            new = (s.float() + d).to(w.dtype)
+        flat.index_copy_(0, idx, _raw(new))
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """1-byte codes as uint8 (torch has no index_copy_/index_select for fp8): the same bytes, copied as bytes."""
+    return t.view(torch.uint8) if t.dtype in QUANT_DTYPES else t
+
+
+def requantize(codes: torch.Tensor, scale: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(Q(fp32(codes) * scale + delta), saturated)`` on the codes' grid; ``scale`` per entry (fp32).
+
+    Each step is one fp32 operation, as in the C++ kernel: ``x = (code * scale + delta) / scale``, rounded to the
+    nearest grid point (ties to even), clamped to ``+-max``; ``saturated`` counts the clamped entries."""
+    from runtime.qformats import quant_format, round_to_grid  # the one owner of the grids (imported late: a cycle)
+
+    fmt = quant_format(codes.dtype)
+    x = (codes.float() * scale + delta) / scale
+    r = round_to_grid(x, fmt)
+    sat = r.abs() > fmt.max
+    return r.clamp_(-fmt.max, fmt.max).to(codes.dtype), int(sat.sum())
 
 
 def switch_(
@@ -58,12 +95,15 @@ def switch_(
     in_deltas: list[torch.Tensor],
     in_saved: list[torch.Tensor],
     validate: bool = True,
+    in_scales: list[torch.Tensor] | None = None,
+    saturated: torch.Tensor | None = None,
 ) -> None:
     """One switch: restore the outgoing state, then apply the incoming one (which may touch the same tensors).
+    ``in_scales`` / ``saturated``: as ``apply_``'s, for the incoming lists.
 
     Everything is checked before the first write, so a refused call writes nothing.
     """
     check_restore("switch_", out_weights, out_indices, out_saved, with_bounds=validate)
-    check_apply("switch_", in_weights, in_indices, in_deltas, in_saved, with_bounds=validate)
+    check_apply("switch_", in_weights, in_indices, in_deltas, in_saved, in_scales, saturated, with_bounds=validate)
     restore_(out_weights, out_indices, out_saved, validate=False)
-    apply_(in_weights, in_indices, in_deltas, in_saved, validate=False)
+    apply_(in_weights, in_indices, in_deltas, in_saved, False, in_scales, saturated)

@@ -4,7 +4,12 @@
 // those of kernels/reference.py, bit for bit: for tensor t and entry i
 //   restore_: w.flat[idx[i]] = saved[i]
 //   apply_:   saved[i] = w.flat[idx[i]];  w.flat[idx[i]] = W(float(saved[i]) + delta[i])   (one visit)
+//             1-byte codes of a quantized base (int8 / fp8 e4m3fn / e5m2) with per-row fp32 scales s:
+//             w.flat[j] = Q((float(code) * s[row] + delta[i]) / s[row]): nearest grid point, ties to even,
+//             clamped to +-max (runtime/qformats.py's encode; each step one fp32 op, no contraction);
+//             the clamped entries are counted per tensor.
 //   switch_:  restore_ of the outgoing lists, then apply_ of the incoming ones.
+//   Restoring 1-byte codes is a byte scatter.
 //
 // Execution plans (the one taken is recorded for tests, see shira_last_plan):
 //   fused    - all index lists sorted ascending and the weights of each list distinct: each weight's
@@ -23,12 +28,17 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -52,13 +62,16 @@ struct Item {
   char* w;                   // weight data, flat
   int64_t numel;             // weight elements
   size_t nbytes;             // weight bytes
-  at::ScalarType wtype;      // fp32 / fp16 / bf16
+  at::ScalarType wtype;      // fp32 / fp16 / bf16, or int8 / fp8 e4m3fn / fp8 e5m2 codes
   const void* idx;           // [n] int32 or int64
   bool idx64;
   int64_t n;
   const float* delta;        // [n] (apply only)
   void* saved;               // [n] weight dtype
   bool apply;                // an apply_ entry (else a restore_ entry)
+  const float* scales;       // [numel / row_len] per-row scales of 1-byte codes (apply only), else null
+  int64_t row_len;           // elements per scale row
+  int64_t* saturated;        // where this entry's clamped count is added (apply of 1-byte codes), or null
   int64_t pos;               // position in its list, for messages
   const char* list;          // "" or "outgoing " / "incoming " (switch_)
 };
@@ -154,6 +167,173 @@ void apply_range(W* __restrict__ w, const I* __restrict__ idx, const float* __re
   }
 }
 
+// ---- 1-byte codes on a quantized grid ------------------------------------------------------------
+// F: 0 int8 (integers in [-127, 127]), 1 fp8 e4m3fn (3 mantissa bits, bias 7, max 448), 2 fp8 e5m2 (2, 15, 57344).
+template <int F>
+struct QGrid;
+template <>
+struct QGrid<0> {
+  static constexpr int man = 0, bias = 0;
+  static constexpr float max = 127.0f;
+};
+template <>
+struct QGrid<1> {
+  static constexpr int man = 3, bias = 7;
+  static constexpr float max = 448.0f;
+};
+template <>
+struct QGrid<2> {
+  static constexpr int man = 2, bias = 15;
+  static constexpr float max = 57344.0f;
+};
+
+// Round to nearest, ties to even, in the default rounding mode: exact for |v| < 2^22 (v + 1.5 * 2^23 lands where
+// the spacing is 1). Larger values are left as they are: every value reaching it here is clamped (saturated) or,
+// past 2^23, already an integer.
+inline float round_even(float v) {
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
+  if (std::fabs(v) < 4194304.0f) {       // 2^22
+    // two roundings, kept as written (no -ffast-math); copysign: -0.3 rounds to -0, as torch.round gives
+    return std::copysign((v + kMagic) - kMagic, v);
+  }
+  return v;
+}
+
+inline float pow2(int e) {  // 2^e for -126 <= e <= 127, exact
+  const uint32_t b = static_cast<uint32_t>(e + 127) << 23;
+  float f;
+  std::memcpy(&f, &b, sizeof f);
+  return f;
+}
+
+// x (already divided by the scale) rounded to the grid of F, not clamped: qformats.round_to_grid, bit for bit.
+template <int F>
+inline float to_grid(float x) {
+  if constexpr (F == 0) {
+    return round_even(x);
+  } else {
+    uint32_t b;
+    std::memcpy(&b, &x, sizeof b);
+    // frexp's exponent is biased - 126 (zero and fp32 subnormals fall under the clamp below either way)
+    const int ex = static_cast<int>((b >> 23) & 0xFF) - 126;
+    const int eb = std::max(ex - 1, 1 - QGrid<F>::bias);  // the binade; subnormals share the lowest one's step
+    const int se = std::min(eb - QGrid<F>::man, 127);     // an Inf x: any finite step keeps it Inf
+    return round_even(x * pow2(-se)) * pow2(se);          // x * 2^-se == x / 2^se exactly (a power of two)
+  }
+}
+
+template <int F>
+struct Codes {
+  std::array<float, 256> value;  // code byte -> its value (fp8: c10's exact conversion)
+  Codes() {
+    for (int c = 0; c < 256; ++c) {
+      const uint8_t u = static_cast<uint8_t>(c);
+      if constexpr (F == 0)
+        value[c] = static_cast<float>(static_cast<int8_t>(u));
+      else if constexpr (F == 1)
+        value[c] = static_cast<float>(c10::Float8_e4m3fn(u, c10::Float8_e4m3fn::from_bits()));
+      else
+        value[c] = static_cast<float>(c10::Float8_e5m2(u, c10::Float8_e5m2::from_bits()));
+    }
+  }
+};
+
+template <int F>
+const Codes<F>& codes() {
+  static const Codes<F> table;
+  return table;
+}
+
+// r on the grid and within +-max: its code byte (exact: no rounding happens).
+template <int F>
+inline uint8_t encode_exact(float r) {
+  if constexpr (F == 0)
+    return static_cast<uint8_t>(static_cast<int8_t>(r));
+  else if constexpr (F == 1)
+    return c10::Float8_e4m3fn(r).x;
+  else
+    return c10::Float8_e5m2(r).x;
+}
+
+// One entry: returns the new code, counts a clamp.
+template <int F>
+inline uint8_t requantize(const Codes<F>& table, uint8_t old, float scale, float delta, int64_t& clamped) {
+  const float v = table.value[old] * scale;  // deq(code)
+  const float x = (v + delta) / scale;       // back on the code axis (fp32 ops, one rounding each)
+  float r = to_grid<F>(x);
+  if (std::fabs(r) > QGrid<F>::max) {
+    ++clamped;
+    r = std::copysign(QGrid<F>::max, r);
+  }
+  return encode_exact<F>(r);
+}
+
+// Row of flat index j, from the previous row when j is still inside it (sorted lists: one division per row).
+struct RowCursor {
+  int64_t len, row = -1, lo = 0, hi = 0;
+  inline int64_t at(int64_t j) {
+    if (j < lo || j >= hi) {
+      row = j / len;
+      lo = row * len;
+      hi = lo + len;
+    }
+    return row;
+  }
+};
+
+template <int F, typename I, bool kPrefetch>
+int64_t apply_range_q(uint8_t* __restrict__ w, const I* __restrict__ idx, const float* __restrict__ delta,
+                      uint8_t* __restrict__ saved, const float* __restrict__ scales, int64_t row_len, int64_t b,
+                      int64_t e, int64_t pf) {
+  const Codes<F>& table = codes<F>();
+  RowCursor rows{row_len};
+  int64_t clamped = 0;
+  for (int64_t i = b; i < e; ++i) {
+    if constexpr (kPrefetch) {
+      if (i + pf < e) __builtin_prefetch(w + idx[i + pf], 1, 3);
+    }
+    const int64_t j = idx[i];
+    const uint8_t old = w[j];
+    saved[i] = old;
+    w[j] = requantize<F>(table, old, scales[rows.at(j)], delta[i], clamped);
+  }
+  return clamped;
+}
+
+template <int F, typename I>
+int64_t apply_q(const Item& it, uint8_t* w, const I* idx, uint8_t* saved, int64_t b, int64_t e, int64_t pf) {
+  return pf > 0 ? apply_range_q<F, I, true>(w, idx, it.delta, saved, it.scales, it.row_len, b, e, pf)
+                : apply_range_q<F, I, false>(w, idx, it.delta, saved, it.scales, it.row_len, b, e, 0);
+}
+
+template <typename I>
+void run_range_q(const Item& it, int64_t b, int64_t e) {
+  if (b >= e) return;
+  uint8_t* w = reinterpret_cast<uint8_t*>(it.w);
+  const I* idx = static_cast<const I*>(it.idx);
+  uint8_t* saved = static_cast<uint8_t*>(it.saved);
+  const int64_t pf = g_prefetch.load(std::memory_order_relaxed);
+  int64_t clamped = 0;
+  switch (it.wtype) {
+    case at::kChar:
+      clamped = apply_q<0, I>(it, w, idx, saved, b, e, pf);
+      break;
+    case at::kFloat8_e4m3fn:
+      clamped = apply_q<1, I>(it, w, idx, saved, b, e, pf);
+      break;
+    case at::kFloat8_e5m2:
+      clamped = apply_q<2, I>(it, w, idx, saved, b, e, pf);
+      break;
+    default:
+      TORCH_CHECK(false, "shira: unreachable code dtype");
+  }
+  if (clamped && it.saturated) __atomic_fetch_add(it.saturated, clamped, __ATOMIC_RELAXED);
+}
+
+inline bool is_code(at::ScalarType t) {
+  return t == at::kChar || t == at::kFloat8_e4m3fn || t == at::kFloat8_e5m2;
+}
+
 template <typename W, typename I>
 void run_range(const Item& it, bool apply, int64_t b, int64_t e, bool runs) {
   if (b >= e) return;
@@ -178,6 +358,12 @@ void run_range(const Item& it, bool apply, int64_t b, int64_t e, bool runs) {
 // Restore (apply == false) or apply entries [b, e) of one list entry.
 // `runs`: the entries are sorted (contiguous runs may be copied as blocks).
 void run_entries(const Item& it, bool apply, int64_t b, int64_t e, bool runs) {
+  if (is_code(it.wtype)) {
+    if (apply)  // per-entry grid math: no block copy
+      return it.idx64 ? run_range_q<int64_t>(it, b, e) : run_range_q<int32_t>(it, b, e);
+    return it.idx64 ? run_range<uint8_t, int64_t>(it, false, b, e, runs)  // a byte scatter
+                    : run_range<uint8_t, int32_t>(it, false, b, e, runs);
+  }
   switch (it.wtype) {
     case at::kFloat:
       return it.idx64 ? run_range<float, int64_t>(it, apply, b, e, runs)
@@ -261,9 +447,11 @@ void chunk_by_range(const Item* r, const Item* a, int64_t chunk, std::vector<Tas
 
 // ---- checks --------------------------------------------------------------------------------------
 
-// Builds the Item of one list position, checking dtypes, devices, contiguity and shapes.
+// Builds the Item of one list position, checking dtypes, devices, contiguity and shapes. `scale`: the per-row
+// scales of a 1-byte weight (apply only; null or empty for a float weight).
 Item make_item(const char* op, const char* list, int64_t t, const at::Tensor& w, const at::Tensor& idx,
-               const at::Tensor* delta, const at::Tensor& saved) {
+               const at::Tensor* delta, const at::Tensor& saved, const at::Tensor* scale = nullptr,
+               int64_t* saturated = nullptr) {
   const std::string where = std::string("shira::") + op + ": " + list + "tensor " + std::to_string(t) + ": ";
   TORCH_CHECK_VALUE(w.defined() && idx.defined() && saved.defined() && (!delta || delta->defined()),
                     where, "undefined tensor");
@@ -271,8 +459,8 @@ Item make_item(const char* op, const char* list, int64_t t, const at::Tensor& w,
                         (!delta || delta->device().is_cpu()),
                     where, "all tensors must be on the CPU");
   const auto wt = w.scalar_type();
-  TORCH_CHECK_VALUE(wt == at::kFloat || wt == at::kHalf || wt == at::kBFloat16, where, "weight dtype ", wt,
-                    " is not one of fp32/fp16/bf16");
+  TORCH_CHECK_VALUE(wt == at::kFloat || wt == at::kHalf || wt == at::kBFloat16 || is_code(wt), where,
+                    "weight dtype ", wt, " is not one of fp32/fp16/bf16/int8/float8_e4m3fn/float8_e5m2");
   TORCH_CHECK_VALUE(w.is_contiguous(), where, "weight is not contiguous");
   const auto it = idx.scalar_type();
   TORCH_CHECK_VALUE(it == at::kInt || it == at::kLong, where, "indices dtype ", it, " is not int32/int64");
@@ -288,6 +476,18 @@ Item make_item(const char* op, const char* list, int64_t t, const at::Tensor& w,
     TORCH_CHECK_VALUE(delta->sizes() == idx.sizes() && delta->is_contiguous(), where, "delta shape ",
                       delta->sizes(), " does not match indices shape ", idx.sizes());
   }
+  const bool has_scale = scale && scale->defined() && scale->numel() > 0;
+  if (delta && is_code(wt)) {
+    TORCH_CHECK_VALUE(has_scale, where, "a ", wt, " weight needs its per-row scales");
+    TORCH_CHECK_VALUE(scale->scalar_type() == at::kFloat && scale->dim() == 1 && scale->is_contiguous() &&
+                          scale->device().is_cpu(),
+                      where, "scales must be fp32 1-D contiguous, got ", scale->scalar_type(), scale->sizes());
+    TORCH_CHECK_VALUE(w.numel() % scale->numel() == 0, where, scale->numel(),
+                      " scales do not divide a weight of ", w.numel(), " elements into rows");
+  } else {
+    TORCH_CHECK_VALUE(!has_scale, where, "scales given for a ", wt,
+                      " weight (only 1-byte quantized weights take scales)");
+  }
   Item item{};
   item.w = static_cast<char*>(w.data_ptr());
   item.numel = w.numel();
@@ -301,6 +501,11 @@ Item make_item(const char* op, const char* list, int64_t t, const at::Tensor& w,
   item.saved = saved.data_ptr();
   item.pos = t;
   item.list = list;
+  if (delta && is_code(wt)) {
+    item.scales = scale->data_ptr<float>();
+    item.row_len = w.numel() / scale->numel();
+    item.saturated = saturated ? saturated + t : nullptr;
+  }
   return item;
 }
 
@@ -476,15 +681,28 @@ std::vector<Item> restore_items(const char* op, const char* list, const at::Tens
 
 std::vector<Item> apply_items(const char* op, const char* list, const at::TensorList& weights,
                               const at::TensorList& indices, const at::TensorList& deltas,
-                              const at::TensorList& saved) {
+                              const at::TensorList& saved, const std::optional<at::TensorList>& scales,
+                              const std::optional<at::Tensor>& saturated) {
   TORCH_CHECK_VALUE(weights.size() == indices.size() && weights.size() == saved.size() &&
                         weights.size() == deltas.size(),
                     "shira::", op, ": ", list, "list lengths differ (weights ", weights.size(), ", indices ",
                     indices.size(), ", deltas ", deltas.size(), ", saved ", saved.size(), ")");
+  TORCH_CHECK_VALUE(!scales || scales->size() == weights.size(), "shira::", op, ": ", scales ? scales->size() : 0,
+                    " scale tensors for ", weights.size(), " weights");
+  int64_t* sat = nullptr;
+  if (saturated && saturated->defined()) {
+    TORCH_CHECK_VALUE(saturated->scalar_type() == at::kLong && saturated->dim() == 1 &&
+                          saturated->numel() == static_cast<int64_t>(weights.size()) &&
+                          saturated->is_contiguous() && saturated->device().is_cpu(),
+                      "shira::", op, ": saturated must be int64 [", weights.size(), "], got ",
+                      saturated->scalar_type(), saturated->sizes());
+    sat = saturated->data_ptr<int64_t>();
+  }
   std::vector<Item> items;
   items.reserve(weights.size());
   for (size_t t = 0; t < weights.size(); ++t)
-    items.push_back(make_item(op, list, t, weights[t], indices[t], &deltas[t], saved[t]));
+    items.push_back(make_item(op, list, t, weights[t], indices[t], &deltas[t], saved[t],
+                              scales ? &(*scales)[t] : nullptr, sat));
   return items;
 }
 
@@ -495,15 +713,16 @@ void restore_cpu(at::TensorList weights, at::TensorList indices, at::TensorList 
 }
 
 void apply_cpu(at::TensorList weights, at::TensorList indices, at::TensorList deltas, at::TensorList saved,
-               bool validate) {
-  run("apply_", {}, apply_items("apply_", "", weights, indices, deltas, saved), validate);
+               bool validate, std::optional<at::TensorList> scales, const std::optional<at::Tensor>& saturated) {
+  run("apply_", {}, apply_items("apply_", "", weights, indices, deltas, saved, scales, saturated), validate);
 }
 
 void switch_cpu(at::TensorList out_weights, at::TensorList out_indices, at::TensorList out_saved,
                 at::TensorList in_weights, at::TensorList in_indices, at::TensorList in_deltas,
-                at::TensorList in_saved, bool validate) {
+                at::TensorList in_saved, bool validate, std::optional<at::TensorList> in_scales,
+                const std::optional<at::Tensor>& saturated) {
   auto outs = restore_items("switch_", "outgoing ", out_weights, out_indices, out_saved);
-  auto ins = apply_items("switch_", "incoming ", in_weights, in_indices, in_deltas, in_saved);
+  auto ins = apply_items("switch_", "incoming ", in_weights, in_indices, in_deltas, in_saved, in_scales, saturated);
   run("switch_", outs, ins, validate);
 }
 
