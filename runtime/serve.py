@@ -29,7 +29,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,12 @@ class RuntimeSpec:
 
     def is_bundle(self) -> bool:
         return self.base not in PRESETS
+
+    def resolved(self) -> RuntimeSpec:
+        """The same spec with absolute paths: replicas may not run in the caller's directory."""
+        base = str(Path(self.base).resolve()) if self.is_bundle() else self.base
+        adapters = tuple((n, str(Path(p).resolve())) for n, p in self.adapters)
+        return replace(self, base=base, adapters=adapters)
 
     def adapter_names(self) -> list[str]:
         """The names a replica registers, without building it (a bundle's come from its manifest)."""
@@ -153,6 +159,7 @@ def deployment(spec: RuntimeSpec, cfg: ServeConfig = ServeConfig()):
     import ray
     from ray import serve
 
+    spec = spec.resolved()
     slots = cfg.slots(len(spec.adapter_names()))
 
     @serve.deployment(

@@ -106,7 +106,7 @@ def test_a_killed_replica_is_replaced_and_answers_stay_right(served):
     for a, k, r in sent:
         try:
             reply = r.result(timeout_s=120)
-        except ray.exceptions.RayActorError:  # it was on the killed replica: a clear error, never a wrong answer
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):  # on the killed replica
             failed += 1
             continue
         assert reply["adapter"] == a and reply["tokens"] == want[a][k]
