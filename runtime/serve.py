@@ -132,7 +132,7 @@ class ServeConfig:
     max_batch: int = 8  # requests generated together
     max_stay: int = 4  # groups the active adapter may run in a row while another adapter waits
     affinity_slots: int | None = None  # adapters a replica claims (Ray's max models); None: adapters / replicas
-    max_ongoing_requests: int = 32  # per replica; past it Ray routes elsewhere (or queues at the caller)
+    max_ongoing_requests: int = 8  # per replica; past it Ray tries another replica (which then claims the adapter)
     replica_cpus: float = 1.0
     health_check_period_s: float = 2.0  # how soon a dead replica is noticed and replaced
     name: str = "shira"
