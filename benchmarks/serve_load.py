@@ -337,7 +337,7 @@ def measure(cfg: Config, routings: tuple[str, ...] = ROUTINGS) -> tuple[list[Row
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.serve_load", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny preset, shorter runs")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None)
     p.add_argument("--adapters", type=int, default=None)

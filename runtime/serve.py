@@ -308,7 +308,10 @@ def _http_check(spec: RuntimeSpec, port: int, max_new_tokens: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Serve a bundle (or a preset) and its adapters on a local Ray Serve.")
+    p = argparse.ArgumentParser(
+        prog="python -m runtime.serve",
+        description="Serve a bundle (or a preset) and its adapters on a local Ray Serve.",
+    )
     p.add_argument("base", help="a bundle directory (its adapters are served) or a preset name: " + str(list(PRESETS)))
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="one more adapter (repeat)")
     p.add_argument("--mode", choices=["fused", "unfused"], default=None, help="LoRA mode of --adapter adapters")
