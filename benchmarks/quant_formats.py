@@ -223,7 +223,7 @@ def plot(rows: list[FormatRow], path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quant_formats", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats, no slow candidates")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
