@@ -63,17 +63,24 @@ def shira_rows(
     rt.add_adapter("shira_a", a)
     rt.add_adapter("shira_b", b)
     tensors = rt.backend.tensors
-    lines, nbytes, streams = 0, 0, 0
+    nbytes, streams = 0, 0
+    touched: dict[str, list[torch.Tensor]] = {}  # tensor -> the indices of A and of B
     for ad in (a, b):
         for n in ad.indices:
             t = rt.backend.canonical(n, "benchmark")
             idx, _ = ad.flat(n, rt.backend.shapes[t])
+            touched.setdefault(t, []).append(idx.long())
             size = tensors[t].element_size()
-            lines += touched_lines(idx, size, tensors[t].data_ptr() % 64)
             nbytes += idx.numel() * size
             # a switch into `ad` writes its saved values and reads its fp32 deltas and int32 indices; the
             # switch out of it reads the saved values and the indices again
             streams += idx.numel() * (2 * size + 4 + 2 * 4)
+    # a switch A -> B reads and writes every line that A or B touches, once (the fused plan restores A and
+    # applies B range by range): the union, not the sum (they differ where the masks share lines: wm, struct)
+    lines = sum(
+        touched_lines(torch.cat(ix).unique(), tensors[t].element_size(), tensors[t].data_ptr() % 64)
+        for t, ix in touched.items()
+    )
     floor = memory_floor_ms(lines, copy_gbps)
     streams_floor = floor + streams / 2 / (copy_gbps * 1e9) * 1e3  # per switch: half of the A->B->A cycle
     if first:
