@@ -62,11 +62,14 @@ def check_apply(
             f"{op}: saturated must be int64 [{len(weights)}], got {saturated.dtype}{list(saturated.shape)}"
         )
     for t, (w, idx, d) in enumerate(zip(weights, indices, deltas)):
-        if d.dtype != torch.float32:
+        codes = w.dtype in QUANT_DTYPES and d.dtype == w.dtype  # the new codes themselves: a byte swap
+        if d.dtype != torch.float32 and not codes:
             _fail(op, t, f"delta dtype {d.dtype} is not float32")
         if d.shape != idx.shape or not d.is_contiguous():
             _fail(op, t, f"delta shape {tuple(d.shape)} does not match indices shape {tuple(idx.shape)}")
         s = scales[t] if scales is not None else None
+        if codes:
+            continue  # no grid math: scales, if given, are not used
         if w.dtype in QUANT_DTYPES:
             if s is None or s.numel() == 0:
                 _fail(op, t, f"a {w.dtype} weight needs its per-row scales")

@@ -12,6 +12,8 @@ Every verb works on lists of tensors (one call per switch). For tensor ``t``:
   length is ``rows * row_len``; an empty tensor for a float weight. A 1-byte weight is written on its grid:
   ``code = Q(fp32(code) * scale[row] + delta)`` with ``Q(v) = clamp(round_to_grid(v / scale[row]), +-max)``
   (nearest, ties to even; ``runtime.qformats``), every step one fp32 operation.
+- A 1-byte weight's ``deltas[t]`` may instead be codes of its own dtype (an adapter baked for this base): they are
+  written as they are (the old codes saved), no grid math, no scales needed.
 - ``saturated`` (apply only, optional): int64 ``[len(weights)]``; for each 1-byte weight the number of entries
   whose nearest grid point lies beyond ``max`` (clamped) is added to its slot.
 
@@ -57,7 +59,9 @@ def apply_(
         flat = _raw(w).view(-1)
         idx = idx.long()
         torch.index_select(flat, 0, idx, out=_raw(s))
-        if w.dtype in QUANT_DTYPES:
+        if w.dtype in QUANT_DTYPES and d.dtype == w.dtype:
+            new = d  # baked codes: a byte swap
+        elif w.dtype in QUANT_DTYPES:
             scale = scales[t]
             new, sat = requantize(s, scale[idx // (w.numel() // scale.numel())], d)
             if saturated is not None:

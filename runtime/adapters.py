@@ -3,6 +3,7 @@
     adapter = load_adapter("a.safetensors")        # our file, a PEFT SHiRA or LoRA directory, or an object
     save_adapter(adapter, "a.safetensors", values="fp16")     # our compact file
     save_adapter(adapter, "peft_dir/", format="peft")          # a PEFT SHiRA directory
+    save_adapter(runtime.quantize.bake(adapter, qmodel), "a.int8.safetensors")   # codes for one quantized base
 
 The byte layouts belong to ``runtime.shira_file`` (ours) and ``runtime.peft_format`` (PEFT's); the classes
 hold data and validate it against a base (``SparseAdapter.flat``, ``LoraAdapter.factors``).
@@ -223,15 +224,57 @@ class LoraAdapter:
         return _expect(load_adapter(directory), LoraAdapter, directory)
 
 
-Adapter = SparseAdapter | LoraAdapter
-Source = str | Path | SparseAdapter | LoraAdapter
+@dataclass(eq=False)
+class CodesAdapter:
+    """A SHiRA adapter baked for one quantized base (``runtime.quantize.bake``): per tensor, the flat sorted indices
+    whose code the adapter changes and the new codes themselves (1-byte, the base's dtype). Switching it is a byte
+    scatter with no grid math; it is switched alone, at weight 1.0 (fuse the delta adapters instead).
+
+    ``base[name]``: ``fingerprint.codes_base_hash`` of the base it was baked for (format, scales, base codes at
+    ``indices``); a base that differs in any of them is refused before any write."""
+
+    indices: dict[str, torch.Tensor]
+    codes: dict[str, torch.Tensor]
+    shapes: dict[str, tuple[int, ...]]
+    base: dict[str, str]
+    mask_kind: str = "random"
+    source: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        names = set(self.indices)
+        if set(self.codes) != names or set(self.shapes) != names or set(self.base) != names:
+            raise AdapterValueError("CodesAdapter: indices, codes, shapes and base must name the same tensors")
+        for name in names:
+            idx, codes = self.indices[name], self.codes[name]
+            where = f"CodesAdapter: tensor {name!r}"
+            if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1:
+                raise AdapterValueError(f"{where}: indices must be int32/int64 [N]")
+            if not isinstance(codes, torch.Tensor) or codes.element_size() != 1 or codes.shape != idx.shape:
+                raise AdapterValueError(f"{where}: codes must be 1-byte [N] like the indices")
+            if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= math.prod(self.shapes[name])):
+                raise AdapterValueError(f"{where}: an index is out of range for shape {self.shapes[name]}")
+            if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+                raise AdapterValueError(f"{where}: indices must be sorted and unique")
+
+    @property
+    def nnz(self) -> int:
+        return sum(int(c.numel()) for c in self.codes.values())
+
+    def __repr__(self) -> str:
+        return f"CodesAdapter({len(self.codes)} tensors, nnz={self.nnz})"
+
+    label = SparseAdapter.label
+
+
+Adapter = SparseAdapter | LoraAdapter | CodesAdapter
+Source = str | Path | SparseAdapter | LoraAdapter | CodesAdapter
 
 
 def load_adapter(source: Source) -> Adapter:
     """An adapter from our file, a PEFT SHiRA or LoRA directory, or the object itself (returned as is).
 
     Every file is untrusted: anything malformed is an ``AdapterFormatError`` naming the file."""
-    if isinstance(source, (SparseAdapter, LoraAdapter)):
+    if isinstance(source, (SparseAdapter, LoraAdapter, CodesAdapter)):
         return source
     if not isinstance(source, (str, Path)):
         raise TypeError(f"adapter source must be a path, SparseAdapter or LoraAdapter, got {type(source).__name__}")
@@ -242,7 +285,8 @@ def load_adapter(source: Source) -> Adapter:
         kind, fields = peft_format.read(path)
         cls = SparseAdapter if kind == "shira" else LoraAdapter
     elif path.exists():
-        cls, fields = SparseAdapter, shira_file.read(path)
+        fields = shira_file.read(path)
+        cls = CodesAdapter if "codes" in fields else SparseAdapter
     else:
         raise AdapterFormatError(f"{path}: no such file or directory")
     try:
@@ -261,6 +305,12 @@ def save_adapter(
     adapter whose counts do not fit that rule could not be loaded by PEFT: refused unless ``strict=False``.
     PEFT values are fp32, with ``scale`` folded in; a forced directory records ``r: null``. Both formats need
     the base ``shapes``."""
+    if isinstance(adapter, CodesAdapter):
+        if format != "shira" or values is not None:
+            raise ValueError("an adapter of codes is written in our format only, as its codes (no values dtype)")
+        return shira_file.write_codes(
+            path, adapter.indices, adapter.codes, adapter.shapes, adapter.base, adapter.mask_kind
+        )
     if not isinstance(adapter, SparseAdapter):
         raise TypeError(f"save_adapter writes SparseAdapters, got {type(adapter).__name__}")
     unknown = sorted(n for n in adapter.indices if n not in adapter.shapes)

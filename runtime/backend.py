@@ -5,6 +5,10 @@ A backend has:
 - ``aliases``: every accepted name (tied weights have several) -> canonical name;
 - ``shapes``: canonical name -> logical shape (the parameter's shape, e.g. ``[out, in]`` for a linear);
 - ``transposed``: canonical names stored as the transpose of their logical shape (ONNX exports do this);
+- ``scales``: canonical names of quantized weights (1-byte codes, ``runtime.quantize``) -> their fixed fp32
+  per-row scales ``[rows]``; a switch writes those codes on their grid (``runtime.qformats``);
+- ``after_write(name, indices)``: called after a switch wrote codes of ``name`` at flat ``indices`` through raw
+  pointers (FP8 layers bring their compute copy back in line);
 - ``__call__``: one inference.
 """
 
@@ -16,7 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from runtime.dtypes import FLOATS
 from runtime.errors import AdapterMismatchError
+from runtime.quantize import QuantLinear
 
 
 class Backend(ABC):
@@ -24,7 +30,13 @@ class Backend(ABC):
     aliases: dict[str, str]
     shapes: dict[str, tuple[int, ...]]
     transposed: frozenset[str] = frozenset()
+    scales: dict[str, torch.Tensor] = {}  # noqa: RUF012 (read-only default: no quantized weights)
     kind = "?"
+
+    def after_write(self, name: str, indices: list[torch.Tensor], since: int) -> None:
+        """Codes of ``name`` were written at ``indices`` (flat) by a kernel; ``since``: the codes' version counter
+        before that write. Nothing to do for plain tensors."""
+        return None
 
     def canonical(self, name: str, adapter: str) -> str:
         try:
@@ -88,10 +100,15 @@ class TorchBackend(Backend):
             raise TypeError(f"TorchBackend needs a torch.nn.Module, got {type(module).__name__}")
         self.module = module.eval()
         self.tensors, self.aliases, self.shapes = {}, {}, {}
+        self.scales, self.quantized = {}, {}
+        quant = {f"{n}.weight" if n else "weight": m for n, m in module.named_modules() if isinstance(m, QuantLinear)}
+        skip = {k.removesuffix("weight") + "weight_scale" for k in quant}  # fixed: a switch never moves the grid
         by_storage: dict[tuple, str] = {}
         for name, t in module.state_dict(keep_vars=True).items():
             t = t.data if isinstance(t, nn.Parameter) else t
-            if not t.is_floating_point():
+            if name in quant:
+                _check_scales(name, quant[name].weight_scale)
+            elif name in skip or t.dtype not in FLOATS:
                 continue
             key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
             canon = by_storage.setdefault(key, name)  # tied weights share one storage: write it once
@@ -99,12 +116,19 @@ class TorchBackend(Backend):
             if canon == name:
                 self.tensors[name] = t
                 self.shapes[name] = tuple(t.shape)
+                if name in quant:
+                    self.scales[name], self.quantized[name] = quant[name].weight_scale, quant[name]
         self._hooks: list = []
+
+    def after_write(self, name: str, indices: list[torch.Tensor], since: int) -> None:
+        layer = self.quantized.get(name)
+        if layer is not None:
+            layer.refresh_at(indices, since)
 
     def check_unfused(self, tensor: str, adapter: str) -> str:
         path = tensor.rsplit(".", 1)[0] if tensor.endswith(".weight") else None
         mod = self.module.get_submodule(path) if path else None
-        if not isinstance(mod, nn.Linear):
+        if not isinstance(mod, (nn.Linear, QuantLinear)):
             raise AdapterMismatchError(
                 f"adapter {adapter!r}: unfused LoRA needs an nn.Linear; {tensor!r} is not the weight of one"
             )
@@ -119,13 +143,24 @@ class TorchBackend(Backend):
             by_module.setdefault(path, []).append((a, b, alpha))
         for path, terms in by_module.items():
             mod = self.module.get_submodule(path)
-            dt = mod.weight.dtype
+            # a quantized layer's output is fp32 (codes are no compute dtype): its LoRA path runs in fp32
+            dt = torch.float32 if isinstance(mod, QuantLinear) else mod.weight.dtype
             terms = [(a.to(dt), b.to(dt), alpha) for a, b, alpha in terms]
             self._hooks.append(mod.register_forward_hook(_lora_hook(terms)))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with torch.inference_mode():
             return self.module(*args, **kwargs)
+
+
+def _check_scales(name: str, scale: torch.Tensor) -> None:
+    """A quantized weight's scales must be positive and finite: the switch divides by them."""
+    ok = scale.dtype == torch.float32 and scale.dim() == 1 and scale.is_contiguous()
+    if not ok or not bool((torch.isfinite(scale) & (scale > 0)).all()):
+        raise AdapterMismatchError(
+            f"quantized tensor {name!r}: its weight_scale must be fp32 [rows], finite and > 0 "
+            f"(got {scale.dtype}{list(scale.shape)})"
+        )
 
 
 def _lora_hook(terms: list[tuple[torch.Tensor, torch.Tensor, float]]):

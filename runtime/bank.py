@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from runtime.adapters import LoraAdapter, SparseAdapter
+from runtime.adapters import CodesAdapter, LoraAdapter, SparseAdapter
 from runtime.backend import Backend
-from runtime.errors import AdapterMismatchError
-from runtime.fingerprint import PROBES
+from runtime.errors import AdapterMismatchError, BaseMismatchError
+from runtime.fingerprint import PROBES, codes_base_hash
+from runtime.qformats import decode, grid_half_step, quant_format
 from runtime.switcher import Prepared, Switcher
 
 MODES = ("fused", "unfused")
@@ -22,6 +23,10 @@ def prepare(
     """Validate ``adapter`` against ``backend``. ``mode``: LoRA only, ``"fused"`` (default) or ``"unfused"``."""
     if mode is not None and mode not in MODES:
         raise ValueError(f"adapter {name!r}: mode {mode!r} is not one of {MODES}")
+    if isinstance(adapter, CodesAdapter):
+        if mode is not None and mode != "fused":
+            raise ValueError(f"adapter {name!r}: an adapter of codes is always written into the weights")
+        return _prepare_codes(backend, switcher, name, adapter)
     if isinstance(adapter, SparseAdapter):
         if mode == "unfused":
             raise ValueError(f"adapter {name!r}: sparse adapters are always fused (zero inference overhead)")
@@ -54,16 +59,69 @@ def _prepare_sparse(backend: Backend, switcher: Switcher, name: str, adapter: Sp
             idx, delta = sidx.to(idx.dtype), delta[order]
         prep.sparse[canon] = (idx, delta)
         prep.absmax[canon] = float(delta.abs().max()) if delta.numel() else 0.0
-        switcher.base_absmax(canon)  # computed (and cached) now, not in the first switch
+        if canon in backend.scales:
+            _check_codes(backend, switcher, canon, idx, adapter.label(name))
+        else:
+            switcher.base_absmax(canon)  # computed (and cached) now, not in the first switch
     if adapter.fingerprint is not None:
         shapes = {t: backend.shapes[c] for t, (c, _) in logical.items()}
-        probes = {
-            t: switcher.base_values(c, backend.storage_index(c, idx[:PROBES]))
-            for t, (c, idx) in logical.items()
-            if t in adapter.fingerprint.probes
-        }
-        adapter.fingerprint.check(adapter.label(name), shapes, probes)
+        probes, slack = {}, {}
+        for t, (c, idx) in logical.items():
+            if t not in adapter.fingerprint.probes:
+                continue
+            sidx = backend.storage_index(c, idx[:PROBES])
+            probes[t] = switcher.base_values(c, sidx)
+            if c in backend.scales:  # a quantized copy of the base: its grid values, within half a step
+                scale = backend.scales[c][sidx.long() // _row_len(backend, c)]
+                probes[t], slack[t] = decode(probes[t], scale), grid_half_step(probes[t], scale)
+        adapter.fingerprint.check(adapter.label(name), shapes, probes, slack)
     return prep
+
+
+def _prepare_codes(backend: Backend, switcher: Switcher, name: str, adapter: CodesAdapter) -> Prepared:
+    """An adapter of codes fits only the quantized base it was baked for: same tensors, shapes, formats, scales
+    and base codes under its indices (``codes_base_hash``); anything else is refused here, before any write."""
+    prep, seen, label = Prepared(name, 1.0, baked=True), {}, adapter.label(name)
+    for tensor in adapter.indices:
+        canon = _claim(backend, seen, tensor, name, label)
+        where = f"adapter {label!r}: tensor {tensor!r}"
+        if canon not in backend.scales or canon in backend.transposed:
+            raise AdapterMismatchError(f"{where}: an adapter of codes needs a quantized weight; this one is not")
+        w, codes, idx = backend.tensors[canon], adapter.codes[tensor], adapter.indices[tensor]
+        if codes.dtype != w.dtype:
+            raise BaseMismatchError(
+                f"{where}: baked for {quant_format(codes).name} codes, this base holds {quant_format(w).name}"
+            )
+        if tuple(adapter.shapes[tensor]) != backend.shapes[canon]:
+            raise BaseMismatchError(
+                f"{where}: baked for shape {adapter.shapes[tensor]}, the base has {backend.shapes[canon]}"
+            )
+        base = switcher.base_values(canon, idx)
+        want = codes_base_hash(quant_format(w).name, backend.shapes[canon], backend.scales[canon], base)
+        if want != adapter.base[tensor]:
+            raise BaseMismatchError(
+                f"{where}: baked for another quantized base (its scales or the codes under the adapter differ)"
+            )
+        _check_codes(backend, switcher, canon, idx, label)
+        prep.sparse[canon] = (idx, codes.contiguous())
+        prep.absmax[canon] = 0.0
+    return prep
+
+
+def _row_len(backend: Backend, t: str) -> int:
+    return backend.tensors[t].numel() // max(1, backend.scales[t].numel())
+
+
+def _check_codes(backend: Backend, switcher: Switcher, t: str, idx: torch.Tensor, adapter: str) -> None:
+    """The base codes an adapter touches must be points of the grid: finite FP8, int8 in [-127, 127]."""
+    codes = switcher.base_values(t, idx)
+    bad = codes == -128 if codes.dtype == torch.int8 else ~torch.isfinite(codes.float())
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise AdapterMismatchError(
+            f"adapter {adapter!r}: tensor {t!r}: the base code at index {int(idx[i])} is not a point of the "
+            f"{quant_format(codes).name} grid ({float(codes[i].float())}); cannot switch it"
+        )
 
 
 def _prepare_lora(backend: Backend, name: str, adapter: LoraAdapter, unfused: bool) -> Prepared:
@@ -76,6 +134,12 @@ def _prepare_lora(backend: Backend, name: str, adapter: LoraAdapter, unfused: bo
                 raise AdapterMismatchError(f"adapter {name!r}: unfused mode needs nn.Linear layout (no fan_in_fan_out)")
             prep.unfused[backend.check_unfused(tensor, name)] = (a, b, float(adapter.scaling[tensor]))
             continue
+        if canon in backend.scales:
+            raise AdapterMismatchError(
+                f"adapter {name!r}: tensor {canon!r} is quantized ({quant_format(backend.tensors[canon]).name}): "
+                f"a fused LoRA would change every code and its scales (no switch on the grid); register it "
+                f"with mode='unfused' (an extra x @ A.T @ B.T path at inference, weights untouched)"
+            )
         if adapter.fan_in_fan_out:  # delta is [out, in] while the tensor is [in, out]: swap roles
             a, b = b.t().contiguous(), a.t().contiguous()
         prep.lora[canon] = (a, b, float(adapter.scaling[tensor]))

@@ -5,6 +5,10 @@ A fingerprint has two parts:
   adapter made on the fp32 base applies to its bf16 copy);
 - ``probes``: per tensor, the base values (fp32) at the adapter's first ``PROBES`` indices. They are compared
   with a tolerance that a 16-bit copy of the same base passes and another base's weights do not.
+
+On a quantized base (``runtime.quantize``) the probes are compared with the dequantized codes, allowing each
+probe the grid's half step at its code on top (``check``'s ``slack``): an adapter made on the fp32 model applies
+to its INT8/FP8 copy, still not to another model of the same shapes.
 """
 
 from __future__ import annotations
@@ -44,8 +48,10 @@ class Fingerprint:
         adapter: str,
         shapes: dict[str, tuple[int, ...]],
         base_values: dict[str, torch.Tensor],
+        slack: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Raise ``BaseMismatchError`` unless ``shapes``/``base_values`` are those of the recorded base."""
+        """Raise ``BaseMismatchError`` unless ``shapes``/``base_values`` are those of the recorded base.
+        ``slack``: per tensor, an extra absolute tolerance per probe (a quantized base's half grid step)."""
         if structure_hash(shapes) != self.structure:
             raise BaseMismatchError(
                 f"adapter {adapter!r} was made for another base: the names/shapes of the tensors it touches "
@@ -56,7 +62,12 @@ class Fingerprint:
             atol = 1e-3 * float(want.abs().max()) if want.numel() else 0.0
             if not math.isfinite(atol):
                 raise BaseMismatchError(f"adapter {adapter!r}: tensor {name!r}: the fingerprint's probe is not finite")
-            if got.shape != want.shape or not torch.allclose(got, want, rtol=RTOL, atol=atol):
+            extra = slack.get(name) if slack else None
+            if extra is not None and got.shape == want.shape:
+                close = bool(((got - want).abs() <= atol + RTOL * want.abs() + extra[: want.numel()]).all())
+            else:
+                close = got.shape == want.shape and torch.allclose(got, want, rtol=RTOL, atol=atol)
+            if not close:
                 raise BaseMismatchError(
                     f"adapter {adapter!r} was made for another base: tensor {name!r} has other weights at the "
                     f"adapter's indices (same shapes, different values)"
@@ -70,3 +81,13 @@ class Fingerprint:
     def from_meta(meta: str, tensors: dict[str, torch.Tensor]) -> Fingerprint:
         d = json.loads(meta)
         return Fingerprint(d["structure"], {n: tensors[n] for n in d["probes"]})
+
+
+def codes_base_hash(fmt: str, shape: tuple[int, ...], scales: torch.Tensor, base_codes: torch.Tensor) -> str:
+    """What an adapter of codes (``runtime.adapters.CodesAdapter``) records of the quantized base it was baked for,
+    per tensor: sha256 of the format, the shape, every per-row scale and the base codes at the adapter's indices.
+    Another format, other scales (another weight's rows) or other codes under the adapter give another hash."""
+    h = hashlib.sha256(json.dumps([fmt, list(shape)]).encode())
+    h.update(scales.detach().contiguous().float().numpy().tobytes())
+    h.update(base_codes.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]

@@ -159,6 +159,20 @@ def decode(codes: torch.Tensor, scale: torch.Tensor, fmt: str | QFormat | None =
     return codes.float() * _rows(scale.float(), codes)
 
 
+def grid_half_step(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Half the grid's spacing just above each code's magnitude, times its scale (fp32, the shape of ``codes``):
+    how far a value that was rounded to ``code`` can lie from ``decode(code)`` (the spacing above a power of two
+    is the larger of its two sides)."""
+    f = quant_format(codes)
+    c = codes.float().abs()
+    if f.is_int:
+        step = torch.ones_like(c)
+    else:
+        _, exp = torch.frexp(c)
+        step = torch.pow(2.0, (torch.clamp(exp - 1, min=1 - f.bias) - f.man_bits).float())
+    return step * 0.5 * _rows(scale.float(), codes)
+
+
 def fake_quant(w: torch.Tensor, fmt: str | QFormat) -> torch.Tensor:
     """``w`` (2-D) quantized to ``fmt`` with per-channel scales and decoded again (fp32): the grid's view of it."""
     f = quant_format(fmt)

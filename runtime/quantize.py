@@ -107,6 +107,22 @@ class QuantLinear(nn.Module):
             self.weight_compute[rows] = self.weight[rows].to(torch.bfloat16)
         self._synced = self.weight._version
 
+    def refresh_at(self, indices: list[torch.Tensor], since: int) -> None:
+        """After a kernel wrote codes at flat ``indices`` (a list of index tensors): bring those entries of the
+        compute copy back in line (exact, an element gather+convert), or the whole copy when it was already
+        stale before the write (``since``: the codes' version counter just before it). A no-op without a copy."""
+        if not self.has_compute_copy:
+            return
+        if self._synced != since or self.weight_compute.shape != self.weight.shape:
+            self.refresh_rows()
+            return
+        flat, codes = self.weight_compute.view(-1), self.weight.view(torch.uint8).view(-1)
+        for idx in indices:
+            if idx.numel():
+                idx = idx.long()
+                flat.index_copy_(0, idx, codes.index_select(0, idx).view(self.weight.dtype).to(torch.bfloat16))
+        self._synced = self.weight._version
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         tokens = x2.shape[0]
@@ -171,6 +187,35 @@ def quantize(module: nn.Module, format: str, targets: Iterable[str] | None = Non
         parent, _, leaf = name.rpartition(".")
         setattr(module.get_submodule(parent) if parent else module, leaf, q)
     return module
+
+
+def bake(adapter, module: nn.Module, weight: float = 1.0):
+    """``adapter`` (a ``SparseAdapter``) baked for the quantized ``module``: a ``CodesAdapter`` holding, at each
+    index whose code it changes, the code a switch to ``adapter`` at ``weight`` writes (``Q(deq(base) + weight *
+    scale * delta)`` on the tensor's grid; bit for bit the codes ``Runtime.switch`` computes). Entries whose code
+    stays are dropped. ``module`` must hold its base codes (no adapter switched in). Its file
+    (``save_adapter``) stores the codes instead of the deltas, with a hash of the base (format, scales, codes)."""
+    from kernels.reference import requantize
+    from runtime.adapters import CodesAdapter
+    from runtime.fingerprint import codes_base_hash
+
+    layers = {f"{n}.weight": m for n, m in module.named_modules() if isinstance(m, QuantLinear)}
+    alpha = float(torch.tensor(weight * adapter.scale, dtype=torch.float32))  # as the switcher rounds it
+    indices, codes, shapes, base = {}, {}, {}, {}
+    for name in adapter.indices:
+        if name not in layers:
+            raise ValueError(f"bake: tensor {name!r} is not the weight of a QuantLinear of this module")
+        layer = layers[name]
+        shape = tuple(layer.weight.shape)
+        idx, val = adapter.flat(name, shape, "bake")
+        flat = layer.weight.view(torch.uint8).view(-1)
+        old = flat.index_select(0, idx.long()).view(layer.weight.dtype)
+        delta = val.float() if alpha == 1.0 else val.float() * alpha
+        new, _ = requantize(old, layer.weight_scale[idx.long() // layer.in_features], delta)
+        keep = new.view(torch.uint8) != old.view(torch.uint8)
+        indices[name], codes[name], shapes[name] = idx[keep].contiguous(), new[keep].contiguous(), shape
+        base[name] = codes_base_hash(layer.format, shape, layer.weight_scale, old[keep])
+    return CodesAdapter(indices, codes, shapes, base, adapter.mask_kind)
 
 
 def quantized_formats(module: nn.Module) -> dict[str, str]:

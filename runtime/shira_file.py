@@ -16,6 +16,11 @@ still load):
   (JSON, optional), ``checksums`` (JSON tensor key -> sha256 of the key, dtype, shape and bytes) and
   ``meta_checksum`` (sha256 of every other metadata field). A relabelled dtype, an edited shape, a renamed
   tensor or a flipped byte anywhere fails one of them.
+Version 5 (an adapter of codes, ``runtime.quantize.bake``: made for one quantized base): the indices as above
+(gaps/runs), ``<name>::codes`` (the new 1-byte codes: int8 / float8_e4m3fn / float8_e5m2) instead of values, no
+probes; metadata ``quant_formats`` (JSON name -> format, matching the codes' dtype) and ``bases`` (JSON name ->
+``fingerprint.codes_base_hash`` of the base's format, scales and codes at the indices). ~1 byte of gap + 1 byte
+of code per entry.
 Version 2 checksummed the bytes only (a header relabel of a same-sized dtype passes it); version 1 stored
 ``<name>::indices`` (int32/int64 flat) and no checksums. Whatever the version, every field and tensor is
 checked for type, dtype, rank, range and finiteness: anything unexpected is an ``AdapterFormatError``
@@ -41,11 +46,13 @@ from runtime.fingerprint import PROBES, Fingerprint
 
 FORMAT = "shira-runtime/sparse"
 VERSION = 4
-READS = ("1", "2", "3", "4")
+CODES_VERSION = "5"
+READS = ("1", "2", "3", "4", CODES_VERSION)
 SEP = "::"
 PARTS = {"1": ("indices", "values", "probe"), "2": ("gaps", "escapes", "values", "probe")}
 PARTS["3"] = PARTS["2"]
 PARTS["4"] = (*PARTS["3"], "runs", "run_escapes")
+PARTS[CODES_VERSION] = ("gaps", "escapes", "runs", "run_escapes", "codes")
 OPTIONAL = ("probe", "runs", "run_escapes")  # per tensor
 # gap width -> (stored dtype, escape value, mask to read it unsigned)
 WIDTHS = {1: (torch.uint8, 0xFF, 0xFF), 2: (torch.int16, 0xFFFF, 0xFFFF)}
@@ -205,6 +212,38 @@ def write(
     return path
 
 
+def write_codes(
+    path: str | Path,
+    indices: dict[str, torch.Tensor],
+    codes: dict[str, torch.Tensor],
+    shapes: dict[str, tuple[int, ...]],
+    bases: dict[str, str],
+    mask_kind: str,
+) -> Path:
+    """Write an adapter of codes (version 5) from validated parts; atomic."""
+    from runtime.qformats import quant_format
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, idx in indices.items():
+        for part, t in encode_indices(idx).items():
+            tensors[f"{name}{SEP}{part}"] = t
+        tensors[f"{name}{SEP}codes"] = codes[name].contiguous()
+    meta = {
+        "format": FORMAT,
+        "version": CODES_VERSION,
+        "mask_kind": str(mask_kind),
+        "shapes": json.dumps({n: list(shapes[n]) for n in indices}),
+        "quant_formats": json.dumps({n: quant_format(codes[n]).name for n in indices}),
+        "bases": json.dumps({n: bases[n] for n in indices}),
+    }
+    meta["checksums"] = json.dumps({k: tensor_checksum(k, t) for k, t in sorted(tensors.items())})
+    meta["meta_checksum"] = meta_checksum(meta)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    return path
+
+
 # -- reading --
 def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """All tensors and the metadata of a safetensors file, with errors that name the file."""
@@ -230,6 +269,8 @@ def read(path: str | Path) -> dict[str, Any]:
         raise AdapterFormatError(f"{path}: format version {version!r} is not supported (this runtime reads {READS})")
     if version != "1":
         _check_sums(path, meta, tensors, _bytes_checksum if version == "2" else tensor_checksum)
+    if version == CODES_VERSION:
+        return _read_codes(path, meta, tensors)
     scale = _field(path, meta, "scale", float)
     if not math.isfinite(scale):
         raise AdapterFormatError(f"{path}: scale {scale} is not finite")
@@ -282,6 +323,55 @@ def read(path: str | Path) -> dict[str, Any]:
         "scale": scale,
         "fingerprint": fingerprint,
         "mask_kind": str(mask_kind),
+    }
+
+
+def _read_codes(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The fields of a ``CodesAdapter`` (version 5), fully checked."""
+    from runtime.qformats import FORMATS
+
+    shapes = _shapes(path, _field(path, meta, "shapes", json.loads))
+    formats = _field(path, meta, "quant_formats", json.loads)
+    bases = _field(path, meta, "bases", json.loads)
+    parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in PARTS[CODES_VERSION]}
+    for key, t in tensors.items():
+        name, _, part = key.rpartition(SEP)
+        if part not in parts or not name:
+            raise AdapterFormatError(f"{path}: unexpected tensor {key!r}")
+        parts[part][name] = t
+    names = set(parts["codes"])
+    if set(parts["gaps"]) != names or set(parts["escapes"]) != names:
+        raise AdapterFormatError(f"{path}: tensors {sorted(names ^ set(parts['gaps']))} lack their gaps or codes")
+    if set(parts["runs"]) != set(parts["run_escapes"]) or not set(parts["runs"]) <= names:
+        raise AdapterFormatError(f"{path}: runs and run_escapes do not name the same tensors with codes")
+    if not isinstance(formats, dict) or not isinstance(bases, dict) or set(formats) != names or set(bases) != names:
+        raise AdapterFormatError(f"{path}: 'quant_formats' and 'bases' must list exactly the tensors stored")
+    indices, codes = {}, {}
+    for name in sorted(names):
+        where = f"{path}: tensor {name!r}"
+        if name not in shapes:
+            raise AdapterFormatError(f"{where} has no recorded shape")
+        c = parts["codes"][name]
+        fmt = FORMATS.get(formats[name]) if isinstance(formats[name], str) else None
+        if fmt is None or c.dtype != fmt.dtype or c.dim() != 1:
+            raise AdapterFormatError(f"{where}: codes are {c.dtype}{list(c.shape)}, not {formats[name]!r} codes [N]")
+        if not isinstance(bases[name], str):
+            raise AdapterFormatError(f"{where}: its base hash is not a string")
+        numel = math.prod(shapes[name])
+        if name in parts["runs"]:
+            g, e = parts["gaps"][name], parts["escapes"][name]
+            idx = decode_runs(g, e, parts["runs"][name], parts["run_escapes"][name], where, numel, c.numel())
+        else:
+            idx = decode_gaps(parts["gaps"][name], parts["escapes"][name], where, numel)
+        if idx.numel() != c.numel():
+            raise AdapterFormatError(f"{where}: {idx.numel()} indices but {c.numel()} codes")
+        indices[name], codes[name] = idx.to(torch.int32 if numel < 2**31 else torch.int64), c
+    return {
+        "indices": indices,
+        "codes": codes,
+        "shapes": {n: shapes[n] for n in indices},
+        "base": {n: bases[n] for n in indices},
+        "mask_kind": str(meta.get("mask_kind", "random")),
     }
 
 

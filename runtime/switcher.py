@@ -4,7 +4,10 @@ State after a switch, per touched storage tensor ``t``:
 - sparse: ``(idx, saved)``: the base values at ``idx`` (the union of the active adapters' indices);
 - dense (a LoRA adapter touches ``t``): a full copy of the base tensor.
 New values are ``dtype(base + sum_i alpha_i * delta_i)``, the sum taken in fp32 in the order given, with
-``alpha_i = fp32(weight_i * scale_i)``; rounded once.
+``alpha_i = fp32(weight_i * scale_i)``; rounded once. On a quantized weight (1-byte codes with fixed per-row
+scales, ``backend.scales``) the new code is ``Q(deq(base_code) + sum)`` on the tensor's grid (nearest, ties to
+even, clamped at the format's max; the clamped entries are counted per tensor in ``SwitchStats.saturated``); the
+saved base codes revert it byte for byte.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 import kernels
+from kernels.checks import QUANT_DTYPES
+from kernels.reference import requantize
 from runtime.backend import Backend
 from runtime.errors import AdapterValueError
 
@@ -30,6 +35,7 @@ class Prepared:
     absmax: dict[str, float] = field(default_factory=dict)  # t -> max |delta| (sparse parts)
     # unfused LoRA: module path -> (A, B, scaling); applied at inference, weights untouched
     unfused: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
+    baked: bool = False  # a CodesAdapter: ``sparse`` holds the new codes (not deltas); switched alone at weight 1
 
     @property
     def tensors(self) -> set[str]:
@@ -56,12 +62,16 @@ class SwitchStats:
     bytes_touched: int
     active: tuple[tuple[str, float], ...]
     kernels: str
+    # quantized tensors only: name -> how many written codes were clamped at the format's max (absent: none)
+    saturated: dict[str, int] = field(default_factory=dict)
 
     def __str__(self) -> str:
         names = ", ".join(f"{n} (weight {w:g})" for n, w in self.active) or "base"
+        clamped = sum(self.saturated.values())
+        sat = f", {clamped} codes saturated in {len(self.saturated)} tensors" if clamped else ""
         return (
             f"switch -> {names}: {self.ms:.2f} ms, {self.elements_written} elements written, "
-            f"{self.bytes_touched / 1e6:.1f} MB touched ({self.kernels} kernels)"
+            f"{self.bytes_touched / 1e6:.1f} MB touched ({self.kernels} kernels){sat}"
         )
 
 
@@ -82,6 +92,10 @@ class State:
 # write, element by element). A base value with exactly these bits is written back unchanged either way.
 UNGATHERED = {torch.float32: (torch.int32, 0x7FDADBAD), torch.float16: (torch.int16, 0x7E5B)}
 UNGATHERED[torch.bfloat16] = (torch.int16, 0x7FDB)
+# 1-byte codes: int8's -128 is off the symmetric grid, 0x7F is an FP8 NaN; the bank refuses an adapter whose base
+# codes at its indices are either (so the marker is never a real base code that the apply would change)
+UNGATHERED.update({torch.int8: (torch.int8, -128), torch.float8_e4m3fn: (torch.uint8, 0x7F)})
+UNGATHERED[torch.float8_e5m2] = (torch.uint8, 0x7F)
 ROLLBACK_TRIES = 3  # a rollback that fails (other than by KeyboardInterrupt) is retried this often
 
 
@@ -104,14 +118,15 @@ class Switcher:
         state = self.state
         if t in state.dense_saved:
             return state.dense_saved[t].view(-1)[idx.long()]
-        out = self.backend.tensors[t].view(-1)[idx.long()]
+        w = self.backend.tensors[t]
+        out = _raw(w).view(-1)[idx.long()]
         if t in state.sparse_saved:
             aidx, saved = state.sparse_saved[t]
             if aidx.numel():
                 pos = torch.searchsorted(aidx, idx.to(aidx.dtype)).clamp_(max=aidx.numel() - 1)
                 hit = aidx[pos] == idx.to(aidx.dtype)
-                out[hit] = saved[pos[hit]]
-        return out
+                out[hit] = _raw(saved)[pos[hit]]
+        return out.view(w.dtype)
 
     def base_absmax(self, t: str) -> float:
         """An upper bound on |base| over tensor ``t`` (cached): for the overflow check."""
@@ -132,6 +147,11 @@ class Switcher:
         contrib: dict[str, list[tuple[str, object, float]]] = {}
         bound: dict[str, float] = {}  # t -> an upper bound on |sum of sparse deltas|
         for prep, weight in items:
+            if prep.baked and (len(items) > 1 or weight != 1.0):
+                raise AdapterValueError(
+                    f"adapter {prep.name!r} holds codes baked for weight 1.0 alone; it cannot be fused or "
+                    f"weighted (fuse the adapters it was baked from instead)"
+                )
             alpha = _fp32(weight * prep.scale)
             for t, part in prep.sparse.items():
                 contrib.setdefault(t, []).append(("sparse", part, alpha))
@@ -149,7 +169,8 @@ class Switcher:
                 dense[t] = parts
             else:
                 sparse[t] = _combine(parts)
-                self._check_range(t, sparse[t][1], bound[t])
+                if t not in self.backend.scales:  # codes saturate (counted) instead of overflowing
+                    self._check_range(t, sparse[t][1], bound[t])
         self.backend.check_unfused_plan(unfused)
         return Plan(tuple((p.name, float(w)) for p, w in items), sparse, dense, unfused)
 
@@ -176,12 +197,17 @@ class Switcher:
         in_idx = [plan.sparse[t][0] for t in in_t]
         in_saved = [self._ungathered(t, i.numel(), tensors[t].dtype) for t, i in zip(in_t, in_idx)]
         dense_saved = {t: c for t, c in old.dense_saved.items() if t in plan.dense}  # base copies kept
+        scales = self.backend.scales
+        quant = any(t in scales for t in in_t)
+        saturated = torch.zeros(len(in_t), dtype=torch.int64) if quant else None
         try:
             for t in old.plan.dense:
                 if t not in plan.dense:  # leaves dense: its base copy goes back whole
                     tensors[t].copy_(old.dense_saved[t])
             out_t = list(old.sparse_saved)
             if out_t or in_t:
+                written = {t: [] for t in [*out_t, *in_t] if t in scales}  # codes a compute copy must follow
+                versions = {t: tensors[t]._version for t in written}
                 kernels.switch_(
                     [tensors[t] for t in out_t],
                     [old.sparse_saved[t][0] for t in out_t],
@@ -191,13 +217,22 @@ class Switcher:
                     [plan.sparse[t][1] for t in in_t],
                     in_saved,
                     validate=False,
+                    **(
+                        {"in_scales": [scales.get(t, _NO_SCALE) for t in in_t], "saturated": saturated} if quant else {}
+                    ),
                 )
+                for t, idx in [*((t, old.sparse_saved[t][0]) for t in out_t), *zip(in_t, in_idx)]:
+                    if t in written:
+                        written[t].append(idx)
+                for t, idx_lists in written.items():
+                    self.backend.after_write(t, idx_lists, versions[t])
             for t in plan.dense:
                 if t not in dense_saved:
                     dense_saved[t] = tensors[t].clone()  # the base: the kernel restored any sparse state
             _apply_dense(self.backend, plan, dense_saved)
             self.backend.set_unfused(plan.unfused)
-            stats = self._stats(old.plan, plan, (time.perf_counter() - t0) * 1e3)
+            sat = {t: int(n) for t, n in zip(in_t, saturated.tolist()) if n} if saturated is not None else {}
+            stats = self._stats(old.plan, plan, (time.perf_counter() - t0) * 1e3, sat)
             self.state = State(plan, dict(zip(in_t, zip(in_idx, in_saved))), dense_saved)  # commit
             self._spare = {t: s for t, (_, s) in old.sparse_saved.items()}  # free now that the switch committed
         except BaseException:
@@ -234,10 +269,18 @@ class Switcher:
             int_dtype, marker = UNGATHERED[saved.dtype]
             done = saved.view(int_dtype) != marker
             idx = plan.sparse[t][0].long()[done]
-            tensors[t].view(-1).index_copy_(0, idx, saved[done])
+            _raw(tensors[t]).view(-1).index_copy_(0, idx, _raw(saved)[done])
         for t, (idx, base) in old.sparse_saved.items():  # the outgoing state, written as it was
-            value = (base.float() + old.plan.sparse[t][1]).to(base.dtype)  # the kernels' formula
-            tensors[t].view(-1).index_copy_(0, idx.long(), value)
+            delta = old.plan.sparse[t][1]
+            if base.dtype in QUANT_DTYPES and delta.dtype == base.dtype:  # baked codes
+                value = delta
+            elif t in self.backend.scales:  # the kernels' formula on the grid
+                scale = self.backend.scales[t]
+                value = requantize(base, scale[idx.long() // (tensors[t].numel() // scale.numel())], delta)[0]
+            else:
+                value = (base.float() + delta).to(base.dtype)  # the kernels' formula
+            # torch index ops bump the codes' version counter: an FP8 layer's forward then refreshes its copy
+            _raw(tensors[t]).view(-1).index_copy_(0, idx.long(), _raw(value))
         _apply_dense(self.backend, old.plan, old.dense_saved)
         self.backend.set_unfused(old.plan.unfused)
 
@@ -251,7 +294,7 @@ class Switcher:
         buf.view(int_dtype).fill_(marker)
         return buf
 
-    def _stats(self, old: Plan, new: Plan, ms: float) -> SwitchStats:
+    def _stats(self, old: Plan, new: Plan, ms: float, saturated: dict[str, int]) -> SwitchStats:
         tensors = self.backend.tensors
         restored = [t for t in old.dense if t not in new.dense]  # copied back whole
         written = sum(i.numel() for plan in (old, new) for i, _ in plan.sparse.values())
@@ -260,7 +303,7 @@ class Switcher:
         for plan in (old, new):
             nbytes += sum(2 * i.numel() * tensors[t].element_size() for t, (i, _) in plan.sparse.items())
             nbytes += sum(2 * tensors[t].numel() * tensors[t].element_size() for t in plan.dense)
-        return SwitchStats(ms, written, nbytes, new.active, kernels.backend())
+        return SwitchStats(ms, written, nbytes, new.active, kernels.backend(), saturated)
 
 
 def _apply_dense(backend: Backend, plan: Plan, base_copies: dict[str, torch.Tensor]) -> None:
@@ -288,6 +331,14 @@ def _apply_dense(backend: Backend, plan: Plan, base_copies: dict[str, torch.Tens
         # a sum is finite only if every term is (cheap); the elementwise check only if it is not
         if not bool(torch.isfinite(w.sum(dtype=torch.float32))) and not bool(torch.isfinite(w).all()):
             raise AdapterValueError(f"tensor {t!r}: the adapted weights overflow {w.dtype} (Inf/NaN)")
+
+
+_NO_SCALE = torch.empty(0)  # a float weight's entry in the kernels' scale list
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """1-byte codes as uint8 (torch lacks index ops for FP8): the same bytes."""
+    return t.view(torch.uint8) if t.dtype in QUANT_DTYPES else t
 
 
 def _fp32(x: float) -> float:

@@ -7,7 +7,8 @@
 //             1-byte codes of a quantized base (int8 / fp8 e4m3fn / e5m2) with per-row fp32 scales s:
 //             w.flat[j] = Q((float(code) * s[row] + delta[i]) / s[row]): nearest grid point, ties to even,
 //             clamped to +-max (runtime/qformats.py's encode; each step one fp32 op, no contraction);
-//             the clamped entries are counted per tensor.
+//             the clamped entries are counted per tensor. Given codes of the weight's own dtype instead of fp32
+//             deltas (an adapter baked for this base), the apply writes them as they are (a byte swap).
 //   switch_:  restore_ of the outgoing lists, then apply_ of the incoming ones.
 //   Restoring 1-byte codes is a byte scatter.
 //
@@ -72,6 +73,7 @@ struct Item {
   const float* scales;       // [numel / row_len] per-row scales of 1-byte codes (apply only), else null
   int64_t row_len;           // elements per scale row
   int64_t* saturated;        // where this entry's clamped count is added (apply of 1-byte codes), or null
+  const uint8_t* codes;      // [n] new codes of a 1-byte weight (apply of a baked adapter: a swap), or null
   int64_t pos;               // position in its list, for messages
   const char* list;          // "" or "outgoing " / "incoming " (switch_)
 };
@@ -306,6 +308,20 @@ int64_t apply_q(const Item& it, uint8_t* w, const I* idx, uint8_t* saved, int64_
                 : apply_range_q<F, I, false>(w, idx, it.delta, saved, it.scales, it.row_len, b, e, 0);
 }
 
+// Baked codes: saved[i] = w[j]; w[j] = codes[i] (a byte swap, no grid math).
+template <typename I, bool kPrefetch>
+void swap_range(uint8_t* __restrict__ w, const I* __restrict__ idx, const uint8_t* __restrict__ codes,
+                uint8_t* __restrict__ saved, int64_t b, int64_t e, int64_t pf) {
+  for (int64_t i = b; i < e; ++i) {
+    if constexpr (kPrefetch) {
+      if (i + pf < e) __builtin_prefetch(w + idx[i + pf], 1, 3);
+    }
+    uint8_t* p = w + idx[i];
+    saved[i] = *p;
+    *p = codes[i];
+  }
+}
+
 template <typename I>
 void run_range_q(const Item& it, int64_t b, int64_t e) {
   if (b >= e) return;
@@ -313,6 +329,13 @@ void run_range_q(const Item& it, int64_t b, int64_t e) {
   const I* idx = static_cast<const I*>(it.idx);
   uint8_t* saved = static_cast<uint8_t*>(it.saved);
   const int64_t pf = g_prefetch.load(std::memory_order_relaxed);
+  if (it.codes) {
+    if (pf > 0)
+      swap_range<I, true>(w, idx, it.codes, saved, b, e, pf);
+    else
+      swap_range<I, false>(w, idx, it.codes, saved, b, e, 0);
+    return;
+  }
   int64_t clamped = 0;
   switch (it.wtype) {
     case at::kChar:
@@ -470,14 +493,17 @@ Item make_item(const char* op, const char* list, int64_t t, const at::Tensor& w,
                     " differs from weight dtype ", wt);
   TORCH_CHECK_VALUE(saved.sizes() == idx.sizes() && saved.is_contiguous(), where, "saved shape ", saved.sizes(),
                     " does not match indices shape ", idx.sizes());
+  const bool baked = delta && is_code(wt) && delta->scalar_type() == wt;  // new codes given: a byte swap
   if (delta) {
-    TORCH_CHECK_VALUE(delta->scalar_type() == at::kFloat, where, "delta dtype ", delta->scalar_type(),
+    TORCH_CHECK_VALUE(delta->scalar_type() == at::kFloat || baked, where, "delta dtype ", delta->scalar_type(),
                       " is not float32");
     TORCH_CHECK_VALUE(delta->sizes() == idx.sizes() && delta->is_contiguous(), where, "delta shape ",
                       delta->sizes(), " does not match indices shape ", idx.sizes());
   }
   const bool has_scale = scale && scale->defined() && scale->numel() > 0;
-  if (delta && is_code(wt)) {
+  if (baked) {
+    // no grid math: scales, if given, are not used
+  } else if (delta && is_code(wt)) {
     TORCH_CHECK_VALUE(has_scale, where, "a ", wt, " weight needs its per-row scales");
     TORCH_CHECK_VALUE(scale->scalar_type() == at::kFloat && scale->dim() == 1 && scale->is_contiguous() &&
                           scale->device().is_cpu(),
@@ -496,12 +522,13 @@ Item make_item(const char* op, const char* list, int64_t t, const at::Tensor& w,
   item.idx = idx.data_ptr();
   item.idx64 = it == at::kLong;
   item.n = idx.numel();
-  item.delta = delta ? delta->data_ptr<float>() : nullptr;
+  item.delta = delta && !baked ? delta->data_ptr<float>() : nullptr;
+  item.codes = baked ? static_cast<const uint8_t*>(delta->data_ptr()) : nullptr;
   item.apply = delta != nullptr;
   item.saved = saved.data_ptr();
   item.pos = t;
   item.list = list;
-  if (delta && is_code(wt)) {
+  if (delta && is_code(wt) && !baked) {
     item.scales = scale->data_ptr<float>();
     item.row_len = w.numel() / scale->numel();
     item.saturated = saturated ? saturated + t : nullptr;

@@ -362,3 +362,28 @@ def test_fake_impl_traces_with_scales(ext):
         torch.zeros(1, dtype=torch.int64),
     )
     torch.library.opcheck(torch.ops.shira.apply_.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("threaded", [False, True], ids=["serial", "threaded"])
+@pytest.mark.parametrize("plan", ["fused", "phased", "ordered"])
+def test_baked_codes_are_a_byte_swap(ext, knobs, fmt, threaded, plan):
+    """Deltas given as codes of the weight's dtype (an adapter baked for this base) are written as they are, the
+    old codes saved; the same in both paths, mixed with grid-math tensors in one switch."""
+    knobs(threaded=threaded, chunk=29, force_plan={"fused": 0, "phased": 1, "ordered": 2}[plan])
+    ws, scales, a_idx, a_d, a_saved = state(fmt, torch.int64, 0.2, seed=8, sort=plan != "phased")
+    g = gen(9)
+    new = [torch.randint(0, 256, (i.numel(),), generator=g, dtype=torch.uint8).view(w.dtype) for w, i in zip(ws, a_idx)]
+    new = [torch.where(torch.isnan(c.float()), torch.zeros_like(c), c) if c.dtype != torch.int8 else c for c in new]
+    deltas = [new[0], a_d[1], new[2], a_d[3]]  # baked codes and fp32 deltas side by side
+    base = clone(ws)
+    w_ref, s_ref = clone(ws), clone(a_saved)
+    sat_ref, sat = torch.zeros(len(ws), dtype=torch.int64), torch.zeros(len(ws), dtype=torch.int64)
+    reference.apply_(w_ref, a_idx, deltas, s_ref, scales=scales, saturated=sat_ref)
+    ext.apply_(ws, a_idx, deltas, a_saved, scales=scales, saturated=sat)
+    assert_bytes_equal(ws + a_saved, w_ref + s_ref, "tensor")
+    assert torch.equal(sat, sat_ref) and int(sat[0]) == int(sat[2]) == 0
+    for t in (0, 2):
+        assert torch.equal(raw(ws[t].view(-1)[a_idx[t]]), raw(new[t]))
+    ext.restore_(ws, a_idx, a_saved)
+    assert_bytes_equal(ws, base, "restored")
