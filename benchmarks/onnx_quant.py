@@ -16,12 +16,14 @@ per output row, ``W = code * scale[row]``. Each form is a one-linear ONNX graph 
   -> ``MatMulInteger(Xq, codes^T)`` -> scales (the pattern ``quantize_dynamic`` writes; onnxruntime fuses it into
   ``DynamicQuantizeMatMul`` and packs B); ``MatMulNBits``: com.microsoft, 8 bits, one block per row (block size =
   in), unsigned codes ``code + 128`` with the default zero point 128, int8 activations (``accuracy_level=4``).
+- ``int8 file folded to fp32``: the ``DQ->Gemm`` graph with ``session.disable_quant_qdq``, so constant folding
+  turns the codes into onnxruntime's own fp32 weight (4x the memory; not an int8 session, shown for reference).
 - ``int8 live ...``: the codes and scales as graph inputs bound zero-copy: ``DQ->Gemm`` (spelled as the fp32 live
   form), ``MatMulInteger`` with the weight as A (``MatMulInteger(codes, Xq^T)``, so no per-run transpose of the
   weight), ``MatMulNBits`` with B a graph input.
 - ``int8 add_initializer ...``: the codes handed to ``SessionOptions.add_initializer`` as an OrtValue over our
-  numpy buffer, with ``session.disable_prepacking``; ``noopt`` also turns graph optimizations off (with them on,
-  constant folding replaces ``DequantizeLinear`` of an initializer by onnxruntime's own fp32 copy).
+  numpy buffer, with ``session.disable_prepacking``; ``noopt`` also turns graph optimizations off, ``opt``
+  keeps them (constant folding leaves a DequantizeLinear alone unless ``session.disable_quant_qdq`` is set).
 
 Liveness: after the session is created, the user's buffers are written in place (rows negated, codes changed, a
 scale doubled) and the next run must equal ``x @ (code * scale).T`` of the new values; a form whose output still
@@ -200,7 +202,7 @@ class Form:
     fp32: bool = False
 
 
-def _opts(threads: int, optimize: bool = True, prepack: bool = True) -> ort.SessionOptions:
+def _opts(threads: int, optimize: bool = True, prepack: bool = True, fold_dq: bool = False) -> ort.SessionOptions:
     o = ort.SessionOptions()
     o.intra_op_num_threads = threads
     o.graph_optimization_level = (
@@ -208,6 +210,10 @@ def _opts(threads: int, optimize: bool = True, prepack: bool = True) -> ort.Sess
     )
     if not prepack:
         o.add_session_config_entry("session.disable_prepacking", "1")
+    if fold_dq:
+        # by default constant folding leaves DequantizeLinear alone (kept for QDQ fusions); without the QDQ
+        # transformers it folds DQ(initializer) into an fp32 initializer, which the Gemm then prepacks
+        o.add_session_config_entry("session.disable_quant_qdq", "1")
     return o
 
 
@@ -256,6 +262,9 @@ def forms(threads: int) -> list[Form]:
     def dq_prepacked(w: Weights, tokens: int):
         return plain(dq_gemm(*w.codes.shape, False, (w.codes.copy(), w.scale.copy())), t)
 
+    def dq_folded(w: Weights, tokens: int):
+        return plain(dq_gemm(*w.codes.shape, False, (w.codes.copy(), w.scale.copy())), t, fold_dq=True)
+
     def mmi_prepacked(unsigned: bool):
         return lambda w, tokens: plain(mmi_b(*w.codes.shape, w.codes, w.scale, unsigned), t)
 
@@ -286,6 +295,7 @@ def forms(threads: int) -> list[Form]:
     return [
         Form("fp32 live (Gemm, bound)", fp32_live, fp32=True),
         Form("int8 prepacked DQ->Gemm", dq_prepacked, prepacked=True),
+        Form("int8 file folded to fp32 (disable_quant_qdq)", dq_folded),
         Form("int8 prepacked MatMulInteger u8s8", mmi_prepacked(False), DYNAMIC_TOL, prepacked=True),
         Form("int8 prepacked MatMulInteger u8u8", mmi_prepacked(True), DYNAMIC_TOL, prepacked=True),
         Form("int8 prepacked MatMulNBits", nbits_prepacked, DYNAMIC_TOL, prepacked=True),
