@@ -20,7 +20,8 @@ per output row, ``W = code * scale[row]``. Each form is a one-linear ONNX graph 
   turns the codes into onnxruntime's own fp32 weight (4x the memory; not an int8 session, shown for reference).
 - ``int8 live ...``: the codes and scales as graph inputs bound zero-copy: ``DQ->Gemm`` (spelled as the fp32 live
   form), ``MatMulInteger`` with the weight as A (``MatMulInteger(codes, Xq^T)``, so no per-run transpose of the
-  weight), ``MatMulNBits`` with B a graph input.
+  weight), ``MatMulInteger`` with the weight as B, which needs the codes stored transposed (``[in, out]``: a
+  layout our format does not have; the switch would map its indices), ``MatMulNBits`` with B a graph input.
 - ``int8 add_initializer ...``: the codes handed to ``SessionOptions.add_initializer`` as an OrtValue over our
   numpy buffer, with ``session.disable_prepacking``; ``noopt`` also turns graph optimizations off, ``opt``
   keeps them (constant folding leaves a DequantizeLinear alone unless ``session.disable_quant_qdq`` is set).
@@ -117,11 +118,11 @@ def fp32_gemm(n: int, k: int, weight_a: bool) -> onnx.ModelProto:
     return _model(_gemm("w", weight_a), [_vi("w", TensorProto.FLOAT, [n, k])], [], k, n)
 
 
-def mmi_b(n: int, k: int, codes: np.ndarray, scale: np.ndarray, unsigned: bool) -> onnx.ModelProto:
+def mmi_b(n: int, k: int, codes: np.ndarray | None, scale: np.ndarray | None, unsigned: bool) -> onnx.ModelProto:
     """What ``quantize_dynamic`` writes for ``MatMul(x, W^T)``: ``DynamicQuantizeLinear(x)``,
-    ``MatMulInteger(xq, codes^T)`` (B initializer ``[in, out]``), then the activation and weight scales.
-    ``unsigned``: B as ``code + 128`` with zero point 128 (u8 x u8); otherwise our int8 codes (u8 x s8)."""
-    b = np.ascontiguousarray((nbits_codes(codes)[:, 0] if unsigned else codes).T)
+    ``MatMulInteger(xq, codes^T)`` (B ``[in, out]``), then the activation and weight scales. ``unsigned``: B as
+    ``code + 128`` with zero point 128 (u8 x u8); otherwise our int8 codes (u8 x s8). ``codes`` None: B
+    (``codes_t``, uint8 ``[in, out]``) and ``scale`` are graph inputs."""
     zp = ["codes_zp"] if unsigned else []
     nodes = [
         helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
@@ -130,9 +131,12 @@ def mmi_b(n: int, k: int, codes: np.ndarray, scale: np.ndarray, unsigned: bool) 
         helper.make_node("Mul", ["xs", "scale"], ["s"]),
         helper.make_node("Mul", ["accf", "s"], ["y"]),
     ]
-    inits = [numpy_helper.from_array(b, "codes_t"), numpy_helper.from_array(scale, "scale")]
-    if unsigned:
-        inits.append(numpy_helper.from_array(np.array(128, np.uint8), "codes_zp"))
+    inits = [numpy_helper.from_array(np.array(128, np.uint8), "codes_zp")] if unsigned else []
+    if codes is None:
+        inputs = [_vi("codes_t", TensorProto.UINT8, [k, n]), _vi("scale", TensorProto.FLOAT, [n])]
+        return _model(nodes, inputs, inits, k, n)
+    b = np.ascontiguousarray((nbits_codes(codes)[:, 0] if unsigned else codes).T)
+    inits += [numpy_helper.from_array(b, "codes_t"), numpy_helper.from_array(scale, "scale")]
     return _model(nodes, [], inits, k, n)
 
 
@@ -185,12 +189,14 @@ class Weights:
         self.codes, self.scale = codes, scale
         self.fp32 = codes.astype(np.float32) * scale[:, None]
         self.ucodes = nbits_codes(codes)
+        self.ucodes_t = np.ascontiguousarray(self.ucodes[:, 0].T)  # [in, out]: MatMulInteger's B layout
 
     def write(self, codes: np.ndarray, scale: np.ndarray) -> None:
         self.codes[...] = codes
         self.scale[...] = scale
         self.fp32[...] = codes.astype(np.float32) * scale[:, None]
         self.ucodes[...] = nbits_codes(codes)
+        self.ucodes_t[...] = self.ucodes[:, 0].T
 
 
 @dataclass
@@ -277,6 +283,13 @@ def forms(threads: int) -> list[Form]:
     def mmi_live(w: Weights, tokens: int):
         return bound(mmi_a(*w.codes.shape), {"b": w.ucodes, "scale": w.scale}, t)
 
+    def mmi_b_live(w: Weights, tokens: int):
+        return bound(mmi_b(*w.codes.shape, None, None, True), {"codes_t": w.ucodes_t, "scale": w.scale}, t)
+
+    def mmi_b_addinit(w: Weights, tokens: int):
+        m = mmi_b(*w.codes.shape, w.codes, w.scale, True)
+        return plain(m, t, {"codes_t": w.ucodes_t, "scale": w.scale}, prepack=False)
+
     def nbits_live(w: Weights, tokens: int):
         return bound(nbits(*w.codes.shape), {"b": w.ucodes, "scale": w.scale}, t)
 
@@ -301,9 +314,11 @@ def forms(threads: int) -> list[Form]:
         Form("int8 prepacked MatMulNBits", nbits_prepacked, DYNAMIC_TOL, prepacked=True),
         Form("int8 live DQ->Gemm (bound)", dq_live),
         Form("int8 live MatMulInteger u8u8 A (bound)", mmi_live, DYNAMIC_TOL),
+        Form("int8 live MatMulInteger u8u8 B [in,out] (bound)", mmi_b_live, DYNAMIC_TOL),
         Form("int8 live MatMulNBits (bound)", nbits_live, DYNAMIC_TOL),
         Form("int8 add_initializer DQ->Gemm noopt", dq_addinit(False)),
         Form("int8 add_initializer DQ->Gemm opt", dq_addinit(True)),
+        Form("int8 add_initializer MatMulInteger u8u8 [in,out] opt", mmi_b_addinit, DYNAMIC_TOL),
         Form("int8 add_initializer MatMulNBits noopt", nbits_addinit, DYNAMIC_TOL),
     ]
 

@@ -18,9 +18,12 @@ LIVE = {
     "int8 prepacked MatMulNBits": "frozen",
     "int8 live DQ->Gemm (bound)": "live",
     "int8 live MatMulInteger u8u8 A (bound)": "live",
+    "int8 live MatMulInteger u8u8 B [in,out] (bound)": "live",
     "int8 live MatMulNBits (bound)": "live",
     "int8 add_initializer DQ->Gemm noopt": "live",
     "int8 add_initializer DQ->Gemm opt": "live",
+    "int8 add_initializer MatMulInteger u8u8 [in,out] opt": "live",
+    # live on these small shapes; on llama-1b shapes its scales stop being read live ("wrong" in the benchmark)
     "int8 add_initializer MatMulNBits noopt": "live",
 }
 
