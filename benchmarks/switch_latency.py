@@ -4,11 +4,20 @@
     python -m benchmarks.switch_latency --quick          # tiny preset, few repeats
     python -m benchmarks.switch_latency --dtype fp32 bf16 --json out.json --plot out.png
     python -m benchmarks.switch_latency --mask rand block struct wm snip   # switch rows per SHiRA mask kind
+    python -m benchmarks.switch_latency --dtype int8 fp8_e4m3 fp8_e5m2     # quantized bases (runtime.quantize)
 
 Every figure is measured in this run: switch medians (and p90) over A -> B -> A cycles, first call excluded;
 inference medians at 1 token and at a batch of tokens, with whatever the method leaves active, against the base.
 Both are taken by ``benchmarks.timing``, the same loops for the torch rows (here) and the onnxruntime rows
 (``benchmarks.switch_onnx``); every row is a ``benchmarks.switch_rows.Row``.
+
+A quantized ``--dtype`` (``int8``, ``fp8_e4m3``, ``fp8_e5m2``): the fp32 model is built, the random adapters are
+made on it, then it is quantized in place (``runtime.quantize.quantize``, every linear but the LM head). SHiRA
+switches on the grid (the floor counts the touched lines of the 1-byte codes); the fused LoRA row is the PEFT way
+(``benchmarks.quant_survival.RequantLora``: dequantize, merge, requantize whole tensors with new scales; the
+runtime refuses fused LoRA on quantized weights); unfused LoRA runs through the runtime. The onnxruntime and PEFT
+rows are skipped (said in ``skipped``): quantized bundles are not switchable yet, and PEFT cannot merge into our
+``QuantLinear``.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import torch
 
 import kernels
 from benchmarks.common import copy_bandwidth_gbps, memory_floor_ms, progress, touched_lines
+from benchmarks.quant_survival import RequantLora, code_bytes
 from benchmarks.switch_onnx import export_bundles, onnx_rows, onnx_unavailable
 from benchmarks.switch_peft import peft_rows, peft_unavailable
 from benchmarks.switch_report import package_version, plot, report
@@ -36,6 +46,8 @@ from runtime import Runtime
 from runtime.dtypes import SHORT
 from runtime.masks import KINDS
 from runtime.models import PRESETS, TARGETS
+from runtime.qformats import FORMATS
+from runtime.quantize import QuantLinear, quantize
 from runtime.synthetic import random_lora, random_shira
 
 
@@ -57,8 +69,11 @@ def shira_rows(
     """Switch rows of one mask kind (both kernel paths); the first mask's also time inference and generation,
     and its adapters serve the onnxruntime and PEFT rows (``ctx``)."""
     first = "shira_a" not in ctx
-    progress(f"{dtype}: making two SHiRA adapters, {mask} masks, density {cfg.density}")
-    a, b, origin = shira_adapters(cfg, model, mask, ctx.get("calibration"))
+    if mask in ctx.get("made", {}):  # a quantized base: made on the fp32 model before quantizing
+        a, b, origin = ctx["made"][mask]
+    else:
+        progress(f"{dtype}: making two SHiRA adapters, {mask} masks, density {cfg.density}")
+        a, b, origin = shira_adapters(cfg, model, mask, ctx.get("calibration"))
     mask = mask if origin == "random" else "user"
     rt.add_adapter("shira_a", a)
     rt.add_adapter("shira_b", b)
@@ -107,8 +122,50 @@ def shira_rows(
     return rows
 
 
+def lora_pair(cfg: Config, model):
+    return pair(cfg.lora, lambda k: random_lora(model, cfg.targets, cfg.rank, seed=cfg.seed + 2 + k))
+
+
+class _Requant:
+    """``RequantLora`` behind a ``switch(name | None)`` (what ``Inference`` and ``gen_timing`` drive): each
+    switch unmerges what is merged and merges the named adapter, requantizing whole tensors (drifts)."""
+
+    def __init__(self, req: RequantLora, adapters: dict) -> None:
+        self.req, self.adapters, self.current = req, adapters, None
+
+    def switch(self, name: str | None) -> None:
+        if name != self.current:
+            self.req.switch(self.adapters.get(self.current), self.adapters.get(name))
+            self.current = name
+
+
+def lora_requant_rows(
+    cfg: Config, rt: Runtime, model, dtype: str, infer: Inference, ctx: dict, la, lb, names: list[str]
+) -> list[Row]:
+    """Fused LoRA on a quantized base, the PEFT way (the runtime refuses it): timed by the same ``cycle``."""
+    req = RequantLora(model, names)
+    # a switch unmerges A and merges B: every code and scale of the targets written twice
+    nbytes = 2 * sum(m.weight.numel() + m.weight_scale.numel() * 4 for m in req.layers)
+    reps = max(3, cfg.repeats // 4)
+    snapshot = code_bytes(model)
+    progress(f"{dtype}: lora fused the PEFT way (dequantize, merge, requantize; drifts), {reps} repeats")
+    sw = _Requant(req, {"a": la, "b": lb})
+    sw.switch("a")
+    t = cycle([lambda: sw.switch("b"), lambda: sw.switch("a")], reps)
+    sw.switch(None)
+    inf = infer.measure("a", run=rt, on=sw, rounds=1)
+    gen = gen_timing(cfg, rt, ctx["prompt"], "a", on=sw)
+    for n, m in model.named_modules():  # the base's bytes back (the requantize round trips drifted)
+        if isinstance(m, QuantLinear):
+            m.weight.view(torch.uint8).view(-1).copy_(snapshot[f"{n}.weight"])
+            m.weight_scale.view(torch.uint8).view(-1).copy_(snapshot[f"{n}.weight_scale"])
+            m.refresh_rows()
+    note = "PEFT way: dequantize, merge, requantize (new scales); not exact"
+    return [Row.of("lora_fused", "torch/requantize", dtype, t, nbytes, note, inf).with_gen(gen)]
+
+
 def lora_rows(cfg: Config, rt: Runtime, model, dtype: str, infer: Inference, ctx: dict) -> list[Row]:
-    la, lb, _ = pair(cfg.lora, lambda k: random_lora(model, cfg.targets, cfg.rank, seed=cfg.seed + 2 + k))
+    la, lb, _ = ctx.pop("lora_made") if "lora_made" in ctx else lora_pair(cfg, model)
     ctx.update(lora_a=la, lora_b=lb)
     if la.fan_in_fan_out or set(la.A) != set(lb.A):
         raise SystemExit("--lora: the two adapters must target the same nn.Linear weights (no fan_in_fan_out)")
@@ -116,6 +173,10 @@ def lora_rows(cfg: Config, rt: Runtime, model, dtype: str, infer: Inference, ctx
     weights = [rt.backend.tensors[n] for n in names]
     nbytes = 2 * sum(w.numel() * w.element_size() for w in weights)
     reps = max(3, cfg.repeats // 4)
+    if dtype in FORMATS:
+        rows = lora_requant_rows(cfg, rt, model, dtype, infer, ctx, la, lb, names)
+        rows += lora_unfused_rows(cfg, rt, dtype, infer, ctx, la, lb)
+        return rows
 
     # (1) PEFT-style: unmerge A then merge B in place (W -= s B_a A_a; W += s B_b A_b), fp32 math
     def unmerge_merge(old, new):
@@ -150,8 +211,15 @@ def lora_rows(cfg: Config, rt: Runtime, model, dtype: str, infer: Inference, ctx
     rows = [peft_style.with_infer(inf).with_gen(gen)]
     note = "exact revert, keeps a base copy"
     rows.append(Row.of("lora_fused", "torch/runtime-exact", dtype, t, nbytes, note, inf).with_gen(gen))
+    rows += lora_unfused_rows(cfg, rt, dtype, infer, ctx, la, lb)
+    for n in ("lora_a", "lora_b"):
+        rt.remove_adapter(n)
+    return rows
 
+
+def lora_unfused_rows(cfg: Config, rt: Runtime, dtype: str, infer: Inference, ctx: dict, la, lb) -> list[Row]:
     # (3) unfused: switching swaps the extra x @ A.T @ B.T * s paths; weights untouched, inference pays
+    rows = []
     rt.add_adapter("lora_ua", la, mode="unfused")
     rt.add_adapter("lora_ub", lb, mode="unfused")
     progress(f"{dtype}: lora unfused, {cfg.repeats} repeats")
@@ -159,9 +227,21 @@ def lora_rows(cfg: Config, rt: Runtime, model, dtype: str, infer: Inference, ctx
     inf = infer.measure("lora_ua")
     gen = gen_timing(cfg, rt, ctx["prompt"], "lora_ua")
     rows.append(Row.of("lora_unfused", "torch/hooks", dtype, t, 0, "extra matmuls at inference", inf).with_gen(gen))
-    for n in ("lora_a", "lora_b", "lora_ua", "lora_ub"):
+    for n in ("lora_ua", "lora_ub"):
         rt.remove_adapter(n)
     return rows
+
+
+def quantized_skips(cfg: Config, dtype: str) -> list[str]:
+    """The rows a quantized base does not get, and why."""
+    onnx = "--no-onnx given" if cfg.no_onnx else "quantized bundles are not switchable yet (no live codes/scales)"
+    peft = "--no-peft given" if cfg.no_peft else "PEFT cannot merge into the runtime's QuantLinear"
+    return [
+        f"onnxruntime rows for {dtype}: {onnx}",
+        f"peft rows for {dtype}: {peft}",
+        f"lora_fused torch/runtime-exact for {dtype}: the runtime refuses fused LoRA on quantized weights "
+        "(every code and scale would change); the torch/requantize row is PEFT's way instead",
+    ]
 
 
 def run(cfg: Config) -> dict:
@@ -171,24 +251,45 @@ def run(cfg: Config) -> dict:
     skipped: list[str] = []
     live_vs_prepacked: dict = {}
     for dtype in cfg.dtypes:
-        progress(f"building {cfg.hf or cfg.preset} in {dtype}")
-        model, vocab = load_model(cfg, dtype)
+        quantized = dtype in FORMATS
+        progress(f"building {cfg.hf or cfg.preset} in {'fp32, to quantize to ' if quantized else ''}{dtype}")
+        model, vocab = load_model(cfg, "fp32" if quantized else dtype)
+        ctx: dict = {"vocab": vocab, "prompt": prompt(cfg, vocab)}
+        if any(m in ("grad", "snip") for m in cfg.masks):
+            gen = torch.Generator().manual_seed(cfg.seed)
+            ctx["calibration"] = torch.randint(0, vocab, (2, 32), generator=gen)
+        if quantized:  # the random adapters address nn.Linear weights: made on the fp32 model, then quantize
+            masks = cfg.masks if not cfg.shira else cfg.masks[:1]
+            progress(f"{dtype}: making the SHiRA adapters ({', '.join(masks)} masks) and LoRA on the fp32 model")
+            ctx["made"] = {m: shira_adapters(cfg, model, m, ctx.get("calibration")) for m in masks}
+            ctx["lora_made"] = lora_pair(cfg, model)
+            progress(f"{dtype}: quantizing every linear but the LM head")
+            quantize(model, dtype)
         rt = Runtime.load(model)
         infer = inference(cfg, rt, vocab)
         progress(f"{dtype}: base inference, {cfg.infer_repeats} repeats")
         # overhead 1 by definition; the rows below are timed interleaved with it
-        ctx: dict = {"vocab": vocab, "prompt": prompt(cfg, vocab)}
-        base = Row.of("base", "torch", dtype, None, 0, "no adapter", infer.measure().as_base())
+        base = Row.of(
+            "base",
+            "torch",
+            dtype,
+            None,
+            0,
+            "quantized base, no adapter" if quantized else "no adapter",
+            infer.measure().as_base(),
+        )
         rows.append(base.with_gen(gen_timing(cfg, rt, ctx["prompt"], None)))
-        if any(m in ("grad", "snip") for m in cfg.masks):
-            gen = torch.Generator().manual_seed(cfg.seed)
-            ctx["calibration"] = torch.randint(0, vocab, (2, 32), generator=gen)
         for mask in cfg.masks if not cfg.shira else cfg.masks[:1]:
             rows += shira_rows(cfg, rt, model, dtype, copy_gbps, infer, ctx, mask)
             gc.collect()
         rows += lora_rows(cfg, rt, model, dtype, infer, ctx)
         del rt, infer
         gc.collect()
+        if quantized:
+            skipped += quantized_skips(cfg, dtype)
+            del model, ctx
+            gc.collect()
+            continue
         why = onnx_unavailable(cfg, dtype)
         if why:
             skipped.append(f"onnxruntime rows for {dtype}: {why}")
@@ -232,7 +333,13 @@ def run(cfg: Config) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.switch_latency", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="llama-1b", choices=sorted(PRESETS))
-    p.add_argument("--dtype", nargs="+", default=["fp32"], choices=sorted(SHORT))
+    p.add_argument(
+        "--dtype",
+        nargs="+",
+        default=["fp32"],
+        choices=sorted(SHORT) + list(FORMATS),
+        help="weight dtypes; int8 / fp8_e4m3 / fp8_e5m2: the fp32 model quantized (runtime.quantize)",
+    )
     p.add_argument("--density", type=float, default=0.01)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--repeats", type=int, default=20, help="switches timed per method (LoRA fused: a quarter)")
