@@ -149,3 +149,28 @@ def test_user_model_and_peft_adapters(tmp_path):
     # --hf: the directory's model on torch, exported with its KV cache for onnxruntime, and under PEFT itself
     assert {r["backend"].split("/")[0] for r in rows} == {"torch", "onnxruntime", "peft"}
     assert all("user adapters" in r["note"] for r in rows if r["backend"] == "peft")
+
+
+def test_quantized_dtypes_rows(tmp_path, capsys):
+    """--dtype int8 fp8_e4m3: the fp32 model quantized; SHiRA on the grid (floor from 1-byte lines), LoRA fused
+    the PEFT way (requantize) and unfused; onnxruntime, PEFT and the runtime's exact fused LoRA skipped, said why."""
+    out = tmp_path / "r.json"
+    argv = ["--quick", "--dtype", "int8", "fp8_e4m3", "--repeats", "2", "--infer-repeats", "1", "--mask", "rand"]
+    main([*argv, "--new-tokens", "2", "--gen-repeats", "1", "--json", str(out)])
+    data = json.loads(out.read_text())
+    rows = {(r["method"], r["backend"], r["dtype"], r.get("mask")): r for r in data["results"]}
+    for fmt in ("int8", "fp8_e4m3"):
+        assert {r["backend"].split("/")[0] for r in data["results"] if r["dtype"] == fmt} == {"torch"}
+        shira = rows[("shira", "torch/cpp", fmt, "rand")]
+        assert shira["switch_ms"] > 0 and shira["floor_ms"] > 0 and shira["infer_ms"] > 0
+        fused = rows[("lora_fused", "torch/requantize", fmt, None)]
+        assert fused["switch_ms"] > 0 and fused["infer_ms"] > 0 and "requantize" in fused["note"]
+        assert rows[("lora_unfused", "torch/hooks", fmt, None)]["infer_overhead"] > 0
+        assert ("lora_fused", "torch/runtime-exact", fmt, None) not in rows
+        for what in ("onnxruntime rows", "peft rows", "lora_fused torch/runtime-exact"):
+            assert any(line.startswith(f"{what} for {fmt}: ") for line in data["skipped"])
+    # the same adapters on two 1-byte formats: the same bytes, the same 64-byte lines, so the same floor
+    q8, f8 = rows[("shira", "torch/cpp", "int8", "rand")], rows[("shira", "torch/cpp", "fp8_e4m3", "rand")]
+    assert q8["bytes_written"] == f8["bytes_written"] > 0 and q8["floor_ms"] == f8["floor_ms"]
+    printed = capsys.readouterr().out
+    assert "torch/requantize" in printed and "skipped: peft rows for int8" in printed
