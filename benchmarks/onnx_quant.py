@@ -4,6 +4,7 @@ prepacked int8 session and our fp32 live form.
     python -m benchmarks.onnx_quant                  # llama-1b linear shapes, 1 and 64 tokens
     python -m benchmarks.onnx_quant --quick          # small shapes, few repeats
     python -m benchmarks.onnx_quant --json out.json
+    python -m benchmarks.onnx_quant --forms "u8u8 B" "add_initializer MatMulInteger"   # some forms (+ fp32 live)
 
 The weight is our int8 format (``runtime/qformats``): codes int8 ``[out, in]`` in [-127, 127] and one fp32 scale
 per output row, ``W = code * scale[row]``. Each form is a one-linear ONNX graph (``onnx.helper``):
@@ -37,9 +38,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +69,7 @@ class Config:
     repeats: int = 15
     threads: int = 2
     seed: int = 0
+    only: tuple[str, ...] = ()  # substrings of form names to run (empty: all); the fp32 live form always runs
 
 
 @dataclass(frozen=True)
@@ -380,7 +383,9 @@ def shape_rows(cfg: Config, n: int, k: int) -> list[Row]:
     errs: dict[str, float | None] = {}
     failures: dict[str, str] = {}
     runs: dict[int, dict[str, Callable[[], object]]] = {t: {} for t in cfg.tokens}
-    all_forms = forms(cfg.threads)
+    all_forms = [
+        f for f in forms(cfg.threads) if f.fp32 or not cfg.only or any(o.lower() in f.name.lower() for o in cfg.only)
+    ]
     for f in all_forms:
         for t in cfg.tokens:
             if f.name in failures:
@@ -450,14 +455,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--forms", nargs="*", default=[], help="substrings of the form names to run (default: all)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    cfg = Config(QUICK, repeats=3, threads=args.threads) if args.quick else Config(threads=args.threads)
-    if args.repeats:
-        cfg = Config(cfg.shapes, cfg.tokens, args.repeats, cfg.threads, cfg.seed)
-    print(f"onnxruntime {ort.__version__}, {cfg.threads} threads, medians of {cfg.repeats} interleaved rounds")
+    cfg = Config(QUICK, repeats=3) if args.quick else Config()
+    cfg = replace(cfg, threads=args.threads, repeats=args.repeats or cfg.repeats, only=tuple(args.forms))
+    load = " ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(
+        f"onnxruntime {ort.__version__}, {cfg.threads} threads, medians of {cfg.repeats} interleaved rounds, "
+        f"{os.cpu_count()} cores, load average {load} at start"
+    )
     rows = run(cfg)
     print_rows(rows, cfg.tokens)
+    print(f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())} at the end")
     if args.json:
         args.json.write_text(json.dumps({"config": asdict(cfg), "rows": [asdict(r) for r in rows]}, indent=1))
     return 0
