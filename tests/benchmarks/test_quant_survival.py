@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from benchmarks.quant_survival import RequantLora, bytes_changed, code_bytes, main
+from benchmarks.quant_survival import RequantLora, bytes_changed, code_bytes, main, requantize_fast
 from runtime.models import TARGETS, build
-from runtime.quantize import quantize
+from runtime.quantize import quantize, quantize_weight
 from runtime.synthetic import random_lora
 
 
@@ -68,3 +68,15 @@ def test_requant_lora_names_the_tensor_that_is_not_quantized():
     q = quantize(copy.deepcopy(model), "int8", targets=["q_proj"])
     with pytest.raises(ValueError, match="v_proj.weight.*not QuantLinear"):
         RequantLora(q, ["model.layers.0.self_attn.v_proj.weight"])
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3", "fp8_e5m2"])
+def test_fast_requantize_is_quantize_weight_bit_for_bit(fmt):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 96, generator=gen) * torch.rand(64, 1, generator=gen)
+    w[3] = 0.0  # an all-zero row: scale 1
+    w[5, :4] = torch.tensor([0.5, -0.5, 1.5, -2.5]) * w[5].abs().max() / 127  # int8 ties
+    codes, scale = requantize_fast(w, fmt)
+    ref_codes, ref_scale = quantize_weight(w, fmt)
+    assert torch.equal(scale, ref_scale)
+    assert torch.equal(codes.view(torch.uint8), ref_codes.view(torch.uint8))
