@@ -343,14 +343,14 @@ def reference(x: np.ndarray, codes: np.ndarray, scale: np.ndarray) -> np.ndarray
 
 
 def edited(codes: np.ndarray, scale: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A switch-like in-place edit: every other row negated, a few codes rewritten (the extremes included), one
-    scale doubled."""
+    """A switch-like in-place edit: every other row negated, a few codes rewritten (the extremes included), every
+    third row's scale doubled (so a form that reads codes live but keeps its own scales is caught)."""
     c, s = codes.copy(), scale.copy()
     c[::2] = -c[::2]
     idx = rng.choice(c.size, size=max(4, c.size // 100), replace=False)
     c.flat[idx] = rng.integers(-127, 128, size=idx.size, dtype=np.int8)
     c.flat[idx[:2]] = (127, -127)
-    s[1] *= 2
+    s[::3] *= 2
     return c, s
 
 
