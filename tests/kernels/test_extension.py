@@ -15,34 +15,6 @@ IDX_DTYPES = [torch.int32, torch.int64]
 SIZES = [(1,), (7,), (10, 100), (4099,), (33, 2000)]  # flat sizes not multiples of any block or chunk
 
 
-@pytest.fixture(scope="module")
-def ext():
-    from kernels import extension
-
-    try:
-        return extension.load()
-    except Exception as exc:  # no compiler, no headers, ...
-        pytest.skip(f"C++ extension unavailable: {exc}")
-
-
-@pytest.fixture
-def knobs(ext):
-    """Set dispatch knobs for one test; defaults and thread count come back afterwards."""
-    defaults = {k: v for k, v in ext.tuning().items() if k != "last_plan"}
-    threads = torch.get_num_threads()
-
-    def set_(threaded: bool | None = None, **kw):
-        if threaded is not None:
-            kw["serial_below"] = 0 if threaded else 1 << 62
-            if threaded and torch.get_num_threads() < 2:
-                torch.set_num_threads(2)
-        ext.tuning(**kw)
-
-    yield set_
-    ext.tuning(**defaults)
-    torch.set_num_threads(threads)
-
-
 def last_plan(ext) -> dict:
     return ext.tuning()["last_plan"]
 
