@@ -276,12 +276,7 @@ def read(path: str | Path) -> dict[str, Any]:
         raise AdapterFormatError(f"{path}: scale {scale} is not finite")
     shapes = _shapes(path, _field(path, meta, "shapes", json.loads))
     mask_kind = meta.get("mask_kind", "random")
-    parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in PARTS[version]}
-    for key, t in tensors.items():
-        name, _, part = key.rpartition(SEP)
-        if part not in parts or not name:
-            raise AdapterFormatError(f"{path}: unexpected tensor {key!r}")
-        parts[part][name] = t
+    parts = _split_parts(path, tensors, PARTS[version])
     names = set(parts["values"])
     for part, found in parts.items():
         if part not in OPTIONAL and set(found) != names:
@@ -333,12 +328,7 @@ def _read_codes(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tenso
     shapes = _shapes(path, _field(path, meta, "shapes", json.loads))
     formats = _field(path, meta, "quant_formats", json.loads)
     bases = _field(path, meta, "bases", json.loads)
-    parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in PARTS[CODES_VERSION]}
-    for key, t in tensors.items():
-        name, _, part = key.rpartition(SEP)
-        if part not in parts or not name:
-            raise AdapterFormatError(f"{path}: unexpected tensor {key!r}")
-        parts[part][name] = t
+    parts = _split_parts(path, tensors, PARTS[CODES_VERSION])
     names = set(parts["codes"])
     if set(parts["gaps"]) != names or set(parts["escapes"]) != names:
         raise AdapterFormatError(f"{path}: tensors {sorted(names ^ set(parts['gaps']))} lack their gaps or codes")
@@ -373,6 +363,17 @@ def _read_codes(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tenso
         "base": {n: bases[n] for n in indices},
         "mask_kind": str(meta.get("mask_kind", "random")),
     }
+
+
+def _split_parts(path: Path, tensors: dict[str, torch.Tensor], names: tuple[str, ...]) -> dict[str, dict]:
+    """``<tensor>::<part>`` keys -> ``{part: {tensor: t}}`` for the parts ``names``; any other key is refused."""
+    parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in names}
+    for key, t in tensors.items():
+        name, _, part = key.rpartition(SEP)
+        if part not in parts or not name:
+            raise AdapterFormatError(f"{path}: unexpected tensor {key!r}")
+        parts[part][name] = t
+    return parts
 
 
 def _check_sums(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor], checksum) -> None:
