@@ -141,9 +141,11 @@ class GenTiming:
     new: int
 
     @property
-    def decode_tokens_per_s(self) -> float:
-        """The ``new`` tokens after the first, per second of the time they added (medians)."""
-        return self.new / max(1e-9, (self.total.median_ms - self.first.median_ms) / 1e3)
+    def decode_tokens_per_s(self) -> float | None:
+        """The ``new`` tokens after the first, per second of the time they added (medians); None where the medians
+        do not resolve that time (the whole took no longer than the first token: too few tokens or repeats)."""
+        added = self.total.median_ms - self.first.median_ms
+        return self.new / (added / 1e3) if added > 0 else None
 
 
 def generation(generate: Callable[[int], object], new: int, repeats: int) -> GenTiming:
