@@ -451,7 +451,7 @@ def print_rows(rows: list[Row], tokens: tuple[int, ...]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.onnx_quant", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)
