@@ -204,12 +204,7 @@ def write(
         meta["fingerprint"] = fingerprint.to_meta()
         for name, probe in fingerprint.probes.items():
             tensors[f"{name}{SEP}probe"] = probe.to(torch.float32).contiguous()
-    meta["checksums"] = json.dumps({k: tensor_checksum(k, t) for k, t in sorted(tensors.items())})
-    meta["meta_checksum"] = meta_checksum(meta)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-    return path
+    return _seal_and_write(path, tensors, meta)
 
 
 def write_codes(
@@ -236,6 +231,11 @@ def write_codes(
         "quant_formats": json.dumps({n: quant_format(codes[n]).name for n in indices}),
         "bases": json.dumps({n: bases[n] for n in indices}),
     }
+    return _seal_and_write(path, tensors, meta)
+
+
+def _seal_and_write(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
+    """Add the checksums (per tensor, then of the metadata) and write atomically (temp + rename)."""
     meta["checksums"] = json.dumps({k: tensor_checksum(k, t) for k, t in sorted(tensors.items())})
     meta["meta_checksum"] = meta_checksum(meta)
     path = Path(path)
