@@ -31,7 +31,10 @@ TABLE: tuple[DType, ...] = (
 )
 SHORT = {d.short: d for d in TABLE}
 TORCH = {d.torch: d for d in TABLE}
-NUMPY = {d.numpy: d for d in TABLE if d.numpy}
+# 1-byte codes of a quantized base held by a bundle (int8 only: onnxruntime's CPU provider has no FP8 matmul);
+# never a FLOAT: the switch writes them on their grid (``backend.scales``), not as values
+CODES: tuple[DType, ...] = (DType("int8", torch.int8, "int8", "I8", 3),)
+NUMPY = {d.numpy: d for d in TABLE + CODES if d.numpy}
 FLOATS = tuple(d.torch for d in TABLE)  # what the kernels and the switcher write
 BUNDLE = ("fp32", "fp16")  # what a bundle holds: onnxruntime's CPU provider lacks bf16 kernels for most ops
 

@@ -127,6 +127,15 @@ class Manifest:
                 raise BundleError(
                     f"{path}: parameter {name!r} reads ONNX tensor {p['onnx']!r}, which is no parameter's own"
                 )
+        for name, p in m["parameters"].items():  # a quantized weight's scales: an fp32 [rows] parameter of its own
+            scale = m["parameters"].get(p["quant"]["scale"]) if "quant" in p else None
+            if "quant" in p and (
+                scale is None or scale["dtype"] != "float32" or scale["shape"] != p["shape"][:1] or "quant" in scale
+            ):
+                raise BundleError(
+                    f"{path}: parameter {name!r}: its scale {p['quant']['scale']!r} is not a float32 "
+                    f"[{p['shape'][0] if p['shape'] else '?'}] parameter of the bundle"
+                )
         if structure_of(m["parameters"]) != fp["structure"]:
             raise BundleError(
                 f"{path}: the parameters' names, ONNX tensors, layouts or shapes differ from the structure hash"
@@ -283,7 +292,17 @@ def _check_parameter(path: Path, name: str, p: Any) -> None:
         raise BundleError(f"{where}: malformed entry {p!r}")
     if p.get("layout") not in LAYOUTS:
         raise BundleError(f"{where}: layout {p.get('layout')!r}, expected one of {LAYOUTS}")
-    if not isinstance(p.get("dtype"), str) or p["dtype"] not in NUMPY or NUMPY[p["dtype"]].short not in BUNDLE:
+    quant = p.get("quant")
+    if quant is not None:
+        ok = isinstance(quant, dict) and quant.get("format") == "int8" and isinstance(quant.get("scale"), str)
+        if not ok or p.get("dtype") != "int8" or p.get("layout") != "identity":
+            raise BundleError(
+                f"{where}: quant {quant!r} with dtype {p.get('dtype')!r}, layout {p.get('layout')!r}: a quantized "
+                f"weight is int8 codes in the identity layout with {{'format': 'int8', 'scale': <parameter>}}"
+            )
+    elif p.get("dtype") == "int8":
+        raise BundleError(f"{where}: int8 codes without their 'quant' entry (format and scale)")
+    elif not isinstance(p.get("dtype"), str) or p["dtype"] not in NUMPY or NUMPY[p["dtype"]].short not in BUNDLE:
         raise BundleError(f"{where}: dtype {p.get('dtype')!r}, expected one of {[SHORT[d].numpy for d in BUNDLE]}")
     shape = p.get("shape")
     if not (isinstance(shape, list) and all(is_dim(d) for d in shape)):

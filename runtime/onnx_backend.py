@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from runtime.backend import Backend
+from runtime.backend import Backend, _check_scales
 from runtime.bundle import BundleError, read_bytes, read_weights
 from runtime.errors import AdapterMismatchError, ShiraError
 from runtime.manifest import Manifest
@@ -68,12 +68,19 @@ class OnnxBackend(Backend):
         params = manifest.parameters
         self.aliases, self.tensors, self.shapes = {}, {}, {}
         canon_of: dict[str, str] = {}
+        scale_of = {n: p["quant"]["scale"] for n, p in params.items() if "quant" in p}  # int8 codes -> scales
+        self.scales = {}
         for name, p in params.items():
+            if name in scale_of.values():  # fixed: a switch never moves the grid (as on the torch backend)
+                continue
             canon = canon_of.setdefault(p["onnx"], name)  # the first name of a tied group is canonical
             self.aliases[name] = canon
             if canon == name:
                 self.tensors[name] = torch.from_numpy(arrays[p["onnx"]])
                 self.shapes[name] = tuple(p["shape"])
+                if name in scale_of:
+                    self.scales[name] = torch.from_numpy(arrays[params[scale_of[name]]["onnx"]])
+                    _check_scales(name, self.scales[name])
         self.transposed = frozenset(n for n in self.tensors if params[n]["layout"] == "transposed")
         # LoRA slots (exporters.lora_slots): module path -> (lora_A name, lora_B name); zero when unused
         self.lora_slots = {
@@ -352,7 +359,8 @@ class OnnxBackend(Backend):
             a = self.arrays[name]
             saved = a.copy()
             try:
-                a[...] = np.where(a == 0.25, -0.25, 0.25).astype(a.dtype)  # every element changes
+                probe = (1, 2) if a.dtype.kind in "iu" else (0.25, -0.25)  # int8 codes take integers
+                a[...] = np.where(a == probe[0], probe[1], probe[0]).astype(a.dtype)  # every element changes
                 probed = [self._outputs(f) for f in feeds]
             finally:
                 a[...] = saved

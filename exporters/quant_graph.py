@@ -1,0 +1,191 @@
+"""Int8 bases in bundles: each ``QuantLinear`` becomes a live int8 matmul over codes the switch writes in place.
+
+Export: the quantized layers are traced as plain ``nn.Linear`` over their dequantized weights (``placeholders``),
+then ``rewrite_int8`` replaces each such weight's ``MatMul(X, Transpose(W))`` / ``Gemm(X, W, transB=1)`` by
+
+    xs = max(amax(|X2d|, per row) / 127, tiny)                 # [T, 1]: one activation scale per token
+    xq = Cast(Clip(Round(X2d / xs), -127, 127), int8)          # [T, in]
+    Y  = Transpose(Cast(MatMulInteger(W, xq^T)) * scale[:, None]) * xs     # W: int8 codes [out, in], bound live
+
+The weight is the codes themselves (int8 ``[out, in]``, the torch layout: the switch writes the same bytes at the
+same indices as on the torch backend) and ``<module>.weight_scale`` (fp32 ``[out]``), both graph inputs. Why this
+form (measured here, onnxruntime 1.32, 2-core AVX2 without VNNI): MLAS's u8 x s8 kernel saturates its 16-bit
+pair sums (wrong by 5-60%), so ``DynamicQuantizeLinear`` (uint8 activations) cannot meet our signed codes; s8
+activations x s8 codes with the weight as the GEMM's A operand is correct (0.7-1% relative error from the 8-bit
+activations) and reads the bound buffer in place. Per-token activation scales keep a batch's rows independent.
+FP8 bases are refused: onnxruntime's CPU provider has no FP8 matmul.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import onnx
+import torch
+from onnx import TensorProto, helper
+from torch import nn
+
+from runtime.quantize import QuantLinear
+
+
+class QuantExportError(ValueError):
+    """A quantized layer cannot be exported (the message names it)."""
+
+
+@contextmanager
+def placeholders(module: nn.Module) -> Iterator[dict[str, QuantLinear]]:
+    """Swap every ``QuantLinear`` for an ``nn.Linear`` over its dequantized weight for the trace; yield
+    ``{weight key: layer}``; put the quantized layers back afterwards, whatever happens."""
+    quant = {n: m for n, m in module.named_modules() if isinstance(m, QuantLinear)}
+    for name, layer in quant.items():
+        if layer.format != "int8":
+            raise QuantExportError(
+                f"layer {name!r} is quantized to {layer.format}: bundles hold int8 bases only (onnxruntime's CPU "
+                f"provider has no FP8 matmul); run this base on the torch backend (Runtime.load(module))"
+            )
+        if not name:
+            raise QuantExportError("the module itself is a QuantLinear: export a model that contains it")
+    floats = [p.dtype for p in module.parameters() if p.is_floating_point()]
+    swapped = []
+    try:
+        for name, layer in quant.items():
+            parent, _, attr = name.rpartition(".")
+            owner = module.get_submodule(parent) if parent else module
+            dtype = layer.bias.dtype if layer.bias is not None else (floats[0] if floats else torch.float32)
+            lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+            lin.weight = nn.Parameter(layer.dequantize_weight().to(dtype), requires_grad=False)
+            if layer.bias is not None:
+                lin.bias = layer.bias
+            setattr(owner, attr, lin)
+            swapped.append((owner, attr, layer))
+        yield {f"{n}.weight": m for n, m in quant.items()}
+    finally:
+        for owner, attr, layer in swapped:
+            setattr(owner, attr, layer)
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+
+
+def rewrite_int8(model: onnx.ModelProto, quant: dict[str, QuantLinear]) -> None:
+    """In place: every use of a quantized weight input becomes the int8 chain of the module doc; the weight input
+    turns int8 ``[out, in]`` and its scale ``<module>.weight_scale`` fp32 ``[out]`` joins the inputs."""
+    graph = model.graph
+    if not quant:
+        return
+    opset = _opset(model)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+    elem = {v.name: v.type.tensor_type.elem_type for v in graph.input}
+    drop, replace = set(), {}  # ids of nodes removed; id(node) -> list of new nodes
+    consts = {
+        "q8::127": helper.make_tensor("q8::127", TensorProto.FLOAT, [], [127.0]),
+        "q8::-127": helper.make_tensor("q8::-127", TensorProto.FLOAT, [], [-127.0]),
+        "q8::tiny": helper.make_tensor("q8::tiny", TensorProto.FLOAT, [], [1e-30]),
+        "q8::axis1": helper.make_tensor("q8::axis1", TensorProto.INT64, [1], [1]),
+        "q8::zero": helper.make_tensor("q8::zero", TensorProto.INT64, [1], [0]),
+        "q8::last": helper.make_tensor("q8::last", TensorProto.INT64, [1], [-1]),
+    }
+    new_inputs = []
+    for count, (key, layer) in enumerate(quant.items()):
+        if key not in elem:
+            raise QuantExportError(f"quantized weight {key!r} is not a graph input of the export (unused, or tied?)")
+        float_type = elem[key]
+        out_f, in_f = layer.out_features, layer.in_features
+        scale_key = key.removesuffix("weight") + "weight_scale"
+        for use in consumers.get(key, []):
+            p = f"q8::{count}"
+            if use.op_type == "Transpose" and _perm(use) in (None, [1, 0]):
+                mms = consumers.get(use.output[0], [])
+                if not mms or any(m.op_type != "MatMul" or m.input[1] != use.output[0] for m in mms):
+                    raise QuantExportError(f"quantized weight {key!r}: its transpose feeds {[m.op_type for m in mms]}")
+                drop.add(id(use))
+                for j, m in enumerate(mms):
+                    replace[id(m)] = _chain(
+                        f"{p}.{j}", m.input[0], key, scale_key, out_f, in_f, m.output[0], float_type, opset
+                    )
+            elif use.op_type == "Gemm" and use.input[1] == key and _gemm_plain(use):
+                y = use.output[0] if len(use.input) < 3 else f"{p}::nobias"
+                nodes = _chain(p, use.input[0], key, scale_key, out_f, in_f, y, float_type, opset)
+                if len(use.input) >= 3:
+                    nodes.append(helper.make_node("Add", [y, use.input[2]], [use.output[0]]))
+                replace[id(use)] = nodes
+            else:
+                raise QuantExportError(
+                    f"quantized weight {key!r} feeds {use.op_type} (node {use.name!r}); only linear layers "
+                    f"(MatMul of its transpose, or Gemm with transB=1) can read int8 codes"
+                )
+        new_inputs.append(helper.make_tensor_value_info(scale_key, TensorProto.FLOAT, [out_f]))
+        for v in graph.input:
+            if v.name == key:
+                v.CopyFrom(helper.make_tensor_value_info(key, TensorProto.INT8, [out_f, in_f]))
+    nodes = []
+    for n in graph.node:
+        if id(n) in drop:
+            continue
+        nodes.extend(replace.get(id(n), [n]))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.input.extend(new_inputs)
+    graph.initializer.extend(consts.values())
+
+
+def _perm(node: onnx.NodeProto) -> list[int] | None:
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+
+
+def _gemm_plain(node: onnx.NodeProto) -> bool:
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return (
+        attrs.get("transB") == 1
+        and not attrs.get("transA")
+        and attrs.get("alpha", 1.0) == attrs.get("beta", 1.0) == 1.0
+    )
+
+
+def _chain(p: str, x: str, w: str, scale: str, out_f: int, in_f: int, y: str, float_type: int, opset: int) -> list:
+    """The int8 linear of the module doc, ``X [..., in]`` -> ``Y [..., out]``, every name prefixed by ``p``."""
+    mk = helper.make_node
+    n = [
+        mk("Shape", [x], [f"{p}.shape"]),
+        mk("Slice", [f"{p}.shape", "q8::zero", "q8::last"], [f"{p}.lead"]),
+        mk("Constant", [], [f"{p}.out"], value=helper.make_tensor(f"{p}.outv", TensorProto.INT64, [1], [out_f])),
+        mk("Concat", [f"{p}.lead", f"{p}.out"], [f"{p}.yshape"], axis=0),
+        mk("Constant", [], [f"{p}.in2d"], value=helper.make_tensor(f"{p}.in2dv", TensorProto.INT64, [2], [-1, in_f])),
+        mk("Reshape", [x, f"{p}.in2d"], [f"{p}.x2d0"]),
+    ]
+    x2d = f"{p}.x2d0"
+    if float_type != TensorProto.FLOAT:
+        n.append(mk("Cast", [x2d], [f"{p}.x2d"], to=TensorProto.FLOAT))
+        x2d = f"{p}.x2d"
+    n += [
+        mk("Abs", [x2d], [f"{p}.abs"]),
+        (  # [T, 1]; opset 18 moved ReduceMax's axes from an attribute to an input
+            mk("ReduceMax", [f"{p}.abs", "q8::axis1"], [f"{p}.amax"], keepdims=1)
+            if opset >= 18
+            else mk("ReduceMax", [f"{p}.abs"], [f"{p}.amax"], axes=[1], keepdims=1)
+        ),
+        mk("Div", [f"{p}.amax", "q8::127"], [f"{p}.xs0"]),
+        mk("Max", [f"{p}.xs0", "q8::tiny"], [f"{p}.xs"]),
+        mk("Div", [x2d, f"{p}.xs"], [f"{p}.xd"]),
+        mk("Round", [f"{p}.xd"], [f"{p}.xr"]),  # ties to even
+        mk("Clip", [f"{p}.xr", "q8::-127", "q8::127"], [f"{p}.xc"]),
+        mk("Cast", [f"{p}.xc"], [f"{p}.xq"], to=TensorProto.INT8),
+        mk("Transpose", [f"{p}.xq"], [f"{p}.xqt"], perm=[1, 0]),  # [in, T]
+        mk("MatMulInteger", [w, f"{p}.xqt"], [f"{p}.acc"]),  # [out, T] int32, the codes as A (read in place)
+        mk("Cast", [f"{p}.acc"], [f"{p}.accf"], to=TensorProto.FLOAT),
+        mk("Unsqueeze", [scale, "q8::axis1"], [f"{p}.scol"]),  # [out, 1]
+        mk("Mul", [f"{p}.accf", f"{p}.scol"], [f"{p}.ys"]),
+        mk("Transpose", [f"{p}.ys"], [f"{p}.yt"], perm=[1, 0]),  # [T, out]
+        mk("Mul", [f"{p}.yt", f"{p}.xs"], [f"{p}.y2d"]),
+    ]
+    y2d = f"{p}.y2d"
+    if float_type != TensorProto.FLOAT:
+        n.append(mk("Cast", [y2d], [f"{p}.y2dc"], to=float_type))
+        y2d = f"{p}.y2dc"
+    n.append(mk("Reshape", [y2d, f"{p}.yshape"], [y]))
+    return n
