@@ -64,13 +64,14 @@ class _LiveDecoder(nn.Module):
         cache = DynamicCache()  # full layers: a sliding-window model masks the window itself
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "past_key_values": cache, "use_cache": True}
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, cache_arg(self.module): cache}
+        kwargs["use_cache"] = True
         if self.positions:
             kwargs["position_ids"] = position_ids
         if self.keep:  # the positions whose logits are computed (the last one, when generating)
             kwargs["logits_to_keep"] = keep
         out = functional_call(self.module, weights, (), kwargs=kwargs, tie_weights=True)
-        return (out.logits, *[t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)])
+        return (out.logits, *[t for layer in cache_of(out).layers for t in (layer.keys, layer.values)])
 
 
 @dataclass(frozen=True)
@@ -134,15 +135,27 @@ def is_decoder(module: nn.Module) -> bool:
         type(module).__module__.startswith("transformers.")
         and callable(can)
         and can()
-        and ("past_key_values" in params)
+        and ("past_key_values" in params or "cache" in params)
     )
+
+
+def cache_arg(module: nn.Module) -> str:
+    """The keyword a transformers model takes its KV cache by: ``past_key_values``, ``cache`` from transformers
+    5.24 on."""
+    return "past_key_values" if "past_key_values" in inspect.signature(module.forward).parameters else "cache"
+
+
+def cache_of(out) -> object:
+    """The KV cache a transformers model returned (``past_key_values``, ``cache`` from transformers 5.24 on)."""
+    past = getattr(out, "past_key_values", None)
+    return past if past is not None else getattr(out, "cache", None)
 
 
 def decoder_of(module: nn.Module) -> Decoder:
     """The cache layout of ``module``, from one eager step with ``use_cache=True``."""
     with torch.inference_mode():
         out = module(input_ids=torch.ones(1, 1, dtype=torch.long), use_cache=True)
-    layers = getattr(getattr(out, "past_key_values", None), "layers", None)
+    layers = getattr(cache_of(out), "layers", None)
     if not layers or not all(getattr(x, "keys", None) is not None and x.keys.dim() == 4 for x in layers):
         raise TypeError(
             f"{type(module).__name__} keeps no per-layer key/value cache [batch, heads, seq, dim]; export it with "
