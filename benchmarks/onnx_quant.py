@@ -166,6 +166,16 @@ def mmi_a(n: int, k: int) -> onnx.ModelProto:
     return _model(nodes, inputs, inits, k, n)
 
 
+def s8s8_a(n: int, k: int) -> onnx.ModelProto:
+    """The int8 bundle's own form (``exporters.quant_graph``): per-token int8 activations, ``MatMulInteger(codes,
+    xq^T)`` with our int8 codes ``[out, in]`` as A, scales on the rows."""
+    from exporters.quant_graph import constants, int8_linear
+
+    nodes = int8_linear("x", "codes", "scale", n, k, "y", OPSET)
+    inputs = [_vi("codes", TensorProto.INT8, [n, k]), _vi("scale", TensorProto.FLOAT, [n])]
+    return _model(nodes, inputs, list(constants().values()), k, n)
+
+
 def nbits(n: int, k: int, init: tuple[np.ndarray, np.ndarray] | None = None) -> onnx.ModelProto:
     """``MatMulNBits`` (com.microsoft), 8 bits, one block per row: B ``[out, 1, in]`` uint8 ``code + 128``."""
     node = helper.make_node(
@@ -286,6 +296,9 @@ def forms(threads: int) -> list[Form]:
     def mmi_live(w: Weights, tokens: int):
         return bound(mmi_a(*w.codes.shape), {"b": w.ucodes, "scale": w.scale}, t)
 
+    def s8s8_live(w: Weights, tokens: int):
+        return bound(s8s8_a(*w.codes.shape), {"codes": w.codes, "scale": w.scale}, t)
+
     def mmi_b_live(w: Weights, tokens: int):
         return bound(mmi_b(*w.codes.shape, None, None, True), {"codes_t": w.ucodes_t, "scale": w.scale}, t)
 
@@ -318,6 +331,7 @@ def forms(threads: int) -> list[Form]:
         Form("int8 live DQ->Gemm (bound)", dq_live),
         Form("int8 live MatMulInteger u8u8 A (bound)", mmi_live, DYNAMIC_TOL),
         Form("int8 live MatMulInteger u8u8 B [in,out] (bound)", mmi_b_live, DYNAMIC_TOL),
+        Form("int8 live MatMulInteger s8s8 A, per-token (bound; the int8 bundle's form)", s8s8_live, DYNAMIC_TOL),
         Form("int8 live MatMulNBits (bound)", nbits_live, DYNAMIC_TOL),
         Form("int8 add_initializer DQ->Gemm noopt", dq_addinit(False)),
         Form("int8 add_initializer DQ->Gemm opt", dq_addinit(True)),

@@ -16,8 +16,8 @@ made on it, then it is quantized in place (``runtime.quantize.quantize``, every 
 switches on the grid (the floor counts the touched lines of the 1-byte codes); the fused LoRA row is the PEFT way
 (``benchmarks.quant_survival.RequantLora``: dequantize, merge, requantize whole tensors with new scales; the
 runtime refuses fused LoRA on quantized weights); unfused LoRA runs through the runtime. The onnxruntime and PEFT
-rows are skipped (said in ``skipped``): int8 bundles switch live (``exporters.quant_graph``) but this benchmark does not export them yet, and PEFT cannot merge into our
-``QuantLinear``.
+rows are skipped (said in ``skipped``): int8 bundles switch live (``exporters.quant_graph``) but this
+benchmark does not export them yet, and PEFT cannot merge into our ``QuantLinear``.
 """
 
 from __future__ import annotations
@@ -234,7 +234,11 @@ def lora_unfused_rows(cfg: Config, rt: Runtime, dtype: str, infer: Inference, ct
 
 def quantized_skips(cfg: Config, dtype: str) -> list[str]:
     """The rows a quantized base does not get, and why."""
-    onnx = "--no-onnx given" if cfg.no_onnx else "int8 bundles switch live (exporters.quant_graph), not yet exported by this benchmark"
+    onnx = (
+        "--no-onnx given"
+        if cfg.no_onnx
+        else "int8 bundles switch live (exporters.quant_graph), not yet exported by this benchmark"
+    )
     peft = "--no-peft given" if cfg.no_peft else "PEFT cannot merge into the runtime's QuantLinear"
     return [
         f"onnxruntime rows for {dtype}: {onnx}",

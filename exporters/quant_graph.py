@@ -82,14 +82,7 @@ def rewrite_int8(model: onnx.ModelProto, quant: dict[str, QuantLinear]) -> None:
             consumers.setdefault(x, []).append(n)
     elem = {v.name: v.type.tensor_type.elem_type for v in graph.input}
     drop, replace = set(), {}  # ids of nodes removed; id(node) -> list of new nodes
-    consts = {
-        "q8::127": helper.make_tensor("q8::127", TensorProto.FLOAT, [], [127.0]),
-        "q8::-127": helper.make_tensor("q8::-127", TensorProto.FLOAT, [], [-127.0]),
-        "q8::tiny": helper.make_tensor("q8::tiny", TensorProto.FLOAT, [], [1e-30]),
-        "q8::axis1": helper.make_tensor("q8::axis1", TensorProto.INT64, [1], [1]),
-        "q8::zero": helper.make_tensor("q8::zero", TensorProto.INT64, [1], [0]),
-        "q8::last": helper.make_tensor("q8::last", TensorProto.INT64, [1], [-1]),
-    }
+    consts = constants()
     new_inputs = []
     for count, (key, layer) in enumerate(quant.items()):
         if key not in elem:
@@ -132,6 +125,23 @@ def rewrite_int8(model: onnx.ModelProto, quant: dict[str, QuantLinear]) -> None:
     graph.node.extend(nodes)
     graph.input.extend(new_inputs)
     graph.initializer.extend(consts.values())
+
+
+def constants() -> dict[str, onnx.TensorProto]:
+    """The scalar initializers every int8 chain reads (shared by all of a graph's chains)."""
+    return {
+        "q8::127": helper.make_tensor("q8::127", TensorProto.FLOAT, [], [127.0]),
+        "q8::-127": helper.make_tensor("q8::-127", TensorProto.FLOAT, [], [-127.0]),
+        "q8::tiny": helper.make_tensor("q8::tiny", TensorProto.FLOAT, [], [1e-30]),
+        "q8::axis1": helper.make_tensor("q8::axis1", TensorProto.INT64, [1], [1]),
+        "q8::zero": helper.make_tensor("q8::zero", TensorProto.INT64, [1], [0]),
+        "q8::last": helper.make_tensor("q8::last", TensorProto.INT64, [1], [-1]),
+    }
+
+
+def int8_linear(x: str, codes: str, scale: str, out_f: int, in_f: int, y: str, opset: int = 17) -> list:
+    """The int8 chain of the module doc for fp32 ``x``: what the exporter writes (benchmarks time it alone)."""
+    return _chain("q8::lin", x, codes, scale, out_f, in_f, y, TensorProto.FLOAT, opset)
 
 
 def _perm(node: onnx.NodeProto) -> list[int] | None:

@@ -301,7 +301,7 @@ def _check_parameter(path: Path, name: str, p: Any) -> None:
                 f"weight is int8 codes in the identity layout with {{'format': 'int8', 'scale': <parameter>}}"
             )
     elif p.get("dtype") == "int8":
-        raise BundleError(f"{where}: int8 codes without their 'quant' entry (format and scale)")
+        raise BundleError(f"{where}: dtype 'int8' (quantized codes) without their 'quant' entry (format and scale)")
     elif not isinstance(p.get("dtype"), str) or p["dtype"] not in NUMPY or NUMPY[p["dtype"]].short not in BUNDLE:
         raise BundleError(f"{where}: dtype {p.get('dtype')!r}, expected one of {[SHORT[d].numpy for d in BUNDLE]}")
     shape = p.get("shape")
