@@ -19,9 +19,9 @@ A weight shared by several modules (tied) is refused even when named: quantizing
 Inference (``QuantLinear.forward``): measured on this repo's 2-core AVX2 CPU (``python -m
 benchmarks.quant_formats``, README), no ready torch CPU kernel serves FP8, and the int8 one serves small batches:
 
-- int8, ``tokens <= INT8MM_MAX_TOKENS`` and ``in_features % 8 == 0``: ``torch._weight_int8pack_mm`` reads the
+- int8, ``tokens <= INT8MM_MAX_TOKENS`` and ``in_features % 16 == 0``: ``torch._weight_int8pack_mm`` reads the
   live codes in place (bf16 activations, output scaled by the fp32 scales); no extra memory. The kernel needs
-  ``in_features % 8 == 0`` (other sizes crash or give garbage on torch 2.13), else the dequantize path.
+  ``in_features % 16 == 0`` (8, 24, 40, 56 crash or give garbage on torch 2.13), else the dequantize path.
 - int8, more tokens: the codes converted to fp32 per call, an fp32 GEMM, the scales applied to its output (a
   transient fp32 copy of one weight at a time). Crossover measured between 128 and 256 tokens on llama-1b shapes.
 - fp8: no usable kernel (``torch._scaled_mm`` is emulated and decoding fp8 costs ~20x a one-token GEMV), so
@@ -71,7 +71,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight", codes.contiguous())
         self.register_buffer("weight_scale", scale.contiguous())
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, False)
-        self._int8mm = fmt.name == "int8" and self.in_features % 8 == 0 and self.in_features > 0
+        self._int8mm = fmt.name == "int8" and self.in_features % 16 == 0 and self.in_features > 0
         if self._int8mm:
             self.register_buffer("_ones", torch.ones(self.out_features, dtype=torch.bfloat16), persistent=False)
         self._synced = -1
