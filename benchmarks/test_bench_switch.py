@@ -69,9 +69,13 @@ def test_lora_fused_switch(benchmark, setup):
 def test_lora_unfused_switch(benchmark, setup):
     m, rt, states = setup
     rt.switch("ua")
-    x = torch.randint(0, 256, (1, 8))
+    x = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
     benchmark(lambda: (rt.switch("ub"), rt.switch("ua")))
     check(m, states[None])  # unfused: the weights stay the base's
     got = rt(x)
     rt.switch("la")
-    torch.testing.assert_close(got, rt(x), atol=2e-2, rtol=2e-2)
+    want = rt(x)
+    # fused rounds W + s*B@A to the weight dtype once (bf16: 2^-8 relative), unfused adds in the activations:
+    # the two differ by rounding, which scales with the logits' size
+    tol = 2e-2 * max(1.0, float(want.abs().max()))
+    torch.testing.assert_close(got, want, atol=tol, rtol=2e-2)
