@@ -144,3 +144,17 @@ def test_peft_shira_on_a_quantized_transformers_llama_bundle(tmp_path):
     assert got.shape == want.shape and torch.equal(got[:, : prompt.shape[1]], prompt)
     # greedy tokens agree while the logits margin exceeds the activation quantization error
     assert (got == want).float().mean() >= 0.75
+
+
+def test_package_an_int8_base_with_adapters_made_on_the_float_model(pair, tmp_path, capsys):
+    from exporters.package import package
+
+    qmodel, _, adapters = pair
+    out = package(copy.deepcopy(qmodel), tmp_path / "pkg", {"a1": adapters["a1"]})
+    assert "an int8 base" in capsys.readouterr().out  # the packager says which backend serves speed
+    rt, tr = Runtime.load(out), Runtime.load(copy.deepcopy(qmodel))
+    assert rt.adapters == ("a1",)
+    tr.add_adapter("a1", adapters["a1"])
+    rt.switch("a1"), tr.switch("a1")
+    for n, t in rt.backend.tensors.items():  # the packaged fp16 values land on the same codes as fp32 ones
+        assert (raw(t) != raw(tr.backend.tensors[n])).float().mean() < 0.01, n
