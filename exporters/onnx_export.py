@@ -98,73 +98,34 @@ def export_onnx(
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory")
     try:
-        quant_cm = placeholders(module)
-        quant = quant_cm.__enter__()
+        with placeholders(module) as quant, _eval_mode(module), lora_slots(module, lora_targets, lora_rank):
+            if quant and (fold_transposes or lora_rank):
+                raise ExportError(
+                    "an int8 base exports without fold_transposes and LoRA slots (its codes stay [out, in])"
+                )
+            if exporter == "auto":
+                library = type(module).__module__.split(".")[0]
+                exporter = "dynamo" if library in ("transformers", "diffusers") else "torchscript"
+            decoder = None
+            if kv_cache or (kv_cache is None and is_decoder(module)):
+                decoder = _decoder(module, args, exporter, input_names, output_names, dynamic_dims)
+            return _export(
+                module,
+                args,
+                out,
+                dynamic,
+                dynamic_dims,
+                opset,
+                input_names,
+                output_names,
+                fold_transposes,
+                verify,
+                exporter,
+                decoder,
+                quant,
+            )
     except QuantExportError as exc:
         raise ExportError(str(exc)) from None
-    try:
-        return _export_all(
-            module,
-            args,
-            out,
-            quant,
-            dynamic,
-            dynamic_dims,
-            opset,
-            input_names,
-            output_names,
-            fold_transposes,
-            verify,
-            lora_rank,
-            lora_targets,
-            exporter,
-            kv_cache,
-        )
-    finally:
-        quant_cm.__exit__(None, None, None)
-
-
-def _export_all(
-    module,
-    args,
-    out,
-    quant,
-    dynamic,
-    dynamic_dims,
-    opset,
-    input_names,
-    output_names,
-    fold_transposes,
-    verify,
-    lora_rank,
-    lora_targets,
-    exporter,
-    kv_cache,
-) -> Path:
-    if quant and (fold_transposes or lora_rank):
-        raise ExportError("an int8 base exports without fold_transposes and LoRA slots (its codes stay [out, in])")
-    with _eval_mode(module), lora_slots(module, lora_targets, lora_rank):
-        if exporter == "auto":
-            library = type(module).__module__.split(".")[0]
-            exporter = "dynamo" if library in ("transformers", "diffusers") else "torchscript"
-        decoder = None
-        if kv_cache or (kv_cache is None and is_decoder(module)):
-            decoder = _decoder(module, args, exporter, input_names, output_names, dynamic_dims)
-        return _export(
-            module,
-            args,
-            out,
-            dynamic,
-            dynamic_dims,
-            opset,
-            input_names,
-            output_names,
-            fold_transposes,
-            verify,
-            exporter,
-            decoder,
-            quant,
-        )
 
 
 def _decoder(module: nn.Module, args: tuple, exporter: str, *names_and_dims) -> Decoder:
@@ -243,10 +204,7 @@ def _export(
         model = _torchscript(module, args, in_names, out_names, axes, opset, out)
     storage = _liven(model.graph, names, canonical, set(in_names), fold_transposes)
     _check_no_frozen_copies(model.graph, names)
-    try:
-        rewrite_int8(model, quant)
-    except QuantExportError as exc:
-        raise ExportError(str(exc)) from None
+    rewrite_int8(model, quant)
 
     arrays, params = {}, {}
     for name, t in names.items():
