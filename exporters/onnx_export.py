@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_leaves
 
 from exporters.dynamo_trace import Decoder, call_kwargs, decoder_of, is_decoder, trace, trace_decoder
 from exporters.lora_slots import lora_slots
-from exporters.quant_graph import QuantExportError, placeholders, rewrite_int8
+from exporters.quant_graph import QuantExportError, placeholders, rewrite_int8, scale_name
 from runtime.atomic import atomic_write
 from runtime.bundle import FORMAT, GRAPH_FILE, MANIFEST_FILE, WEIGHTS_FILE, file_sha256
 from runtime.dtypes import BUNDLE, NUMPY, TORCH
@@ -217,7 +217,7 @@ def _export(
             arrays[canon] = np.ascontiguousarray((a.t() if layout == "transposed" else a).numpy())
         params[name] = {"onnx": canon, "layout": layout, "shape": list(t.shape), "dtype": TORCH[t.dtype].numpy}
         if canon in quant:  # int8 codes and their fp32 scales, both live inputs (exporters.quant_graph)
-            layer, scale_key = quant[canon], canon.removesuffix("weight") + "weight_scale"
+            layer, scale_key = quant[canon], scale_name(canon)
             arrays[canon] = np.ascontiguousarray(layer.weight.detach().cpu().numpy())
             arrays[scale_key] = np.ascontiguousarray(layer.weight_scale.detach().cpu().numpy())
             params[name] |= {"dtype": "int8", "quant": {"format": "int8", "scale": scale_key}}
@@ -428,11 +428,11 @@ def _verify(out: Path, args: tuple[torch.Tensor, ...], expected: list[torch.Tens
     if len(got) != len(expected):
         raise ExportError(f"{out}: the graph has {len(got)} outputs, the module returns {len(expected)} tensors")
     for name, g, e in zip(backend.output_names, got, expected):
-        tol = tol or (1e-3 if e.dtype == torch.float32 and g.dtype != np.float16 else 3e-2)
+        t = tol or (1e-3 if e.dtype == torch.float32 and g.dtype != np.float16 else 3e-2)
         e = e.detach().float().numpy()
         g = np.asarray(g, dtype=np.float32)
         scale = max(1.0, float(np.abs(e).max())) if e.size else 1.0
-        if g.shape != e.shape or not np.allclose(g, e, atol=tol * scale, rtol=tol):
+        if g.shape != e.shape or not np.allclose(g, e, atol=t * scale, rtol=t):
             err = float(np.abs(g - e).max()) if g.shape == e.shape else float("nan")
             raise ExportError(
                 f"{out}: onnxruntime output {name!r} differs from the module's (max abs error {err:.3g}, "

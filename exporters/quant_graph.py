@@ -26,7 +26,7 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
-from runtime.quantize import QuantLinear
+from runtime.quantize import QuantLinear, scale_name
 
 
 class QuantExportError(ValueError):
@@ -89,7 +89,7 @@ def rewrite_int8(model: onnx.ModelProto, quant: dict[str, QuantLinear]) -> None:
             raise QuantExportError(f"quantized weight {key!r} is not a graph input of the export (unused, or tied?)")
         float_type = elem[key]
         out_f, in_f = layer.out_features, layer.in_features
-        scale_key = key.removesuffix("weight") + "weight_scale"
+        scale_key = scale_name(key)
         for use in consumers.get(key, []):
             p = f"q8::{count}"
             if use.op_type == "Transpose" and _perm(use) in (None, [1, 0]):

@@ -22,7 +22,7 @@ from torch import nn
 
 from runtime.dtypes import FLOATS
 from runtime.errors import AdapterMismatchError
-from runtime.quantize import QuantLinear
+from runtime.quantize import QuantLinear, scale_name
 
 
 class Backend(ABC):
@@ -102,7 +102,7 @@ class TorchBackend(Backend):
         self.tensors, self.aliases, self.shapes = {}, {}, {}
         self.scales, self.quantized = {}, {}
         quant = {f"{n}.weight" if n else "weight": m for n, m in module.named_modules() if isinstance(m, QuantLinear)}
-        skip = {k.removesuffix("weight") + "weight_scale" for k in quant}  # fixed: a switch never moves the grid
+        skip = {scale_name(k) for k in quant}  # fixed: a switch never moves the grid
         by_storage: dict[tuple, str] = {}
         for name, t in module.state_dict(keep_vars=True).items():
             t = t.data if isinstance(t, nn.Parameter) else t

@@ -54,6 +54,11 @@ FP8_BF16_MAX_TOKENS = 1  # fp8: up to this many rows the bf16 GEMV on the copy, 
 FORMAT_NAMES = (*FORMATS, "auto")
 
 
+def scale_name(key: str) -> str:
+    """The scales' key beside a quantized weight's codes: ``<module>.weight`` -> ``<module>.weight_scale``."""
+    return key.removesuffix("weight") + "weight_scale"
+
+
 class QuantLinear(nn.Module):
     """A linear layer over 1-byte weight codes with per-output-channel fp32 scales.
 
