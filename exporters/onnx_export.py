@@ -99,9 +99,9 @@ def export_onnx(
         raise ExportError(f"{out}: exists and is not a directory")
     try:
         with placeholders(module) as quant, _eval_mode(module), lora_slots(module, lora_targets, lora_rank):
-            if quant and (fold_transposes or lora_rank):
+            if quant and fold_transposes:
                 raise ExportError(
-                    "an int8 base exports without fold_transposes and LoRA slots (its codes stay [out, in])"
+                    "an int8 base exports without fold_transposes (its codes stay [out, in], the torch layout)"
                 )
             if exporter == "auto":
                 library = type(module).__module__.split(".")[0]
