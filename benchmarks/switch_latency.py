@@ -15,9 +15,10 @@ A quantized ``--dtype`` (``int8``, ``fp8_e4m3``, ``fp8_e5m2``): the fp32 model i
 made on it, then it is quantized in place (``runtime.quantize.quantize``, every linear but the LM head). SHiRA
 switches on the grid (the floor counts the touched lines of the 1-byte codes); the fused LoRA row is the PEFT way
 (``benchmarks.quant_survival.RequantLora``: dequantize, merge, requantize whole tensors with new scales; the
-runtime refuses fused LoRA on quantized weights); unfused LoRA runs through the runtime. The onnxruntime and PEFT
-rows are skipped (said in ``skipped``): int8 bundles switch live (``exporters.quant_graph``) but this
-benchmark does not export them yet, and PEFT cannot merge into our ``QuantLinear``.
+runtime refuses fused LoRA on quantized weights); unfused LoRA runs through the runtime. ``int8`` also gets
+onnxruntime rows on an int8 bundle (``exporters.quant_graph``: SHiRA switched live on the codes, LoRA unfused in
+slots beside them); FP8 bases have no bundle (onnxruntime's CPU provider has no FP8 matmul). Skipped, said in
+``skipped``: the PEFT rows (PEFT cannot merge into our ``QuantLinear``) and every fused-LoRA row but the PEFT way's.
 """
 
 from __future__ import annotations
@@ -233,15 +234,9 @@ def lora_unfused_rows(cfg: Config, rt: Runtime, dtype: str, infer: Inference, ct
 
 
 def quantized_skips(cfg: Config, dtype: str) -> list[str]:
-    """The rows a quantized base does not get, and why."""
-    onnx = (
-        "--no-onnx given"
-        if cfg.no_onnx
-        else "int8 bundles switch live (exporters.quant_graph), not yet exported by this benchmark"
-    )
+    """The rows a quantized base does not get, and why (the onnxruntime rows: ``onnx_unavailable``)."""
     peft = "--no-peft given" if cfg.no_peft else "PEFT cannot merge into the runtime's QuantLinear"
     return [
-        f"onnxruntime rows for {dtype}: {onnx}",
         f"peft rows for {dtype}: {peft}",
         f"lora_fused torch/runtime-exact for {dtype}: the runtime refuses fused LoRA on quantized weights "
         "(every code and scale would change); the torch/requantize row is PEFT's way instead",
@@ -291,9 +286,6 @@ def run(cfg: Config) -> dict:
         gc.collect()
         if quantized:
             skipped += quantized_skips(cfg, dtype)
-            del model, ctx
-            gc.collect()
-            continue
         why = onnx_unavailable(cfg, dtype)
         if why:
             skipped.append(f"onnxruntime rows for {dtype}: {why}")
@@ -305,7 +297,17 @@ def run(cfg: Config) -> dict:
                 rows += onnx_rows(cfg, dtype, ctx, Path(tmp))
             if "live_vs_prepacked" in ctx:
                 live_vs_prepacked[dtype] = ctx["live_vs_prepacked"]
-            model, _ = load_model(cfg, dtype)  # the same weights again (seeded, or the same directory)
+            if quantized:
+                skipped.append(
+                    f"lora_fused onnxruntime/rebuild for {dtype}: the runtime refuses fused LoRA on quantized "
+                    "weights; the torch/requantize row is PEFT's way"
+                )
+            else:
+                model, _ = load_model(cfg, dtype)  # the same weights again (seeded, or the same directory)
+        if quantized:
+            model = ctx = None
+            gc.collect()
+            continue
         why = peft_unavailable(cfg, model)
         if why:
             skipped.append(f"peft rows for {dtype}: {why}")

@@ -29,13 +29,16 @@ from runtime import Runtime
 from runtime.dtypes import BUNDLE
 from runtime.generate import Sampling, cached_loop
 from runtime.onnx_backend import OnnxBackend
+from runtime.qformats import FORMATS
 
 
 def onnx_unavailable(cfg: Config, dtype: str) -> str | None:
     """Why the onnxruntime rows cannot run for ``dtype`` (None: they can)."""
     if cfg.no_onnx:
         return "--no-onnx given"
-    if dtype not in BUNDLE:
+    if dtype in FORMATS and dtype != "int8":
+        return f"bundles hold int8 bases only (onnxruntime's CPU provider has no {dtype} matmul)"
+    if dtype not in BUNDLE and dtype not in FORMATS:
         return f"the exporter writes {'/'.join(BUNDLE)} only (onnxruntime's CPU kernels lack {dtype})"
     try:
         import onnx  # noqa: F401
@@ -88,6 +91,11 @@ def onnx_rows(cfg: Config, dtype: str, ctx: dict, workdir: Path) -> list[Row]:
     shira = replace(shira, mask=ctx.get("shira_mask"))
     rows.append(shira.with_gen(gen))
 
+    if dtype in FORMATS:  # no fused LoRA on quantized weights (the caller says so in its skipped list)
+        rt.switch(None)
+        rt.remove_adapter("shira_a")
+        rt.remove_adapter("shira_b")
+        return rows + lora_unfused_rows(cfg, dtype, ctx, workdir, infer)
     # lora fused: no live weights -> fuse, then a new prepacked session over the fused weights
     rt.add_adapter("lora_a", la)
     rt.add_adapter("lora_b", lb)
@@ -126,7 +134,12 @@ def onnx_rows(cfg: Config, dtype: str, ctx: dict, workdir: Path) -> list[Row]:
         rt.remove_adapter(name)
     drop()
 
-    # lora unfused: the variant graph's LoRA slots are live inputs; a switch writes the factors into them
+    return rows + lora_unfused_rows(cfg, dtype, ctx, workdir, infer)
+
+
+def lora_unfused_rows(cfg: Config, dtype: str, ctx: dict, workdir: Path, infer) -> list[Row]:
+    """The variant graph's LoRA slots are live inputs; a switch writes the factors into them."""
+    la, lb = ctx["lora_a"], ctx["lora_b"]
     ru = Runtime.load(workdir / "lora")
     ru.add_adapter("lora_ua", la, mode="unfused")
     ru.add_adapter("lora_ub", lb, mode="unfused")
@@ -136,10 +149,10 @@ def onnx_rows(cfg: Config, dtype: str, ctx: dict, workdir: Path) -> list[Row]:
     gen = gen_timing(cfg, ru, ctx["prompt"], "lora_ua")
     nbytes = sum(v.numel() * v.element_size() for n, v in ru.backend.tensors.items() if ".lora_" in n)
     note = "extra matmuls at inference"
-    rows.append(Row.of("lora_unfused", "onnxruntime/slots", dtype, t, nbytes, note, inf).with_gen(gen))
+    row = Row.of("lora_unfused", "onnxruntime/slots", dtype, t, nbytes, note, inf).with_gen(gen)
     ru.switch("lora_ua")
     assert np.isfinite(ru(infer.one)).all()
-    return rows
+    return [row]
 
 
 def session_step(sess, backend: OnnxBackend):

@@ -153,22 +153,31 @@ def test_user_model_and_peft_adapters(tmp_path):
 
 def test_quantized_dtypes_rows(tmp_path, capsys):
     """--dtype int8 fp8_e4m3: the fp32 model quantized; SHiRA on the grid (floor from 1-byte lines), LoRA fused
-    the PEFT way (requantize) and unfused; onnxruntime, PEFT and the runtime's exact fused LoRA skipped, said why."""
+    the PEFT way (requantize) and unfused; int8 also on an int8 bundle (SHiRA live, LoRA in slots); PEFT, the
+    runtime's exact fused LoRA and fp8 bundles skipped, said why."""
     out = tmp_path / "r.json"
     argv = ["--quick", "--dtype", "int8", "fp8_e4m3", "--repeats", "2", "--infer-repeats", "1", "--mask", "rand"]
     main([*argv, "--new-tokens", "2", "--gen-repeats", "1", "--json", str(out)])
     data = json.loads(out.read_text())
     rows = {(r["method"], r["backend"], r["dtype"], r.get("mask")): r for r in data["results"]}
+    backends = {"int8": {"torch", "onnxruntime"}, "fp8_e4m3": {"torch"}}
     for fmt in ("int8", "fp8_e4m3"):
-        assert {r["backend"].split("/")[0] for r in data["results"] if r["dtype"] == fmt} == {"torch"}
+        assert {r["backend"].split("/")[0] for r in data["results"] if r["dtype"] == fmt} == backends[fmt]
         shira = rows[("shira", "torch/cpp", fmt, "rand")]
         assert shira["switch_ms"] > 0 and shira["floor_ms"] > 0 and shira["infer_ms"] > 0
         fused = rows[("lora_fused", "torch/requantize", fmt, None)]
         assert fused["switch_ms"] > 0 and fused["infer_ms"] > 0 and "requantize" in fused["note"]
         assert rows[("lora_unfused", "torch/hooks", fmt, None)]["infer_overhead"] > 0
         assert ("lora_fused", "torch/runtime-exact", fmt, None) not in rows
-        for what in ("onnxruntime rows", "peft rows", "lora_fused torch/runtime-exact"):
+        for what in ("peft rows", "lora_fused torch/runtime-exact"):
             assert any(line.startswith(f"{what} for {fmt}: ") for line in data["skipped"])
+    assert "onnxruntime rows for fp8_e4m3: bundles hold int8 bases only" in "\n".join(data["skipped"])
+    assert any(line.startswith("lora_fused onnxruntime/rebuild for int8: ") for line in data["skipped"])
+    live = rows[("shira", "onnxruntime/live", "int8", "rand")]  # the same adapters, the same codes' lines
+    assert live["switch_ms"] > 0 and live["floor_ms"] == rows[("shira", "torch/cpp", "int8", "rand")]["floor_ms"]
+    assert live["bytes_written"] == rows[("shira", "torch/cpp", "int8", "rand")]["bytes_written"]
+    assert rows[("lora_unfused", "onnxruntime/slots", "int8", None)]["infer_overhead"] > 0
+    assert data["live_vs_prepacked_by_dtype"]["int8"]["decode_step"] > 0
     # the same adapters on two 1-byte formats: the same bytes, the same 64-byte lines, so the same floor
     q8, f8 = rows[("shira", "torch/cpp", "int8", "rand")], rows[("shira", "torch/cpp", "fp8_e4m3", "rand")]
     assert q8["bytes_written"] == f8["bytes_written"] > 0 and q8["floor_ms"] == f8["floor_ms"]
