@@ -63,12 +63,14 @@ def reset() -> None:
     _impl, _impl_name = None, None
 
 
-def restore_(weights, indices, saved, validate: bool = True) -> None:
-    _get().restore_(weights, indices, saved, validate=validate)
+def restore_(weights, indices, saved, validate: bool = True, mirrors=None) -> None:
+    _get().restore_(weights, indices, saved, validate=validate, mirrors=mirrors)
 
 
-def apply_(weights, indices, deltas, saved, validate: bool = True, scales=None, saturated=None) -> None:
-    _get().apply_(weights, indices, deltas, saved, validate=validate, scales=scales, saturated=saturated)
+def apply_(weights, indices, deltas, saved, validate: bool = True, scales=None, saturated=None, mirrors=None) -> None:
+    _get().apply_(
+        weights, indices, deltas, saved, validate=validate, scales=scales, saturated=saturated, mirrors=mirrors
+    )
 
 
 def switch_(
@@ -82,6 +84,8 @@ def switch_(
     validate: bool = True,
     in_scales=None,
     saturated=None,
+    out_mirrors=None,
+    in_mirrors=None,
 ) -> None:
     _get().switch_(
         out_weights,
@@ -94,4 +98,6 @@ def switch_(
         validate=validate,
         in_scales=in_scales,
         saturated=saturated,
+        out_mirrors=out_mirrors,
+        in_mirrors=in_mirrors,
     )

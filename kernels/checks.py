@@ -79,3 +79,28 @@ def check_apply(
                 _fail(op, t, f"{s.numel()} scales do not divide a weight of {w.numel()} elements into rows")
         elif s is not None and s.numel():
             _fail(op, t, f"scales given for a {w.dtype} weight (only 1-byte quantized weights take scales)")
+
+
+def check_mirrors(op: str, weights, mirrors, list_name: str = "") -> None:
+    """``mirrors``: None, or one tensor per weight: empty (no mirror), or bf16, contiguous, of the weight's numel,
+    for a 1-byte weight only, not overlapping it."""
+    if mirrors is None:
+        return
+    if len(mirrors) != len(weights):
+        raise KernelInputError(f"{op}: {list_name}{len(mirrors)} mirror tensors for {len(weights)} weights")
+    for t, (w, m) in enumerate(zip(weights, mirrors)):
+        if not m.numel():
+            continue
+        where = f"{list_name}tensor {t}"
+        if w.dtype not in QUANT_DTYPES:
+            raise KernelInputError(
+                f"{op}: {where}: a mirror given for a {w.dtype} weight (only 1-byte codes have a bf16 mirror)"
+            )
+        if m.dtype != torch.bfloat16 or not m.is_contiguous() or m.numel() != w.numel():
+            raise KernelInputError(
+                f"{op}: {where}: the mirror must be a contiguous bf16 tensor of the weight's {w.numel()} elements, "
+                f"got {m.dtype}{list(m.shape)}"
+            )
+        lo, wlo = m.data_ptr(), w.data_ptr()
+        if lo < wlo + w.numel() * w.element_size() and wlo < lo + m.numel() * 2:
+            raise KernelInputError(f"{op}: {where}: the mirror overlaps its weight")

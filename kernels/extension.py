@@ -37,15 +37,19 @@ _SOURCES = [Path(__file__).parent / "csrc" / "shira_kernels.cpp"]
 _CXXFLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-fPIC", "-shared", "-DNDEBUG"]
 
 _SCHEMAS = {
-    "restore_": "restore_(Tensor(a!)[] weights, Tensor[] indices, Tensor[] saved, bool validate=True) -> ()",
+    "restore_": (
+        "restore_(Tensor(a!)[] weights, Tensor[] indices, Tensor[] saved, bool validate=True, "
+        "Tensor(b!)[]? mirrors=None) -> ()"
+    ),
     "apply_": (
         "apply_(Tensor(a!)[] weights, Tensor[] indices, Tensor[] deltas, Tensor(b!)[] saved, bool validate=True, "
-        "Tensor[]? scales=None, Tensor(c!)? saturated=None) -> ()"
+        "Tensor[]? scales=None, Tensor(c!)? saturated=None, Tensor(d!)[]? mirrors=None) -> ()"
     ),
     "switch_": (
         "switch_(Tensor(a!)[] out_weights, Tensor[] out_indices, Tensor[] out_saved, "
         "Tensor(b!)[] in_weights, Tensor[] in_indices, Tensor[] in_deltas, Tensor(c!)[] in_saved, "
-        "bool validate=True, Tensor[]? in_scales=None, Tensor(d!)? saturated=None) -> ()"
+        "bool validate=True, Tensor[]? in_scales=None, Tensor(d!)? saturated=None, "
+        "Tensor(e!)[]? out_mirrors=None, Tensor(f!)[]? in_mirrors=None) -> ()"
     ),
 }
 
@@ -66,11 +70,11 @@ def _define() -> None:
 
     # Fake impls: the ops only mutate their inputs in place, so tracing needs nothing but "returns None".
     @torch.library.register_fake("shira::restore_", lib=lib)
-    def _restore_fake(weights, indices, saved, validate=True):
+    def _restore_fake(weights, indices, saved, validate=True, mirrors=None):
         return None
 
     @torch.library.register_fake("shira::apply_", lib=lib)
-    def _apply_fake(weights, indices, deltas, saved, validate=True, scales=None, saturated=None):
+    def _apply_fake(weights, indices, deltas, saved, validate=True, scales=None, saturated=None, mirrors=None):
         return None
 
     @torch.library.register_fake("shira::switch_", lib=lib)
@@ -85,6 +89,8 @@ def _define() -> None:
         validate=True,
         in_scales=None,
         saturated=None,
+        out_mirrors=None,
+        in_mirrors=None,
     ):
         return None
 
@@ -221,9 +227,18 @@ def restore_(
     indices: list[torch.Tensor],
     saved: list[torch.Tensor],
     validate: bool = True,
+    mirrors: list[torch.Tensor] | None = None,
 ) -> None:
     """In place: ``weights[t].flat[indices[t]] = saved[t]`` for every t (see ``kernels.reference``)."""
-    _call(torch.ops.shira.restore_, weights, indices, saved, validate=validate, mutated=(weights,))
+    _call(
+        torch.ops.shira.restore_,
+        weights,
+        indices,
+        saved,
+        validate=validate,
+        mutated=(weights, mirrors or []),
+        mirrors=mirrors,
+    )
 
 
 def apply_(
@@ -234,9 +249,11 @@ def apply_(
     validate: bool = True,
     scales: list[torch.Tensor] | None = None,
     saturated: torch.Tensor | None = None,
+    mirrors: list[torch.Tensor] | None = None,
 ) -> None:
     """In place: ``saved[t] = w.flat[idx]``, then ``w.flat[idx] = dtype(fp32(saved) + delta)`` (one visit);
-    1-byte codes with ``scales`` on their grid, clamped entries added to ``saturated`` (``kernels.reference``)."""
+    1-byte codes with ``scales`` on their grid, clamped entries added to ``saturated``, their bf16 ``mirrors``
+    written in the same visit (``kernels.reference``)."""
     _call(
         torch.ops.shira.apply_,
         weights,
@@ -244,9 +261,10 @@ def apply_(
         deltas,
         saved,
         validate=validate,
-        mutated=(weights, saved),
+        mutated=(weights, saved, mirrors or []),
         scales=scales,
         saturated=saturated,
+        mirrors=mirrors,
     )
 
 
@@ -261,9 +279,12 @@ def switch_(
     validate: bool = True,
     in_scales: list[torch.Tensor] | None = None,
     saturated: torch.Tensor | None = None,
+    out_mirrors: list[torch.Tensor] | None = None,
+    in_mirrors: list[torch.Tensor] | None = None,
 ) -> None:
     """Restore the outgoing state, then apply the incoming one; all checks happen before the first write.
-    ``in_scales`` / ``saturated``: as ``apply_``'s, for the incoming lists."""
+    ``in_scales`` / ``saturated``: as ``apply_``'s, for the incoming lists; ``out_mirrors`` / ``in_mirrors``:
+    the bf16 mirrors of each list's 1-byte weights (``kernels.reference``)."""
     _call(
         torch.ops.shira.switch_,
         out_weights,
@@ -274,7 +295,9 @@ def switch_(
         in_deltas,
         in_saved,
         validate=validate,
-        mutated=(out_weights, in_weights, in_saved),
+        mutated=(out_weights, in_weights, in_saved, out_mirrors or [], in_mirrors or []),
         in_scales=in_scales,
         saturated=saturated,
+        out_mirrors=out_mirrors,
+        in_mirrors=in_mirrors,
     )

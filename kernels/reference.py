@@ -16,6 +16,10 @@ Every verb works on lists of tensors (one call per switch). For tensor ``t``:
   written as they are (the old codes saved), no grid math, no scales needed.
 - ``saturated`` (apply only, optional): int64 ``[len(weights)]``; for each 1-byte weight the number of entries
   whose nearest grid point lies beyond ``max`` (clamped) is added to its slot.
+- ``mirrors[t]`` (optional list, every verb): a bf16 tensor of the 1-byte weight's numel (any shape, contiguous,
+  not overlapping it), or empty for none: each entry written also sets ``mirror.flat[j] = bf16(code value)`` in
+  the same visit (exact: int8 and fp8 values are bf16 values). It keeps an FP8 layer's compute copy in step
+  with its codes (``runtime.quantize.QuantLinear``) without a second pass.
 
 Restoring 1-byte weights is a plain byte scatter. The C++ extension implements the same verbs and must give
 bit-identical results.
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.checks import QUANT_DTYPES, check_apply, check_restore
+from kernels.checks import QUANT_DTYPES, check_apply, check_mirrors, check_restore
 
 
 def restore_(
@@ -33,12 +37,20 @@ def restore_(
     indices: list[torch.Tensor],
     saved: list[torch.Tensor],
     validate: bool = True,
+    mirrors: list[torch.Tensor] | None = None,
 ) -> None:
-    """In place: ``weights[t].flat[indices[t]] = saved[t]`` for every t."""
+    """In place: ``weights[t].flat[indices[t]] = saved[t]`` for every t (and their mirrors, see the module doc)."""
     check_restore("restore_", weights, indices, saved, with_bounds=validate)
-    for w, idx, s in zip(weights, indices, saved):
+    check_mirrors("restore_", weights, mirrors)
+    for t, (w, idx, s) in enumerate(zip(weights, indices, saved)):
         if idx.numel():
             _raw(w).view(-1).index_copy_(0, idx.long(), _raw(s))
+            _mirror(mirrors, t, idx, s)
+
+
+def _mirror(mirrors: list[torch.Tensor] | None, t: int, idx: torch.Tensor, codes: torch.Tensor) -> None:
+    if mirrors is not None and mirrors[t].numel():
+        mirrors[t].view(-1).index_copy_(0, idx.long(), codes.to(torch.bfloat16))
 
 
 def apply_(
@@ -49,10 +61,12 @@ def apply_(
     validate: bool = True,
     scales: list[torch.Tensor] | None = None,
     saturated: torch.Tensor | None = None,
+    mirrors: list[torch.Tensor] | None = None,
 ) -> None:
     """In place: ``saved[t] = w.flat[idx]``, then ``w.flat[idx] = dtype(fp32(saved) + delta)`` (float weights)
-    or ``Q(fp32(saved) * scale[row] + delta)`` (1-byte weights, see the module doc)."""
+    or ``Q(fp32(saved) * scale[row] + delta)`` (1-byte weights, and their mirrors; see the module doc)."""
     check_apply("apply_", weights, indices, deltas, saved, scales, saturated, with_bounds=validate)
+    check_mirrors("apply_", weights, mirrors)
     for t, (w, idx, d, s) in enumerate(zip(weights, indices, deltas, saved)):
         if not idx.numel():
             continue
@@ -69,6 +83,7 @@ def apply_(
         else:
             new = (s.float() + d).to(w.dtype)
         flat.index_copy_(0, idx, _raw(new))
+        _mirror(mirrors, t, idx, new)
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:
@@ -101,13 +116,18 @@ def switch_(
     validate: bool = True,
     in_scales: list[torch.Tensor] | None = None,
     saturated: torch.Tensor | None = None,
+    out_mirrors: list[torch.Tensor] | None = None,
+    in_mirrors: list[torch.Tensor] | None = None,
 ) -> None:
     """One switch: restore the outgoing state, then apply the incoming one (which may touch the same tensors).
-    ``in_scales`` / ``saturated``: as ``apply_``'s, for the incoming lists.
+    ``in_scales`` / ``saturated``: as ``apply_``'s, for the incoming lists; ``out_mirrors`` / ``in_mirrors``: each
+    list's mirrors (the module doc).
 
     Everything is checked before the first write, so a refused call writes nothing.
     """
     check_restore("switch_", out_weights, out_indices, out_saved, with_bounds=validate)
     check_apply("switch_", in_weights, in_indices, in_deltas, in_saved, in_scales, saturated, with_bounds=validate)
-    restore_(out_weights, out_indices, out_saved, validate=False)
-    apply_(in_weights, in_indices, in_deltas, in_saved, False, in_scales, saturated)
+    check_mirrors("switch_", out_weights, out_mirrors, "outgoing ")
+    check_mirrors("switch_", in_weights, in_mirrors, "incoming ")
+    restore_(out_weights, out_indices, out_saved, validate=False, mirrors=out_mirrors)
+    apply_(in_weights, in_indices, in_deltas, in_saved, False, in_scales, saturated, in_mirrors)

@@ -11,6 +11,9 @@
 //             deltas (an adapter baked for this base), the apply writes them as they are (a byte swap).
 //   switch_:  restore_ of the outgoing lists, then apply_ of the incoming ones.
 //   Restoring 1-byte codes is a byte scatter.
+//   mirrors (optional, per list): a 1-byte weight's bf16 copy of its code values (same numel; an FP8 layer's
+//             compute copy, runtime/quantize.py): every entry written gets m.flat[j] = bf16(value(code)) in
+//             the same visit (exact: every int8/fp8 value is a bf16 value). An empty tensor: no mirror.
 //
 // Execution plans (the one taken is recorded for tests, see shira_last_plan):
 //   fused    - all index lists sorted ascending and the weights of each list distinct: each weight's
@@ -74,6 +77,7 @@ struct Item {
   int64_t row_len;           // elements per scale row
   int64_t* saturated;        // where this entry's clamped count is added (apply of 1-byte codes), or null
   const uint8_t* codes;      // [n] new codes of a 1-byte weight (apply of a baked adapter: a swap), or null
+  uint16_t* mirror;          // [numel] bf16 bits of the code values, kept in step with the codes, or null
   int64_t pos;               // position in its list, for messages
   const char* list;          // "" or "outgoing " / "incoming " (switch_)
 };
@@ -226,7 +230,8 @@ inline float to_grid(float x) {
 
 template <int F>
 struct Codes {
-  std::array<float, 256> value;  // code byte -> its value (fp8: c10's exact conversion)
+  std::array<float, 256> value;    // code byte -> its value (fp8: c10's exact conversion)
+  std::array<uint16_t, 256> bf16;  // code byte -> the bits of its value in bf16 (exact but for NaN payloads)
   Codes() {
     for (int c = 0; c < 256; ++c) {
       const uint8_t u = static_cast<uint8_t>(c);
@@ -236,6 +241,7 @@ struct Codes {
         value[c] = static_cast<float>(c10::Float8_e4m3fn(u, c10::Float8_e4m3fn::from_bits()));
       else
         value[c] = static_cast<float>(c10::Float8_e5m2(u, c10::Float8_e5m2::from_bits()));
+      bf16[c] = c10::BFloat16(value[c]).x;
     }
   }
 };
@@ -322,6 +328,62 @@ void swap_range(uint8_t* __restrict__ w, const I* __restrict__ idx, const uint8_
   }
 }
 
+// With a mirror: restore (apply == false: w[j] = saved[i]) or apply (a swap of baked codes, or the grid write),
+// and the mirror's entry j set from the new code, in one visit. Returns the clamped count.
+template <int F, typename I, bool kPrefetch>
+int64_t mirrored_range(const Item& it, bool apply, int64_t b, int64_t e, int64_t pf) {
+  const Codes<F>& table = codes<F>();
+  uint8_t* __restrict__ w = reinterpret_cast<uint8_t*>(it.w);
+  uint16_t* __restrict__ m = it.mirror;
+  const I* __restrict__ idx = static_cast<const I*>(it.idx);
+  uint8_t* __restrict__ saved = static_cast<uint8_t*>(it.saved);
+  RowCursor rows{it.row_len};
+  int64_t clamped = 0;
+  for (int64_t i = b; i < e; ++i) {
+    if constexpr (kPrefetch) {
+      if (i + pf < e) {
+        __builtin_prefetch(w + idx[i + pf], 1, 3);
+        __builtin_prefetch(m + idx[i + pf], 1, 3);
+      }
+    }
+    const int64_t j = idx[i];
+    uint8_t c;
+    if (!apply) {
+      c = saved[i];
+    } else {
+      const uint8_t old = w[j];
+      saved[i] = old;
+      c = it.codes ? it.codes[i] : requantize<F>(table, old, it.scales[rows.at(j)], it.delta[i], clamped);
+    }
+    w[j] = c;
+    m[j] = table.bf16[c];
+  }
+  return clamped;
+}
+
+template <int F, typename I>
+void run_mirrored(const Item& it, bool apply, int64_t b, int64_t e) {
+  const int64_t pf = g_prefetch.load(std::memory_order_relaxed);
+  const int64_t clamped =
+      pf > 0 ? mirrored_range<F, I, true>(it, apply, b, e, pf) : mirrored_range<F, I, false>(it, apply, b, e, 0);
+  if (clamped && it.saturated) __atomic_fetch_add(it.saturated, clamped, __ATOMIC_RELAXED);
+}
+
+template <typename I>
+void run_mirrored(const Item& it, bool apply, int64_t b, int64_t e) {
+  if (b >= e) return;
+  switch (it.wtype) {
+    case at::kChar:
+      return run_mirrored<0, I>(it, apply, b, e);
+    case at::kFloat8_e4m3fn:
+      return run_mirrored<1, I>(it, apply, b, e);
+    case at::kFloat8_e5m2:
+      return run_mirrored<2, I>(it, apply, b, e);
+    default:
+      TORCH_CHECK(false, "shira: unreachable code dtype");
+  }
+}
+
 template <typename I>
 void run_range_q(const Item& it, int64_t b, int64_t e) {
   if (b >= e) return;
@@ -381,6 +443,8 @@ void run_range(const Item& it, bool apply, int64_t b, int64_t e, bool runs) {
 // Restore (apply == false) or apply entries [b, e) of one list entry.
 // `runs`: the entries are sorted (contiguous runs may be copied as blocks).
 void run_entries(const Item& it, bool apply, int64_t b, int64_t e, bool runs) {
+  if (it.mirror)  // 1-byte codes and their bf16 mirror, entry by entry
+    return it.idx64 ? run_mirrored<int64_t>(it, apply, b, e) : run_mirrored<int32_t>(it, apply, b, e);
   if (is_code(it.wtype)) {
     if (apply)  // per-entry grid math: no block copy
       return it.idx64 ? run_range_q<int64_t>(it, b, e) : run_range_q<int32_t>(it, b, e);
@@ -474,7 +538,7 @@ void chunk_by_range(const Item* r, const Item* a, int64_t chunk, std::vector<Tas
 // scales of a 1-byte weight (apply only; null or empty for a float weight).
 Item make_item(const char* op, const char* list, int64_t t, const at::Tensor& w, const at::Tensor& idx,
                const at::Tensor* delta, const at::Tensor& saved, const at::Tensor* scale = nullptr,
-               int64_t* saturated = nullptr) {
+               int64_t* saturated = nullptr, const at::Tensor* mirror = nullptr) {
   const std::string where = std::string("shira::") + op + ": " + list + "tensor " + std::to_string(t) + ": ";
   TORCH_CHECK_VALUE(w.defined() && idx.defined() && saved.defined() && (!delta || delta->defined()),
                     where, "undefined tensor");
@@ -514,6 +578,19 @@ Item make_item(const char* op, const char* list, int64_t t, const at::Tensor& w,
     TORCH_CHECK_VALUE(!has_scale, where, "scales given for a ", wt,
                       " weight (only 1-byte quantized weights take scales)");
   }
+  const bool has_mirror = mirror && mirror->defined() && mirror->numel() > 0;
+  if (has_mirror) {
+    TORCH_CHECK_VALUE(is_code(wt), where, "a mirror given for a ", wt,
+                      " weight (only 1-byte codes have a bf16 mirror)");
+    TORCH_CHECK_VALUE(mirror->scalar_type() == at::kBFloat16 && mirror->is_contiguous() &&
+                          mirror->device().is_cpu() && mirror->numel() == w.numel(),
+                      where, "the mirror must be a contiguous bf16 tensor of the weight's ", w.numel(),
+                      " elements, got ", mirror->scalar_type(), mirror->sizes());
+    const auto* mlo = static_cast<const char*>(mirror->data_ptr());
+    const auto* wlo = static_cast<const char*>(w.data_ptr());
+    TORCH_CHECK_VALUE(mlo + mirror->nbytes() <= wlo || wlo + w.nbytes() <= mlo, where,
+                      "the mirror overlaps its weight");
+  }
   Item item{};
   item.w = static_cast<char*>(w.data_ptr());
   item.numel = w.numel();
@@ -528,6 +605,7 @@ Item make_item(const char* op, const char* list, int64_t t, const at::Tensor& w,
   item.saved = saved.data_ptr();
   item.pos = t;
   item.list = list;
+  item.mirror = has_mirror ? static_cast<uint16_t*>(mirror->data_ptr()) : nullptr;
   if (delta && is_code(wt) && !baked) {
     item.scales = scale->data_ptr<float>();
     item.row_len = w.numel() / scale->numel();
@@ -694,28 +772,39 @@ void run(const char* op, const std::vector<Item>& outs, const std::vector<Item>&
   }
 }
 
+void check_mirror_count(const char* op, const char* list, const std::optional<at::TensorList>& mirrors,
+                        size_t weights) {
+  TORCH_CHECK_VALUE(!mirrors || mirrors->size() == weights, "shira::", op, ": ", list,
+                    mirrors ? mirrors->size() : 0, " mirror tensors for ", weights, " weights");
+}
+
 std::vector<Item> restore_items(const char* op, const char* list, const at::TensorList& weights,
-                                const at::TensorList& indices, const at::TensorList& saved) {
+                                const at::TensorList& indices, const at::TensorList& saved,
+                                const std::optional<at::TensorList>& mirrors) {
   TORCH_CHECK_VALUE(weights.size() == indices.size() && weights.size() == saved.size(), "shira::", op, ": ",
                     list, "list lengths differ (weights ", weights.size(), ", indices ", indices.size(),
                     ", saved ", saved.size(), ")");
+  check_mirror_count(op, list, mirrors, weights.size());
   std::vector<Item> items;
   items.reserve(weights.size());
   for (size_t t = 0; t < weights.size(); ++t)
-    items.push_back(make_item(op, list, t, weights[t], indices[t], nullptr, saved[t]));
+    items.push_back(make_item(op, list, t, weights[t], indices[t], nullptr, saved[t], nullptr, nullptr,
+                              mirrors ? &(*mirrors)[t] : nullptr));
   return items;
 }
 
 std::vector<Item> apply_items(const char* op, const char* list, const at::TensorList& weights,
                               const at::TensorList& indices, const at::TensorList& deltas,
                               const at::TensorList& saved, const std::optional<at::TensorList>& scales,
-                              const std::optional<at::Tensor>& saturated) {
+                              const std::optional<at::Tensor>& saturated,
+                              const std::optional<at::TensorList>& mirrors) {
   TORCH_CHECK_VALUE(weights.size() == indices.size() && weights.size() == saved.size() &&
                         weights.size() == deltas.size(),
                     "shira::", op, ": ", list, "list lengths differ (weights ", weights.size(), ", indices ",
                     indices.size(), ", deltas ", deltas.size(), ", saved ", saved.size(), ")");
   TORCH_CHECK_VALUE(!scales || scales->size() == weights.size(), "shira::", op, ": ", scales ? scales->size() : 0,
                     " scale tensors for ", weights.size(), " weights");
+  check_mirror_count(op, list, mirrors, weights.size());
   int64_t* sat = nullptr;
   if (saturated && saturated->defined()) {
     TORCH_CHECK_VALUE(saturated->scalar_type() == at::kLong && saturated->dim() == 1 &&
@@ -729,27 +818,32 @@ std::vector<Item> apply_items(const char* op, const char* list, const at::Tensor
   items.reserve(weights.size());
   for (size_t t = 0; t < weights.size(); ++t)
     items.push_back(make_item(op, list, t, weights[t], indices[t], &deltas[t], saved[t],
-                              scales ? &(*scales)[t] : nullptr, sat));
+                              scales ? &(*scales)[t] : nullptr, sat, mirrors ? &(*mirrors)[t] : nullptr));
   return items;
 }
 
 // ---- the ops -------------------------------------------------------------------------------------
 
-void restore_cpu(at::TensorList weights, at::TensorList indices, at::TensorList saved, bool validate) {
-  run("restore_", restore_items("restore_", "", weights, indices, saved), {}, validate);
+void restore_cpu(at::TensorList weights, at::TensorList indices, at::TensorList saved, bool validate,
+                 std::optional<at::TensorList> mirrors) {
+  run("restore_", restore_items("restore_", "", weights, indices, saved, mirrors), {}, validate);
 }
 
 void apply_cpu(at::TensorList weights, at::TensorList indices, at::TensorList deltas, at::TensorList saved,
-               bool validate, std::optional<at::TensorList> scales, const std::optional<at::Tensor>& saturated) {
-  run("apply_", {}, apply_items("apply_", "", weights, indices, deltas, saved, scales, saturated), validate);
+               bool validate, std::optional<at::TensorList> scales, const std::optional<at::Tensor>& saturated,
+               std::optional<at::TensorList> mirrors) {
+  run("apply_", {}, apply_items("apply_", "", weights, indices, deltas, saved, scales, saturated, mirrors),
+      validate);
 }
 
 void switch_cpu(at::TensorList out_weights, at::TensorList out_indices, at::TensorList out_saved,
                 at::TensorList in_weights, at::TensorList in_indices, at::TensorList in_deltas,
                 at::TensorList in_saved, bool validate, std::optional<at::TensorList> in_scales,
-                const std::optional<at::Tensor>& saturated) {
-  auto outs = restore_items("switch_", "outgoing ", out_weights, out_indices, out_saved);
-  auto ins = apply_items("switch_", "incoming ", in_weights, in_indices, in_deltas, in_saved, in_scales, saturated);
+                const std::optional<at::Tensor>& saturated, std::optional<at::TensorList> out_mirrors,
+                std::optional<at::TensorList> in_mirrors) {
+  auto outs = restore_items("switch_", "outgoing ", out_weights, out_indices, out_saved, out_mirrors);
+  auto ins = apply_items("switch_", "incoming ", in_weights, in_indices, in_deltas, in_saved, in_scales, saturated,
+                         in_mirrors);
   run("switch_", outs, ins, validate);
 }
 

@@ -359,3 +359,111 @@ def test_baked_codes_are_a_byte_swap(ext, knobs, fmt, threaded, plan):
         assert torch.equal(raw(ws[t].view(-1)[a_idx[t]]), raw(new[t]))
     ext.restore_(ws, a_idx, a_saved)
     assert_bytes_equal(ws, base, "restored")
+
+
+# ---- mirrors: a bf16 copy of the code values written in the same visit ----------------------------------
+
+
+def mirrors_of(ws, without: int):
+    """A bf16 mirror per weight, in step with its codes, but an empty one (no mirror) at ``without``."""
+    return [torch.empty(0, dtype=torch.bfloat16) if t == without else w.to(torch.bfloat16) for t, w in enumerate(ws)]
+
+
+def assert_mirrors(ws, ms, what):
+    for t, (w, m) in enumerate(zip(ws, ms)):
+        if m.numel():
+            assert torch.equal(m.view(torch.int16), w.to(torch.bfloat16).view(torch.int16)), f"{what}: mirror {t}"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("idx_dtype", IDX_DTYPES, ids=["i32", "i64"])
+@pytest.mark.parametrize("threaded", [False, True], ids=["serial", "threaded"])
+@pytest.mark.parametrize("plan", ["fused", "phased", "ordered"])
+def test_mirrors_follow_the_codes_in_both_paths(ext, knobs, fmt, idx_dtype, threaded, plan):
+    """apply A (grid writes and baked codes side by side, saturation included), switch A -> B, restore: the codes,
+    saved codes and saturation counts are the reference's, and every mirror equals bf16(codes) bit for bit in
+    both paths; a weight without a mirror (empty) is switched as before."""
+    knobs(threaded=threaded, chunk=31, force_plan={"fused": 0, "phased": 1, "ordered": 2}[plan])
+    unsorted = plan == "phased"
+    ws, scales, a_idx, a_d, a_saved = state(fmt, idx_dtype, 0.25, seed=11, sort=not unsorted)
+    g = gen(12)
+    baked = torch.randint(0, 256, (a_idx[2].numel(),), generator=g, dtype=torch.uint8).view(ws[2].dtype)
+    if baked.dtype != torch.int8:
+        baked = torch.where(torch.isnan(baked.float()), torch.zeros_like(baked), baked)
+    a_d[2] = baked
+    b_idx = [rand_indices(w.numel(), max(1, w.numel() // 5), idx_dtype, g, sort=not unsorted) for w in ws]
+    b_d = [quant_deltas(w, s, i, g) for w, s, i in zip(ws, scales, b_idx)]
+    b_saved = [torch.zeros(i.numel(), dtype=w.dtype) for w, i in zip(ws, b_idx)]
+    base = clone(ws)
+    runs = {}
+    for name, impl in (("reference", reference), ("cpp", ext)):
+        w, sa, sb, ms = clone(ws), clone(a_saved), clone(b_saved), mirrors_of(ws, without=1)
+        sat = torch.zeros(len(ws), dtype=torch.int64)
+        impl.apply_(w, a_idx, a_d, sa, scales=scales, saturated=sat, mirrors=ms)
+        assert_mirrors(w, ms, f"{name} after apply")
+        impl.switch_(w, a_idx, sa, w, b_idx, b_d, sb, in_scales=scales, saturated=sat, out_mirrors=ms, in_mirrors=ms)
+        assert_mirrors(w, ms, f"{name} after switch")
+        after_switch = clone(w)
+        impl.restore_(w, b_idx, sb, mirrors=ms)
+        assert_mirrors(w, ms, f"{name} after restore")
+        assert_bytes_equal(w, base, f"{name} restored")
+        runs[name] = (after_switch, sa, sb, sat)
+    assert int(runs["cpp"][3].sum()) > 0
+    assert ext.tuning()["last_plan"] == {"threaded": threaded, "plan": plan}
+    for x, y in zip(runs["cpp"][:3], runs["reference"][:3]):
+        assert_bytes_equal(x, y, "cpp against reference")
+    assert torch.equal(runs["cpp"][3], runs["reference"][3])
+
+
+@pytest.mark.parametrize("impl_name", ["reference", "cpp"])
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("on-float", r"tensor 0: a mirror given for a (torch\.)?(float32|Float) weight"),
+        ("dtype", r"tensor 1: the mirror must be a contiguous bf16 tensor of the weight's 40 elements"),
+        ("numel", r"tensor 1: the mirror must be a contiguous bf16 tensor of the weight's 40 elements"),
+        ("count", r"1 mirror tensors for 2 weights"),
+        ("overlap", r"tensor 1: the mirror overlaps its weight"),
+    ],
+)
+def test_malformed_mirrors_refused_before_any_write(request, impl_name, kind, message):
+    impl = reference if impl_name == "reference" else request.getfixturevalue("ext")
+    buf = torch.zeros(200, dtype=torch.uint8)
+    ws = [torch.randn(30), buf[:40].view(torch.int8).view(4, 10)]
+    idx = [torch.tensor([1, 2]), torch.tensor([3, 39])]
+    ds, scales = [torch.ones(2), torch.ones(2)], [torch.empty(0), torch.ones(4)]
+    saved = [torch.empty(2), torch.empty(2, dtype=torch.int8)]
+    ms = [torch.empty(0, dtype=torch.bfloat16), torch.zeros(40, dtype=torch.bfloat16)]
+    if kind == "on-float":
+        ms[0] = torch.zeros(30, dtype=torch.bfloat16)
+    elif kind == "dtype":
+        ms[1] = torch.zeros(40, dtype=torch.float16)
+    elif kind == "numel":
+        ms[1] = torch.zeros(41, dtype=torch.bfloat16)
+    elif kind == "count":
+        ms = ms[:1]
+    elif kind == "overlap":
+        ms[1] = buf[20:100].view(torch.bfloat16)
+    before, before_m = clone(ws), clone(ms)
+    calls = {
+        "apply_": lambda: impl.apply_(ws, idx, ds, saved, scales=scales, mirrors=ms),
+        "restore_": lambda: impl.restore_(ws, idx, saved, mirrors=ms),
+        "switch_": lambda: impl.switch_([], [], [], ws, idx, ds, saved, in_scales=scales, in_mirrors=ms),
+    }
+    for verb, call in calls.items():
+        with pytest.raises(KernelInputError, match=rf"{verb}: .*{message}"):
+            call()
+        assert_bytes_equal(ws + ms, before + before_m, "tensor")
+
+
+def test_fake_impl_and_schema_with_mirrors(ext):
+    def args():  # int8: opcheck's own comparisons have no fp8 kernels
+        w, m = torch.zeros(2, 5, dtype=torch.int8), torch.zeros(10, dtype=torch.bfloat16)
+        idx, s = torch.tensor([1, 2]), torch.zeros(2, dtype=torch.int8)
+        return ([w], [idx], [s], [w], [idx], [torch.ones(2)], [s], True, [torch.ones(2)], None, [m], [m])
+
+    torch.library.opcheck(torch.ops.shira.switch_.default, args(), test_utils=("test_schema", "test_faketensor"))
+    a = args()
+    torch.ops.shira.switch_(*a)
+    (w,), (m,) = a[0], a[-1]
+    assert torch.equal(m, w.view(-1).to(torch.bfloat16)) and m[1] == 1  # the op wrote the codes and the mirror
