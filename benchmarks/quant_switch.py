@@ -8,8 +8,10 @@ Switch: two random 1% adapters A -> B -> A on the C++ path (``benchmarks.timing.
 first excluded), the weights as int8 or FP8 codes with per-row scales (the grid write ``Q(deq(code) + delta)``),
 and as fp32 with the same masks for comparison; the floor is the union of the 64-byte lines A and B touch, read and
 written, at the copy bandwidth measured before the cycle. Checked inside the run: the reference path writes the
-same bytes. For FP8 it also times what the runtime adds per switch: refreshing the bf16 compute copy of the
-touched entries (``QuantLinear.refresh_at``'s work, in torch ops).
+same bytes. FP8 gets two rows: the codes alone, and the codes with their bf16 compute copy written by the kernel
+in the same visit (``mirrors``: what the runtime's FP8 switch does; its floor adds the copy's touched lines, and
+the copy is checked against the codes after the cycle). The codes-only row also times the alternative the mirror
+replaced: refreshing the copy's touched entries after the switch with torch index ops.
 
 Sizes: one llama-1b layer's seven projections at 1% (random and ``block`` masks), the bytes per nonzero of an
 adapter of codes (``runtime.quantize.bake``, file version 5) against the delta file with fp16 values.
@@ -46,12 +48,14 @@ def switch_rows(layer: list, layers: int, density: float, repeats: int, formats:
     idx = (random_masks(shapes, density, gen), random_masks(shapes, density, gen))
     rows = []
     for fmt in formats:
-        progress(f"{fmt}: {sum(r * c for r, c in shapes) / 1e6:.0f}M weights, {repeats} switches each way")
-        rows.append(one_format(fmt, shapes, idx, repeats, gen))
+        for mirror in (False, True) if fmt.startswith("fp8") else (False,):
+            what = " + bf16 copy (mirror)" if mirror else ""
+            progress(f"{fmt}{what}: {sum(r * c for r, c in shapes) / 1e6:.0f}M weights, {repeats} switches each way")
+            rows.append(one_format(fmt, shapes, idx, repeats, gen, mirror))
     return rows
 
 
-def one_format(fmt: str, shapes, idx, repeats: int, gen: torch.Generator) -> list:
+def one_format(fmt: str, shapes, idx, repeats: int, gen: torch.Generator, mirror: bool = False) -> list:
     ext = extension.load()
     quant = fmt != "fp32"
     ws, scales = [], []
@@ -66,15 +70,22 @@ def one_format(fmt: str, shapes, idx, repeats: int, gen: torch.Generator) -> lis
     sat = torch.zeros(len(ws), dtype=torch.int64) if quant else None
     deltas = [[torch.randn(i.numel(), generator=gen) * 0.002 for i in ix] for ix in idx]
     saved = [[torch.empty(i.numel(), dtype=w.dtype) for w, i in zip(ws, ix)] for ix in idx]
-    ext.apply_(ws, idx[0], deltas[0], saved[0], validate=False, scales=sc, saturated=sat)
+    ms = [w.to(torch.bfloat16) for w in ws] if mirror else None
+    ext.apply_(ws, idx[0], deltas[0], saved[0], validate=False, scales=sc, saturated=sat, mirrors=ms)
     state = [0]
 
     def switch() -> None:
         o, n = state[0], 1 - state[0]
-        ext.switch_(ws, idx[o], saved[o], ws, idx[n], deltas[n], saved[n], validate=False, in_scales=sc, saturated=sat)
+        ext.switch_(
+            ws, idx[o], saved[o], ws, idx[n], deltas[n], saved[n], validate=False, in_scales=sc, saturated=sat,
+            out_mirrors=ms, in_mirrors=ms,
+        )  # fmt: skip
         state[0] = n
 
-    lines = sum(touched_lines(torch.cat([ia, ib]), ws[0].element_size()) for ia, ib in zip(*idx))
+    lines = sum(
+        touched_lines(torch.cat([ia, ib]), ws[0].element_size()) + (touched_lines(torch.cat([ia, ib]), 2) if ms else 0)
+        for ia, ib in zip(*idx)
+    )
     bw = copy_bandwidth_gbps(256 << 20, repeats=3)
     t = cycle([switch, switch], repeats)
     floor = memory_floor_ms(lines, bw)
@@ -84,8 +95,10 @@ def one_format(fmt: str, shapes, idx, repeats: int, gen: torch.Generator) -> lis
     reference.restore_([w_ref], [idx[cur][0]], [saved[cur][0].clone()])
     ext.restore_([w_fast], [idx[cur][0]], [saved[cur][0].clone()])
     assert torch.equal(w_ref.view(torch.uint8), w_fast.view(torch.uint8)), "fast and reference paths differ"
+    if ms is not None:  # the kernel kept every copy in step with its codes
+        assert all(torch.equal(m, w.to(torch.bfloat16)) for m, w in zip(ms, ws)), "a mirror left its codes"
     refresh = None
-    if fmt.startswith("fp8"):  # the runtime's bf16 compute copy follows the touched codes after each switch
+    if fmt.startswith("fp8") and not mirror:  # the alternative: the copy's touched entries in torch index ops
         copies = [w.to(torch.bfloat16) for w in ws]
 
         def refresh_copies() -> None:
@@ -95,7 +108,8 @@ def one_format(fmt: str, shapes, idx, repeats: int, gen: torch.Generator) -> lis
 
         refresh = time_ms(refresh_copies, 3).median_ms
     saturated = int(sat.sum()) if quant else None
-    return [fmt, t.median_ms, t.p90_ms, lines * 64 / 1e6, floor, t.median_ms / floor, refresh, saturated]
+    name = f"{fmt}+bf16copy" if mirror else fmt
+    return [name, t.median_ms, t.p90_ms, lines * 64 / 1e6, floor, t.median_ms / floor, refresh, saturated]
 
 
 def size_rows(layer: list, density: float) -> list[list]:
@@ -137,8 +151,10 @@ def main(argv: list[str] | None = None) -> None:
         f"\nswitch A -> B, {what}llama-1b linear shapes x {args.layers} layers, {args.density:.0%} random masks, "
         "C++ path"
     )
-    cols = ["weights", "switch ms", "p90 ms", "floor MB", "floor ms", "x floor", "fp8 copy refresh ms", "saturated"]
+    cols = ["weights", "switch ms", "p90 ms", "floor MB", "floor ms", "x floor", "copy refresh ms", "saturated"]
     print_table(cols, rows)
+    print("fp8+bf16copy: the FP8 compute copy written by the kernel in the same visit (the runtime's FP8 switch);")
+    print("copy refresh: what refreshing the copy's touched entries after the switch would cost instead")
     print(f"\nadapter files of codes ({args.density:.0%}, one {what}llama-1b layer, deltas of std 0.1x the weights')")
     cols = ["mask", "format", "codes changed", "B per stored entry", "B per nonzero", "fp16 delta file B/nnz"]
     print_table(cols, size_rows(layer, args.density))

@@ -7,8 +7,10 @@ A backend has:
 - ``transposed``: canonical names stored as the transpose of their logical shape (ONNX exports do this);
 - ``scales``: canonical names of quantized weights (1-byte codes, ``runtime.quantize``) -> their fixed fp32
   per-row scales ``[rows]``; a switch writes those codes on their grid (``runtime.qformats``);
-- ``after_write(name, indices)``: called after a switch wrote codes of ``name`` at flat ``indices`` through raw
-  pointers (FP8 layers bring their compute copy back in line);
+- ``mirror(name)``: the bf16 copy of a quantized weight's code values the kernels write in the same visit as the
+  codes (an FP8 layer's compute copy), or None;
+- ``after_write(name, indices, since, mirrored)``: called after a switch wrote codes of ``name`` at flat
+  ``indices`` through raw pointers (FP8 layers bring their compute copy back in line, unless mirrored);
 - ``__call__``: one inference.
 """
 
@@ -33,9 +35,13 @@ class Backend(ABC):
     scales: dict[str, torch.Tensor] = {}  # noqa: RUF012 (read-only default: no quantized weights)
     kind = "?"
 
-    def after_write(self, name: str, indices: list[torch.Tensor], since: int) -> None:
-        """Codes of ``name`` were written at ``indices`` (flat) by a kernel; ``since``: the codes' version counter
-        before that write. Nothing to do for plain tensors."""
+    def mirror(self, name: str) -> torch.Tensor | None:
+        """The bf16 mirror of quantized weight ``name`` for the kernels to write, or None (plain tensors)."""
+        return None
+
+    def after_write(self, name: str, indices: list[torch.Tensor], since: int, mirrored: bool = False) -> None:
+        """Codes of ``name`` were written at ``indices`` (flat) by a kernel, and its ``mirror`` with them if
+        ``mirrored``; ``since``: the codes' version counter before that write. Nothing to do for plain tensors."""
         return None
 
     def canonical(self, name: str, adapter: str) -> str:
@@ -120,10 +126,14 @@ class TorchBackend(Backend):
                     self.scales[name], self.quantized[name] = quant[name].weight_scale, quant[name]
         self._hooks: list = []
 
-    def after_write(self, name: str, indices: list[torch.Tensor], since: int) -> None:
+    def mirror(self, name: str) -> torch.Tensor | None:
+        layer = self.quantized.get(name)
+        return layer.mirror() if layer is not None else None
+
+    def after_write(self, name: str, indices: list[torch.Tensor], since: int, mirrored: bool = False) -> None:
         layer = self.quantized.get(name)
         if layer is not None:
-            layer.refresh_at(indices, since)
+            layer.refresh_at(indices, since, mirrored)
 
     def check_unfused(self, tensor: str, adapter: str) -> str:
         path = tensor.rsplit(".", 1)[0] if tensor.endswith(".weight") else None

@@ -27,9 +27,11 @@ benchmarks.quant_formats``, README), no ready torch CPU kernel serves FP8, and t
 - fp8: no usable kernel (``torch._scaled_mm`` is emulated and decoding fp8 costs ~20x a one-token GEMV), so
   ``QuantLinear`` keeps a bf16 **compute copy** of the code values (exact: every E4M3/E5M2 value is a bf16
   value), +2 bytes per weight: one token multiplies with it in bf16, more tokens convert it to fp32 and run
-  the fp32 GEMM. The copy must follow the codes: ``refresh_rows(rows)`` after writing codes (what a switch
-  does); a forward that sees the codes' version counter moved (a torch in-place op) refreshes it whole, so a
-  stale copy is never used after torch writes. Writes through raw pointers must call ``refresh_rows``.
+  the fp32 GEMM. The copy must follow the codes: a switch hands it to the kernels as the codes' ``mirror``
+  (``kernels.reference``), which write it in the same visit as the codes, then ``refresh_at(..., mirrored=True)``
+  marks it in step; ``refresh_rows(rows)`` after any other write of codes; a forward that sees the codes'
+  version counter moved (a torch in-place op) refreshes it whole, so a stale copy is never used after torch
+  writes. Writes through raw pointers must call ``refresh_rows``.
 
 Measured (2-core AVX2 EPYC, torch 2.13, other jobs sharing the cores; ratios to the fp32 base in the same
 interleaved rounds, llama-1b linears 8192x2048 / 2048x8192): one token, int8 0.36x and fp8 0.54x (the bf16
@@ -112,14 +114,25 @@ class QuantLinear(nn.Module):
             self.weight_compute[rows] = self.weight[rows].to(torch.bfloat16)
         self._synced = self.weight._version
 
-    def refresh_at(self, indices: list[torch.Tensor], since: int) -> None:
+    def mirror(self) -> torch.Tensor | None:
+        """The compute copy, for a kernel to write beside the codes (``kernels.reference``'s mirrors); None when
+        there is none, or it does not have the codes' shape yet (``refresh_at`` then rebuilds it)."""
+        if not self.has_compute_copy or self.weight_compute.shape != self.weight.shape:
+            return None
+        return self.weight_compute
+
+    def refresh_at(self, indices: list[torch.Tensor], since: int, mirrored: bool = False) -> None:
         """After a kernel wrote codes at flat ``indices`` (a list of index tensors): bring those entries of the
-        compute copy back in line (exact, an element gather+convert), or the whole copy when it was already
-        stale before the write (``since``: the codes' version counter just before it). A no-op without a copy."""
+        compute copy back in line (exact, an element gather+convert; nothing to do when the kernel wrote them
+        itself, ``mirrored``), or the whole copy when it was already stale before the write (``since``: the
+        codes' version counter just before it). A no-op without a copy."""
         if not self.has_compute_copy:
             return
         if self._synced != since or self.weight_compute.shape != self.weight.shape:
             self.refresh_rows()
+            return
+        if mirrored:
+            self._synced = self.weight._version
             return
         flat, codes = self.weight_compute.view(-1), self.weight.view(torch.uint8).view(-1)
         for idx in indices:

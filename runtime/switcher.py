@@ -208,6 +208,7 @@ class Switcher:
             if out_t or in_t:
                 written = {t: [] for t in [*out_t, *in_t] if t in scales}  # codes a compute copy must follow
                 versions = {t: tensors[t]._version for t in written}
+                mirrors = {t: m for t in written if (m := self.backend.mirror(t)) is not None}
                 kernels.switch_(
                     [tensors[t] for t in out_t],
                     [old.sparse_saved[t][0] for t in out_t],
@@ -220,12 +221,20 @@ class Switcher:
                     **(
                         {"in_scales": [scales.get(t, _NO_SCALE) for t in in_t], "saturated": saturated} if quant else {}
                     ),
+                    **(
+                        {
+                            "out_mirrors": [mirrors.get(t, _NO_MIRROR) for t in out_t],
+                            "in_mirrors": [mirrors.get(t, _NO_MIRROR) for t in in_t],
+                        }
+                        if mirrors
+                        else {}
+                    ),
                 )
                 for t, idx in [*((t, old.sparse_saved[t][0]) for t in out_t), *zip(in_t, in_idx)]:
                     if t in written:
                         written[t].append(idx)
                 for t, idx_lists in written.items():
-                    self.backend.after_write(t, idx_lists, versions[t])
+                    self.backend.after_write(t, idx_lists, versions[t], t in mirrors)
             for t in plan.dense:
                 if t not in dense_saved:
                     dense_saved[t] = tensors[t].clone()  # the base: the kernel restored any sparse state
@@ -334,6 +343,7 @@ def _apply_dense(backend: Backend, plan: Plan, base_copies: dict[str, torch.Tens
 
 
 _NO_SCALE = torch.empty(0)  # a float weight's entry in the kernels' scale list
+_NO_MIRROR = torch.empty(0, dtype=torch.bfloat16)  # a weight without a compute copy, in the kernels' mirror lists
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:

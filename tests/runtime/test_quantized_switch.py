@@ -159,6 +159,40 @@ def test_inference_after_switch_equals_a_fresh_quantized_model(kernel_path, fmt)
         assert torch.equal(rt(ids5), copy.deepcopy(model)(ids5))
 
 
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_compute_copy_written_by_the_kernel(kernel_path, fmt, monkeypatch):
+    """The switch hands each FP8 layer's bf16 compute copy to the kernel as the codes' mirror: no refresh runs
+    (refresh_rows is made to fail), yet after every switch, fusion and revert the copy equals bf16(codes) and
+    the forward uses it as it is."""
+    _, model, rt, _ = setup(fmt)
+    ids = torch.randint(0, 256, (1, 1))
+    rt(ids)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+
+    def no_refresh(self, rows=None):
+        raise AssertionError("the compute copy was refreshed by torch ops")
+
+    monkeypatch.setattr(QuantLinear, "refresh_rows", no_refresh)
+    told, refresh_at = [], QuantLinear.refresh_at
+
+    def spy(self, indices, since, mirrored=False):
+        told.append(mirrored)
+        refresh_at(self, indices, since, mirrored)
+
+    monkeypatch.setattr(QuantLinear, "refresh_at", spy)
+    for target, w in (("a0", None), ("a1", None), (["a0", "a1"], [1.0, -0.5]), (None, None), ("a1", None)):
+        rt.switch(target, weights=w)
+        for layer in layers:
+            assert layer._synced == layer.weight._version
+            assert torch.equal(
+                layer.weight_compute.view(torch.int16), layer.weight.to(torch.bfloat16).view(torch.int16)
+            )
+        rt(ids)  # the forward finds the copy in step: no refresh
+    assert told and all(told)  # every layer written was told the kernel wrote its copy
+    monkeypatch.undo()
+    rt.switch(None)
+
+
 def test_failure_mid_switch_restores(kernel_path, monkeypatch):
     """An exception after the kernel wrote (here: in the FP8 compute-copy refresh) leaves codes, compute copy and
     the active state as before the call."""
