@@ -24,7 +24,7 @@ from torch import nn
 
 from runtime.dtypes import FLOATS
 from runtime.errors import AdapterMismatchError
-from runtime.quantize import QuantLinear, scale_name
+from runtime.quantize import QuantLinear, check_scales, scale_name
 
 
 class Backend(ABC):
@@ -113,7 +113,7 @@ class TorchBackend(Backend):
         for name, t in module.state_dict(keep_vars=True).items():
             t = t.data if isinstance(t, nn.Parameter) else t
             if name in quant:
-                _check_scales(name, quant[name].weight_scale)
+                check_scales(name, quant[name].weight_scale, AdapterMismatchError)
             elif name in skip or t.dtype not in FLOATS:
                 continue
             key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
@@ -161,16 +161,6 @@ class TorchBackend(Backend):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with torch.inference_mode():
             return self.module(*args, **kwargs)
-
-
-def _check_scales(name: str, scale: torch.Tensor) -> None:
-    """A quantized weight's scales must be positive and finite: the switch divides by them."""
-    ok = scale.dtype == torch.float32 and scale.dim() == 1 and scale.is_contiguous()
-    if not ok or not bool((torch.isfinite(scale) & (scale > 0)).all()):
-        raise AdapterMismatchError(
-            f"quantized tensor {name!r}: its weight_scale must be fp32 [rows], finite and > 0 "
-            f"(got {scale.dtype}{list(scale.shape)})"
-        )
 
 
 def _lora_hook(terms: list[tuple[torch.Tensor, torch.Tensor, float]]):

@@ -31,10 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from runtime.backend import Backend, _check_scales
+from runtime.backend import Backend
 from runtime.bundle import BundleError, read_bytes, read_weights
 from runtime.errors import AdapterMismatchError, ShiraError
 from runtime.manifest import Manifest
+from runtime.quantize import check_scales
 
 GEMM_A_MIN = 1 << 16  # weight elements from which the GEMM-A rewrite pays (256 x 256)
 
@@ -80,7 +81,7 @@ class OnnxBackend(Backend):
                 self.shapes[name] = tuple(p["shape"])
                 if name in scale_of:
                     self.scales[name] = torch.from_numpy(arrays[params[scale_of[name]]["onnx"]])
-                    _check_scales(name, self.scales[name])
+                    check_scales(name, self.scales[name], BundleError, f"{bundle / manifest.weights}: ")
         self.transposed = frozenset(n for n in self.tensors if params[n]["layout"] == "transposed")
         # LoRA slots (exporters.lora_slots): module path -> (lora_A name, lora_B name); zero when unused
         self.lora_slots = {

@@ -168,6 +168,17 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}{copy}"
 
 
+def check_scales(name: str, scale: torch.Tensor, error: type[Exception], where: str = "") -> None:
+    """A quantized weight's scales must be fp32 ``[rows]``, finite and > 0 (the switch divides by them); else
+    ``error`` naming the tensor (``where``: the file it came from, if any)."""
+    ok = scale.dtype == torch.float32 and scale.dim() == 1 and scale.is_contiguous()
+    if not ok or not bool((torch.isfinite(scale) & (scale > 0)).all()):
+        raise error(
+            f"{where}quantized tensor {name!r}: its weight_scale must be fp32 [rows], finite and > 0 "
+            f"(got {scale.dtype}{list(scale.shape)})"
+        )
+
+
 def quantize_weight(w: torch.Tensor, fmt: str, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, scales)`` of a 2-D weight in ``fmt`` (``auto`` resolved here), per-output-channel scales."""
     w = w.detach()

@@ -141,6 +141,34 @@ def test_malformed_quant_entries_refused(pair, tmp_path, edit, message):
         Runtime.load(copy_dir)
 
 
+@pytest.mark.parametrize("bad", [0.0, float("nan"), -1.0])
+def test_bad_scales_in_the_weights_refused(pair, tmp_path, bad):
+    """A scale the switch cannot divide by, written in the weights file with a right checksum (the exporter of
+    someone else): refused at load, naming the file and the tensor."""
+    import struct
+
+    from runtime.bundle import file_sha256
+
+    _, bundle, _ = pair
+    copy_dir = tmp_path / "b"
+    copy_dir.mkdir()
+    for f in bundle.iterdir():
+        if f.is_file():
+            (copy_dir / f.name).write_bytes(f.read_bytes())
+    m = json.loads((copy_dir / "manifest.json").read_text())
+    key = "model.layers.0.self_attn.q_proj.weight_scale"
+    weights = copy_dir / m["weights"]
+    data = bytearray(weights.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    begin = json.loads(data[8 : 8 + n])[m["parameters"][key]["onnx"]]["data_offsets"][0]
+    data[8 + n + begin + 4 : 8 + n + begin + 8] = struct.pack("<f", bad)  # the second row's scale
+    weights.write_bytes(bytes(data))
+    m["fingerprint"]["weights_sha256"] = file_sha256(weights)
+    (copy_dir / "manifest.json").write_text(json.dumps(Manifest.seal(m)))
+    with pytest.raises(BundleError, match=r"weights\.safetensors: quantized tensor 'model\.layers\.0\.self_attn"):
+        Runtime.load(copy_dir)
+
+
 def test_peft_shira_on_a_quantized_transformers_llama_bundle(tmp_path):
     peft = pytest.importorskip("peft")
     pytest.importorskip("onnxscript")
