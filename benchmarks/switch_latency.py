@@ -13,7 +13,8 @@ Both are taken by ``benchmarks.timing``, the same loops for the torch rows (here
 
 A quantized ``--dtype`` (``int8``, ``fp8_e4m3``, ``fp8_e5m2``): the fp32 model is built, the random adapters are
 made on it, then it is quantized in place (``runtime.quantize.quantize``, every linear but the LM head). SHiRA
-switches on the grid (the floor counts the touched lines of the 1-byte codes); the fused LoRA row is the PEFT way
+switches on the grid (the floor counts the touched lines of the 1-byte codes, and for FP8 those of the bf16
+compute copy the kernel writes beside them); the fused LoRA row is the PEFT way
 (``benchmarks.quant_survival.RequantLora``: dequantize, merge, requantize whole tensors with new scales; the
 runtime refuses fused LoRA on quantized weights); unfused LoRA runs through the runtime. ``int8`` also gets
 onnxruntime rows on an int8 bundle (``exporters.quant_graph``: SHiRA switched live on the codes, LoRA unfused in
@@ -97,6 +98,12 @@ def shira_rows(
         touched_lines(torch.cat(ix).unique(), tensors[t].element_size(), tensors[t].data_ptr() % 64)
         for t, ix in touched.items()
     )
+    # an FP8 layer's bf16 compute copy is written beside its codes (the kernels' mirror): its lines and bytes too
+    for t, ix in touched.items():
+        mirror = rt.backend.mirror(t)
+        if mirror is not None:
+            lines += touched_lines(torch.cat(ix).unique(), 2, mirror.data_ptr() % 64)
+            nbytes += sum(i.numel() for i in ix) * 2
     floor = memory_floor_ms(lines, copy_gbps)
     streams_floor = floor + streams / 2 / (copy_gbps * 1e9) * 1e3  # per switch: half of the A->B->A cycle
     if first:

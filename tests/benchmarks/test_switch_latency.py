@@ -178,8 +178,9 @@ def test_quantized_dtypes_rows(tmp_path, capsys):
     assert live["bytes_written"] == rows[("shira", "torch/cpp", "int8", "rand")]["bytes_written"]
     assert rows[("lora_unfused", "onnxruntime/slots", "int8", None)]["infer_overhead"] > 0
     assert data["live_vs_prepacked_by_dtype"]["int8"]["decode_step"] > 0
-    # the same adapters on two 1-byte formats: the same bytes, the same 64-byte lines, so the same floor
+    # the same adapters on two 1-byte formats: the same code bytes; FP8 also writes its bf16 compute copy beside
+    # them (2 bytes per entry, and the copy's lines join the floor)
     q8, f8 = rows[("shira", "torch/cpp", "int8", "rand")], rows[("shira", "torch/cpp", "fp8_e4m3", "rand")]
-    assert q8["bytes_written"] == f8["bytes_written"] > 0 and q8["floor_ms"] == f8["floor_ms"]
+    assert f8["bytes_written"] == 3 * q8["bytes_written"] > 0 and f8["floor_ms"] > q8["floor_ms"]
     printed = capsys.readouterr().out
     assert "torch/requantize" in printed and "skipped: peft rows for int8" in printed
