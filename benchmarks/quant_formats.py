@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from benchmarks.common import progress
 from benchmarks.timing import Timing, cycles, once
 from runtime.qformats import AUTO_CANDIDATES, choose_format, fake_quant, sqnr_db
-from runtime.quantize import INT8MM_MAX_TOKENS, QuantLinear
+from runtime.quantize import BF16_GEMM, QuantLinear, int8mm_max_tokens
 from runtime.table import print_table
 
 FORMATS = ("int8", "e2m5", "e3m4", "fp8_e4m3", "fp8_e5m2")  # by exponent bits: 0 (int), 2, 3, 4, 5
@@ -127,6 +127,7 @@ def _candidates(w: torch.Tensor, tokens: int, slow: bool) -> dict[str, tuple[Cal
         "QuantLinear fp8_e5m2": (layers["fp8_e5m2"], 2.0),
         "int8: _weight_int8pack_mm bf16 act": (lambda x: torch._weight_int8pack_mm(x.bfloat16(), codes8, ones), 0.0),
         "int8: dequant fp32 + GEMM": (lambda x: F.linear(x, codes8.float()) * s8, 0.0),
+        "int8: codes -> bf16 + bf16 GEMM": (lambda x: F.linear(x.bfloat16(), codes8.bfloat16()).float() * s8, 0.0),
         "fp8: dequant fp32 + GEMM": (lambda x: F.linear(x, e4.weight.float()) * e4.weight_scale, 0.0),
         "fp8: bf16 copy, bf16 GEMM": (lambda x: F.linear(x.bfloat16(), e4.weight_compute), 2.0),
         "fp8: bf16 copy -> fp32 GEMM": (lambda x: F.linear(x, e4.weight_compute.float()), 2.0),
@@ -254,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     srows = speed_rows(cfg)
     if srows:
         print(
-            f"\nInference of one linear [out x in], medians of interleaved rounds (int8 kernel up to "
-            f"{INT8MM_MAX_TOKENS} tokens in QuantLinear)"
+            f"\nInference of one linear [out x in], medians of interleaved rounds (QuantLinear on this CPU: int8 "
+            f"kernel up to {int8mm_max_tokens()} tokens, native bf16 GEMM {'yes' if BF16_GEMM else 'no'})"
         )
         print_table(
             ["shape", "tokens", "path", "median ms", "p90 ms", "x fp32", "x bf16", "extra B/weight"],

@@ -87,7 +87,17 @@ def package(
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     # read and check every adapter before writing anything; on a quantized base, as the runtime checks them (the
     # fingerprint of an adapter made on the float model compares with the dequantized codes)
-    quantized = any(isinstance(m, QuantLinear) for m in base.modules())
+    formats = {m.format for m in base.modules() if isinstance(m, QuantLinear)}
+    quantized = bool(formats)
+    if formats - {"int8"}:
+        from exporters.onnx_export import ExportError
+
+        raise ExportError(
+            f"the base holds {'/'.join(sorted(formats - {'int8'}))} layers: bundles hold int8 bases only "
+            "(onnxruntime's CPU provider has no FP8 matmul); serve an FP8 base on the torch backend "
+            "(Runtime.load(module)) and ship its adapters as files of codes for it "
+            "(save_adapter(runtime.quantize.bake(adapter, module), path)); nothing was written"
+        )
     from runtime import Runtime
 
     checker = Runtime.load(base) if quantized else None

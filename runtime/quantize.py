@@ -16,33 +16,39 @@ A weight shared by several modules (tied) is refused even when named: quantizing
 (equivalently the lowest MSE), int8 on a tie. Quantizing is all-or-nothing: every target is checked (finite,
 2-D, not tied) and encoded before the first module is replaced.
 
-Inference (``QuantLinear.forward``): measured on this repo's 2-core AVX2 CPU (``python -m
-benchmarks.quant_formats``, README), no ready torch CPU kernel serves FP8, and the int8 one serves small batches:
+Inference (``QuantLinear.forward``): no ready torch CPU kernel serves FP8, the int8 one serves small batches,
+and whether a bf16 GEMM beats the fp32 one depends on the CPU, so the path depends on the token count and on
+``BF16_GEMM`` (the CPU multiplies bf16 natively: AVX512-BF16 or AMX; ``SHIRA_QUANT_BF16=0/1`` overrides the
+probe). Measured with ``python -m benchmarks.quant_formats`` on two CPUs (README):
 
-- int8, ``tokens <= INT8MM_MAX_TOKENS`` and ``in_features % 16 == 0``: ``torch._weight_int8pack_mm`` reads the
-  live codes in place (bf16 activations, output scaled by the fp32 scales); no extra memory. The kernel needs
-  ``in_features % 16 == 0`` (8, 24, 40, 56 crash or give garbage on torch 2.13), else the dequantize path.
-- int8, more tokens: the codes converted to fp32 per call, an fp32 GEMM, the scales applied to its output (a
-  transient fp32 copy of one weight at a time). Crossover measured between 128 and 256 tokens on llama-1b shapes.
+- int8, ``tokens <= int8mm_max_tokens()`` (128, or 64 with ``BF16_GEMM``) and ``in_features % 16 == 0``:
+  ``torch._weight_int8pack_mm`` reads the live codes in place (bf16 activations, output scaled by the fp32
+  scales); no extra memory. The kernel needs ``in_features % 16 == 0`` (8, 24, 40, 56 crash or give garbage on
+  torch 2.13), else the path below.
+- int8, more tokens: the codes converted per call (to bf16 for a bf16 GEMM with ``BF16_GEMM``, else to fp32 for
+  the fp32 GEMM), the scales applied to the output (a transient copy of one weight at a time).
 - fp8: no usable kernel (``torch._scaled_mm`` is emulated and decoding fp8 costs ~20x a one-token GEMV), so
   ``QuantLinear`` keeps a bf16 **compute copy** of the code values (exact: every E4M3/E5M2 value is a bf16
-  value), +2 bytes per weight: one token multiplies with it in bf16, more tokens convert it to fp32 and run
-  the fp32 GEMM. The copy must follow the codes: a switch hands it to the kernels as the codes' ``mirror``
-  (``kernels.reference``), which write it in the same visit as the codes, then ``refresh_at(..., mirrored=True)``
-  marks it in step; ``refresh_rows(rows)`` after any other write of codes; a forward that sees the codes'
-  version counter moved (a torch in-place op) refreshes it whole, so a stale copy is never used after torch
-  writes. Writes through raw pointers must call ``refresh_rows``.
+  value), +2 bytes per weight: one token multiplies with it in bf16, and so do more tokens with ``BF16_GEMM``;
+  without it more tokens convert the copy to fp32 and run the fp32 GEMM. The copy must follow the codes: a
+  switch hands it to the kernels as the codes' ``mirror`` (``kernels.reference``), which write it in the same
+  visit as the codes, then ``refresh_at(..., mirrored=True)`` marks it in step; ``refresh_rows(rows)`` after
+  any other write of codes; a forward that sees the codes' version counter moved (a torch in-place op)
+  refreshes it whole, so a stale copy is never used after torch writes. Writes through raw pointers outside
+  the kernels must call ``refresh_rows``.
 
-Measured (2-core AVX2 EPYC, torch 2.13, other jobs sharing the cores; ratios to the fp32 base in the same
-interleaved rounds, llama-1b linears 8192x2048 / 2048x8192): one token, int8 0.36x and fp8 0.54x (the bf16
-base's speed); 64 tokens, int8 1.4-1.5x and fp8 1.4-2.1x; 256 tokens, int8 1.06-1.12x. The fastest int8
-prefill on this CPU is fbgemm's dynamic int8 linear (0.29-0.37x at 64 tokens) but it needs a prepacked copy
-(+1 B/weight) that only a full repack (~0.1-0.5 s per 16.8M weights) brings back in line after a switch, so it
-is not used. Memory per weight: int8 1 byte, fp8 3 bytes (codes + bf16 copy), plus 4 bytes per output row.
+Measured, ratios to the fp32 base in the same interleaved rounds, llama-1b linears 8192x2048 / 2048x8192: on a
+2-core AVX2 EPYC (no native bf16; other jobs sharing the cores) one token int8 0.36x and fp8 0.54x, 64 tokens
+int8 1.4-1.5x and fp8 1.4-2.1x, 256 tokens int8 1.06-1.12x; on a 2-core Xeon with AMX (quiet) see the README.
+The fastest int8 prefill on the AVX2 CPU is fbgemm's dynamic int8 linear (0.29-0.37x at 64 tokens) but it needs a
+prepacked copy (+1 B/weight) that only a full repack (~0.1-0.5 s per 16.8M weights) brings back in line after a
+switch, so it is not used. Memory per weight: int8 1 byte, fp8 3 bytes (codes + bf16 copy), plus 4 bytes per
+output row.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import torch
@@ -52,7 +58,28 @@ from torch import nn
 from runtime.qformats import FORMATS, channel_scales, choose_format, decode, encode, quant_format
 
 INT8MM_MAX_TOKENS = 128  # int8: above this many rows the fp32 GEMM on decoded codes beats _weight_int8pack_mm
-FP8_BF16_MAX_TOKENS = 1  # fp8: up to this many rows the bf16 GEMV on the copy, above it the fp32 GEMM
+INT8MM_MAX_TOKENS_BF16 = 64  # the same with BF16_GEMM: the bf16 GEMM on codes converted per call beats it above
+FP8_BF16_MAX_TOKENS = 1  # fp8 without BF16_GEMM: up to this many rows the bf16 GEMV on the copy, then fp32 GEMM
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX tiles), where a bf16 GEMM beats fp32 at every
+    token count; ``SHIRA_QUANT_BF16=1`` / ``0`` overrides the probe."""
+    forced = os.environ.get("SHIRA_QUANT_BF16", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, p, lambda: False)()) for p in probes)
+
+
+BF16_GEMM = native_bf16()  # read by QuantLinear.forward at each call (tests set it to run both paths)
+
+
+def int8mm_max_tokens() -> int:
+    """Up to this many rows an int8 layer runs ``torch._weight_int8pack_mm`` on its codes."""
+    return INT8MM_MAX_TOKENS_BF16 if BF16_GEMM else INT8MM_MAX_TOKENS
+
+
 FORMAT_NAMES = (*FORMATS, "auto")
 
 
@@ -149,13 +176,15 @@ class QuantLinear(nn.Module):
             self.refresh_rows()  # codes written by a torch op since the copy was made
         if tokens == 0:
             y = x2.new_zeros(0, self.out_features)
-        elif self._int8mm and tokens <= INT8MM_MAX_TOKENS:
+        elif self._int8mm and tokens <= int8mm_max_tokens():
             xb = x2.to(torch.bfloat16).contiguous()
             y = torch._weight_int8pack_mm(xb, self.weight, self._ones).float() * scale
-        elif self.has_compute_copy and tokens <= FP8_BF16_MAX_TOKENS:
+        elif self.has_compute_copy and (BF16_GEMM or tokens <= FP8_BF16_MAX_TOKENS):
             y = F.linear(x2.to(torch.bfloat16), self.weight_compute).float() * scale
         elif self.has_compute_copy:
             y = F.linear(x2.float(), self.weight_compute.float()) * scale
+        elif BF16_GEMM:  # int8 codes to bf16 (exact), a bf16 GEMM, scales on the output
+            y = F.linear(x2.to(torch.bfloat16), self.weight.to(torch.bfloat16)).float() * scale
         else:  # codes to fp32, scales on the output: one pass less than decode() over the weight
             y = F.linear(x2.float(), self.weight.float()) * scale
         y = y.to(x.dtype)

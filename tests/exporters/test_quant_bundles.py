@@ -210,3 +210,13 @@ def test_package_an_int8_base_with_adapters_made_on_the_float_model(pair, tmp_pa
     rt.switch("a1"), tr.switch("a1")
     for n, t in rt.backend.tensors.items():  # the packaged fp16 values land on the same codes as fp32 ones
         assert (raw(t) != raw(tr.backend.tensors[n])).float().mean() < 0.01, n
+
+
+def test_package_of_an_fp8_base_refused_before_anything_is_written(pair, tmp_path):
+    from exporters.package import package
+
+    _, _, adapters = pair
+    qmodel = quantize(build("tiny", torch.float32), "fp8_e5m2")
+    with pytest.raises(ExportError, match=r"fp8_e5m2 layers: bundles hold int8 bases only .* bake\(adapter, module\)"):
+        package(qmodel, tmp_path / "pkg", {"a1": adapters["a1"]}, quiet=True)
+    assert not (tmp_path / "pkg").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 
@@ -27,6 +28,8 @@ from runtime.qformats import (
 )
 from runtime.quantize import INT8MM_MAX_TOKENS, QuantLinear, lm_heads, quantize_weight, quantized_formats
 from tests.conftest import assert_bit_identical, snapshot
+
+quantize_mod = importlib.import_module("runtime.quantize")  # the module (runtime.quantize is also the function)
 
 STORED = ("int8", "fp8_e4m3", "fp8_e5m2")
 GRID = ("int8", "fp8_e4m3", "fp8_e5m2", "e3m4", "e2m5")
@@ -181,9 +184,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 BF16_REL = 2.0**-8
 
 
+@pytest.fixture(params=[False, True], ids=["fp32-gemm", "bf16-gemm"])
+def bf16_gemm(request, monkeypatch):
+    """Both CPU classes' paths on any machine: without and with a native bf16 GEMM (``quantize.BF16_GEMM``)."""
+    monkeypatch.setattr(quantize_mod, "BF16_GEMM", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("fmt", STORED)
 @pytest.mark.parametrize("seq", [1, INT8MM_MAX_TOKENS + 8])  # one token (decode), a prefill
-def test_quantized_tiny_forward_is_close(fmt, seq):
+def test_quantized_tiny_forward_is_close(fmt, seq, bf16_gemm):
     ref = build("tiny", seed=2)
     model = quantize(build("tiny", seed=2), fmt)
     assert set(quantized_formats(model).values()) == {fmt}
@@ -251,12 +261,14 @@ def test_lm_head_untouched_by_default_and_names_kept():
 
 @pytest.mark.parametrize("fmt", STORED)
 @pytest.mark.parametrize("in_f", [64, 36])  # 36: not a multiple of 8, int8 takes the dequantize path
-def test_every_forward_path_matches_the_grid(fmt, in_f):
+def test_every_forward_path_matches_the_grid(fmt, in_f, bf16_gemm):
     gen = torch.Generator().manual_seed(4)
     lin = nn.Linear(in_f, 48, bias=True)
     q = QuantLinear.from_linear(lin, fmt)
     w = q.dequantize_weight()
-    for tokens in (0, 1, 3, INT8MM_MAX_TOKENS, INT8MM_MAX_TOKENS + 1):
+    edge = quantize_mod.int8mm_max_tokens()
+    assert edge == (quantize_mod.INT8MM_MAX_TOKENS_BF16 if bf16_gemm else INT8MM_MAX_TOKENS)
+    for tokens in (0, 1, 3, edge, edge + 1, INT8MM_MAX_TOKENS + 1):
         x = torch.randn(2, tokens, in_f, generator=gen) if tokens else torch.randn(0, in_f)
         with torch.inference_mode():
             y = q(x)
@@ -310,3 +322,11 @@ def test_benchmark_quick_runs(tmp_path, capsys):
     assert all(math.isfinite(r["median_ms"]) and r["median_ms"] > 0 for r in doc["speed"])
     printed = capsys.readouterr().out
     assert "SQNR (dB)" in printed and ("plot written" in printed or "matplotlib is not installed" in printed)
+
+
+@pytest.mark.parametrize("value, want", [("1", True), ("0", False)])
+def test_bf16_probe_can_be_overridden(monkeypatch, value, want):
+    monkeypatch.setenv("SHIRA_QUANT_BF16", value)
+    assert quantize_mod.native_bf16() is want
+    monkeypatch.delenv("SHIRA_QUANT_BF16")
+    assert isinstance(quantize_mod.native_bf16(), bool)  # the CPU probe, whatever this machine has
