@@ -114,8 +114,8 @@ def package(
     del checker
     if quantized:
         say(
-            "an int8 base: the bundle keeps 1 byte per weight and switches live, but on this CPU class its int8 "
-            "matmuls measured 1.0-1.6x the fp32 bundle's time at one token and 2-3.4x at 64 (README, "
+            "an int8 base: the bundle keeps 1 byte per weight and switches live, but its int8 matmuls measured "
+            "1.0-8.5x the fp32 bundle's time at one token and 2-3.4x at 64 on the two CPUs we ran (README, "
             "benchmarks.onnx_quant): for speed export the float model, or serve the int8 model on the torch backend"
         )
     t0 = time.perf_counter()

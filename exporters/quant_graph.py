@@ -9,10 +9,11 @@ then ``rewrite_int8`` replaces each such weight's ``MatMul(X, Transpose(W))`` / 
 
 The weight is the codes themselves (int8 ``[out, in]``, the torch layout: the switch writes the same bytes at the
 same indices as on the torch backend) and ``<module>.weight_scale`` (fp32 ``[out]``), both graph inputs. Why this
-form (measured here, onnxruntime 1.32, 2-core AVX2 without VNNI): MLAS's u8 x s8 kernel saturates its 16-bit
+form (measured on a 2-core AVX2 CPU without VNNI, onnxruntime 1.32): MLAS's u8 x s8 kernel saturates its 16-bit
 pair sums (wrong by 5-60%), so ``DynamicQuantizeLinear`` (uint8 activations) cannot meet our signed codes; s8
 activations x s8 codes with the weight as the GEMM's A operand is correct (0.7-1% relative error from the 8-bit
-activations) and reads the bound buffer in place. Per-token activation scales keep a batch's rows independent.
+activations) and reads the bound buffer in place, on that CPU and on one with VNNI (where u8 x s8 is correct too
+but only fast prepacked, i.e. frozen). Per-token activation scales keep a batch's rows independent.
 FP8 bases are refused: onnxruntime's CPU provider has no FP8 matmul.
 """
 
