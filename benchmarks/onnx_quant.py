@@ -143,6 +143,40 @@ def mmi_b(n: int, k: int, codes: np.ndarray | None, scale: np.ndarray | None, un
     return _model(nodes, [], inits, k, n)
 
 
+def mmi_b_token(n: int, k: int) -> onnx.ModelProto:
+    """Live u8 x u8 with B ``[in, out]`` (``code + 128``, zero point 128) and **per-token** activations: each row
+    of ``x`` quantized symmetrically to ``round(x / xs) + 128`` (``xs = amax(|row|) / 127``), zero point 128, so
+    rows stay independent; the weight scales on the output columns. A candidate for a faster int8 bundle: the
+    switch would have to write ``code ^ 0x80`` at transposed indices with per-column scales (not built)."""
+    nodes = [
+        helper.make_node("Abs", ["x"], ["ax"]),
+        helper.make_node("ReduceMax", ["ax", "one"], ["am"], keepdims=1),
+        helper.make_node("Div", ["am", "c127"], ["xs0"]),
+        helper.make_node("Max", ["xs0", "tiny"], ["xs"]),
+        helper.make_node("Div", ["x", "xs"], ["xd"]),
+        helper.make_node("Round", ["xd"], ["xr"]),
+        helper.make_node("Add", ["xr", "c128"], ["xo"]),
+        helper.make_node("Clip", ["xo", "c1", "c255"], ["xc"]),
+        helper.make_node("Cast", ["xc"], ["xq"], to=TensorProto.UINT8),
+        helper.make_node("MatMulInteger", ["xq", "codes_t", "zp", "zp"], ["acc"]),
+        helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["accf", "scale"], ["ys"]),
+        helper.make_node("Mul", ["ys", "xs"], ["y"]),
+    ]
+    f = lambda name, v: numpy_helper.from_array(np.array(v, np.float32), name)  # noqa: E731
+    inits = [
+        numpy_helper.from_array(np.array([1], np.int64), "one"),
+        numpy_helper.from_array(np.array(128, np.uint8), "zp"),
+        f("c127", 127.0),
+        f("tiny", 1e-30),
+        f("c128", 128.0),
+        f("c1", 1.0),
+        f("c255", 255.0),
+    ]
+    inputs = [_vi("codes_t", TensorProto.UINT8, [k, n]), _vi("scale", TensorProto.FLOAT, [n])]
+    return _model(nodes, inputs, inits, k, n)
+
+
 def mmi_a(n: int, k: int) -> onnx.ModelProto:
     """Live ``MatMulInteger`` with the weight as A: ``(ucodes - 128) [out, in] @ (xq - xz)^T``, scales on the
     rows; A is MatMulNBits' unsigned codes ``[out, 1, in]`` (u8 x u8: onnxruntime has no fused s8 x u8 kernel)."""
@@ -302,6 +336,9 @@ def forms(threads: int) -> list[Form]:
     def mmi_b_live(w: Weights, tokens: int):
         return bound(mmi_b(*w.codes.shape, None, None, True), {"codes_t": w.ucodes_t, "scale": w.scale}, t)
 
+    def mmi_b_token_live(w: Weights, tokens: int):
+        return bound(mmi_b_token(*w.codes.shape), {"codes_t": w.ucodes_t, "scale": w.scale}, t)
+
     def mmi_b_addinit(w: Weights, tokens: int):
         m = mmi_b(*w.codes.shape, w.codes, w.scale, True)
         return plain(m, t, {"codes_t": w.ucodes_t, "scale": w.scale}, prepack=False)
@@ -331,6 +368,7 @@ def forms(threads: int) -> list[Form]:
         Form("int8 live DQ->Gemm (bound)", dq_live),
         Form("int8 live MatMulInteger u8u8 A (bound)", mmi_live, DYNAMIC_TOL),
         Form("int8 live MatMulInteger u8u8 B [in,out] (bound)", mmi_b_live, DYNAMIC_TOL),
+        Form("int8 live MatMulInteger u8u8 B [in,out] per-token (bound; unused)", mmi_b_token_live, DYNAMIC_TOL),
         Form("int8 live MatMulInteger s8s8 A, per-token (bound; the int8 bundle's form)", s8s8_live, DYNAMIC_TOL),
         Form("int8 live MatMulNBits (bound)", nbits_live, DYNAMIC_TOL),
         Form("int8 add_initializer DQ->Gemm noopt", dq_addinit(False)),

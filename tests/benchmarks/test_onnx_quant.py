@@ -19,6 +19,7 @@ LIVE = {
     "int8 live DQ->Gemm (bound)": "live",
     "int8 live MatMulInteger u8u8 A (bound)": "live",
     "int8 live MatMulInteger u8u8 B [in,out] (bound)": "live",
+    "int8 live MatMulInteger u8u8 B [in,out] per-token (bound; unused)": "live",
     "int8 live MatMulNBits (bound)": "live",
     "int8 add_initializer DQ->Gemm noopt": "live",
     "int8 add_initializer DQ->Gemm opt": "live",
