@@ -82,8 +82,8 @@ def check_apply(
 
 
 def check_mirrors(op: str, weights, mirrors, list_name: str = "") -> None:
-    """``mirrors``: None, or one tensor per weight: empty (no mirror), or bf16, contiguous, of the weight's numel,
-    for a 1-byte weight only, not overlapping it."""
+    """``mirrors``: None, or one tensor per weight: empty (no mirror), bf16 of the weight's numel, or uint8
+    ``[cols, rows]`` of 2-D int8 codes; contiguous, for a 1-byte weight only, not overlapping it."""
     if mirrors is None:
         return
     if len(mirrors) != len(weights):
@@ -96,11 +96,19 @@ def check_mirrors(op: str, weights, mirrors, list_name: str = "") -> None:
             raise KernelInputError(
                 f"{op}: {where}: a mirror given for a {w.dtype} weight (only 1-byte codes have a bf16 mirror)"
             )
-        if m.dtype != torch.bfloat16 or not m.is_contiguous() or m.numel() != w.numel():
+        if m.dtype == torch.uint8:
+            ok = w.dtype == torch.int8 and w.dim() == 2 and m.is_contiguous() and m.shape == (w.shape[1], w.shape[0])
+            if not ok:
+                want = list(reversed(w.shape)) if w.dim() == 2 else "?"
+                raise KernelInputError(
+                    f"{op}: {where}: a uint8 mirror is the transposed copy of 2-D int8 codes: expected {want} "
+                    f"for a {w.dtype}{list(w.shape)} weight, got {list(m.shape)}"
+                )
+        elif m.dtype != torch.bfloat16 or not m.is_contiguous() or m.numel() != w.numel():
             raise KernelInputError(
                 f"{op}: {where}: the mirror must be a contiguous bf16 tensor of the weight's {w.numel()} elements, "
                 f"got {m.dtype}{list(m.shape)}"
             )
         lo, wlo = m.data_ptr(), w.data_ptr()
-        if lo < wlo + w.numel() * w.element_size() and wlo < lo + m.numel() * 2:
+        if lo < wlo + w.numel() * w.element_size() and wlo < lo + m.numel() * m.element_size():
             raise KernelInputError(f"{op}: {where}: the mirror overlaps its weight")

@@ -16,10 +16,12 @@ Every verb works on lists of tensors (one call per switch). For tensor ``t``:
   written as they are (the old codes saved), no grid math, no scales needed.
 - ``saturated`` (apply only, optional): int64 ``[len(weights)]``; for each 1-byte weight the number of entries
   whose nearest grid point lies beyond ``max`` (clamped) is added to its slot.
-- ``mirrors[t]`` (optional list, every verb): a bf16 tensor of the 1-byte weight's numel (any shape, contiguous,
-  not overlapping it), or empty for none: each entry written also sets ``mirror.flat[j] = bf16(code value)`` in
-  the same visit (exact: int8 and fp8 values are bf16 values). It keeps an FP8 layer's compute copy in step
-  with its codes (``runtime.quantize.QuantLinear``) without a second pass.
+- ``mirrors[t]`` (optional list, every verb): a copy of the 1-byte weight that each entry written also updates in
+  the same visit, or an empty tensor for none; contiguous, not overlapping the weight. Either bf16 of the
+  weight's numel (any shape): ``mirror.flat[j] = bf16(code value)`` (exact: int8 and fp8 values are bf16
+  values; an FP8 layer's compute copy, ``runtime.quantize.QuantLinear``); or, for 2-D int8 codes ``[rows, cols]``,
+  uint8 ``[cols, rows]``: ``mirror[c, r] = code ^ 0x80`` (``code + 128`` with zero point 128, transposed: the B
+  input of an int8 bundle's ``MatMulInteger``, ``exporters.quant_graph``).
 
 Restoring 1-byte weights is a plain byte scatter. The C++ extension implements the same verbs and must give
 bit-identical results.
@@ -49,8 +51,14 @@ def restore_(
 
 
 def _mirror(mirrors: list[torch.Tensor] | None, t: int, idx: torch.Tensor, codes: torch.Tensor) -> None:
-    if mirrors is not None and mirrors[t].numel():
-        mirrors[t].view(-1).index_copy_(0, idx.long(), codes.to(torch.bfloat16))
+    if mirrors is None or not mirrors[t].numel():
+        return
+    m, idx = mirrors[t], idx.long()
+    if m.dtype == torch.uint8:  # [cols, rows]: entry (r, c) of the codes at [c, r], as code + 128
+        rows, cols = m.shape[1], m.shape[0]
+        m.view(-1).index_copy_(0, (idx % cols) * rows + idx // cols, codes.view(torch.uint8) ^ 0x80)
+    else:
+        m.view(-1).index_copy_(0, idx, codes.to(torch.bfloat16))
 
 
 def apply_(

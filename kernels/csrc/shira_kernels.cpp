@@ -11,9 +11,11 @@
 //             deltas (an adapter baked for this base), the apply writes them as they are (a byte swap).
 //   switch_:  restore_ of the outgoing lists, then apply_ of the incoming ones.
 //   Restoring 1-byte codes is a byte scatter.
-//   mirrors (optional, per list): a 1-byte weight's bf16 copy of its code values (same numel; an FP8 layer's
-//             compute copy, runtime/quantize.py): every entry written gets m.flat[j] = bf16(value(code)) in
-//             the same visit (exact: every int8/fp8 value is a bf16 value). An empty tensor: no mirror.
+//   mirrors (optional, per list): a copy of a 1-byte weight that every entry written updates in the same visit:
+//             bf16, same numel (an FP8 layer's compute copy, runtime/quantize.py): m.flat[j] = bf16(value(code))
+//             (exact: every int8/fp8 value is a bf16 value); or uint8 [cols, rows] for a 2-D int8 weight
+//             [rows, cols] (an int8 bundle's MatMulInteger B input): m[c][r] = code ^ 0x80 (code + 128, zero
+//             point 128, transposed). An empty tensor: no mirror.
 //
 // Execution plans (the one taken is recorded for tests, see shira_last_plan):
 //   fused    - all index lists sorted ascending and the weights of each list distinct: each weight's
@@ -77,7 +79,9 @@ struct Item {
   int64_t row_len;           // elements per scale row
   int64_t* saturated;        // where this entry's clamped count is added (apply of 1-byte codes), or null
   const uint8_t* codes;      // [n] new codes of a 1-byte weight (apply of a baked adapter: a swap), or null
-  uint16_t* mirror;          // [numel] bf16 bits of the code values, kept in step with the codes, or null
+  void* mirror;              // kept in step with the codes, or null: bf16 bits [numel], or uint8 [cols, rows]
+  bool mirror_u8t;           // the mirror is the transposed zero-point-128 uint8 copy (int8 codes)
+  int64_t mrows, mcols;      // the weight's [rows, cols] (uint8 mirror)
   int64_t pos;               // position in its list, for messages
   const char* list;          // "" or "outgoing " / "incoming " (switch_)
 };
@@ -330,20 +334,22 @@ void swap_range(uint8_t* __restrict__ w, const I* __restrict__ idx, const uint8_
 
 // With a mirror: restore (apply == false: w[j] = saved[i]) or apply (a swap of baked codes, or the grid write),
 // and the mirror's entry j set from the new code, in one visit. Returns the clamped count.
-template <int F, typename I, bool kPrefetch>
+template <int F, typename I, bool kPrefetch, bool kU8T>
 int64_t mirrored_range(const Item& it, bool apply, int64_t b, int64_t e, int64_t pf) {
   const Codes<F>& table = codes<F>();
   uint8_t* __restrict__ w = reinterpret_cast<uint8_t*>(it.w);
-  uint16_t* __restrict__ m = it.mirror;
+  uint16_t* __restrict__ m = static_cast<uint16_t*>(it.mirror);
+  uint8_t* __restrict__ mt = static_cast<uint8_t*>(it.mirror);
   const I* __restrict__ idx = static_cast<const I*>(it.idx);
   uint8_t* __restrict__ saved = static_cast<uint8_t*>(it.saved);
   RowCursor rows{it.row_len};
+  RowCursor mrow{it.mcols};  // the uint8 mirror: row and column of j in the weight
   int64_t clamped = 0;
   for (int64_t i = b; i < e; ++i) {
     if constexpr (kPrefetch) {
       if (i + pf < e) {
         __builtin_prefetch(w + idx[i + pf], 1, 3);
-        __builtin_prefetch(m + idx[i + pf], 1, 3);
+        if constexpr (!kU8T) __builtin_prefetch(m + idx[i + pf], 1, 3);
       }
     }
     const int64_t j = idx[i];
@@ -356,7 +362,12 @@ int64_t mirrored_range(const Item& it, bool apply, int64_t b, int64_t e, int64_t
       c = it.codes ? it.codes[i] : requantize<F>(table, old, it.scales[rows.at(j)], it.delta[i], clamped);
     }
     w[j] = c;
-    m[j] = table.bf16[c];
+    if constexpr (kU8T) {
+      const int64_t r = mrow.at(j);
+      mt[(j - mrow.lo) * it.mrows + r] = static_cast<uint8_t>(c ^ 0x80);
+    } else {
+      m[j] = table.bf16[c];
+    }
   }
   return clamped;
 }
@@ -364,8 +375,13 @@ int64_t mirrored_range(const Item& it, bool apply, int64_t b, int64_t e, int64_t
 template <int F, typename I>
 void run_mirrored(const Item& it, bool apply, int64_t b, int64_t e) {
   const int64_t pf = g_prefetch.load(std::memory_order_relaxed);
-  const int64_t clamped =
-      pf > 0 ? mirrored_range<F, I, true>(it, apply, b, e, pf) : mirrored_range<F, I, false>(it, apply, b, e, 0);
+  int64_t clamped;
+  if (it.mirror_u8t)
+    clamped = pf > 0 ? mirrored_range<F, I, true, true>(it, apply, b, e, pf)
+                     : mirrored_range<F, I, false, true>(it, apply, b, e, 0);
+  else
+    clamped = pf > 0 ? mirrored_range<F, I, true, false>(it, apply, b, e, pf)
+                     : mirrored_range<F, I, false, false>(it, apply, b, e, 0);
   if (clamped && it.saturated) __atomic_fetch_add(it.saturated, clamped, __ATOMIC_RELAXED);
 }
 
@@ -579,13 +595,23 @@ Item make_item(const char* op, const char* list, int64_t t, const at::Tensor& w,
                       " weight (only 1-byte quantized weights take scales)");
   }
   const bool has_mirror = mirror && mirror->defined() && mirror->numel() > 0;
+  const bool u8t = has_mirror && mirror->scalar_type() == at::kByte;
   if (has_mirror) {
     TORCH_CHECK_VALUE(is_code(wt), where, "a mirror given for a ", wt,
                       " weight (only 1-byte codes have a bf16 mirror)");
-    TORCH_CHECK_VALUE(mirror->scalar_type() == at::kBFloat16 && mirror->is_contiguous() &&
-                          mirror->device().is_cpu() && mirror->numel() == w.numel(),
-                      where, "the mirror must be a contiguous bf16 tensor of the weight's ", w.numel(),
-                      " elements, got ", mirror->scalar_type(), mirror->sizes());
+    if (u8t) {
+      TORCH_CHECK_VALUE(wt == at::kChar && w.dim() == 2 && mirror->dim() == 2 && mirror->is_contiguous() &&
+                            mirror->device().is_cpu() && mirror->size(0) == w.size(1) &&
+                            mirror->size(1) == w.size(0),
+                        where, "a uint8 mirror is the transposed copy of 2-D int8 codes: expected [",
+                        w.dim() == 2 ? w.size(1) : -1, ", ", w.dim() == 2 ? w.size(0) : -1, "] for a ", wt,
+                        w.sizes(), " weight, got ", mirror->sizes());
+    } else {
+      TORCH_CHECK_VALUE(mirror->scalar_type() == at::kBFloat16 && mirror->is_contiguous() &&
+                            mirror->device().is_cpu() && mirror->numel() == w.numel(),
+                        where, "the mirror must be a contiguous bf16 tensor of the weight's ", w.numel(),
+                        " elements, got ", mirror->scalar_type(), mirror->sizes());
+    }
     const auto* mlo = static_cast<const char*>(mirror->data_ptr());
     const auto* wlo = static_cast<const char*>(w.data_ptr());
     TORCH_CHECK_VALUE(mlo + mirror->nbytes() <= wlo || wlo + w.nbytes() <= mlo, where,
@@ -605,7 +631,10 @@ Item make_item(const char* op, const char* list, int64_t t, const at::Tensor& w,
   item.saved = saved.data_ptr();
   item.pos = t;
   item.list = list;
-  item.mirror = has_mirror ? static_cast<uint16_t*>(mirror->data_ptr()) : nullptr;
+  item.mirror = has_mirror ? mirror->data_ptr() : nullptr;
+  item.mirror_u8t = u8t;
+  item.mrows = u8t ? w.size(0) : 0;
+  item.mcols = u8t ? w.size(1) : 0;
   if (delta && is_code(wt) && !baked) {
     item.scales = scale->data_ptr<float>();
     item.row_len = w.numel() / scale->numel();

@@ -364,14 +364,29 @@ def test_baked_codes_are_a_byte_swap(ext, knobs, fmt, threaded, plan):
 # ---- mirrors: a bf16 copy of the code values written in the same visit ----------------------------------
 
 
+def u8t(w: torch.Tensor) -> torch.Tensor:
+    """The transposed zero-point-128 uint8 copy of 2-D int8 codes (an int8 bundle's MatMulInteger B)."""
+    return (w.view(torch.uint8) ^ 0x80).t().contiguous()
+
+
 def mirrors_of(ws, without: int):
-    """A bf16 mirror per weight, in step with its codes, but an empty one (no mirror) at ``without``."""
-    return [torch.empty(0, dtype=torch.bfloat16) if t == without else w.to(torch.bfloat16) for t, w in enumerate(ws)]
+    """A mirror per weight, in step with its codes (int8: the transposed uint8 kind on every other weight, bf16
+    otherwise), but an empty one (no mirror) at ``without``."""
+    return [
+        torch.empty(0, dtype=torch.bfloat16)
+        if t == without
+        else u8t(w)
+        if w.dtype == torch.int8 and t % 2 == 0
+        else w.to(torch.bfloat16)
+        for t, w in enumerate(ws)
+    ]
 
 
 def assert_mirrors(ws, ms, what):
     for t, (w, m) in enumerate(zip(ws, ms)):
-        if m.numel():
+        if m.dtype == torch.uint8:
+            assert torch.equal(m, u8t(w)), f"{what}: uint8 mirror {t}"
+        elif m.numel():
             assert torch.equal(m.view(torch.int16), w.to(torch.bfloat16).view(torch.int16)), f"{what}: mirror {t}"
 
 
@@ -424,6 +439,8 @@ def test_mirrors_follow_the_codes_in_both_paths(ext, knobs, fmt, idx_dtype, thre
         ("numel", r"tensor 1: the mirror must be a contiguous bf16 tensor of the weight's 40 elements"),
         ("count", r"1 mirror tensors for 2 weights"),
         ("overlap", r"tensor 1: the mirror overlaps its weight"),
+        ("u8-shape", r"tensor 1: a uint8 mirror is the transposed copy of 2-D int8 codes: expected \[10, 4\]"),
+        ("u8-on-fp8", r"tensor 1: a uint8 mirror is the transposed copy of 2-D int8 codes"),
     ],
 )
 def test_malformed_mirrors_refused_before_any_write(request, impl_name, kind, message):
@@ -444,6 +461,12 @@ def test_malformed_mirrors_refused_before_any_write(request, impl_name, kind, me
         ms = ms[:1]
     elif kind == "overlap":
         ms[1] = buf[20:100].view(torch.bfloat16)
+    elif kind == "u8-shape":
+        ms[1] = torch.zeros(4, 10, dtype=torch.uint8)  # not transposed
+    elif kind == "u8-on-fp8":
+        ws[1] = ws[1].view(torch.float8_e4m3fn)
+        saved[1] = saved[1].view(torch.float8_e4m3fn)
+        ms[1] = torch.zeros(10, 4, dtype=torch.uint8)
     before, before_m = clone(ws), clone(ms)
     calls = {
         "apply_": lambda: impl.apply_(ws, idx, ds, saved, scales=scales, mirrors=ms),
