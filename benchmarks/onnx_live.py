@@ -110,20 +110,35 @@ def initializer_graph(bundle: Path, name: str, gemm_b: bool) -> Path:
     """``name`` beside the bundle's graph: the weights as initializers, stored as ONNX external data that
     points into ``weights.safetensors`` (nothing is copied on disk). ``gemm_b``: linears as
     ``Gemm(X, W, transB=1)``, which onnxruntime prepacks straight from W; otherwise it folds ``Transpose(W)``
-    into a copy first (on llama-1b that transient copy pushes the peak RSS past 17 GB)."""
+    into a copy first (on llama-1b that transient copy pushes the peak RSS past 17 GB). An int8 bundle's
+    transposed uint8 copies (``exporters.quant_graph``, built by the runtime, not in the weights file) are written
+    beside it, ``<name>.u8t.bin``, and become initializers too."""
+    from runtime.manifest import Manifest
+
     model = onnx.load(str(bundle / GRAPH_FILE))
     with open(bundle / WEIGHTS_FILE, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
     header.pop("__metadata__", None)
+    mirrors = Manifest.read(bundle).mirrors()
+    side, at = f"{name}.u8t.bin", 0
+    with open(bundle / side, "wb") as out:
+        for u8t, (codes, (k, m)) in mirrors.items():
+            begin, end = header[codes]["data_offsets"]
+            a = np.fromfile(bundle / WEIGHTS_FILE, np.uint8, end - begin, offset=8 + n + begin).reshape(m, k)
+            out.write(np.ascontiguousarray((a ^ 0x80).T).tobytes())
+            header[u8t] = {"file": side, "data_offsets": [at, at + k * m]}
+            at += k * m
     if gemm_b:
         rewrite_linears(model, set(header), GEMM_A_MIN, weight_operand="B")  # as the live session does
     for v in [v for v in model.graph.input if v.name in header]:
         model.graph.input.remove(v)
         begin, end = header[v.name]["data_offsets"]
-        t = TensorProto(name=v.name, data_type=v.type.tensor_type.elem_type, dims=header[v.name]["shape"])
+        dims = [d.dim_value for d in v.type.tensor_type.shape.dim]
+        t = TensorProto(name=v.name, data_type=v.type.tensor_type.elem_type, dims=dims)
         t.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", WEIGHTS_FILE), ("offset", str(8 + n + begin)), ("length", str(end - begin))):
+        where, skip = (header[v.name]["file"], 0) if "file" in header[v.name] else (WEIGHTS_FILE, 8 + n)
+        for key, value in (("location", where), ("offset", str(skip + begin)), ("length", str(end - begin))):
             t.external_data.add(key=key, value=value)
         model.graph.initializer.append(t)
     path = bundle / name

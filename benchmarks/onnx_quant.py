@@ -144,37 +144,14 @@ def mmi_b(n: int, k: int, codes: np.ndarray | None, scale: np.ndarray | None, un
 
 
 def mmi_b_token(n: int, k: int) -> onnx.ModelProto:
-    """Live u8 x u8 with B ``[in, out]`` (``code + 128``, zero point 128) and **per-token** activations: each row
-    of ``x`` quantized symmetrically to ``round(x / xs) + 128`` (``xs = amax(|row|) / 127``), zero point 128, so
-    rows stay independent; the weight scales on the output columns. A candidate for a faster int8 bundle: the
-    switch would have to write ``code ^ 0x80`` at transposed indices with per-column scales (not built)."""
-    nodes = [
-        helper.make_node("Abs", ["x"], ["ax"]),
-        helper.make_node("ReduceMax", ["ax", "one"], ["am"], keepdims=1),
-        helper.make_node("Div", ["am", "c127"], ["xs0"]),
-        helper.make_node("Max", ["xs0", "tiny"], ["xs"]),
-        helper.make_node("Div", ["x", "xs"], ["xd"]),
-        helper.make_node("Round", ["xd"], ["xr"]),
-        helper.make_node("Add", ["xr", "c128"], ["xo"]),
-        helper.make_node("Clip", ["xo", "c1", "c255"], ["xc"]),
-        helper.make_node("Cast", ["xc"], ["xq"], to=TensorProto.UINT8),
-        helper.make_node("MatMulInteger", ["xq", "codes_t", "zp", "zp"], ["acc"]),
-        helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", ["accf", "scale"], ["ys"]),
-        helper.make_node("Mul", ["ys", "xs"], ["y"]),
-    ]
-    f = lambda name, v: numpy_helper.from_array(np.array(v, np.float32), name)  # noqa: E731
-    inits = [
-        numpy_helper.from_array(np.array([1], np.int64), "one"),
-        numpy_helper.from_array(np.array(128, np.uint8), "zp"),
-        f("c127", 127.0),
-        f("tiny", 1e-30),
-        f("c128", 128.0),
-        f("c1", 1.0),
-        f("c255", 255.0),
-    ]
+    """The int8 bundle's form (``exporters.quant_graph``): u8 x u8 with B the transposed ``code + 128`` copy
+    ``[in, out]`` (zero point 128) and **per-token** activations (``round(x / xs) + 128``, zero point 128), so rows
+    stay independent; the weight scales on the output columns."""
+    from exporters.quant_graph import constants, int8_linear
+
+    nodes = int8_linear("x", "codes_t", "scale", n, k, "y", OPSET, form="u8t")
     inputs = [_vi("codes_t", TensorProto.UINT8, [k, n]), _vi("scale", TensorProto.FLOAT, [n])]
-    return _model(nodes, inputs, inits, k, n)
+    return _model(nodes, inputs, list(constants("u8t").values()), k, n)
 
 
 def mmi_a(n: int, k: int) -> onnx.ModelProto:
@@ -201,13 +178,13 @@ def mmi_a(n: int, k: int) -> onnx.ModelProto:
 
 
 def s8s8_a(n: int, k: int) -> onnx.ModelProto:
-    """The int8 bundle's own form (``exporters.quant_graph``): per-token int8 activations, ``MatMulInteger(codes,
-    xq^T)`` with our int8 codes ``[out, in]`` as A, scales on the rows."""
+    """The int8 bundle's first form (``exporters.quant_graph``, ``form="s8s8"``): per-token int8 activations,
+    ``MatMulInteger(codes, xq^T)`` with our int8 codes ``[out, in]`` as A, scales on the rows."""
     from exporters.quant_graph import constants, int8_linear
 
-    nodes = int8_linear("x", "codes", "scale", n, k, "y", OPSET)
+    nodes = int8_linear("x", "codes", "scale", n, k, "y", OPSET, form="s8s8")
     inputs = [_vi("codes", TensorProto.INT8, [n, k]), _vi("scale", TensorProto.FLOAT, [n])]
-    return _model(nodes, inputs, list(constants().values()), k, n)
+    return _model(nodes, inputs, list(constants("s8s8").values()), k, n)
 
 
 def nbits(n: int, k: int, init: tuple[np.ndarray, np.ndarray] | None = None) -> onnx.ModelProto:
@@ -368,8 +345,8 @@ def forms(threads: int) -> list[Form]:
         Form("int8 live DQ->Gemm (bound)", dq_live),
         Form("int8 live MatMulInteger u8u8 A (bound)", mmi_live, DYNAMIC_TOL),
         Form("int8 live MatMulInteger u8u8 B [in,out] (bound)", mmi_b_live, DYNAMIC_TOL),
-        Form("int8 live MatMulInteger u8u8 B [in,out] per-token (bound; unused)", mmi_b_token_live, DYNAMIC_TOL),
-        Form("int8 live MatMulInteger s8s8 A, per-token (bound; the int8 bundle's form)", s8s8_live, DYNAMIC_TOL),
+        Form("int8 live MatMulInteger u8u8 B per-token (bound; the int8 bundle's form)", mmi_b_token_live, DYNAMIC_TOL),
+        Form("int8 live MatMulInteger s8s8 A, per-token (bound; the bundle's first form)", s8s8_live, DYNAMIC_TOL),
         Form("int8 live MatMulNBits (bound)", nbits_live, DYNAMIC_TOL),
         Form("int8 add_initializer DQ->Gemm noopt", dq_addinit(False)),
         Form("int8 add_initializer DQ->Gemm opt", dq_addinit(True)),

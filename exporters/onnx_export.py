@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_leaves
 
 from exporters.dynamo_trace import Decoder, call_kwargs, decoder_of, is_decoder, trace, trace_decoder
 from exporters.lora_slots import lora_slots
-from exporters.quant_graph import QuantExportError, placeholders, rewrite_int8, scale_name
+from exporters.quant_graph import QuantExportError, placeholders, rewrite_int8, scale_name, u8t_name
 from runtime.atomic import atomic_write
 from runtime.bundle import FORMAT, GRAPH_FILE, MANIFEST_FILE, WEIGHTS_FILE, file_sha256
 from runtime.dtypes import BUNDLE, NUMPY, TORCH
@@ -220,7 +220,7 @@ def _export(
             layer, scale_key = quant[canon], scale_name(canon)
             arrays[canon] = np.ascontiguousarray(layer.weight.detach().cpu().numpy())
             arrays[scale_key] = np.ascontiguousarray(layer.weight_scale.detach().cpu().numpy())
-            params[name] |= {"dtype": "int8", "quant": {"format": "int8", "scale": scale_key}}
+            params[name] |= {"dtype": "int8", "quant": {"format": "int8", "scale": scale_key, "u8t": u8t_name(canon)}}
             params[scale_key] = {"onnx": scale_key, "layout": "identity", "shape": [t.shape[0]], "dtype": "float32"}
     unused = sorted(n for n in names if canonical[n] not in storage)
     if unused:

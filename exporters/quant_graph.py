@@ -1,20 +1,25 @@
-"""Int8 bases in bundles: each ``QuantLinear`` becomes a live int8 matmul over codes the switch writes in place.
+"""Int8 bases in bundles: each ``QuantLinear`` becomes a live int8 matmul over bytes the switch writes in place.
 
 Export: the quantized layers are traced as plain ``nn.Linear`` over their dequantized weights (``placeholders``),
 then ``rewrite_int8`` replaces each such weight's ``MatMul(X, Transpose(W))`` / ``Gemm(X, W, transB=1)`` by
 
-    xs = max(amax(|X2d|, per row) / 127, tiny)                 # [T, 1]: one activation scale per token
-    xq = Cast(Clip(Round(X2d / xs), -127, 127), int8)          # [T, in]
-    Y  = Transpose(Cast(MatMulInteger(W, xq^T)) * scale[:, None]) * xs     # W: int8 codes [out, in], bound live
+    xs = max(amax(|X2d|, per row) / 127, tiny)                       # [T, 1]: one activation scale per token
+    xq = Cast(Clip(Round(X2d / xs) + 128, 1, 255), uint8)            # [T, in], zero point 128
+    Y  = Cast(MatMulInteger(xq, U, 128, 128)) * scale * xs           # U: uint8 [in, out], bound live
 
-The weight is the codes themselves (int8 ``[out, in]``, the torch layout: the switch writes the same bytes at the
-same indices as on the torch backend) and ``<module>.weight_scale`` (fp32 ``[out]``), both graph inputs. Why this
-form (measured on a 2-core AVX2 CPU without VNNI, onnxruntime 1.32): MLAS's u8 x s8 kernel saturates its 16-bit
-pair sums (wrong by 5-60%), so ``DynamicQuantizeLinear`` (uint8 activations) cannot meet our signed codes; s8
-activations x s8 codes with the weight as the GEMM's A operand is correct (0.7-1% relative error from the 8-bit
-activations) and reads the bound buffer in place, on that CPU and on one with VNNI (where u8 x s8 is correct too
-but only fast prepacked, i.e. frozen). Per-token activation scales keep a batch's rows independent.
-FP8 bases are refused: onnxruntime's CPU provider has no FP8 matmul.
+``U`` (graph input ``<module>.weight::u8t``) is the transposed zero-point-128 copy of the int8 codes,
+``U[c, r] = code[r, c] ^ 0x80``: the runtime builds it from the codes when it opens the bundle, and the switch
+kernels write it beside the codes in the same visit (their uint8 ``mirror``, ``kernels.reference``). The codes
+(int8 ``[out, in]``, the torch layout: the switch writes the same bytes at the same indices as on the torch
+backend) and ``<module>.weight_scale`` (fp32 ``[out]``) are the bundle's parameters, both graph inputs; the codes
+are read by no node (the fingerprint, the switch and the revert work on them). Memory: 2 bytes per weight.
+
+Why this form (``python -m benchmarks.onnx_quant``, README): u8 x u8 with the weight as B ``[in, out]`` is the
+fastest live form onnxruntime 1.32 runs correctly on both CPUs we measured (0.8-1.0x the fp32 live bundle at
+64 tokens); MLAS's u8 x s8 kernel saturates its 16-bit pair sums on AVX2 without VNNI, so our signed codes cannot
+feed it directly, and s8 activations x s8 codes as the GEMM's A (this module's first form, still read in bundles
+exported before the u8t input existed) is correct but 2.6-3x slower at 64 tokens. Per-token activation scales
+keep a batch's rows independent. FP8 bases are refused: onnxruntime's CPU provider has no FP8 matmul.
 """
 
 from __future__ import annotations
@@ -70,9 +75,15 @@ def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
 
 
+def u8t_name(key: str) -> str:
+    """The graph input of a quantized weight's transposed uint8 copy (the module doc's ``U``)."""
+    return f"{key}::u8t"
+
+
 def rewrite_int8(model: onnx.ModelProto, quant: dict[str, QuantLinear]) -> None:
     """In place: every use of a quantized weight input becomes the int8 chain of the module doc; the weight input
-    turns int8 ``[out, in]`` and its scale ``<module>.weight_scale`` fp32 ``[out]`` joins the inputs."""
+    turns int8 ``[out, in]``, and its scale ``<module>.weight_scale`` fp32 ``[out]`` and its transposed copy
+    ``<key>::u8t`` uint8 ``[in, out]`` join the inputs."""
     graph = model.graph
     if not quant:
         return
@@ -100,11 +111,11 @@ def rewrite_int8(model: onnx.ModelProto, quant: dict[str, QuantLinear]) -> None:
                 drop.add(id(use))
                 for j, m in enumerate(mms):
                     replace[id(m)] = _chain(
-                        f"{p}.{j}", m.input[0], key, scale_key, out_f, in_f, m.output[0], float_type, opset
+                        f"{p}.{j}", m.input[0], u8t_name(key), scale_key, out_f, in_f, m.output[0], float_type, opset
                     )
             elif use.op_type == "Gemm" and use.input[1] == key and _gemm_plain(use):
                 y = use.output[0] if len(use.input) < 3 else f"{p}::nobias"
-                nodes = _chain(p, use.input[0], key, scale_key, out_f, in_f, y, float_type, opset)
+                nodes = _chain(p, use.input[0], u8t_name(key), scale_key, out_f, in_f, y, float_type, opset)
                 if len(use.input) >= 3:
                     nodes.append(helper.make_node("Add", [y, use.input[2]], [use.output[0]]))
                 replace[id(use)] = nodes
@@ -114,6 +125,7 @@ def rewrite_int8(model: onnx.ModelProto, quant: dict[str, QuantLinear]) -> None:
                     f"(MatMul of its transpose, or Gemm with transB=1) can read int8 codes"
                 )
         new_inputs.append(helper.make_tensor_value_info(scale_key, TensorProto.FLOAT, [out_f]))
+        new_inputs.append(helper.make_tensor_value_info(u8t_name(key), TensorProto.UINT8, [in_f, out_f]))
         for v in graph.input:
             if v.name == key:
                 v.CopyFrom(helper.make_tensor_value_info(key, TensorProto.INT8, [out_f, in_f]))
@@ -128,21 +140,33 @@ def rewrite_int8(model: onnx.ModelProto, quant: dict[str, QuantLinear]) -> None:
     graph.initializer.extend(consts.values())
 
 
-def constants() -> dict[str, onnx.TensorProto]:
-    """The scalar initializers every int8 chain reads (shared by all of a graph's chains)."""
-    return {
-        "q8::127": helper.make_tensor("q8::127", TensorProto.FLOAT, [], [127.0]),
-        "q8::-127": helper.make_tensor("q8::-127", TensorProto.FLOAT, [], [-127.0]),
-        "q8::tiny": helper.make_tensor("q8::tiny", TensorProto.FLOAT, [], [1e-30]),
-        "q8::axis1": helper.make_tensor("q8::axis1", TensorProto.INT64, [1], [1]),
-        "q8::zero": helper.make_tensor("q8::zero", TensorProto.INT64, [1], [0]),
-        "q8::last": helper.make_tensor("q8::last", TensorProto.INT64, [1], [-1]),
+def constants(form: str = "u8t") -> dict[str, onnx.TensorProto]:
+    """The scalar initializers every int8 chain of ``form`` reads (shared by all of a graph's chains)."""
+    t = helper.make_tensor
+    common = {
+        "q8::127": t("q8::127", TensorProto.FLOAT, [], [127.0]),
+        "q8::tiny": t("q8::tiny", TensorProto.FLOAT, [], [1e-30]),
+        "q8::axis1": t("q8::axis1", TensorProto.INT64, [1], [1]),
+        "q8::zero": t("q8::zero", TensorProto.INT64, [1], [0]),
+        "q8::last": t("q8::last", TensorProto.INT64, [1], [-1]),
+    }
+    if form == "s8s8":
+        return common | {"q8::-127": t("q8::-127", TensorProto.FLOAT, [], [-127.0])}
+    return common | {
+        "q8::128": t("q8::128", TensorProto.FLOAT, [], [128.0]),
+        "q8::1": t("q8::1", TensorProto.FLOAT, [], [1.0]),
+        "q8::255": t("q8::255", TensorProto.FLOAT, [], [255.0]),
+        "q8::zp": t("q8::zp", TensorProto.UINT8, [], [128]),
     }
 
 
-def int8_linear(x: str, codes: str, scale: str, out_f: int, in_f: int, y: str, opset: int = 17) -> list:
-    """The int8 chain of the module doc for fp32 ``x``: what the exporter writes (benchmarks time it alone)."""
-    return _chain("q8::lin", x, codes, scale, out_f, in_f, y, TensorProto.FLOAT, opset)
+def int8_linear(
+    x: str, weight: str, scale: str, out_f: int, in_f: int, y: str, opset: int = 17, form: str = "u8t"
+) -> list:
+    """The int8 chain for fp32 ``x``: ``form="u8t"`` what the exporter writes (``weight``: the uint8 ``[in, out]``
+    copy), ``"s8s8"`` the first form (``weight``: the int8 codes ``[out, in]`` as the GEMM's A); benchmarks time
+    them alone."""
+    return _chain("q8::lin", x, weight, scale, out_f, in_f, y, TensorProto.FLOAT, opset, form)
 
 
 def _perm(node: onnx.NodeProto) -> list[int] | None:
@@ -158,8 +182,11 @@ def _gemm_plain(node: onnx.NodeProto) -> bool:
     )
 
 
-def _chain(p: str, x: str, w: str, scale: str, out_f: int, in_f: int, y: str, float_type: int, opset: int) -> list:
-    """The int8 linear of the module doc, ``X [..., in]`` -> ``Y [..., out]``, every name prefixed by ``p``."""
+def _chain(
+    p: str, x: str, w: str, scale: str, out_f: int, in_f: int, y: str, float_type: int, opset: int, form: str = "u8t"
+) -> list:
+    """The int8 linear of the module doc, ``X [..., in]`` -> ``Y [..., out]``, every name prefixed by ``p``
+    (``form``: see ``int8_linear``)."""
     mk = helper.make_node
     n = [
         mk("Shape", [x], [f"{p}.shape"]),
@@ -184,6 +211,19 @@ def _chain(p: str, x: str, w: str, scale: str, out_f: int, in_f: int, y: str, fl
         mk("Max", [f"{p}.xs0", "q8::tiny"], [f"{p}.xs"]),
         mk("Div", [x2d, f"{p}.xs"], [f"{p}.xd"]),
         mk("Round", [f"{p}.xd"], [f"{p}.xr"]),  # ties to even
+    ]
+    if form == "u8t":
+        n += [
+            mk("Add", [f"{p}.xr", "q8::128"], [f"{p}.xo"]),
+            mk("Clip", [f"{p}.xo", "q8::1", "q8::255"], [f"{p}.xc"]),
+            mk("Cast", [f"{p}.xc"], [f"{p}.xq"], to=TensorProto.UINT8),  # [T, in], zero point 128
+            mk("MatMulInteger", [f"{p}.xq", w, "q8::zp", "q8::zp"], [f"{p}.acc"]),  # [T, out] int32, B read in place
+            mk("Cast", [f"{p}.acc"], [f"{p}.accf"], to=TensorProto.FLOAT),
+            mk("Mul", [f"{p}.accf", scale], [f"{p}.ys"]),  # the weight scales on the output columns
+            mk("Mul", [f"{p}.ys", f"{p}.xs"], [f"{p}.y2d"]),
+        ]
+        return _reshape_back(n, p, y, float_type)
+    n += [
         mk("Clip", [f"{p}.xr", "q8::-127", "q8::127"], [f"{p}.xc"]),
         mk("Cast", [f"{p}.xc"], [f"{p}.xq"], to=TensorProto.INT8),
         mk("Transpose", [f"{p}.xq"], [f"{p}.xqt"], perm=[1, 0]),  # [in, T]
@@ -194,6 +234,11 @@ def _chain(p: str, x: str, w: str, scale: str, out_f: int, in_f: int, y: str, fl
         mk("Transpose", [f"{p}.ys"], [f"{p}.yt"], perm=[1, 0]),  # [T, out]
         mk("Mul", [f"{p}.yt", f"{p}.xs"], [f"{p}.y2d"]),
     ]
+    return _reshape_back(n, p, y, float_type)
+
+
+def _reshape_back(n: list, p: str, y: str, float_type: int) -> list:
+    mk = helper.make_node
     y2d = f"{p}.y2d"
     if float_type != TensorProto.FLOAT:
         n.append(mk("Cast", [y2d], [f"{p}.y2dc"], to=float_type))

@@ -7,8 +7,9 @@ A backend has:
 - ``transposed``: canonical names stored as the transpose of their logical shape (ONNX exports do this);
 - ``scales``: canonical names of quantized weights (1-byte codes, ``runtime.quantize``) -> their fixed fp32
   per-row scales ``[rows]``; a switch writes those codes on their grid (``runtime.qformats``);
-- ``mirror(name)``: the bf16 copy of a quantized weight's code values the kernels write in the same visit as the
-  codes (an FP8 layer's compute copy), or None;
+- ``mirror(name)``: the copy of a quantized weight the kernels write in the same visit as its codes, or None: an
+  FP8 layer's bf16 compute copy (torch), an int8 weight's transposed uint8 copy (bundles); ``resync(name)`` after
+  the codes were written by anything else;
 - ``after_write(name, indices, since, mirrored)``: called after a switch wrote codes of ``name`` at flat
   ``indices`` through raw pointers (FP8 layers bring their compute copy back in line, unless mirrored);
 - ``__call__``: one inference.
@@ -42,6 +43,11 @@ class Backend(ABC):
     def after_write(self, name: str, indices: list[torch.Tensor], since: int, mirrored: bool = False) -> None:
         """Codes of ``name`` were written at ``indices`` (flat) by a kernel, and its ``mirror`` with them if
         ``mirrored``; ``since``: the codes' version counter before that write. Nothing to do for plain tensors."""
+        return None
+
+    def resync(self, name: str) -> None:
+        """The codes of ``name`` were written by torch ops (a rollback): bring its mirror back in line. Nothing to
+        do by default (an FP8 layer's forward sees the codes' version counter move and refreshes its copy)."""
         return None
 
     def canonical(self, name: str, adapter: str) -> str:

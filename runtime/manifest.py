@@ -136,6 +136,16 @@ class Manifest:
                     f"{path}: parameter {name!r}: its scale {p['quant']['scale']!r} is not a float32 "
                     f"[{p['shape'][0] if p['shape'] else '?'}] parameter of the bundle"
                 )
+        mirrors = [(name, p["quant"]["u8t"]) for name, p in m["parameters"].items() if "u8t" in p.get("quant", {})]
+        taken = {p["onnx"] for p in m["parameters"].values()} | {i["name"] for i in m["inputs"]}
+        seen: set[str] = set()
+        for name, u8t in mirrors:  # the transposed uint8 copy the runtime builds: a graph input of its own
+            if u8t in taken or u8t in seen or len(m["parameters"][name]["shape"]) != 2:
+                raise BundleError(
+                    f"{path}: parameter {name!r}: its u8t input {u8t!r} is another tensor's name, or the weight "
+                    f"is not 2-D"
+                )
+            seen.add(u8t)
         if structure_of(m["parameters"]) != fp["structure"]:
             raise BundleError(
                 f"{path}: the parameters' names, ONNX tensors, layouts or shapes differ from the structure hash"
@@ -158,6 +168,15 @@ class Manifest:
             decoder,
         )
 
+    def mirrors(self) -> dict[str, tuple[str, tuple[int, int]]]:
+        """Graph inputs the runtime builds from the int8 codes (``exporters.quant_graph``): name -> (the codes'
+        ONNX name, uint8 shape ``[in, out]``)."""
+        return {
+            p["quant"]["u8t"]: (p["onnx"], (p["shape"][1], p["shape"][0]))
+            for p in self.parameters.values()
+            if "u8t" in p.get("quant", {})
+        }
+
     def storage(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """ONNX tensor name -> (dtype, storage shape); names of one tied group must agree."""
         storage, first = {}, {}
@@ -179,6 +198,7 @@ class Manifest:
 
         inputs = {v.name: v for v in graph.graph.input}
         storage = self.storage()
+        storage |= {name: ("uint8", shape) for name, (_, shape) in self.mirrors().items()}
         wanted = [i["name"] for i in self.inputs] + list(storage)
         missing = [n for n in wanted if n not in inputs]
         extra = [n for n in inputs if n not in wanted]
@@ -295,10 +315,13 @@ def _check_parameter(path: Path, name: str, p: Any) -> None:
     quant = p.get("quant")
     if quant is not None:
         ok = isinstance(quant, dict) and quant.get("format") == "int8" and isinstance(quant.get("scale"), str)
+        ok = ok and set(quant) <= {"format", "scale", "u8t"}
+        ok = ok and ("u8t" not in quant or (isinstance(quant["u8t"], str) and bool(quant["u8t"])))
         if not ok or p.get("dtype") != "int8" or p.get("layout") != "identity":
             raise BundleError(
                 f"{where}: quant {quant!r} with dtype {p.get('dtype')!r}, layout {p.get('layout')!r}: a quantized "
-                f"weight is int8 codes in the identity layout with {{'format': 'int8', 'scale': <parameter>}}"
+                f"weight is int8 codes in the identity layout with {{'format': 'int8', 'scale': <parameter>}} "
+                f"and optionally 'u8t': <graph input>"
             )
     elif p.get("dtype") == "int8":
         raise BundleError(f"{where}: dtype 'int8' (quantized codes) without their 'quant' entry (format and scale)")

@@ -83,6 +83,13 @@ class OnnxBackend(Backend):
                     self.scales[name] = torch.from_numpy(arrays[params[scale_of[name]]["onnx"]])
                     check_scales(name, self.scales[name], BundleError, f"{bundle / manifest.weights}: ")
         self.transposed = frozenset(n for n in self.tensors if params[n]["layout"] == "transposed")
+        # an int8 weight's graph reads its transposed uint8 copy (exporters.quant_graph): built here from the codes,
+        # bound like every weight, and written by the switch kernels beside the codes (their uint8 mirror)
+        by_onnx = {params[n]["onnx"]: n for n in self.tensors}
+        self.mirrors: dict[str, torch.Tensor] = {}
+        for u8t, (codes, _) in manifest.mirrors().items():
+            arrays[u8t] = np.ascontiguousarray((arrays[codes].view(np.uint8) ^ 0x80).T)
+            self.mirrors[by_onnx[codes]] = torch.from_numpy(arrays[u8t])
         # LoRA slots (exporters.lora_slots): module path -> (lora_A name, lora_B name); zero when unused
         self.lora_slots = {
             n[: -len(".lora_A")]: (n, n[: -len(".lora_A")] + ".lora_B")
@@ -151,6 +158,14 @@ class OnnxBackend(Backend):
         return backend
 
     # -- unfused LoRA, written into the bundle's LoRA slots --
+    def mirror(self, name: str) -> torch.Tensor | None:
+        return self.mirrors.get(name)
+
+    def resync(self, name: str) -> None:
+        m = self.mirrors.get(name)
+        if m is not None:
+            m.copy_((self.tensors[name].view(torch.uint8) ^ 0x80).t())
+
     def check_unfused(self, tensor: str, adapter: str) -> str:
         module = tensor[: -len(".weight")] if tensor.endswith(".weight") else tensor
         if module not in self.lora_slots:

@@ -290,6 +290,9 @@ class Switcher:
                 value = (base.float() + delta).to(base.dtype)  # the kernels' formula
             # torch index ops bump the codes' version counter: an FP8 layer's forward then refreshes its copy
             _raw(tensors[t]).view(-1).index_copy_(0, idx.long(), _raw(value))
+        for t in {*plan.sparse, *old.sparse_saved}:  # written by torch ops above: the kernels' mirrors follow
+            if t in self.backend.scales:
+                self.backend.resync(t)
         _apply_dense(self.backend, old.plan, old.dense_saved)
         self.backend.set_unfused(old.plan.unfused)
 

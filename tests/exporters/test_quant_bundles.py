@@ -18,6 +18,7 @@ from runtime.bundle import BundleError
 from runtime.manifest import Manifest
 from runtime.models import TARGETS, build
 from runtime.synthetic import random_lora, random_shira
+from tests.runtime.test_quantized_switch import kernel_path  # noqa: F401 (the fixture: both kernel paths)
 
 IDS = torch.randint(1, 256, (2, 8), generator=torch.Generator().manual_seed(3))
 
@@ -41,8 +42,14 @@ def test_manifest_holds_codes_and_scales(pair):
     m = Manifest.read(bundle)
     key = "model.layers.0.self_attn.q_proj.weight"
     assert m.parameters[key]["dtype"] == "int8"
-    assert m.parameters[key]["quant"] == {"format": "int8", "scale": "model.layers.0.self_attn.q_proj.weight_scale"}
+    assert m.parameters[key]["quant"] == {
+        "format": "int8",
+        "scale": "model.layers.0.self_attn.q_proj.weight_scale",
+        "u8t": f"{key}::u8t",
+    }
     rt = Runtime.load(bundle)
+    # the graph reads the transposed zero-point-128 copy the runtime built from the codes
+    assert torch.equal(rt.backend.mirrors[key], (raw(qmodel.state_dict()[key]) ^ 0x80).t())
     assert set(rt.backend.scales) == {n for n, b in qmodel.state_dict().items() if b.dtype == torch.int8}
     assert torch.equal(raw(rt.backend.tensors[key]), raw(qmodel.state_dict()[key]))
     assert "model.layers.0.self_attn.q_proj.weight_scale" not in rt.backend.aliases  # fixed grid, not switchable
@@ -68,6 +75,40 @@ def test_switch_on_the_bundle_writes_the_torch_backends_bytes(pair):
     rt.switch(None)
     assert all(torch.equal(raw(rt.backend.tensors[n]), b) for n, b in base.items())
     assert np.array_equal(rt(IDS.numpy()), y_base)
+
+
+def assert_mirrors_follow(rt):
+    for n, m in rt.backend.mirrors.items():  # the graph's uint8 [in, out] input: code ^ 0x80, transposed
+        assert torch.equal(m, (raw(rt.backend.tensors[n]) ^ 0x80).t()), n
+
+
+@pytest.mark.usefixtures("kernel_path")
+def test_the_graphs_transposed_copy_follows_every_switch(pair, monkeypatch):
+    """Both kernel paths write the uint8 copy the graph reads beside the codes; a switch that fails after the
+    kernel wrote (injected in after_write) leaves codes, copy and outputs as they were."""
+    from runtime.onnx_backend import OnnxBackend
+
+    _, bundle, adapters = pair
+    rt = Runtime.load(bundle)
+    assert len(rt.backend.mirrors) == len(rt.backend.scales) > 0
+    for n, a in adapters.items():
+        rt.add_adapter(n, a)
+    for target, w in (("a1", None), ("a2", None), (["a1", "a2"], [1.0, -0.5]), (None, None), ("a2", None)):
+        rt.switch(target, weights=w)
+        assert_mirrors_follow(rt)
+    before = {n: m.clone() for n, m in rt.backend.mirrors.items()}
+    y = rt(IDS.numpy())
+
+    def boom(self, *args):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(OnnxBackend, "after_write", boom)
+    with pytest.raises(RuntimeError, match="injected"):
+        rt.switch(["a1", "a2"], weights=[0.5, 1.0])
+    monkeypatch.undo()
+    assert all(torch.equal(m, before[n]) for n, m in rt.backend.mirrors.items())
+    assert_mirrors_follow(rt)
+    assert np.array_equal(rt(IDS.numpy()), y)
 
 
 def test_batch_rows_are_independent(pair):
@@ -123,6 +164,11 @@ def test_export_leaves_the_quantized_module_as_it_was(pair):
         (lambda p, k: p[k].pop("quant"), "without their 'quant' entry"),
         (lambda p, k: p[k]["quant"].update(format="fp8_e4m3"), "a quantized weight is int8 codes"),
         (lambda p, k: p[k]["quant"].update(scale="model.embed_tokens.weight"), "is not a float32"),
+        (lambda p, k: p[k]["quant"].update(u8t=7), "a quantized weight is int8 codes"),
+        (lambda p, k: p[k]["quant"].update(extra=1), "a quantized weight is int8 codes"),
+        (lambda p, k: p[k]["quant"].update(u8t="model.embed_tokens.weight"), "its u8t input .* another tensor's"),
+        (lambda p, k: p[k]["quant"].update(u8t=k.replace("q_proj", "k_proj") + "::u8t"), "another tensor's name"),
+        (lambda p, k: p[k]["quant"].update(u8t="elsewhere"), r"graph inputs do not match the manifest"),
     ],
 )
 def test_malformed_quant_entries_refused(pair, tmp_path, edit, message):
