@@ -107,7 +107,7 @@ def shira_rows(
     floor = memory_floor_ms(lines, copy_gbps)
     streams_floor = floor + streams / 2 / (copy_gbps * 1e9) * 1e3  # per switch: half of the A->B->A cycle
     if first:
-        ctx.update(shira_a=a, shira_b=b, floor=floor, shira_bytes=nbytes, shira_mask=mask)
+        ctx.update(shira_a=a, shira_b=b, floor=floor, shira_bytes=nbytes, shira_mask=mask, copy_gbps=copy_gbps)
     rows, inf, gen = [], None, None
     paths = [kernels.backend()] + (["torch"] if kernels.backend() != "torch" else [])
     for path in paths:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.common import progress
+from benchmarks.common import memory_floor_ms, progress, touched_lines
 from benchmarks.onnx_live import initializer_graph, session
 from benchmarks.switch_rows import Config, Row, gen_timing, inference
 from benchmarks.timing import cycle, generation
@@ -87,7 +87,13 @@ def onnx_rows(cfg: Config, dtype: str, ctx: dict, workdir: Path) -> list[Row]:
     inf = infer.measure("shira_a")
     gen = gen_timing(cfg, rt, ctx["prompt"], "shira_a")
     note = "switched in the live session"
-    shira = Row.of("shira", "onnxruntime/live", dtype, t, ctx["shira_bytes"], note, inf, ctx["floor"])
+    floor, nbytes = ctx["floor"], ctx["shira_bytes"]
+    if rt.backend.mirrors:  # an int8 bundle: the kernel also writes the graph's transposed uint8 copy
+        lines, entries = mirror_lines(rt, (ctx["shira_a"], ctx["shira_b"]))
+        floor += memory_floor_ms(lines, ctx["copy_gbps"])
+        nbytes += entries
+        note += " (codes + the graph's transposed uint8 copy)"
+    shira = Row.of("shira", "onnxruntime/live", dtype, t, nbytes, note, inf, floor)
     shira = replace(shira, mask=ctx.get("shira_mask"))
     rows.append(shira.with_gen(gen))
 
@@ -153,6 +159,25 @@ def lora_unfused_rows(cfg: Config, dtype: str, ctx: dict, workdir: Path, infer) 
     ru.switch("lora_ua")
     assert np.isfinite(ru(infer.one)).all()
     return [row]
+
+
+def mirror_lines(rt: Runtime, adapters) -> tuple[int, int]:
+    """64-byte lines of an int8 bundle's transposed uint8 copies that a switch between ``adapters`` touches
+    (entry ``(r, c)`` of the codes lives at ``[c, r]``), and the entries written there."""
+    touched: dict[str, list[torch.Tensor]] = {}
+    for ad in adapters:
+        for n in ad.indices:
+            t = rt.backend.canonical(n, "benchmark")
+            if t in rt.backend.mirrors:
+                touched.setdefault(t, []).append(ad.flat(n, rt.backend.shapes[t])[0].long())
+    lines = entries = 0
+    for t, ix in touched.items():
+        rows, cols = rt.backend.shapes[t]
+        idx = torch.cat(ix)
+        entries += idx.numel()
+        m = rt.backend.mirrors[t]
+        lines += touched_lines(((idx % cols) * rows + idx // cols).unique(), 1, m.data_ptr() % 64)
+    return lines, entries
 
 
 def session_step(sess, backend: OnnxBackend):
