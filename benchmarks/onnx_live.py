@@ -155,6 +155,7 @@ def session(
     disabled: tuple[str, ...] = (),
 ) -> ort.InferenceSession:
     opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only: an int8 bundle's codes, read by no node, would each log a warning
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads
     if not prepack:

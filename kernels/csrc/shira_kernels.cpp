@@ -349,7 +349,12 @@ int64_t mirrored_range(const Item& it, bool apply, int64_t b, int64_t e, int64_t
     if constexpr (kPrefetch) {
       if (i + pf < e) {
         __builtin_prefetch(w + idx[i + pf], 1, 3);
-        if constexpr (!kU8T) __builtin_prefetch(m + idx[i + pf], 1, 3);
+        if constexpr (kU8T) {  // the transposed copy: entry (r, c) at c * rows + r, a line of its own
+          const int64_t jp = idx[i + pf];
+          __builtin_prefetch(mt + (jp % it.mcols) * it.mrows + jp / it.mcols, 1, 3);
+        } else {
+          __builtin_prefetch(m + idx[i + pf], 1, 3);
+        }
       }
     }
     const int64_t j = idx[i];
