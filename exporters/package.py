@@ -114,9 +114,9 @@ def package(
     del checker
     if quantized:
         say(
-            "an int8 base: the bundle keeps 1 byte per weight and switches live, but its int8 matmuls measured "
-            "1.0-8.5x the fp32 bundle's time at one token and 2-3.4x at 64 on the two CPUs we ran (README, "
-            "benchmarks.onnx_quant): for speed export the float model, or serve the int8 model on the torch backend"
+            "an int8 base: the bundle keeps 2 bytes per weight (the codes and the graph's transposed uint8 copy) "
+            "and switches live; on the CPU we measured it infers at the fp32 bundle's speed but switches several "
+            "times slower than the torch backend, which writes the codes alone (README, benchmarks.switch_latency)"
         )
     t0 = time.perf_counter()
     say(f"exporting the base to {out_dir} ...")
