@@ -207,6 +207,7 @@ def _export(
     rewrite_int8(model, quant)
 
     arrays, params = {}, {}
+    graph_inputs = {v.name for v in model.graph.input}
     for name, t in names.items():
         canon = canonical[name]
         if canon not in storage:
@@ -220,7 +221,10 @@ def _export(
             layer, scale_key = quant[canon], scale_name(canon)
             arrays[canon] = np.ascontiguousarray(layer.weight.detach().cpu().numpy())
             arrays[scale_key] = np.ascontiguousarray(layer.weight_scale.detach().cpu().numpy())
-            params[name] |= {"dtype": "int8", "quant": {"format": "int8", "scale": scale_key, "u8t": u8t_name(canon)}}
+            entry = {"format": "int8", "scale": scale_key}
+            if u8t_name(canon) in graph_inputs:  # the graph reads the transposed copy the runtime builds
+                entry["u8t"] = u8t_name(canon)
+            params[name] |= {"dtype": "int8", "quant": entry}
             params[scale_key] = {"onnx": scale_key, "layout": "identity", "shape": [t.shape[0]], "dtype": "float32"}
     unused = sorted(n for n in names if canonical[n] not in storage)
     if unused:

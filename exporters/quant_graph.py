@@ -80,10 +80,11 @@ def u8t_name(key: str) -> str:
     return f"{key}::u8t"
 
 
-def rewrite_int8(model: onnx.ModelProto, quant: dict[str, QuantLinear]) -> None:
+def rewrite_int8(model: onnx.ModelProto, quant: dict[str, QuantLinear], form: str = "u8t") -> None:
     """In place: every use of a quantized weight input becomes the int8 chain of the module doc; the weight input
     turns int8 ``[out, in]``, and its scale ``<module>.weight_scale`` fp32 ``[out]`` and its transposed copy
-    ``<key>::u8t`` uint8 ``[in, out]`` join the inputs."""
+    ``<key>::u8t`` uint8 ``[in, out]`` join the inputs. ``form="s8s8"``: the first form (no copy; tests use it
+    to build the bundles earlier versions wrote)."""
     graph = model.graph
     if not quant:
         return
@@ -94,7 +95,7 @@ def rewrite_int8(model: onnx.ModelProto, quant: dict[str, QuantLinear]) -> None:
             consumers.setdefault(x, []).append(n)
     elem = {v.name: v.type.tensor_type.elem_type for v in graph.input}
     drop, replace = set(), {}  # ids of nodes removed; id(node) -> list of new nodes
-    consts = constants()
+    consts = constants(form)
     new_inputs = []
     for count, (key, layer) in enumerate(quant.items()):
         if key not in elem:
@@ -102,6 +103,7 @@ def rewrite_int8(model: onnx.ModelProto, quant: dict[str, QuantLinear]) -> None:
         float_type = elem[key]
         out_f, in_f = layer.out_features, layer.in_features
         scale_key = scale_name(key)
+        w_in = u8t_name(key) if form == "u8t" else key  # what the chains read
         for use in consumers.get(key, []):
             p = f"q8::{count}"
             if use.op_type == "Transpose" and _perm(use) in (None, [1, 0]):
@@ -111,11 +113,11 @@ def rewrite_int8(model: onnx.ModelProto, quant: dict[str, QuantLinear]) -> None:
                 drop.add(id(use))
                 for j, m in enumerate(mms):
                     replace[id(m)] = _chain(
-                        f"{p}.{j}", m.input[0], u8t_name(key), scale_key, out_f, in_f, m.output[0], float_type, opset
+                        f"{p}.{j}", m.input[0], w_in, scale_key, out_f, in_f, m.output[0], float_type, opset, form
                     )
             elif use.op_type == "Gemm" and use.input[1] == key and _gemm_plain(use):
                 y = use.output[0] if len(use.input) < 3 else f"{p}::nobias"
-                nodes = _chain(p, use.input[0], u8t_name(key), scale_key, out_f, in_f, y, float_type, opset)
+                nodes = _chain(p, use.input[0], w_in, scale_key, out_f, in_f, y, float_type, opset, form)
                 if len(use.input) >= 3:
                     nodes.append(helper.make_node("Add", [y, use.input[2]], [use.output[0]]))
                 replace[id(use)] = nodes
@@ -125,7 +127,8 @@ def rewrite_int8(model: onnx.ModelProto, quant: dict[str, QuantLinear]) -> None:
                     f"(MatMul of its transpose, or Gemm with transB=1) can read int8 codes"
                 )
         new_inputs.append(helper.make_tensor_value_info(scale_key, TensorProto.FLOAT, [out_f]))
-        new_inputs.append(helper.make_tensor_value_info(u8t_name(key), TensorProto.UINT8, [in_f, out_f]))
+        if form == "u8t":
+            new_inputs.append(helper.make_tensor_value_info(u8t_name(key), TensorProto.UINT8, [in_f, out_f]))
         for v in graph.input:
             if v.name == key:
                 v.CopyFrom(helper.make_tensor_value_info(key, TensorProto.INT8, [out_f, in_f]))

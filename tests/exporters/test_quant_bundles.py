@@ -111,6 +111,30 @@ def test_the_graphs_transposed_copy_follows_every_switch(pair, monkeypatch):
     assert np.array_equal(rt(IDS.numpy()), y)
 
 
+def test_a_bundle_of_the_first_form_still_loads_and_switches(pair, tmp_path, monkeypatch):
+    """Bundles exported before the transposed copy existed (s8 x s8 chains over the codes, no 'u8t' entry): the
+    runtime builds no copy, the graph reads the codes, the switch is seen and reverts exactly."""
+    import exporters.onnx_export as onnx_export
+    from exporters.quant_graph import rewrite_int8
+
+    qmodel, _, adapters = pair
+    monkeypatch.setattr(onnx_export, "rewrite_int8", lambda m, q: rewrite_int8(m, q, form="s8s8"))
+    old = export_onnx(qmodel, (IDS,), tmp_path / "old")
+    monkeypatch.undo()
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert "u8t" not in Manifest.read(old).parameters[key]["quant"]
+    rt, tr = Runtime.load(old), Runtime.load(copy.deepcopy(qmodel))
+    assert rt.backend.mirrors == {}
+    y_base = rt(IDS.numpy())
+    for r in (rt, tr):
+        r.add_adapter("a1", adapters["a1"])
+        r.switch("a1")
+    got, want = rt(IDS.numpy()), tr(IDS).numpy()
+    assert np.abs(got - want).max() <= 3e-2 * np.abs(want).max() and not np.array_equal(got, y_base)
+    rt.switch(None)
+    assert np.array_equal(rt(IDS.numpy()), y_base)
+
+
 def test_batch_rows_are_independent(pair):
     _, bundle, _ = pair
     rt = Runtime.load(bundle)
