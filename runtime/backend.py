@@ -37,7 +37,8 @@ class Backend(ABC):
     kind = "?"
 
     def mirror(self, name: str) -> torch.Tensor | None:
-        """The bf16 mirror of quantized weight ``name`` for the kernels to write, or None (plain tensors)."""
+        """The copy of quantized weight ``name`` the kernels write beside its codes (``kernels.reference``'s
+        mirrors), or None (plain tensors)."""
         return None
 
     def after_write(self, name: str, indices: list[torch.Tensor], since: int, mirrored: bool = False) -> None:

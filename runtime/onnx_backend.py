@@ -157,7 +157,7 @@ class OnnxBackend(Backend):
             backend.check_live()
         return backend
 
-    # -- unfused LoRA, written into the bundle's LoRA slots --
+    # -- int8 weights: the transposed uint8 copy the graph reads --
     def mirror(self, name: str) -> torch.Tensor | None:
         return self.mirrors.get(name)
 
@@ -166,6 +166,7 @@ class OnnxBackend(Backend):
         if m is not None:
             m.copy_((self.tensors[name].view(torch.uint8) ^ 0x80).t())
 
+    # -- unfused LoRA, written into the bundle's LoRA slots --
     def check_unfused(self, tensor: str, adapter: str) -> str:
         module = tensor[: -len(".weight")] if tensor.endswith(".weight") else tensor
         if module not in self.lora_slots:
