@@ -1,7 +1,7 @@
 """Package a base model and its adapters into one self-contained bundle directory (mobile-style deployment).
 
     python -m exporters.package --base llama-1b --adapter chat=peft_shira_dir/ --adapter code=code.safetensors \
-        --out bundle/ [--values fp16] [--dtype fp32]
+        --out bundle/ [--values fp16] [--dtype fp32] [--quantize int8]
 
 ``--base``: a built-in preset (``tiny``, ``small``, ``llama-1b``), a transformers model directory (needs
 ``transformers``), or ``module.path:callable`` returning an ``nn.Module`` (then ``--example-shape`` gives the
@@ -27,7 +27,7 @@ from runtime.dtypes import SHORT, by_short
 from runtime.manifest import Manifest
 from runtime.models import load_base
 from runtime.peft_format import is_peft_dir
-from runtime.quantize import QuantLinear
+from runtime.quantize import FORMAT_NAMES, QuantLinear, quantize
 from runtime.table import print_table
 
 PEFT_BYTES_PER_NNZ = 12  # PEFT SHiRA: fp32 value + int32 row + int32 col
@@ -184,6 +184,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--values", default="fp16", choices=sorted(SHORT), help="dtype of stored deltas")
     p.add_argument("--dtype", default="fp32", choices=sorted(SHORT), help="dtype of the base weights")
+    p.add_argument(
+        "--quantize",
+        default=None,
+        choices=FORMAT_NAMES,
+        help="quantize the base first (runtime.quantize, every linear but the LM head); bundles hold int8 only",
+    )
     p.add_argument("--example-shape", default=None, help="int64 input shape for the export, e.g. 1,8")
     args = p.parse_args(argv)
     adapters = {}
@@ -193,6 +199,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--adapter {item!r}: expected NAME=PATH")
         adapters[name] = path
     base = load_base(args.base, by_short(args.dtype).torch)
+    if args.quantize:
+        quantize(base, args.quantize)
     example = None
     if args.example_shape:
         shape = tuple(int(x) for x in args.example_shape.split(","))

@@ -114,6 +114,23 @@ def test_cli_report(packaged, tmp_path, capsys):
     assert Runtime.load(tmp_path / "cli").adapters == ("s",)
 
 
+def test_cli_quantize_int8(packaged, tmp_path, capsys):
+    """--quantize int8: the base quantized before the export; adapters made on the float base are accepted (as
+    the runtime accepts them), the bundle holds int8 codes and switches them."""
+    _, adapters, _ = packaged
+    out = tmp_path / "q"
+    package_main(["--base", "tiny", "--adapter", f"o={adapters['o']}", "--out", str(out), "--quantize", "int8"])
+    assert "an int8 base" in capsys.readouterr().out
+    rt = Runtime.load(out)
+    assert rt.adapters == ("o",) and rt.backend.scales and rt.backend.mirrors
+    ids = torch.randint(0, 256, (1, 8)).numpy()
+    y = rt(ids)
+    rt.switch("o")
+    assert not np.array_equal(rt(ids), y)
+    rt.switch(None)
+    assert np.array_equal(rt(ids), y)
+
+
 def tiny_plain() -> torch.nn.Module:
     """A zero-argument callable for ``--base module.path:callable``."""
     return build("tiny", torch.float32, seed=0)
