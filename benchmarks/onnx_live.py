@@ -114,6 +114,7 @@ def initializer_graph(bundle: Path, name: str, gemm_b: bool) -> Path:
     transposed uint8 copies (``exporters.quant_graph``, built by the runtime, not in the weights file) are written
     beside it, ``<name>.u8t.bin``, and become initializers too."""
     from runtime.manifest import Manifest
+    from runtime.onnx_backend import u8t_copy
 
     model = onnx.load(str(bundle / GRAPH_FILE))
     with open(bundle / WEIGHTS_FILE, "rb") as f:
@@ -125,8 +126,8 @@ def initializer_graph(bundle: Path, name: str, gemm_b: bool) -> Path:
     with open(bundle / side, "wb") as out:
         for u8t, (codes, (k, m)) in mirrors.items():
             begin, end = header[codes]["data_offsets"]
-            a = np.fromfile(bundle / WEIGHTS_FILE, np.uint8, end - begin, offset=8 + n + begin).reshape(m, k)
-            out.write(np.ascontiguousarray((a ^ 0x80).T).tobytes())
+            a = np.fromfile(bundle / WEIGHTS_FILE, np.int8, end - begin, offset=8 + n + begin).reshape(m, k)
+            out.write(u8t_copy(torch.from_numpy(a)).contiguous().numpy().tobytes())
             header[u8t] = {"file": side, "data_offsets": [at, at + k * m]}
             at += k * m
     if gemm_b:

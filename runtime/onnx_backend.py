@@ -88,7 +88,7 @@ class OnnxBackend(Backend):
         by_onnx = {params[n]["onnx"]: n for n in self.tensors}
         self.mirrors: dict[str, torch.Tensor] = {}
         for u8t, (codes, _) in manifest.mirrors().items():
-            arrays[u8t] = np.ascontiguousarray((arrays[codes].view(np.uint8) ^ 0x80).T)
+            arrays[u8t] = u8t_copy(torch.from_numpy(arrays[codes])).contiguous().numpy()
             self.mirrors[by_onnx[codes]] = torch.from_numpy(arrays[u8t])
         # LoRA slots (exporters.lora_slots): module path -> (lora_A name, lora_B name); zero when unused
         self.lora_slots = {
@@ -164,7 +164,7 @@ class OnnxBackend(Backend):
     def resync(self, name: str) -> None:
         m = self.mirrors.get(name)
         if m is not None:
-            m.copy_((self.tensors[name].view(torch.uint8) ^ 0x80).t())
+            m.copy_(u8t_copy(self.tensors[name]))
 
     # -- unfused LoRA, written into the bundle's LoRA slots --
     def check_unfused(self, tensor: str, adapter: str) -> str:
@@ -418,6 +418,12 @@ def positions(mask: np.ndarray, seq: int) -> np.ndarray:
     pos = np.cumsum(mask != 0, axis=-1, dtype=np.int64) - 1
     pos[mask == 0] = 1
     return np.ascontiguousarray(pos[:, -seq:])
+
+
+def u8t_copy(codes: torch.Tensor) -> torch.Tensor:
+    """What an int8 bundle's graph reads for 2-D int8 codes ``[out, in]``: uint8 ``[in, out]``, ``code ^ 0x80``
+    (``code + 128``, zero point 128) transposed (a view; ``exporters.quant_graph``, the kernels' uint8 mirror)."""
+    return (codes.view(torch.uint8) ^ 0x80).t()
 
 
 def _session(graph: Any, threads: int | None) -> Any:
