@@ -11,16 +11,15 @@ from __future__ import annotations
 import argparse
 
 import torch
+from shira_runtime import Runtime, kernels
+from shira_runtime.kernels.dtypes import SHORT, by_short
+from shira_runtime.models import PRESETS, TARGETS, build
+from shira_runtime.switcher import Switcher
+from shira_runtime.synthetic import random_shira
+from shira_runtime.table import print_table
 
-import kernels
 from benchmarks.common import progress
 from benchmarks.timing import cycles
-from runtime import Runtime
-from runtime.dtypes import SHORT, by_short
-from runtime.models import PRESETS, TARGETS, build
-from runtime.switcher import Switcher
-from runtime.synthetic import random_shira
-from runtime.table import print_table
 
 
 def _unguarded(self: Switcher, t: str, n: int, dtype: torch.dtype) -> torch.Tensor:

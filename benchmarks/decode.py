@@ -28,15 +28,15 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
+from shira_runtime.exporters import export_onnx
+from shira_runtime.models import PRESETS
+from shira_runtime.onnx_backend import OnnxBackend, positions
+from shira_runtime.table import print_table
 
 from benchmarks.common import progress
 from benchmarks.onnx_live import initializer_graph, session
 from benchmarks.switch_rows import hf_llama
 from benchmarks.timing import Timing, cycles
-from exporters import export_onnx
-from runtime.models import PRESETS
-from runtime.onnx_backend import OnnxBackend, positions
-from runtime.table import print_table
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 

@@ -2,7 +2,8 @@
 
 A small transformers Llama is trained on a mixture of synthetic base tasks (copy, increment, rotate, max), so it
 knows the format ``[TASK] input [SEP] answer [EOS]``; then one adapter per held-out task (reverse, sort, modadd,
-recall; see ``benchmarks.fusion_tasks``) is trained with PEFT: LoRA, and SHiRA with each mask of ``runtime.masks``,
+recall; see ``benchmarks.fusion_tasks``) is trained with PEFT: LoRA, and SHiRA with each mask of
+``shira_runtime.masks``,
 the masks of a method's adapters overlapping or disjoint (the paper's two fusion variants). Every accuracy is
 measured through our runtime: ``rt.switch(task)`` for the single adapter, ``rt.switch([all tasks], weights=1)`` for
 the fused ones, then greedy ``rt.generate`` on held-out examples (exact match of the answer tokens).
@@ -33,6 +34,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from shira_runtime import Runtime
+from shira_runtime.masks import KINDS, shira_masks
+from shira_runtime.table import print_table
 from torch import nn
 
 from benchmarks.common import progress, rss_mb
@@ -49,9 +53,6 @@ from benchmarks.fusion_tasks import (
     Sampler,
     eval_set,
 )
-from runtime import Runtime
-from runtime.masks import KINDS, shira_masks
-from runtime.table import print_table
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The paper's Table (multi-adapter fusion, LLaMA-7B, BoolQ/PIQA/ARC-e): average drop single -> fused, points.

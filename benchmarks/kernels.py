@@ -15,12 +15,12 @@ import statistics
 from dataclasses import dataclass
 
 import torch
+from shira_runtime.kernels import extension, reference
+from shira_runtime.kernels.dtypes import by_short
+from shira_runtime.table import print_table
 
 from benchmarks.common import copy_bandwidth_gbps, memory_floor_ms, progress, touched_lines
 from benchmarks.timing import Timing, cycle
-from kernels import extension, reference
-from runtime.dtypes import by_short
-from runtime.table import print_table
 
 # Linear weights of one Llama-3.2-1B decoder layer: q, k, v, o, gate, up, down ([out, in]).
 LAYER_SHAPES = ((2048, 2048), (512, 2048), (512, 2048), (2048, 2048), (8192, 2048), (8192, 2048), (2048, 8192))

@@ -40,17 +40,16 @@ import onnxruntime as ort
 import psutil
 import torch
 from onnx import TensorProto
+from shira_runtime import Runtime, kernels
+from shira_runtime.bundle import GRAPH_FILE, WEIGHTS_FILE
+from shira_runtime.exporters import export_onnx
+from shira_runtime.models import PRESETS, TARGETS, build
+from shira_runtime.onnx_backend import GEMM_A_MIN, OnnxBackend, rewrite_linears
+from shira_runtime.synthetic import random_shira
+from shira_runtime.table import print_table
 
-import kernels
 from benchmarks.common import progress
 from benchmarks.timing import cycle, cycles, once
-from exporters import export_onnx
-from runtime import Runtime
-from runtime.bundle import GRAPH_FILE, WEIGHTS_FILE
-from runtime.models import PRESETS, TARGETS, build
-from runtime.onnx_backend import GEMM_A_MIN, OnnxBackend, rewrite_linears
-from runtime.synthetic import random_shira
-from runtime.table import print_table
 
 SEQ = 16
 BATCHES = (1, 4)  # 16 and 64 tokens
@@ -111,10 +110,11 @@ def initializer_graph(bundle: Path, name: str, gemm_b: bool) -> Path:
     points into ``weights.safetensors`` (nothing is copied on disk). ``gemm_b``: linears as
     ``Gemm(X, W, transB=1)``, which onnxruntime prepacks straight from W; otherwise it folds ``Transpose(W)``
     into a copy first (on llama-1b that transient copy pushes the peak RSS past 17 GB). An int8 bundle's
-    transposed uint8 copies (``exporters.quant_graph``, built by the runtime, not in the weights file) are written
+    transposed uint8 copies (``shira_runtime.exporters.quant_graph``, built by the runtime, not in the weights file)
+    are written
     beside it, ``<name>.u8t.bin``, and become initializers too."""
-    from runtime.manifest import Manifest
-    from runtime.onnx_backend import u8t_copy
+    from shira_runtime.manifest import Manifest
+    from shira_runtime.onnx_backend import u8t_copy
 
     model = onnx.load(str(bundle / GRAPH_FILE))
     with open(bundle / WEIGHTS_FILE, "rb") as f:

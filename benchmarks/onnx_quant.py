@@ -48,10 +48,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+from shira_runtime.table import print_table
 
 from benchmarks.common import progress
 from benchmarks.timing import cycles
-from runtime.table import print_table
 
 LLAMA_1B = ((2048, 2048), (8192, 2048), (2048, 8192))  # [out, in]: q_proj, up/gate_proj, down_proj
 QUICK = ((64, 64), (256, 64), (64, 256))
@@ -144,10 +144,11 @@ def mmi_b(n: int, k: int, codes: np.ndarray | None, scale: np.ndarray | None, un
 
 
 def mmi_b_token(n: int, k: int) -> onnx.ModelProto:
-    """The int8 bundle's form (``exporters.quant_graph``): u8 x u8 with B the transposed ``code + 128`` copy
+    """The int8 bundle's form (``shira_runtime.exporters.quant_graph``): u8 x u8 with B the transposed ``code + 128``
+    copy
     ``[in, out]`` (zero point 128) and **per-token** activations (``round(x / xs) + 128``, zero point 128), so rows
     stay independent; the weight scales on the output columns."""
-    from exporters.quant_graph import constants, int8_linear
+    from shira_runtime.exporters.quant_graph import constants, int8_linear
 
     nodes = int8_linear("x", "codes_t", "scale", n, k, "y", OPSET, form="u8t")
     inputs = [_vi("codes_t", TensorProto.UINT8, [k, n]), _vi("scale", TensorProto.FLOAT, [n])]
@@ -178,9 +179,10 @@ def mmi_a(n: int, k: int) -> onnx.ModelProto:
 
 
 def s8s8_a(n: int, k: int) -> onnx.ModelProto:
-    """The int8 bundle's first form (``exporters.quant_graph``, ``form="s8s8"``): per-token int8 activations,
+    """The int8 bundle's first form (``shira_runtime.exporters.quant_graph``, ``form="s8s8"``): per-token int8
+    activations,
     ``MatMulInteger(codes, xq^T)`` with our int8 codes ``[out, in]`` as A, scales on the rows."""
-    from exporters.quant_graph import constants, int8_linear
+    from shira_runtime.exporters.quant_graph import constants, int8_linear
 
     nodes = int8_linear("x", "codes", "scale", n, k, "y", OPSET, form="s8s8")
     inputs = [_vi("codes", TensorProto.INT8, [n, k]), _vi("scale", TensorProto.FLOAT, [n])]

@@ -8,14 +8,15 @@ quantized linear runs on this CPU.
 Part 1, formats: weight tensors of llama-1b shapes drawn from distributions of increasing outlier weight
 (Gaussian; Student-t with 30, 10, 5, 3 degrees of freedom; Gaussian with 0.1% of the entries planted at 8, 20,
 50 sigma), quantized with per-output-channel scales (``amax / max``: the scale plays the exponent bias) to INT8,
-FP8 E5M2 and E4M3 (torch's dtypes) and the simulated E3M4 and E2M5 grids (``runtime.qformats``). Printed: the
+FP8 E5M2 and E4M3 (torch's dtypes) and the simulated E3M4 and E2M5 grids (``shira_runtime.kernels.qformats``).
+Printed: the
 SQNR (dB) of each format, the best one, and what ``quantize(..., "auto")`` picks (among int8/E4M3/E5M2).
 
 Part 2, speed: one llama-1b-shape linear, every candidate path for 8-bit weights on the CPU at 1 and 64 tokens
 (and 256 for the int8 crossover), interleaved rounds, medians, against the fp32 and bf16 base in the same run:
 ``torch._weight_int8pack_mm`` (bf16 or fp32 activations), dequantize + GEMM, fbgemm's dynamic int8 linear (a
 prepacked copy), ``torch._int_mm``, ``torch._scaled_mm`` on FP8, an FP8 bf16 compute copy, and ``QuantLinear``
-itself (the path ``runtime.quantize`` chose per format and token count).
+itself (the path ``shira_runtime.quantization`` chose per format and token count).
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from shira_runtime.kernels.qformats import AUTO_CANDIDATES, choose_format, fake_quant, sqnr_db
+from shira_runtime.quantization import BF16_GEMM, QuantLinear, int8mm_max_tokens
+from shira_runtime.table import print_table
 
 from benchmarks.common import progress
 from benchmarks.timing import Timing, cycles, once
-from runtime.qformats import AUTO_CANDIDATES, choose_format, fake_quant, sqnr_db
-from runtime.quantize import BF16_GEMM, QuantLinear, int8mm_max_tokens
-from runtime.table import print_table
 
 FORMATS = ("int8", "e2m5", "e3m4", "fp8_e4m3", "fp8_e5m2")  # by exponent bits: 0 (int), 2, 3, 4, 5
 DISTS = ("gauss", "t30", "t10", "t5", "t3", "gauss+8sd", "gauss+20sd", "gauss+50sd")

@@ -33,15 +33,15 @@ import sys
 from dataclasses import asdict, dataclass
 
 import torch
+from shira_runtime import Runtime
+from shira_runtime.kernels.qformats import FORMATS
+from shira_runtime.models import PRESETS, TARGETS, build
+from shira_runtime.quantization import QuantLinear, quantize
+from shira_runtime.synthetic import random_lora, random_shira, target_weights
+from shira_runtime.table import print_table
 
 from benchmarks.common import progress
 from benchmarks.timing import Inference, cycle, once
-from runtime import Runtime
-from runtime.models import PRESETS, TARGETS, build
-from runtime.qformats import FORMATS
-from runtime.quantize import QuantLinear, quantize
-from runtime.synthetic import random_lora, random_shira, target_weights
-from runtime.table import print_table
 
 SURVIVAL_FORMATS = tuple(f for f in ("int8", "fp8_e4m3", "fp8_e5m2") if f in FORMATS)
 

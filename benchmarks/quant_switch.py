@@ -14,7 +14,7 @@ the copy is checked against the codes after the cycle). The codes-only row also 
 replaced: refreshing the copy's touched entries after the switch with torch index ops.
 
 Sizes: one llama-1b layer's seven projections at 1% (random and ``block`` masks), the bytes per nonzero of an
-adapter of codes (``runtime.quantize.bake``, file version 5) against the delta file with fp16 values.
+adapter of codes (``shira_runtime.quantization.bake``, file version 5) against the delta file with fp16 values.
 """
 
 from __future__ import annotations
@@ -25,17 +25,17 @@ import tempfile
 from pathlib import Path
 
 import torch
+from shira_runtime import quantize
+from shira_runtime.adapters import save_adapter
+from shira_runtime.kernels import extension, qformats, reference
+from shira_runtime.quantization import bake
+from shira_runtime.synthetic import random_shira
+from shira_runtime.table import print_table
 from torch import nn
 
 from benchmarks.common import copy_bandwidth_gbps, memory_floor_ms, progress, touched_lines
 from benchmarks.kernels import LAYER_SHAPES
 from benchmarks.timing import cycle, time_ms
-from kernels import extension, reference
-from runtime import qformats, quantize
-from runtime.adapters import save_adapter
-from runtime.quantize import bake
-from runtime.synthetic import random_shira
-from runtime.table import print_table
 
 
 def random_masks(shapes, density: float, gen: torch.Generator) -> list[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Many users, many adapters: a load test of ``runtime.serve`` on a local Ray cluster (loopback only, bounded).
+"""Many users, many adapters: a load test of ``shira_runtime.serve`` on a local Ray cluster (loopback only, bounded).
 
     python -m benchmarks.serve_load                 # small preset, 2 replicas, 16 SHiRA adapters, ~5 minutes
     python -m benchmarks.serve_load --quick         # tiny preset, shorter runs (< 3 minutes)
@@ -33,10 +33,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from shira_runtime.models import PRESETS
+from shira_runtime.serve import Client, RuntimeSpec, ServeConfig, Synthetic, bank_bytes, expected
+from shira_runtime.table import print_table
+
 from benchmarks.common import progress
-from runtime.models import PRESETS
-from runtime.serve import Client, RuntimeSpec, ServeConfig, Synthetic, bank_bytes, expected
-from runtime.table import print_table
 
 RETRIES = 2
 ROUTINGS = ("affinity", "round_robin", "unfused_lora")
@@ -276,8 +277,7 @@ def measure(cfg: Config, routings: tuple[str, ...] = ROUTINGS) -> tuple[list[Row
     """Each routing in ``cfg.rounds`` runs, the routings taking turns (a slow spell of a shared machine hits
     them alike) over deployments started once; then the kill-a-replica run."""
     from ray import serve
-
-    from runtime.serve import run, start_local, stop
+    from shira_runtime.serve import run, start_local, stop
 
     spec = specs(cfg)
     names, lora_names = spec["shira"].synthetic.names(), spec["lora"].synthetic.names()

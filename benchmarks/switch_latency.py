@@ -4,7 +4,8 @@
     python -m benchmarks.switch_latency --quick          # tiny preset, few repeats
     python -m benchmarks.switch_latency --dtype fp32 bf16 --json out.json --plot out.png
     python -m benchmarks.switch_latency --mask rand block struct wm snip   # switch rows per SHiRA mask kind
-    python -m benchmarks.switch_latency --dtype int8 fp8_e4m3 fp8_e5m2     # quantized bases (runtime.quantize)
+    python -m benchmarks.switch_latency --dtype int8 fp8_e4m3 fp8_e5m2     # quantized bases
+    (shira_runtime.quantization)
 
 Every figure is measured in this run: switch medians (and p90) over A -> B -> A cycles, first call excluded;
 inference medians at 1 token and at a batch of tokens, with whatever the method leaves active, against the base.
@@ -12,12 +13,13 @@ Both are taken by ``benchmarks.timing``, the same loops for the torch rows (here
 (``benchmarks.switch_onnx``); every row is a ``benchmarks.switch_rows.Row``.
 
 A quantized ``--dtype`` (``int8``, ``fp8_e4m3``, ``fp8_e5m2``): the fp32 model is built, the random adapters are
-made on it, then it is quantized in place (``runtime.quantize.quantize``, every linear but the LM head). SHiRA
+made on it, then it is quantized in place (``shira_runtime.quantization.quantize``, every linear but the LM head). SHiRA
 switches on the grid (the floor counts the touched lines of the 1-byte codes, and for FP8 those of the bf16
 compute copy the kernel writes beside them); the fused LoRA row is the PEFT way
 (``benchmarks.quant_survival.RequantLora``: dequantize, merge, requantize whole tensors with new scales; the
 runtime refuses fused LoRA on quantized weights); unfused LoRA runs through the runtime. ``int8`` also gets
-onnxruntime rows on an int8 bundle (``exporters.quant_graph``: SHiRA switched live on the codes, LoRA unfused in
+onnxruntime rows on an int8 bundle (``shira_runtime.exporters.quant_graph``: SHiRA switched live on the codes, LoRA
+unfused in
 slots beside them); FP8 bases have no bundle (onnxruntime's CPU provider has no FP8 matmul). Skipped, said in
 ``skipped``: the PEFT rows (PEFT cannot merge into our ``QuantLinear``) and every fused-LoRA row but the PEFT way's.
 """
@@ -35,8 +37,14 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from shira_runtime import Runtime, kernels
+from shira_runtime.kernels.dtypes import SHORT
+from shira_runtime.kernels.qformats import FORMATS
+from shira_runtime.masks import KINDS
+from shira_runtime.models import PRESETS, TARGETS
+from shira_runtime.quantization import QuantLinear, quantize
+from shira_runtime.synthetic import random_lora, random_shira
 
-import kernels
 from benchmarks.common import copy_bandwidth_gbps, memory_floor_ms, progress, touched_lines
 from benchmarks.quant_survival import RequantLora, code_bytes
 from benchmarks.switch_onnx import export_bundles, onnx_rows, onnx_unavailable
@@ -44,13 +52,6 @@ from benchmarks.switch_peft import peft_rows, peft_unavailable
 from benchmarks.switch_report import package_version, plot, report
 from benchmarks.switch_rows import Config, Row, gen_timing, inference, load_model, pair, prompt
 from benchmarks.timing import Inference, cycle, once
-from runtime import Runtime
-from runtime.dtypes import SHORT
-from runtime.masks import KINDS
-from runtime.models import PRESETS, TARGETS
-from runtime.qformats import FORMATS
-from runtime.quantize import QuantLinear, quantize
-from runtime.synthetic import random_lora, random_shira
 
 
 def shira_adapters(cfg: Config, model, mask: str, calibration: torch.Tensor | None):
@@ -351,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
         nargs="+",
         default=["fp32"],
         choices=sorted(SHORT) + list(FORMATS),
-        help="weight dtypes; int8 / fp8_e4m3 / fp8_e5m2: the fp32 model quantized (runtime.quantize)",
+        help="weight dtypes; int8 / fp8_e4m3 / fp8_e5m2: the fp32 model quantized (shira_runtime.quantization)",
     )
     p.add_argument("--density", type=float, default=0.01)
     p.add_argument("--rank", type=int, default=32)

@@ -19,17 +19,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from shira_runtime import Runtime
+from shira_runtime.generate import Sampling, cached_loop
+from shira_runtime.kernels.dtypes import BUNDLE
+from shira_runtime.kernels.qformats import FORMATS
+from shira_runtime.onnx_backend import OnnxBackend
 from torch import nn
 
 from benchmarks.common import memory_floor_ms, progress, touched_lines
 from benchmarks.onnx_live import initializer_graph, session
 from benchmarks.switch_rows import Config, Row, gen_timing, inference
 from benchmarks.timing import cycle, generation
-from runtime import Runtime
-from runtime.dtypes import BUNDLE
-from runtime.generate import Sampling, cached_loop
-from runtime.onnx_backend import OnnxBackend
-from runtime.qformats import FORMATS
 
 
 def onnx_unavailable(cfg: Config, dtype: str) -> str | None:
@@ -50,7 +50,7 @@ def onnx_unavailable(cfg: Config, dtype: str) -> str | None:
 
 def export_bundles(model: nn.Module, dtype: str, ctx: dict, workdir: Path) -> None:
     """The two bundles the onnxruntime rows run: ``base`` and ``lora`` (with LoRA slots for ``ctx``'s LoRA)."""
-    from exporters import export_onnx
+    from shira_runtime.exporters import export_onnx
 
     example = (torch.zeros(1, 8, dtype=torch.long),)
     la = ctx["lora_a"]

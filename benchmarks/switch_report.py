@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runtime.table import print_table
+from shira_runtime.table import print_table
 
 
 def package_version(pkg: str) -> str | None:

@@ -7,12 +7,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
+from shira_runtime import load_adapter
+from shira_runtime.kernels.dtypes import by_short
+from shira_runtime.models import PRESETS, TARGETS, build, load_base
 
 from benchmarks.common import progress, rss_mb
 from benchmarks.timing import GenTiming, Inference, InferTiming, Timing, generation
-from runtime import load_adapter
-from runtime.dtypes import by_short
-from runtime.models import PRESETS, TARGETS, build, load_base
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class Config:
     new_tokens: int = 32  # decode tokens timed after the first (generation columns)
     gen_repeats: int = 3
     no_peft: bool = False
-    masks: tuple[str, ...] = ("rand",)  # SHiRA mask kinds of the random adapters (runtime.masks); the first one
+    masks: tuple[str, ...] = ("rand",)  # SHiRA mask kinds of the random adapters (shira_runtime.masks); the first one
     # also serves the onnxruntime and PEFT rows
 
 

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import kernels
-from runtime import Runtime
-from runtime.dtypes import SHORT
-from runtime.models import TARGETS, build
-from runtime.synthetic import random_lora, random_shira
+from shira_runtime import Runtime, kernels
+from shira_runtime.kernels.dtypes import SHORT
+from shira_runtime.models import TARGETS, build
+from shira_runtime.synthetic import random_lora, random_shira
 
 
 @pytest.fixture(params=sorted(SHORT))

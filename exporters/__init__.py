@@ -9,7 +9,7 @@ __all__ = ["ExportError", "export_onnx"]
 
 def __getattr__(name: str) -> Any:  # onnx is an optional dependency: import it only when asked for
     if name in __all__:
-        from exporters import onnx_export
+        from shira_runtime.exporters import onnx_export
 
         return getattr(onnx_export, name)
-    raise AttributeError(f"module 'exporters' has no attribute {name!r}")
+    raise AttributeError(f"module 'shira_runtime.exporters' has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """Convert adapters between PEFT SHiRA directories and our compact file.
 
-    python -m exporters.convert to-ours PEFT_DIR OUT.safetensors [--values fp16|bf16|fp32] [--base PRESET]
-    python -m exporters.convert to-peft OURS.safetensors OUT_DIR
+    python -m shira_runtime.exporters.convert to-ours PEFT_DIR OUT.safetensors [--values fp16|bf16|fp32] [--base PRESET]
+    python -m shira_runtime.exporters.convert to-peft OURS.safetensors OUT_DIR
 
 PEFT files do not record the base tensors' shapes, which our file needs (flat indices): ``--base`` names a
 built-in preset, a transformers model directory or ``module.path:callable`` that returns an ``nn.Module``.
@@ -13,10 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from shira_runtime.adapters import SparseAdapter
+from shira_runtime.models import load_base
 from torch import nn
-
-from runtime.adapters import SparseAdapter
-from runtime.models import load_base
 
 
 def peft_to_ours(peft_dir: str | Path, out: str | Path, base: nn.Module, values: str | None = "fp32") -> SparseAdapter:
@@ -28,7 +27,7 @@ def peft_to_ours(peft_dir: str | Path, out: str | Path, base: nn.Module, values:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m exporters.convert", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m shira_runtime.exporters.convert", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("to-ours", help="PEFT SHiRA directory -> our compact file")
     a.add_argument("peft_dir")

@@ -12,7 +12,7 @@ named by its ``state_dict`` key and nothing is folded into copies of it. Then on
   parameters with equal values) gives that parameter back its own input;
 - ``Transpose(w)`` of a 2-D weight (``nn.Linear`` on 3-D activations) is kept by default: the weight stays in
   its ``state_dict`` layout, which the backend turns into the *A* operand of a GEMM (the fastest live form on
-  onnxruntime's CPU provider, see ``runtime.onnx_backend``). ``fold_transposes=True`` stores such weights
+  onnxruntime's CPU provider, see ``shira_runtime.onnx_backend``). ``fold_transposes=True`` stores such weights
   transposed instead (layout ``transposed``), for runtimes that want ``MatMul(X, W^T)`` with no transpose; a
   weight needed in both layouts (an embedding tied to the LM head) then stays as it is and keeps one
   ``Transpose`` node.
@@ -33,16 +33,15 @@ import numpy as np
 import onnx
 import torch
 from onnx import helper
+from shira_runtime.atomic import atomic_write
+from shira_runtime.bundle import FORMAT, GRAPH_FILE, MANIFEST_FILE, WEIGHTS_FILE, file_sha256
+from shira_runtime.exporters.dynamo_trace import Decoder, call_kwargs, decoder_of, is_decoder, trace, trace_decoder
+from shira_runtime.exporters.lora_slots import lora_slots
+from shira_runtime.exporters.quant_graph import QuantExportError, placeholders, rewrite_int8, scale_name, u8t_name
+from shira_runtime.kernels.dtypes import BUNDLE, NUMPY, TORCH
+from shira_runtime.manifest import Manifest
 from torch import nn
 from torch.utils._pytree import tree_leaves
-
-from exporters.dynamo_trace import Decoder, call_kwargs, decoder_of, is_decoder, trace, trace_decoder
-from exporters.lora_slots import lora_slots
-from exporters.quant_graph import QuantExportError, placeholders, rewrite_int8, scale_name, u8t_name
-from runtime.atomic import atomic_write
-from runtime.bundle import FORMAT, GRAPH_FILE, MANIFEST_FILE, WEIGHTS_FILE, file_sha256
-from runtime.dtypes import BUNDLE, NUMPY, TORCH
-from runtime.manifest import Manifest
 
 DEFAULT_OPSET = 17
 
@@ -77,9 +76,10 @@ def export_onnx(
     ``fold_transposes``: store transposed the weights the graph only reads transposed (see the module doc).
     ``verify``: open the bundle with onnxruntime and compare its outputs with the module's on the example.
     ``lora_rank``: give the linears named by ``lora_targets`` (name suffixes; None: all) zero LoRA slots of that
-    rank, live inputs that unfused LoRA adapters are written into (see ``exporters.lora_slots``).
+    rank, live inputs that unfused LoRA adapters are written into (see ``shira_runtime.exporters.lora_slots``).
     Weights must be fp32 or fp16 (onnxruntime's CPU provider has no bf16 kernels for most ops).
-    ``exporter``: ``"dynamo"`` (torch's dynamo exporter, ``exporters.dynamo_trace``), ``"torchscript"`` (the
+    ``exporter``: ``"dynamo"`` (torch's dynamo exporter, ``shira_runtime.exporters.dynamo_trace``), ``"torchscript"``
+    (the
     deprecated TorchScript exporter), or ``"auto"``: dynamo for transformers and diffusers models (TorchScript
     cannot trace transformers' decoders), TorchScript for other modules (it exports them in a second where
     dynamo takes several). With dynamo, a requested dynamic dimension the trace finds fixed stays static.
@@ -217,7 +217,7 @@ def _export(
             a = t.detach().cpu()
             arrays[canon] = np.ascontiguousarray((a.t() if layout == "transposed" else a).numpy())
         params[name] = {"onnx": canon, "layout": layout, "shape": list(t.shape), "dtype": TORCH[t.dtype].numpy}
-        if canon in quant:  # int8 codes and their fp32 scales, both live inputs (exporters.quant_graph)
+        if canon in quant:  # int8 codes and their fp32 scales, both live inputs (shira_runtime.exporters.quant_graph)
             layer, scale_key = quant[canon], scale_name(canon)
             arrays[canon] = np.ascontiguousarray(layer.weight.detach().cpu().numpy())
             arrays[scale_key] = np.ascontiguousarray(layer.weight_scale.detach().cpu().numpy())
@@ -424,7 +424,7 @@ def _io(v: onnx.ValueInfoProto) -> dict:
 
 
 def _verify(out: Path, args: tuple[torch.Tensor, ...], expected: list[torch.Tensor], tol: float | None = None) -> None:
-    from runtime.onnx_backend import OnnxBackend
+    from shira_runtime.onnx_backend import OnnxBackend
 
     backend = OnnxBackend.open(out)
     got = backend(*args)

@@ -1,6 +1,7 @@
 """Package a base model and its adapters into one self-contained bundle directory (mobile-style deployment).
 
-    python -m exporters.package --base llama-1b --adapter chat=peft_shira_dir/ --adapter code=code.safetensors \
+    python -m shira_runtime.exporters.package --base llama-1b --adapter chat=peft_shira_dir/ --adapter
+    code=code.safetensors \
         --out bundle/ [--values fp16] [--dtype fp32] [--quantize int8]
 
 ``--base``: a built-in preset (``tiny``, ``small``, ``llama-1b``), a transformers model directory (needs
@@ -19,16 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from shira_runtime.adapters import LoraAdapter, SparseAdapter, load_adapter, save_adapter
+from shira_runtime.bundle import ADAPTERS_DIR
+from shira_runtime.kernels.dtypes import SHORT, by_short
+from shira_runtime.manifest import Manifest
+from shira_runtime.models import load_base
+from shira_runtime.peft_format import is_peft_dir
+from shira_runtime.quantization import FORMAT_NAMES, QuantLinear, quantize
+from shira_runtime.table import print_table
 from torch import nn
-
-from runtime.adapters import LoraAdapter, SparseAdapter, load_adapter, save_adapter
-from runtime.bundle import ADAPTERS_DIR
-from runtime.dtypes import SHORT, by_short
-from runtime.manifest import Manifest
-from runtime.models import load_base
-from runtime.peft_format import is_peft_dir
-from runtime.quantize import FORMAT_NAMES, QuantLinear, quantize
-from runtime.table import print_table
 
 PEFT_BYTES_PER_NNZ = 12  # PEFT SHiRA: fp32 value + int32 row + int32 col
 
@@ -77,7 +77,7 @@ def package(
 ) -> Path:
     """Export ``base`` to an ONNX bundle in ``out_dir`` and pack ``adapters`` (name -> PEFT dir, our file or
     in-memory adapter) into ``out_dir/adapters``; prints a size report unless ``quiet``. Returns ``out_dir``."""
-    from exporters.onnx_export import export_onnx
+    from shira_runtime.exporters.onnx_export import export_onnx
 
     if isinstance(base, str):
         base = load_base(base)
@@ -90,15 +90,15 @@ def package(
     formats = {m.format for m in base.modules() if isinstance(m, QuantLinear)}
     quantized = bool(formats)
     if formats - {"int8"}:
-        from exporters.onnx_export import ExportError
+        from shira_runtime.exporters.onnx_export import ExportError
 
         raise ExportError(
             f"the base holds {'/'.join(sorted(formats - {'int8'}))} layers: bundles hold int8 bases only "
             "(onnxruntime's CPU provider has no FP8 matmul); serve an FP8 base on the torch backend "
             "(Runtime.load(module)) and ship its adapters as files of codes for it "
-            "(save_adapter(runtime.quantize.bake(adapter, module), path)); nothing was written"
+            "(save_adapter(shira_runtime.quantization.bake(adapter, module), path)); nothing was written"
         )
-    from runtime import Runtime
+    from shira_runtime import Runtime
 
     checker = Runtime.load(base) if quantized else None
     read = {}
@@ -172,7 +172,7 @@ def package(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m exporters.package", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m shira_runtime.exporters.package", description=__doc__.split("\n")[0])
     p.add_argument("--base", required=True, help="preset, transformers model dir, or module.path:callable")
     p.add_argument(
         "--adapter",
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         "--quantize",
         default=None,
         choices=FORMAT_NAMES,
-        help="quantize the base first (runtime.quantize, every linear but the LM head); bundles hold int8 only",
+        help="quantize the base first (every linear but the LM head); bundles hold int8 only",
     )
     p.add_argument("--example-shape", default=None, help="int64 input shape for the export, e.g. 1,8")
     args = p.parse_args(argv)

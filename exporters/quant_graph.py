@@ -9,7 +9,8 @@ then ``rewrite_int8`` replaces each such weight's ``MatMul(X, Transpose(W))`` / 
 
 ``U`` (graph input ``<module>.weight::u8t``) is the transposed zero-point-128 copy of the int8 codes,
 ``U[c, r] = code[r, c] ^ 0x80``: the runtime builds it from the codes when it opens the bundle, and the switch
-kernels write it beside the codes in the same visit (their uint8 ``mirror``, ``kernels.reference``). The codes
+kernels write it beside the codes in the same visit (their uint8 ``mirror``, ``shira_runtime.kernels.reference``). The
+codes
 (int8 ``[out, in]``, the torch layout: the switch writes the same bytes at the same indices as on the torch
 backend) and ``<module>.weight_scale`` (fp32 ``[out]``) are the bundle's parameters, both graph inputs; the codes
 are read by no node (the fingerprint, the switch and the revert work on them). Memory: 2 bytes per weight.
@@ -30,9 +31,8 @@ from contextlib import contextmanager
 import onnx
 import torch
 from onnx import TensorProto, helper
+from shira_runtime.quantization import QuantLinear, scale_name
 from torch import nn
-
-from runtime.quantize import QuantLinear, scale_name
 
 
 class QuantExportError(ValueError):

@@ -1,7 +1,7 @@
 """Adapter-switching inference runtime: SHiRA sparse adapters switched in place, LoRA as the baseline."""
 
-from runtime.adapters import LoraAdapter, SparseAdapter, load_adapter, save_adapter
-from runtime.errors import (
+from shira_runtime.adapters import LoraAdapter, SparseAdapter, load_adapter, save_adapter
+from shira_runtime.errors import (
     AdapterFormatError,
     AdapterMismatchError,
     AdapterValueError,
@@ -9,10 +9,10 @@ from runtime.errors import (
     ShiraError,
     UnknownAdapterError,
 )
-from runtime.fingerprint import Fingerprint
-from runtime.manager import Runtime
-from runtime.quantize import quantize
-from runtime.switcher import SwitchStats
+from shira_runtime.fingerprint import Fingerprint
+from shira_runtime.manager import Runtime
+from shira_runtime.quantization import quantize
+from shira_runtime.switcher import SwitchStats
 
 __all__ = [
     "AdapterFormatError",

@@ -3,9 +3,10 @@
     adapter = load_adapter("a.safetensors")        # our file, a PEFT SHiRA or LoRA directory, or an object
     save_adapter(adapter, "a.safetensors", values="fp16")     # our compact file
     save_adapter(adapter, "peft_dir/", format="peft")          # a PEFT SHiRA directory
-    save_adapter(runtime.quantize.bake(adapter, qmodel), "a.int8.safetensors")   # codes for one quantized base
+    save_adapter(shira_runtime.quantization.bake(adapter, qmodel), "a.int8.safetensors")   # codes for one quantized
+    base
 
-The byte layouts belong to ``runtime.shira_file`` (ours) and ``runtime.peft_format`` (PEFT's); the classes
+The byte layouts belong to ``shira_runtime.shira_file`` (ours) and ``shira_runtime.peft_format`` (PEFT's); the classes
 hold data and validate it against a base (``SparseAdapter.flat``, ``LoraAdapter.factors``).
 ``SparseAdapter.load/.save/.from_peft/.to_peft`` and ``LoraAdapter.from_peft`` are the same verbs.
 """
@@ -18,11 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-from runtime import peft_format, shira_file
-from runtime.dtypes import FLOATS, by_short
-from runtime.errors import AdapterFormatError, AdapterMismatchError, AdapterValueError, BaseMismatchError
-from runtime.fingerprint import Fingerprint
+from shira_runtime import peft_format, shira_file
+from shira_runtime.errors import AdapterFormatError, AdapterMismatchError, AdapterValueError, BaseMismatchError
+from shira_runtime.fingerprint import Fingerprint
+from shira_runtime.kernels.dtypes import FLOATS, by_short
 
 
 @dataclass(eq=False)
@@ -226,7 +226,8 @@ class LoraAdapter:
 
 @dataclass(eq=False)
 class CodesAdapter:
-    """A SHiRA adapter baked for one quantized base (``runtime.quantize.bake``): per tensor, the flat sorted indices
+    """A SHiRA adapter baked for one quantized base (``shira_runtime.quantization.bake``): per tensor, the flat sorted
+    indices
     whose code the adapter changes and the new codes themselves (1-byte, the base's dtype). Switching it is a byte
     scatter with no grid math; it is switched alone, at weight 1.0 (fuse the delta adapters instead).
 

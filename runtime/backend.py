@@ -5,8 +5,8 @@ A backend has:
 - ``aliases``: every accepted name (tied weights have several) -> canonical name;
 - ``shapes``: canonical name -> logical shape (the parameter's shape, e.g. ``[out, in]`` for a linear);
 - ``transposed``: canonical names stored as the transpose of their logical shape (ONNX exports do this);
-- ``scales``: canonical names of quantized weights (1-byte codes, ``runtime.quantize``) -> their fixed fp32
-  per-row scales ``[rows]``; a switch writes those codes on their grid (``runtime.qformats``);
+- ``scales``: canonical names of quantized weights (1-byte codes, ``shira_runtime.quantization``) -> their fixed fp32
+  per-row scales ``[rows]``; a switch writes those codes on their grid (``shira_runtime.kernels.qformats``);
 - ``mirror(name)``: the copy of a quantized weight the kernels write in the same visit as its codes, or None: an
   FP8 layer's bf16 compute copy (torch), an int8 weight's transposed uint8 copy (bundles); ``resync(name)`` after
   the codes were written by anything else;
@@ -21,11 +21,10 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
+from shira_runtime.errors import AdapterMismatchError
+from shira_runtime.kernels.dtypes import FLOATS
+from shira_runtime.quantization import QuantLinear, check_scales, scale_name
 from torch import nn
-
-from runtime.dtypes import FLOATS
-from runtime.errors import AdapterMismatchError
-from runtime.quantize import QuantLinear, check_scales, scale_name
 
 
 class Backend(ABC):
@@ -37,7 +36,8 @@ class Backend(ABC):
     kind = "?"
 
     def mirror(self, name: str) -> torch.Tensor | None:
-        """The copy of quantized weight ``name`` the kernels write beside its codes (``kernels.reference``'s
+        """The copy of quantized weight ``name`` the kernels write beside its codes
+        (``shira_runtime.kernels.reference``'s
         mirrors), or None (plain tensors)."""
         return None
 

@@ -6,13 +6,12 @@ Everything that can be wrong with an adapter is found here, before any switch wr
 from __future__ import annotations
 
 import torch
-
-from runtime.adapters import CodesAdapter, LoraAdapter, SparseAdapter
-from runtime.backend import Backend
-from runtime.errors import AdapterMismatchError, BaseMismatchError
-from runtime.fingerprint import PROBES, codes_base_hash
-from runtime.qformats import decode, grid_half_step, quant_format
-from runtime.switcher import Prepared, Switcher
+from shira_runtime.adapters import CodesAdapter, LoraAdapter, SparseAdapter
+from shira_runtime.backend import Backend
+from shira_runtime.errors import AdapterMismatchError, BaseMismatchError
+from shira_runtime.fingerprint import PROBES, codes_base_hash
+from shira_runtime.kernels.qformats import decode, grid_half_step, quant_format
+from shira_runtime.switcher import Prepared, Switcher
 
 MODES = ("fused", "unfused")
 

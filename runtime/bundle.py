@@ -1,7 +1,7 @@
 """Bundle files: names, the error class, and the weight file read into memory we own.
 
 A bundle is a directory: ``model.onnx`` (no weight bytes inside), ``weights.safetensors``, ``manifest.json``
-(``runtime.manifest``: format and version, parameter name -> ONNX tensor, layout, shape, dtype; inputs/outputs;
+(``shira_runtime.manifest``: format and version, parameter name -> ONNX tensor, layout, shape, dtype; inputs/outputs;
 fingerprint) and, when packaged, ``adapters/``. Every file is untrusted: each check names the file and tensor.
 """
 
@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from runtime.dtypes import NUMPY
-from runtime.errors import AdapterFormatError
+from shira_runtime.errors import AdapterFormatError
+from shira_runtime.kernels.dtypes import NUMPY
 
 FORMAT = "shira-onnx-bundle"
 VERSION = 2  # 1: no manifest checksum, a structure hash of names and shapes only

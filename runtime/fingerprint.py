@@ -6,7 +6,7 @@ A fingerprint has two parts:
 - ``probes``: per tensor, the base values (fp32) at the adapter's first ``PROBES`` indices. They are compared
   with a tolerance that a 16-bit copy of the same base passes and another base's weights do not.
 
-On a quantized base (``runtime.quantize``) the probes are compared with the dequantized codes, allowing each
+On a quantized base (``shira_runtime.quantization``) the probes are compared with the dequantized codes, allowing each
 probe the grid's half step at its code on top (``check``'s ``slack``): an adapter made on the fp32 model applies
 to its INT8/FP8 copy, still not to another model of the same shapes.
 """
@@ -19,8 +19,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-
-from runtime.errors import BaseMismatchError
+from shira_runtime.errors import BaseMismatchError
 
 PROBES = 16
 RTOL = 1e-2  # bf16 keeps ~3 significant digits: a bf16 copy of the base stays well inside this
@@ -84,7 +83,8 @@ class Fingerprint:
 
 
 def codes_base_hash(fmt: str, shape: tuple[int, ...], scales: torch.Tensor, base_codes: torch.Tensor) -> str:
-    """What an adapter of codes (``runtime.adapters.CodesAdapter``) records of the quantized base it was baked for,
+    """What an adapter of codes (``shira_runtime.adapters.CodesAdapter``) records of the quantized base it was baked
+    for,
     per tensor: sha256 of the format, the shape, every per-row scale and the base codes at the adapter's indices.
     Another format, other scales (another weight's rows) or other codes under the adapter give another hash."""
     h = hashlib.sha256(json.dumps([fmt, list(shape)]).encode())

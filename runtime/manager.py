@@ -10,16 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from shira_runtime.adapters import Source, load_adapter
+from shira_runtime.backend import Backend, TorchBackend
+from shira_runtime.bank import prepare
+from shira_runtime.errors import ShiraError, UnknownAdapterError
+from shira_runtime.generate import Sampling, cached_loop, check_ids, loop
+from shira_runtime.manifest import Manifest
+from shira_runtime.rwlock import RWLock
+from shira_runtime.switcher import Prepared, Switcher, SwitchStats
 from torch import nn
-
-from runtime.adapters import Source, load_adapter
-from runtime.backend import Backend, TorchBackend
-from runtime.bank import prepare
-from runtime.errors import ShiraError, UnknownAdapterError
-from runtime.generate import Sampling, cached_loop, check_ids, loop
-from runtime.manifest import Manifest
-from runtime.rwlock import RWLock
-from runtime.switcher import Prepared, Switcher, SwitchStats
 
 Names = str | Sequence[str] | None
 
@@ -46,7 +45,7 @@ class Runtime:
         if isinstance(base, nn.Module):
             return cls(TorchBackend(base))
         if isinstance(base, (str, Path)):
-            from runtime.onnx_backend import OnnxBackend
+            from shira_runtime.onnx_backend import OnnxBackend
 
             rt = cls(OnnxBackend.open(Path(base)))
             rt._register_bundled(Path(base), rt.backend.manifest)
@@ -197,7 +196,7 @@ class Runtime:
         The generation holds the inference side of the lock throughout: no switch lands inside it. A transformers
         model on the torch backend runs its own ``generate``; a bundle exported with its KV cache runs a prefill
         then one-token steps over the cache; other decoders re-run the sequence each step, without padding (see
-        ``runtime.generate``)."""
+        ``shira_runtime.generate``)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
         sampling = Sampling(do_sample, temperature, top_k, top_p, seed)

@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from runtime.atomic import atomic_write
-from runtime.bundle import (
+from shira_runtime.atomic import atomic_write
+from shira_runtime.bundle import (
     ADAPTER_KINDS,
     ADAPTERS_DIR,
     FORMAT,
@@ -27,7 +26,7 @@ from runtime.bundle import (
     is_dim,
     read_bytes,
 )
-from runtime.dtypes import BUNDLE, NUMPY, SHORT
+from shira_runtime.kernels.dtypes import BUNDLE, NUMPY, SHORT
 
 
 def structure_of(parameters: dict[str, dict]) -> str:
@@ -169,7 +168,8 @@ class Manifest:
         )
 
     def mirrors(self) -> dict[str, tuple[str, tuple[int, int]]]:
-        """Graph inputs the runtime builds from the int8 codes (``exporters.quant_graph``): name -> (the codes'
+        """Graph inputs the runtime builds from the int8 codes (``shira_runtime.exporters.quant_graph``): name -> (the
+        codes'
         ONNX name, uint8 shape ``[in, out]``)."""
         return {
             p["quant"]["u8t"]: (p["onnx"], (p["shape"][1], p["shape"][0]))

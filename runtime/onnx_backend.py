@@ -17,7 +17,7 @@ Mechanism (measured, with the alternatives, by ``python -m benchmarks.onnx_live 
 After opening, a probe writes one weight, runs, checks the output changed, and restores it bit for bit:
 if a future onnxruntime copies graph inputs, opening fails loudly instead of serving stale weights.
 
-Bundle files are untrusted: ``runtime.bundle`` checks them, naming the file and tensor at fault (``BundleError``).
+Bundle files are untrusted: ``shira_runtime.bundle`` checks them, naming the file and tensor at fault (``BundleError``).
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from runtime.backend import Backend
-from runtime.bundle import BundleError, read_bytes, read_weights
-from runtime.errors import AdapterMismatchError, ShiraError
-from runtime.manifest import Manifest
-from runtime.quantize import check_scales
+from shira_runtime.backend import Backend
+from shira_runtime.bundle import BundleError, read_bytes, read_weights
+from shira_runtime.errors import AdapterMismatchError, ShiraError
+from shira_runtime.manifest import Manifest
+from shira_runtime.quantization import check_scales
 
 GEMM_A_MIN = 1 << 16  # weight elements from which the GEMM-A rewrite pays (256 x 256)
 
@@ -83,14 +82,15 @@ class OnnxBackend(Backend):
                     self.scales[name] = torch.from_numpy(arrays[params[scale_of[name]]["onnx"]])
                     check_scales(name, self.scales[name], BundleError, f"{bundle / manifest.weights}: ")
         self.transposed = frozenset(n for n in self.tensors if params[n]["layout"] == "transposed")
-        # an int8 weight's graph reads its transposed uint8 copy (exporters.quant_graph): built here from the codes,
+        # an int8 weight's graph reads its transposed uint8 copy (shira_runtime.exporters.quant_graph): built here
+        # from the codes,
         # bound like every weight, and written by the switch kernels beside the codes (their uint8 mirror)
         by_onnx = {params[n]["onnx"]: n for n in self.tensors}
         self.mirrors: dict[str, torch.Tensor] = {}
         for u8t, (codes, _) in manifest.mirrors().items():
             arrays[u8t] = u8t_copy(torch.from_numpy(arrays[codes])).contiguous().numpy()
             self.mirrors[by_onnx[codes]] = torch.from_numpy(arrays[u8t])
-        # LoRA slots (exporters.lora_slots): module path -> (lora_A name, lora_B name); zero when unused
+        # LoRA slots (shira_runtime.exporters.lora_slots): module path -> (lora_A name, lora_B name); zero when unused
         self.lora_slots = {
             n[: -len(".lora_A")]: (n, n[: -len(".lora_A")] + ".lora_B")
             for n in self.tensors
@@ -422,7 +422,8 @@ def positions(mask: np.ndarray, seq: int) -> np.ndarray:
 
 def u8t_copy(codes: torch.Tensor) -> torch.Tensor:
     """What an int8 bundle's graph reads for 2-D int8 codes ``[out, in]``: uint8 ``[in, out]``, ``code ^ 0x80``
-    (``code + 128``, zero point 128) transposed (a view; ``exporters.quant_graph``, the kernels' uint8 mirror)."""
+    (``code + 128``, zero point 128) transposed (a view; ``shira_runtime.exporters.quant_graph``, the kernels' uint8
+    mirror)."""
     return (codes.view(torch.uint8) ^ 0x80).t()
 
 

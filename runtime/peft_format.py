@@ -6,7 +6,7 @@ Everything the directory states is checked against what it holds: the ``peft_typ
 SHiRA layer's entries as ``r * (out + in)``; a LoRA layer's rank is ``r`` or its ``rank_pattern`` entry),
 ``target_modules``, ``lora_alpha`` and ``alpha_pattern`` (numbers; patterns that compile). A SHiRA directory
 records no base shapes: ``r`` goes with the adapter (``peft_r``) and is checked against the base when the
-adapter is applied. This module knows files only; ``runtime.adapters`` builds the objects.
+adapter is applied. This module knows files only; ``shira_runtime.adapters`` builds the objects.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-
-from runtime.errors import AdapterFormatError
+from shira_runtime.errors import AdapterFormatError
 
 PREFIX = "base_model.model."
 WEIGHTS = "adapter_model.safetensors"

@@ -1,10 +1,11 @@
 """Serving many adapters to many users: the runtime on Ray Serve, with adapter-affinity routing.
 
-    python -m runtime.serve BUNDLE_DIR --replicas 2               # HTTP on 127.0.0.1:8000, every bundled adapter
-    python -m runtime.serve small --synthetic 8 --check           # a preset with 8 random SHiRA adapters, self-test
+    python -m shira_runtime.serve BUNDLE_DIR --replicas 2               # HTTP on 127.0.0.1:8000, every bundled adapter
+    python -m shira_runtime.serve small --synthetic 8 --check           # a preset with 8 random SHiRA adapters,
+    self-test
 
 Each replica holds one ``Runtime`` (over a bundle directory or a preset module) with every adapter registered,
-and one ``GroupWorker`` (``runtime.serve_groups``): waiting requests are grouped by adapter, the replica switches
+and one ``GroupWorker`` (``shira_runtime.serve_groups``): waiting requests are grouped by adapter, the replica switches
 once per group and generates the group as one batch. A request names its adapter by Ray's multiplexed model id
 (``handle.options(multiplexed_model_id=name)``, or the HTTP header ``serve_multiplexed_model_id``; none for the
 base) and carries a prompt: ``{"ids": [token ids], "max_new_tokens": n}``. The reply names the adapter that
@@ -34,10 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from runtime.manager import Runtime
-from runtime.models import PRESETS, TARGETS, build
-from runtime.serve_groups import AdapterGroups, GroupWorker, ServeError, check_adapter
+from shira_runtime.manager import Runtime
+from shira_runtime.models import PRESETS, TARGETS, build
+from shira_runtime.serve_groups import AdapterGroups, GroupWorker, ServeError, check_adapter
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -58,7 +58,7 @@ class Synthetic:
         return [f"{self.kind}{i:02d}" for i in range(self.count)]
 
     def make(self, module: torch.nn.Module) -> dict[str, Any]:
-        from runtime.synthetic import random_lora, random_shira
+        from shira_runtime.synthetic import random_lora, random_shira
 
         if self.kind == "shira":
             return {
@@ -76,7 +76,7 @@ class Synthetic:
 @dataclass(frozen=True)
 class RuntimeSpec:
     """What one replica loads: ``base`` (a bundle directory, whose adapters are registered, or a preset name of
-    ``runtime.models``), extra ``adapters`` (name, our file or a PEFT directory), ``synthetic`` adapters."""
+    ``shira_runtime.models``), extra ``adapters`` (name, our file or a PEFT directory), ``synthetic`` adapters."""
 
     base: str
     adapters: tuple[tuple[str, str], ...] = ()
@@ -99,7 +99,7 @@ class RuntimeSpec:
         """The names a replica registers, without building it (a bundle's come from its manifest)."""
         names = []
         if self.is_bundle():
-            from runtime.manifest import Manifest
+            from shira_runtime.manifest import Manifest
 
             names += list(Manifest.read(Path(self.base)).adapters)
         names += [n for n, _ in self.adapters]
@@ -110,7 +110,7 @@ class RuntimeSpec:
         """The runtime with every adapter registered; sets this process's torch threads to ``threads``."""
         torch.set_num_threads(self.threads)
         if self.is_bundle():
-            from runtime.onnx_backend import OnnxBackend
+            from shira_runtime.onnx_backend import OnnxBackend
 
             if self.synthetic is not None:
                 raise ValueError(f"synthetic adapters need a preset base, not the bundle {self.base}")
@@ -256,7 +256,7 @@ class Client:
     _handles: dict[str, Any] = field(default_factory=dict)
 
     def submit(self, adapter: str | None, ids: Sequence[int], max_new_tokens: int = 16):
-        """A ``DeploymentResponse``; ``.result()`` is the reply dict (see ``runtime.serve_groups.Reply``)."""
+        """A ``DeploymentResponse``; ``.result()`` is the reply dict (see ``shira_runtime.serve_groups.Reply``)."""
         payload = {"ids": [int(t) for t in ids], "max_new_tokens": max_new_tokens}
         if not self.affinity:
             return self.handle.remote({**payload, "adapter": adapter})
@@ -309,7 +309,7 @@ def _http_check(spec: RuntimeSpec, port: int, max_new_tokens: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m runtime.serve",
+        prog="python -m shira_runtime.serve",
         description="Serve a bundle (or a preset) and its adapters on a local Ray Serve.",
     )
     p.add_argument("base", help="a bundle directory (its adapters are served) or a preset name: " + str(list(PRESETS)))

@@ -1,6 +1,6 @@
 """One replica's scheduler: waiting requests grouped by adapter, one switch per group, one batched generation.
 
-Pure Python and torch (no Ray): ``runtime.serve`` runs one ``GroupWorker`` inside each Ray Serve replica, and the
+Pure Python and torch (no Ray): ``shira_runtime.serve`` runs one ``GroupWorker`` inside each Ray Serve replica, and the
 tests drive it directly.
 
 - ``AdapterGroups``: the waiting requests, one FIFO queue per group key ``(adapter, prompt length,
@@ -25,9 +25,8 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 
 import torch
-
-from runtime.errors import ShiraError, UnknownAdapterError
-from runtime.manager import Runtime
+from shira_runtime.errors import ShiraError, UnknownAdapterError
+from shira_runtime.manager import Runtime
 
 Key = tuple[str | None, int, int]  # (adapter or None for the base, prompt length, max_new_tokens)
 

@@ -16,7 +16,7 @@ still load):
   (JSON, optional), ``checksums`` (JSON tensor key -> sha256 of the key, dtype, shape and bytes) and
   ``meta_checksum`` (sha256 of every other metadata field). A relabelled dtype, an edited shape, a renamed
   tensor or a flipped byte anywhere fails one of them.
-Version 5 (an adapter of codes, ``runtime.quantize.bake``: made for one quantized base): the indices as above
+Version 5 (an adapter of codes, ``shira_runtime.quantization.bake``: made for one quantized base): the indices as above
 (gaps/runs), ``<name>::codes`` (the new 1-byte codes: int8 / float8_e4m3fn / float8_e5m2) instead of values, no
 probes; metadata ``quant_formats`` (JSON name -> format, matching the codes' dtype) and ``bases`` (JSON name ->
 ``fingerprint.codes_base_hash`` of the base's format, scales and codes at the indices). ~1 byte of gap + 1 byte
@@ -24,7 +24,7 @@ of code per entry.
 Version 2 checksummed the bytes only (a header relabel of a same-sized dtype passes it); version 1 stored
 ``<name>::indices`` (int32/int64 flat) and no checksums. Whatever the version, every field and tensor is
 checked for type, dtype, rank, range and finiteness: anything unexpected is an ``AdapterFormatError``
-naming the file and the tensor. This module knows bytes only; ``runtime.adapters`` builds the objects.
+naming the file and the tensor. This module knows bytes only; ``shira_runtime.adapters`` builds the objects.
 """
 
 from __future__ import annotations
@@ -38,11 +38,10 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-
-from runtime.atomic import atomic_write
-from runtime.dtypes import FLOATS
-from runtime.errors import AdapterFormatError
-from runtime.fingerprint import PROBES, Fingerprint
+from shira_runtime.atomic import atomic_write
+from shira_runtime.errors import AdapterFormatError
+from shira_runtime.fingerprint import PROBES, Fingerprint
+from shira_runtime.kernels.dtypes import FLOATS
 
 FORMAT = "shira-runtime/sparse"
 VERSION = 4
@@ -216,7 +215,7 @@ def write_codes(
     mask_kind: str,
 ) -> Path:
     """Write an adapter of codes (version 5) from validated parts; atomic."""
-    from runtime.qformats import quant_format
+    from shira_runtime.kernels.qformats import quant_format
 
     tensors: dict[str, torch.Tensor] = {}
     for name, idx in indices.items():
@@ -323,7 +322,7 @@ def read(path: str | Path) -> dict[str, Any]:
 
 def _read_codes(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The fields of a ``CodesAdapter`` (version 5), fully checked."""
-    from runtime.qformats import FORMATS
+    from shira_runtime.kernels.qformats import FORMATS
 
     shapes = _shapes(path, _field(path, meta, "shapes", json.loads))
     formats = _field(path, meta, "quant_formats", json.loads)

@@ -16,12 +16,11 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-
-import kernels
-from kernels.checks import QUANT_DTYPES
-from kernels.reference import requantize
-from runtime.backend import Backend
-from runtime.errors import AdapterValueError
+from shira_runtime import kernels
+from shira_runtime.backend import Backend
+from shira_runtime.errors import AdapterValueError
+from shira_runtime.kernels.checks import QUANT_DTYPES
+from shira_runtime.kernels.reference import requantize
 
 
 @dataclass

@@ -8,11 +8,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from shira_runtime.adapters import LoraAdapter, SparseAdapter
+from shira_runtime.fingerprint import Fingerprint
+from shira_runtime.masks import random_indices, shira_mask_fn
 from torch import nn
-
-from runtime.adapters import LoraAdapter, SparseAdapter
-from runtime.fingerprint import Fingerprint
-from runtime.masks import random_indices, shira_mask_fn
 
 
 def target_weights(module: nn.Module, targets: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -40,7 +39,7 @@ def random_shira(
 ) -> SparseAdapter:
     """A random SHiRA adapter over the target linears: ``density`` of each weight, deltas ~ N(0, std).
 
-    ``mask``: a kind of ``runtime.masks`` (``block`` without ``batch``: random blocks) picks the positions,
+    ``mask``: a kind of ``shira_runtime.masks`` (``block`` without ``batch``: random blocks) picks the positions,
     PEFT's way: ``r * (out + in)`` per layer for one ``r``
     (the adapter's ``density`` overall; saved as PEFT SHiRA, it loads in PEFT); None: uniformly random
     positions, ``round(density * numel)`` in each weight. ``batch`` (input ids) is the calibration batch of the

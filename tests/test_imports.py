@@ -1,5 +1,6 @@
-"""The project's import graph has no cycles, counting imports inside functions too (a lazy import that dodges a
-cycle is still one: it means a module holds two concerns)."""
+"""The import graph holds the layers kernels < runtime < exporters < benchmarks: no module imports from a higher
+layer, counting imports inside functions too (a lazy import that dodges a cycle is still an upward edge), and there
+are no cycles within a layer."""
 
 from __future__ import annotations
 
@@ -7,15 +8,34 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("runtime", "kernels", "exporters", "benchmarks")
+# repository folder -> installed module prefix (pyproject's package-dir), lowest layer first
+FOLDERS = {
+    "runtime/kernels": "shira_runtime.kernels",
+    "runtime": "shira_runtime",
+    "exporters": "shira_runtime.exporters",
+    "benchmarks": "benchmarks",
+}
+LAYERS = ("shira_runtime.kernels", "shira_runtime", "shira_runtime.exporters", "benchmarks")
+
+
+def layer(module: str) -> int:
+    """Index in LAYERS of the longest prefix that owns ``module``."""
+    best = max((p for p in LAYERS if module == p or module.startswith(p + ".")), key=len)
+    return LAYERS.index(best)
+
+
+def module_files() -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for folder, prefix in FOLDERS.items():
+        for f in (ROOT / folder).rglob("*.py"):
+            rel = f.relative_to(ROOT / folder).with_suffix("").parts
+            name = ".".join((prefix, *rel)).removesuffix(".__init__")
+            files.setdefault(name, f)  # runtime/kernels/* is claimed by its own prefix first
+    return files
 
 
 def module_graph() -> dict[str, set[str]]:
-    files = {}
-    for pkg in PACKAGES:
-        for f in (ROOT / pkg).rglob("*.py"):
-            name = ".".join(f.relative_to(ROOT).with_suffix("").parts)
-            files[name.removesuffix(".__init__")] = f
+    files = module_files()
     graph = {}
     for name, f in files.items():
         package = name if f.name == "__init__.py" else name.rpartition(".")[0]
@@ -29,9 +49,13 @@ def module_graph() -> dict[str, set[str]]:
                     parts = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join([*parts, base] if base else parts)
                 subs = {f"{base}.{a.name}" for a in node.names}
-                found |= subs if subs <= set(files) else subs | {base}  # `from pkg import submodule` skips pkg
+                found |= {s for s in subs if s in files} or {base}  # `from pkg import submodule` skips pkg
         graph[name] = {m for m in found if m in files and m != name}
     return graph
+
+
+def upward_edges(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{a} -> {b}" for a, deps in graph.items() for b in deps if layer(b) > layer(a))
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -53,13 +77,27 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_the_checker_finds_a_cycle():
+def test_the_checkers_find_a_cycle_and_an_upward_edge():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+    graph = {"shira_runtime.kernels.x": {"shira_runtime.manager"}, "shira_runtime.manager": {"shira_runtime.kernels.x"}}
+    assert upward_edges(graph) == ["shira_runtime.kernels.x -> shira_runtime.manager"]
+    assert layer("shira_runtime.exporters.package") == 2 and layer("shira_runtime.kernels") == 0
+    assert layer("shira_runtime.manager") == 1 and layer("benchmarks.switch_latency") == 3
+
+
+def test_the_graph_sees_the_whole_project():
+    graph = module_graph()
+    assert "shira_runtime.shira_file" in graph["shira_runtime.adapters"]
+    assert "shira_runtime.kernels.reference" in graph and "shira_runtime.exporters.package" in graph
+    assert any(m.startswith("shira_runtime.kernels") for m in graph["shira_runtime.switcher"])
+
+
+def test_layers_kernels_runtime_exporters_benchmarks():
+    edges = upward_edges(module_graph())
+    assert not edges, "imports from a higher layer:\n" + "\n".join(edges)
 
 
 def test_no_import_cycles():
-    graph = module_graph()
-    assert "runtime.adapters" in graph and "runtime.shira_file" in graph["runtime.adapters"]
-    cycle = find_cycle(graph)
+    cycle = find_cycle(module_graph())
     assert cycle is None, " -> ".join(cycle)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from shira_runtime.switcher import Switcher
+
 from benchmarks.atomic_cost import main
-from runtime.switcher import Switcher
 
 
 def test_atomic_cost_runs_and_restores_the_switcher(capsys):

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from shira_runtime import Runtime
 
 from benchmarks import fusion
 from benchmarks.fusion_tasks import BASE_TASKS, HELD_OUT, LETTER0, SEP, TASK_TOKEN, Sampler, eval_set
-from runtime import Runtime
 
 pytest.importorskip("peft")
 TOKEN_TASK = {v: k for k, v in TASK_TOKEN.items()}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from shira_runtime.kernels import reference
 
 from benchmarks import kernels as bench
-from kernels import reference
 
 
 class Recording:
@@ -59,7 +59,7 @@ def test_time_switch_from_b_goes_to_a_first():
 
 def test_run_case_on_small_shapes():
     try:
-        from kernels import extension
+        from shira_runtime.kernels import extension
 
         extension.load()
     except Exception as exc:  # any build failure: this benchmark needs the fast path

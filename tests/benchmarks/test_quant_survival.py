@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
+from shira_runtime.models import TARGETS, build
+from shira_runtime.quantization import quantize, quantize_weight
+from shira_runtime.synthetic import random_lora
 
 from benchmarks.quant_survival import RequantLora, bytes_changed, code_bytes, main, requantize_fast
-from runtime.models import TARGETS, build
-from runtime.quantize import quantize, quantize_weight
-from runtime.synthetic import random_lora
 
 
 def test_quick_run_measures_every_format(tmp_path, capsys):

@@ -10,12 +10,11 @@ import torch
 peft = pytest.importorskip("peft")
 
 from peft import PeftModel, ShiraConfig, get_peft_model  # noqa: E402
-
-from exporters.convert import main as convert_main  # noqa: E402
-from exporters.convert import peft_to_ours  # noqa: E402
-from runtime import AdapterFormatError, SparseAdapter  # noqa: E402
-from runtime.models import TARGETS, build  # noqa: E402
-from runtime.synthetic import random_shira  # noqa: E402
+from shira_runtime import AdapterFormatError, SparseAdapter  # noqa: E402
+from shira_runtime.exporters.convert import main as convert_main  # noqa: E402
+from shira_runtime.exporters.convert import peft_to_ours  # noqa: E402
+from shira_runtime.models import TARGETS, build  # noqa: E402
+from shira_runtime.synthetic import random_shira  # noqa: E402
 
 
 def peft_shira(base, path, seed=1):

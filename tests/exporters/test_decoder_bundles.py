@@ -16,9 +16,10 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 pytest.importorskip("onnxscript")
 
-from exporters import ExportError, export_onnx  # noqa: E402
-from runtime import Runtime  # noqa: E402
-from runtime.onnx_backend import LiveWeightsError, OnnxBackend  # noqa: E402
+from shira_runtime import Runtime  # noqa: E402
+from shira_runtime.exporters import ExportError, export_onnx  # noqa: E402
+from shira_runtime.onnx_backend import LiveWeightsError, OnnxBackend  # noqa: E402
+
 from tests.exporters.test_transformers_export import ARCHS, X  # noqa: E402
 
 DECODERS = [a for a in sorted(ARCHS) if a != "bert"]
@@ -223,8 +224,8 @@ def test_a_lying_decoder_section_is_refused_naming_it(llama_bundle, tmp_path, ed
     BundleError naming the section, before any session starts."""
     import shutil
 
-    from runtime.bundle import BundleError
-    from runtime.manifest import Manifest
+    from shira_runtime.bundle import BundleError
+    from shira_runtime.manifest import Manifest
 
     _, path = llama_bundle
     copy_ = tmp_path / "b"

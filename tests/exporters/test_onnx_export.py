@@ -10,12 +10,11 @@ import onnx
 import pytest
 import torch
 from safetensors.numpy import load_file
+from shira_runtime.bundle import FORMAT, VERSION
+from shira_runtime.exporters import ExportError, export_onnx
+from shira_runtime.models import build
+from shira_runtime.onnx_backend import OnnxBackend
 from torch import nn
-
-from exporters import ExportError, export_onnx
-from runtime.bundle import FORMAT, VERSION
-from runtime.models import build
-from runtime.onnx_backend import OnnxBackend
 
 IDS = torch.zeros(1, 8, dtype=torch.long)
 

@@ -15,12 +15,11 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("onnxruntime")
 
 from peft import LoraConfig, ShiraConfig, get_peft_model  # noqa: E402
-
-from exporters.package import main as package_main  # noqa: E402
-from exporters.package import package  # noqa: E402
-from runtime import AdapterFormatError, BaseMismatchError, Runtime  # noqa: E402
-from runtime.models import TARGETS, build  # noqa: E402
-from runtime.synthetic import random_shira  # noqa: E402
+from shira_runtime import AdapterFormatError, BaseMismatchError, Runtime  # noqa: E402
+from shira_runtime.exporters.package import main as package_main  # noqa: E402
+from shira_runtime.exporters.package import package  # noqa: E402
+from shira_runtime.models import TARGETS, build  # noqa: E402
+from shira_runtime.synthetic import random_shira  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +73,7 @@ def test_fresh_process_without_model_code(packaged):
         "x = np.arange(16, dtype=np.int64).reshape(2, 8)\n"
         "y0 = rt(x); rt.switch('s'); y1 = rt(x); rt.switch(None); y2 = rt(x)\n"
         "assert not np.allclose(y0, y1) and np.array_equal(y0, y2)\n"
-        "print('ok', sorted(rt.adapters), 'runtime.models' in sys.modules)\n"
+        "print('ok', sorted(rt.adapters), 'shira_runtime.models' in sys.modules)\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
@@ -169,8 +168,8 @@ def test_bad_adapters_section_is_a_bundle_error(packaged, tmp_path, edit, messag
     manifest is read, even through a deliberately re-sealed manifest."""
     import shutil
 
-    from runtime.bundle import BundleError
-    from runtime.manifest import Manifest
+    from shira_runtime.bundle import BundleError
+    from shira_runtime.manifest import Manifest
 
     _, _, out = packaged
     bad = tmp_path / "bad"

@@ -1,4 +1,5 @@
-"""Int8 bases in bundles (``exporters.quant_graph``): the codes and scales are live graph inputs; a switch on the
+"""Int8 bases in bundles (``shira_runtime.exporters.quant_graph``): the codes and scales are live graph inputs; a
+switch on the
 bundle writes exactly the bytes the torch backend's quantized model gets; outputs agree with it within the 8-bit
 activation quantization; exact revert; a PEFT SHiRA adapter on a quantized transformers Llama generates the
 torch runtime's tokens; fp8 bases and malformed quant entries are refused."""
@@ -11,13 +12,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from shira_runtime import Runtime, quantize
+from shira_runtime.bundle import BundleError
+from shira_runtime.exporters import ExportError, export_onnx
+from shira_runtime.manifest import Manifest
+from shira_runtime.models import TARGETS, build
+from shira_runtime.synthetic import random_lora, random_shira
 
-from exporters import ExportError, export_onnx
-from runtime import Runtime, quantize
-from runtime.bundle import BundleError
-from runtime.manifest import Manifest
-from runtime.models import TARGETS, build
-from runtime.synthetic import random_lora, random_shira
 from tests.runtime.test_quantized_switch import kernel_path  # noqa: F401 (the fixture: both kernel paths)
 
 IDS = torch.randint(1, 256, (2, 8), generator=torch.Generator().manual_seed(3))
@@ -86,7 +87,7 @@ def assert_mirrors_follow(rt):
 def test_the_graphs_transposed_copy_follows_every_switch(pair, monkeypatch):
     """Both kernel paths write the uint8 copy the graph reads beside the codes; a switch that fails after the
     kernel wrote (injected in after_write) leaves codes, copy and outputs as they were."""
-    from runtime.onnx_backend import OnnxBackend
+    from shira_runtime.onnx_backend import OnnxBackend
 
     _, bundle, adapters = pair
     rt = Runtime.load(bundle)
@@ -114,8 +115,8 @@ def test_the_graphs_transposed_copy_follows_every_switch(pair, monkeypatch):
 def test_a_bundle_of_the_first_form_still_loads_and_switches(pair, tmp_path, monkeypatch):
     """Bundles exported before the transposed copy existed (s8 x s8 chains over the codes, no 'u8t' entry): the
     runtime builds no copy, the graph reads the codes, the switch is seen and reverts exactly."""
-    import exporters.onnx_export as onnx_export
-    from exporters.quant_graph import rewrite_int8
+    import shira_runtime.exporters.onnx_export as onnx_export
+    from shira_runtime.exporters.quant_graph import rewrite_int8
 
     qmodel, _, adapters = pair
     monkeypatch.setattr(onnx_export, "rewrite_int8", lambda m, q: rewrite_int8(m, q, form="s8s8"))
@@ -177,7 +178,7 @@ def test_fp8_base_refused_and_module_restored(tmp_path):
 
 def test_export_leaves_the_quantized_module_as_it_was(pair):
     qmodel, _, _ = pair
-    from runtime.quantize import QuantLinear
+    from shira_runtime.quantization import QuantLinear
 
     assert isinstance(qmodel.model.layers[0].self_attn.q_proj, QuantLinear)
 
@@ -217,7 +218,7 @@ def test_bad_scales_in_the_weights_refused(pair, tmp_path, bad):
     someone else): refused at load, naming the file and the tensor."""
     import struct
 
-    from runtime.bundle import file_sha256
+    from shira_runtime.bundle import file_sha256
 
     _, bundle, _ = pair
     copy_dir = tmp_path / "b"
@@ -269,7 +270,7 @@ def test_peft_shira_on_a_quantized_transformers_llama_bundle(tmp_path):
 
 
 def test_package_an_int8_base_with_adapters_made_on_the_float_model(pair, tmp_path, capsys):
-    from exporters.package import package
+    from shira_runtime.exporters.package import package
 
     qmodel, _, adapters = pair
     out = package(copy.deepcopy(qmodel), tmp_path / "pkg", {"a1": adapters["a1"]})
@@ -283,7 +284,7 @@ def test_package_an_int8_base_with_adapters_made_on_the_float_model(pair, tmp_pa
 
 
 def test_package_of_an_fp8_base_refused_before_anything_is_written(pair, tmp_path):
-    from exporters.package import package
+    from shira_runtime.exporters.package import package
 
     _, _, adapters = pair
     qmodel = quantize(build("tiny", torch.float32), "fp8_e5m2")

@@ -17,8 +17,8 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from exporters import export_onnx  # noqa: E402
-from runtime import Runtime  # noqa: E402
+from shira_runtime import Runtime  # noqa: E402
+from shira_runtime.exporters import export_onnx  # noqa: E402
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 T = transformers
@@ -72,7 +72,7 @@ def test_export_switch_and_revert(arch, tmp_path):
 
 FRESH = """
 import sys, numpy as np
-from runtime import Runtime
+from shira_runtime import Runtime
 bundle, x, out, *adapters = sys.argv[1:]
 rt, x = Runtime.load(bundle), np.load(x)
 first = lambda o: o[0] if isinstance(o, list) else o  # an encoder's first output (a decoder returns logits)
@@ -102,7 +102,7 @@ def in_fresh_process(bundle, adapters: dict, x: torch.Tensor, tmp_path) -> dict[
 
 
 def test_package_a_transformers_directory_and_load_it_without_model_code(tmp_path):
-    from exporters.package import main as package_main
+    from shira_runtime.exporters.package import main as package_main
 
     cfg, cls, targets = ARCHS["llama"]
     torch.manual_seed(0)
@@ -139,7 +139,7 @@ def test_package_a_transformers_directory_and_load_it_without_model_code(tmp_pat
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
 def test_load_base_builds_the_class_the_directory_was_saved_from(arch, tmp_path):
     """An encoder directory used to come back as a causal LM with freshly initialised heads."""
-    from runtime.models import load_base
+    from shira_runtime.models import load_base
 
     cfg, cls, _ = ARCHS[arch]
     torch.manual_seed(0)
@@ -151,7 +151,7 @@ def test_load_base_builds_the_class_the_directory_was_saved_from(arch, tmp_path)
 
 
 def test_the_live_rewrite_applies_to_dynamo_linears(tmp_path):
-    from runtime.onnx_backend import OnnxBackend
+    from shira_runtime.onnx_backend import OnnxBackend
 
     cfg, cls, _ = ARCHS["llama"]
     torch.manual_seed(0)
@@ -201,8 +201,7 @@ def test_a_tied_lm_head_reads_the_live_embedding(tmp_path):
     """Qwen2 with tied embeddings: an adapter on the LM head (the embedding's other name) changes the bundle's
     logits as it changes the torch model's; the graph holds no frozen copy of the embedding."""
     import onnx
-
-    from runtime.synthetic import random_shira
+    from shira_runtime.synthetic import random_shira
 
     cfg, cls, _ = ARCHS["qwen2"]
     torch.manual_seed(0)

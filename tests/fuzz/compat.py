@@ -14,13 +14,13 @@ import torch
 
 HOMES: dict[str, list[tuple[str, str]]] = {
     # metadata dict (str -> str) -> str, stored under "meta_checksum"
-    "meta_checksum": [("runtime.shira_file", "meta_checksum")],
+    "meta_checksum": [("shira_runtime.shira_file", "meta_checksum")],
     # (key, tensor) -> str, stored in the "checksums" metadata field
-    "tensor_checksum": [("runtime.shira_file", "tensor_checksum")],
+    "tensor_checksum": [("shira_runtime.shira_file", "tensor_checksum")],
     # a bundle manifest's fingerprint.structure, from its "parameters" object
-    "structure_of": [("runtime.manifest", "structure_of")],
+    "structure_of": [("shira_runtime.manifest", "structure_of")],
     # a manifest's JSON with its "checksum" recomputed over every other top-level field
-    "seal": [("runtime.manifest", "Manifest")],
+    "seal": [("shira_runtime.manifest", "Manifest")],
 }
 
 # safetensors dtype letters -> torch dtype (to rebuild a tensor from header + bytes for its checksum)

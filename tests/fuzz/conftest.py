@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from shira_runtime import Runtime
+from shira_runtime.models import TARGETS, build
+from shira_runtime.synthetic import random_shira
 
-from runtime import Runtime
-from runtime.models import TARGETS, build
-from runtime.synthetic import random_shira
 from tests.conftest import snapshot
 from tests.fuzz.harness import SEED, TALLIES, AdapterWorld, BundleWorld, as_list, same
 
@@ -85,7 +85,7 @@ def example_input(manifest: dict) -> dict[str, np.ndarray]:
 def bundle_world(adapter_sources, tmp_path_factory) -> BundleWorld:
     """A tiny packaged bundle: SHiRA 'a' (in memory) and 'b' (our file), PEFT LoRA 'l'; fp16 deltas."""
     pytest.importorskip("onnxruntime")
-    from exporters.package import package
+    from shira_runtime.exporters.package import package
 
     tmp = tmp_path_factory.mktemp("bundle")
     base = adapter_sources.world.module

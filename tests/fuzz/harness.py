@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+import shira_runtime
 import torch
+from shira_runtime import AdapterFormatError, AdapterMismatchError, AdapterValueError, BaseMismatchError, Runtime
 
-import runtime
-from runtime import AdapterFormatError, AdapterMismatchError, AdapterValueError, BaseMismatchError, Runtime
 from tests.conftest import snapshot
 
 SEED = int(os.environ.get("SHIRA_FUZZ_SEED", "20240611"))
@@ -174,7 +174,7 @@ def run_family(
     return tally
 
 
-REPO = Path(runtime.__file__).resolve().parents[1]
+REPO = Path(shira_runtime.__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 
 

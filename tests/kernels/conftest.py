@@ -9,7 +9,7 @@ import torch
 
 @pytest.fixture(scope="module")
 def ext():
-    from kernels import extension
+    from shira_runtime.kernels import extension
 
     try:
         return extension.load()

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from shira_runtime.kernels import KernelInputError, reference
 
-from kernels import KernelInputError, reference
 from tests.conftest import bits
 
 IDX_DTYPES = [torch.int32, torch.int64]

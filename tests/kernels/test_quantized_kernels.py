@@ -1,4 +1,5 @@
-"""1-byte quantized weights in the kernels: both paths against the grid oracle (``runtime.qformats``) and each
+"""1-byte quantized weights in the kernels: both paths against the grid oracle (``shira_runtime.kernels.qformats``)
+and each
 other, bit for bit, in every dispatch branch; saturation counts; byte-exact restore; refusals before any write.
 
 The C++ cases are skipped (not failed) when the extension cannot be built here.
@@ -8,9 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kernels import KernelInputError, reference
-from runtime import qformats
+from shira_runtime.kernels import KernelInputError, qformats, reference
 
 FORMATS = ["int8", "fp8_e4m3", "fp8_e5m2"]
 IDX_DTYPES = [torch.int32, torch.int64]

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import kernels
-from kernels import KernelInputError, reference
+from shira_runtime import kernels
+from shira_runtime.kernels import KernelInputError, reference
 
 
 def test_apply_restore_by_hand():

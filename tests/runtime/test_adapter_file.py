@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
+from shira_runtime import AdapterFormatError, Runtime, SparseAdapter
+from shira_runtime.masks import shira_mask_fn
+from shira_runtime.models import TARGETS, build
+from shira_runtime.shira_file import decode_gaps, decode_runs, encode_gaps, encode_indices, encode_runs
+from shira_runtime.synthetic import random_indices, random_shira
 
-from runtime import AdapterFormatError, Runtime, SparseAdapter
-from runtime.masks import shira_mask_fn
-from runtime.models import TARGETS, build
-from runtime.shira_file import decode_gaps, decode_runs, encode_gaps, encode_indices, encode_runs
-from runtime.synthetic import random_indices, random_shira
 from tests.conftest import assert_bit_identical, snapshot
 
 

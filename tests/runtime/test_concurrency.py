@@ -6,10 +6,10 @@ import threading
 import time
 
 import torch
+from shira_runtime import Runtime
+from shira_runtime.models import TARGETS, build
+from shira_runtime.synthetic import random_lora, random_shira
 
-from runtime import Runtime
-from runtime.models import TARGETS, build
-from runtime.synthetic import random_lora, random_shira
 from tests.conftest import stress_switching
 
 
@@ -61,7 +61,7 @@ def test_switch_waits_for_running_inference():
 
 
 def test_an_interrupt_while_releasing_the_write_lock_still_releases_it(monkeypatch):
-    from runtime.rwlock import RWLock
+    from shira_runtime.rwlock import RWLock
 
     lock = RWLock()
     real = lock._cond.notify_all

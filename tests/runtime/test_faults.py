@@ -12,13 +12,12 @@ import time
 
 import numpy as np
 import pytest
+import shira_runtime.switcher as switcher_mod
 import torch
+from shira_runtime import Runtime, kernels
+from shira_runtime.models import TARGETS, build
+from shira_runtime.synthetic import random_lora, random_shira
 
-import kernels
-import runtime.switcher as switcher_mod
-from runtime import Runtime
-from runtime.models import TARGETS, build
-from runtime.synthetic import random_lora, random_shira
 from tests.conftest import assert_bit_identical, bits, snapshot
 
 
@@ -169,7 +168,7 @@ def test_fault_in_unfused_hooks_rolls_back(monkeypatch):
 
 def test_fault_in_onnx_lora_slots_rolls_back(tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
-    from exporters import export_onnx
+    from shira_runtime.exporters import export_onnx
 
     m = build("tiny", torch.float32, seed=3)
     ids = torch.randint(0, 256, (1, 6))

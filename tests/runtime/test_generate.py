@@ -9,10 +9,9 @@ import time
 
 import pytest
 import torch
-
-from runtime import Runtime
-from runtime.models import TARGETS, build
-from runtime.synthetic import random_shira
+from shira_runtime import Runtime
+from shira_runtime.models import TARGETS, build
+from shira_runtime.synthetic import random_shira
 
 IDS = torch.randint(1, 256, (2, 6), generator=torch.Generator().manual_seed(0))
 
@@ -94,7 +93,7 @@ def test_a_switch_waits_for_a_running_generation():
 
 def test_bundle_generates_like_the_torch_runtime(tmp_path):
     pytest.importorskip("onnxruntime")
-    from exporters import export_onnx
+    from shira_runtime.exporters import export_onnx
 
     m = build("tiny", torch.float32, seed=1)
     adapter = random_shira(m, TARGETS, 0.05, seed=1, std=0.2)

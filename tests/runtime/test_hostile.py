@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-
-from runtime import (
+from shira_runtime import (
     AdapterFormatError,
     AdapterMismatchError,
     AdapterValueError,
@@ -16,8 +15,9 @@ from runtime import (
     Runtime,
     SparseAdapter,
 )
-from runtime.models import TARGETS, build
-from runtime.synthetic import random_shira
+from shira_runtime.models import TARGETS, build
+from shira_runtime.synthetic import random_shira
+
 from tests.conftest import assert_bit_identical, snapshot
 
 Q = "model.layers.0.self_attn.q_proj.weight"  # [64, 64] in the tiny preset

@@ -1,4 +1,5 @@
-"""SHiRA masks (runtime.masks): exact counts, the paper's selection rules, disjoint sets, use as PEFT's mask_fn."""
+"""SHiRA masks (shira_runtime.masks): exact counts, the paper's selection rules, disjoint sets, use as PEFT's
+mask_fn."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from shira_runtime import Runtime, SparseAdapter
+from shira_runtime.masks import KINDS, mask_indices, shira_mask_fn, shira_masks
 from torch import nn
 
-from runtime import Runtime, SparseAdapter
-from runtime.masks import KINDS, mask_indices, shira_mask_fn, shira_masks
 from tests.conftest import assert_bit_identical, snapshot
 
 VOCAB = 32

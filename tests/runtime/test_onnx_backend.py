@@ -12,14 +12,14 @@ import threading
 import numpy as np
 import pytest
 import torch
+from shira_runtime import AdapterFormatError, Runtime
+from shira_runtime.bundle import BundleError
+from shira_runtime.exporters import export_onnx
+from shira_runtime.manifest import Manifest, structure_of
+from shira_runtime.models import TARGETS, build
+from shira_runtime.onnx_backend import LiveWeightsError, OnnxBackend
+from shira_runtime.synthetic import random_lora, random_shira
 
-from exporters import export_onnx
-from runtime import AdapterFormatError, Runtime
-from runtime.bundle import BundleError
-from runtime.manifest import Manifest, structure_of
-from runtime.models import TARGETS, build
-from runtime.onnx_backend import LiveWeightsError, OnnxBackend
-from runtime.synthetic import random_lora, random_shira
 from tests.conftest import stress_switching
 
 IDS = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))

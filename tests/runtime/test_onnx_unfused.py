@@ -8,10 +8,10 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
-from exporters import export_onnx  # noqa: E402
-from runtime import AdapterMismatchError, Runtime  # noqa: E402
-from runtime.models import TARGETS, build  # noqa: E402
-from runtime.synthetic import random_lora, random_shira  # noqa: E402
+from shira_runtime import AdapterMismatchError, Runtime  # noqa: E402
+from shira_runtime.exporters import export_onnx  # noqa: E402
+from shira_runtime.models import TARGETS, build  # noqa: E402
+from shira_runtime.synthetic import random_lora, random_shira  # noqa: E402
 
 IDS = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
 

@@ -12,8 +12,8 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from peft import LoraConfig, ShiraConfig, get_peft_model  # noqa: E402
+from shira_runtime import LoraAdapter, Runtime, SparseAdapter  # noqa: E402
 
-from runtime import LoraAdapter, Runtime, SparseAdapter  # noqa: E402
 from tests.conftest import assert_bit_identical, snapshot  # noqa: E402
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -1,19 +1,17 @@
-"""Quantized bases: the INT8/FP8 grids (runtime.qformats) and quantize()/QuantLinear (runtime.quantize)."""
+"""Quantized bases: the INT8/FP8 grids (shira_runtime.kernels.qformats) and quantize()/QuantLinear
+(shira_runtime.quantization)."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from runtime import quantize
-from runtime.models import build
-from runtime.qformats import (
+from shira_runtime import quantization as quantize_mod  # noqa: E402
+from shira_runtime import quantize
+from shira_runtime.kernels.qformats import (
     FORMATS,
     SIMULATED,
     channel_scales,
@@ -26,10 +24,11 @@ from runtime.qformats import (
     round_to_grid,
     sqnr_db,
 )
-from runtime.quantize import INT8MM_MAX_TOKENS, QuantLinear, lm_heads, quantize_weight, quantized_formats
-from tests.conftest import assert_bit_identical, snapshot
+from shira_runtime.models import build
+from shira_runtime.quantization import INT8MM_MAX_TOKENS, QuantLinear, lm_heads, quantize_weight, quantized_formats
+from torch import nn
 
-quantize_mod = importlib.import_module("runtime.quantize")  # the module (runtime.quantize is also the function)
+from tests.conftest import assert_bit_identical, snapshot
 
 STORED = ("int8", "fp8_e4m3", "fp8_e5m2")
 GRID = ("int8", "fp8_e4m3", "fp8_e5m2", "e3m4", "e2m5")

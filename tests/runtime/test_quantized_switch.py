@@ -9,16 +9,15 @@ import copy
 
 import pytest
 import torch
+from shira_runtime import Runtime, kernels, quantize
+from shira_runtime.adapters import CodesAdapter, load_adapter, save_adapter
+from shira_runtime.backend import TorchBackend
+from shira_runtime.errors import AdapterFormatError, AdapterMismatchError, AdapterValueError, BaseMismatchError
+from shira_runtime.kernels import qformats
+from shira_runtime.models import build
+from shira_runtime.quantization import QuantLinear, bake
+from shira_runtime.synthetic import random_lora, random_shira
 from torch import nn
-
-import kernels
-from runtime import Runtime, qformats, quantize
-from runtime.adapters import CodesAdapter, load_adapter, save_adapter
-from runtime.backend import TorchBackend
-from runtime.errors import AdapterFormatError, AdapterMismatchError, AdapterValueError, BaseMismatchError
-from runtime.models import build
-from runtime.quantize import QuantLinear, bake
-from runtime.synthetic import random_lora, random_shira
 
 FORMATS = ["int8", "fp8_e4m3", "fp8_e5m2"]
 TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
@@ -28,7 +27,7 @@ TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
 def kernel_path(request, monkeypatch):
     """Each test once per kernel path (the C++ one skipped where it cannot be built)."""
     if request.param == "cpp":
-        from kernels import extension
+        from shira_runtime.kernels import extension
 
         try:
             extension.load()

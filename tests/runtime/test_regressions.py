@@ -9,11 +9,11 @@ import shutil
 
 import pytest
 import torch
+from shira_runtime import AdapterFormatError, BaseMismatchError, Runtime, SparseAdapter
+from shira_runtime.models import TARGETS, build
+from shira_runtime.peft_format import CONFIG
+from shira_runtime.synthetic import random_shira
 
-from runtime import AdapterFormatError, BaseMismatchError, Runtime, SparseAdapter
-from runtime.models import TARGETS, build
-from runtime.peft_format import CONFIG
-from runtime.synthetic import random_shira
 from tests.conftest import assert_bit_identical, snapshot
 from tests.fuzz import mutations as mu
 
@@ -91,8 +91,8 @@ def _peft_shira(base, path):
 def test_peft_shira_for_a_base_of_other_shapes_is_refused(tmp_path):
     """Defect 4: a PEFT SHiRA adapter made on `tiny` added and switched on `small` (indices inside the larger
     weights), and the packager and converter stamped or accepted it."""
-    from exporters.convert import peft_to_ours
-    from exporters.package import package
+    from shira_runtime.exporters.convert import peft_to_ours
+    from shira_runtime.exporters.package import package
 
     d = _peft_shira(build("tiny", torch.float32, seed=1), tmp_path / "peft")
     small = build("small", torch.float32, seed=1)
@@ -160,8 +160,7 @@ def test_repr_lists_lazy_adapters_and_stats_name_the_weight(saved):
 def test_in_memory_shapes_accept_numpy_ints_and_refuse_the_rest():
     """Shapes given in memory: any integer type (numpy, torch) is a dimension; anything else is refused clearly."""
     import numpy as np
-
-    from runtime import AdapterValueError
+    from shira_runtime import AdapterValueError
 
     idx, val = {"w": torch.tensor([1])}, {"w": torch.tensor([0.1])}
     assert SparseAdapter(idx, val, {"w": (np.int64(4), torch.tensor(3).item())}).shapes == {"w": (4, 3)}

@@ -6,10 +6,10 @@ import random
 
 import pytest
 import torch
+from shira_runtime import Runtime, SparseAdapter
+from shira_runtime.models import TARGETS, build
+from shira_runtime.synthetic import random_lora, random_shira
 
-from runtime import Runtime, SparseAdapter
-from runtime.models import TARGETS, build
-from runtime.synthetic import random_lora, random_shira
 from tests.conftest import assert_bit_identical, bits, snapshot
 
 

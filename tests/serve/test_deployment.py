@@ -15,9 +15,9 @@ import torch
 ray = pytest.importorskip("ray", reason="Ray Serve is not installed (pip install -e '.[serve]')")
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[serve]')")
 
-from runtime import UnknownAdapterError  # noqa: E402
-from runtime.serve import Client, RuntimeSpec, ServeConfig, Synthetic, expected, run, start_local, stop  # noqa: E402
-from runtime.serve_groups import ServeError  # noqa: E402
+from shira_runtime import UnknownAdapterError  # noqa: E402
+from shira_runtime.serve import Client, RuntimeSpec, ServeConfig, Synthetic, expected, run, start_local, stop  # noqa: E402
+from shira_runtime.serve_groups import ServeError  # noqa: E402
 
 SPEC = RuntimeSpec("tiny", synthetic=Synthetic(3, std=0.2))
 NEW = 5
@@ -25,17 +25,17 @@ PROMPTS = [[1 + (13 * i + 7 * j) % 250 for j in range(6)] for i in range(4)]
 
 
 def test_command_line_server_serves_a_bundle_over_http(tmp_path):
-    """``python -m runtime.serve BUNDLE --check``: a packaged bundle and its adapters served on its own cluster,
+    """``python -m shira_runtime.serve BUNDLE --check``: a packaged bundle and its adapters served on its own cluster,
     HTTP on loopback, every adapter and the base answered right (checked against the driver's runtime over the
     same bundle), everything shut down. Runs first, before this module's cluster starts."""
-    from exporters.package import package
-    from runtime.models import TARGETS, build
-    from runtime.synthetic import random_shira
+    from shira_runtime.exporters.package import package
+    from shira_runtime.models import TARGETS, build
+    from shira_runtime.synthetic import random_shira
 
     m = build("tiny")
     adapters = {f"s{i}": random_shira(m, TARGETS, 0.01, seed=i + 1, std=0.2) for i in range(3)}
     bundle = package(m, tmp_path / "bundle", adapters, quiet=True)
-    cmd = [sys.executable, "-m", "runtime.serve", str(bundle), "--num-cpus", "2", "--port", "8765", "--check"]
+    cmd = [sys.executable, "-m", "shira_runtime.serve", str(bundle), "--num-cpus", "2", "--port", "8765", "--check"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode == 3:
         pytest.skip(proc.stderr.strip().splitlines()[-1])

@@ -8,12 +8,11 @@ from concurrent.futures import Future
 
 import pytest
 import torch
-
-from runtime import Runtime, UnknownAdapterError
-from runtime.models import TARGETS, build
-from runtime.serve import expected
-from runtime.serve_groups import AdapterGroups, GroupWorker, ServeError, adapter_name, check_adapter
-from runtime.synthetic import random_shira
+from shira_runtime import Runtime, UnknownAdapterError
+from shira_runtime.models import TARGETS, build
+from shira_runtime.serve import expected
+from shira_runtime.serve_groups import AdapterGroups, GroupWorker, ServeError, adapter_name, check_adapter
+from shira_runtime.synthetic import random_shira
 
 PROMPT = (5, 9, 2, 7)
 

@@ -3,7 +3,7 @@
 Every verb works on lists of tensors (one call per switch). For tensor ``t``:
 
 - ``weights[t]``: the live weight, any shape, C-contiguous, fp32/fp16/bf16, or 1-byte codes of a quantized base
-  (int8 / float8_e4m3fn / float8_e5m2, see ``runtime.qformats``); addressed flat (row-major).
+  (int8 / float8_e4m3fn / float8_e5m2, see ``shira_runtime.kernels.qformats``); addressed flat (row-major).
 - ``indices[t]``: int32 or int64 flat indices, ``[N]``, unique (the caller guarantees it; duplicates
   would make the write order undefined).
 - ``deltas[t]``: fp32 ``[N]``, already multiplied by adapter weight and scale.
@@ -11,7 +11,7 @@ Every verb works on lists of tensors (one call per switch). For tensor ``t``:
 - ``scales[t]`` (apply only, optional list): fp32 ``[rows]``, the per-row scales of a 1-byte weight whose flat
   length is ``rows * row_len``; an empty tensor for a float weight. A 1-byte weight is written on its grid:
   ``code = Q(fp32(code) * scale[row] + delta)`` with ``Q(v) = clamp(round_to_grid(v / scale[row]), +-max)``
-  (nearest, ties to even; ``runtime.qformats``), every step one fp32 operation.
+  (nearest, ties to even; ``shira_runtime.kernels.qformats``), every step one fp32 operation.
 - A 1-byte weight's ``deltas[t]`` may instead be codes of its own dtype (an adapter baked for this base): they are
   written as they are (the old codes saved), no grid math, no scales needed.
 - ``saturated`` (apply only, optional): int64 ``[len(weights)]``; for each 1-byte weight the number of entries
@@ -19,9 +19,10 @@ Every verb works on lists of tensors (one call per switch). For tensor ``t``:
 - ``mirrors[t]`` (optional list, every verb): a copy of the 1-byte weight that each entry written also updates in
   the same visit, or an empty tensor for none; contiguous, not overlapping the weight. Either bf16 of the
   weight's numel (any shape): ``mirror.flat[j] = bf16(code value)`` (exact: int8 and fp8 values are bf16
-  values; an FP8 layer's compute copy, ``runtime.quantize.QuantLinear``); or, for 2-D int8 codes ``[rows, cols]``,
+  values; an FP8 layer's compute copy, ``shira_runtime.quantization.QuantLinear``); or, for 2-D int8 codes ``[rows,
+  cols]``,
   uint8 ``[cols, rows]``: ``mirror[c, r] = code ^ 0x80`` (``code + 128`` with zero point 128, transposed: the B
-  input of an int8 bundle's ``MatMulInteger``, ``exporters.quant_graph``).
+  input of an int8 bundle's ``MatMulInteger``, ``shira_runtime.exporters.quant_graph``).
 
 Restoring 1-byte weights is a plain byte scatter. The C++ extension implements the same verbs and must give
 bit-identical results.
@@ -30,8 +31,8 @@ bit-identical results.
 from __future__ import annotations
 
 import torch
-
-from kernels.checks import QUANT_DTYPES, check_apply, check_mirrors, check_restore
+from shira_runtime.kernels.checks import QUANT_DTYPES, check_apply, check_mirrors, check_restore
+from shira_runtime.kernels.qformats import quant_format, round_to_grid
 
 
 def restore_(
@@ -104,8 +105,6 @@ def requantize(codes: torch.Tensor, scale: torch.Tensor, delta: torch.Tensor) ->
 
     Each step is one fp32 operation, as in the C++ kernel: ``x = (code * scale + delta) / scale``, rounded to the
     nearest grid point (ties to even), clamped to ``+-max``; ``saturated`` counts the clamped entries."""
-    from runtime.qformats import quant_format, round_to_grid  # the one owner of the grids (imported late: a cycle)
-
     fmt = quant_format(codes.dtype)
     x = (codes.float() * scale + delta) / scale
     r = round_to_grid(x, fmt)

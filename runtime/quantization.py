@@ -4,10 +4,10 @@ Each targeted ``nn.Linear`` becomes a ``QuantLinear`` whose ``weight`` is a buff
 (``torch.int8`` / ``float8_e4m3fn`` / ``float8_e5m2``, ``[out, in]``, contiguous) and whose ``weight_scale`` is
 an fp32 ``[out]`` buffer: ``W = decode(weight, weight_scale)``. The state_dict key of the codes stays
 ``<module>.weight``, so adapters address the same names; a switch writes the codes in place (the grid math is
-``runtime.qformats``: ``encode``/``decode``). Bias, if any, stays as it was.
+``shira_runtime.kernels.qformats``: ``encode``/``decode``). Bias, if any, stays as it was.
 
 Targets: module-name suffixes (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``), as in PEFT and
-``runtime.synthetic``. The default is every ``nn.Linear`` except the LM head, which is: the module's
+``shira_runtime.synthetic``. The default is every ``nn.Linear`` except the LM head, which is: the module's
 ``get_output_embeddings()`` (transformers), any Linear named ``lm_head``, and any Linear whose weight is an
 ``nn.Embedding``'s (tied) or whose ``out_features`` equals an embedding's ``num_embeddings`` (the vocabulary).
 A weight shared by several modules (tied) is refused even when named: quantizing it would untie it.
@@ -31,7 +31,8 @@ probe). Measured with ``python -m benchmarks.quant_formats`` on two CPUs (README
   ``QuantLinear`` keeps a bf16 **compute copy** of the code values (exact: every E4M3/E5M2 value is a bf16
   value), +2 bytes per weight: one token multiplies with it in bf16, and so do more tokens with ``BF16_GEMM``;
   without it more tokens convert the copy to fp32 and run the fp32 GEMM. The copy must follow the codes: a
-  switch hands it to the kernels as the codes' ``mirror`` (``kernels.reference``), which write it in the same
+  switch hands it to the kernels as the codes' ``mirror`` (``shira_runtime.kernels.reference``), which write it in the
+  same
   visit as the codes, then ``refresh_at(..., mirrored=True)`` marks it in step; ``refresh_rows(rows)`` after
   any other write of codes; a forward that sees the codes' version counter moved (a torch in-place op)
   refreshes it whole, so a stale copy is never used after torch writes. Writes through raw pointers outside
@@ -53,9 +54,8 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
+from shira_runtime.kernels.qformats import FORMATS, channel_scales, choose_format, decode, encode, quant_format
 from torch import nn
-
-from runtime.qformats import FORMATS, channel_scales, choose_format, decode, encode, quant_format
 
 INT8MM_MAX_TOKENS = 128  # int8: above this many rows the fp32 GEMM on decoded codes beats _weight_int8pack_mm
 INT8MM_MAX_TOKENS_BF16 = 64  # the same with BF16_GEMM: the bf16 GEMM on codes converted per call beats it above
@@ -142,7 +142,8 @@ class QuantLinear(nn.Module):
         self._synced = self.weight._version
 
     def mirror(self) -> torch.Tensor | None:
-        """The compute copy, for a kernel to write beside the codes (``kernels.reference``'s mirrors); None when
+        """The compute copy, for a kernel to write beside the codes (``shira_runtime.kernels.reference``'s mirrors);
+        None when
         there is none, or it does not have the codes' shape yet (``refresh_at`` then rebuilds it)."""
         if not self.has_compute_copy or self.weight_compute.shape != self.weight.shape:
             return None
@@ -253,9 +254,9 @@ def bake(adapter, module: nn.Module, weight: float = 1.0):
     scale * delta)`` on the tensor's grid; bit for bit the codes ``Runtime.switch`` computes). Entries whose code
     stays are dropped. ``module`` must hold its base codes (no adapter switched in). Its file
     (``save_adapter``) stores the codes instead of the deltas, with a hash of the base (format, scales, codes)."""
-    from kernels.reference import requantize
-    from runtime.adapters import CodesAdapter
-    from runtime.fingerprint import codes_base_hash
+    from shira_runtime.adapters import CodesAdapter
+    from shira_runtime.fingerprint import codes_base_hash
+    from shira_runtime.kernels.reference import requantize
 
     layers = {f"{n}.weight": m for n, m in module.named_modules() if isinstance(m, QuantLinear)}
     alpha = float(torch.tensor(weight * adapter.scale, dtype=torch.float32))  # as the switcher rounds it

@@ -1,6 +1,6 @@
 """Scatter/gather engine for adapter switching: a pure-torch reference and an optional C++ fast path.
 
-Verbs (multi-tensor, in place; see ``kernels.reference`` for the exact semantics):
+Verbs (multi-tensor, in place; see ``shira_runtime.kernels.reference`` for the exact semantics):
 ``restore_``, ``apply_``, ``switch_``. Both paths give bit-identical results. Weights are fp32/fp16/bf16, or the
 1-byte codes of a quantized base (int8, fp8 e4m3fn/e5m2) with per-row scales, switched on their grid.
 
@@ -14,8 +14,8 @@ import os
 import warnings
 from types import ModuleType
 
-from kernels import reference
-from kernels.checks import KernelInputError
+from shira_runtime.kernels import reference
+from shira_runtime.kernels.checks import KernelInputError
 
 __all__ = ["KernelInputError", "apply_", "backend", "reference", "restore_", "switch_"]
 
@@ -30,7 +30,7 @@ def _select() -> tuple[ModuleType, str]:
     if choice == "torch":
         return reference, "torch"
     try:
-        from kernels import extension
+        from shira_runtime.kernels import extension
 
         return extension.load(), "cpp"
     except Exception as exc:  # build or load failure: fall back, unless the user asked for cpp

@@ -6,7 +6,7 @@ source with the system C++ compiler on first use (no ninja, no setuptools), cach
 ``$SHIRA_KERNELS_CACHE`` (default ``~/.cache/shira_kernels``) in a folder named by a hash of the source,
 the flags and the torch version, and loads it with ``torch.ops.load_library``.
 
-The verbs have the signatures and results of ``kernels.reference`` (bit for bit, 1-byte quantized codes
+The verbs have the signatures and results of ``shira_runtime.kernels.reference`` (bit for bit, 1-byte quantized codes
 included; the one exception is the bit pattern of a NaN produced in bf16); bad inputs raise
 ``KernelInputError`` with a message naming the op and the tensor, before anything is written.
 ``validate=True`` checks every index (and accepts any order); ``validate=False`` trusts the caller's promise of
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.resources
 import os
 import shutil
 import subprocess
@@ -27,12 +28,12 @@ import threading
 from pathlib import Path
 
 import torch
-
-from kernels.checks import KernelInputError
+from shira_runtime.kernels.checks import KernelInputError
 
 __all__ = ["apply_", "load", "restore_", "switch_", "tuning"]
 
-_SOURCES = [Path(__file__).parent / "csrc" / "shira_kernels.cpp"]
+# kernels/csrc in the repository, shira_runtime/kernels/csrc in an installed wheel: found by its package name
+_SOURCES = [Path(str(importlib.resources.files("shira_runtime.kernels.csrc") / "shira_kernels.cpp"))]
 # -ffp-contract=off: the fp32 add must round exactly like torch's (no fused multiply-add rewrites).
 _CXXFLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-fPIC", "-shared", "-DNDEBUG"]
 
@@ -229,7 +230,7 @@ def restore_(
     validate: bool = True,
     mirrors: list[torch.Tensor] | None = None,
 ) -> None:
-    """In place: ``weights[t].flat[indices[t]] = saved[t]`` for every t (see ``kernels.reference``)."""
+    """In place: ``weights[t].flat[indices[t]] = saved[t]`` for every t (see ``shira_runtime.kernels.reference``)."""
     _call(
         torch.ops.shira.restore_,
         weights,
@@ -253,7 +254,7 @@ def apply_(
 ) -> None:
     """In place: ``saved[t] = w.flat[idx]``, then ``w.flat[idx] = dtype(fp32(saved) + delta)`` (one visit);
     1-byte codes with ``scales`` on their grid, clamped entries added to ``saturated``, their bf16 ``mirrors``
-    written in the same visit (``kernels.reference``)."""
+    written in the same visit (``shira_runtime.kernels.reference``)."""
     _call(
         torch.ops.shira.apply_,
         weights,
@@ -284,7 +285,7 @@ def switch_(
 ) -> None:
     """Restore the outgoing state, then apply the incoming one; all checks happen before the first write.
     ``in_scales`` / ``saturated``: as ``apply_``'s, for the incoming lists; ``out_mirrors`` / ``in_mirrors``:
-    the bf16 mirrors of each list's 1-byte weights (``kernels.reference``)."""
+    the bf16 mirrors of each list's 1-byte weights (``shira_runtime.kernels.reference``)."""
     _call(
         torch.ops.shira.switch_,
         out_weights,

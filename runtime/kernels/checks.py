@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+from shira_runtime.kernels.dtypes import FLOATS as FLOAT_DTYPES
+from shira_runtime.kernels.qformats import FORMATS
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-QUANT_DTYPES = (torch.int8, torch.float8_e4m3fn, torch.float8_e5m2)  # 1-byte codes of a quantized base
+QUANT_DTYPES = tuple(f.dtype for f in FORMATS.values() if f.dtype is not None)  # 1-byte codes of a quantized base
 SUPPORTED_DTYPES = FLOAT_DTYPES + QUANT_DTYPES
 INDEX_DTYPES = (torch.int32, torch.int64)
 

@@ -1,0 +1,1 @@
+"""The C++ sources of the switch kernels, shipped as package data (``shira_runtime.kernels.csrc``)."""
