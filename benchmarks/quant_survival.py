@@ -11,9 +11,9 @@ Measured in this run, per format:
   adapter's (``|deq(new) - deq(base) - delta| / |delta|``), and the error of the switched weights against the
   fp32 result ``W + delta`` (relative RMS over the touched entries and over the whole tensor), next to the
   base's own quantization error.
-- **LoRA fused the PEFT way** (``RequantLora``: dequantize the whole tensor, merge, requantize it with new
-  per-row scales; the runtime refuses this, so it lives here): switch time, the fraction of code and scale bytes
-  a switch changes, and the drift after ``--cycles`` A -> B -> A cycles (bytes that differ from the base, and
+- **LoRA fused the PEFT way** (``benchmarks.baselines.RequantLora``: dequantize the whole tensor, merge,
+  requantize it with new per-row scales; the runtime refuses this): switch time, the fraction of code and scale
+  bytes a switch changes, and the drift after ``--cycles`` A -> B -> A cycles (bytes that differ from the base, and
   the largest weight error) against the SHiRA switch's (exact revert).
 - **LoRA unfused** (``mode="unfused"``): inference time against the quantized base, interleaved rounds.
 - **Logits** against the fp32 model with the same adapter (random tokens): the quantized base with SHiRA
@@ -40,6 +40,7 @@ from shira_runtime.quantization import QuantLinear, quantize
 from shira_runtime.synthetic import random_lora, random_shira, target_weights
 from shira_runtime.table import print_table
 
+from benchmarks.baselines import RequantLora, bytes_changed, code_bytes
 from benchmarks.common import progress
 from benchmarks.timing import Inference, cycle, once
 
@@ -61,66 +62,6 @@ class Config:
     lora: bool = True
     logits: bool = True
     per_tensor: bool = True
-
-
-class RequantLora:
-    """LoRA merged into a quantized base the PEFT way (bitsandbytes' ``merge``/``unmerge``): each merge or unmerge
-    dequantizes the whole tensor, adds (or subtracts) ``s * B @ A`` in fp32 and requantizes the whole tensor with
-    new per-row scales (``quantize_weight``). A switch A -> B is an unmerge of A and a merge of B. Nothing keeps
-    the base: every round trip drifts. Codes and scales are written in place (FP8 compute copies refreshed)."""
-
-    def __init__(self, module: torch.nn.Module, names: list[str]) -> None:
-        layers = {f"{n}.weight": m for n, m in module.named_modules() if isinstance(m, QuantLinear)}
-        missing = [n for n in names if n not in layers]
-        if missing:
-            raise ValueError(f"RequantLora: {missing} are not QuantLinear weights of this module")
-        self.layers = [layers[n] for n in names]
-        self.names = names
-
-    def merge(self, lora, sign: float = 1.0) -> None:
-        for name, layer in zip(self.names, self.layers):
-            w = layer.dequantize_weight()
-            w.addmm_(lora.B[name], lora.A[name], alpha=sign * lora.scaling[name])
-            codes, scale = requantize_fast(w, layer.format)
-            layer.weight.copy_(codes)
-            layer.weight_scale.copy_(scale)
-            layer.refresh_rows()
-
-    def switch(self, old, new) -> None:
-        if old is not None:
-            self.merge(old, -1.0)
-        if new is not None:
-            self.merge(new, 1.0)
-
-
-def requantize_fast(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``quantize_weight(w, fmt)`` in the fewest torch ops (what a PEFT-style merge would run): per-row scales
-    ``amax / max``, then round-half-even and clamp (int8) or clamp and torch's fp8 cast (itself
-    round-to-nearest-even); no NaN check. Bit for bit ``quantize_weight`` on finite weights (tested)."""
-    f = FORMATS[fmt]
-    amax = w.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / f.max, torch.ones_like(amax))
-    x = w / scale[:, None]
-    if f.is_int:
-        return x.round_().clamp_(-f.max, f.max).to(f.dtype), scale
-    return x.clamp_(-f.max, f.max).to(f.dtype), scale
-
-
-def code_bytes(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every QuantLinear's codes and scales as raw bytes (clones): what 'bytes changed' compares."""
-    out = {}
-    for n, m in module.named_modules():
-        if isinstance(m, QuantLinear):
-            out[f"{n}.weight"] = m.weight.view(torch.uint8).flatten().clone()
-            out[f"{n}.weight_scale"] = m.weight_scale.view(torch.uint8).flatten().clone()
-    return out
-
-
-def bytes_changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> tuple[int, int]:
-    """(bytes that differ from ``before``, total bytes) over every QuantLinear's codes and scales."""
-    now = code_bytes(module)
-    diff = sum(int((now[k] != v).sum()) for k, v in before.items())
-    return diff, sum(v.numel() for v in before.values())
 
 
 def deq_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ A quantized ``--dtype`` (``int8``, ``fp8_e4m3``, ``fp8_e5m2``): the fp32 model i
 made on it, then it is quantized in place (``shira_runtime.quantization.quantize``, every linear but the LM head). SHiRA
 switches on the grid (the floor counts the touched lines of the 1-byte codes, and for FP8 those of the bf16
 compute copy the kernel writes beside them); the fused LoRA row is the PEFT way
-(``benchmarks.quant_survival.RequantLora``: dequantize, merge, requantize whole tensors with new scales; the
+(``benchmarks.baselines.RequantLora``: dequantize, merge, requantize whole tensors with new scales; the
 runtime refuses fused LoRA on quantized weights); unfused LoRA runs through the runtime. ``int8`` also gets
 onnxruntime rows on an int8 bundle (``shira_runtime.exporters.quant_graph``: SHiRA switched live on the codes, LoRA
 unfused in
@@ -45,8 +45,8 @@ from shira_runtime.models import PRESETS, TARGETS
 from shira_runtime.quantization import QuantLinear, quantize
 from shira_runtime.synthetic import random_lora, random_shira
 
+from benchmarks.baselines import RequantLora, RequantSwitch, code_bytes
 from benchmarks.common import copy_bandwidth_gbps, memory_floor_ms, progress, touched_lines
-from benchmarks.quant_survival import RequantLora, code_bytes
 from benchmarks.switch_onnx import export_bundles, onnx_rows, onnx_unavailable
 from benchmarks.switch_peft import peft_rows, peft_unavailable
 from benchmarks.switch_report import package_version, plot, report
@@ -135,19 +135,6 @@ def lora_pair(cfg: Config, model):
     return pair(cfg.lora, lambda k: random_lora(model, cfg.targets, cfg.rank, seed=cfg.seed + 2 + k))
 
 
-class _Requant:
-    """``RequantLora`` behind a ``switch(name | None)`` (what ``Inference`` and ``gen_timing`` drive): each
-    switch unmerges what is merged and merges the named adapter, requantizing whole tensors (drifts)."""
-
-    def __init__(self, req: RequantLora, adapters: dict) -> None:
-        self.req, self.adapters, self.current = req, adapters, None
-
-    def switch(self, name: str | None) -> None:
-        if name != self.current:
-            self.req.switch(self.adapters.get(self.current), self.adapters.get(name))
-            self.current = name
-
-
 def lora_requant_rows(
     cfg: Config, rt: Runtime, model, dtype: str, infer: Inference, ctx: dict, la, lb, names: list[str]
 ) -> list[Row]:
@@ -158,7 +145,7 @@ def lora_requant_rows(
     reps = max(3, cfg.repeats // 4)
     snapshot = code_bytes(model)
     progress(f"{dtype}: lora fused the PEFT way (dequantize, merge, requantize; drifts), {reps} repeats")
-    sw = _Requant(req, {"a": la, "b": lb})
+    sw = RequantSwitch(req, {"a": la, "b": lb})
     sw.switch("a")
     t = cycle([lambda: sw.switch("b"), lambda: sw.switch("a")], reps)
     sw.switch(None)

@@ -11,7 +11,8 @@ from shira_runtime.models import TARGETS, build
 from shira_runtime.quantization import quantize, quantize_weight
 from shira_runtime.synthetic import random_lora
 
-from benchmarks.quant_survival import RequantLora, bytes_changed, code_bytes, main, requantize_fast
+from benchmarks.baselines import RequantLora, bytes_changed, code_bytes, requantize_fast
+from benchmarks.quant_survival import main
 
 
 def test_quick_run_measures_every_format(tmp_path, capsys):
