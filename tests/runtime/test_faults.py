@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import _thread
 import random
+import signal
 import statistics
 import threading
 import time
@@ -196,17 +197,65 @@ def test_fault_in_onnx_lora_slots_rolls_back(tmp_path, monkeypatch):
     assert np.array_equal(rt(ids), y_u)
 
 
+@pytest.mark.parametrize("at", ["before", "after"])
+def test_interrupt_inside_the_lock_release_after_the_commit(kernel_path, at, monkeypatch):
+    """A KeyboardInterrupt that lands while the switch releases its lock (the commit is done): the call raises it,
+    the weights and ``rt.active`` are the state it switched to, and the lock is free for the next call."""
+    from shira_runtime.rwlock import RWLock
+
+    m, rt, expected = make(torch.float32)
+    real = RWLock._release_write
+    fired = []
+
+    def release_interrupted(self):
+        if not fired:  # once: the release is retried to the end, as after a real signal
+            fired.append(at)
+            if at == "after":
+                real(self)
+            raise KeyboardInterrupt
+        real(self)
+
+    monkeypatch.setattr(RWLock, "_release_write", release_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        rt.switch(["a", "b"])
+    monkeypatch.setattr(RWLock, "_release_write", real)
+    assert fired == [at]
+    assert rt.active == (("a", 1.0), ("b", 1.0))
+    assert_bit_identical(m, expected[repr(["a", "b"])])
+    assert not rt._lock._writer and not rt._lock._readers
+    check_next_switches_exact(m, rt, expected)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["torch", "cpp"])
-def test_real_keyboard_interrupts_during_switches(path, monkeypatch):
+def test_real_keyboard_interrupts_during_switches(path, monkeypatch, capsys):
     """``_thread.interrupt_main`` at random moments during back-to-back switches on ``small``: after each
     KeyboardInterrupt the weights are exactly those of ``rt.active``, which is the state before that call
-    (or, for an interrupt that lands in the lock's release after the commit, the state the call switched to)."""
+    (or, for an interrupt that lands in the lock's release after the commit, the state the call switched to).
+
+    An extra beside the deterministic fault tests above: how many timer interrupts land inside a switch depends
+    on the machine's load, so the count is reported, never asserted. SIGINT's Python handler is installed for
+    the test: a process started in the background (nohup, a job runner) ignores SIGINT, and then
+    ``interrupt_main`` does nothing."""
     monkeypatch.setenv("SHIRA_KERNELS", path)
     kernels.reset()
     try:
         kernels.backend()
     except RuntimeError as exc:
         pytest.skip(f"C++ extension unavailable: {exc}")
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers can only be installed from the main thread")
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        interrupted, committed = _interrupt_switches()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        kernels.reset()
+    with capsys.disabled():
+        print(f"\n[{path}] {interrupted} timer interrupts landed inside a switch ({committed} after its commit)")
+
+
+def _interrupt_switches() -> tuple[int, int]:
     m = build("small", torch.bfloat16, seed=5)
     rt = Runtime.load(m)
     rt.add_adapter("a", random_shira(m, TARGETS, 0.02, seed=1))
@@ -214,19 +263,16 @@ def test_real_keyboard_interrupts_during_switches(path, monkeypatch):
     rt.add_adapter("l", random_lora(m, ["q_proj"], rank=4, seed=3))
     states = [None, "a", "b", ["a", "b"], "l"]
     expected = {}
-    durations = []  # of switches that ran to the end: the interrupts aim inside the current switch time, which
-    # follows the machine's load (a busy machine makes switches slower than the first ones were)
+    durations = []  # of switches that ran to the end: the interrupts aim inside the current switch time
     for s in states:
         t0 = time.perf_counter()
         rt.switch(s)
         durations.append(time.perf_counter() - t0)
         expected[repr(tuple(n for n, _ in rt.active))] = snapshot(m)
     rng = random.Random(0)
-    interrupted, committed, i = 0, 0, 0
-    deadline = time.monotonic() + 60
-    while interrupted < 25 and time.monotonic() < deadline:
+    interrupted, committed = 0, 0
+    for i in range(40):
         target = states[i % len(states)]
-        i += 1
         before, returned = rt.active, False
         per_switch = statistics.median(durations[-9:])
         timer = threading.Timer(rng.uniform(0, 1.5 * per_switch), _thread.interrupt_main)
@@ -249,11 +295,9 @@ def test_real_keyboard_interrupts_during_switches(path, monkeypatch):
             timer.cancel()
             raise
         assert_bit_identical(m, expected[repr(tuple(n for n, _ in rt.active))])
-    kernels.reset()
-    assert interrupted >= 10, f"only {interrupted} interrupts landed"
-    assert committed <= interrupted // 5, f"{committed} of {interrupted} interrupts landed after the commit"
     rt.switch(None)
     assert_bit_identical(m, expected["()"])
+    return interrupted, committed
 
 
 def test_add_remove_list_while_switching_and_inferring():
