@@ -23,6 +23,16 @@ class BaseMismatchError(AdapterMismatchError):
     """The adapter's fingerprint says it was made for another base model."""
 
 
+class BaseLoadError(ShiraError, ValueError):
+    """A base model cannot be loaded: an unknown preset, a directory that is not a transformers model, a
+    ``module.path:callable`` that does not return a module, or ``transformers`` not installed."""
+
+
+class CannotGenerateError(ShiraError, TypeError):
+    """The base cannot generate: it has no language-model head, or its forward does not map token ids
+    ``[batch, seq]`` to logits ``[batch, seq, vocab]``."""
+
+
 class UnknownAdapterError(ShiraError, KeyError):
     """No adapter is registered under that name."""
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from shira_runtime.errors import CannotGenerateError, ShiraError
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,56 @@ def loop(
         if pick.finished:
             break
     return ids
+
+
+def checked_logits(
+    forward: Callable[[torch.Tensor], Any], what: str, hint: str = ""
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``forward`` as ``loop`` takes it: ids ``[B, S]`` -> logits ``[B, S, V]``, read from a tensor, an array, the
+    first of several outputs, or ``.logits``. The first call is checked: a forward that fails on token ids or
+    returns anything but floating logits ``[B, S, V]`` raises ``CannotGenerateError`` naming ``what`` and what
+    it lacks, then ``hint`` (later steps run unchecked)."""
+    checked = False
+
+    def step(ids: torch.Tensor) -> torch.Tensor:
+        nonlocal checked
+        if checked:
+            return _logits(forward(ids))
+        need = f"generating needs forward(input_ids int64 {list(ids.shape)}) -> logits [batch, seq, vocab]{hint}"
+        try:
+            out = forward(ids)
+        except ShiraError:
+            raise
+        except (TypeError, ValueError, RuntimeError, IndexError) as exc:
+            raise CannotGenerateError(
+                f"{what} cannot generate: its forward fails on token ids ({type(exc).__name__}: {exc}); {need}"
+            ) from exc
+        try:
+            logits = _logits(out)
+        except (TypeError, ValueError, RuntimeError):
+            logits = None
+        if logits is None or not logits.is_floating_point() or logits.dim() != 3 or logits.shape[:2] != ids.shape:
+            raise CannotGenerateError(f"{what} cannot generate: its forward returned {_describe(out)}; {need}")
+        checked = True
+        return logits
+
+    return step
+
+
+def _logits(out: Any) -> torch.Tensor:
+    """The logits of one forward: a tensor, an array, the first of several outputs, or ``.logits``."""
+    out = getattr(out, "logits", out)
+    if isinstance(out, (list, tuple)):
+        out = out[0]
+    return torch.as_tensor(out)
+
+
+def _describe(out: Any) -> str:
+    if isinstance(out, (torch.Tensor, np.ndarray)):
+        return f"a {out.dtype} tensor of shape {list(out.shape)}"
+    if callable(getattr(out, "keys", None)):  # transformers' ModelOutput, a dict
+        return f"{type(out).__name__} with {list(out.keys())} and no 'logits'"
+    return f"a {type(out).__name__}"
 
 
 def cached_loop(

@@ -13,8 +13,9 @@ import torch
 from shira_runtime.adapters import Source, load_adapter
 from shira_runtime.backend import Backend, TorchBackend
 from shira_runtime.bank import prepare
+from shira_runtime.bundle import BundleError
 from shira_runtime.errors import ShiraError, UnknownAdapterError
-from shira_runtime.generate import Sampling, cached_loop, check_ids, loop
+from shira_runtime.generate import Sampling, cached_loop, check_ids, checked_logits, loop
 from shira_runtime.manifest import Manifest
 from shira_runtime.rwlock import RWLock
 from shira_runtime.switcher import Prepared, Switcher, SwitchStats
@@ -41,16 +42,32 @@ class Runtime:
 
     @classmethod
     def load(cls, base: nn.Module | str | Path) -> Runtime:
-        """A runtime over a ``torch.nn.Module`` (its weights are switched in place) or an exported bundle dir."""
+        """A runtime over a ``torch.nn.Module`` (its weights are switched in place), an exported bundle directory
+        (``manifest.json``: the onnxruntime backend, the bundle's adapters registered), or a transformers model
+        directory (``config.json`` and weights, as ``save_pretrained`` writes them: loaded in the dtype it was
+        saved in, on the torch backend)."""
         if isinstance(base, nn.Module):
             return cls(TorchBackend(base))
         if isinstance(base, (str, Path)):
+            path = Path(base)
+            if path.is_dir() and not (path / "manifest.json").exists():
+                if (path / "config.json").is_file():
+                    from shira_runtime.models import load_pretrained
+
+                    return cls(TorchBackend(load_pretrained(path)))
+                raise BundleError(
+                    f"{path}: neither a bundle (no manifest.json; `shira-package --base DIR --out BUNDLE` makes one) "
+                    f"nor a transformers model directory (no config.json); it holds {_listing(path)}"
+                )
             from shira_runtime.onnx_backend import OnnxBackend
 
-            rt = cls(OnnxBackend.open(Path(base)))
-            rt._register_bundled(Path(base), rt.backend.manifest)
+            rt = cls(OnnxBackend.open(path))
+            rt._register_bundled(path, rt.backend.manifest)
             return rt
-        raise TypeError(f"Runtime.load needs a torch.nn.Module or a bundle directory, got {type(base).__name__}")
+        raise TypeError(
+            "Runtime.load needs a torch.nn.Module, a bundle directory or a transformers model directory, "
+            f"got {type(base).__name__}"
+        )
 
     def _register_bundled(self, bundle: Path, manifest: Manifest) -> None:
         """Register the adapters a packaged bundle lists (the manifest checked their names and paths), lazily:
@@ -216,18 +233,23 @@ class Runtime:
                     "a batch with padding needs a KV-cache bundle or a transformers model on the torch backend; "
                     "this decoder takes prompts of one length (attention_mask all ones)"
                 )
-            return loop(lambda x: _logits(self.backend(x)), ids, max_new_tokens, sampling, eos_token_id)
+            if module is None:
+                what, hint = f"the bundle {getattr(self.backend, 'bundle', '')}", ""
+            else:
+                what, hint = type(module).__name__, ""
+                if hasattr(module, "can_generate"):  # a transformers model without a language-model head
+                    hint = " (a transformers model generates from its causal-LM class, e.g. AutoModelForCausalLM)"
+            return loop(checked_logits(self.backend, what, hint), ids, max_new_tokens, sampling, eos_token_id)
 
     def __repr__(self) -> str:
         return f"Runtime({self.backend.kind}, adapters={list(self.adapters)}, active={self.active})"
 
 
-def _logits(out: Any) -> torch.Tensor:
-    """The logits of one forward: a tensor, an array, the first of several outputs, or ``.logits``."""
-    out = getattr(out, "logits", out)
-    if isinstance(out, (list, tuple)):
-        out = out[0]
-    return torch.as_tensor(out)
+def _listing(path: Path, most: int = 8) -> str:
+    names = sorted(p.name for p in path.iterdir())
+    if not names:
+        return "nothing"
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _hf_generate(

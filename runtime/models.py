@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from shira_runtime.errors import BaseLoadError
 from torch import nn
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -165,25 +166,49 @@ def build(preset: str | LlamaConfig = "tiny", dtype: torch.dtype = torch.float32
     return model.eval()
 
 
+def load_pretrained(path: str | Path, dtype: torch.dtype | str = "auto") -> nn.Module:
+    """A transformers model directory (``config.json`` and weights, as ``save_pretrained`` writes them), in eval
+    mode: the class named by config.json's ``architectures`` (``LlamaForCausalLM``, ``BertModel`` ...), else
+    ``AutoModelForCausalLM`` where transformers has a causal-LM class for the model type, else ``AutoModel``.
+    ``dtype="auto"`` keeps the dtype the weights were saved in. Raises ``BaseLoadError`` naming the directory."""
+    path = Path(path)
+    try:
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError as exc:
+        raise BaseLoadError(f"{path}: loading a transformers model directory needs `transformers` ({exc})") from exc
+    if not (path / "config.json").is_file():
+        raise BaseLoadError(f"{path}: not a transformers model directory (no config.json)")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+        archs = getattr(config, "architectures", None) or []
+        cls = getattr(transformers, archs[0], None) if archs else None
+        if cls is None:
+            causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+        model = cls.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:  # no weights, a broken config.json, an unknown model type
+        raise BaseLoadError(f"{path}: not a loadable transformers model directory: {exc}") from exc
+    return model.eval()
+
+
 def load_base(spec: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A base module from a preset name, a transformers model directory or ``module.path:callable``."""
+    """A base module from a preset name, a transformers model directory or ``module.path:callable``, ready to
+    export (a transformers model's KV cache off). Raises ``BaseLoadError`` naming ``spec``."""
     if spec in PRESETS:
         return build(spec, dtype)
     if Path(spec).is_dir():
-        try:
-            import transformers
-        except ImportError as exc:
-            raise SystemExit(f"--base {spec}: loading a transformers model directory needs `transformers`") from exc
-        # the class the directory was saved from (config.json "architectures"), e.g. LlamaForCausalLM, BertModel
-        archs = getattr(transformers.AutoConfig.from_pretrained(spec), "architectures", None) or []
-        cls = getattr(transformers, archs[0], None) if archs else None
-        model = (cls or transformers.AutoModelForCausalLM).from_pretrained(spec, dtype=dtype)
+        model = load_pretrained(spec, dtype)
         model.config.use_cache = False
-        return model.eval()
+        return model
     if ":" in spec:
         mod, _, fn = spec.partition(":")
-        obj = getattr(importlib.import_module(mod), fn)()
+        try:
+            make = getattr(importlib.import_module(mod), fn)
+        except (ImportError, AttributeError) as exc:
+            raise BaseLoadError(f"base {spec!r}: no callable {fn!r} in module {mod!r} ({exc})") from exc
+        obj = make()
         if not isinstance(obj, nn.Module):
-            raise SystemExit(f"--base {spec}: returned {type(obj).__name__}, not an nn.Module")
+            raise BaseLoadError(f"base {spec!r}: returned {type(obj).__name__}, not an nn.Module")
         return obj.to(dtype).eval()
-    raise SystemExit(f"--base {spec!r}: not a preset ({sorted(PRESETS)}), a directory, or module.path:callable")
+    raise BaseLoadError(f"base {spec!r}: not a preset ({sorted(PRESETS)}), a directory, or module.path:callable")

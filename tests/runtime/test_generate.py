@@ -139,3 +139,31 @@ def test_transformers_model_with_a_peft_adapter_generates_like_the_merged_model(
     assert torch.equal(
         rt.generate(ids, 8, attention_mask=mask, **sampled), rt.generate(ids, 8, attention_mask=mask, **sampled)
     )
+
+
+class Pooled(torch.nn.Module):
+    """Takes token ids but returns one vector per sequence [B, D]: no logits per position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(256, 8)
+
+    def forward(self, ids):
+        return self.embed(ids).mean(1)
+
+
+def test_a_module_that_cannot_generate_raises_the_projects_error_naming_what_is_missing():
+    from shira_runtime.errors import CannotGenerateError, ShiraError
+
+    with pytest.raises(CannotGenerateError, match=r"Linear cannot generate: its forward fails on token ids") as info:
+        Runtime.load(torch.nn.Linear(6, 6)).generate(IDS, max_new_tokens=2)
+    assert isinstance(info.value, ShiraError) and isinstance(info.value.__cause__, RuntimeError)
+    assert "forward(input_ids int64 [2, 6]) -> logits [batch, seq, vocab]" in str(info.value)
+    with pytest.raises(CannotGenerateError, match=r"Pooled cannot generate: its forward returned a torch.float32 "):
+        Runtime.load(Pooled()).generate(IDS, max_new_tokens=2)
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(
+        vocab_size=256, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    with pytest.raises(CannotGenerateError, match=r"BertModel cannot generate: .*no 'logits'.*AutoModelForCausalLM"):
+        Runtime.load(transformers.BertModel(cfg).eval()).generate(IDS, max_new_tokens=2)
