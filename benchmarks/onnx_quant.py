@@ -1,4 +1,4 @@
-"""onnxruntime forms of one int8 linear (issue #11 part 5): which stays live, and how fast, against a default
+"""onnxruntime forms of one int8 linear: which stays live, and how fast, against a default
 prepacked int8 session and our fp32 live form.
 
     python -m benchmarks.onnx_quant                  # llama-1b linear shapes, 1 and 64 tokens

@@ -1,5 +1,5 @@
 """Switching on quantized bases, kernel level: the SHiRA switch on 1-byte codes against its memory floor, and the
-size of adapter files of codes (issue #11, parts 2 and 3).
+size of adapter files of codes.
 
     python -m benchmarks.quant_switch                  # llama-1b shapes (16 layers), int8 / fp8_e4m3 / fp32
     python -m benchmarks.quant_switch --quick          # one layer, few repeats

@@ -1,7 +1,7 @@
 """The 8-bit grids of quantized bases: INT8 and FP8 formats, per-output-channel scales, exact encode/decode.
 
-One owner for the format math (``shira_runtime.quantization`` builds modules on it; the switch of issue #11 encodes the
-switched values with the same two functions):
+One owner for the format math (``shira_runtime.quantization`` builds modules on it; a switch on a quantized base
+encodes the switched values with the same two functions):
 
 - ``encode(values, scale, fmt) -> (codes, saturated)``: ``values / scale`` rounded to the nearest point of the
   format's grid, ties to even, clamped to ``[-max, max]``; ``saturated`` counts the values whose nearest point

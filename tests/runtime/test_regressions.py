@@ -1,4 +1,4 @@
-"""One test per defect of the guarantees issue (#10) that the fault and fuzz suites do not name on their own:
+"""One test per defect of a guarantee that the fault and fuzz suites do not name on their own:
 each failed before the fix. Atomic switches are in test_faults.py, bundle manifests in test_onnx_backend.py."""
 
 from __future__ import annotations
