@@ -29,6 +29,7 @@ import numpy as np
 import psutil
 import torch
 from shira_runtime.exporters import export_onnx
+from shira_runtime.kernels.dtypes import BUNDLE, by_short
 from shira_runtime.models import PRESETS
 from shira_runtime.onnx_backend import OnnxBackend, positions
 from shira_runtime.table import print_table
@@ -38,7 +39,7 @@ from benchmarks.onnx_live import initializer_graph, session
 from benchmarks.switch_rows import hf_llama
 from benchmarks.timing import Timing, cycles
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DTYPES = {d: by_short(d).torch for d in BUNDLE}  # what a bundle holds
 
 
 @dataclass(frozen=True)
