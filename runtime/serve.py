@@ -11,6 +11,10 @@ once per group and generates the group as one batch. A request names its adapter
 base) and carries a prompt: ``{"ids": [token ids], "max_new_tokens": n}``. The reply names the adapter that
 produced it (read from the runtime, not from the request).
 
+Over HTTP a refused request is answered ``{"error": class name, "message": ...}`` with status 404 (an unknown
+adapter: ``UnknownAdapterError``), 400 (a bad payload: ``BadRequestError``) or 500 (anything else);
+``HttpClient`` raises that class again on the client's side. Through a handle the error itself is raised.
+
 What Ray calls a replica's loaded models is here the adapters the replica *claims* (``@serve.multiplexed``'s
 LRU set, ``affinity_slots`` of them): Ray routes a request to a replica that claims its adapter, so each replica
 keeps switching among a few adapters instead of all of them. Claiming costs nothing (every adapter is already in
@@ -25,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import logging
 import math
 import signal
 import sys
@@ -35,11 +41,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from shira_runtime import errors
+from shira_runtime.errors import ShiraError, UnknownAdapterError
+from shira_runtime.kernels.dtypes import by_short
 from shira_runtime.manager import Runtime
 from shira_runtime.models import PRESETS, TARGETS, build
-from shira_runtime.serve_groups import AdapterGroups, GroupWorker, ServeError, check_adapter
+from shira_runtime.serve_groups import (
+    AdapterGroups,
+    BadRequestError,
+    GroupWorker,
+    ServeError,
+    check_adapter,
+    parse_request,
+)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,7 +98,7 @@ class RuntimeSpec:
     adapters: tuple[tuple[str, str], ...] = ()
     mode: str | None = None  # LoRA mode of ``adapters``
     synthetic: Synthetic | None = None
-    dtype: str = "float32"  # preset bases
+    dtype: str = "fp32"  # preset bases: a short name of shira_runtime.kernels.dtypes
     seed: int = 0  # preset bases' weights
     threads: int = 1  # torch / onnxruntime threads of one replica
 
@@ -117,7 +133,7 @@ class RuntimeSpec:
             rt = Runtime(OnnxBackend.open(Path(self.base), threads=self.threads))
             rt._register_bundled(Path(self.base), rt.backend.manifest)  # what Runtime.load(bundle) does
         else:
-            module = build(self.base, DTYPES[self.dtype], self.seed)
+            module = build(self.base, by_short(self.dtype).torch, self.seed)
             rt = Runtime.load(module)
             for name, adapter in (self.synthetic.make(module) if self.synthetic else {}).items():
                 rt.add_adapter(name, adapter, mode=self.synthetic.mode)
@@ -181,20 +197,34 @@ def deployment(spec: RuntimeSpec, cfg: ServeConfig = ServeConfig()):
             """Ray's "load": the adapter is already registered, the claim only steers routing here."""
             return check_adapter(self.rt, model_id)
 
-        async def __call__(self, request: Any) -> dict:
-            payload = await request.json() if hasattr(request, "json") else request  # HTTP or handle
-            if not isinstance(payload, dict) or "ids" not in payload:
-                raise ServeError(
-                    f"a request is {{'ids': [token ids], 'max_new_tokens': n}}, got {type(payload).__name__}"
-                )
-            adapter, model_id = payload.get("adapter"), serve.get_multiplexed_model_id()
+        async def __call__(self, request: Any) -> Any:
+            """A handle's payload (its errors raise as themselves), or an HTTP request (errors become replies)."""
+            if not hasattr(request, "json"):
+                return await self.answer(request)
+            from starlette.responses import JSONResponse
+
+            try:
+                try:
+                    payload = await request.json()
+                except ValueError as exc:  # not JSON, not UTF-8, empty
+                    raise BadRequestError(f"the request body is not JSON ({exc})") from None
+                return await self.answer(payload)
+            except Exception as exc:
+                status, body = error_reply(exc)
+                if status >= 500:
+                    log.error("replica %s: %s", self.replica, body["message"], exc_info=exc)
+                return JSONResponse(body, status_code=status)
+
+        async def answer(self, payload: Any) -> dict:
+            adapter, ids, max_new_tokens = parse_request(payload)
+            model_id = serve.get_multiplexed_model_id()
             if model_id:
                 if adapter is not None and adapter != model_id:
-                    raise ServeError(f"the request names adapter {adapter!r} and model id {model_id!r}")
+                    raise BadRequestError(f"the request names adapter {adapter!r} and model id {model_id!r}")
                 adapter = await self.claim(model_id)
             else:
                 check_adapter(self.rt, adapter)
-            future = self.groups.put(adapter, payload["ids"], payload.get("max_new_tokens", 16))
+            future = self.groups.put(adapter, ids, max_new_tokens)
             return (await asyncio.wrap_future(future)).as_dict()
 
         def stats(self) -> dict:
@@ -223,10 +253,11 @@ def start_local(num_cpus: int | None = None, http_port: int | None = None, quiet
             _node_ip_address="127.0.0.1",
             log_to_driver=not quiet,
         )
+    logging_config = {"log_level": "WARNING" if quiet else "INFO"}
     if http_port is None:
-        serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING" if quiet else "INFO"})
+        serve.start(proxy_location="Disabled", logging_config=logging_config)
     else:
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port}, logging_config=logging_config)
 
 
 def run(spec: RuntimeSpec, cfg: ServeConfig = ServeConfig(), http: bool = False):
@@ -237,13 +268,58 @@ def run(spec: RuntimeSpec, cfg: ServeConfig = ServeConfig(), http: bool = False)
 
 
 def stop() -> None:
-    """Shut Serve and the local Ray cluster down (everything ``start_local`` started)."""
+    """Shut Serve and the local Ray cluster down (everything ``start_local`` started), quietly.
+
+    Every application is deleted first (Ray stops its replicas, whose workers fail what still waits), then Ray
+    shuts down, and Serve's controller and proxies end with the cluster. Not ``serve.shutdown()``: its task waits
+    on the controller until the controller kills itself, and Ray then prints that task as failed ("Task
+    ServeController.graceful_shutdown failed ... will be retried"), a harmless but alarming message."""
     import ray
     from ray import serve
+    from ray.serve.exceptions import RayServeException
 
-    if ray.is_initialized():
-        serve.shutdown()
-        ray.shutdown()
+    if not ray.is_initialized():
+        return
+    try:
+        apps = list(serve.status().applications)
+    except RayServeException:  # Serve never started on this cluster
+        apps = []
+    for name in apps:
+        serve.delete(name)
+    ray.shutdown()
+
+
+STATUS = {UnknownAdapterError: 404, BadRequestError: 400}  # anything else: 500
+ERRORS = {
+    c.__name__: c
+    for c in (*vars(errors).values(), ServeError, BadRequestError)
+    if isinstance(c, type) and issubclass(c, ShiraError)
+}
+
+
+def error_reply(exc: BaseException) -> tuple[int, dict]:
+    """The HTTP status and JSON body that answer a request refused with ``exc``: the project's error class and
+    message (an error of another kind, a bug, is reported as ``ServeError``)."""
+    status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
+    if isinstance(exc, ShiraError):
+        cls = next(c for c in type(exc).__mro__ if c.__name__ in ERRORS)  # Ray may wrap it in a subclass
+        return status, {"error": cls.__name__, "message": str(exc)}
+    return status, {"error": "ServeError", "message": f"{type(exc).__name__}: {exc}"}
+
+
+def error_from_reply(status: int, body: bytes) -> ShiraError:
+    """The project's error an HTTP error reply carries (``error_reply``'s body); a ``ServeError`` naming the
+    status for a reply that carries none (a proxy's own error). ``.status`` is the HTTP status."""
+    try:
+        data = json.loads(body)
+        cls, message = ERRORS.get(data["error"]), str(data["message"])
+    except (ValueError, TypeError, KeyError):
+        cls, message = None, body.decode("utf-8", "replace")[:500]
+    if cls is None:
+        cls, message = ServeError, f"HTTP {status}: {message}"
+    err = cls(message)
+    err.status = status
+    return err
 
 
 @dataclass
@@ -266,6 +342,37 @@ class Client:
         return self._handles[key].remote(payload)
 
 
+@dataclass(frozen=True)
+class HttpClient:
+    """Requests over HTTP to a deployment served with ``http=True`` (``python -m shira_runtime.serve``): the
+    adapter travels as the multiplexed model id header. A refused request raises the server's error class here
+    (``UnknownAdapterError`` for 404, ``BadRequestError`` for 400; see ``error_from_reply``)."""
+
+    url: str = "http://127.0.0.1:8000/"
+    timeout_s: float = 120.0
+
+    def generate(self, adapter: str | None, ids: Sequence[int], max_new_tokens: int = 16) -> dict:
+        """The reply dict (see ``shira_runtime.serve_groups.Reply``)."""
+        return self.post({"ids": [int(t) for t in ids], "max_new_tokens": max_new_tokens}, adapter)
+
+    def post(self, payload: Any, adapter: str | None = None) -> dict:
+        """Send ``payload`` (JSON-encoded, or raw ``bytes`` as they are) with ``adapter`` as the model id."""
+        import urllib.error
+        import urllib.request
+
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        req = urllib.request.Request(
+            self.url,
+            data=data,
+            headers={"serve_multiplexed_model_id": adapter or "", "content-type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            raise error_from_reply(exc.code, exc.read()) from None
+
+
 def expected(rt: Runtime, adapter: str | None, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list:
     """The new tokens ``rt`` generates for ``prompts`` with ``adapter`` active: the offline answer a reply is
     checked against (prompts of one length go as one batch)."""
@@ -284,22 +391,14 @@ def expected(rt: Runtime, adapter: str | None, prompts: Sequence[Sequence[int]],
 def _http_check(spec: RuntimeSpec, port: int, max_new_tokens: int) -> int:
     """Three prompts per adapter and for the base over HTTP, each reply checked against the driver's own runtime
     (same files or seeds, same code); returns how many were wrong."""
-    import json
-    import urllib.request
-
+    client = HttpClient(f"http://127.0.0.1:{port}/")
     rt = spec.build()
     prompts = [[1 + (7 * i + 31 * k) % 200 for i in range(8)] for k in range(3)]
     bad = 0
     for adapter in [None, *rt.adapters]:
         want = expected(rt, adapter, prompts, max_new_tokens)
         for prompt, tokens in zip(prompts, want):
-            req = urllib.request.Request(
-                f"http://127.0.0.1:{port}/",
-                data=json.dumps({"ids": prompt, "max_new_tokens": max_new_tokens}).encode(),
-                headers={"serve_multiplexed_model_id": adapter or "", "content-type": "application/json"},
-            )
-            with urllib.request.urlopen(req, timeout=120) as resp:
-                reply = json.loads(resp.read())
+            reply = client.generate(adapter, prompt, max_new_tokens)
             ok = reply["adapter"] == adapter and reply["tokens"] == tokens
             bad += not ok
             name = adapter or "(base)"

@@ -35,6 +35,39 @@ class ServeError(ShiraError, RuntimeError):
     """A request the replica could not answer correctly (closed scheduler, a foreign switch, a bad request)."""
 
 
+class BadRequestError(ServeError, ValueError):
+    """A request refused before it is queued: its payload is not ``{"ids": [token ids], "max_new_tokens": n}``
+    (``"adapter"`` optional), or it names two different adapters. HTTP answers it with status 400."""
+
+
+REQUEST_KEYS = ("ids", "max_new_tokens", "adapter")
+
+
+def parse_request(payload: object, default_new_tokens: int = 16) -> tuple[str | None, list[int], int]:
+    """``(adapter, ids, max_new_tokens)`` of a request payload; ``BadRequestError`` saying what is wrong."""
+    shape = "a request is {'ids': [token ids], 'max_new_tokens': n} (and 'adapter' without a model id)"
+    if not isinstance(payload, dict) or "ids" not in payload:
+        what = f"a dict with keys {sorted(map(str, payload))}" if isinstance(payload, dict) else type(payload).__name__
+        raise BadRequestError(f"{shape}, got {what}")
+    unknown = sorted(map(str, set(payload) - set(REQUEST_KEYS)))
+    if unknown:
+        raise BadRequestError(f"{shape}; unknown keys {unknown}")
+    ids = payload["ids"]
+    if (
+        not isinstance(ids, (list, tuple))
+        or not ids
+        or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)
+    ):
+        raise BadRequestError(f"'ids' must be a non-empty list of token ids (ints >= 0), got {ids!r:.80}")
+    new = payload.get("max_new_tokens", default_new_tokens)
+    if isinstance(new, bool) or not isinstance(new, int) or new < 0:
+        raise BadRequestError(f"'max_new_tokens' must be a non-negative int, got {new!r:.80}")
+    adapter = payload.get("adapter")
+    if adapter is not None and not isinstance(adapter, str):
+        raise BadRequestError(f"'adapter' must be a name (a string) or null, got {adapter!r:.80}")
+    return adapter, list(ids), new
+
+
 @dataclass
 class Job:
     """One waiting request: its prompt, what it asked for, and the future its ``Reply`` is set on."""
@@ -96,9 +129,9 @@ class AdapterGroups:
         """Queue one request; its ``Reply`` (or error) arrives on the returned future."""
         ids = tuple(int(t) for t in ids)
         if not ids:
-            raise ValueError("a request needs a non-empty prompt (token ids)")
+            raise BadRequestError("a request needs a non-empty prompt (token ids)")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+            raise BadRequestError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
         with self._cond:
             if self._closed is not None:
                 raise ServeError(f"the scheduler is closed: {self._closed}")

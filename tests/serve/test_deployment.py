@@ -1,13 +1,18 @@
 """The runtime on a local Ray Serve: 2 replicas over the tiny preset with 3 SHiRA adapters, every reply checked
-against the driver's own runtime; the command-line server checked over HTTP; a killed replica replaced.
+against the driver's own runtime; refused requests answered with the project's error (its class, message and HTTP
+status); the command-line server checked over HTTP; a killed replica replaced; a quiet stop.
 
 Skipped (with the reason) only where Ray is not installed or cannot start; CI installs it."""
 
 from __future__ import annotations
 
+import json
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
@@ -16,10 +21,21 @@ ray = pytest.importorskip("ray", reason="Ray Serve is not installed (pip install
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[serve]')")
 
 from shira_runtime import UnknownAdapterError  # noqa: E402
-from shira_runtime.serve import Client, RuntimeSpec, ServeConfig, Synthetic, expected, run, start_local, stop  # noqa: E402
-from shira_runtime.serve_groups import ServeError  # noqa: E402
+from shira_runtime.serve import (  # noqa: E402
+    Client,
+    HttpClient,
+    RuntimeSpec,
+    ServeConfig,
+    Synthetic,
+    expected,
+    run,
+    start_local,
+    stop,
+)
+from shira_runtime.serve_groups import BadRequestError, ServeError  # noqa: E402
 
 SPEC = RuntimeSpec("tiny", synthetic=Synthetic(3, std=0.2))
+HTTP: dict[str, str] = {}  # the served deployment's URL
 NEW = 5
 PROMPTS = [[1 + (13 * i + 7 * j) % 250 for j in range(6)] for i in range(4)]
 
@@ -44,17 +60,28 @@ def test_command_line_server_serves_a_bundle_over_http(tmp_path):
     assert "all replies right" in proc.stdout
     for name in ("(base)", "s0", "s1", "s2"):
         assert proc.stdout.count(f"{name}: ok") == 3
+    for alarming in ("graceful_shutdown", "Traceback", "failed"):  # main() stops the cluster quietly
+        assert alarming not in proc.stdout + proc.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def served():
+    """The deployment, reached by handles and over HTTP on loopback (``HTTP``)."""
+    port = free_port()
     try:
-        start_local(num_cpus=2)
+        start_local(num_cpus=2, http_port=port)
     except Exception as exc:  # no cluster can start on this machine: say why
         stop()
         pytest.skip(f"Ray cannot start here: {exc!r}")
     try:
-        handle = run(SPEC, ServeConfig(replicas=2, max_batch=4, replica_cpus=0.5, name="test-shira"))
+        handle = run(SPEC, ServeConfig(replicas=2, max_batch=4, replica_cpus=0.5, name="test-shira"), http=True)
+        HTTP["url"] = f"http://127.0.0.1:{port}/"
         threads = torch.get_num_threads()
         try:  # the offline answers, from the same seeds, with one thread like a replica
             rt = SPEC.build()
@@ -86,10 +113,54 @@ def test_errors_name_the_adapter(served):
     with pytest.raises(UnknownAdapterError, match="no adapter named 'nope'"):
         Client(handle, affinity=False).submit("nope", PROMPTS[0], NEW).result(timeout_s=60)
     payload = {"ids": PROMPTS[0], "adapter": "shira00"}
-    with pytest.raises(ServeError, match="names adapter 'shira00' and model id 'shira01'"):
+    with pytest.raises(BadRequestError, match="names adapter 'shira00' and model id 'shira01'"):
         handle.options(multiplexed_model_id="shira01").remote(payload).result(timeout_s=60)
-    with pytest.raises(ServeError, match="a request is"):
+    with pytest.raises(BadRequestError, match="a request is"):
         handle.remote([1, 2, 3]).result(timeout_s=60)
+    assert issubclass(BadRequestError, ServeError)
+
+
+def raw_post(body: bytes, adapter: str = "") -> tuple[int, dict]:
+    req = urllib.request.Request(HTTP["url"], data=body, headers={"serve_multiplexed_model_id": adapter})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_http_answers_refused_requests_with_the_error_class_message_and_status(served):
+    """404 for an unknown adapter, 400 for a bad payload, each with ``{"error": class, "message": ...}``; the
+    HTTP client raises that class again. A right request still gets its adapter's tokens."""
+    _, want = served
+    status, body = raw_post(json.dumps({"ids": PROMPTS[0], "max_new_tokens": NEW}).encode(), "nope")
+    assert status == 404 and body["error"] == "UnknownAdapterError"
+    assert body["message"].startswith("no adapter named 'nope' on this replica; registered: ")
+    status, body = raw_post(b"[1, 2, 3]")
+    assert status == 400 and body["error"] == "BadRequestError" and body["message"].startswith("a request is")
+
+    client = HttpClient(HTTP["url"], timeout_s=60)
+    assert client.generate("shira01", PROMPTS[1], NEW)["tokens"] == want["shira01"][1]
+    assert client.generate(None, PROMPTS[1], NEW)["tokens"] == want[None][1]
+    with pytest.raises(UnknownAdapterError, match="no adapter named 'nope' on this replica") as info:
+        client.generate("nope", PROMPTS[0], NEW)
+    assert info.value.status == 404
+    with pytest.raises(UnknownAdapterError, match="no adapter named 'nope'"):  # named in the payload instead
+        client.post({"ids": PROMPTS[0], "adapter": "nope"})
+    bad = {
+        b"{not json": "the request body is not JSON",
+        b"": "the request body is not JSON",
+        json.dumps({"ids": ["a"]}).encode(): "'ids' must be a non-empty list of token ids",
+        json.dumps({"ids": []}).encode(): "'ids' must be a non-empty list of token ids",
+        json.dumps({"ids": [1], "max_new_tokens": -2}).encode(): "'max_new_tokens' must be a non-negative int, got -2",
+        json.dumps({"ids": [1], "max_tokens": 3}).encode(): r"unknown keys \['max_tokens'\]",
+    }
+    for body, message in bad.items():
+        with pytest.raises(BadRequestError, match=message) as info:
+            client.post(body)
+        assert info.value.status == 400
+    with pytest.raises(BadRequestError, match="names adapter 'shira00' and model id 'shira01'"):
+        client.post({"ids": PROMPTS[0], "adapter": "shira00"}, adapter="shira01")
 
 
 def test_a_killed_replica_is_replaced_and_answers_stay_right(served):
@@ -124,3 +195,17 @@ def test_a_killed_replica_is_replaced_and_answers_stay_right(served):
     for a in want:
         reply = client.submit(a, PROMPTS[2], NEW).result(timeout_s=60)
         assert reply["adapter"] == a and reply["tokens"] == want[a][2]
+
+
+def test_stop_is_quiet(served, capfd):
+    """Runs last in this module: ``stop()`` shuts Serve and the cluster down without Ray's "graceful_shutdown
+    failed" message or any traceback (the fixture's own ``stop()`` then has nothing left to do)."""
+    handle, want = served
+    assert Client(handle).submit("shira02", PROMPTS[0], NEW).result(timeout_s=60)["tokens"] == want["shira02"][0]
+    capfd.readouterr()
+    stop()
+    out, err = capfd.readouterr()
+    assert not ray.is_initialized()
+    for alarming in ("graceful_shutdown", "Traceback", "failed", "ERROR"):
+        assert alarming not in out + err
+    stop()  # stopping twice is harmless

@@ -1,17 +1,27 @@
 """A replica's scheduler without Ray: requests grouped by adapter, one switch per group, replies that name the
-adapter read from the runtime."""
+adapter read from the runtime; request payloads checked, and refused requests turned into HTTP replies and back."""
 
 from __future__ import annotations
 
+import json
 import threading
 from concurrent.futures import Future
 
 import pytest
 import torch
 from shira_runtime import Runtime, UnknownAdapterError
+from shira_runtime.errors import AdapterValueError
 from shira_runtime.models import TARGETS, build
-from shira_runtime.serve import expected
-from shira_runtime.serve_groups import AdapterGroups, GroupWorker, ServeError, adapter_name, check_adapter
+from shira_runtime.serve import error_from_reply, error_reply, expected
+from shira_runtime.serve_groups import (
+    AdapterGroups,
+    BadRequestError,
+    GroupWorker,
+    ServeError,
+    adapter_name,
+    check_adapter,
+    parse_request,
+)
 from shira_runtime.synthetic import random_shira
 
 PROMPT = (5, 9, 2, 7)
@@ -84,6 +94,53 @@ def test_take_times_out_empty_and_close_fails_waiting_requests():
 def test_bad_requests_are_refused_at_put(ids, new, match):
     with pytest.raises(ValueError, match=match):
         AdapterGroups().put("a", ids, new)
+
+
+@pytest.mark.parametrize(
+    ("payload", "match"),
+    [
+        ([1, 2, 3], "a request is .*, got list"),
+        ({"prompt": [1]}, r"a request is .*, got a dict with keys \['prompt'\]"),
+        ({"ids": [1], "max_tokens": 3}, r"unknown keys \['max_tokens'\]"),
+        ({"ids": "1 2 3"}, "'ids' must be a non-empty list of token ids"),
+        ({"ids": []}, "'ids' must be a non-empty list"),
+        ({"ids": [1, -2]}, r"ints >= 0\), got \[1, -2\]"),
+        ({"ids": [1, True]}, "'ids' must be"),
+        ({"ids": [1.5]}, "'ids' must be"),
+        ({"ids": [1], "max_new_tokens": "8"}, "'max_new_tokens' must be a non-negative int, got '8'"),
+        ({"ids": [1], "max_new_tokens": False}, "'max_new_tokens' must be"),
+        ({"ids": [1], "adapter": 3}, "'adapter' must be a name"),
+    ],
+)
+def test_bad_payloads_are_refused_naming_what_is_wrong(payload, match):
+    with pytest.raises(BadRequestError, match=match):
+        parse_request(payload)
+
+
+def test_good_payloads_parse():
+    assert parse_request({"ids": [3, 4]}) == (None, [3, 4], 16)
+    assert parse_request({"ids": (3,), "max_new_tokens": 0, "adapter": "a"}) == ("a", [3], 0)
+
+
+def test_refused_requests_become_http_replies_and_the_same_errors_again():
+    """What the HTTP endpoint answers for each refusal, and what the HTTP client raises from that answer."""
+    cases = [
+        (UnknownAdapterError("no adapter named 'x'"), 404, "UnknownAdapterError"),
+        (BadRequestError("'ids' must be a list"), 400, "BadRequestError"),
+        (ServeError("the scheduler is closed"), 500, "ServeError"),
+        (AdapterValueError("a.safetensors: NaN in 'w'"), 500, "AdapterValueError"),
+    ]
+    for exc, status, name in cases:
+        got_status, body = error_reply(exc)
+        assert (got_status, body) == (status, {"error": name, "message": str(exc)})
+        again = error_from_reply(status, json.dumps(body).encode())
+        assert type(again) is type(exc) and str(again) == str(exc) and again.status == status
+    # a bug is reported as ServeError with its own class named; a reply without our body still raises ServeError
+    assert error_reply(ZeroDivisionError("x")) == (500, {"error": "ServeError", "message": "ZeroDivisionError: x"})
+    err = error_from_reply(502, b"Bad Gateway")
+    assert type(err) is ServeError and str(err) == "HTTP 502: Bad Gateway" and err.status == 502
+    err = error_from_reply(500, json.dumps({"error": "os.system", "message": "m"}).encode())  # not one of ours
+    assert type(err) is ServeError and str(err) == "HTTP 500: m"
 
 
 def test_adapter_name_of_active():
