@@ -50,15 +50,10 @@ class Runtime:
             return cls(TorchBackend(base))
         if isinstance(base, (str, Path)):
             path = Path(base)
-            if path.is_dir() and not (path / "manifest.json").exists():
-                if (path / "config.json").is_file():
-                    from shira_runtime.models import load_pretrained
+            if dir_kind(path) == "transformers":
+                from shira_runtime.models import load_pretrained
 
-                    return cls(TorchBackend(load_pretrained(path)))
-                raise BundleError(
-                    f"{path}: neither a bundle (no manifest.json; `shira-package --base DIR --out BUNDLE` makes one) "
-                    f"nor a transformers model directory (no config.json); it holds {_listing(path)}"
-                )
+                return cls(TorchBackend(load_pretrained(path)))
             from shira_runtime.onnx_backend import OnnxBackend
 
             rt = cls(OnnxBackend.open(path))
@@ -243,6 +238,19 @@ class Runtime:
 
     def __repr__(self) -> str:
         return f"Runtime({self.backend.kind}, adapters={list(self.adapters)}, active={self.active})"
+
+
+def dir_kind(path: Path) -> str:
+    """``"bundle"`` (a ``manifest.json``, or no directory: the bundle loader names what is missing) or
+    ``"transformers"`` (``config.json``, no manifest); ``BundleError`` naming both for any other directory."""
+    if not path.is_dir() or (path / "manifest.json").exists():
+        return "bundle"
+    if (path / "config.json").is_file():
+        return "transformers"
+    raise BundleError(
+        f"{path}: neither a bundle (no manifest.json; `shira-package --base DIR --out BUNDLE` makes one) "
+        f"nor a transformers model directory (no config.json); it holds {_listing(path)}"
+    )
 
 
 def _listing(path: Path, most: int = 8) -> str:

@@ -44,7 +44,7 @@ import torch
 from shira_runtime import errors
 from shira_runtime.errors import ShiraError, UnknownAdapterError
 from shira_runtime.kernels.dtypes import by_short
-from shira_runtime.manager import Runtime
+from shira_runtime.manager import Runtime, dir_kind
 from shira_runtime.models import PRESETS, TARGETS, build
 from shira_runtime.serve_groups import (
     AdapterGroups,
@@ -91,8 +91,9 @@ class Synthetic:
 
 @dataclass(frozen=True)
 class RuntimeSpec:
-    """What one replica loads: ``base`` (a bundle directory, whose adapters are registered, or a preset name of
-    ``shira_runtime.models``), extra ``adapters`` (name, our file or a PEFT directory), ``synthetic`` adapters."""
+    """What one replica loads: ``base`` (a bundle directory, whose adapters are registered, a transformers model
+    directory, or a preset name of ``shira_runtime.models``), extra ``adapters`` (name, our file or a PEFT
+    directory), ``synthetic`` adapters (not on a bundle)."""
 
     base: str
     adapters: tuple[tuple[str, str], ...] = ()
@@ -102,12 +103,17 @@ class RuntimeSpec:
     seed: int = 0  # preset bases' weights
     threads: int = 1  # torch / onnxruntime threads of one replica
 
+    def is_model_dir(self) -> bool:
+        """A transformers model directory (``config.json``, no bundle manifest): the torch backend serves it.
+        ``BundleError`` for a directory that is neither that nor a bundle."""
+        return self.base not in PRESETS and dir_kind(Path(self.base)) == "transformers"
+
     def is_bundle(self) -> bool:
-        return self.base not in PRESETS
+        return self.base not in PRESETS and not self.is_model_dir()
 
     def resolved(self) -> RuntimeSpec:
         """The same spec with absolute paths: replicas may not run in the caller's directory."""
-        base = str(Path(self.base).resolve()) if self.is_bundle() else self.base
+        base = str(Path(self.base).resolve()) if self.base not in PRESETS else self.base
         adapters = tuple((n, str(Path(p).resolve())) for n, p in self.adapters)
         return replace(self, base=base, adapters=adapters)
 
@@ -133,8 +139,11 @@ class RuntimeSpec:
             rt = Runtime(OnnxBackend.open(Path(self.base), threads=self.threads))
             rt._register_bundled(Path(self.base), rt.backend.manifest)  # what Runtime.load(bundle) does
         else:
-            module = build(self.base, by_short(self.dtype).torch, self.seed)
-            rt = Runtime.load(module)
+            if self.is_model_dir():
+                rt = Runtime.load(Path(self.base))  # in the dtype it was saved in
+            else:
+                rt = Runtime.load(build(self.base, by_short(self.dtype).torch, self.seed))
+            module = rt.backend.module
             for name, adapter in (self.synthetic.make(module) if self.synthetic else {}).items():
                 rt.add_adapter(name, adapter, mode=self.synthetic.mode)
         for name, source in self.adapters:
@@ -431,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--adapter {item!r}: expected NAME=PATH")
         adapters.append((name, path))
     if args.base not in PRESETS and not Path(args.base).is_dir():
-        p.error(f"{args.base!r} is neither a bundle directory nor a preset ({list(PRESETS)})")
+        p.error(f"{args.base!r} is neither a directory (a bundle or a transformers model) nor a preset {list(PRESETS)}")
     spec = RuntimeSpec(
         args.base,
         tuple(adapters),
@@ -445,6 +454,13 @@ def main(argv: list[str] | None = None) -> int:
         affinity_slots=args.affinity_slots,
         replica_cpus=min(1.0, args.threads),
     )
+    try:  # what can be checked here, before any cluster starts
+        spec.adapter_names()
+        if spec.is_bundle() and spec.synthetic is not None:
+            raise ValueError(f"--synthetic adapters need a preset or a transformers model, not the bundle {spec.base}")
+    except (ShiraError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         start_local(args.num_cpus, http_port=args.port, quiet=args.check)
     except Exception as exc:  # no cluster on this machine: say so (exit 3), nothing was deployed
