@@ -25,7 +25,7 @@ import inspect
 import json
 import struct
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from shira_runtime.atomic import atomic_write
 from shira_runtime.bundle import FORMAT, GRAPH_FILE, MANIFEST_FILE, WEIGHTS_FILE, file_sha256
 from shira_runtime.exporters.dynamo_trace import Decoder, call_kwargs, decoder_of, is_decoder, trace, trace_decoder
 from shira_runtime.exporters.lora_slots import lora_slots
+from shira_runtime.exporters.progress import Phases, byte_bar
 from shira_runtime.exporters.quant_graph import QuantExportError, placeholders, rewrite_int8, scale_name, u8t_name
 from shira_runtime.kernels.dtypes import BUNDLE, NUMPY, TORCH
 from shira_runtime.manifest import Manifest
@@ -66,6 +67,7 @@ def export_onnx(
     lora_targets: Sequence[str] | None = None,
     exporter: str = "auto",
     kv_cache: bool | None = None,
+    progress: bool | None = None,
 ) -> Path:
     """Write a bundle for ``module`` (traced on ``example_args``) into ``out_dir`` and return its path.
 
@@ -88,6 +90,9 @@ def export_onnx(
     ``position_ids`` (where the model takes them) and ``past_key_values.<i>.key/value`` and returns ``logits``
     and ``present.<i>.key/value``; one graph serves prefill (a past of length 0) and one-token decode steps, and
     ``Runtime.generate`` runs it. ``input_names``/``output_names``/``dynamic_dims`` do not apply then.
+    ``progress``: a bar of the phases (trace, graph pass, weights, graph, check) and the bytes written, on
+    stderr; None shows it when stderr is a terminal (``shira_runtime.exporters.progress``).
+    A failed ``verify`` removes the manifest it had written: no manifest, no bundle.
     """
     if exporter not in ("auto", "dynamo", "torchscript"):
         raise ValueError(f"exporter={exporter!r}: expected 'auto', 'dynamo' or 'torchscript'")
@@ -109,21 +114,24 @@ def export_onnx(
             decoder = None
             if kv_cache or (kv_cache is None and is_decoder(module)):
                 decoder = _decoder(module, args, exporter, input_names, output_names, dynamic_dims)
-            return _export(
-                module,
-                args,
-                out,
-                dynamic,
-                dynamic_dims,
-                opset,
-                input_names,
-                output_names,
-                fold_transposes,
-                verify,
-                exporter,
-                decoder,
-                quant,
-            )
+            steps = ["trace", "graph pass", "weights", "graph"] + ["check"] * verify
+            with Phases("export", steps, progress) as phases:
+                return _export(
+                    module,
+                    args,
+                    out,
+                    dynamic,
+                    dynamic_dims,
+                    opset,
+                    input_names,
+                    output_names,
+                    fold_transposes,
+                    verify,
+                    exporter,
+                    decoder,
+                    quant,
+                    phases,
+                )
     except QuantExportError as exc:
         raise ExportError(str(exc)) from None
 
@@ -170,9 +178,11 @@ def _export(
     verify: bool,
     exporter: str,
     decoder: Decoder | None,
-    quant: dict | None = None,
+    quant: dict | None,
+    phases: Phases,
 ) -> Path:
     quant = quant or {}
+    phases.step(f"trace ({exporter})")
     names, canonical = _parameters(module)
     weights = {n: t for n, t in names.items() if canonical[n] == n}
     if decoder is not None:
@@ -202,6 +212,7 @@ def _export(
         model = trace(module, args, weights, in_names, out_names, axes, opset)
     else:
         model = _torchscript(module, args, in_names, out_names, axes, opset, out)
+    phases.step("graph pass")
     storage = _liven(model.graph, names, canonical, set(in_names), fold_transposes)
     _check_no_frozen_copies(model.graph, names)
     rewrite_int8(model, quant)
@@ -234,7 +245,10 @@ def _export(
             stacklevel=2,
         )
     onnx.checker.check_model(model)
-    atomic_write(out / WEIGHTS_FILE, lambda p: write_safetensors(p, arrays, {"format": FORMAT}))
+    phases.step("weights")
+    with byte_bar(WEIGHTS_FILE, sum(a.nbytes for a in arrays.values()), phases.enabled) as bar:
+        atomic_write(out / WEIGHTS_FILE, lambda p: write_safetensors(p, arrays, {"format": FORMAT}, bar.update))
+    phases.step("graph")
     atomic_write(out / GRAPH_FILE, lambda p: onnx.save(model, str(p)))
     Manifest(
         inputs=[_io(v) | {"example_shape": list(a.shape)} for v, a in zip(_values(model.graph.input, in_names), args)],
@@ -250,7 +264,13 @@ def _export(
         },
     ).write(out)
     if verify:  # an int8 bundle quantizes its activations to 8 bits per token: ~1% of each linear's output
-        _verify(out, args, expected, 5e-2 if quant else None)
+        phases.step("check")
+        try:
+            _verify(out, args, expected, 5e-2 if quant else None)
+        except BaseException:
+            (out / MANIFEST_FILE).unlink(missing_ok=True)
+            raise
+    phases.close()
     return out
 
 
@@ -444,8 +464,11 @@ def _verify(out: Path, args: tuple[torch.Tensor, ...], expected: list[torch.Tens
             )
 
 
-def write_safetensors(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    """A safetensors file written tensor by tensor from the arrays' own memory (no serialised copy)."""
+def write_safetensors(
+    path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str], written: Callable[[int], object] | None = None
+) -> None:
+    """A safetensors file written tensor by tensor from the arrays' own memory (no serialised copy);
+    ``written(nbytes)`` is called after each tensor."""
     header, pos = {"__metadata__": metadata}, 0
     for name, a in arrays.items():
         header[name] = {
@@ -460,3 +483,5 @@ def write_safetensors(path: Path, arrays: dict[str, np.ndarray], metadata: dict[
         f.write(struct.pack("<Q", len(raw)) + raw)
         for a in arrays.values():
             f.write(memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8)))
+            if written is not None:
+                written(a.nbytes)
