@@ -68,7 +68,7 @@ def test_fresh_process_without_model_code(packaged):
     _, _, out = packaged
     code = (
         "import sys, numpy as np\n"
-        "from runtime import Runtime\n"
+        "from shira_runtime import Runtime\n"
         f"rt = Runtime.load({str(out)!r})\n"
         "x = np.arange(16, dtype=np.int64).reshape(2, 8)\n"
         "y0 = rt(x); rt.switch('s'); y1 = rt(x); rt.switch(None); y2 = rt(x)\n"
@@ -179,3 +179,158 @@ def test_bad_adapters_section_is_a_bundle_error(packaged, tmp_path, edit, messag
     (bad / "manifest.json").write_text(json.dumps(Manifest.seal(m)))
     with pytest.raises(BundleError, match=message):
         Runtime.load(bad)
+
+
+def raw(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype == torch.int8 else t
+
+
+def test_cli_quantize_int8_packs_a_peft_shira_dir_onto_the_torch_backends_codes(packaged, tmp_path):
+    """`--quantize int8` with a PEFT SHiRA directory failed (its base shapes were unknown when the adapter was
+    saved) after the export had written the bundle; and the default fp16 values moved some codes to the next
+    grid point, away from the torch backend's. Now: packed with fp32 values, the same codes, the same tokens."""
+    from shira_runtime import SparseAdapter, quantize
+
+    _, adapters, _ = packaged
+    out = tmp_path / "q"
+    package_main(["--base", "tiny", "--adapter", f"s={adapters['s']}", "--out", str(out), "--quantize", "int8"])
+    assert SparseAdapter.load(out / "adapters" / "s.safetensors").values
+    stored = SparseAdapter.load(out / "adapters" / "s.safetensors")
+    assert {v.dtype for v in stored.values.values()} == {torch.float32}
+    rt = Runtime.load(out)
+    tr = Runtime.load(quantize(build("tiny", torch.float32, seed=0), "int8"))
+    tr.add_adapter("s", adapters["s"])  # the PEFT directory itself, on the int8 torch backend
+    assert rt.adapters == ("s",)
+    rt.switch("s"), tr.switch("s")
+    for n, t in rt.backend.tensors.items():
+        assert torch.equal(raw(t), raw(tr.backend.tensors[n])), n
+    ids = torch.randint(1, 256, (1, 8), generator=torch.Generator().manual_seed(3))
+    assert np.array_equal(np.asarray(rt.generate(ids.numpy(), max_new_tokens=8)), tr.generate(ids, max_new_tokens=8))
+
+
+def test_lora_into_an_int8_bundle_is_refused_before_anything_is_written(packaged, tmp_path):
+    """A PEFT LoRA was accepted into an int8 bundle, then every switch to it failed ("register it with
+    mode='unfused'"), which a bundled adapter cannot do: refused at packaging, with the reason."""
+    from shira_runtime.exporters import ExportError
+
+    _, adapters, _ = packaged
+    out = tmp_path / "q"
+    argv = ["--base", "tiny", "--adapter", f"s={adapters['s']}", "--adapter", f"l={adapters['l']}"]
+    with pytest.raises(ExportError, match=r"adapter 'l': a LoRA on int8 weights .*no unfused LoRA slots"):
+        package_main([*argv, "--out", str(out), "--quantize", "int8"])
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+class Drifting(torch.nn.Module):
+    """A module whose every call differs (a Python counter the trace freezes): onnxruntime's outputs differ from
+    the module's first call, so the exporter's check refuses it after the weights and the graph are written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.lin(x) * self.calls
+
+
+def _fail_corrupt(packaged, tmp_path):
+    _, adapters, _ = packaged
+    bad = tmp_path / "corrupt.safetensors"
+    data = bytearray(adapters["o"].read_bytes())
+    data[-3] ^= 0x55
+    bad.write_bytes(bytes(data))
+    return build("tiny", torch.float32, seed=0), {"o": bad}, None, AdapterFormatError
+
+
+def _fail_foreign(packaged, tmp_path):
+    _, adapters, _ = packaged
+    return build("tiny", torch.float32, seed=42), {"o": adapters["o"]}, None, BaseMismatchError
+
+
+def _fail_export_check(packaged, tmp_path):
+    from shira_runtime.exporters import ExportError
+
+    return Drifting(), {}, (torch.randn(2, 8),), ExportError
+
+
+@pytest.mark.parametrize("failure", [_fail_corrupt, _fail_foreign, _fail_export_check])
+def test_a_failed_package_leaves_nothing_and_keeps_an_old_bundle(packaged, tmp_path, failure):
+    """The packager wrote into --out as it went: a failure left a half-written bundle there (an empty adapters/
+    that loaded with no adapters; hundreds of MB when the exporter's own check refused). Now it writes beside,
+    renames at the end, and a failure leaves nothing; an old bundle at --out (--overwrite) stays as it was."""
+    import shutil
+
+    _, _, good = packaged
+    base, adapters, example, error = failure(packaged, tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(error):
+        package(base, work / "new", adapters, example, quiet=True)
+    assert list(work.iterdir()) == []  # neither the bundle nor its hidden staging directory
+    shutil.copytree(good, work / "old")
+    before = {p.relative_to(work): p.read_bytes() for p in (work / "old").rglob("*") if p.is_file()}
+    with pytest.raises(error):
+        package(base, work / "old", adapters, example, quiet=True, overwrite=True)
+    assert [p.name for p in work.iterdir()] == ["old"]
+    assert {p.relative_to(work): p.read_bytes() for p in (work / "old").rglob("*") if p.is_file()} == before
+    assert set(Runtime.load(work / "old").adapters) == {"s", "l", "o"}
+
+
+def test_an_existing_out_is_refused_unless_overwrite(packaged, tmp_path):
+    """A non-empty --out is refused before any work; --overwrite replaces a bundle once the new one is complete;
+    a directory that holds no bundle is never replaced; an empty one is taken."""
+    _, adapters, _ = packaged
+    out = tmp_path / "b"
+    (out / "adapters").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="is not empty"):
+        package_main(["--base", "tiny", "--adapter", f"o={adapters['o']}", "--out", str(out)])
+    with pytest.raises(FileExistsError, match="holds no bundle"):
+        package_main(["--base", "tiny", "--adapter", f"o={adapters['o']}", "--out", str(out), "--overwrite"])
+    assert [p.name for p in out.iterdir()] == ["adapters"]
+    (out / "adapters").rmdir()
+    package_main(["--base", "tiny", "--adapter", f"o={adapters['o']}", "--out", str(out)])  # empty: taken
+    assert Runtime.load(out).adapters == ("o",)
+    package_main(["--base", "tiny", "--adapter", f"s={adapters['s']}", "--out", str(out), "--overwrite"])
+    assert Runtime.load(out).adapters == ("s",)
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]
+
+
+def test_progress_bars_name_the_phases_on_stderr(packaged, tmp_path, capsys):
+    """Exports and packaging ran for minutes without a sign of life; now tqdm bars on stderr name each phase.
+    Shown when stderr is a terminal or with progress=True, never with progress=False."""
+    _, adapters, _ = packaged
+    base = build("tiny", torch.float32, seed=0)
+    package(base, tmp_path / "on", {"o": adapters["o"]}, quiet=True, progress=True)
+    err = capsys.readouterr().err
+    for phase in ("check adapters", "export: trace", "export: check", "weights.safetensors", "adapters", "publish"):
+        assert phase in err, phase
+    package(base, tmp_path / "off", {"o": adapters["o"]}, quiet=True, progress=False)
+    assert "package" not in capsys.readouterr().err
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        package_main(["--help"])
+    text = capsys.readouterr().out
+    options = text.split("options:")[1].split("\n  -")[1:]
+    for option in options:
+        flag = option.split()[0]
+        if flag in ("h,", "-base", "-out"):  # --help; the required ones
+            continue
+        assert "default" in " ".join(option.split()), flag
+    assert "fp32 with --quantize int8" in " ".join(text.split())
+
+
+def test_export_onnx_refused_by_its_check_leaves_no_manifest(tmp_path):
+    """export_onnx into a directory of the caller's: a refused check removes the manifest it wrote (no manifest,
+    no bundle), so Runtime.load cannot take the half-checked export for a bundle."""
+    from shira_runtime.bundle import BundleError
+    from shira_runtime.exporters import ExportError, export_onnx
+
+    with pytest.raises(ExportError, match="differs from the module's"):
+        export_onnx(Drifting(), (torch.randn(2, 8),), tmp_path / "b")
+    assert not (tmp_path / "b" / "manifest.json").exists()
+    with pytest.raises(BundleError):
+        Runtime.load(tmp_path / "b")

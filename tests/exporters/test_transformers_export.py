@@ -122,7 +122,7 @@ def test_package_a_transformers_directory_and_load_it_without_model_code(tmp_pat
     np.save(tmp_path / "ids.npy", ids.numpy())
     np.save(tmp_path / "mask.npy", mask.numpy())
     code = (
-        "import sys, numpy as np; from runtime import Runtime; rt = Runtime.load(sys.argv[1]); rt.switch('s'); "
+        "import sys, numpy as np; from shira_runtime import Runtime; rt = Runtime.load(sys.argv[1]); rt.switch('s'); "
         "np.save(sys.argv[3], rt(np.load(sys.argv[2]))); "
         "ids, mask = np.load(sys.argv[4]), np.load(sys.argv[5]); "
         "np.save(sys.argv[6], rt.generate(ids, max_new_tokens=16, attention_mask=mask))"
