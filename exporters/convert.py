@@ -33,11 +33,18 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("peft_dir")
     a.add_argument("out")
     a.add_argument("--base", required=True, help="preset name, transformers dir, or module.path:callable")
-    a.add_argument("--values", default="fp32", choices=["fp32", "fp16", "bf16"])
+    a.add_argument(
+        "--values",
+        default="fp32",
+        choices=["fp32", "fp16", "bf16"],
+        help="dtype of the stored deltas (default: %(default)s)",
+    )
     b = sub.add_parser("to-peft", help="our file -> PEFT SHiRA directory")
     b.add_argument("file")
     b.add_argument("out_dir")
-    b.add_argument("--force", action="store_true", help="write even if PEFT could not load it (see docs)")
+    b.add_argument(
+        "--force", action="store_true", help="write even if PEFT could not load it (see docs; default: refuse)"
+    )
     args = p.parse_args(argv)
     if args.cmd == "to-ours":
         ad = peft_to_ours(args.peft_dir, args.out, load_base(args.base), args.values)

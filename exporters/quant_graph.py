@@ -140,7 +140,8 @@ def rewrite_int8(model: onnx.ModelProto, quant: dict[str, QuantLinear], form: st
     del graph.node[:]
     graph.node.extend(nodes)
     graph.input.extend(new_inputs)
-    graph.initializer.extend(consts.values())
+    read = {x for n in nodes for x in n.input}  # only the constants a chain reads: onnxruntime warns of the rest
+    graph.initializer.extend(c for name, c in consts.items() if name in read)
 
 
 def constants(form: str = "u8t") -> dict[str, onnx.TensorProto]:
