@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -215,20 +214,6 @@ def run_params():
         yield pytest.param(p, id=rel, marks=[pytest.mark.slow] if rel in SLOW_FILES else [])
 
 
-def script_bin(tmp_path: Path) -> Path:
-    """Console scripts as pyproject declares them, for a checkout installed before they were added."""
-    bindir = tmp_path / "_bin"
-    bindir.mkdir()
-    for name, target in console_scripts().items():
-        if shutil.which(name):
-            continue
-        module, func = target.split(":")
-        exe = bindir / name
-        exe.write_text(f"#!{sys.executable}\nimport sys\nfrom {module} import {func}\nsys.exit({func}())\n")
-        exe.chmod(0o755)
-    return bindir
-
-
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("path", list(run_params()))
 def test_runnable_blocks(path, tmp_path):
@@ -238,7 +223,7 @@ def test_runnable_blocks(path, tmp_path):
     (tmp_path / "_driver.py").write_text(DRIVER)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env["PATH"] = os.pathsep.join([str(script_bin(tmp_path)), str(Path(sys.executable).parent), env["PATH"]])
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])  # the installed console scripts
     res = subprocess.run(
         [sys.executable, str(tmp_path / "_driver.py"), str(plan)],
         cwd=tmp_path,
