@@ -53,6 +53,7 @@ from shira_runtime.serve_groups import (
     ServeError,
     check_adapter,
     parse_request,
+    vocab_size,
 )
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,7 @@ def deployment(spec: RuntimeSpec, cfg: ServeConfig = ServeConfig()):
             self.replica = ray.get_runtime_context().get_actor_name() or "replica"
             self.groups = AdapterGroups(cfg.max_batch, cfg.max_stay)
             self.worker = GroupWorker(self.rt, self.groups, self.replica).start()
+            self.vocab = vocab_size(self.rt)
 
         @serve.multiplexed(max_num_models_per_replica=slots)
         async def claim(self, model_id: str) -> str:
@@ -225,7 +227,7 @@ def deployment(spec: RuntimeSpec, cfg: ServeConfig = ServeConfig()):
                 return JSONResponse(body, status_code=status)
 
         async def answer(self, payload: Any) -> dict:
-            adapter, ids, max_new_tokens = parse_request(payload)
+            adapter, ids, max_new_tokens = parse_request(payload, self.vocab)
             model_id = serve.get_multiplexed_model_id()
             if model_id:
                 if adapter is not None and adapter != model_id:

@@ -43,8 +43,11 @@ class BadRequestError(ServeError, ValueError):
 REQUEST_KEYS = ("ids", "max_new_tokens", "adapter")
 
 
-def parse_request(payload: object, default_new_tokens: int = 16) -> tuple[str | None, list[int], int]:
-    """``(adapter, ids, max_new_tokens)`` of a request payload; ``BadRequestError`` saying what is wrong."""
+def parse_request(
+    payload: object, vocab: int | None = None, default_new_tokens: int = 16
+) -> tuple[str | None, list[int], int]:
+    """``(adapter, ids, max_new_tokens)`` of a request payload; ``BadRequestError`` saying what is wrong. With
+    ``vocab``, a token id past the vocabulary is refused here (it would fail every request of its group)."""
     shape = "a request is {'ids': [token ids], 'max_new_tokens': n} (and 'adapter' without a model id)"
     if not isinstance(payload, dict) or "ids" not in payload:
         what = f"a dict with keys {sorted(map(str, payload))}" if isinstance(payload, dict) else type(payload).__name__
@@ -59,6 +62,8 @@ def parse_request(payload: object, default_new_tokens: int = 16) -> tuple[str | 
         or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)
     ):
         raise BadRequestError(f"'ids' must be a non-empty list of token ids (ints >= 0), got {ids!r:.80}")
+    if vocab is not None and max(ids) >= vocab:
+        raise BadRequestError(f"token id {max(ids)} is past the vocabulary ({vocab} tokens: ids 0..{vocab - 1})")
     new = payload.get("max_new_tokens", default_new_tokens)
     if isinstance(new, bool) or not isinstance(new, int) or new < 0:
         raise BadRequestError(f"'max_new_tokens' must be a non-negative int, got {new!r:.80}")
@@ -264,6 +269,24 @@ class GroupWorker:
                 generate_ms=generate_ms,
             )
             j.future.set_result(reply)
+
+
+def vocab_size(rt: Runtime) -> int | None:
+    """The number of token ids ``rt``'s model takes: its input embedding's rows (torch backend) or the last dim of
+    the bundle's logits output; None where neither says."""
+    module = getattr(rt.backend, "module", None)
+    if module is not None:
+        get = getattr(module, "get_input_embeddings", None)
+        embedding = get() if callable(get) else None
+        if not isinstance(embedding, torch.nn.Embedding):
+            embedding = next((m for m in module.modules() if isinstance(m, torch.nn.Embedding)), None)
+        return embedding.num_embeddings if embedding is not None else None
+    manifest = getattr(rt.backend, "manifest", None)
+    if manifest is None or not manifest.outputs:
+        return None
+    logits = (getattr(rt.backend, "decoder", None) or {}).get("logits", manifest.outputs[0]["name"])
+    shape = next((o["shape"] for o in manifest.outputs if o["name"] == logits), [])
+    return shape[-1] if shape and isinstance(shape[-1], int) else None
 
 
 def check_adapter(rt: Runtime, adapter: str | None) -> str | None:

@@ -154,6 +154,7 @@ def test_http_answers_refused_requests_with_the_error_class_message_and_status(s
         json.dumps({"ids": []}).encode(): "'ids' must be a non-empty list of token ids",
         json.dumps({"ids": [1], "max_new_tokens": -2}).encode(): "'max_new_tokens' must be a non-negative int, got -2",
         json.dumps({"ids": [1], "max_tokens": 3}).encode(): r"unknown keys \['max_tokens'\]",
+        json.dumps({"ids": [1, 256]}).encode(): "token id 256 is past the vocabulary",
     }
     for body, message in bad.items():
         with pytest.raises(BadRequestError, match=message) as info:

@@ -21,6 +21,7 @@ from shira_runtime.serve_groups import (
     adapter_name,
     check_adapter,
     parse_request,
+    vocab_size,
 )
 from shira_runtime.synthetic import random_shira
 
@@ -120,6 +121,20 @@ def test_bad_payloads_are_refused_naming_what_is_wrong(payload, match):
 def test_good_payloads_parse():
     assert parse_request({"ids": [3, 4]}) == (None, [3, 4], 16)
     assert parse_request({"ids": (3,), "max_new_tokens": 0, "adapter": "a"}) == ("a", [3], 0)
+
+
+def test_token_ids_past_the_vocabulary_are_refused_before_they_fail_a_group(tiny, tmp_path):
+    """An id past the vocabulary would fail the whole batch it is generated in; the replica refuses it alone."""
+    rt, _, _ = tiny
+    assert vocab_size(rt) == 256 and vocab_size(Runtime.load(torch.nn.Linear(2, 2))) is None
+    assert parse_request({"ids": [0, 255]}, vocab=256) == (None, [0, 255], 16)
+    with pytest.raises(BadRequestError, match=r"token id 256 is past the vocabulary \(256 tokens: ids 0..255\)"):
+        parse_request({"ids": [3, 256]}, vocab=256)
+    pytest.importorskip("onnxruntime")
+    from shira_runtime.exporters import export_onnx
+
+    bundle = export_onnx(build("tiny"), (torch.zeros(1, 8, dtype=torch.long),), tmp_path / "b")
+    assert vocab_size(Runtime.load(bundle)) == 256  # the logits output's last dim
 
 
 def test_refused_requests_become_http_replies_and_the_same_errors_again():
