@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from shira_runtime.adapters import SparseAdapter
+from shira_runtime.errors import ShiraError
 from shira_runtime.models import load_base
 from torch import nn
 
@@ -46,6 +47,13 @@ def main(argv: list[str] | None = None) -> None:
         "--force", action="store_true", help="write even if PEFT could not load it (see docs; default: refuse)"
     )
     args = p.parse_args(argv)
+    try:
+        _run(args)
+    except (ShiraError, OSError) as exc:  # the project's errors and file errors: a message, no traceback
+        p.exit(1, f"{p.prog}: error: {type(exc).__name__}: {exc}\n")
+
+
+def _run(args: argparse.Namespace) -> None:
     if args.cmd == "to-ours":
         ad = peft_to_ours(args.peft_dir, args.out, load_base(args.base), args.values)
         size = Path(args.out).stat().st_size

@@ -35,6 +35,7 @@ import torch
 from onnx import helper
 from shira_runtime.atomic import atomic_write
 from shira_runtime.bundle import FORMAT, GRAPH_FILE, MANIFEST_FILE, WEIGHTS_FILE, file_sha256
+from shira_runtime.errors import ExportError  # noqa: E402  (re-exported: exporters.ExportError)
 from shira_runtime.exporters.dynamo_trace import Decoder, call_kwargs, decoder_of, is_decoder, trace, trace_decoder
 from shira_runtime.exporters.lora_slots import lora_slots
 from shira_runtime.exporters.progress import Phases, byte_bar
@@ -45,10 +46,6 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 DEFAULT_OPSET = 17
-
-
-class ExportError(ValueError):
-    """The module cannot be exported to a live-weights bundle (the message says which tensor and why)."""
 
 
 def export_onnx(

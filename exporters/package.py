@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from shira_runtime.adapters import LoraAdapter, SparseAdapter, load_adapter, save_adapter
 from shira_runtime.bundle import ADAPTERS_DIR, MANIFEST_FILE
+from shira_runtime.errors import ExportError, ShiraError
 from shira_runtime.exporters.progress import Phases
 from shira_runtime.kernels.dtypes import SHORT, by_short
 from shira_runtime.manifest import Manifest
@@ -210,8 +211,6 @@ def _read_adapters(base: nn.Module, adapters: dict[str, object]) -> dict[str, Sp
     """
     formats = {m.format for m in base.modules() if isinstance(m, QuantLinear)}
     if formats - {"int8"}:
-        from shira_runtime.exporters.onnx_export import ExportError
-
         raise ExportError(
             f"the base holds {'/'.join(sorted(formats - {'int8'}))} layers: bundles hold int8 bases only "
             "(onnxruntime's CPU provider has no FP8 matmul); serve an FP8 base on the torch backend "
@@ -258,8 +257,6 @@ def _dequantized(base: nn.Module) -> dict[str, torch.Tensor]:
 
 def _check_lora(base: nn.Module, name: str, ad: LoraAdapter) -> None:
     """A LoRA on a quantized weight could only run unfused, and bundles of int8 bases carry no LoRA slots."""
-    from shira_runtime.exporters.onnx_export import ExportError
-
     quantized = {f"{p}.weight" if p else "weight" for p, m in base.named_modules() if isinstance(m, QuantLinear)}
     hit = sorted(set(ad.A) & quantized)
     if hit:
@@ -351,8 +348,15 @@ def main(argv: list[str] | None = None) -> None:
     for item in args.adapter:
         name, sep, path = item.partition("=")
         if not sep:
-            raise SystemExit(f"--adapter {item!r}: expected NAME=PATH")
+            p.error(f"--adapter {item!r}: expected NAME=PATH")
         adapters[name] = path
+    try:
+        _run(args, adapters)
+    except (ShiraError, OSError) as exc:  # the project's errors and file errors: a message, no trace
+        p.exit(1, f"{p.prog}: error: {type(exc).__name__}: {exc}\n")
+
+
+def _run(args: argparse.Namespace, adapters: dict[str, str]) -> None:
     _check_out(Path(args.out), args.overwrite)  # before the base is loaded (minutes for a large one)
     base = load_base(args.base, by_short(args.dtype).torch)
     if args.quantize:

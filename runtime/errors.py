@@ -33,6 +33,10 @@ class CannotGenerateError(ShiraError, TypeError):
     ``[batch, seq]`` to logits ``[batch, seq, vocab]``."""
 
 
+class ExportError(ShiraError, ValueError):
+    """A module cannot be exported or packaged to a live-weights bundle (the message says which tensor and why)."""
+
+
 class UnknownAdapterError(ShiraError, KeyError):
     """No adapter is registered under that name."""
 

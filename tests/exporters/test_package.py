@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 
@@ -208,16 +209,15 @@ def test_cli_quantize_int8_packs_a_peft_shira_dir_onto_the_torch_backends_codes(
     assert np.array_equal(np.asarray(rt.generate(ids.numpy(), max_new_tokens=8)), tr.generate(ids, max_new_tokens=8))
 
 
-def test_lora_into_an_int8_bundle_is_refused_before_anything_is_written(packaged, tmp_path):
+def test_lora_into_an_int8_bundle_is_refused_before_anything_is_written(packaged, tmp_path, capsys):
     """A PEFT LoRA was accepted into an int8 bundle, then every switch to it failed ("register it with
     mode='unfused'"), which a bundled adapter cannot do: refused at packaging, with the reason."""
-    from shira_runtime.exporters import ExportError
 
     _, adapters, _ = packaged
     out = tmp_path / "q"
     argv = ["--base", "tiny", "--adapter", f"s={adapters['s']}", "--adapter", f"l={adapters['l']}"]
-    with pytest.raises(ExportError, match=r"adapter 'l': a LoRA on int8 weights .*no unfused LoRA slots"):
-        package_main([*argv, "--out", str(out), "--quantize", "int8"])
+    err = cli_error([*argv, "--out", str(out), "--quantize", "int8"], capsys)
+    assert re.search(r"ExportError: adapter 'l': a LoRA on int8 weights .*no unfused LoRA slots", err), err
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
@@ -278,16 +278,15 @@ def test_a_failed_package_leaves_nothing_and_keeps_an_old_bundle(packaged, tmp_p
     assert set(Runtime.load(work / "old").adapters) == {"s", "l", "o"}
 
 
-def test_an_existing_out_is_refused_unless_overwrite(packaged, tmp_path):
+def test_an_existing_out_is_refused_unless_overwrite(packaged, tmp_path, capsys):
     """A non-empty --out is refused before any work; --overwrite replaces a bundle once the new one is complete;
     a directory that holds no bundle is never replaced; an empty one is taken."""
     _, adapters, _ = packaged
     out = tmp_path / "b"
     (out / "adapters").mkdir(parents=True)
-    with pytest.raises(FileExistsError, match="is not empty"):
-        package_main(["--base", "tiny", "--adapter", f"o={adapters['o']}", "--out", str(out)])
-    with pytest.raises(FileExistsError, match="holds no bundle"):
-        package_main(["--base", "tiny", "--adapter", f"o={adapters['o']}", "--out", str(out), "--overwrite"])
+    assert "is not empty" in cli_error(["--base", "tiny", "--adapter", f"o={adapters['o']}", "--out", str(out)], capsys)
+    argv = ["--base", "tiny", "--adapter", f"o={adapters['o']}", "--out", str(out), "--overwrite"]
+    assert "FileExistsError" in (err := cli_error(argv, capsys)) and "holds no bundle" in err
     assert [p.name for p in out.iterdir()] == ["adapters"]
     (out / "adapters").rmdir()
     package_main(["--base", "tiny", "--adapter", f"o={adapters['o']}", "--out", str(out)])  # empty: taken
@@ -334,3 +333,28 @@ def test_export_onnx_refused_by_its_check_leaves_no_manifest(tmp_path):
     assert not (tmp_path / "b" / "manifest.json").exists()
     with pytest.raises(BundleError):
         Runtime.load(tmp_path / "b")
+
+
+def test_cli_errors_are_messages_not_tracebacks(tmp_path, capsys):
+    """A bad --base or a refused --out ends the command with the project's error class and message, exit 1."""
+    with pytest.raises(SystemExit) as exit_info:
+        package_main(["--base", "nonsense", "--out", str(tmp_path / "b")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "error: BaseLoadError: base 'nonsense'" in err and "Traceback" not in err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep")
+    with pytest.raises(SystemExit) as exit_info:
+        package_main(["--base", "tiny", "--out", str(tmp_path / "full")])
+    assert exit_info.value.code == 1 and "FileExistsError" in capsys.readouterr().err
+    assert (tmp_path / "full" / "x").read_text() == "keep"
+
+
+def cli_error(argv: list[str], capsys) -> str:
+    """Run the packager's command line, which must fail with exit code 1; its stderr (the message, no traceback)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        package_main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err, err
+    return err
