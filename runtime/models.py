@@ -40,6 +40,8 @@ class LlamaConfig:
 PRESETS: dict[str, LlamaConfig] = {
     "tiny": LlamaConfig(vocab=256, hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2),
     "small": LlamaConfig(vocab=4096, hidden=512, intermediate=1408, layers=4, heads=8, kv_heads=4),
+    # 94M parameters (61M linear weights in 4 wide layers): past the caches, quick to export
+    "medium": LlamaConfig(vocab=32000, hidden=1024, intermediate=4096, layers=4, heads=16, kv_heads=4),
     # Llama-3.2-1B shapes (973M linear weights)
     "llama-1b": LlamaConfig(vocab=128256, hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8),
 }
