@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from shira_runtime import pretrained
 from shira_runtime.errors import BaseLoadError
 from torch import nn
 
@@ -195,10 +196,13 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str = "auto") -> nn.M
 
 
 def load_base(spec: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A base module from a preset name, a transformers model directory or ``module.path:callable``, ready to
-    export (a transformers model's KV cache off). Raises ``BaseLoadError`` naming ``spec``."""
+    """A base module from a preset name, a real model's name (``shira_runtime.pretrained``, e.g. ``smollm2``), a
+    transformers model directory or ``module.path:callable``, ready to export (a transformers model's KV cache
+    off). Raises ``BaseLoadError`` naming ``spec``."""
     if spec in PRESETS:
         return build(spec, dtype)
+    if spec in pretrained.MODELS:  # a real trained model, fetched once into the cache
+        spec = str(pretrained.fetch(spec))
     if Path(spec).is_dir():
         model = load_pretrained(spec, dtype)
         model.config.use_cache = False
@@ -213,4 +217,5 @@ def load_base(spec: str, dtype: torch.dtype = torch.float32) -> nn.Module:
         if not isinstance(obj, nn.Module):
             raise BaseLoadError(f"base {spec!r}: returned {type(obj).__name__}, not an nn.Module")
         return obj.to(dtype).eval()
-    raise BaseLoadError(f"base {spec!r}: not a preset ({sorted(PRESETS)}), a directory, or module.path:callable")
+    raise BaseLoadError(f"base {spec!r}: not a preset ({sorted(PRESETS)}), a real model ({sorted(pretrained.MODELS)}), "
+        "a directory, or module.path:callable")
