@@ -34,7 +34,7 @@ import onnx
 import torch
 from onnx import helper
 from shira_runtime.atomic import atomic_write
-from shira_runtime.bundle import FORMAT, GRAPH_FILE, MANIFEST_FILE, WEIGHTS_FILE, file_sha256
+from shira_runtime.bundle import ALIGN, FORMAT, GRAPH_FILE, MANIFEST_FILE, WEIGHTS_FILE, file_sha256
 from shira_runtime.errors import ExportError  # noqa: E402  (re-exported: exporters.ExportError)
 from shira_runtime.exporters.dynamo_trace import Decoder, call_kwargs, decoder_of, is_decoder, trace, trace_decoder
 from shira_runtime.exporters.lora_slots import lora_slots
@@ -465,9 +465,16 @@ def write_safetensors(
     path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str], written: Callable[[int], object] | None = None
 ) -> None:
     """A safetensors file written tensor by tensor from the arrays' own memory (no serialised copy);
-    ``written(nbytes)`` is called after each tensor."""
+    ``written(nbytes)`` is called after each tensor.
+
+    Laid out for mapping (``shira_runtime.bundle.map_weights``): the header is padded with spaces so the data
+    starts on a 64-byte boundary, tensors whose size is a multiple of 64 bytes come first (each then starts on a
+    64-byte boundary), the rest after them by decreasing item size (each aligned to its items). No gaps between
+    tensors, as the format requires."""
+    order = sorted(arrays, key=lambda n: (arrays[n].nbytes % ALIGN != 0, -arrays[n].dtype.itemsize))
     header, pos = {"__metadata__": metadata}, 0
-    for name, a in arrays.items():
+    for name in order:
+        a = arrays[name]
         header[name] = {
             "dtype": NUMPY[a.dtype.name].safetensors,
             "shape": list(a.shape),
@@ -475,10 +482,11 @@ def write_safetensors(
         }
         pos += a.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    raw += b" " * (-(8 + len(raw)) % ALIGN)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
-        for a in arrays.values():
+        for name in order:
+            a = arrays[name]
             f.write(memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8)))
             if written is not None:
                 written(a.nbytes)
