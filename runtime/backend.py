@@ -12,6 +12,8 @@ A backend has:
   the codes were written by anything else;
 - ``after_write(name, indices, since, mirrored)``: called after a switch wrote codes of ``name`` at flat
   ``indices`` through raw pointers (FP8 layers bring their compute copy back in line, unless mirrored);
+- ``after_switch(active, written)``: called by the switcher when a switch ended (a mapped bundle hands back
+  the pages of written weights once the base is back);
 - ``__call__``: one inference.
 """
 
@@ -49,6 +51,12 @@ class Backend(ABC):
     def resync(self, name: str) -> None:
         """The codes of ``name`` were written by torch ops (a rollback): bring its mirror back in line. Nothing to
         do by default (an FP8 layer's forward sees the codes' version counter move and refreshes its copy)."""
+        return None
+
+    def after_switch(self, active: tuple[tuple[str, float], ...], written: set[str]) -> None:
+        """A switch ended (committed or rolled back) with ``active`` applied, having written the weights
+        ``written`` (canonical names). Nothing to do by default; a bundle hands back pages once the base is
+        back."""
         return None
 
     def canonical(self, name: str, adapter: str) -> str:

@@ -1,4 +1,4 @@
-"""Bundle files: names, the error class, and the weight file read into memory we own.
+"""Bundle files: names, the error class, and the weight file (mapped copy-on-write, or read into memory we own).
 
 A bundle is a directory: ``model.onnx`` (no weight bytes inside), ``weights.safetensors``, ``manifest.json``
 (``shira_runtime.manifest``: format and version, parameter name -> ONNX tensor, layout, shape, dtype; inputs/outputs;
@@ -10,9 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import struct
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from shira_runtime.errors import AdapterFormatError
@@ -48,7 +51,120 @@ def is_dim(d: Any) -> bool:
     return isinstance(d, int) and not isinstance(d, bool) and d >= 0
 
 
-# -- weights: a safetensors file read into memory we own --
+# -- weights: a safetensors file, mapped copy-on-write or read into memory we own --
+@dataclass
+class MappedWeights:
+    """The weight file mapped copy-on-write (``mmap.ACCESS_COPY``, a private mapping): ``arrays`` are writable
+    numpy views of ``mm``; a write copies only the page it lands on, every other page stays the file's (shared
+    with the page cache and other processes). ``spans``: ONNX name -> (first byte, byte count) in the file."""
+
+    mm: mmap.mmap
+    arrays: dict[str, np.ndarray]
+    spans: dict[str, tuple[int, int]]
+
+
+def map_weights(
+    path: Path, storage: dict[str, tuple[str, tuple[int, ...]]], sha256: str | None
+) -> MappedWeights | dict[str, np.ndarray]:
+    """Every tensor of ``storage`` from ``path`` as views of a copy-on-write map (no weight is read here).
+
+    Same checks as ``read_weights``. With ``sha256`` the whole file is hashed first, through ``read`` calls into
+    one small buffer (not through the map, so the weight pages are not mapped into this process), and a mismatch
+    raises before anything is mapped. A file whose tensors are not aligned to their item size (not written by
+    this exporter) is read into private memory instead (``read_weights``), with a warning.
+    """
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot open the weight file ({exc.strerror})") from None
+    with f:
+        size = f.seek(0, 2)
+        n, spans = _layout(path, f, size, storage)
+        misaligned = [name for begin, _, name in spans if (8 + n + begin) % np.dtype(storage[name][0]).itemsize]
+        if misaligned:
+            warnings.warn(
+                f"{path}: tensor {misaligned[0]!r} (and {len(misaligned) - 1} more) not aligned to its item size: "
+                f"the weights are read into private memory, not mapped; re-export or re-package the bundle "
+                f"(shira-package) to map them",
+                stacklevel=3,
+            )
+            return read_weights(path, storage, sha256)
+        if sha256 is not None:
+            f.seek(0)
+            if _sha256_of(f) != sha256:
+                raise BundleError(
+                    f"{path}: sha256 differs from the manifest's fingerprint (weights edited or corrupted)"
+                )
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # the map outlives the descriptor
+    arrays, where = {}, {}
+    for begin, end, name in spans:
+        dtype, shape = storage[name]
+        dt = np.dtype(dtype)
+        arrays[name] = np.frombuffer(mm, dt, (end - begin) // dt.itemsize, 8 + n + begin).reshape(shape)
+        where[name] = (8 + n + begin, end - begin)
+    return MappedWeights(mm, arrays, where)
+
+
+def _sha256_of(f: BinaryIO) -> str:
+    """sha256 of the rest of ``f``, read into one reused 1 MiB buffer (the process's memory stays flat)."""
+    h, buf = hashlib.sha256(), bytearray(1 << 20)
+    view = memoryview(buf)
+    while got := f.readinto(buf):
+        h.update(view[:got])
+    return h.hexdigest()
+
+
+def _layout(
+    path: Path, f: BinaryIO, size: int, storage: dict[str, tuple[str, tuple[int, ...]]]
+) -> tuple[int, list[tuple[int, int, str]]]:
+    """The header length and every tensor's ``(begin, end, name)`` data offsets, sorted and checked against
+    ``storage`` and the file size; ``f`` is left at the first data byte."""
+    f.seek(0)
+    head = f.read(8)
+    if len(head) < 8:
+        raise BundleError(f"{path}: truncated ({size} bytes; not a safetensors file)")
+    (n,) = struct.unpack("<Q", head)
+    if n > min(MAX_HEADER, size - 8):
+        raise BundleError(f"{path}: header length {n} exceeds the file ({size} bytes): truncated or corrupt")
+    raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise BundleError(f"{path}: header is not a JSON object")
+    header.pop("__metadata__", None)
+    unknown = sorted(set(header) - set(storage))
+    missing = sorted(set(storage) - set(header))
+    if unknown or missing:
+        raise BundleError(f"{path}: tensors do not match the manifest (missing {missing}, unknown {unknown})")
+    spans = []
+    for name, (dtype, shape) in storage.items():
+        e = header[name]
+        offsets = e.get("data_offsets") if isinstance(e, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_dim(o) for o in offsets)):
+            raise BundleError(f"{path}: tensor {name!r}: malformed header entry {e!r}")
+        code = NUMPY[dtype].safetensors
+        if e.get("dtype") != code or e.get("shape") != list(shape):
+            raise BundleError(
+                f"{path}: tensor {name!r} is {e.get('dtype')}{e.get('shape')}, the manifest says {code}{list(shape)}"
+            )
+        begin, end = offsets
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize  # Python ints: no overflow
+        if end - begin != nbytes:
+            raise BundleError(f"{path}: tensor {name!r}: data_offsets span {end - begin} bytes, expected {nbytes}")
+        if 8 + n + end > size:
+            raise BundleError(f"{path}: truncated: tensor {name!r} ends at byte {8 + n + end}, file has {size}")
+        spans.append((begin, end, name))
+    spans.sort()
+    pos = 0
+    for begin, end, name in spans:
+        if begin < pos:
+            raise BundleError(f"{path}: tensor {name!r} overlaps the previous tensor's data")
+        pos = end
+    return n, spans
+
+
 def read_weights(
     path: Path, storage: dict[str, tuple[str, tuple[int, ...]]], sha256: str | None
 ) -> dict[str, np.ndarray]:
@@ -62,51 +178,11 @@ def read_weights(
         raise BundleError(f"{path}: cannot open the weight file ({exc.strerror})") from None
     with f:
         size = f.seek(0, 2)
+        n, spans = _layout(path, f, size, storage)
         f.seek(0)
-        h = hashlib.sha256()
-        head = f.read(8)
-        if len(head) < 8:
-            raise BundleError(f"{path}: truncated ({size} bytes; not a safetensors file)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(MAX_HEADER, size - 8):
-            raise BundleError(f"{path}: header length {n} exceeds the file ({size} bytes): truncated or corrupt")
-        raw = f.read(n)
-        h.update(head + raw)
-        try:
-            header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BundleError(f"{path}: header is not valid JSON ({exc})") from None
-        if not isinstance(header, dict):
-            raise BundleError(f"{path}: header is not a JSON object")
-        header.pop("__metadata__", None)
-        unknown = sorted(set(header) - set(storage))
-        missing = sorted(set(storage) - set(header))
-        if unknown or missing:
-            raise BundleError(f"{path}: tensors do not match the manifest (missing {missing}, unknown {unknown})")
-        spans = []
-        for name, (dtype, shape) in storage.items():
-            e = header[name]
-            offsets = e.get("data_offsets") if isinstance(e, dict) else None
-            if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_dim(o) for o in offsets)):
-                raise BundleError(f"{path}: tensor {name!r}: malformed header entry {e!r}")
-            code = NUMPY[dtype].safetensors
-            if e.get("dtype") != code or e.get("shape") != list(shape):
-                raise BundleError(
-                    f"{path}: tensor {name!r} is {e.get('dtype')}{e.get('shape')}, the manifest says "
-                    f"{code}{list(shape)}"
-                )
-            begin, end = offsets
-            nbytes = math.prod(shape) * np.dtype(dtype).itemsize  # Python ints: no overflow
-            if end - begin != nbytes:
-                raise BundleError(f"{path}: tensor {name!r}: data_offsets span {end - begin} bytes, expected {nbytes}")
-            if 8 + n + end > size:
-                raise BundleError(f"{path}: truncated: tensor {name!r} ends at byte {8 + n + end}, file has {size}")
-            spans.append((begin, end, name))
-        spans.sort()
+        h = hashlib.sha256(f.read(8 + n))
         arrays, pos = {}, 0
         for begin, end, name in spans:
-            if begin < pos:
-                raise BundleError(f"{path}: tensor {name!r} overlaps the previous tensor's data")
             if begin > pos:  # a gap: hashed, not used
                 h.update(f.read(begin - pos))
             dtype, shape = storage[name]

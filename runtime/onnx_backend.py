@@ -3,8 +3,11 @@
 Mechanism (measured, with the alternatives, by ``python -m benchmarks.onnx_live --alternatives``):
 - the bundle's graph takes every weight as a graph *input* (``exporters.export_onnx``), so no onnxruntime
   optimizer can fold, prepack or copy it;
-- the weights are C-contiguous numpy arrays read from the bundle into memory this backend owns (64-byte
-  aligned); ``tensors`` are ``torch.from_numpy`` views of them, so the switcher's kernels write them in place;
+- the weights are C-contiguous numpy views of the bundle's weight file mapped copy-on-write
+  (``shira_runtime.bundle.map_weights``: loading reads no weight; a write copies only the pages it lands on);
+  ``tensors`` are ``torch.from_numpy`` views of them, so the switcher's kernels write them in place. Once the
+  base is back (``switch(None)``) every page holds the file's bytes again, and the pages switches touched are
+  handed back (``release``: ``madvise(MADV_DONTNEED)``), so memory returns to what it was;
 - each thread has an ``IOBinding`` with every weight bound once as an ``OrtValue`` over that memory (zero
   copy: checked by pointer), so a run passes only the real inputs;
 - ``MatMul(X, Transpose(W))`` (``nn.Linear`` on 3-D activations) is rewritten at load into
@@ -14,16 +17,21 @@ Mechanism (measured, with the alternatives, by ``python -m benchmarks.onnx_live 
   ``GEMM_A_MIN`` elements are left alone: there the extra small nodes cost more than the packing saves.
   For a single token (M=1) this form is slower than a GEMV; the full-sequence graphs we export have
   M = batch x seq.
-After opening, a probe writes one weight, runs, checks the output changed, and restores it bit for bit:
-if a future onnxruntime copies graph inputs, opening fails loudly instead of serving stale weights.
+Before the first inference (not at load, which would page every weight in), a probe writes one weight, runs,
+checks the output changed, and restores it bit for bit: if a future onnxruntime copies graph inputs, that
+inference fails loudly instead of serving stale weights.
 
 Bundle files are untrusted: ``shira_runtime.bundle`` checks them, naming the file and tensor at fault (``BundleError``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import mmap
+import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -31,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 from shira_runtime.backend import Backend
-from shira_runtime.bundle import BundleError, read_bytes, read_weights
+from shira_runtime.bundle import BundleError, MappedWeights, map_weights, read_bytes
 from shira_runtime.errors import AdapterMismatchError, ShiraError
 from shira_runtime.manifest import Manifest
 from shira_runtime.quantization import check_scales
@@ -59,11 +67,13 @@ class OnnxBackend(Backend):
         self,
         bundle: Path,
         manifest: Manifest,
-        arrays: dict[str, np.ndarray],
+        arrays: dict[str, np.ndarray] | MappedWeights,
         graph: Any,
         threads: int | None = None,
         gemm_a: bool | None = None,
     ):
+        self._map = arrays if isinstance(arrays, MappedWeights) else None  # None: weights in private memory
+        arrays = dict(arrays.arrays) if self._map is not None else arrays
         self.bundle, self.manifest, self.arrays = bundle, manifest, arrays  # arrays: ONNX name -> storage
         params = manifest.parameters
         self.aliases, self.tensors, self.shapes = {}, {}, {}
@@ -124,6 +134,9 @@ class OnnxBackend(Backend):
             if v.data_ptr() != arrays[n].ctypes.data:
                 raise LiveWeightsError(f"onnxruntime copied weight {n!r} when wrapping it; it would not see switches")
         self._local = threading.local()
+        self._probe_lock = threading.Lock()
+        self._probe_pending = False  # open(verify=True): the live-weights probe runs before the first inference
+        self._touched: set[str] = set()  # canonical names written since the base was last released
 
     @classmethod
     def open(
@@ -132,7 +145,9 @@ class OnnxBackend(Backend):
         """Load ``bundle`` (validated), start the live session, and probe that it reads our weights.
 
         ``threads``: onnxruntime intra-op threads (default: its own choice, the physical cores).
-        ``verify=False`` skips the sha256 of the weight file and the probe (faster opening, less safety).
+        The weight file is mapped copy-on-write; its sha256 is checked here, before anything is mapped (reading
+        the file, not the map), and the live-weights probe runs before the first inference (``check_live``).
+        ``verify=False`` skips both (faster opening, less safety).
         ``gemm_a``: the weight-as-GEMM-A rewrite for every eligible weight (True), none (False), or only for
         weights of at least ``GEMM_A_MIN`` elements (None, the default).
         """
@@ -149,13 +164,55 @@ class OnnxBackend(Backend):
         except Exception as exc:
             raise BundleError(f"{graph_path}: not a readable ONNX model ({exc})") from None
         manifest.check_graph(graph_path, graph)
-        arrays = read_weights(
+        weights = map_weights(
             bundle / manifest.weights, manifest.storage(), manifest.weights_sha256 if verify else None
         )
-        backend = cls(bundle, manifest, arrays, graph, threads, gemm_a)
-        if verify:
-            backend.check_live()
+        backend = cls(bundle, manifest, weights, graph, threads, gemm_a)
+        backend._probe_pending = verify
         return backend
+
+    # -- memory: pages of the mapped weight file --
+    @property
+    def mapped(self) -> bool:
+        """Whether the weights are views of the mapped file (False: read into private memory)."""
+        return self._map is not None
+
+    def after_switch(self, active: tuple, written: set[str]) -> None:
+        """Once the base is back (``active == ()``), hand back the pages of every tensor written since the last
+        time: exact revert left each of their bytes equal to the file's."""
+        self._touched |= written
+        if not active and self._touched:
+            self.release(self._touched)
+            self._touched = set()
+
+    def release(self, names: set[str] | list[str], check: bool = False) -> int:
+        """Drop this process's private copies of the pages under tensors ``names`` (canonical names; each span
+        rounded out to whole pages): the next read maps the file's page again, so every byte of those pages must
+        equal the file's (the caller's guarantee, or, with ``check``, compared with the file first and skipped
+        where not). Linux only; for weights read into private memory, nothing. Returns the bytes advised."""
+        if self._map is None or not sys.platform.startswith("linux"):
+            return 0
+        mm, page = self._map.mm, mmap.PAGESIZE
+        ranges = []
+        for n in names:
+            span = self._map.spans.get(self.manifest.parameters[n]["onnx"])
+            if span is not None and span[1]:
+                start, nbytes = span
+                ranges.append((start // page * page, min(-(-(start + nbytes) // page) * page, len(mm))))
+        merged: list[list[int]] = []
+        for lo, hi in sorted(ranges):
+            if merged and lo <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        total = 0
+        with open(self.bundle / self.manifest.weights, "rb") if check else contextlib.nullcontext() as f:
+            for lo, hi in merged:
+                if f is not None and os.pread(f.fileno(), hi - lo, lo) != mm[lo:hi]:
+                    continue
+                mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)  # the kernel rounds the length up to the last page
+                total += hi - lo
+        return total
 
     # -- int8 weights: the transposed uint8 copy the graph reads --
     def mirror(self, name: str) -> torch.Tensor | None:
@@ -192,6 +249,7 @@ class OnnxBackend(Backend):
         for module, a, b, alpha in entries:
             by_module.setdefault(module, []).append((a, b, alpha))
         stale = self._slots_in_use - set(by_module)
+        self._touched |= {n for m in (*stale, *by_module) for n in self.lora_slots[m]}
         self._slots_in_use |= set(by_module)  # first: a write cut short leaves every touched slot on record
         for module in stale:
             for n in self.lora_slots[module]:
@@ -209,6 +267,19 @@ class OnnxBackend(Backend):
 
     # -- inference --
     def __call__(self, *inputs: Any, **named: Any) -> np.ndarray | list[np.ndarray]:
+        self._ready()
+        return self._run(*inputs, **named)
+
+    def _ready(self) -> None:
+        """The live-weights probe, once, before the first inference; concurrent first callers wait for it (it
+        writes weights). A failed probe stays pending: every inference raises it."""
+        if self._probe_pending:
+            with self._probe_lock:
+                if self._probe_pending:
+                    self.check_live()
+                    self._probe_pending = False
+
+    def _run(self, *inputs: Any, **named: Any) -> np.ndarray | list[np.ndarray]:
         past_given = bool(self.decoder) and any(n in named for n in self._past_names())
         feed = self._feed(inputs, named)
         session = self._session_for(feed)
@@ -227,6 +298,7 @@ class OnnxBackend(Backend):
         """One decoder run for generation: ``ids`` ``[B, S]`` after a past of ``cache`` (the previous run's
         present keys/values, onnxruntime ``OrtValue``s passed on without a copy; None: an empty past), ``mask``
         ``[B, past + S]``. Returns the last position's logits ``[B, V]`` and this run's present keys/values."""
+        self._ready()
         d = self.decoder
         feed = self.step_feed(ids, mask, empty_past=cache is None)
         session = self._session_for(feed)
@@ -383,6 +455,7 @@ class OnnxBackend(Backend):
                 a[...] = saved
             if not np.array_equal(saved.view(np.uint8), a.view(np.uint8)):
                 raise LiveWeightsError(f"weight {name!r} was not restored bit for bit after the probe")
+            self.release([n for n, p in self.manifest.parameters.items() if p["onnx"] == name][:1], check=True)
             changed = [not _same(b, p) for b, p in zip(before, probed)]
             if any(changed):
                 if not all(_same(b, self._outputs(f)) for b, f in zip(before, feeds)):
@@ -404,7 +477,7 @@ class OnnxBackend(Backend):
         return [n for layer in self.decoder["cache"] for n in layer[:2]] if self.decoder else []
 
     def _outputs(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        out = self(**feed)
+        out = self._run(**feed)
         return [out] if isinstance(out, np.ndarray) else out
 
 

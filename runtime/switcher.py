@@ -198,6 +198,7 @@ class Switcher:
         dense_saved = {t: c for t, c in old.dense_saved.items() if t in plan.dense}  # base copies kept
         scales = self.backend.scales
         quant = any(t in scales for t in in_t)
+        touched = {*in_t, *old.sparse_saved, *old.plan.dense, *plan.dense}
         saturated = torch.zeros(len(in_t), dtype=torch.int64) if quant else None
         try:
             for t in old.plan.dense:
@@ -245,7 +246,9 @@ class Switcher:
             self._spare = {t: s for t, (_, s) in old.sparse_saved.items()}  # free now that the switch committed
         except BaseException:
             self._rollback(old, plan, in_saved, dense_saved)
+            self.backend.after_switch(old.plan.active, touched)  # rolled back: the same tensors were written
             raise
+        self.backend.after_switch(plan.active, touched)
         return stats
 
     def _rollback(self, old: State, plan: Plan, in_saved: list[torch.Tensor], dense_saved: dict) -> None:

@@ -150,6 +150,11 @@ def test_probe_detects_a_session_that_copied_the_weights(bundle):
     backend._local = threading.local()
     with pytest.raises(LiveWeightsError, match="did not change the outputs"):
         backend.check_live()
+    copied = OnnxBackend.open(path)  # the probe runs before the first inference, not at load
+    copied._values = {n: ort.OrtValue.ortvalue_from_numpy(a.copy()) for n, a in copied.arrays.items()}
+    for _ in range(2):  # a failed probe stays pending: no inference returns outputs
+        with pytest.raises(LiveWeightsError, match="did not change the outputs"):
+            copied(IDS)
 
 
 def test_concurrent_inference_never_sees_a_mixed_state(bundle):
@@ -288,10 +293,11 @@ def test_probe_accepts_live_bundles_whose_example_is_padding(tmp_path):
         nn.Linear(8, 16),
     )
     path = export_onnx(m, (torch.zeros(1, 8, dtype=torch.long),), tmp_path / "seq")
-    backend = OnnxBackend.open(path)  # probes
+    backend = OnnxBackend.open(path)
     ids = backend.probe_inputs()[backend.input_names[0]]
     assert ids.min() >= 1 and ids.max() < 16
+    backend(ids)  # the first inference probes
     llama = build("tiny", torch.float32, seed=2)
     with torch.no_grad():
         llama.model.embed_tokens.weight[0].zero_()  # a padding row, as with pad_token_id=0
-    OnnxBackend.open(export_onnx(llama, (torch.zeros(1, 8, dtype=torch.long),), tmp_path / "llama"))
+    OnnxBackend.open(export_onnx(llama, (torch.zeros(1, 8, dtype=torch.long),), tmp_path / "llama"))(ids[:, :8])
