@@ -1,11 +1,14 @@
-"""Scatter/gather engine for adapter switching: a pure-torch reference and an optional C++ fast path.
+"""Scatter/gather engine for adapter switching: one C++ kernel core (``kernels/csrc/shira_core.h``, no torch) and
+pure references, bit-identical.
 
 Verbs (multi-tensor, in place; see ``shira_runtime.kernels.reference`` for the exact semantics):
-``restore_``, ``apply_``, ``switch_``. Both paths give bit-identical results. Weights are fp32/fp16/bf16, or the
-1-byte codes of a quantized base (int8, fp8 e4m3fn/e5m2) with per-row scales, switched on their grid.
+``restore_``, ``apply_``, ``switch_``, declared once in ``shira_runtime.kernels.verbs``. They take torch tensors
+(the core through the ``shira::`` torch ops, ``extension``; or the pure-torch ``reference``) or numpy arrays (the
+core through ctypes, ``core``; or the pure-numpy ``reference_np``). Weights are fp32/fp16/bf16, or the 1-byte
+codes of a quantized base (int8, fp8 e4m3fn/e5m2) with per-row scales, switched on their grid.
 
-``SHIRA_KERNELS`` picks the path: ``auto`` (default: the C++ extension if it builds/loads, else the
-reference with one warning), ``torch`` (force the reference), ``cpp`` (a missing extension is an error).
+``SHIRA_KERNELS`` picks the path: ``auto`` (default: the core if it loads or builds, else the references with one
+warning), ``torch`` or ``reference`` (force the references), ``cpp`` or ``core`` (a missing core is an error).
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import os
 import warnings
 from types import ModuleType
 
+import numpy as np
 from shira_runtime.kernels import reference
 from shira_runtime.kernels.checks import KernelInputError
+from shira_runtime.kernels.verbs import VERBS
 
 __all__ = ["KernelInputError", "apply_", "backend", "reference", "restore_", "switch_"]
 
@@ -25,8 +30,9 @@ _impl_name: str | None = None
 
 def _select() -> tuple[ModuleType, str]:
     choice = os.environ.get("SHIRA_KERNELS", "auto").strip().lower()
+    choice = {"reference": "torch", "core": "cpp"}.get(choice, choice)
     if choice not in ("auto", "torch", "cpp"):
-        raise ValueError(f"SHIRA_KERNELS={choice!r}: expected 'auto', 'torch' or 'cpp'")
+        raise ValueError(f"SHIRA_KERNELS={choice!r}: expected 'auto', 'torch' (or 'reference') or 'cpp' (or 'core')")
     if choice == "torch":
         return reference, "torch"
     try:
@@ -35,9 +41,9 @@ def _select() -> tuple[ModuleType, str]:
         return extension.load(), "cpp"
     except Exception as exc:  # build or load failure: fall back, unless the user asked for cpp
         if choice == "cpp":
-            raise RuntimeError(f"SHIRA_KERNELS=cpp but the C++ extension is unavailable: {exc}") from exc
+            raise RuntimeError(f"SHIRA_KERNELS=cpp but the kernel core is unavailable: {exc}") from exc
         warnings.warn(
-            f"shira kernels: C++ extension unavailable ({exc}); using the pure-torch reference",
+            f"shira kernels: kernel core unavailable ({exc}); using the pure references",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -52,7 +58,7 @@ def _get() -> ModuleType:
 
 
 def backend() -> str:
-    """The active path: ``"cpp"`` or ``"torch"``."""
+    """The active path: ``"cpp"`` (the core) or ``"torch"`` (the references)."""
     _get()
     return _impl_name  # type: ignore[return-value]
 
@@ -63,41 +69,37 @@ def reset() -> None:
     _impl, _impl_name = None, None
 
 
-def restore_(weights, indices, saved, validate: bool = True, mirrors=None) -> None:
-    _get().restore_(weights, indices, saved, validate=validate, mirrors=mirrors)
+def _numpy_impl() -> ModuleType:
+    """The numpy path: the core unless ``SHIRA_KERNELS=torch``, else (or without a core) the numpy reference."""
+    if backend() == "cpp":
+        from shira_runtime.kernels import core
+
+        return core
+    from shira_runtime.kernels import reference_np
+
+    return reference_np
 
 
-def apply_(weights, indices, deltas, saved, validate: bool = True, scales=None, saturated=None, mirrors=None) -> None:
-    _get().apply_(
-        weights, indices, deltas, saved, validate=validate, scales=scales, saturated=saturated, mirrors=mirrors
-    )
+def _is_numpy(args: tuple, kwargs: dict) -> bool:
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, list) and v:
+            return isinstance(v[0], np.ndarray)
+    return False
 
 
-def switch_(
-    out_weights,
-    out_indices,
-    out_saved,
-    in_weights,
-    in_indices,
-    in_deltas,
-    in_saved,
-    validate: bool = True,
-    in_scales=None,
-    saturated=None,
-    out_mirrors=None,
-    in_mirrors=None,
-) -> None:
-    _get().switch_(
-        out_weights,
-        out_indices,
-        out_saved,
-        in_weights,
-        in_indices,
-        in_deltas,
-        in_saved,
-        validate=validate,
-        in_scales=in_scales,
-        saturated=saturated,
-        out_mirrors=out_mirrors,
-        in_mirrors=in_mirrors,
-    )
+def _verb(name: str):
+    verb = VERBS[name]
+
+    def fn(*args, **kwargs) -> None:
+        impl = _numpy_impl() if _is_numpy(args, kwargs) else _get()
+        getattr(impl, name)(*args, **kwargs)
+
+    fn.__name__ = fn.__qualname__ = name
+    fn.__signature__ = verb.signature  # type: ignore[attr-defined]
+    fn.__doc__ = getattr(reference, name).__doc__
+    return fn
+
+
+restore_ = _verb("restore_")
+apply_ = _verb("apply_")
+switch_ = _verb("switch_")

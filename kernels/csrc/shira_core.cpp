@@ -1,7 +1,8 @@
-// CPU implementation of the shira::restore_ / apply_ / switch_ ops.
+// The switch kernels' core: the C ABI of shira_core.h (restore / apply / switch over raw pointers), no torch.
 //
-// The schema is declared once, in kernels/extension.py; this file only implements it. Semantics are
-// those of kernels/reference.py, bit for bit: for tensor t and entry i
+// The Python verbs (shira_runtime.kernels: torch.library ops and numpy arrays) call it through ctypes; their
+// signatures are declared once, in runtime/kernels/verbs.py. Semantics are those of
+// runtime/kernels/reference.py, bit for bit: for tensor t and entry i
 //   restore_: w.flat[idx[i]] = saved[i]
 //   apply_:   saved[i] = w.flat[idx[i]];  w.flat[idx[i]] = W(float(saved[i]) + delta[i])   (one visit)
 //             1-byte codes of a quantized base (int8 / fp8 e4m3fn / e5m2) with per-row fp32 scales s:
@@ -28,25 +29,36 @@
 //              parallel.
 // With sorted lists (fused plan, or ordered with sorted lists), aligned-or-not runs of one cache line of
 // consecutive indices (a "block" mask) are copied as blocks; everything else is visited entry by entry.
-// Chunks are handed out dynamically to at::parallel_for threads; below a size threshold everything
-// runs on the calling thread.
+// Chunks are handed out dynamically to the threads of a persistent pool (std::thread, no OpenMP: no clash with
+// the OpenMP runtime of a host such as torch); below a size threshold everything runs on the calling thread.
+//
+// Conversions are those of c10 (PyTorch), bit for bit, ported here so the core needs no torch: fp16 from and to
+// fp32 as in the FP16 library (Marat Dukhan, MIT; c10's software path), bf16 round to nearest even with NaN as
+// 0x7FC0, fp8 e4m3fn / e5m2 from and to fp32 (c10/util/Float8_e4m3fn.h, Float8_e5m2.h; BSD-3-Clause).
 
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Float8_e4m3fn.h>
-#include <c10/util/Float8_e5m2.h>
-#include <c10/util/Half.h>
-#include <torch/library.h>
+#include "shira_core.h"
+
+#include <pthread.h>
 
 #include <algorithm>
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
+#include <new>
+#include <sstream>
+#include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
+
+#define SHIRA_API extern "C" __attribute__((visibility("default")))
+#ifndef SHIRA_SOURCE_ID
+#define SHIRA_SOURCE_ID ""
+#endif
 
 namespace shira {
 namespace {
@@ -60,6 +72,151 @@ std::atomic<int64_t> g_prefetch{24};           // software prefetch distance in 
 std::atomic<int64_t> g_runs{1};               // 1: copy contiguous runs as blocks (sorted lists); 0: off
 std::atomic<int64_t> g_last_plan{0};           // bit 0: threaded; bits 1-2: 1 fused, 2 phased, 3 ordered
 
+// A refused input: the message goes back through the C ABI (return code 1), nothing written yet.
+struct InputError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+template <typename... A>
+[[noreturn]] void refuse(const A&... parts) {
+  std::ostringstream os;
+  (os << ... << parts);
+  throw InputError(os.str());
+}
+
+// ---- element types: c10's conversions, bit for bit ----------------------------------------------
+
+inline uint32_t fp32_to_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof b);
+  return b;
+}
+
+inline float fp32_from_bits(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, sizeof f);
+  return f;
+}
+
+inline float fp16_to_fp32(uint16_t h) {  // exact
+  const uint32_t w = static_cast<uint32_t>(h) << 16;
+  const uint32_t sign = w & UINT32_C(0x80000000);
+  const uint32_t two_w = w + w;
+  constexpr uint32_t exp_offset = UINT32_C(0xE0) << 23;
+  const float exp_scale = fp32_from_bits(UINT32_C(15) << 23);  // 2^-112
+  const float normalized = fp32_from_bits((two_w >> 4) + exp_offset) * exp_scale;
+  constexpr uint32_t magic_mask = UINT32_C(126) << 23;
+  const float denormalized = fp32_from_bits((two_w >> 17) | magic_mask) - 0.5f;
+  constexpr uint32_t denormalized_cutoff = UINT32_C(1) << 27;
+  return fp32_from_bits(sign | (two_w < denormalized_cutoff ? fp32_to_bits(denormalized) : fp32_to_bits(normalized)));
+}
+
+inline uint16_t fp16_from_fp32(float f) {  // round to nearest even; NaN -> sign | 0x7E00
+  const float scale_to_inf = fp32_from_bits(UINT32_C(239) << 23);  // 2^112
+  const float scale_to_zero = fp32_from_bits(UINT32_C(17) << 23);  // 2^-110
+  float base = (std::fabs(f) * scale_to_inf) * scale_to_zero;
+  const uint32_t w = fp32_to_bits(f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & UINT32_C(0x80000000);
+  uint32_t bias = shl1_w & UINT32_C(0xFF000000);
+  if (bias < UINT32_C(0x71000000)) bias = UINT32_C(0x71000000);
+  base = fp32_from_bits((bias >> 1) + UINT32_C(0x07800000)) + base;
+  const uint32_t bits = fp32_to_bits(base);
+  const uint32_t exp_bits = (bits >> 13) & UINT32_C(0x00007C00);
+  const uint32_t mantissa_bits = bits & UINT32_C(0x00000FFF);
+  const uint32_t nonsign = exp_bits + mantissa_bits;
+  return static_cast<uint16_t>((sign >> 16) | (shl1_w > UINT32_C(0xFF000000) ? UINT16_C(0x7E00) : nonsign));
+}
+
+inline uint16_t bf16_from_fp32(float f) {  // round to nearest even; NaN -> 0x7FC0
+  if (std::isnan(f)) return UINT16_C(0x7FC0);
+  const uint32_t u = fp32_to_bits(f);
+  return static_cast<uint16_t>((u + (((u >> 16) & 1) + UINT32_C(0x7FFF))) >> 16);
+}
+
+inline float fp8e4m3fn_to_fp32(uint8_t input) {
+  const uint32_t w = static_cast<uint32_t>(input) << 24;
+  const uint32_t sign = w & UINT32_C(0x80000000);
+  const uint32_t nonsign = w & UINT32_C(0x7FFFFFFF);
+  uint32_t renorm_shift = nonsign != 0 ? __builtin_clz(nonsign) : 32;
+  renorm_shift = renorm_shift > 4 ? renorm_shift - 4 : 0;
+  const int32_t inf_nan_mask = (static_cast<int32_t>(nonsign + 0x01000000) >> 8) & INT32_C(0x7F800000);
+  const int32_t zero_mask = static_cast<int32_t>(nonsign - 1) >> 31;
+  const uint32_t result =
+      sign | ((((nonsign << renorm_shift >> 4) + ((0x78 - renorm_shift) << 23)) | inf_nan_mask) & ~zero_mask);
+  return fp32_from_bits(result);
+}
+
+inline uint8_t fp8e4m3fn_from_fp32(float f) {
+  constexpr uint32_t fp8_max = UINT32_C(1087) << 20;
+  constexpr uint32_t denorm_mask = UINT32_C(141) << 23;
+  uint32_t f_bits = fp32_to_bits(f);
+  uint8_t result = 0u;
+  const uint32_t sign = f_bits & UINT32_C(0x80000000);
+  f_bits ^= sign;
+  if (f_bits >= fp8_max) {
+    result = f_bits > UINT32_C(0x7F800000) ? 0x7f : 0x7e;
+  } else if (f_bits < (UINT32_C(121) << 23)) {
+    f_bits = fp32_to_bits(fp32_from_bits(f_bits) + fp32_from_bits(denorm_mask));
+    result = static_cast<uint8_t>(f_bits - denorm_mask);
+  } else {
+    const uint8_t mant_odd = (f_bits >> 20) & 1;
+    f_bits += (static_cast<uint32_t>(7 - 127) << 23) + 0x7FFFF;
+    f_bits += mant_odd;
+    result = static_cast<uint8_t>(f_bits >> 20);
+    if (result == 0x7f) result = 0x7e;
+  }
+  return result | static_cast<uint8_t>(sign >> 24);
+}
+
+inline float fp8e5m2_to_fp32(uint8_t input) { return fp16_to_fp32(static_cast<uint16_t>(input << 8)); }
+
+inline uint8_t fp8e5m2_from_fp32(float f) {
+  constexpr uint32_t fp32_inf = UINT32_C(255) << 23;
+  constexpr uint32_t fp8_max = UINT32_C(143) << 23;
+  constexpr uint32_t denorm_mask = UINT32_C(134) << 23;
+  uint32_t f_bits = fp32_to_bits(f);
+  uint8_t result = 0u;
+  const uint32_t sign = f_bits & UINT32_C(0x80000000);
+  f_bits ^= sign;
+  if (f_bits >= fp8_max) {
+    result = f_bits > fp32_inf ? UINT8_C(0x7F) : UINT8_C(0x7C);
+  } else if (f_bits < (UINT32_C(113) << 23)) {
+    f_bits = fp32_to_bits(fp32_from_bits(f_bits) + fp32_from_bits(denorm_mask));
+    result = static_cast<uint8_t>(f_bits - denorm_mask);
+  } else {
+    const uint32_t mant_odd = (f_bits >> 21) & 1;
+    f_bits += (static_cast<uint32_t>(15 - 127) << 23) + 0xFFFFF;
+    f_bits += mant_odd;
+    result = static_cast<uint8_t>(f_bits >> 21);
+  }
+  return result | static_cast<uint8_t>(sign >> 24);
+}
+
+struct Half {  // fp16 bits
+  uint16_t x;
+  explicit operator float() const { return fp16_to_fp32(x); }
+};
+
+struct BF16 {  // bf16 bits
+  uint16_t x;
+  explicit operator float() const { return fp32_from_bits(static_cast<uint32_t>(x) << 16); }
+};
+
+inline bool is_code(int32_t t) { return t == SHIRA_I8 || t == SHIRA_F8E4M3 || t == SHIRA_F8E5M2; }
+
+const char* dtype_name(int32_t t) {
+  switch (t) {
+    case SHIRA_F32: return "float32";
+    case SHIRA_F16: return "float16";
+    case SHIRA_BF16: return "bfloat16";
+    case SHIRA_I8: return "int8";
+    case SHIRA_F8E4M3: return "float8_e4m3fn";
+    case SHIRA_F8E5M2: return "float8_e5m2";
+    default: return "unknown";
+  }
+}
+
 enum Plan : int64_t { kFused = 1, kPhased = 2, kOrdered = 3 };
 
 // ---- one tensor of one list ----------------------------------------------------------------------
@@ -68,7 +225,7 @@ struct Item {
   char* w;                   // weight data, flat
   int64_t numel;             // weight elements
   size_t nbytes;             // weight bytes
-  at::ScalarType wtype;      // fp32 / fp16 / bf16, or int8 / fp8 e4m3fn / fp8 e5m2 codes
+  int32_t wtype;             // shira_dtype: fp32 / fp16 / bf16, or int8 / fp8 e4m3fn / fp8 e5m2 codes
   const void* idx;           // [n] int32 or int64
   bool idx64;
   int64_t n;
@@ -103,8 +260,22 @@ int64_t lower_bound_pos(const Item& it, int64_t lo, int64_t hi, int64_t value) {
 // ---- inner loops ---------------------------------------------------------------------------------
 
 template <typename W>
-inline W from_float(float v) {
-  return static_cast<W>(v);  // c10::Half / c10::BFloat16: round to nearest even, like Tensor.to()
+inline W from_float(float v);  // round to nearest even, like Tensor.to()
+template <>
+inline float from_float<float>(float v) {
+  return v;
+}
+template <>
+inline Half from_float<Half>(float v) {
+  return Half{fp16_from_fp32(v)};
+}
+template <>
+inline BF16 from_float<BF16>(float v) {
+  return BF16{bf16_from_fp32(v)};
+}
+template <>
+inline uint8_t from_float<uint8_t>(float v) {  // instantiated, never called: 1-byte codes go through requantize
+  return static_cast<uint8_t>(v);
 }
 
 // Runs: with sorted unique indices, idx[i + K - 1] == idx[i] + K - 1 means entries i .. i + K - 1 are one
@@ -242,10 +413,10 @@ struct Codes {
       if constexpr (F == 0)
         value[c] = static_cast<float>(static_cast<int8_t>(u));
       else if constexpr (F == 1)
-        value[c] = static_cast<float>(c10::Float8_e4m3fn(u, c10::Float8_e4m3fn::from_bits()));
+        value[c] = fp8e4m3fn_to_fp32(u);
       else
-        value[c] = static_cast<float>(c10::Float8_e5m2(u, c10::Float8_e5m2::from_bits()));
-      bf16[c] = c10::BFloat16(value[c]).x;
+        value[c] = fp8e5m2_to_fp32(u);
+      bf16[c] = bf16_from_fp32(value[c]);
     }
   }
 };
@@ -262,9 +433,9 @@ inline uint8_t encode_exact(float r) {
   if constexpr (F == 0)
     return static_cast<uint8_t>(static_cast<int8_t>(r));
   else if constexpr (F == 1)
-    return c10::Float8_e4m3fn(r).x;
+    return fp8e4m3fn_from_fp32(r);
   else
-    return c10::Float8_e5m2(r).x;
+    return fp8e5m2_from_fp32(r);
 }
 
 // One entry: returns the new code, counts a clamp.
@@ -394,14 +565,14 @@ template <typename I>
 void run_mirrored(const Item& it, bool apply, int64_t b, int64_t e) {
   if (b >= e) return;
   switch (it.wtype) {
-    case at::kChar:
+    case SHIRA_I8:
       return run_mirrored<0, I>(it, apply, b, e);
-    case at::kFloat8_e4m3fn:
+    case SHIRA_F8E4M3:
       return run_mirrored<1, I>(it, apply, b, e);
-    case at::kFloat8_e5m2:
+    case SHIRA_F8E5M2:
       return run_mirrored<2, I>(it, apply, b, e);
     default:
-      TORCH_CHECK(false, "shira: unreachable code dtype");
+      throw std::logic_error("shira: unreachable code dtype");
   }
 }
 
@@ -421,24 +592,21 @@ void run_range_q(const Item& it, int64_t b, int64_t e) {
   }
   int64_t clamped = 0;
   switch (it.wtype) {
-    case at::kChar:
+    case SHIRA_I8:
       clamped = apply_q<0, I>(it, w, idx, saved, b, e, pf);
       break;
-    case at::kFloat8_e4m3fn:
+    case SHIRA_F8E4M3:
       clamped = apply_q<1, I>(it, w, idx, saved, b, e, pf);
       break;
-    case at::kFloat8_e5m2:
+    case SHIRA_F8E5M2:
       clamped = apply_q<2, I>(it, w, idx, saved, b, e, pf);
       break;
     default:
-      TORCH_CHECK(false, "shira: unreachable code dtype");
+      throw std::logic_error("shira: unreachable code dtype");
   }
   if (clamped && it.saturated) __atomic_fetch_add(it.saturated, clamped, __ATOMIC_RELAXED);
 }
 
-inline bool is_code(at::ScalarType t) {
-  return t == at::kChar || t == at::kFloat8_e4m3fn || t == at::kFloat8_e5m2;
-}
 
 template <typename W, typename I>
 void run_range(const Item& it, bool apply, int64_t b, int64_t e, bool runs) {
@@ -473,17 +641,17 @@ void run_entries(const Item& it, bool apply, int64_t b, int64_t e, bool runs) {
                     : run_range<uint8_t, int32_t>(it, false, b, e, runs);
   }
   switch (it.wtype) {
-    case at::kFloat:
+    case SHIRA_F32:
       return it.idx64 ? run_range<float, int64_t>(it, apply, b, e, runs)
                       : run_range<float, int32_t>(it, apply, b, e, runs);
-    case at::kHalf:
-      return it.idx64 ? run_range<c10::Half, int64_t>(it, apply, b, e, runs)
-                      : run_range<c10::Half, int32_t>(it, apply, b, e, runs);
-    case at::kBFloat16:
-      return it.idx64 ? run_range<c10::BFloat16, int64_t>(it, apply, b, e, runs)
-                      : run_range<c10::BFloat16, int32_t>(it, apply, b, e, runs);
+    case SHIRA_F16:
+      return it.idx64 ? run_range<Half, int64_t>(it, apply, b, e, runs)
+                      : run_range<Half, int32_t>(it, apply, b, e, runs);
+    case SHIRA_BF16:
+      return it.idx64 ? run_range<BF16, int64_t>(it, apply, b, e, runs)
+                      : run_range<BF16, int32_t>(it, apply, b, e, runs);
     default:
-      TORCH_CHECK(false, "shira: unreachable weight dtype");
+      throw std::logic_error("shira: unreachable weight dtype");
   }
 }
 
@@ -503,16 +671,124 @@ void run_task(const Task& t) {
   if (t.a) run_entries(*t.a, true, t.a0, t.a1, t.runs);
 }
 
-// Runs every task; threaded (dynamic hand-out) when `threaded`, else on the calling thread.
-void run_tasks(const std::vector<Task>& tasks, bool threaded) {
+// A persistent pool: workers wait for a job (spinning briefly, then on a condition variable), run it beside the
+// caller and report back. One job at a time: a call that finds the pool busy (another thread's call) runs on its
+// own thread. Rebuilt after fork() in the child (the parent's workers do not exist there).
+class Pool {
+ public:
+  // Runs body() on the calling thread and on `workers - 1` pool threads; returns when all are done.
+  // body must not throw.
+  template <typename F>
+  void run(int64_t workers, F&& body) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (workers <= 1 || !busy.owns_lock()) {
+      body();
+      return;
+    }
+    const int64_t helpers = std::min<int64_t>(workers - 1, kMaxThreads);
+    grow(helpers);
+    fn_ = [](void* ctx) { (*static_cast<F*>(ctx))(); };
+    ctx_ = &body;
+    helpers_ = helpers;
+    // every started worker acknowledges every job (the unneeded ones without running it), so none still reads
+    // this job's fields when the next one is set up
+    pending_.store(started_, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    work_.notify_all();
+    body();
+    for (int spin = 0; pending_.load(std::memory_order_acquire) != 0; ++spin) {
+      cpu_relax();
+      if (spin > kSpin) {
+        std::unique_lock<std::mutex> lk(m_);
+        done_.wait(lk, [&] { return pending_.load(std::memory_order_acquire) == 0; });
+        break;
+      }
+    }
+  }
+
+ private:
+  static constexpr int64_t kMaxThreads = 256;
+  static constexpr int kSpin = 4000;  // polls before sleeping (some tens of microseconds)
+
+  static inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+  }
+
+  void grow(int64_t n) {
+    while (static_cast<int64_t>(started_) < n) {
+      const int64_t id = started_++;
+      const uint64_t seen = gen_.load(std::memory_order_acquire);  // the job about to be posted is new to it
+      std::thread([this, id, seen] { loop(id, seen); }).detach();
+    }
+  }
+
+  void loop(int64_t id, uint64_t seen) {
+    for (;;) {
+      uint64_t g;
+      for (int spin = 0; (g = gen_.load(std::memory_order_acquire)) == seen; ++spin) {
+        cpu_relax();
+        if (spin > kSpin) {
+          std::unique_lock<std::mutex> lk(m_);
+          work_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+        }
+      }
+      seen = g;
+      if (id < helpers_) fn_(ctx_);  // else not needed for this job
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> lk(m_);
+        done_.notify_all();
+      }
+    }
+  }
+
+  std::mutex busy_;  // held by the caller of the running job
+  std::mutex m_;
+  std::condition_variable work_, done_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int64_t> pending_{0};
+  void (*fn_)(void*) = nullptr;
+  void* ctx_ = nullptr;
+  int64_t helpers_ = 0;
+  int64_t started_ = 0;
+};
+
+std::atomic<Pool*> g_pool{nullptr};
+std::once_flag g_atfork;
+
+Pool& pool() {
+  std::call_once(g_atfork, [] {
+    pthread_atfork(nullptr, nullptr, [] { g_pool.store(nullptr); });  // the child's pool starts afresh (leaked)
+  });
+  Pool* p = g_pool.load(std::memory_order_acquire);
+  if (!p) {
+    static std::mutex make;
+    std::lock_guard<std::mutex> lk(make);
+    p = g_pool.load(std::memory_order_acquire);
+    if (!p) {
+      p = new Pool();
+      g_pool.store(p, std::memory_order_release);
+    }
+  }
+  return *p;
+}
+
+// Runs every task; threaded (dynamic hand-out to up to `threads` threads) when `threaded`, else on the caller.
+void run_tasks(const std::vector<Task>& tasks, bool threaded, int64_t threads) {
   if (tasks.empty()) return;
   if (!threaded || tasks.size() == 1) {
     for (const Task& t : tasks) run_task(t);
     return;
   }
   std::atomic<size_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(tasks.size()));
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  const int64_t workers = std::min<int64_t>(threads, static_cast<int64_t>(tasks.size()));
+  pool().run(workers, [&] {
     for (size_t k; (k = next.fetch_add(1, std::memory_order_relaxed)) < tasks.size();) run_task(tasks[k]);
   });
 }
@@ -555,102 +831,9 @@ void chunk_by_range(const Item* r, const Item* a, int64_t chunk, std::vector<Tas
 
 // ---- checks --------------------------------------------------------------------------------------
 
-// Builds the Item of one list position, checking dtypes, devices, contiguity and shapes. `scale`: the per-row
-// scales of a 1-byte weight (apply only; null or empty for a float weight).
-Item make_item(const char* op, const char* list, int64_t t, const at::Tensor& w, const at::Tensor& idx,
-               const at::Tensor* delta, const at::Tensor& saved, const at::Tensor* scale = nullptr,
-               int64_t* saturated = nullptr, const at::Tensor* mirror = nullptr) {
-  const std::string where = std::string("shira::") + op + ": " + list + "tensor " + std::to_string(t) + ": ";
-  TORCH_CHECK_VALUE(w.defined() && idx.defined() && saved.defined() && (!delta || delta->defined()),
-                    where, "undefined tensor");
-  TORCH_CHECK_VALUE(w.device().is_cpu() && idx.device().is_cpu() && saved.device().is_cpu() &&
-                        (!delta || delta->device().is_cpu()),
-                    where, "all tensors must be on the CPU");
-  const auto wt = w.scalar_type();
-  TORCH_CHECK_VALUE(wt == at::kFloat || wt == at::kHalf || wt == at::kBFloat16 || is_code(wt), where,
-                    "weight dtype ", wt, " is not one of fp32/fp16/bf16/int8/float8_e4m3fn/float8_e5m2");
-  TORCH_CHECK_VALUE(w.is_contiguous(), where, "weight is not contiguous");
-  const auto it = idx.scalar_type();
-  TORCH_CHECK_VALUE(it == at::kInt || it == at::kLong, where, "indices dtype ", it, " is not int32/int64");
-  TORCH_CHECK_VALUE(idx.dim() == 1 && idx.is_contiguous(), where, "indices must be 1-D contiguous, got shape ",
-                    idx.sizes());
-  TORCH_CHECK_VALUE(saved.scalar_type() == wt, where, "saved dtype ", saved.scalar_type(),
-                    " differs from weight dtype ", wt);
-  TORCH_CHECK_VALUE(saved.sizes() == idx.sizes() && saved.is_contiguous(), where, "saved shape ", saved.sizes(),
-                    " does not match indices shape ", idx.sizes());
-  const bool baked = delta && is_code(wt) && delta->scalar_type() == wt;  // new codes given: a byte swap
-  if (delta) {
-    TORCH_CHECK_VALUE(delta->scalar_type() == at::kFloat || baked, where, "delta dtype ", delta->scalar_type(),
-                      " is not float32");
-    TORCH_CHECK_VALUE(delta->sizes() == idx.sizes() && delta->is_contiguous(), where, "delta shape ",
-                      delta->sizes(), " does not match indices shape ", idx.sizes());
-  }
-  const bool has_scale = scale && scale->defined() && scale->numel() > 0;
-  if (baked) {
-    // no grid math: scales, if given, are not used
-  } else if (delta && is_code(wt)) {
-    TORCH_CHECK_VALUE(has_scale, where, "a ", wt, " weight needs its per-row scales");
-    TORCH_CHECK_VALUE(scale->scalar_type() == at::kFloat && scale->dim() == 1 && scale->is_contiguous() &&
-                          scale->device().is_cpu(),
-                      where, "scales must be fp32 1-D contiguous, got ", scale->scalar_type(), scale->sizes());
-    TORCH_CHECK_VALUE(w.numel() % scale->numel() == 0, where, scale->numel(),
-                      " scales do not divide a weight of ", w.numel(), " elements into rows");
-  } else {
-    TORCH_CHECK_VALUE(!has_scale, where, "scales given for a ", wt,
-                      " weight (only 1-byte quantized weights take scales)");
-  }
-  const bool has_mirror = mirror && mirror->defined() && mirror->numel() > 0;
-  const bool u8t = has_mirror && mirror->scalar_type() == at::kByte;
-  if (has_mirror) {
-    TORCH_CHECK_VALUE(is_code(wt), where, "a mirror given for a ", wt,
-                      " weight (only 1-byte codes have a bf16 mirror)");
-    if (u8t) {
-      TORCH_CHECK_VALUE(wt == at::kChar && w.dim() == 2 && mirror->dim() == 2 && mirror->is_contiguous() &&
-                            mirror->device().is_cpu() && mirror->size(0) == w.size(1) &&
-                            mirror->size(1) == w.size(0),
-                        where, "a uint8 mirror is the transposed copy of 2-D int8 codes: expected [",
-                        w.dim() == 2 ? w.size(1) : -1, ", ", w.dim() == 2 ? w.size(0) : -1, "] for a ", wt,
-                        w.sizes(), " weight, got ", mirror->sizes());
-    } else {
-      TORCH_CHECK_VALUE(mirror->scalar_type() == at::kBFloat16 && mirror->is_contiguous() &&
-                            mirror->device().is_cpu() && mirror->numel() == w.numel(),
-                        where, "the mirror must be a contiguous bf16 tensor of the weight's ", w.numel(),
-                        " elements, got ", mirror->scalar_type(), mirror->sizes());
-    }
-    const auto* mlo = static_cast<const char*>(mirror->data_ptr());
-    const auto* wlo = static_cast<const char*>(w.data_ptr());
-    TORCH_CHECK_VALUE(mlo + mirror->nbytes() <= wlo || wlo + w.nbytes() <= mlo, where,
-                      "the mirror overlaps its weight");
-  }
-  Item item{};
-  item.w = static_cast<char*>(w.data_ptr());
-  item.numel = w.numel();
-  item.nbytes = w.nbytes();
-  item.wtype = wt;
-  item.idx = idx.data_ptr();
-  item.idx64 = it == at::kLong;
-  item.n = idx.numel();
-  item.delta = delta && !baked ? delta->data_ptr<float>() : nullptr;
-  item.codes = baked ? static_cast<const uint8_t*>(delta->data_ptr()) : nullptr;
-  item.apply = delta != nullptr;
-  item.saved = saved.data_ptr();
-  item.pos = t;
-  item.list = list;
-  item.mirror = has_mirror ? mirror->data_ptr() : nullptr;
-  item.mirror_u8t = u8t;
-  item.mrows = u8t ? w.size(0) : 0;
-  item.mcols = u8t ? w.size(1) : 0;
-  if (delta && is_code(wt) && !baked) {
-    item.scales = scale->data_ptr<float>();
-    item.row_len = w.numel() / scale->numel();
-    item.saturated = saturated ? saturated + t : nullptr;
-  }
-  return item;
-}
-
 [[noreturn]] void fail_range(const char* op, const Item& it, int64_t value) {
-  TORCH_CHECK_VALUE(false, "shira::", op, ": ", it.list, "tensor ", it.pos, ": index ", value,
-                    " out of range for ", it.numel, " elements");
+  refuse("shira::", op, ": ", it.list, "tensor ", it.pos, ": index ", value, " out of range for ", it.numel,
+         " elements");
 }
 
 inline bool out_of_range(int64_t v, int64_t numel) {
@@ -674,7 +857,7 @@ void scan(const I* idx, int64_t numel, int64_t b, int64_t e, bool& bad, bool& un
 
 // validate=True: every index in range (raises before any write) and returns whether all lists are sorted.
 // validate=False: only the first and last index of each list (the caller guarantees sorted lists).
-bool check_bounds(const char* op, const std::vector<Item>& items, bool validate, int64_t chunk) {
+bool check_bounds(const char* op, const std::vector<Item>& items, bool validate, int64_t chunk, int64_t threads) {
   if (!validate) {
     for (const Item& it : items) {
       if (it.n == 0) continue;
@@ -702,10 +885,11 @@ bool check_bounds(const char* op, const std::vector<Item>& items, bool validate,
     else
       scan(static_cast<const int32_t*>(it.idx), it.numel, p.b, p.e, p.bad, p.unsorted);
   };
-  const bool threaded = total >= g_serial_below.load(std::memory_order_relaxed) && pieces.size() > 1;
+  const bool threaded = total >= g_serial_below.load(std::memory_order_relaxed) && pieces.size() > 1 && threads > 1;
   if (threaded) {
-    at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t b, int64_t e) {
-      for (int64_t k = b; k < e; ++k) run_piece(pieces[k]);
+    std::atomic<size_t> next{0};
+    pool().run(std::min<int64_t>(threads, static_cast<int64_t>(pieces.size())), [&] {
+      for (size_t k; (k = next.fetch_add(1, std::memory_order_relaxed)) < pieces.size();) run_piece(pieces[k]);
     });
   } else {
     for (Piece& p : pieces) run_piece(p);
@@ -736,15 +920,16 @@ bool disjoint(const std::vector<const Item*>& items) {
 // ---- the engine shared by the three verbs --------------------------------------------------------
 
 // Restores `outs`, then applies `ins` (either may be empty). All checks happen before the first write.
-void run(const char* op, const std::vector<Item>& outs, const std::vector<Item>& ins, bool validate) {
+void run(const char* op, const std::vector<Item>& outs, const std::vector<Item>& ins, bool validate,
+         int64_t threads) {
   std::vector<Item> all(outs);
   all.insert(all.end(), ins.begin(), ins.end());
   const int64_t chunk = std::max<int64_t>(1, g_chunk.load(std::memory_order_relaxed));
-  const bool sorted = check_bounds(op, all, validate, chunk);
+  const bool sorted = check_bounds(op, all, validate, chunk, threads);
 
   int64_t total = 0;
   for (const Item& it : all) total += it.n;
-  const bool threaded = total >= g_serial_below.load(std::memory_order_relaxed) && at::get_num_threads() > 1;
+  const bool threaded = total >= g_serial_below.load(std::memory_order_relaxed) && threads > 1;
 
   // Pair every incoming weight with the outgoing entry of the same tensor, if any.
   std::vector<const Item*> out_ptrs, in_ptrs;
@@ -790,110 +975,164 @@ void run(const char* op, const std::vector<Item>& outs, const std::vector<Item>&
     for (size_t k = 0; k < outs.size(); ++k)
       if (!paired[k]) chunk_by_range(&outs[k], nullptr, chunk, tasks);
     for (size_t j = 0; j < ins.size(); ++j) chunk_by_range(partner[j], &ins[j], chunk, tasks);
-    run_tasks(tasks, threaded);
+    run_tasks(tasks, threaded, threads);
   } else if (plan == kPhased) {
     for (const Item& it : outs) chunk_by_position(&it, false, chunk, false, tasks);
-    run_tasks(tasks, threaded);
+    run_tasks(tasks, threaded, threads);
     tasks.clear();
     for (const Item& it : ins) chunk_by_position(&it, true, chunk, false, tasks);
-    run_tasks(tasks, threaded);
+    run_tasks(tasks, threaded, threads);
   } else {
     for (const Item& it : all) {
       tasks.clear();
       chunk_by_position(&it, it.apply, chunk, sorted, tasks);
-      run_tasks(tasks, threaded && it.n >= g_serial_below.load(std::memory_order_relaxed));
+      run_tasks(tasks, threaded && it.n >= g_serial_below.load(std::memory_order_relaxed), threads);
     }
   }
 }
 
-void check_mirror_count(const char* op, const char* list, const std::optional<at::TensorList>& mirrors,
-                        size_t weights) {
-  TORCH_CHECK_VALUE(!mirrors || mirrors->size() == weights, "shira::", op, ": ", list,
-                    mirrors ? mirrors->size() : 0, " mirror tensors for ", weights, " weights");
-}
 
-std::vector<Item> restore_items(const char* op, const char* list, const at::TensorList& weights,
-                                const at::TensorList& indices, const at::TensorList& saved,
-                                const std::optional<at::TensorList>& mirrors) {
-  TORCH_CHECK_VALUE(weights.size() == indices.size() && weights.size() == saved.size(), "shira::", op, ": ",
-                    list, "list lengths differ (weights ", weights.size(), ", indices ", indices.size(),
-                    ", saved ", saved.size(), ")");
-  check_mirror_count(op, list, mirrors, weights.size());
-  std::vector<Item> items;
-  items.reserve(weights.size());
-  for (size_t t = 0; t < weights.size(); ++t)
-    items.push_back(make_item(op, list, t, weights[t], indices[t], nullptr, saved[t], nullptr, nullptr,
-                              mirrors ? &(*mirrors)[t] : nullptr));
-  return items;
-}
+// ---- items from the C ABI ------------------------------------------------------------------------
 
-std::vector<Item> apply_items(const char* op, const char* list, const at::TensorList& weights,
-                              const at::TensorList& indices, const at::TensorList& deltas,
-                              const at::TensorList& saved, const std::optional<at::TensorList>& scales,
-                              const std::optional<at::Tensor>& saturated,
-                              const std::optional<at::TensorList>& mirrors) {
-  TORCH_CHECK_VALUE(weights.size() == indices.size() && weights.size() == saved.size() &&
-                        weights.size() == deltas.size(),
-                    "shira::", op, ": ", list, "list lengths differ (weights ", weights.size(), ", indices ",
-                    indices.size(), ", deltas ", deltas.size(), ", saved ", saved.size(), ")");
-  TORCH_CHECK_VALUE(!scales || scales->size() == weights.size(), "shira::", op, ": ", scales ? scales->size() : 0,
-                    " scale tensors for ", weights.size(), " weights");
-  check_mirror_count(op, list, mirrors, weights.size());
-  int64_t* sat = nullptr;
-  if (saturated && saturated->defined()) {
-    TORCH_CHECK_VALUE(saturated->scalar_type() == at::kLong && saturated->dim() == 1 &&
-                          saturated->numel() == static_cast<int64_t>(weights.size()) &&
-                          saturated->is_contiguous() && saturated->device().is_cpu(),
-                      "shira::", op, ": saturated must be int64 [", weights.size(), "], got ",
-                      saturated->scalar_type(), saturated->sizes());
-    sat = saturated->data_ptr<int64_t>();
+// The Item of one list position, checking what raw pointers and codes can tell (the bindings check shapes,
+// dtypes of their arrays and contiguity first, with their own names). `saturated`: this item's slot, or null.
+Item make_item(const char* op, const char* list, int64_t t, const shira_item& s, bool apply, int64_t* saturated) {
+  const std::string where = std::string("shira::") + op + ": " + list + "tensor " + std::to_string(t) + ": ";
+  const int32_t wt = s.dtype;
+  if (wt < SHIRA_F32 || wt > SHIRA_F8E5M2)
+    refuse(where, "weight dtype code ", wt, " is not one of fp32/fp16/bf16/int8/float8_e4m3fn/float8_e5m2");
+  if (s.index_bits != 32 && s.index_bits != 64) refuse(where, "index_bits ", s.index_bits, " is not 32/64");
+  if (s.numel < 0 || s.count < 0) refuse(where, "negative numel or count");
+  if (s.count > 0 && (!s.indices || !s.saved || (apply && !s.delta) || !s.weight)) refuse(where, "null pointer");
+  const bool baked = apply && s.delta_is_codes;
+  if (baked && !is_code(wt)) refuse(where, "delta dtype ", dtype_name(wt), " is not float32");
+  const bool has_scale = s.scales && s.n_scales > 0;
+  if (!apply || baked) {
+    // no grid math: scales, if given, are not used
+  } else if (is_code(wt)) {
+    if (!has_scale) refuse(where, "a ", dtype_name(wt), " weight needs its per-row scales");
+    if (s.numel % s.n_scales)
+      refuse(where, s.n_scales, " scales do not divide a weight of ", s.numel, " elements into rows");
+  } else if (has_scale) {
+    refuse(where, "scales given for a ", dtype_name(wt), " weight (only 1-byte quantized weights take scales)");
   }
-  std::vector<Item> items;
-  items.reserve(weights.size());
-  for (size_t t = 0; t < weights.size(); ++t)
-    items.push_back(make_item(op, list, t, weights[t], indices[t], &deltas[t], saved[t],
-                              scales ? &(*scales)[t] : nullptr, sat, mirrors ? &(*mirrors)[t] : nullptr));
-  return items;
+  const size_t wsize = wt == SHIRA_F32 ? 4 : (wt == SHIRA_F16 || wt == SHIRA_BF16) ? 2 : 1;
+  const bool has_mirror = s.mirror && s.mirror_kind != SHIRA_MIRROR_NONE;
+  const bool u8t = has_mirror && s.mirror_kind == SHIRA_MIRROR_U8T;
+  size_t mbytes = 0;
+  if (has_mirror) {
+    if (!is_code(wt))
+      refuse(where, "a mirror given for a ", dtype_name(wt), " weight (only 1-byte codes have a bf16 mirror)");
+    if (s.mirror_kind == SHIRA_MIRROR_BF16) {
+      mbytes = 2 * static_cast<size_t>(s.numel);
+    } else if (u8t) {
+      if (wt != SHIRA_I8 || s.rows < 0 || s.cols < 0 || s.rows * s.cols != s.numel)
+        refuse(where, "a uint8 mirror is the transposed copy of 2-D int8 codes: rows ", s.rows, " x cols ", s.cols,
+               " for a ", dtype_name(wt), " weight of ", s.numel, " elements");
+      mbytes = static_cast<size_t>(s.numel);
+    } else {
+      refuse(where, "mirror kind ", s.mirror_kind, " is not 0/1/2");
+    }
+    const auto* mlo = static_cast<const char*>(s.mirror);
+    const auto* wlo = static_cast<const char*>(s.weight);
+    if (!(mlo + mbytes <= wlo || wlo + s.numel * wsize <= mlo)) refuse(where, "the mirror overlaps its weight");
+  }
+  Item item{};
+  item.w = static_cast<char*>(s.weight);
+  item.numel = s.numel;
+  item.nbytes = static_cast<size_t>(s.numel) * wsize;
+  item.wtype = wt;
+  item.idx = s.indices;
+  item.idx64 = s.index_bits == 64;
+  item.n = s.count;
+  item.delta = apply && !baked ? static_cast<const float*>(s.delta) : nullptr;
+  item.codes = baked ? static_cast<const uint8_t*>(s.delta) : nullptr;
+  item.apply = apply;
+  item.saved = s.saved;
+  item.pos = t;
+  item.list = list;
+  item.mirror = has_mirror ? s.mirror : nullptr;
+  item.mirror_u8t = u8t;
+  item.mrows = u8t ? s.rows : 0;
+  item.mcols = u8t ? s.cols : 0;
+  if (apply && is_code(wt) && !baked) {
+    item.scales = s.scales;
+    item.row_len = s.numel / s.n_scales;
+    item.saturated = saturated;
+  }
+  return item;
 }
 
-// ---- the ops -------------------------------------------------------------------------------------
-
-void restore_cpu(at::TensorList weights, at::TensorList indices, at::TensorList saved, bool validate,
-                 std::optional<at::TensorList> mirrors) {
-  run("restore_", restore_items("restore_", "", weights, indices, saved, mirrors), {}, validate);
+std::vector<Item> make_items(const char* op, const char* list, const shira_item* items, int64_t n, bool apply,
+                             int64_t* saturated) {
+  if (n < 0 || (n > 0 && !items)) refuse("shira::", op, ": ", list, "bad list (", n, " items)");
+  std::vector<Item> out;
+  out.reserve(static_cast<size_t>(n));
+  for (int64_t t = 0; t < n; ++t)
+    out.push_back(make_item(op, list, t, items[t], apply, saturated && apply ? saturated + t : nullptr));
+  return out;
 }
 
-void apply_cpu(at::TensorList weights, at::TensorList indices, at::TensorList deltas, at::TensorList saved,
-               bool validate, std::optional<at::TensorList> scales, const std::optional<at::Tensor>& saturated,
-               std::optional<at::TensorList> mirrors) {
-  run("apply_", {}, apply_items("apply_", "", weights, indices, deltas, saved, scales, saturated, mirrors),
-      validate);
+inline int64_t thread_count(int32_t threads) {
+  if (threads > 0) return threads;
+  const unsigned hw = std::thread::hardware_concurrency();
+  return hw ? static_cast<int64_t>(hw) : 1;
 }
 
-void switch_cpu(at::TensorList out_weights, at::TensorList out_indices, at::TensorList out_saved,
-                at::TensorList in_weights, at::TensorList in_indices, at::TensorList in_deltas,
-                at::TensorList in_saved, bool validate, std::optional<at::TensorList> in_scales,
-                const std::optional<at::Tensor>& saturated, std::optional<at::TensorList> out_mirrors,
-                std::optional<at::TensorList> in_mirrors) {
-  auto outs = restore_items("switch_", "outgoing ", out_weights, out_indices, out_saved, out_mirrors);
-  auto ins = apply_items("switch_", "incoming ", in_weights, in_indices, in_deltas, in_saved, in_scales, saturated,
-                         in_mirrors);
-  run("switch_", outs, ins, validate);
+// Runs one verb; turns every exception into a return code and a message.
+template <typename F>
+int guarded(char* err, int64_t errlen, F&& body) {
+  auto put = [&](const char* msg) {
+    if (err && errlen > 0) {
+      std::strncpy(err, msg, static_cast<size_t>(errlen - 1));
+      err[errlen - 1] = '\0';
+    }
+  };
+  try {
+    body();
+    return 0;
+  } catch (const InputError& e) {
+    put(e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    put(e.what());
+    return 2;
+  } catch (...) {
+    put("shira: unknown internal error");
+    return 2;
+  }
 }
 
 }  // namespace
 }  // namespace shira
 
-TORCH_LIBRARY_IMPL(shira, CPU, m) {
-  m.impl("restore_", &shira::restore_cpu);
-  m.impl("apply_", &shira::apply_cpu);
-  m.impl("switch_", &shira::switch_cpu);
+SHIRA_API int shira_restore(const shira_item* items, int64_t n_items, int32_t validate, int32_t threads, char* err,
+                            int64_t errlen) {
+  return shira::guarded(err, errlen, [&] {
+    shira::run("restore_", shira::make_items("restore_", "", items, n_items, false, nullptr), {}, validate != 0,
+               shira::thread_count(threads));
+  });
 }
 
-// Knobs for tests and benchmarks (called through ctypes). A negative argument leaves a knob unchanged;
-// `current` receives {chunk, serial_below, force_plan, prefetch, last_plan, runs}.
-extern "C" void shira_tuning(int64_t chunk, int64_t serial_below, int64_t force_plan, int64_t prefetch,
-                             int64_t runs, int64_t* current) {
+SHIRA_API int shira_apply(const shira_item* items, int64_t n_items, int64_t* saturated, int32_t validate,
+                          int32_t threads, char* err, int64_t errlen) {
+  return shira::guarded(err, errlen, [&] {
+    shira::run("apply_", {}, shira::make_items("apply_", "", items, n_items, true, saturated), validate != 0,
+               shira::thread_count(threads));
+  });
+}
+
+SHIRA_API int shira_switch(const shira_item* outs, int64_t n_outs, const shira_item* ins, int64_t n_ins,
+                           int64_t* saturated, int32_t validate, int32_t threads, char* err, int64_t errlen) {
+  return shira::guarded(err, errlen, [&] {
+    auto o = shira::make_items("switch_", "outgoing ", outs, n_outs, false, nullptr);
+    auto i = shira::make_items("switch_", "incoming ", ins, n_ins, true, saturated);
+    shira::run("switch_", o, i, validate != 0, shira::thread_count(threads));
+  });
+}
+
+SHIRA_API void shira_tuning(int64_t chunk, int64_t serial_below, int64_t force_plan, int64_t prefetch, int64_t runs,
+                            int64_t* current) {
   if (chunk >= 0) shira::g_chunk.store(std::max<int64_t>(1, chunk));
   if (serial_below >= 0) shira::g_serial_below.store(serial_below);
   if (force_plan >= 0) shira::g_force_plan.store(force_plan);
@@ -906,3 +1145,9 @@ extern "C" void shira_tuning(int64_t chunk, int64_t serial_below, int64_t force_
   current[4] = shira::g_last_plan.load();
   current[5] = shira::g_runs.load();
 }
+
+SHIRA_API int32_t shira_abi_version(void) { return SHIRA_ABI_VERSION; }
+
+SHIRA_API int64_t shira_item_size(void) { return static_cast<int64_t>(sizeof(shira_item)); }
+
+SHIRA_API const char* shira_source_id(void) { return SHIRA_SOURCE_ID; }

@@ -1,0 +1,417 @@
+"""The kernel core (``kernels/csrc/shira_core.h``) through ctypes, for torch tensors and numpy arrays alike.
+
+The core is a plain shared library with a C ABI and no torch: ``pip install`` builds it as
+``shira_runtime/kernels/_core*.so`` (setup.py); a checkout whose build is missing or older than its source
+compiles it once with the system C++ compiler into ``$SHIRA_KERNELS_CACHE`` (default ``~/.cache/shira_kernels``).
+``load()`` raises when neither works (``shira_runtime.kernels`` then falls back to the references).
+
+Why ctypes: one library serves numpy (``arr.ctypes.data``), torch (``Tensor.data_ptr()``) and C programs; its
+build needs no Python headers, numpy headers or libtorch, so pip's isolated build never fetches torch.
+
+``call(verb, args, kwargs, flavour)`` checks the arrays (dtypes, shapes, contiguity: messages name the verb and
+the tensor, with the flavour's dtype names), packs one ``shira_item`` row per tensor into a numpy structured
+array and calls the verb's C function; the core checks indices, scales and mirrors before its first write.
+The numpy verbs ``restore_`` / ``apply_`` / ``switch_`` of this module take numpy arrays (bf16 and fp8 as the
+``ml_dtypes`` types, when installed).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.resources
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+from operator import attrgetter
+from pathlib import Path
+
+import numpy as np
+from shira_runtime.kernels.checks import KernelInputError
+from shira_runtime.kernels.verbs import VERBS, Verb
+
+__all__ = ["apply_", "call", "load", "restore_", "source_id", "switch_", "threads", "tuning"]
+
+ABI_VERSION = 1
+F32, F16, BF16, I8, F8E4M3, F8E5M2 = range(6)
+CODES = (I8, F8E4M3, F8E5M2)
+ITEM = np.dtype(
+    {
+        "names": ["weight", "numel", "dtype", "index_bits", "indices", "count", "delta", "saved", "scales",
+                  "n_scales", "mirror", "mirror_kind", "delta_is_codes", "rows", "cols"],
+        "formats": ["u8", "i8", "i4", "i4", "u8", "i8", "u8", "u8", "u8", "i8", "u8", "i4", "i4", "i8", "i8"],
+        "offsets": [0, 8, 16, 20, 24, 32, 40, 48, 56, 64, 72, 80, 84, 88, 96],
+        "itemsize": 104,
+    }
+)  # fmt: skip
+# C flags: -ffp-contract=off keeps every fp32 op rounded on its own (no fused multiply-add), as torch computes
+CXXFLAGS = ["-O3", "-ffp-contract=off", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-pthread", "-DNDEBUG"]
+_CSRC = importlib.resources.files("shira_runtime.kernels.csrc")
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_path: Path | None = None
+
+
+# ---- finding, building, loading -------------------------------------------------------------------------
+
+
+def source_id() -> str:
+    """The id the shipped source compiles into the library (``shira_source_id()``): a hash of header + source."""
+    h = hashlib.sha256()
+    for name in ("shira_core.h", "shira_core.cpp"):
+        h.update((_CSRC / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _compiler() -> str:
+    for cand in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if cand and shutil.which(cand):
+            return cand
+    raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+
+
+def _compile() -> Path:
+    """Compile the core into the cache (once per source and compiler); returns the library's path."""
+    cxx, sid = _compiler(), source_id()
+    key = hashlib.sha256(" ".join([cxx, *CXXFLAGS, sid, sysconfig.get_platform()]).encode()).hexdigest()[:16]
+    folder = Path(os.environ.get("SHIRA_KERNELS_CACHE", Path.home() / ".cache" / "shira_kernels")) / key
+    so = folder / "libshira_core.so"
+    if so.exists():
+        return so
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"shira kernels: compiling the kernel core (first use, ~3 s) into {folder}", file=sys.stderr, flush=True)
+    src = Path(str(_CSRC / "shira_core.cpp"))
+    # Build under a private name, then rename: concurrent processes never load a half-written file.
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".build-", suffix=".so")
+    os.close(fd)
+    try:
+        cmd = [cxx, *CXXFLAGS, "-shared", f'-DSHIRA_SOURCE_ID="{sid}"', str(src), "-o", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"compiling {src.name} failed:\n{proc.stderr[-4000:]}")
+        os.replace(tmp, so)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return so
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    lib.shira_abi_version.restype = ctypes.c_int32
+    lib.shira_item_size.restype = ctypes.c_int64
+    lib.shira_source_id.restype = ctypes.c_char_p
+    if lib.shira_abi_version() != ABI_VERSION or lib.shira_item_size() != ITEM.itemsize:
+        raise RuntimeError(
+            f"{path}: ABI {lib.shira_abi_version()} with {lib.shira_item_size()}-byte items, "
+            f"expected ABI {ABI_VERSION} with {ITEM.itemsize}-byte items"
+        )
+    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    for verb in VERBS.values():  # the C signature follows from the verb's sides (shira_core.h)
+        fn = getattr(lib, verb.c_name)
+        fn.restype = ctypes.c_int
+        sides = [ptr, i64] * ((verb.restore is not None) + (verb.apply is not None))
+        fn.argtypes = [*sides, *([ptr] if verb.apply is not None else []), i32, i32, ctypes.c_char_p, i64]
+    lib.shira_tuning.restype = None
+    lib.shira_tuning.argtypes = [i64] * 5 + [ctypes.POINTER(i64)]
+    return lib
+
+
+def _find() -> Path:
+    """The built library: the package's own (wheel or ``pip install -e``) if it matches the source, else the
+    cache's (compiled on first use)."""
+    spec = importlib.util.find_spec("shira_runtime.kernels._core")
+    built = Path(spec.origin) if spec is not None and spec.origin else None
+    if built is not None and built.exists():
+        lib = _open(built)
+        if lib.shira_source_id().decode() == source_id():
+            return built
+        try:  # an in-place build older than the source (a checkout edited since `pip install -e`)
+            return _compile()
+        except Exception as exc:
+            print(f"shira kernels: {built.name} predates the source and recompiling failed ({exc}); using it",
+                  file=sys.stderr)  # fmt: skip
+            return built
+    return _compile()
+
+
+def load() -> ctypes.CDLL:
+    """Find (or build) and load the core; raises on failure."""
+    global _lib, _path
+    with _lock:
+        if _lib is None:
+            path = _find()
+            _lib, _path = _open(path), path
+    return _lib
+
+
+def library_path() -> Path:
+    load()
+    return _path  # type: ignore[return-value]
+
+
+def threads() -> int:
+    """Threads a numpy call may use: ``$SHIRA_THREADS``, else the CPUs this process may run on."""
+    env = os.environ.get("SHIRA_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+_PLANS = {1: "fused", 2: "phased", 3: "ordered"}
+
+
+def tuning(chunk: int = -1, serial_below: int = -1, force_plan: int = -1, prefetch: int = -1, runs: int = -1) -> dict:
+    """Read (and optionally set) the dispatch knobs; tests use them to force every branch.
+
+    ``chunk``: entries per parallel task. ``serial_below``: total entries under which the call stays on
+    the calling thread. ``force_plan``: 0 auto, 1 phased, 2 ordered. ``prefetch``: software prefetch
+    distance in entries (0 off). ``runs``: 1 copies contiguous runs of one cache line as blocks when the lists
+    are sorted (a ``block`` mask's layout), 0 visits every entry alone. ``last_plan`` (read only) describes
+    the previous call: ``{"threaded": bool, "plan": "fused" | "phased" | "ordered"}``.
+    """
+    lib = load()
+    cur = (ctypes.c_int64 * 6)()
+    lib.shira_tuning(chunk, serial_below, force_plan, prefetch, runs, cur)
+    last = cur[4]
+    return {
+        "chunk": cur[0],
+        "serial_below": cur[1],
+        "force_plan": cur[2],
+        "prefetch": cur[3],
+        "runs": cur[5],
+        "last_plan": {"threaded": bool(last & 1), "plan": _PLANS.get(last >> 1)},
+    }
+
+
+# ---- array flavours: dtype codes and names, pointers -----------------------------------------------------
+
+
+def _sizes(shape) -> str:
+    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
+
+
+class _Numpy:
+    """numpy arrays; bf16 and fp8 as ml_dtypes' types (by name: ml_dtypes need not be imported here)."""
+
+    CODE = {"float32": F32, "float16": F16, "bfloat16": BF16, "int8": I8, "float8_e4m3fn": F8E4M3,
+            "float8_e5m2": F8E5M2}  # fmt: skip
+    INDEX = {"int32": 32, "int64": 64}
+
+    # attribute getters, not Python functions: the per-tensor cost is what a switch of many tensors pays
+    key = name = staticmethod(attrgetter("dtype.name"))
+    contiguous = staticmethod(attrgetter("flags.c_contiguous"))
+    ptr = staticmethod(attrgetter("ctypes.data"))
+    numel = staticmethod(attrgetter("size"))
+
+    @staticmethod
+    def cpu(x) -> bool:
+        return True
+
+
+class _Torch:
+    """torch tensors, dtypes named as the C++ extension named them (c10's ScalarType names)."""
+
+    CODE: dict = {}
+    INDEX: dict = {}
+    NAMES: dict = {}
+
+    @classmethod
+    def init(cls) -> None:
+        import torch
+
+        cls.CODE = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16, torch.int8: I8,
+                    torch.float8_e4m3fn: F8E4M3, torch.float8_e5m2: F8E5M2}  # fmt: skip
+        cls.INDEX = {torch.int32: 32, torch.int64: 64}
+        names = {"float32": "Float", "float64": "Double", "float16": "Half", "bfloat16": "BFloat16",
+                 "int8": "Char", "uint8": "Byte", "int16": "Short", "int32": "Int", "int64": "Long", "bool": "Bool",
+                 "float8_e4m3fn": "Float8_e4m3fn", "float8_e5m2": "Float8_e5m2", "complex64": "ComplexFloat",
+                 "complex128": "ComplexDouble", "uint16": "UInt16", "uint32": "UInt32", "uint64": "UInt64"}  # fmt: skip
+        cls.NAMES = {getattr(torch, k): v for k, v in names.items() if hasattr(torch, k)}
+        cls.BF16, cls.U8 = torch.bfloat16, torch.uint8
+
+        # method descriptors and attribute getters: no Python frame per tensor
+        cls.contiguous = staticmethod(torch.Tensor.is_contiguous)
+        cls.ptr = staticmethod(torch.Tensor.data_ptr)
+        cls.numel = staticmethod(torch.Tensor.numel)
+
+    key = staticmethod(attrgetter("dtype"))
+    cpu = staticmethod(attrgetter("is_cpu"))
+
+    @classmethod
+    def name(cls, x) -> str:
+        return cls.NAMES.get(x.dtype) or str(x.dtype).removeprefix("torch.")
+
+
+# ---- packing and checking --------------------------------------------------------------------------------
+
+
+def _side(op: str, label: str, f, lists: dict, apply: bool) -> np.ndarray:
+    """The ``shira_item`` rows of one side, after the array checks (the core checks the rest)."""
+    ws, idx, saved, mirrors = lists["weights"], lists["indices"], lists["saved"], lists["mirrors"]
+    deltas, scales = lists.get("deltas"), lists.get("scales")
+    n = len(ws)
+    if apply:
+        if not (n == len(idx) == len(saved) == len(deltas)):
+            raise KernelInputError(
+                f"shira::{op}: {label}list lengths differ (weights {n}, indices {len(idx)}, deltas {len(deltas)}, "
+                f"saved {len(saved)})"
+            )
+        if scales is not None and len(scales) != n:
+            raise KernelInputError(f"shira::{op}: {len(scales)} scale tensors for {n} weights")
+    elif not (n == len(idx) == len(saved)):
+        raise KernelInputError(
+            f"shira::{op}: {label}list lengths differ (weights {n}, indices {len(idx)}, saved {len(saved)})"
+        )
+    if mirrors is not None and len(mirrors) != n:
+        raise KernelInputError(f"shira::{op}: {label}{len(mirrors)} mirror tensors for {n} weights")
+
+    def at(t: int) -> str:
+        return f"shira::{op}: {label}tensor {t}: "
+
+    code_of, index_of, key, contiguous, ptr, numel, cpu = f.CODE, f.INDEX, f.key, f.contiguous, f.ptr, f.numel, f.cpu
+    rows = []
+    for t in range(n):
+        w, i, s = ws[t], idx[t], saved[t]
+        d = deltas[t] if apply else None
+        if w is None or i is None or s is None or (apply and d is None):
+            raise KernelInputError(at(t) + "undefined tensor")
+        if not (cpu(w) and cpu(i) and cpu(s) and (d is None or cpu(d))):
+            raise KernelInputError(at(t) + "all tensors must be on the CPU")
+        wk = key(w)
+        wt = code_of.get(wk)
+        if wt is None:
+            raise KernelInputError(
+                at(t) + f"weight dtype {f.name(w)} is not one of fp32/fp16/bf16/int8/float8_e4m3fn/float8_e5m2"
+            )
+        if not contiguous(w):
+            raise KernelInputError(at(t) + "weight is not contiguous")
+        bits = index_of.get(key(i))
+        if bits is None:
+            raise KernelInputError(at(t) + f"indices dtype {f.name(i)} is not int32/int64")
+        if i.ndim != 1 or not contiguous(i):
+            raise KernelInputError(at(t) + f"indices must be 1-D contiguous, got shape {_sizes(i.shape)}")
+        if key(s) != wk:
+            raise KernelInputError(at(t) + f"saved dtype {f.name(s)} differs from weight dtype {f.name(w)}")
+        if s.shape != i.shape or not contiguous(s):
+            raise KernelInputError(
+                at(t) + f"saved shape {_sizes(s.shape)} does not match indices shape {_sizes(i.shape)}"
+            )
+        baked, dp, sp, ns = False, 0, 0, 0
+        if apply:
+            baked = wt in CODES and key(d) == wk
+            if code_of.get(key(d)) != F32 and not baked:
+                raise KernelInputError(at(t) + f"delta dtype {f.name(d)} is not float32")
+            if d.shape != i.shape or not contiguous(d):
+                raise KernelInputError(
+                    at(t) + f"delta shape {_sizes(d.shape)} does not match indices shape {_sizes(i.shape)}"
+                )
+            dp = ptr(d)
+            sc = scales[t] if scales is not None else None
+            if sc is not None and numel(sc) and not baked:
+                if wt in CODES and (code_of.get(key(sc)) != F32 or sc.ndim != 1 or not contiguous(sc) or not f.cpu(sc)):
+                    raise KernelInputError(
+                        at(t) + f"scales must be fp32 1-D contiguous, got {f.name(sc)}{_sizes(sc.shape)}"
+                    )
+                sp, ns = ptr(sc), numel(sc)
+        mp, kind, r, c = 0, 0, 0, 0
+        m = mirrors[t] if mirrors is not None else None
+        if m is not None and numel(m):
+            u8 = f.name(m) in ("uint8", "Byte")
+            kind = 2 if u8 else 1
+            if wt in CODES:
+                if u8:
+                    ok = (wt == I8 and w.ndim == 2 and m.ndim == 2 and contiguous(m) and f.cpu(m)
+                          and tuple(m.shape) == (w.shape[1], w.shape[0]))  # fmt: skip
+                    if not ok:
+                        want = f"[{w.shape[1]}, {w.shape[0]}]" if w.ndim == 2 else "[-1, -1]"
+                        raise KernelInputError(
+                            at(t) + f"a uint8 mirror is the transposed copy of 2-D int8 codes: expected {want} for a "
+                            f"{f.name(w)}{_sizes(w.shape)} weight, got {_sizes(m.shape)}"
+                        )
+                    r, c = w.shape
+                elif (
+                    f.name(m) not in ("bfloat16", "BFloat16")
+                    or not contiguous(m)
+                    or not f.cpu(m)
+                    or numel(m) != numel(w)
+                ):
+                    raise KernelInputError(
+                        at(t) + f"the mirror must be a contiguous bf16 tensor of the weight's {numel(w)} elements, "
+                        f"got {f.name(m)}{_sizes(m.shape)}"
+                    )
+            mp = ptr(m)
+        rows.append((ptr(w), numel(w), wt, bits, ptr(i), numel(i), dp, ptr(s), sp, ns, mp, kind, baked, r, c))
+    return np.array(rows, dtype=ITEM)
+
+
+_ERR = threading.local()
+
+
+def call(verb: Verb, values: dict, flavour, threads: int) -> None:
+    """Run ``verb`` on ``values`` (``{param: value}``, every parameter present) through the core."""
+    lib = load()
+    op = verb.name
+    two = verb.restore is not None and verb.apply is not None
+    args = []
+    n_apply = 0
+    for prefix, apply in ((verb.restore, False), (verb.apply, True)):
+        if prefix is None:
+            continue
+        names = ("weights", "indices", "deltas", "saved", "scales", "mirrors") if apply else (
+            "weights", "indices", "saved", "mirrors")  # fmt: skip
+        lists = {k: values.get(prefix + k) for k in names}
+        label = ("incoming " if apply else "outgoing ") if two else ""
+        rows = _side(op, label, flavour, lists, apply)
+        args += [rows.ctypes.data if len(rows) else None, len(rows)]
+        args.append(rows)  # kept alive until the call returns (removed below)
+        if apply:
+            n_apply = len(rows)
+    sat = values.get("saturated")
+    if verb.apply is not None:
+        sp = None
+        if sat is not None:
+            ok = flavour.name(sat) in ("int64", "Long") and sat.ndim == 1 and sat.shape[0] == n_apply
+            if not (ok and flavour.contiguous(sat) and flavour.cpu(sat)):
+                raise KernelInputError(
+                    f"shira::{op}: saturated must be int64 [{n_apply}], got {flavour.name(sat)}{_sizes(sat.shape)}"
+                )
+            sp = flavour.ptr(sat)
+    keep = args[2::3]
+    c_args = [a for k, a in enumerate(args) if k % 3 != 2]
+    if verb.apply is not None:
+        c_args.append(sp)
+    err = getattr(_ERR, "buf", None)
+    if err is None:
+        err = _ERR.buf = ctypes.create_string_buffer(1024)
+    rc = getattr(lib, verb.c_name)(*c_args, bool(values["validate"]), threads, err, len(err))
+    del keep
+    if rc == 1:
+        raise KernelInputError(err.value.decode())
+    if rc != 0:
+        raise RuntimeError(f"shira kernel core: {err.value.decode()}")
+
+
+def _numpy_verb(name: str):
+    verb = VERBS[name]
+
+    def fn(*args, **kwargs) -> None:
+        call(verb, verb.bind(args, kwargs), _Numpy, threads())
+
+    fn.__name__ = fn.__qualname__ = name
+    fn.__signature__ = verb.signature  # type: ignore[attr-defined]
+    fn.__doc__ = f"``{name}`` on numpy arrays through the kernel core (semantics: ``shira_runtime.kernels.reference``)."
+    return fn
+
+
+restore_ = _numpy_verb("restore_")
+apply_ = _numpy_verb("apply_")
+switch_ = _numpy_verb("switch_")

@@ -1,0 +1,100 @@
+"""The kernel verbs, declared once: every binding is derived from this table.
+
+Each verb is a torch.library schema (the torch ops are defined from it, their fake impls and version bumps read
+its mutation annotations), plus the two sides of the C ABI it maps to (``kernels/csrc/shira_core.h``): a
+*restore* side (``weights, indices, saved, mirrors``) and an *apply* side (``weights, indices, deltas, saved,
+scales, mirrors`` and one ``saturated``), each under a name prefix. The public wrappers of
+``shira_runtime.kernels``, the ctypes signatures and the array checks of ``shira_runtime.kernels.core`` all
+follow from it. Semantics: ``shira_runtime.kernels.reference``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass
+
+SCHEMAS = {
+    "restore_": (
+        "restore_(Tensor(a!)[] weights, Tensor[] indices, Tensor[] saved, bool validate=True, "
+        "Tensor(b!)[]? mirrors=None) -> ()"
+    ),
+    "apply_": (
+        "apply_(Tensor(a!)[] weights, Tensor[] indices, Tensor[] deltas, Tensor(b!)[] saved, bool validate=True, "
+        "Tensor[]? scales=None, Tensor(c!)? saturated=None, Tensor(d!)[]? mirrors=None) -> ()"
+    ),
+    "switch_": (
+        "switch_(Tensor(a!)[] out_weights, Tensor[] out_indices, Tensor[] out_saved, "
+        "Tensor(b!)[] in_weights, Tensor[] in_indices, Tensor[] in_deltas, Tensor(c!)[] in_saved, "
+        "bool validate=True, Tensor[]? in_scales=None, Tensor(d!)? saturated=None, "
+        "Tensor(e!)[]? out_mirrors=None, Tensor(f!)[]? in_mirrors=None) -> ()"
+    ),
+}
+# (restore side's prefix, apply side's prefix), None where the verb has no such side; the C function's name
+SIDES = {"restore_": ("", None), "apply_": (None, ""), "switch_": ("out_", "in_")}
+C_NAMES = {"restore_": "shira_restore", "apply_": "shira_apply", "switch_": "shira_switch"}
+# the names of a side's lists (and the message label of each side in a two-sided verb)
+RESTORE_LISTS = ("weights", "indices", "saved", "mirrors")
+APPLY_LISTS = ("weights", "indices", "deltas", "saved", "scales", "mirrors")
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: str  # "Tensor[]", "Tensor" or "bool"
+    optional: bool
+    mutable: bool
+    default: object  # inspect.Parameter.empty when required
+
+
+@dataclass(frozen=True)
+class Verb:
+    name: str
+    schema: str
+    params: tuple[Param, ...]
+    restore: str | None  # prefix of the restore side's list names
+    apply: str | None
+    c_name: str
+
+    @property
+    def mutated(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params if p.mutable)
+
+    @property
+    def signature(self) -> inspect.Signature:
+        return inspect.Signature(
+            [inspect.Parameter(p.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=p.default) for p in self.params]
+        )
+
+    def bind(self, args: tuple, kwargs: dict) -> dict:
+        """``{name: value}`` for every parameter (defaults filled), as a call to the verb would see them."""
+        names = [p.name for p in self.params]
+        if len(args) > len(names) or any(k not in names for k in kwargs):
+            self.signature.bind(*args, **kwargs)  # raises the TypeError a Python call would
+        values = dict(zip(names, args))
+        for k, v in kwargs.items():
+            if k in values:
+                raise TypeError(f"{self.name}() got multiple values for argument {k!r}")
+            values[k] = v
+        for p in self.params:
+            if p.name not in values:
+                if p.default is inspect.Parameter.empty:
+                    raise TypeError(f"{self.name}() missing required argument {p.name!r}")
+                values[p.name] = p.default
+        return values
+
+
+_PARAM = re.compile(r"(Tensor|bool)(\([a-z]!\))?(\[\])?(\?)? (\w+)(?:=(\w+))?")
+
+
+def _parse(name: str, schema: str) -> Verb:
+    params = []
+    for m in _PARAM.finditer(schema[schema.index("(") + 1 : schema.rindex("->")]):
+        base, alias, lst, opt, pname, default = m.groups()
+        value = {"True": True, "False": False, "None": None, None: inspect.Parameter.empty}[default]
+        params.append(Param(pname, base + (lst or ""), bool(opt), bool(alias), value))
+    restore, apply = SIDES[name]
+    return Verb(name, schema, tuple(params), restore, apply, C_NAMES[name])
+
+
+VERBS: dict[str, Verb] = {name: _parse(name, schema) for name, schema in SCHEMAS.items()}

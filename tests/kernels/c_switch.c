@@ -1,0 +1,79 @@
+/* A C program switching through the kernel core's C ABI (kernels/csrc/shira_core.h), no Python involved.
+ *
+ * Applies an adapter to an fp32 weight and to int8 codes (per-row scales, transposed uint8 mirror), writes the
+ * bytes, reverts with shira_switch, writes them again, and checks that an out-of-range index is refused with
+ * nothing written. tests/kernels/test_core_numpy.py builds the same inputs in numpy and compares the bytes.
+ * Output (stdout, binary): w, saved, q, q_saved, mirror, saturated[2], then w, q, mirror after the revert.
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "shira_core.h"
+
+enum { R = 33, C = 64, N = R * C, K = N / 7 - 1 };
+
+static float w[N], w0[N], delta[K], saved[K], qdelta[K], scales[R];
+static int8_t q[N], q0[N], qsaved[K];
+static uint8_t mirror[C * R], mirror0[C * R];
+static int32_t idx[K];
+
+static int fail(const char* what) {
+  fprintf(stderr, "c_switch: %s\n", what);
+  return 1;
+}
+
+int main(void) {
+  char err[512];
+  for (int i = 0; i < N; ++i) {
+    w[i] = (float)((i * 37) % 101) / 8.0f - 6.0f;
+    q[i] = (int8_t)((i * 31) % 255 - 127);
+  }
+  for (int r = 0; r < R; ++r) {
+    scales[r] = 0.01f * (float)(r + 1);
+    for (int c = 0; c < C; ++c) mirror[c * R + r] = (uint8_t)q[r * C + c] ^ 0x80;
+  }
+  for (int k = 0; k < K; ++k) {
+    idx[k] = 3 + 7 * k;
+    delta[k] = (float)(k % 13) / 16.0f - 0.4f;
+    qdelta[k] = (float)(k % 17) * 0.05f - 0.3f;
+  }
+  memcpy(w0, w, sizeof w);
+  memcpy(q0, q, sizeof q);
+  memcpy(mirror0, mirror, sizeof mirror);
+
+  shira_item items[2];
+  memset(items, 0, sizeof items);
+  items[0].weight = w, items[0].numel = N, items[0].dtype = SHIRA_F32, items[0].index_bits = 32;
+  items[0].indices = idx, items[0].count = K, items[0].delta = delta, items[0].saved = saved;
+  items[1].weight = q, items[1].numel = N, items[1].dtype = SHIRA_I8, items[1].index_bits = 32;
+  items[1].indices = idx, items[1].count = K, items[1].delta = qdelta, items[1].saved = qsaved;
+  items[1].scales = scales, items[1].n_scales = R;
+  items[1].mirror = mirror, items[1].mirror_kind = SHIRA_MIRROR_U8T, items[1].rows = R, items[1].cols = C;
+  if (shira_abi_version() != SHIRA_ABI_VERSION || shira_item_size() != (int64_t)sizeof(shira_item))
+    return fail("ABI mismatch");
+
+  int64_t sat[2] = {0, 0};
+  if (shira_apply(items, 2, sat, 1, 2, err, sizeof err) != 0) return fail(err);
+  fwrite(w, sizeof w, 1, stdout);
+  fwrite(saved, sizeof saved, 1, stdout);
+  fwrite(q, sizeof q, 1, stdout);
+  fwrite(qsaved, sizeof qsaved, 1, stdout);
+  fwrite(mirror, sizeof mirror, 1, stdout);
+  fwrite(sat, sizeof sat, 1, stdout);
+
+  /* the revert: restore both (shira_switch with no incoming items) */
+  if (shira_switch(items, 2, NULL, 0, NULL, 0, 1, err, sizeof err) != 0) return fail(err);
+  fwrite(w, sizeof w, 1, stdout);
+  fwrite(q, sizeof q, 1, stdout);
+  fwrite(mirror, sizeof mirror, 1, stdout);
+  if (memcmp(w, w0, sizeof w) || memcmp(q, q0, sizeof q) || memcmp(mirror, mirror0, sizeof mirror))
+    return fail("the revert is not exact");
+
+  /* refused before any write: the last index of the int8 item is out of range */
+  idx[K - 1] = N;
+  if (shira_apply(items, 2, sat, 1, 2, err, sizeof err) != 1) return fail("an out-of-range index was accepted");
+  if (!strstr(err, "shira::apply_: tensor 0: index 2112 out of range for 2112 elements")) return fail(err);
+  if (memcmp(w, w0, sizeof w) || memcmp(q, q0, sizeof q)) return fail("a refused call wrote");
+  return 0;
+}
