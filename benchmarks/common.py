@@ -1,13 +1,15 @@
-"""What the benchmarks measure besides time: the copy bandwidth and the memory floor it sets, peak RSS."""
+"""What the benchmarks measure besides time: the copy bandwidth and the memory floor it sets, peak RSS, the CPU
+that other processes took meanwhile; and the progress bar they show."""
 
 from __future__ import annotations
 
+import os
+import resource
 import sys
-import threading
 import time
 
-import psutil
 import torch
+from tqdm import tqdm
 
 from benchmarks.timing import time_ms
 
@@ -38,38 +40,96 @@ def memory_floor_ms(lines: int, copy_gbps: float) -> float:
     return lines * CACHE_LINE * 2 / (copy_gbps * 1e9) * 1e3
 
 
+class Steps:
+    """A tqdm bar over the phases of a run, on stderr: ``step(msg)`` starts the next phase, ``progress(msg)``
+    (anywhere below) names what the current phase is doing."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        self.bar = tqdm(total=total, desc=desc, unit="phase", file=sys.stderr, dynamic_ncols=True, leave=True)
+        self.started = False
+
+    def step(self, msg: str) -> None:
+        if self.started:
+            self.bar.update(1)
+        self.started = True
+        self.bar.set_postfix_str(msg, refresh=True)
+
+    def close(self) -> None:
+        if self.started:
+            self.bar.update(1)
+        self.bar.close()
+
+    def __enter__(self) -> Steps:
+        global _STEPS
+        _STEPS = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        global _STEPS
+        _STEPS = None
+        self.close()
+
+
+_STEPS: Steps | None = None
+
+
 def progress(msg: str) -> None:
-    print(f"  .. {msg}", file=sys.stderr, flush=True)
+    """What the run is doing: the active ``Steps`` bar's postfix, or a line on stderr where no bar is active."""
+    if _STEPS is not None:
+        _STEPS.bar.set_postfix_str(msg.strip(), refresh=True)
+    else:
+        print(f"  .. {msg}", file=sys.stderr, flush=True)
 
 
-class PeakRSS:
-    """Peak resident memory, sampled every 10 ms by a daemon thread (psutil)."""
-
-    def __init__(self) -> None:
-        self._proc, self._peak, self._lock = psutil.Process(), 0, threading.Lock()
-        threading.Thread(target=self._sample, daemon=True).start()
-
-    def _sample(self) -> None:
-        while True:
-            rss = self._proc.memory_info().rss
-            with self._lock:
-                self._peak = max(self._peak, rss)
-            time.sleep(0.01)
-
-    def take(self) -> float:
-        """The peak (MB) since the previous ``take``: one method's measurement."""
-        with self._lock:
-            now = self._proc.memory_info().rss
-            peak, self._peak = max(self._peak, now), now
-        return peak / 2**20
-
-
-_PEAK: PeakRSS | None = None
+def step(msg: str) -> None:
+    """The next phase of the active ``Steps`` bar, named ``msg`` (a line on stderr where no bar is active)."""
+    if _STEPS is not None:
+        _STEPS.step(msg)
+    else:
+        progress(msg)
 
 
 def rss_mb() -> float:
-    """Peak RSS in MB since the previous call (each row takes it right after its method ran)."""
-    global _PEAK
-    if _PEAK is None:
-        _PEAK = PeakRSS()
-    return _PEAK.take()
+    """Peak RSS in MB since the previous call (each row takes it right after its method ran).
+
+    Read from the kernel (``VmHWM`` in ``/proc/self/status``, reset by writing 5 to ``/proc/self/clear_refs``),
+    so no sampler thread competes with the timed threads for the CPUs; elsewhere the process's peak so far."""
+    try:
+        with open("/proc/self/status") as f:
+            hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return hwm / 1024
+    except (OSError, StopIteration, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+class CpuWatch:
+    """The CPUs other processes (and the hypervisor: steal) kept busy while this process ran a block: the
+    noise a timing cannot see in its own samples. Linux (``/proc/stat``); elsewhere ``others`` is None."""
+
+    def __init__(self) -> None:
+        self.others: float | None = None
+
+    @staticmethod
+    def _read() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+        tick = os.sysconf("SC_CLK_TCK")
+        t = os.times()
+        return (user + nice + system + irq + softirq + steal) / tick, t.user + t.system, time.perf_counter()
+
+    def __enter__(self) -> CpuWatch:
+        self._start = self._read()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = self._read()
+        if self._start is not None and end is not None and end[2] > self._start[2]:
+            busy, mine = end[0] - self._start[0], end[1] - self._start[1]
+            self.others = max(0.0, (busy - mine) / (end[2] - self._start[2]))

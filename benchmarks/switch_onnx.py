@@ -26,10 +26,10 @@ from shira_runtime.kernels.qformats import FORMATS
 from shira_runtime.onnx_backend import OnnxBackend
 from torch import nn
 
-from benchmarks.common import memory_floor_ms, progress, touched_lines
+from benchmarks.common import memory_floor_ms, progress, step, touched_lines
 from benchmarks.onnx_live import initializer_graph, session
-from benchmarks.switch_rows import Config, Row, gen_timing, inference
-from benchmarks.timing import cycle, generation
+from benchmarks.switch_rows import Config, Row, inputs, measure, subject
+from benchmarks.timing import Subject, cycle
 
 
 def onnx_unavailable(cfg: Config, dtype: str) -> str | None:
@@ -55,24 +55,25 @@ def export_bundles(model: nn.Module, dtype: str, ctx: dict, workdir: Path) -> No
     example = (torch.zeros(1, 8, dtype=torch.long),)
     la = ctx["lora_a"]
     progress(f"{dtype}: exporting the bundle (onnxruntime rows)")
-    export_onnx(model, example, workdir / "base", verify=False)
+    export_onnx(model, example, workdir / "base", verify=False, progress=False)
     progress(f"{dtype}: exporting the LoRA-unfused graph variant")
     rank = max(int(a.shape[0]) for a in la.A.values())
     modules = [n.rsplit(".", 1)[0] for n in la.A]
-    export_onnx(model, example, workdir / "lora", verify=False, lora_rank=rank, lora_targets=modules)
+    export_onnx(model, example, workdir / "lora", verify=False, lora_rank=rank, lora_targets=modules, progress=False)
 
 
-def onnx_rows(cfg: Config, dtype: str, ctx: dict, workdir: Path) -> list[Row]:
+def onnx_rows(cfg: Config, dtype: str, ctx: dict, workdir: Path, noise: dict) -> list[Row]:
     """Rows for the onnxruntime backend over ``export_bundles``' bundles (the torch model need not stay in
     memory). ``ctx``: what the torch rows used (vocab, prompt, shira_a/shira_b, shira_bytes, floor,
-    lora_a/lora_b), so that both backends switch the same adapters against the same floor."""
+    lora_a/lora_b), so that both backends switch the same adapters against the same floor. The switch cycles
+    first, then inference and generation of the base, SHiRA and fused LoRA in interleaved rounds (and of the
+    base and unfused LoRA, on the variant bundle); ``noise["onnxruntime"]``: how noisy the first rounds were."""
     la, lb = ctx["lora_a"], ctx["lora_b"]
     rt = Runtime.load(workdir / "base")
-    infer = inference(cfg, rt, ctx["vocab"], numpy=True)
-    progress(f"{dtype}: base inference on the live onnxruntime session, {cfg.infer_repeats} repeats")
-    base = Row.of("base", "onnxruntime/live", dtype, None, 0, "no adapter", infer.measure().as_base())
-    rows = [base.with_gen(gen_timing(cfg, rt, ctx["prompt"], None))]
+    one, batch = inputs(cfg, ctx["vocab"], numpy=True)
+    ids = ctx["prompt"]
     default_path = initializer_graph(workdir / "base", "default.onnx", gemm_b=True)
+    step(f"{dtype}: onnxruntime switches")
     if rt.backend.decoder is not None:
         progress(f"{dtype}: live vs default prepacked session: one decode step, prefill of {cfg.tokens}")
         default = session(default_path, torch.get_num_threads(), shared=rt.backend.arrays)
@@ -84,8 +85,7 @@ def onnx_rows(cfg: Config, dtype: str, ctx: dict, workdir: Path) -> list[Row]:
     rt.add_adapter("shira_b", ctx["shira_b"])
     progress(f"{dtype}: shira switch A -> B in the live onnxruntime session, {cfg.repeats} repeats")
     t = cycle([lambda: rt.switch("shira_a"), lambda: rt.switch("shira_b")], cfg.repeats)
-    inf = infer.measure("shira_a")
-    gen = gen_timing(cfg, rt, ctx["prompt"], "shira_a")
+    rt.switch(None)
     note = "switched in the live session"
     floor, nbytes = ctx["floor"], ctx["shira_bytes"]
     if rt.backend.mirrors:  # an int8 bundle: the kernel also writes the graph's transposed uint8 copy
@@ -93,72 +93,83 @@ def onnx_rows(cfg: Config, dtype: str, ctx: dict, workdir: Path) -> list[Row]:
         floor += memory_floor_ms(lines, ctx["copy_gbps"])
         nbytes += entries
         note += " (codes + the graph's transposed uint8 copy)"
-    shira = Row.of("shira", "onnxruntime/live", dtype, t, nbytes, note, inf, floor)
-    shira = replace(shira, mask=ctx.get("shira_mask"))
-    rows.append(shira.with_gen(gen))
+    shira = Row.of("shira", "onnxruntime/live", dtype, t, nbytes, note, None, floor)
+    rows = [
+        Row.of("base", "onnxruntime/live", dtype, None, 0, "no adapter"),
+        replace(shira, mask=ctx.get("shira_mask")),
+    ]
+    subjects = [
+        subject("base", rt, ids, lambda: rt.switch(None)),
+        subject("shira", rt, ids, lambda: rt.switch("shira_a")),
+    ]
 
-    if dtype in FORMATS:  # no fused LoRA on quantized weights (the caller says so in its skipped list)
-        rt.switch(None)
-        rt.remove_adapter("shira_a")
-        rt.remove_adapter("shira_b")
-        return rows + lora_unfused_rows(cfg, dtype, ctx, workdir, infer)
-    # lora fused: no live weights -> fuse, then a new prepacked session over the fused weights
-    rt.add_adapter("lora_a", la)
-    rt.add_adapter("lora_b", lb)
-    arrays = rt.backend.arrays
-    reps = max(2, min(3, cfg.repeats // 4))  # each rebuild of llama-1b takes seconds
-    progress(f"{dtype}: lora fused on onnxruntime = fuse + rebuild a prepacked session, {reps} repeats")
     built: dict = {}  # the adapter fused in, and the session built over it
+    if dtype not in FORMATS:  # no fused LoRA on quantized weights (the caller says so in its skipped list)
+        # lora fused: no live weights -> fuse, then a new prepacked session over the fused weights
+        rt.add_adapter("lora_a", la)
+        rt.add_adapter("lora_b", lb)
+        arrays = rt.backend.arrays
+        reps = max(2, min(3, cfg.repeats // 4))  # each rebuild of llama-1b takes seconds
+        progress(f"{dtype}: lora fused on onnxruntime = fuse + rebuild a prepacked session, {reps} repeats")
 
-    def rebuild(name: str):
-        def step() -> None:
-            rt.switch(name)
-            built.update(name=name, session=session(default_path, torch.get_num_threads(), shared=arrays))
+        def rebuild(name: str):
+            def run() -> None:
+                rt.switch(name)
+                built.update(name=name, session=session(default_path, torch.get_num_threads(), shared=arrays))
 
-        return step
+            return run
 
-    def drop() -> None:  # untimed: the previous session goes before the next is built
-        built.pop("session", None)
-        gc.collect()
+        def drop() -> None:  # untimed: the previous session goes before the next is built
+            built.pop("session", None)
+            gc.collect()
 
-    t = cycle([rebuild("lora_a"), rebuild("lora_b")], reps, before=drop)
-    # the rebuilt session shares the unadapted weights (norms, embeddings) with the live arrays, so it runs with
-    # its fused state switched back in, against the live session's base, in one block each (as on torch)
-    inf = infer.measure(built["name"], run=lambda x: built["session"].run(None, rt.backend._feed((x,), {})), rounds=1)
-    gen = None
-    if rt.backend.decoder is not None:  # generation on the rebuilt session, its fused state switched back in
-        progress(f"  generation on the rebuilt session: prompt {cfg.tokens}, 1 + {cfg.new_tokens} tokens")
-        rt.switch(built["name"])
-        step = session_step(built["session"], rt.backend)
-        gen = generation(
-            lambda n: cached_loop(step, ctx["prompt"], None, n, Sampling()), cfg.new_tokens, cfg.gen_repeats
-        )
+        t = cycle([rebuild("lora_a"), rebuild("lora_b")], reps, before=drop)
         rt.switch(None)
-    note = "fuse + new prepacked session"
-    rows.append(Row.of("lora_fused", "onnxruntime/rebuild", dtype, t, 0, note, inf).with_gen(gen))
+        rows.append(Row.of("lora_fused", "onnxruntime/rebuild", dtype, t, 0, "fuse + new prepacked session"))
+        # the rebuilt session shares the unadapted weights (norms, embeddings) with the live arrays, so it runs
+        # with its fused state switched in on them
+        gen = None
+        if rt.backend.decoder is not None:
+            step_fn = session_step(built["session"], rt.backend)
+            gen = lambda n: cached_loop(step_fn, ids, None, n, Sampling())
+        run = lambda x: built["session"].run(None, rt.backend._feed((x,), {}))
+        subjects.append(Subject("lora_fused", lambda: rt.switch(built["name"]), run, gen))
+
+    step(f"{dtype}: onnxruntime inference and generation, {cfg.infer_repeats} interleaved rounds")
+    measured, noise["onnxruntime"] = measure(cfg, subjects, one, batch, "onnxruntime")
+    rt.switch(None)
+    rows = [r.with_measured(measured.get(r.method)) for r in rows]
+    rows[0] = replace(rows[0], infer_overhead=1.0)
+    built.clear()
     for name in ("lora_a", "lora_b"):  # their saved base copies go before the variant bundle is opened
-        rt.remove_adapter(name)
-    drop()
+        if name in rt.adapters:
+            rt.remove_adapter(name)
+    gc.collect()
+    return rows + lora_unfused_rows(cfg, dtype, ctx, workdir, rt, (one, batch))
 
-    return rows + lora_unfused_rows(cfg, dtype, ctx, workdir, infer)
 
-
-def lora_unfused_rows(cfg: Config, dtype: str, ctx: dict, workdir: Path, infer) -> list[Row]:
-    """The variant graph's LoRA slots are live inputs; a switch writes the factors into them."""
+def lora_unfused_rows(cfg: Config, dtype: str, ctx: dict, workdir: Path, base: Runtime, inputs: tuple) -> list[Row]:
+    """The variant graph's LoRA slots are live inputs; a switch writes the factors into them. Inference and
+    generation in interleaved rounds with the base bundle's live session (``base``)."""
     la, lb = ctx["lora_a"], ctx["lora_b"]
     ru = Runtime.load(workdir / "lora")
     ru.add_adapter("lora_ua", la, mode="unfused")
     ru.add_adapter("lora_ub", lb, mode="unfused")
-    progress(f"{dtype}: lora unfused on onnxruntime (factors written into the slots), {cfg.repeats} repeats")
+    step(f"{dtype}: lora unfused on onnxruntime (factors written into the slots)")
+    progress(f"{dtype}: lora unfused on onnxruntime, {cfg.repeats} repeats")
     t = cycle([lambda: ru.switch("lora_ua"), lambda: ru.switch("lora_ub")], cfg.repeats)
-    inf = infer.measure("lora_ua", on=ru)  # against the base bundle's live session, interleaved
-    gen = gen_timing(cfg, ru, ctx["prompt"], "lora_ua")
     nbytes = sum(v.numel() * v.element_size() for n, v in ru.backend.tensors.items() if ".lora_" in n)
     note = "extra matmuls at inference"
-    row = Row.of("lora_unfused", "onnxruntime/slots", dtype, t, nbytes, note, inf).with_gen(gen)
+    row = Row.of("lora_unfused", "onnxruntime/slots", dtype, t, nbytes, note)
+    ids = ctx["prompt"]
+    subjects = [
+        subject("base", base, ids, lambda: base.switch(None)),
+        subject("lora_unfused", ru, ids, lambda: ru.switch("lora_ua")),
+    ]
+    measured, _ = measure(cfg, subjects, *inputs, "onnxruntime")
     ru.switch("lora_ua")
-    assert np.isfinite(ru(infer.one)).all()
-    return [row]
+    assert np.isfinite(ru(inputs[0])).all()
+    return [row.with_measured(measured["lora_unfused"])]
 
 
 def mirror_lines(rt: Runtime, adapters) -> tuple[int, int]:

@@ -16,10 +16,12 @@ def package_version(pkg: str) -> str | None:
 
 def report(out: dict) -> None:
     rows, c = out["results"], out["config"]
+    m = out["machine"]
     print(
         f"\nswitch latency, model {c['hf'] or c['preset']}, density {c['density']}, "
         f"LoRA rank {out['config']['rank']}, copy bandwidth {out['copy_gbps']:.1f} GB/s, "
-        f"kernels {out['machine']['kernels']}"
+        f"kernels {m['kernels']}, {m['cores']} cores, {m['threads']} threads, "
+        f"OMP_WAIT_POLICY {m.get('omp_wait_policy')}"
     )
     for dtype in out["config"]["dtypes"]:
         sub = [r for r in rows if r["dtype"] == dtype]
@@ -47,6 +49,7 @@ def report(out: dict) -> None:
                 "infer x base",
                 "TTFT ms",
                 "decode tok/s",
+                "decode x base",
                 "MB written",
                 "peak rss MB",
                 "note",
@@ -70,6 +73,7 @@ def report(out: dict) -> None:
                     r["infer_overhead"],
                     r.get("ttft_ms"),
                     r.get("decode_tokens_per_s"),
+                    r.get("decode_x_base"),
                     r["bytes_written"] / 1e6,
                     r["rss_mb"],
                     r["note"],
@@ -77,7 +81,10 @@ def report(out: dict) -> None:
                 for r in sub
             ],
         )
-    print("\nx shira: against the fastest SHiRA switch on the same backend; infer x base: against the base there")
+    print(
+        "\nx shira: against the fastest SHiRA switch on the same backend; infer x base, decode x base: against the "
+        "base there, timed in turns with it (medians of the paired ratios)"
+    )
     print(
         "x floor: against the time to read and write the weight lines the two adapters touch, at the copy "
         "bandwidth; x streams floor: adding the adapters' own bytes (saved values, deltas, indices)"
@@ -95,6 +102,27 @@ def report(out: dict) -> None:
         )
     for line in out["skipped"]:
         print(f"skipped: {line}")
+    consistency_lines(out)
+
+
+def consistency_lines(out: dict) -> None:
+    """SHiRA against the base on each backend (the same code path: both ratios should read 1.00), and a warning
+    where the machine was too noisy for the table to be trusted."""
+    for key, c in out.get("consistency", {}).items():
+        decode = f"{c['decode_x_base']:.2f}" if c["decode_x_base"] is not None else "-"
+        verdict = "consistent" if c["consistent"] else "NOT consistent"
+        print(f"check {key}: shira infer x base {c['infer_x_base']:.2f}, decode x base {decode}: {verdict} (+-5%)")
+    for dtype, backends in out.get("noise", {}).items():
+        for backend, n in backends.items():
+            others = n.get("other_cpus")
+            spreads = [x for x in (n.get("base_infer_spread"), n.get("base_gen_spread")) if x is not None]
+            noisy = [c["noisy"] for k, c in out.get("consistency", {}).items() if k == f"{dtype} {backend}"]
+            if any(noisy):
+                print(
+                    f"WARNING: {dtype} {backend}: the machine was too noisy to trust these figures to a few percent: "
+                    f"the base's repeated runs scattered {100 * max(spreads, default=0):.0f}% (median deviation), "
+                    f"other processes kept {others or 0:.2f} CPUs busy meanwhile; rerun on a quiet machine"
+                )
 
 
 def by_mask(rows: list[dict]) -> None:

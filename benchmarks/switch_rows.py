@@ -11,8 +11,8 @@ from shira_runtime import load_adapter
 from shira_runtime.kernels.dtypes import by_short
 from shira_runtime.models import PRESETS, TARGETS, build, load_base
 
-from benchmarks.common import progress, rss_mb
-from benchmarks.timing import GenTiming, Inference, InferTiming, Timing, generation
+from benchmarks.common import CpuWatch, progress, rss_mb
+from benchmarks.timing import GenTiming, InferTiming, Measured, Subject, Timing, interleave, spread
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,8 @@ class Config:
     new_tokens: int = 32  # decode tokens timed after the first (generation columns)
     gen_repeats: int = 3
     no_peft: bool = False
-    masks: tuple[str, ...] = ("rand",)  # SHiRA mask kinds of the random adapters (shira_runtime.masks); the first one
-    # also serves the onnxruntime and PEFT rows
+    masks: tuple[str, ...] = ("rand",)  # SHiRA mask kinds of the random adapters (shira_runtime.masks); the first
+    # one also serves the inference, onnxruntime and PEFT rows
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class Row:
     # SHiRA rows: the floor counting every byte a switch must move: the weight lines (as floor_ms) plus the
     # adapter's own streams (saved values written and read back, deltas and indices read)
     streams_floor_ms: float | None = None
+    decode_x_base: float | None = None  # decode rate / the base's, paired round by round (``interleave``)
 
     @property
     def floor_ratio(self) -> float | None:
@@ -74,12 +75,13 @@ class Row:
         note: str,
         infer: InferTiming | None = None,
         floor_ms: float | None = None,
+        rss: float | None = None,
     ) -> Row:
         """A row from what the method measured: its switch cycle (None: no switch, the base) and its inference.
 
-        Peak RSS is taken here, right after the method was measured (since the previous row)."""
+        Peak RSS: ``rss``, or else taken here, right after the method was measured (since the previous row)."""
         median, p90 = (switch.median_ms, switch.p90_ms) if switch else (0.0, 0.0)
-        row = Row(method, backend, dtype, median, p90, floor_ms, rss_mb(), bytes_written, note)
+        row = Row(method, backend, dtype, median, p90, floor_ms, rss_mb() if rss is None else rss, bytes_written, note)
         return row.with_infer(infer) if infer else row
 
     @property
@@ -91,20 +93,51 @@ class Row:
             return self
         return replace(self, ttft_ms=self.switch_ms + gen.first.median_ms, decode_tokens_per_s=gen.decode_tokens_per_s)
 
+    def with_measured(self, m: Measured | None) -> Row:
+        """The inference and generation columns from ``interleave``'s rounds."""
+        return self if m is None else replace(self.with_infer(m.infer).with_gen(m.gen), decode_x_base=m.decode_x_base)
+
     def with_infer(self, infer: InferTiming) -> Row:
         return replace(
             self, infer_ms=infer.batch.median_ms, infer_b1_ms=infer.one.median_ms, infer_overhead=infer.overhead
         )
 
 
-def inference(cfg: Config, rt, vocab: int, numpy: bool = False) -> Inference:
-    """The shared timer's ``Inference`` on ``rt``, with the same token ids on both backends (``numpy``: onnxruntime)."""
+def inputs(cfg: Config, vocab: int, numpy: bool = False) -> tuple:
+    """The inference inputs, the same token ids on both backends (``numpy``: onnxruntime): one token, and a
+    batch of ``cfg.tokens`` tokens (rows of 16)."""
     gen = torch.Generator().manual_seed(cfg.seed)
     one = torch.randint(0, vocab, (1, 1), generator=gen)
     batch = torch.randint(0, vocab, (max(1, cfg.tokens // 16), min(16, cfg.tokens)), generator=gen)
-    if numpy:
-        one, batch = one.numpy(), batch.numpy()
-    return Inference(rt, one, batch, cfg.infer_repeats)
+    return (one.numpy(), batch.numpy()) if numpy else (one, batch)
+
+
+def subject(name: str, rt, ids: torch.Tensor, enter: Callable[[], object], leave=None) -> Subject:
+    """A ``Subject`` of the interleaved rounds that runs on the runtime ``rt`` (inference, and generation from
+    the prompt ``ids`` where ``rt`` generates with a KV cache) once ``enter`` has run."""
+    gen = (lambda n: rt.generate(ids, max_new_tokens=n)) if can_generate(rt) else None
+    return Subject(name, enter, rt, gen, leave)
+
+
+def measure(cfg: Config, subjects: list[Subject], one, batch, backend: str) -> tuple[dict[str, Measured], dict]:
+    """``interleave`` over ``subjects`` (the base first), and how noisy the machine was meanwhile: the base's own
+    scatter over the rounds, and the CPUs other processes kept busy."""
+    with CpuWatch() as watch:
+        out = interleave(
+            subjects,
+            one,
+            batch,
+            cfg.infer_repeats,
+            cfg.new_tokens,
+            lambda name: progress(f"{backend}: inference and generation, interleaved rounds, {name}"),
+        )
+    base = out[subjects[0].name]
+    noise = {
+        "base_infer_spread": spread(base.infer.batch),
+        "base_gen_spread": spread(base.gen.total) if base.gen else None,
+        "other_cpus": watch.others,
+    }
+    return out, noise
 
 
 def load_model(cfg: Config, dtype: str) -> tuple[torch.nn.Module, int]:
@@ -165,15 +198,32 @@ def pair(paths: tuple[str, ...], make: Callable[[int], object]) -> tuple[object,
     return a, b, "user" if len(paths) > 1 else "user, A -> A"
 
 
-def gen_timing(cfg: Config, rt, ids, state: str | None, on=None) -> GenTiming | None:
-    """Generation timings with ``state`` switched in on ``on`` (default ``rt``), generating through ``rt``
-    (None where it cannot generate with a KV cache); ``on`` is left at the base."""
-    on = on if on is not None else rt
-    if not can_generate(rt):
-        return None
-    progress(f"  generation with {state or 'the base'}: prompt {ids.shape[1]}, 1 + {cfg.new_tokens} tokens")
-    on.switch(state)
-    try:
-        return generation(lambda n: rt.generate(ids, max_new_tokens=n), cfg.new_tokens, cfg.gen_repeats)
-    finally:
-        on.switch(None)
+# above these, the machine was too noisy for the table's ratios to be trusted to a few percent
+NOISY_SPREAD = 0.05  # the base's samples: median absolute deviation / median
+NOISY_CPUS = 0.25  # CPUs that other processes kept busy, on average, during the interleaved rounds
+CONSISTENT = 0.05  # SHiRA runs the base's weights' code path: its inference and decode within 5% of the base's
+
+
+def consistency(rows: list[Row], noise: dict[str, dict]) -> dict[str, dict]:
+    """Per dtype and backend, SHiRA against the base (the same code path on equally shaped weights): inference
+    and decode ratios, whether both are within ``CONSISTENT`` of 1, and whether the machine was quiet enough
+    (``noise``, from ``measure``) to expect that."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        if r.method != "shira" or r.infer_overhead is None:
+            continue
+        fam = r.backend.split("/")[0]
+        key = f"{r.dtype} {fam}"
+        bases = (b for b in rows if b.method == "base" and b.dtype == r.dtype and b.backend.split("/")[0] == fam)
+        base = next(bases, None)
+        if base is None or key in out:
+            continue
+        decode = r.decode_x_base
+        if decode is None and r.decode_tokens_per_s and base.decode_tokens_per_s:
+            decode = r.decode_tokens_per_s / base.decode_tokens_per_s
+        n = noise.get(r.dtype, {}).get(fam, {})
+        spreads = [x for x in (n.get("base_infer_spread"), n.get("base_gen_spread")) if x is not None]
+        noisy = bool(spreads and max(spreads) > NOISY_SPREAD) or (n.get("other_cpus") or 0.0) > NOISY_CPUS
+        ok = abs(r.infer_overhead - 1) <= CONSISTENT and (decode is None or abs(decode - 1) <= CONSISTENT)
+        out[key] = {"infer_x_base": r.infer_overhead, "decode_x_base": decode, "consistent": ok, "noisy": noisy}
+    return out

@@ -77,15 +77,16 @@ class InferTiming:
     one: Timing  # one token
     batch: Timing  # a batch of tokens
     base_batch: Timing  # the base, the same batch, interleaved with ``batch``
+    paired: float | None = None  # the median of the batch / base batch ratios, sample by sample (``interleave``)
 
     @property
     def overhead(self) -> float:
-        """The method's batch median over the base's (1.0 = none)."""
-        return self.batch.median_ms / self.base_batch.median_ms
+        """The method's batch time over the base's (1.0 = none): the paired ratio, or the ratio of the medians."""
+        return self.paired if self.paired is not None else self.batch.median_ms / self.base_batch.median_ms
 
     def as_base(self) -> InferTiming:
         """These timings as the base's own: the overhead is 1 by definition."""
-        return replace(self, base_batch=self.batch)
+        return replace(self, base_batch=self.batch, paired=None)
 
 
 class Inference:
@@ -142,9 +143,11 @@ class GenTiming:
 
     @property
     def decode_tokens_per_s(self) -> float | None:
-        """The ``new`` tokens after the first, per second of the time they added (medians); None where the medians
-        do not resolve that time (the whole took no longer than the first token: too few tokens or repeats)."""
-        added = self.total.median_ms - self.first.median_ms
+        """The ``new`` tokens after the first, per second of the time they added (the median of the paired
+        differences, else of the medians'); None where neither resolves that time (too few tokens or repeats)."""
+        pairs = zip(self.total.samples_ms, self.first.samples_ms)
+        added = statistics.median(t - f for t, f in pairs) if self.total.samples_ms and self.first.samples_ms else 0.0
+        added = added if added > 0 else self.total.median_ms - self.first.median_ms
         return self.new / (added / 1e3) if added > 0 else None
 
 
@@ -153,3 +156,90 @@ def generation(generate: Callable[[int], object], new: int, repeats: int) -> Gen
     turns, ``repeats`` timed calls each after a warm-up."""
     t = cycles({"first": [lambda: generate(1)], "total": [lambda: generate(1 + new)]}, repeats)
     return GenTiming(t["first"], t["total"], new)
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One state of a model that ``interleave`` visits: how to get there (untimed), and what it runs there."""
+
+    name: str
+    enter: Callable[[], object]  # e.g. switch the method in
+    infer: Callable[[Any], object]  # one forward over an input
+    generate: Callable[[int], object] | None = None  # n new tokens after a fixed prompt (None: no generation)
+    leave: Callable[[], object] | None = None  # undo ``enter`` where the next subject's ``enter`` cannot
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What ``interleave`` measured for one subject: inference against the base, and generation."""
+
+    infer: InferTiming
+    gen: GenTiming | None
+    decode_x_base: float | None = None  # median over the rounds of this decode rate / the base's (paired)
+
+
+def interleave(
+    subjects: Sequence[Subject],
+    one: Any,
+    batch: Any,
+    rounds: int,
+    new: int,
+    on_visit: Callable[[str], object] | None = None,
+) -> dict[str, Measured]:
+    """Inference and generation of every subject, the subjects taking turns, so that a slow spell of the
+    machine hits them alike; medians over the rounds, and ratios to the base paired round by round.
+
+    ``subjects[0]`` is the base that every ratio compares against. Each round times one token, then the batch,
+    then a generation (the first token, and ``1 + new`` tokens) of every subject in turn, the order rotating
+    each round: a subject's sample and the base's are seconds apart at most. Each visit enters the subject and
+    warms it up untimed (one token: the caches after a switch; in the first round also a whole generation)."""
+    kinds = {"one": [], "batch": [], "first": [], "total": []}
+    samples: dict[str, dict[str, list[float]]] = {s.name: {k: [] for k in kinds} for s in subjects}
+    for r in range(rounds):
+        k = r % len(subjects)
+        order = [*subjects[k:], *subjects[:k]]
+        for kind in ("one", "batch", "gen"):
+            for s in order:
+                if kind == "gen" and s.generate is None:
+                    continue
+                if on_visit is not None:
+                    on_visit(s.name)
+                s.enter()
+                try:
+                    s.infer(one)
+                    into = samples[s.name]
+                    if kind == "gen":
+                        if r == 0:
+                            s.generate(1 + new)
+                        into["first"].append(once(s.generate, 1)[1])
+                        into["total"].append(once(s.generate, 1 + new)[1])
+                    else:
+                        into[kind].append(once(s.infer, one if kind == "one" else batch)[1])
+                finally:
+                    if s.leave is not None:
+                        s.leave()
+    base = samples[subjects[0].name]
+    out = {}
+    for s in subjects:
+        t = samples[s.name]
+        ratio = statistics.median(x / b for x, b in zip(t["batch"], base["batch"]))
+        infer = InferTiming(Timing.of(t["one"]), Timing.of(t["batch"]), Timing.of(base["batch"]), ratio)
+        gen, decode = None, None
+        if t["first"]:
+            gen = GenTiming(Timing.of(t["first"]), Timing.of(t["total"]), new)
+            rates = [
+                (b1 - b0) / (x1 - x0)
+                for x0, x1, b0, b1 in zip(t["first"], t["total"], base["first"], base["total"])
+                if x1 > x0 and b1 > b0  # rounds whose decode time a slow first token did not swallow
+            ]
+            decode = statistics.median(rates) if rates else None
+        out[s.name] = Measured(infer, gen, decode)
+    return out
+
+
+def spread(t: Timing) -> float:
+    """How far a subject's repeated samples scatter: their median absolute deviation over their median (0:
+    identical runs; robust to one slow run in five)."""
+    if not t.samples_ms or not t.median_ms:
+        return 0.0
+    return statistics.median(abs(x - t.median_ms) for x in t.samples_ms) / t.median_ms

@@ -149,3 +149,47 @@ def test_base_inference_needs_no_switch_and_as_base_is_exactly_one(clock):
     inf = Inference(rt, 1, 1, repeats=3).measure()
     assert not [e for e in log if e[0] == "switch"]
     assert isinstance(inf, InferTiming) and inf.as_base().overhead == 1.0
+
+
+def test_interleave_takes_turns_pairs_ratios_and_warms_up_untimed(clock):
+    """Subjects visited in turns (the order rotating each round), each visit warmed up untimed; ratios to the
+    base paired sample by sample; a slow spell that hits the base and the method alike leaves ratios at 1."""
+    state = {"active": None, "slow": 1.0}
+    visits: list[str] = []
+
+    def model(cost: float):
+        def infer(x):
+            clock.spend(cost * x * state["slow"])
+
+        def generate(n):
+            clock.spend((10 + 2 * cost * (n - 1)) * state["slow"])
+
+        return infer, generate
+
+    def subject(name, cost, gen=True):
+        infer, generate = model(cost)
+        return timing.Subject(name, lambda: state.update(active=name), infer, generate if gen else None)
+
+    subjects = [subject("base", 1.0), subject("same", 1.0), subject("slower", 1.5, gen=False)]
+
+    def on_visit(name):
+        visits.append(name)
+        state["slow"] = 3.0 if len(visits) > 8 else 1.0  # a slow spell: the second round
+
+    out = timing.interleave(subjects, 1, 4, rounds=2, new=5, on_visit=on_visit)
+    # per round: one token, the batch, then generation, each subject in turn (no generation: skipped)
+    assert visits[:8] == ["base", "same", "slower"] * 2 + ["base", "same"]
+    assert visits[8:11] == ["same", "slower", "base"]  # the second round starts one further
+    same, slower = out["same"], out["slower"]
+    assert same.infer.batch.samples_ms == pytest.approx((4.0, 12.0))
+    assert same.infer.one.samples_ms == pytest.approx((1.0, 3.0))
+    assert same.infer.overhead == pytest.approx(1.0) and same.decode_x_base == pytest.approx(1.0)
+    assert slower.infer.overhead == pytest.approx(1.5) and slower.gen is None and slower.decode_x_base is None
+    # 5 tokens after the first at 2 ms each (6 ms in the slow round): 5 / 10 ms = 500 tokens/s, paired
+    assert out["base"].gen.first.samples_ms == pytest.approx((10.0, 30.0))
+    assert out["base"].gen.decode_tokens_per_s == pytest.approx(5 / ((10 + 30) / 2 / 1e3))
+
+
+def test_spread_is_the_relative_median_deviation():
+    assert timing.spread(Timing.of([10.0, 10.0, 10.0])) == 0.0
+    assert timing.spread(Timing.of([9.0, 10.0, 11.0, 10.0, 50.0])) == pytest.approx(0.1)
