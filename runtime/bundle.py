@@ -73,11 +73,7 @@ def map_weights(
     raises before anything is mapped. A file whose tensors are not aligned to their item size (not written by
     this exporter) is read into private memory instead (``read_weights``), with a warning.
     """
-    try:
-        f = open(path, "rb")
-    except OSError as exc:
-        raise BundleError(f"{path}: cannot open the weight file ({exc.strerror})") from None
-    with f:
+    with _open_weights(path) as f:
         size = f.seek(0, 2)
         n, spans = _layout(path, f, size, storage)
         misaligned = [name for begin, _, name in spans if (8 + n + begin) % np.dtype(storage[name][0]).itemsize]
@@ -172,11 +168,7 @@ def read_weights(
 
     The whole file is hashed while it is read when ``sha256`` is given.
     """
-    try:
-        f = open(path, "rb")
-    except OSError as exc:
-        raise BundleError(f"{path}: cannot open the weight file ({exc.strerror})") from None
-    with f:
+    with _open_weights(path) as f:
         size = f.seek(0, 2)
         n, spans = _layout(path, f, size, storage)
         f.seek(0)
@@ -214,3 +206,11 @@ def read_bytes(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise BundleError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+def _open_weights(path: Path):
+    """The weight file opened for reading; a ``BundleError`` naming it if it cannot be."""
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot open the weight file ({exc.strerror})") from None
