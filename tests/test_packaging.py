@@ -54,16 +54,19 @@ def test_hugging_face_kernels_is_not_shadowed_from_the_repository_root():
     if importlib.util.find_spec("kernels") is None or importlib.util.find_spec("transformers") is None:
         pytest.skip("Hugging Face's kernels or transformers is not installed (the test extra installs both)")
     out = run_python(
-        "import kernels, transformers\n"
-        "from transformers.utils import is_kernels_available\n"
+        "import importlib.metadata as md, kernels, transformers\n"
+        "from transformers.utils import import_utils as iu\n"
         "from shira_runtime import Runtime\n"
         "from shira_runtime.kernels import backend\n"
         "print(kernels.__file__)\n"
-        "print(is_kernels_available())\n",
+        "print(md.distribution('kernels').locate_file('kernels/__init__.py'))\n"
+        # any version: whether transformers finds the package at all (its own version range is its business)
+        "print(iu.is_kernels_available(MIN_VERSION='0', MAX_VERSION='999999'))\n",
         ROOT,
     )
-    origin, available = out.split()
+    origin, dist_file, available = out.split()
     assert str(ROOT) not in origin and Path(origin).name == "__init__.py", origin
+    assert Path(origin).resolve() == Path(dist_file).resolve(), (origin, dist_file)
     assert available == "True"
     assert not (ROOT / "kernels" / "__init__.py").exists()
 
