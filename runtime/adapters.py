@@ -18,6 +18,8 @@ import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ml_dtypes
+import numpy as np
 import torch
 from shira_runtime import peft_format, shira_file
 from shira_runtime.errors import AdapterFormatError, AdapterMismatchError, AdapterValueError, BaseMismatchError
@@ -290,6 +292,9 @@ def load_adapter(source: Source) -> Adapter:
         cls = CodesAdapter if "codes" in fields else SparseAdapter
     else:
         raise AdapterFormatError(f"{path}: no such file or directory")
+    fields = {k: _torch_arrays(v) if k in _ARRAY_FIELDS else v for k, v in fields.items()}  # numpy -> torch
+    if (fp := fields.get("fingerprint")) is not None:
+        fields["fingerprint"] = Fingerprint(fp.structure, _torch_arrays(fp.probes))
     try:
         return cls(**fields, source=str(path))
     except AdapterValueError as exc:
@@ -341,6 +346,29 @@ def save_adapter(
         )
     r = ranks.pop() if len(ranks) == 1 else None  # None: no r fits every layer (strict=False)
     return peft_format.write_shira(path, entries, r, adapter.mask_kind)
+
+
+# the fields of shira_file.read / peft_format.read that hold arrays (name -> numpy array)
+_ARRAY_FIELDS = ("indices", "values", "codes", "A", "B")
+# numpy dtypes torch.from_numpy does not know: read through an integer view of the same width
+_VIEWED = {
+    np.dtype(ml_dtypes.bfloat16): (np.int16, torch.bfloat16),
+    np.dtype(ml_dtypes.float8_e4m3fn): (np.uint8, torch.float8_e4m3fn),
+    np.dtype(ml_dtypes.float8_e5m2): (np.uint8, torch.float8_e5m2),
+    np.dtype(ml_dtypes.float8_e8m0fnu): (np.uint8, torch.float8_e8m0fnu),
+}
+
+
+def _torch_arrays(d: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """The one numpy -> torch step of loading (the readers return numpy): zero-copy for the writable, aligned,
+    C-contiguous arrays the readers give, a copy otherwise; bf16/fp8 through an integer view of their bytes."""
+    out = {}
+    for name, a in d.items():
+        if not (a.flags.writeable and a.flags.aligned and a.flags.c_contiguous):
+            a = a.copy()
+        through = _VIEWED.get(a.dtype)
+        out[name] = torch.from_numpy(a) if through is None else torch.from_numpy(a.view(through[0])).view(through[1])
+    return out
 
 
 def _dims(shape: object) -> tuple[int, ...] | None:

@@ -7,6 +7,9 @@ SHiRA layer's entries as ``r * (out + in)``; a LoRA layer's rank is ``r`` or its
 ``target_modules``, ``lora_alpha`` and ``alpha_pattern`` (numbers; patterns that compile). A SHiRA directory
 records no base shapes: ``r`` goes with the adapter (``peft_r``) and is checked against the base when the
 adapter is applied. This module knows files only; ``shira_runtime.adapters`` builds the objects.
+
+Reading needs numpy only (``shira_runtime.safetensors_np``): ``read`` returns numpy arrays (bf16/fp8 as
+``ml_dtypes`` dtypes); ``write_shira`` takes torch tensors and imports torch when called.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+import numpy as np
+from shira_runtime import safetensors_np
 from shira_runtime.errors import AdapterFormatError
+
+if TYPE_CHECKING:
+    import torch
 
 PREFIX = "base_model.model."
 WEIGHTS = "adapter_model.safetensors"
@@ -59,17 +64,14 @@ def _config(directory: Path) -> dict:
     return cfg
 
 
-def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+def _tensors(directory: Path) -> dict[str, np.ndarray]:
     path = directory / WEIGHTS
     if not path.is_file():
         hint = " (adapter_model.bin is pickle: re-save with safe_serialization=True)"
         raise AdapterFormatError(
             f"{directory}: no {WEIGHTS}{hint if (directory / 'adapter_model.bin').exists() else ''}"
         )
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as exc:
-        raise AdapterFormatError(f"{path}: unreadable safetensors file ({exc})") from None
+    return safetensors_np.read(path)[1]
 
 
 def _pairs(directory: Path, cfg: dict, first: str, second: str) -> tuple[dict, dict]:
@@ -123,19 +125,21 @@ def _read_shira(directory: Path, cfg: dict) -> dict[str, Any]:
     out_idx, out_val = {}, {}
     for module, idx in indices.items():
         val = values[module]
-        if idx.dim() != 2 or idx.shape[0] != 2 or val.dim() != 1 or val.numel() != idx.shape[1]:
+        if idx.ndim != 2 or idx.shape[0] != 2 or val.ndim != 1 or val.size != idx.shape[1]:
             raise AdapterFormatError(
                 f"{where}: {module}: shira_indices {list(idx.shape)} and shira_weight {list(val.shape)} "
                 f"are not [2, N] and [N]"
             )
-        if not val.is_floating_point():
-            raise AdapterFormatError(f"{where}: {module}: shira_weight has dtype {val.dtype}")
-        if idx.is_floating_point():  # some writers store indices as float
-            if not bool((idx == idx.round()).all()) or not bool(torch.isfinite(idx).all()):
+        if not safetensors_np.is_floating(val.dtype):
+            raise AdapterFormatError(f"{where}: {module}: shira_weight has dtype {_dtype(val)}")
+        if safetensors_np.is_floating(idx.dtype):  # some writers store indices as float
+            f = idx.astype(np.float64)  # exact for every float dtype a file holds
+            if not bool((f == np.round(f)).all()) or not bool(np.isfinite(f).all()):
                 raise AdapterFormatError(f"{where}: {module}: shira_indices holds non-integer values")
-        elif idx.dtype == torch.bool or idx.is_complex():
-            raise AdapterFormatError(f"{where}: {module}: shira_indices has dtype {idx.dtype}")
-        idx = idx.to(torch.int64)
+        elif idx.dtype.kind in "bc":
+            raise AdapterFormatError(f"{where}: {module}: shira_indices has dtype {_dtype(idx)}")
+        with np.errstate(invalid="ignore"):  # a float past int64 wraps as torch's cast did: refused just below
+            idx = idx.astype(np.int64)
         n = idx.shape[1]
         if n and int(idx.min()) < 0:
             raise AdapterFormatError(f"{where}: {module}: shira_indices holds negative values")
@@ -144,10 +148,15 @@ def _read_shira(directory: Path, cfg: dict) -> dict[str, Any]:
                 f"{where}: {module}: {n} entries do not fit PEFT's r * (out + in) with r={r} and these indices"
             )
         if cfg.get("fan_in_fan_out"):
-            idx = idx.flip(0)  # PEFT's delta is [out, in]; the base stores [in, out]
+            idx = idx[::-1].copy()  # PEFT's delta is [out, in]; the base stores [in, out]
         out_idx[module + ".weight"], out_val[module + ".weight"] = idx, val
     mask = cfg.get("mask_type", "random")
     return {"indices": out_idx, "values": out_val, "scale": 1.0, "mask_kind": str(mask), "peft_r": r}
+
+
+def _dtype(a: np.ndarray) -> str:
+    """A dtype as messages have always named it (torch's name: ``torch.int16``)."""
+    return safetensors_np.torch_name(a.dtype)
 
 
 def _number(value: Any, what: str, path: Path) -> float:
@@ -187,7 +196,7 @@ def _read_lora(directory: Path, cfg: dict) -> dict[str, Any]:
     A, B = _pairs(directory, cfg, ".lora_A.weight", ".lora_B.weight")
     scaling = {}
     for module, a in A.items():
-        rank = int(a.shape[0]) if a.dim() == 2 else 0
+        rank = int(a.shape[0]) if a.ndim == 2 else 0
         want = _match(ranks, module, r_default)
         if rank <= 0 or (want is not None and rank != want):
             raise AdapterFormatError(
@@ -208,6 +217,8 @@ def write_shira(
 ) -> Path:
     """A PEFT SHiRA directory from ``entries``: module path -> (``[2, N]`` int32 row/col, fp32 values);
     ``r=None`` when the counts fit no ``r`` (PEFT cannot load such a directory; this runtime can)."""
+    from safetensors.torch import save_file
+
     directory = Path(directory)
     tensors = {}
     for module, (rc, val) in entries.items():

@@ -25,6 +25,11 @@ Version 2 checksummed the bytes only (a header relabel of a same-sized dtype pas
 ``<name>::indices`` (int32/int64 flat) and no checksums. Whatever the version, every field and tensor is
 checked for type, dtype, rank, range and finiteness: anything unexpected is an ``AdapterFormatError``
 naming the file and the tensor. This module knows bytes only; ``shira_runtime.adapters`` builds the objects.
+
+Reading needs numpy and ml_dtypes only (``shira_runtime.safetensors_np``; a device without torch reads adapters):
+``read`` returns numpy arrays (bf16 and fp8 as ``ml_dtypes`` dtypes), and checksums hash a numpy array as the
+torch tensor of the same bytes (dtype under torch's name), so every file written before still verifies. Writing
+(``write``, ``write_codes``, the encoders) takes torch tensors and imports torch when called.
 """
 
 from __future__ import annotations
@@ -33,15 +38,17 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+import ml_dtypes
+import numpy as np
+from shira_runtime import safetensors_np
 from shira_runtime.atomic import atomic_write
 from shira_runtime.errors import AdapterFormatError
 from shira_runtime.fingerprint import PROBES, Fingerprint
-from shira_runtime.kernels.dtypes import FLOATS
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "shira-runtime/sparse"
 VERSION = 4
@@ -53,51 +60,67 @@ PARTS["3"] = PARTS["2"]
 PARTS["4"] = (*PARTS["3"], "runs", "run_escapes")
 PARTS[CODES_VERSION] = ("gaps", "escapes", "runs", "run_escapes", "codes")
 OPTIONAL = ("probe", "runs", "run_escapes")  # per tensor
-# gap width -> (stored dtype, escape value, mask to read it unsigned)
-WIDTHS = {1: (torch.uint8, 0xFF, 0xFF), 2: (torch.int16, 0xFFFF, 0xFFFF)}
+# gap width in bytes -> (stored dtype, escape value, mask to read it unsigned)
+WIDTHS = {1: (np.dtype(np.uint8), 0xFF, 0xFF), 2: (np.dtype(np.int16), 0xFFFF, 0xFFFF)}
+# what reading accepts, in numpy: the values dtypes of ``kernels.dtypes.FLOATS`` and the codes dtype of each
+# format of ``kernels.qformats.FORMATS`` (both torch tables; tests/runtime/test_safetensors_np.py keeps them equal)
+VALUES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+CODES = {
+    "int8": np.dtype(np.int8),
+    "fp8_e4m3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "fp8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
+}
+INDICES = (np.dtype(np.int32), np.dtype(np.int64))
 
 
 def _encode_small(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-negative ints -> (the smaller of uint8/uint16 codes with escapes, the escaped values int32/int64)."""
+    import torch
+
     best = None
-    for dtype, esc, _ in WIDTHS.values():
+    for width, (_, esc, _) in WIDTHS.items():
         big = values >= esc
-        size = values.numel() * torch.empty(0, dtype=dtype).element_size() + int(big.sum()) * 4
+        size = values.numel() * width + int(big.sum()) * 4
         if best is None or size < best[0]:
-            best = (size, dtype, esc, big)
-    _, dtype, esc, big = best
+            best = (size, width, esc, big)
+    _, width, esc, big = best
     escapes = values[big].contiguous()
     if not escapes.numel() or int(escapes.max()) < 2**31:
         escapes = escapes.to(torch.int32)
     small = torch.where(big, esc, values)
-    small = small.to(torch.uint8) if dtype == torch.uint8 else small.to(torch.int32).to(torch.int16)
+    small = small.to(torch.uint8) if width == 1 else small.to(torch.int32).to(torch.int16)
     return small.contiguous(), escapes
 
 
-def _decode_small(codes: torch.Tensor, escapes: torch.Tensor, where: str, what: str, limit: int) -> torch.Tensor:
+def _decode_small(codes: np.ndarray, escapes: np.ndarray, where: str, what: str, limit: int) -> np.ndarray:
     """Inverse of ``_encode_small``: int64 values, every escaped one in ``[escape, limit)``."""
-    width = {torch.uint8: 1, torch.int16: 2}.get(codes.dtype)
-    if width is None or codes.dim() != 1 or escapes.dtype not in (torch.int32, torch.int64) or escapes.dim() != 1:
+    codes, escapes = _numpy(codes), _numpy(escapes)
+    width = next((w for w, (dtype, _, _) in WIDTHS.items() if codes.dtype == dtype), None)
+    if width is None or codes.ndim != 1 or escapes.dtype not in INDICES or escapes.ndim != 1:
         raise AdapterFormatError(f"{where}: {what} must be uint8/int16 [N] and their escapes int32/int64 [E]")
     _, esc, mask = WIDTHS[width]
-    g = codes.to(torch.int64) & mask
+    g = codes.astype(np.int64) & mask
     big = g == esc
-    if int(big.sum()) != escapes.numel():
-        raise AdapterFormatError(f"{where}: {int(big.sum())} escaped {what} but {escapes.numel()} escape values")
-    if escapes.numel() and (int(escapes.min()) < esc or int(escapes.max()) >= limit):
+    if int(big.sum()) != escapes.size:
+        raise AdapterFormatError(f"{where}: {int(big.sum())} escaped {what} but {escapes.size} escape values")
+    if escapes.size and (int(escapes.min()) < esc or int(escapes.max()) >= limit):
         raise AdapterFormatError(f"{where}: an escape value of the {what} is outside [{esc}, {limit})")
-    g[big] = escapes.long()
+    g[big] = escapes
     return g
 
 
 def encode_gaps(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted unique flat indices -> (gaps in the smaller of uint8/uint16 with escapes, escaped gaps)."""
+    import torch
+
     idx = idx.long()
     return _encode_small(torch.diff(idx, prepend=torch.tensor([-1])) - 1)
 
 
 def encode_runs(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sorted unique flat indices as maximal runs: (gaps before runs, their escapes, lengths - 1, escapes)."""
+    import torch
+
     idx = idx.long()
     starts = torch.ones(idx.numel(), dtype=torch.bool)
     starts[1:] = idx[1:] != idx[:-1] + 1
@@ -121,57 +144,94 @@ def encode_indices(idx: torch.Tensor) -> dict[str, torch.Tensor]:
     return as_runs if size(as_runs) < size(plain) else plain
 
 
-def decode_gaps(gaps: torch.Tensor, escapes: torch.Tensor, where: str, numel: int) -> torch.Tensor:
-    """Inverse of ``encode_gaps``: sorted unique flat int64 indices, all below ``numel`` (vectorized)."""
+def decode_gaps(gaps: np.ndarray, escapes: np.ndarray, where: str, numel: int) -> np.ndarray:
+    """Inverse of ``encode_gaps``: sorted unique flat int64 indices, all below ``numel`` (vectorized). numpy in,
+    numpy out; torch tensors in, a torch tensor out."""
     g = _decode_small(gaps, escapes, where, "gaps", numel)
-    idx = torch.cumsum(g + 1, 0) - 1  # no overflow: every gap is below numel
-    if idx.numel() and int(idx[-1]) >= numel:
+    idx = np.cumsum(g + 1) - 1  # no overflow: every gap is below numel
+    if idx.size and int(idx[-1]) >= numel:
         raise AdapterFormatError(f"{where}: index {int(idx[-1])} is out of range for {numel} elements")
-    return idx
+    return _like(gaps, idx)
 
 
 def decode_runs(
-    gaps: torch.Tensor,
-    escapes: torch.Tensor,
-    runs: torch.Tensor,
-    run_escapes: torch.Tensor,
+    gaps: np.ndarray,
+    escapes: np.ndarray,
+    runs: np.ndarray,
+    run_escapes: np.ndarray,
     where: str,
     numel: int,
     count: int,
-) -> torch.Tensor:
+) -> np.ndarray:
     """Inverse of ``encode_runs``: ``count`` sorted unique flat int64 indices below ``numel``. Lengths and bounds
-    are checked before the runs are expanded (a hostile file cannot make it allocate more than ``count``)."""
+    are checked before the runs are expanded (a hostile file cannot make it allocate more than ``count``).
+    numpy in, numpy out; torch tensors in, a torch tensor out."""
     g = _decode_small(gaps, escapes, where, "run gaps", numel)
     lengths = _decode_small(runs, run_escapes, where, "run lengths", numel) + 1
-    if g.numel() != lengths.numel():
-        raise AdapterFormatError(f"{where}: {g.numel()} run gaps but {lengths.numel()} run lengths")
+    if g.size != lengths.size:
+        raise AdapterFormatError(f"{where}: {g.size} run gaps but {lengths.size} run lengths")
     if int(lengths.sum()) != count:
         raise AdapterFormatError(f"{where}: the runs hold {int(lengths.sum())} positions but there are {count} values")
-    if not g.numel():
-        return torch.empty(0, dtype=torch.int64)
-    starts = torch.cumsum(g + torch.cat([torch.zeros(1, dtype=torch.int64), lengths[:-1]]), 0)
-    last = int(starts[-1] + lengths[-1] - 1)
+    if not g.size:
+        return _like(gaps, np.empty(0, dtype=np.int64))
+    if int(lengths.min()) < 1:  # an escaped length of 2**63 - 1 wrapped
+        raise AdapterFormatError(f"{where}: a run length is out of range for {numel} elements")
+    starts = np.cumsum(g + np.concatenate([np.zeros(1, dtype=np.int64), lengths[:-1]]))
+    last = int(starts[-1]) + int(lengths[-1]) - 1
     if last >= numel:
         raise AdapterFormatError(f"{where}: index {last} is out of range for {numel} elements")
-    offsets = torch.arange(count) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
-    return torch.repeat_interleave(starts, lengths) + offsets
+    offsets = np.arange(count, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return _like(gaps, np.repeat(starts, lengths) + offsets)
 
 
-def tensor_checksum(key: str, t: torch.Tensor) -> str:
-    """sha256 of a tensor's key, dtype, shape and bytes: a header relabel fails it as a byte flip does."""
-    h = hashlib.sha256(json.dumps([key, str(t.dtype), list(t.shape)]).encode())
-    h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+def tensor_checksum(key: str, t: np.ndarray | torch.Tensor) -> str:
+    """sha256 of a tensor's key, dtype, shape and bytes: a header relabel fails it as a byte flip does. A numpy
+    array and the torch tensor of the same bytes have the same checksum (the dtype under torch's name)."""
+    if isinstance(t, np.ndarray):
+        dtype, raw = safetensors_np.torch_name(t.dtype), t.tobytes()
+    else:
+        import torch
+
+        dtype, raw = str(t.dtype), t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    h = hashlib.sha256(json.dumps([key, dtype, list(t.shape)]).encode())
+    h.update(raw)
     return h.hexdigest()[:32]
 
 
-def _bytes_checksum(t: torch.Tensor) -> str:  # version 2
-    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:32]
+def _bytes_checksum(t: np.ndarray | torch.Tensor) -> str:  # version 2
+    if isinstance(t, np.ndarray):
+        return hashlib.sha256(t.tobytes()).hexdigest()[:32]
+    import torch
+
+    return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:32]
 
 
 def meta_checksum(meta: dict[str, str]) -> str:
     """sha256 of every metadata field but ``meta_checksum`` itself."""
     body = json.dumps({k: v for k, v in sorted(meta.items()) if k != "meta_checksum"})
     return hashlib.sha256(body.encode()).hexdigest()[:32]
+
+
+def _numpy(t: np.ndarray | torch.Tensor) -> np.ndarray:
+    """``t`` as a numpy array: an array as is, a (CPU) torch tensor zero-copy (bf16/fp8 through a byte view)."""
+    if isinstance(t, np.ndarray):
+        return t
+    t = t.detach()
+    dtype = safetensors_np.NUMPY_OF.get(str(t.dtype))
+    if dtype not in safetensors_np.ML_DTYPES:
+        return t.numpy()
+    import torch
+
+    return t.contiguous().view(torch.uint8).numpy().view(dtype).reshape(tuple(t.shape))
+
+
+def _like(ref: np.ndarray | torch.Tensor, a: np.ndarray) -> np.ndarray | torch.Tensor:
+    """``a`` in the kind of ``ref``: numpy for numpy, torch for torch (``decode_*`` called on encoder output)."""
+    if isinstance(ref, np.ndarray):
+        return a
+    import torch
+
+    return torch.from_numpy(a)
 
 
 # -- writing --
@@ -186,6 +246,8 @@ def write(
 ) -> Path:
     """Write a file from validated parts (``indices``: sorted unique flat); atomic (temp + rename). Version 4
     when some tensor is stored as runs, else version 3 (readable by runtimes that predate runs)."""
+    import torch
+
     tensors: dict[str, torch.Tensor] = {}
     for name, idx in indices.items():
         for part, t in encode_indices(idx).items():
@@ -202,7 +264,7 @@ def write(
     if fingerprint is not None:
         meta["fingerprint"] = fingerprint.to_meta()
         for name, probe in fingerprint.probes.items():
-            tensors[f"{name}{SEP}probe"] = probe.to(torch.float32).contiguous()
+            tensors[f"{name}{SEP}probe"] = torch.as_tensor(probe).to(torch.float32).contiguous()
     return _seal_and_write(path, tensors, meta)
 
 
@@ -235,6 +297,8 @@ def write_codes(
 
 def _seal_and_write(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
     """Add the checksums (per tensor, then of the metadata) and write atomically (temp + rename)."""
+    from safetensors.torch import save_file
+
     meta["checksums"] = json.dumps({k: tensor_checksum(k, t) for k, t in sorted(tensors.items())})
     meta["meta_checksum"] = meta_checksum(meta)
     path = Path(path)
@@ -243,22 +307,17 @@ def _seal_and_write(path: str | Path, tensors: dict[str, torch.Tensor], meta: di
     return path
 
 
-# -- reading --
-def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """All tensors and the metadata of a safetensors file, with errors that name the file."""
+# -- reading (numpy only: no torch on the device) --
+def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """All tensors (numpy) and the metadata of a safetensors file, with errors that name the file."""
     if not path.is_file():
         raise AdapterFormatError(f"{path}: no such file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as exc:
-        raise AdapterFormatError(f"{path}: unreadable safetensors file ({exc})") from exc
-    return meta, tensors
+    return safetensors_np.read(path)
 
 
 def read(path: str | Path) -> dict[str, Any]:
-    """The fields of the adapter stored at ``path`` (keyword arguments of ``SparseAdapter``), fully checked."""
+    """The fields of the adapter stored at ``path`` (keyword arguments of ``SparseAdapter``, arrays in numpy:
+    ``shira_runtime.adapters`` makes them tensors), fully checked."""
     path = Path(path)
     meta, tensors = read_safetensors(path)
     if meta.get("format") != FORMAT:
@@ -267,7 +326,8 @@ def read(path: str | Path) -> dict[str, Any]:
     if version not in READS:
         raise AdapterFormatError(f"{path}: format version {version!r} is not supported (this runtime reads {READS})")
     if version != "1":
-        _check_sums(path, meta, tensors, _bytes_checksum if version == "2" else tensor_checksum)
+        checksum = (lambda _key, t: _bytes_checksum(t)) if version == "2" else tensor_checksum
+        _check_sums(path, meta, tensors, checksum)
     if version == CODES_VERSION:
         return _read_codes(path, meta, tensors)
     scale = _field(path, meta, "scale", float)
@@ -292,22 +352,22 @@ def read(path: str | Path) -> dict[str, Any]:
             raise AdapterFormatError(f"{where} has no recorded shape")
         numel = math.prod(shapes[name])
         val = parts["values"][name]
-        if val.dtype not in FLOATS or val.dim() != 1:
-            raise AdapterFormatError(f"{where}: values are {val.dtype}{list(val.shape)}, expected fp32/fp16/bf16 [N]")
-        if not bool(torch.isfinite(val).all()):
+        if val.dtype not in VALUES or val.ndim != 1:
+            raise AdapterFormatError(f"{where}: values are {_dtype(val)}{list(val.shape)}, expected fp32/fp16/bf16 [N]")
+        if not bool(np.isfinite(val).all()):
             raise AdapterFormatError(f"{where}: values hold NaN or Inf")
         if version == "1":
             idx = parts["indices"][name]
-            if idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1:
+            if idx.dtype not in INDICES or idx.ndim != 1:
                 raise AdapterFormatError(f"{where}: indices must be int32/int64 [N]")
         elif name in parts.get("runs", {}):
             g, e = parts["gaps"][name], parts["escapes"][name]
             r, re_ = parts["runs"][name], parts["run_escapes"][name]
-            idx = decode_runs(g, e, r, re_, where, numel, val.numel())
+            idx = decode_runs(g, e, r, re_, where, numel, val.size)
         else:
             idx = decode_gaps(parts["gaps"][name], parts["escapes"][name], where, numel)
-        if idx.numel() != val.numel():
-            raise AdapterFormatError(f"{where}: {idx.numel()} indices but {val.numel()} values")
+        if idx.size != val.size:
+            raise AdapterFormatError(f"{where}: {idx.size} indices but {val.size} values")
         indices[name], values[name] = idx, val
     fingerprint = _fingerprint(path, meta.get("fingerprint"), parts["probe"], indices)
     return {
@@ -320,10 +380,8 @@ def read(path: str | Path) -> dict[str, Any]:
     }
 
 
-def _read_codes(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _read_codes(path: Path, meta: dict[str, str], tensors: dict[str, np.ndarray]) -> dict[str, Any]:
     """The fields of a ``CodesAdapter`` (version 5), fully checked."""
-    from shira_runtime.kernels.qformats import FORMATS
-
     shapes = _shapes(path, _field(path, meta, "shapes", json.loads))
     formats = _field(path, meta, "quant_formats", json.loads)
     bases = _field(path, meta, "bases", json.loads)
@@ -341,20 +399,20 @@ def _read_codes(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tenso
         if name not in shapes:
             raise AdapterFormatError(f"{where} has no recorded shape")
         c = parts["codes"][name]
-        fmt = FORMATS.get(formats[name]) if isinstance(formats[name], str) else None
-        if fmt is None or c.dtype != fmt.dtype or c.dim() != 1:
-            raise AdapterFormatError(f"{where}: codes are {c.dtype}{list(c.shape)}, not {formats[name]!r} codes [N]")
+        dtype = CODES.get(formats[name]) if isinstance(formats[name], str) else None
+        if dtype is None or c.dtype != dtype or c.ndim != 1:
+            raise AdapterFormatError(f"{where}: codes are {_dtype(c)}{list(c.shape)}, not {formats[name]!r} codes [N]")
         if not isinstance(bases[name], str):
             raise AdapterFormatError(f"{where}: its base hash is not a string")
         numel = math.prod(shapes[name])
         if name in parts["runs"]:
             g, e = parts["gaps"][name], parts["escapes"][name]
-            idx = decode_runs(g, e, parts["runs"][name], parts["run_escapes"][name], where, numel, c.numel())
+            idx = decode_runs(g, e, parts["runs"][name], parts["run_escapes"][name], where, numel, c.size)
         else:
             idx = decode_gaps(parts["gaps"][name], parts["escapes"][name], where, numel)
-        if idx.numel() != c.numel():
-            raise AdapterFormatError(f"{where}: {idx.numel()} indices but {c.numel()} codes")
-        indices[name], codes[name] = idx.to(torch.int32 if numel < 2**31 else torch.int64), c
+        if idx.size != c.size:
+            raise AdapterFormatError(f"{where}: {idx.size} indices but {c.size} codes")
+        indices[name], codes[name] = idx.astype(np.int32 if numel < 2**31 else np.int64), c
     return {
         "indices": indices,
         "codes": codes,
@@ -364,9 +422,14 @@ def _read_codes(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tenso
     }
 
 
-def _split_parts(path: Path, tensors: dict[str, torch.Tensor], names: tuple[str, ...]) -> dict[str, dict]:
+def _dtype(a: np.ndarray) -> str:
+    """A dtype as messages have always named it (torch's name: ``torch.int16``)."""
+    return safetensors_np.torch_name(a.dtype)
+
+
+def _split_parts(path: Path, tensors: dict[str, np.ndarray], names: tuple[str, ...]) -> dict[str, dict]:
     """``<tensor>::<part>`` keys -> ``{part: {tensor: t}}`` for the parts ``names``; any other key is refused."""
-    parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in names}
+    parts: dict[str, dict[str, np.ndarray]] = {p: {} for p in names}
     for key, t in tensors.items():
         name, _, part = key.rpartition(SEP)
         if part not in parts or not name:
@@ -375,7 +438,7 @@ def _split_parts(path: Path, tensors: dict[str, torch.Tensor], names: tuple[str,
     return parts
 
 
-def _check_sums(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor], checksum) -> None:
+def _check_sums(path: Path, meta: dict[str, str], tensors: dict[str, np.ndarray], checksum) -> None:
     if meta.get("meta_checksum") != meta_checksum(meta):
         raise AdapterFormatError(f"{path}: the metadata is corrupted (checksum mismatch)")
     sums = _field(path, meta, "checksums", json.loads)
@@ -403,8 +466,9 @@ def _shapes(path: Path, raw: Any) -> dict[str, tuple[int, ...]]:
 
 
 def _fingerprint(
-    path: Path, raw: str | None, probes: dict[str, torch.Tensor], indices: dict[str, torch.Tensor]
+    path: Path, raw: str | None, probes: dict[str, np.ndarray], indices: dict[str, np.ndarray]
 ) -> Fingerprint | None:
+    """The recorded fingerprint, its probes numpy fp32 (``shira_runtime.adapters`` makes them tensors)."""
     if raw is None:
         if probes:
             raise AdapterFormatError(f"{path}: probe tensors {sorted(probes)} but no fingerprint")
@@ -417,9 +481,9 @@ def _fingerprint(
     if not ok or sorted(d["probes"]) != sorted(probes):
         raise AdapterFormatError(f"{path}: the fingerprint is malformed or does not list its probe tensors")
     for name, p in probes.items():
-        want = min(PROBES, indices[name].numel()) if name in indices else -1
-        if p.dtype != torch.float32 or p.dim() != 1 or p.numel() != want or not bool(torch.isfinite(p).all()):
+        want = min(PROBES, indices[name].size) if name in indices else -1
+        if p.dtype != np.float32 or p.ndim != 1 or p.size != want or not bool(np.isfinite(p).all()):
             raise AdapterFormatError(
-                f"{path}: tensor {name!r}: probe is {p.dtype}{list(p.shape)}, expected {want} finite fp32 values"
+                f"{path}: tensor {name!r}: probe is {_dtype(p)}{list(p.shape)}, expected {want} finite fp32 values"
             )
     return Fingerprint(d["structure"], dict(probes))
