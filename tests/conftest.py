@@ -13,6 +13,20 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(INT_VIEW[t.dtype]) if t.dtype in INT_VIEW else t
 
 
+def as_torch(x):
+    """``x`` as a torch tensor sharing its memory: a bundle runtime's weights (``rt.backend.tensors``, ``scales``,
+    ``mirrors``, ``logical(...)``) are numpy arrays, a torch runtime's are tensors (returned as they are). bf16 and
+    the 1-byte float formats (``ml_dtypes`` arrays) go through their integer bits; the bits are unchanged."""
+    import numpy as np
+
+    if not isinstance(x, np.ndarray):
+        return x
+    name = x.dtype.name
+    if name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+        return torch.from_numpy(x.view(np.int16 if name == "bfloat16" else np.uint8)).view(getattr(torch, name))
+    return torch.from_numpy(x)
+
+
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: bits(v).clone() for k, v in module.state_dict().items()}
 

@@ -22,6 +22,8 @@ from shira_runtime.exporters.package import package  # noqa: E402
 from shira_runtime.models import TARGETS, build  # noqa: E402
 from shira_runtime.synthetic import random_shira  # noqa: E402
 
+from tests.conftest import as_torch  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def packaged(tmp_path_factory):
@@ -94,14 +96,14 @@ def test_tampered_or_foreign_bundled_adapter_fails_its_switch_and_changes_nothin
     other = build("tiny", torch.float32, seed=42)  # same shapes, other weights
     random_shira(other, TARGETS, 0.02, seed=5).save(bundle / "adapters" / "s.safetensors")
     rt = Runtime.load(bundle)
-    before = {n: t.clone() for n, t in rt.backend.tensors.items()}
+    before = {n: as_torch(t).clone() for n, t in rt.backend.tensors.items()}
     with pytest.raises(AdapterFormatError, match="o.safetensors.*corrupted"):
         rt.switch("o")
     with pytest.raises(BaseMismatchError):
         rt.switch("s")
     assert rt.active == ()
     for n, t in rt.backend.tensors.items():
-        assert torch.equal(t, before[n]), n
+        assert torch.equal(as_torch(t), before[n]), n
 
 
 def test_cli_report(packaged, tmp_path, capsys):
@@ -182,7 +184,9 @@ def test_bad_adapters_section_is_a_bundle_error(packaged, tmp_path, edit, messag
         Runtime.load(bad)
 
 
-def raw(t: torch.Tensor) -> torch.Tensor:
+def raw(t: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A weight's bytes-exact torch view (int8 codes as uint8); a bundle's numpy weights share their memory."""
+    t = as_torch(t)
     return t.view(torch.uint8) if t.dtype == torch.int8 else t
 
 

@@ -19,12 +19,15 @@ from shira_runtime.manifest import Manifest
 from shira_runtime.models import TARGETS, build
 from shira_runtime.synthetic import random_lora, random_shira
 
+from tests.conftest import as_torch
 from tests.runtime.test_quantized_switch import kernel_path  # noqa: F401 (the fixture: both kernel paths)
 
 IDS = torch.randint(1, 256, (2, 8), generator=torch.Generator().manual_seed(3))
 
 
-def raw(t: torch.Tensor) -> torch.Tensor:
+def raw(t: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A weight's bytes-exact torch view (int8 codes as uint8); a bundle's numpy weights share their memory."""
+    t = as_torch(t)
     return t.view(torch.uint8) if t.dtype == torch.int8 else t
 
 
@@ -50,7 +53,7 @@ def test_manifest_holds_codes_and_scales(pair):
     }
     rt = Runtime.load(bundle)
     # the graph reads the transposed zero-point-128 copy the runtime built from the codes
-    assert torch.equal(rt.backend.mirrors[key], (raw(qmodel.state_dict()[key]) ^ 0x80).t())
+    assert torch.equal(as_torch(rt.backend.mirrors[key]), (raw(qmodel.state_dict()[key]) ^ 0x80).t())
     assert set(rt.backend.scales) == {n for n, b in qmodel.state_dict().items() if b.dtype == torch.int8}
     assert torch.equal(raw(rt.backend.tensors[key]), raw(qmodel.state_dict()[key]))
     assert "model.layers.0.self_attn.q_proj.weight_scale" not in rt.backend.aliases  # fixed grid, not switchable
@@ -80,7 +83,7 @@ def test_switch_on_the_bundle_writes_the_torch_backends_bytes(pair):
 
 def assert_mirrors_follow(rt):
     for n, m in rt.backend.mirrors.items():  # the graph's uint8 [in, out] input: code ^ 0x80, transposed
-        assert torch.equal(m, (raw(rt.backend.tensors[n]) ^ 0x80).t()), n
+        assert torch.equal(as_torch(m), (raw(rt.backend.tensors[n]) ^ 0x80).t()), n
 
 
 @pytest.mark.usefixtures("kernel_path")
@@ -97,7 +100,7 @@ def test_the_graphs_transposed_copy_follows_every_switch(pair, monkeypatch):
     for target, w in (("a1", None), ("a2", None), (["a1", "a2"], [1.0, -0.5]), (None, None), ("a2", None)):
         rt.switch(target, weights=w)
         assert_mirrors_follow(rt)
-    before = {n: m.clone() for n, m in rt.backend.mirrors.items()}
+    before = {n: as_torch(m).clone() for n, m in rt.backend.mirrors.items()}
     y = rt(IDS.numpy())
 
     def boom(self, *args):
@@ -107,7 +110,7 @@ def test_the_graphs_transposed_copy_follows_every_switch(pair, monkeypatch):
     with pytest.raises(RuntimeError, match="injected"):
         rt.switch(["a1", "a2"], weights=[0.5, 1.0])
     monkeypatch.undo()
-    assert all(torch.equal(m, before[n]) for n, m in rt.backend.mirrors.items())
+    assert all(torch.equal(as_torch(m), before[n]) for n, m in rt.backend.mirrors.items())
     assert_mirrors_follow(rt)
     assert np.array_equal(rt(IDS.numpy()), y)
 

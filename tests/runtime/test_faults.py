@@ -19,7 +19,7 @@ from shira_runtime import Runtime, kernels
 from shira_runtime.models import TARGETS, build
 from shira_runtime.synthetic import random_lora, random_shira
 
-from tests.conftest import assert_bit_identical, bits, snapshot
+from tests.conftest import as_torch, assert_bit_identical, bits, snapshot
 
 
 class Fault(Exception):
@@ -179,7 +179,7 @@ def test_fault_in_onnx_lora_slots_rolls_back(tmp_path, monkeypatch):
     rt.add_adapter("v", random_lora(m, ["q_proj", "v_proj"], rank=4, seed=2), mode="unfused")
     rt.switch("u")
     y_u = rt(ids)
-    slots = {n: t.clone() for n, t in rt.backend.tensors.items()}
+    slots = {n: as_torch(t).clone() for n, t in rt.backend.tensors.items()}
     real = rt.backend.set_unfused
 
     def partial(entries):  # writes v's factors into one slot pair, then fails (once)
@@ -193,7 +193,7 @@ def test_fault_in_onnx_lora_slots_rolls_back(tmp_path, monkeypatch):
     monkeypatch.setattr(rt.backend, "set_unfused", real)
     assert rt.active == (("u", 1.0),)
     for n, t in rt.backend.tensors.items():
-        assert torch.equal(bits(t), bits(slots[n])), n
+        assert torch.equal(bits(as_torch(t)), bits(slots[n])), n
     assert np.array_equal(rt(ids), y_u)
 
 

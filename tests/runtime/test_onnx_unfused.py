@@ -13,6 +13,8 @@ from shira_runtime.exporters import export_onnx  # noqa: E402
 from shira_runtime.models import TARGETS, build  # noqa: E402
 from shira_runtime.synthetic import random_lora, random_shira  # noqa: E402
 
+from tests.conftest import as_torch  # noqa: E402
+
 IDS = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
 
 
@@ -32,7 +34,7 @@ def test_unfused_lora_matches_the_torch_runtime_and_leaves_weights_alone(bundles
     rt, ref = Runtime.load(slots), Runtime.load(m)
     base = rt(IDS)
     np.testing.assert_allclose(base, Runtime.load(plain)(IDS), atol=1e-5)  # zero slots add nothing
-    weights = {n: t.clone() for n, t in rt.backend.tensors.items() if ".lora_" not in n}
+    weights = {n: as_torch(t).clone() for n, t in rt.backend.tensors.items() if ".lora_" not in n}
     for r in (rt, ref):
         r.add_adapter("la", la, mode="unfused")
         r.add_adapter("lb", lb, mode="unfused")
@@ -42,7 +44,7 @@ def test_unfused_lora_matches_the_torch_runtime_and_leaves_weights_alone(bundles
         ref.switch(state, w)
         np.testing.assert_allclose(rt(IDS), ref(IDS).numpy(), atol=1e-4, rtol=1e-4)
         if state in ("la", "lb"):
-            assert all(torch.equal(t, weights[n]) for n, t in rt.backend.tensors.items() if n in weights)
+            assert all(torch.equal(as_torch(t), weights[n]) for n, t in rt.backend.tensors.items() if n in weights)
     rt.switch(None)
     assert np.array_equal(rt(IDS), base)
     assert all(not t.any() for n, t in rt.backend.tensors.items() if ".lora_" in n)
@@ -55,10 +57,10 @@ def test_too_high_a_rank_or_no_slot_is_refused_and_changes_nothing(bundles):
     rt.add_adapter("big", random_lora(m, TARGETS, 6, seed=1), mode="unfused")
     rt.add_adapter("big2", random_lora(m, TARGETS, 6, seed=2), mode="unfused")
     rt.switch(["s", "big"])
-    before = {n: t.clone() for n, t in rt.backend.tensors.items()}
+    before = {n: as_torch(t).clone() for n, t in rt.backend.tensors.items()}
     with pytest.raises(AdapterMismatchError, match="need rank 12, its slot holds 8"):
         rt.switch(["big", "big2"])  # 6 + 6 > 8
     assert rt.active == (("s", 1.0), ("big", 1.0))
-    assert all(torch.equal(t, before[n]) for n, t in rt.backend.tensors.items())
+    assert all(torch.equal(as_torch(t), before[n]) for n, t in rt.backend.tensors.items())
     with pytest.raises(AdapterMismatchError, match="no LoRA slot"):
         Runtime.load(plain).add_adapter("l", random_lora(m, TARGETS, 2, seed=1), mode="unfused")
