@@ -127,7 +127,7 @@ def initializer_graph(bundle: Path, name: str, gemm_b: bool) -> Path:
         for u8t, (codes, (k, m)) in mirrors.items():
             begin, end = header[codes]["data_offsets"]
             a = np.fromfile(bundle / WEIGHTS_FILE, np.int8, end - begin, offset=8 + n + begin).reshape(m, k)
-            out.write(u8t_copy(torch.from_numpy(a)).contiguous().numpy().tobytes())
+            out.write(np.ascontiguousarray(u8t_copy(a)).tobytes())
             header[u8t] = {"file": side, "data_offsets": [at, at + k * m]}
             at += k * m
     if gemm_b:
@@ -253,7 +253,8 @@ def run(cfg: Config, workdir: Path) -> list[Row]:
     rt.switch("a")
     rt_torch.switch("a")
     for name, t in rt_torch.backend.tensors.items():
-        assert torch.equal(rt.backend.logical(rt.backend.aliases[name]), t), f"{name} differs after the switch"
+        got = torch.from_numpy(rt.backend.logical(rt.backend.aliases[name]))
+        assert torch.equal(got, t), f"{name} differs after the switch"
     ids = torch.randint(0, PRESETS[cfg.preset].vocab, (1, SEQ), generator=torch.Generator().manual_seed(1))
     want = rt_torch(ids).numpy()
     got = rt(ids)

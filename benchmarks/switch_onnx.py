@@ -158,7 +158,7 @@ def lora_unfused_rows(cfg: Config, dtype: str, ctx: dict, workdir: Path, base: R
     step(f"{dtype}: lora unfused on onnxruntime (factors written into the slots)")
     progress(f"{dtype}: lora unfused on onnxruntime, {cfg.repeats} repeats")
     t = cycle([lambda: ru.switch("lora_ua"), lambda: ru.switch("lora_ub")], cfg.repeats)
-    nbytes = sum(v.numel() * v.element_size() for n, v in ru.backend.tensors.items() if ".lora_" in n)
+    nbytes = sum(v.nbytes for n, v in ru.backend.tensors.items() if ".lora_" in n)
     note = "extra matmuls at inference"
     row = Row.of("lora_unfused", "onnxruntime/slots", dtype, t, nbytes, note)
     ids = ctx["prompt"]
@@ -187,7 +187,7 @@ def mirror_lines(rt: Runtime, adapters) -> tuple[int, int]:
         idx = torch.cat(ix)
         entries += idx.numel()
         m = rt.backend.mirrors[t]
-        lines += touched_lines(((idx % cols) * rows + idx // cols).unique(), 1, m.data_ptr() % 64)
+        lines += touched_lines(((idx % cols) * rows + idx // cols).unique(), 1, m.ctypes.data % 64)
     return lines, entries
 
 

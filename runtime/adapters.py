@@ -15,16 +15,19 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import ml_dtypes
 import numpy as np
-import torch
 from shira_runtime import peft_format, shira_file
+from shira_runtime.arrays import CODE_DTYPES, FLOAT_DTYPES, NUMPY, as_ops, dtype_name, ops_for, torch_ops
 from shira_runtime.errors import AdapterFormatError, AdapterMismatchError, AdapterValueError, BaseMismatchError
 from shira_runtime.fingerprint import Fingerprint
-from shira_runtime.kernels.dtypes import FLOATS, by_short
+from shira_runtime.kernels.dtypes import by_short
+
+Array = Any  # a numpy array or a torch tensor
 
 
 @dataclass(eq=False)
@@ -37,8 +40,8 @@ class SparseAdapter:
     ``source``: the file it was read from, named in errors.
     """
 
-    indices: dict[str, torch.Tensor]
-    values: dict[str, torch.Tensor]
+    indices: dict[str, Array]
+    values: dict[str, Array]
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     scale: float = 1.0
     fingerprint: Fingerprint | None = None
@@ -53,7 +56,7 @@ class SparseAdapter:
             missing = sorted(set(self.indices) ^ set(self.values))
             raise AdapterValueError(f"SparseAdapter: indices and values name different tensors: {missing}")
         for name in self.indices:
-            if not isinstance(self.indices[name], torch.Tensor) or not isinstance(self.values[name], torch.Tensor):
+            if not _is_array(self.indices[name]) or not _is_array(self.values[name]):
                 raise AdapterValueError(f"SparseAdapter: tensor {name!r}: indices and values must be tensors")
         shapes = {}
         for name, shape in dict(self.shapes).items():
@@ -75,68 +78,72 @@ class SparseAdapter:
         """``adapter`` and the file it came from, for messages."""
         return adapter + (f" (from {self.source})" if self.source else "")
 
-    def flat(self, name: str, shape: tuple[int, ...], adapter: str = "?") -> tuple[torch.Tensor, torch.Tensor]:
+    def flat(self, name: str, shape: tuple[int, ...], adapter: str = "?") -> tuple[Array, Array]:
         """Validated ``(indices, values)`` of tensor ``name`` for a base tensor of ``shape``.
 
         Indices come back flat, sorted, unique, int32 (int64 past 2**31 elements); values are reordered to match.
         Raises a specific error naming the adapter, its file, the tensor and the index at fault.
         """
         where = f"adapter {self.label(adapter)!r}, tensor {name!r}"
-        idx, val = self.indices[name], self.values[name]
+        idx_in, val_in = self.indices[name], self.values[name]
+        idx, val = as_ops(idx_in, NUMPY), as_ops(val_in, NUMPY)  # checked in numpy; returned as they came
         shape = tuple(int(d) for d in shape)
         if name in self.shapes and self.shapes[name] != shape:
             raise AdapterMismatchError(f"{where}: made for shape {self.shapes[name]}, the base has {shape}")
-        if self.peft_r is not None and len(shape) == 2 and val.numel() != self.peft_r * (shape[0] + shape[1]):
+        if self.peft_r is not None and len(shape) == 2 and val.size != self.peft_r * (shape[0] + shape[1]):
             raise BaseMismatchError(
-                f"{where}: {val.numel()} entries, but PEFT's r={self.peft_r} gives r * (out + in) = "
+                f"{where}: {val.size} entries, but PEFT's r={self.peft_r} gives r * (out + in) = "
                 f"{self.peft_r * (shape[0] + shape[1])} for this base's {shape}: made for a base of other shapes"
             )
-        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
-            raise AdapterMismatchError(f"{where}: indices have dtype {idx.dtype}, expected an integer dtype")
-        if val.dtype not in FLOATS:
-            raise AdapterMismatchError(f"{where}: values have dtype {val.dtype}, expected fp32/fp16/bf16")
-        if val.dim() != 1:
+        if idx.dtype.kind not in "iu":
+            raise AdapterMismatchError(f"{where}: indices have dtype {idx_in.dtype}, expected an integer dtype")
+        if val.dtype.name not in FLOAT_DTYPES:
+            raise AdapterMismatchError(f"{where}: values have dtype {val_in.dtype}, expected fp32/fp16/bf16")
+        if val.ndim != 1:
             raise AdapterMismatchError(f"{where}: values must be 1-D, got shape {tuple(val.shape)}")
         numel = math.prod(shape)
-        idx = idx.long()
-        if idx.dim() == 2 and idx.shape[0] == 2:
+        idx = idx.astype(np.int64)
+        if idx.ndim == 2 and idx.shape[0] == 2:
             if len(shape) != 2:
                 raise AdapterMismatchError(f"{where}: (row, col) indices given for a {len(shape)}-D tensor")
             for axis, (part, bound) in enumerate(((idx[0], shape[0]), (idx[1], shape[1]))):
                 bad = (part < 0) | (part >= bound)
                 if bool(bad.any()):
-                    i = int(bad.nonzero()[0])
+                    i = int(np.flatnonzero(bad)[0])
                     raise AdapterMismatchError(
                         f"{where}: {'row' if axis == 0 else 'col'} index {int(part[i])} at position {i} "
                         f"out of range for shape {shape}"
                     )
             idx = idx[0] * shape[1] + idx[1]
-        elif idx.dim() != 1:
+        elif idx.ndim != 1:
             raise AdapterMismatchError(f"{where}: indices must be flat [N] or [2, N], got {tuple(idx.shape)}")
-        if idx.numel() != val.numel():
-            raise AdapterMismatchError(f"{where}: {idx.numel()} indices but {val.numel()} values")
+        if idx.size != val.size:
+            raise AdapterMismatchError(f"{where}: {idx.size} indices but {val.size} values")
         bad = (idx < 0) | (idx >= numel)
         if bool(bad.any()):
-            i = int(bad.nonzero()[0])
+            i = int(np.flatnonzero(bad)[0])
             raise AdapterMismatchError(
                 f"{where}: index {int(idx[i])} at position {i} out of range for shape {shape} ({numel} elements)"
             )
-        finite = torch.isfinite(val)
+        finite = np.isfinite(val)
         if not bool(finite.all()):
-            i = int((~finite).nonzero()[0])
+            i = int(np.flatnonzero(~finite)[0])
             raise AdapterValueError(
                 f"{where}: value {float(val[i])} at position {i} (index {int(idx[i])}) is not finite"
             )
-        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
-            order = torch.argsort(idx, stable=True)
+        if idx.size > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            order = np.argsort(idx, kind="stable")
             idx, val = idx[order], val[order]
             dup = idx[1:] == idx[:-1]
             if bool(dup.any()):
-                i = int(dup.nonzero()[0])
+                i = int(np.flatnonzero(dup)[0])
                 raise AdapterValueError(f"{where}: index {int(idx[i])} appears more than once")
-        return idx.to(torch.int32 if numel < 2**31 else torch.int64).contiguous(), val.contiguous()
+        idx = np.ascontiguousarray(idx, dtype=np.int32 if numel < 2**31 else np.int64)
+        val = np.ascontiguousarray(val)
+        ops = ops_for(idx_in)
+        return as_ops(idx, ops), as_ops(val, ops)
 
-    def for_base(self, base: dict[str, torch.Tensor], adapter: str = "?") -> SparseAdapter:
+    def for_base(self, base: dict[str, Array], adapter: str = "?") -> SparseAdapter:
         """This adapter checked against ``base`` (name -> tensor), with its shapes and fingerprint recorded
         (a PEFT adapter carries neither; a fingerprint it carries must match ``base``): indices flat, sorted."""
         missing = sorted(set(self.indices) - set(base))
@@ -179,8 +186,8 @@ class LoraAdapter:
     ``fan_in_fan_out``: the base stores the weight as ``[in, out]`` (GPT-2 ``Conv1D``): the delta is transposed.
     """
 
-    A: dict[str, torch.Tensor]
-    B: dict[str, torch.Tensor]
+    A: dict[str, Array]
+    B: dict[str, Array]
     scaling: dict[str, float] = field(default_factory=dict)
     fan_in_fan_out: bool = False
     source: str | None = field(default=None, repr=False)
@@ -198,14 +205,14 @@ class LoraAdapter:
         return sum(int(self.A[n].numel() + self.B[n].numel()) for n in self.A)
 
     def __repr__(self) -> str:
-        ranks = sorted({int(a.shape[0]) for a in self.A.values() if a.dim()})
+        ranks = sorted({int(a.shape[0]) for a in self.A.values() if a.ndim})
         return f"LoraAdapter({len(self.A)} tensors, rank {ranks}, params={self.params})"
 
-    def factors(self, name: str, shape: tuple[int, ...], adapter: str = "?") -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, name: str, shape: tuple[int, ...], adapter: str = "?") -> tuple[Array, Array]:
         """Validated fp32 ``(A, B)`` for tensor ``name`` of a base tensor of ``shape``; delta is ``B @ A``."""
         where = f"adapter {self.label(adapter)!r}, tensor {name!r}"
         a, b = self.A[name], self.B[name]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise AdapterMismatchError(
                 f"{where}: LoRA factors A {tuple(a.shape)} and B {tuple(b.shape)} do not form B @ A"
             )
@@ -214,11 +221,11 @@ class LoraAdapter:
         if len(shape) != 2 or out_in != want:
             raise AdapterMismatchError(f"{where}: B @ A has shape {out_in}, the base tensor has {tuple(shape)}")
         for label, t in (("A", a), ("B", b)):
-            if not t.dtype.is_floating_point:
+            if dtype_name(t) not in ("float64", *FLOAT_DTYPES):
                 raise AdapterMismatchError(f"{where}: {label} has dtype {t.dtype}, expected a float dtype")
-            if not bool(torch.isfinite(t).all()):
+            if not ops_for(t).all_finite(t):
                 raise AdapterValueError(f"{where}: {label} holds NaN or Inf values")
-        return a.to(torch.float32).contiguous(), b.to(torch.float32).contiguous()
+        return ops_for(a).to_fp32(a), ops_for(b).to_fp32(b)
 
     @staticmethod
     def from_peft(directory: str | Path) -> LoraAdapter:
@@ -236,8 +243,8 @@ class CodesAdapter:
     ``base[name]``: ``fingerprint.codes_base_hash`` of the base it was baked for (format, scales, base codes at
     ``indices``); a base that differs in any of them is refused before any write."""
 
-    indices: dict[str, torch.Tensor]
-    codes: dict[str, torch.Tensor]
+    indices: dict[str, Array]
+    codes: dict[str, Array]
     shapes: dict[str, tuple[int, ...]]
     base: dict[str, str]
     mask_kind: str = "random"
@@ -250,13 +257,13 @@ class CodesAdapter:
         for name in names:
             idx, codes = self.indices[name], self.codes[name]
             where = f"CodesAdapter: tensor {name!r}"
-            if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1:
+            if not _is_array(idx) or dtype_name(idx) not in ("int32", "int64") or idx.ndim != 1:
                 raise AdapterValueError(f"{where}: indices must be int32/int64 [N]")
-            if not isinstance(codes, torch.Tensor) or codes.element_size() != 1 or codes.shape != idx.shape:
+            if not _is_array(codes) or dtype_name(codes) not in CODE_DTYPES or tuple(codes.shape) != tuple(idx.shape):
                 raise AdapterValueError(f"{where}: codes must be 1-byte [N] like the indices")
-            if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= math.prod(self.shapes[name])):
+            if len(idx) and (int(idx[0]) < 0 or int(idx[-1]) >= math.prod(self.shapes[name])):
                 raise AdapterValueError(f"{where}: an index is out of range for shape {self.shapes[name]}")
-            if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            if len(idx) > 1 and not bool((idx[1:] > idx[:-1]).all()):
                 raise AdapterValueError(f"{where}: indices must be sorted and unique")
 
     @property
@@ -292,9 +299,10 @@ def load_adapter(source: Source) -> Adapter:
         cls = CodesAdapter if "codes" in fields else SparseAdapter
     else:
         raise AdapterFormatError(f"{path}: no such file or directory")
-    fields = {k: _torch_arrays(v) if k in _ARRAY_FIELDS else v for k, v in fields.items()}  # numpy -> torch
-    if (fp := fields.get("fingerprint")) is not None:
-        fields["fingerprint"] = Fingerprint(fp.structure, _torch_arrays(fp.probes))
+    if _torch_installed():  # the torch backend's adapters hold torch tensors (views of what was read)
+        fields = {k: _torch_arrays(v) if k in _ARRAY_FIELDS else v for k, v in fields.items()}
+        if (fp := fields.get("fingerprint")) is not None:
+            fields["fingerprint"] = Fingerprint(fp.structure, _torch_arrays(fp.probes))
     try:
         return cls(**fields, source=str(path))
     except AdapterValueError as exc:
@@ -337,6 +345,8 @@ def save_adapter(
             raise AdapterFormatError(f"tensor {name!r}: PEFT SHiRA needs the 2-D weight of a linear layer")
         r, rem = divmod(idx.numel(), shape[0] + shape[1])
         ranks.add(r if rem == 0 else None)
+        import torch
+
         rc = torch.stack([idx.long() // shape[1], idx.long() % shape[1]]).to(torch.int32)
         entries[name[: -len(".weight")]] = (rc, val.to(torch.float32) * float(adapter.scale))
     if strict and (len(ranks) != 1 or None in ranks):
@@ -350,30 +360,31 @@ def save_adapter(
 
 # the fields of shira_file.read / peft_format.read that hold arrays (name -> numpy array)
 _ARRAY_FIELDS = ("indices", "values", "codes", "A", "B")
-# numpy dtypes torch.from_numpy does not know: read through an integer view of the same width
-_VIEWED = {
-    np.dtype(ml_dtypes.bfloat16): (np.int16, torch.bfloat16),
-    np.dtype(ml_dtypes.float8_e4m3fn): (np.uint8, torch.float8_e4m3fn),
-    np.dtype(ml_dtypes.float8_e5m2): (np.uint8, torch.float8_e5m2),
-    np.dtype(ml_dtypes.float8_e8m0fnu): (np.uint8, torch.float8_e8m0fnu),
-}
 
 
-def _torch_arrays(d: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+def _torch_arrays(d: dict[str, np.ndarray]) -> dict[str, Array]:
     """The one numpy -> torch step of loading (the readers return numpy): zero-copy for the writable, aligned,
     C-contiguous arrays the readers give, a copy otherwise; bf16/fp8 through an integer view of their bytes."""
-    out = {}
-    for name, a in d.items():
-        if not (a.flags.writeable and a.flags.aligned and a.flags.c_contiguous):
-            a = a.copy()
-        through = _VIEWED.get(a.dtype)
-        out[name] = torch.from_numpy(a) if through is None else torch.from_numpy(a.view(through[0])).view(through[1])
-    return out
+    return {name: torch_ops().from_numpy(a) for name, a in d.items()}
+
+
+def _is_array(x: object) -> bool:
+    """A numpy array or a torch tensor (torch is not imported for it)."""
+    torch = sys.modules.get("torch")
+    return isinstance(x, np.ndarray) or (torch is not None and isinstance(x, torch.Tensor))
+
+
+def _torch_installed() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _dims(shape: object) -> tuple[int, ...] | None:
     """``shape`` as a tuple of non-negative ints (numpy and torch integers too), or None."""
-    if not isinstance(shape, (tuple, list, torch.Size)):
+    if not isinstance(shape, (tuple, list)):  # torch.Size is a tuple
         return None
     dims = []
     for d in shape:

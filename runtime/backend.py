@@ -22,28 +22,32 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
-import torch
+import numpy as np
+from shira_runtime.arrays import NUMPY, NumpyOps, TorchOps
 from shira_runtime.errors import AdapterMismatchError
-from shira_runtime.kernels.dtypes import FLOATS
-from shira_runtime.quantization import QuantLinear, check_scales, scale_name
-from torch import nn
+
+Array = Any  # ``ops``' kind of array: numpy (bundles, the device path) or torch (TorchBackend)
 
 
 class Backend(ABC):
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, Array]
     aliases: dict[str, str]
     shapes: dict[str, tuple[int, ...]]
     transposed: frozenset[str] = frozenset()
-    scales: dict[str, torch.Tensor] = {}  # noqa: RUF012 (read-only default: no quantized weights)
+    scales: dict[str, Array] = {}  # noqa: RUF012 (read-only default: no quantized weights)
     kind = "?"
+    ops: NumpyOps | TorchOps = NUMPY  # the array operations over ``tensors`` (``shira_runtime.arrays``)
+    # the kernels' list entries for a float weight's scale and a weight without a mirror (empty arrays)
+    no_scale: Array = np.empty(0, np.float32)
+    no_mirror: Array = np.empty(0, np.float32)
 
-    def mirror(self, name: str) -> torch.Tensor | None:
+    def mirror(self, name: str) -> Array | None:
         """The copy of quantized weight ``name`` the kernels write beside its codes
         (``shira_runtime.kernels.reference``'s
         mirrors), or None (plain tensors)."""
         return None
 
-    def after_write(self, name: str, indices: list[torch.Tensor], since: int, mirrored: bool = False) -> None:
+    def after_write(self, name: str, indices: list[Array], since: int, mirrored: bool = False) -> None:
         """Codes of ``name`` were written at ``indices`` (flat) by a kernel, and its ``mirror`` with them if
         ``mirrored``; ``since``: the codes' version counter before that write. Nothing to do for plain tensors."""
         return None
@@ -70,22 +74,21 @@ class Backend(ABC):
                 f"adapter {adapter!r}: tensor {name!r} is not a weight of this base model{hint}"
             ) from None
 
-    def storage_index(self, name: str, idx: torch.Tensor) -> torch.Tensor:
+    def storage_index(self, name: str, idx: Array) -> Array:
         """Map logical flat indices (row-major over ``shapes[name]``) to flat indices of the storage tensor."""
         if name not in self.transposed:
             return idx
         rows, cols = self.shapes[name]
-        idx = idx.long()
+        idx = self.ops.as_index(idx)
         return (idx % cols) * rows + idx // cols
 
-    def logical(self, name: str) -> torch.Tensor:
+    def logical(self, name: str) -> Array:
         """The tensor ``name`` viewed in its logical shape (a transposed view where storage is transposed)."""
         t = self.tensors[name]
-        return t.t() if name in self.transposed else t
+        return t.T if name in self.transposed else t
 
     def check_writable(self, name: str, adapter: str) -> None:
-        t = self.tensors[name]
-        if not t.is_contiguous() or t.device.type != "cpu":
+        if not self.ops.is_contiguous_cpu(self.tensors[name]):
             raise AdapterMismatchError(
                 f"adapter {adapter!r}: tensor {name!r} is not a contiguous CPU tensor; cannot switch it in place"
             )
@@ -94,14 +97,14 @@ class Backend(ABC):
         """The module that an unfused LoRA on ``tensor`` attaches to; raise if this backend cannot."""
         raise AdapterMismatchError(f"adapter {adapter!r}: unfused LoRA is not supported on the {self.kind} backend")
 
-    def check_unfused_plan(self, entries: list[tuple[str, torch.Tensor, torch.Tensor, float]]) -> None:
+    def check_unfused_plan(self, entries: list[tuple[str, Array, Array, float]]) -> None:
         """Raise if ``set_unfused(entries)`` could not be done (called before a switch writes anything).
 
         The base accepts what ``check_unfused`` let through; backends with limited room (LoRA slots) check it.
         """
         return None
 
-    def set_unfused(self, entries: list[tuple[str, torch.Tensor, torch.Tensor, float]]) -> None:
+    def set_unfused(self, entries: list[tuple[str, Array, Array, float]]) -> None:
         """Make ``entries`` ``(module, A, B, alpha)`` the unfused LoRA paths run at inference."""
         if entries:
             raise AdapterMismatchError(f"unfused LoRA is not supported on the {self.kind} backend")
@@ -111,80 +114,4 @@ class Backend(ABC):
         """One inference."""
 
 
-class TorchBackend(Backend):
-    """A ``torch.nn.Module``'s own parameters and buffers, written in place."""
 
-    kind = "torch"
-
-    def __init__(self, module: nn.Module) -> None:
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"TorchBackend needs a torch.nn.Module, got {type(module).__name__}")
-        self.module = module.eval()
-        self.tensors, self.aliases, self.shapes = {}, {}, {}
-        self.scales, self.quantized = {}, {}
-        quant = {f"{n}.weight" if n else "weight": m for n, m in module.named_modules() if isinstance(m, QuantLinear)}
-        skip = {scale_name(k) for k in quant}  # fixed: a switch never moves the grid
-        by_storage: dict[tuple, str] = {}
-        for name, t in module.state_dict(keep_vars=True).items():
-            t = t.data if isinstance(t, nn.Parameter) else t
-            if name in quant:
-                check_scales(name, quant[name].weight_scale, AdapterMismatchError)
-            elif name in skip or t.dtype not in FLOATS:
-                continue
-            key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
-            canon = by_storage.setdefault(key, name)  # tied weights share one storage: write it once
-            self.aliases[name] = canon
-            if canon == name:
-                self.tensors[name] = t
-                self.shapes[name] = tuple(t.shape)
-                if name in quant:
-                    self.scales[name], self.quantized[name] = quant[name].weight_scale, quant[name]
-        self._hooks: list = []
-
-    def mirror(self, name: str) -> torch.Tensor | None:
-        layer = self.quantized.get(name)
-        return layer.mirror() if layer is not None else None
-
-    def after_write(self, name: str, indices: list[torch.Tensor], since: int, mirrored: bool = False) -> None:
-        layer = self.quantized.get(name)
-        if layer is not None:
-            layer.refresh_at(indices, since, mirrored)
-
-    def check_unfused(self, tensor: str, adapter: str) -> str:
-        path = tensor.rsplit(".", 1)[0] if tensor.endswith(".weight") else None
-        mod = self.module.get_submodule(path) if path else None
-        if not isinstance(mod, (nn.Linear, QuantLinear)):
-            raise AdapterMismatchError(
-                f"adapter {adapter!r}: unfused LoRA needs an nn.Linear; {tensor!r} is not the weight of one"
-            )
-        return path
-
-    def set_unfused(self, entries: list[tuple[str, torch.Tensor, torch.Tensor, float]]) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-        by_module: dict[str, list] = {}
-        for path, a, b, alpha in entries:
-            by_module.setdefault(path, []).append((a, b, alpha))
-        for path, terms in by_module.items():
-            mod = self.module.get_submodule(path)
-            # a quantized layer's output is fp32 (codes are no compute dtype): its LoRA path runs in fp32
-            dt = torch.float32 if isinstance(mod, QuantLinear) else mod.weight.dtype
-            terms = [(a.to(dt), b.to(dt), alpha) for a, b, alpha in terms]
-            self._hooks.append(mod.register_forward_hook(_lora_hook(terms)))
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with torch.inference_mode():
-            return self.module(*args, **kwargs)
-
-
-def _lora_hook(terms: list[tuple[torch.Tensor, torch.Tensor, float]]):
-    """A forward hook adding ``alpha * (x @ A.T) @ B.T`` for each unfused LoRA term of one linear."""
-
-    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        x = args[0]
-        for a, b, alpha in terms:
-            out = out + (x @ a.t() @ b.t()) * alpha
-        return out
-
-    return hook

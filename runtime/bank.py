@@ -5,13 +5,16 @@ Everything that can be wrong with an adapter is found here, before any switch wr
 
 from __future__ import annotations
 
-import torch
+import math
+
 from shira_runtime.adapters import CodesAdapter, LoraAdapter, SparseAdapter
-from shira_runtime.backend import Backend
+from shira_runtime.arrays import as_ops, dtype_name
+from shira_runtime.backend import Array, Backend
 from shira_runtime.errors import AdapterMismatchError, BaseMismatchError
 from shira_runtime.fingerprint import PROBES, codes_base_hash
-from shira_runtime.kernels.qformats import decode, grid_half_step, quant_format
 from shira_runtime.switcher import Prepared, Switcher
+
+FORMAT_NAMES = {"int8": "int8", "float8_e4m3fn": "fp8_e4m3", "float8_e5m2": "fp8_e5m2"}  # qformats' names
 
 MODES = ("fused", "unfused")
 
@@ -45,19 +48,19 @@ def _claim(backend: Backend, seen: dict[str, str], tensor: str, adapter: str, la
 
 
 def _prepare_sparse(backend: Backend, switcher: Switcher, name: str, adapter: SparseAdapter) -> Prepared:
-    prep, seen, logical = Prepared(name, float(adapter.scale)), {}, {}
-    if not torch.isfinite(torch.tensor(adapter.scale)):
+    prep, seen, logical, ops = Prepared(name, float(adapter.scale)), {}, {}, backend.ops
+    if not math.isfinite(adapter.scale):
         raise AdapterMismatchError(f"adapter {name!r}: scale {adapter.scale} is not finite")
     for tensor in adapter.indices:
         canon = _claim(backend, seen, tensor, name, adapter.label(name))
-        idx, val = adapter.flat(tensor, backend.shapes[canon], name)
+        idx, val = (as_ops(x, ops) for x in adapter.flat(tensor, backend.shapes[canon], name))
         logical[tensor] = (canon, idx)
-        delta = val.to(torch.float32).contiguous()
+        delta = ops.to_fp32(val)
         if canon in backend.transposed:
-            sidx, order = torch.sort(backend.storage_index(canon, idx))
-            idx, delta = sidx.to(idx.dtype), delta[order]
+            sidx, order = ops.sort(backend.storage_index(canon, idx))
+            idx, delta = sidx.astype(idx.dtype) if ops.kind == "numpy" else sidx.to(idx.dtype), delta[order]
         prep.sparse[canon] = (idx, delta)
-        prep.absmax[canon] = float(delta.abs().max()) if delta.numel() else 0.0
+        prep.absmax[canon] = ops.absmax(delta)
         if canon in backend.scales:
             _check_codes(backend, switcher, canon, idx, adapter.label(name))
         else:
@@ -71,8 +74,8 @@ def _prepare_sparse(backend: Backend, switcher: Switcher, name: str, adapter: Sp
             sidx = backend.storage_index(c, idx[:PROBES])
             probes[t] = switcher.base_values(c, sidx)
             if c in backend.scales:  # a quantized copy of the base: its grid values, within half a step
-                scale = backend.scales[c][sidx.long() // _row_len(backend, c)]
-                probes[t], slack[t] = decode(probes[t], scale), grid_half_step(probes[t], scale)
+                scale = backend.scales[c][ops.as_index(sidx) // _row_len(backend, c)]
+                probes[t], slack[t] = ops.decode(probes[t], scale), ops.half_step(probes[t], scale)
         adapter.fingerprint.check(adapter.label(name), shapes, probes, slack)
     return prep
 
@@ -80,46 +83,52 @@ def _prepare_sparse(backend: Backend, switcher: Switcher, name: str, adapter: Sp
 def _prepare_codes(backend: Backend, switcher: Switcher, name: str, adapter: CodesAdapter) -> Prepared:
     """An adapter of codes fits only the quantized base it was baked for: same tensors, shapes, formats, scales
     and base codes under its indices (``codes_base_hash``); anything else is refused here, before any write."""
-    prep, seen, label = Prepared(name, 1.0, baked=True), {}, adapter.label(name)
+    prep, seen, label, ops = Prepared(name, 1.0, baked=True), {}, adapter.label(name), backend.ops
     for tensor in adapter.indices:
         canon = _claim(backend, seen, tensor, name, label)
         where = f"adapter {label!r}: tensor {tensor!r}"
         if canon not in backend.scales or canon in backend.transposed:
             raise AdapterMismatchError(f"{where}: an adapter of codes needs a quantized weight; this one is not")
-        w, codes, idx = backend.tensors[canon], adapter.codes[tensor], adapter.indices[tensor]
-        if codes.dtype != w.dtype:
-            raise BaseMismatchError(
-                f"{where}: baked for {quant_format(codes).name} codes, this base holds {quant_format(w).name}"
-            )
+        w = backend.tensors[canon]
+        codes, idx = as_ops(adapter.codes[tensor], ops), as_ops(adapter.indices[tensor], ops)
+        if dtype_name(codes) != dtype_name(w):
+            raise BaseMismatchError(f"{where}: baked for {_fmt(codes)} codes, this base holds {_fmt(w)}")
         if tuple(adapter.shapes[tensor]) != backend.shapes[canon]:
             raise BaseMismatchError(
                 f"{where}: baked for shape {adapter.shapes[tensor]}, the base has {backend.shapes[canon]}"
             )
         base = switcher.base_values(canon, idx)
-        want = codes_base_hash(quant_format(w).name, backend.shapes[canon], backend.scales[canon], base)
+        want = codes_base_hash(_fmt(w), backend.shapes[canon], backend.scales[canon], base)
         if want != adapter.base[tensor]:
             raise BaseMismatchError(
                 f"{where}: baked for another quantized base (its scales or the codes under the adapter differ)"
             )
         _check_codes(backend, switcher, canon, idx, label)
-        prep.sparse[canon] = (idx, codes.contiguous())
+        prep.sparse[canon] = (idx, codes)
         prep.absmax[canon] = 0.0
     return prep
 
 
 def _row_len(backend: Backend, t: str) -> int:
-    return backend.tensors[t].numel() // max(1, backend.scales[t].numel())
+    numel = backend.ops.numel
+    return numel(backend.tensors[t]) // max(1, numel(backend.scales[t]))
 
 
-def _check_codes(backend: Backend, switcher: Switcher, t: str, idx: torch.Tensor, adapter: str) -> None:
+def _fmt(codes: Array) -> str:
+    """The 1-byte format's name (``shira_runtime.kernels.qformats``) of ``codes``' dtype."""
+    return FORMAT_NAMES.get(dtype_name(codes), dtype_name(codes))
+
+
+def _check_codes(backend: Backend, switcher: Switcher, t: str, idx: Array, adapter: str) -> None:
     """The base codes an adapter touches must be points of the grid: finite FP8, int8 in [-127, 127]."""
     codes = switcher.base_values(t, idx)
-    bad = codes == -128 if codes.dtype == torch.int8 else ~torch.isfinite(codes.float())
+    ops = backend.ops
+    bad = ops.bad_codes(codes)
     if bool(bad.any()):
-        i = int(bad.nonzero()[0])
+        i = ops.first(bad)
         raise AdapterMismatchError(
             f"adapter {adapter!r}: tensor {t!r}: the base code at index {int(idx[i])} is not a point of the "
-            f"{quant_format(codes).name} grid ({float(codes[i].float())}); cannot switch it"
+            f"{_fmt(codes)} grid ({float(ops.to_fp32(codes[i : i + 1])[0])}); cannot switch it"
         )
 
 
@@ -135,7 +144,7 @@ def _prepare_lora(backend: Backend, name: str, adapter: LoraAdapter, unfused: bo
             continue
         if canon in backend.scales:
             raise AdapterMismatchError(
-                f"adapter {name!r}: tensor {canon!r} is quantized ({quant_format(backend.tensors[canon]).name}): "
+                f"adapter {name!r}: tensor {canon!r} is quantized ({_fmt(backend.tensors[canon])}): "
                 f"a fused LoRA would change every code and its scales (no switch on the grid); register it "
                 f"with mode='unfused' (an extra x @ A.T @ B.T path at inference, weights untouched)"
             )

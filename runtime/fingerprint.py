@@ -17,8 +17,10 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
-import torch
+import numpy as np
+from shira_runtime.arrays import NUMPY, as_ops, ops_for
 from shira_runtime.errors import BaseMismatchError
 
 PROBES = 16
@@ -33,21 +35,26 @@ def structure_hash(shapes: dict[str, tuple[int, ...]]) -> str:
 @dataclass
 class Fingerprint:
     structure: str
-    probes: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> fp32 [<=PROBES]
+    probes: dict[str, Any] = field(default_factory=dict)  # name -> fp32 [<=PROBES] (numpy or torch)
 
     @staticmethod
-    def of(base: dict[str, torch.Tensor], indices: dict[str, torch.Tensor]) -> Fingerprint:
-        """The fingerprint of ``base`` (name -> base tensor) for an adapter with these sorted flat ``indices``."""
+    def of(base: dict[str, Any], indices: dict[str, Any]) -> Fingerprint:
+        """The fingerprint of ``base`` (name -> base tensor or array) for an adapter with these sorted flat
+        ``indices``; the probes are of the base's kind."""
         shapes = {n: tuple(base[n].shape) for n in indices}
-        probes = {n: base[n].detach().reshape(-1)[idx[:PROBES].long()].to(torch.float32) for n, idx in indices.items()}
+        probes = {}
+        for n, idx in indices.items():
+            w = base[n].detach() if hasattr(base[n], "detach") else base[n]
+            ops = ops_for(w)
+            probes[n] = ops.to_fp32(ops.take(w, as_ops(idx[:PROBES], ops)))
         return Fingerprint(structure_hash(shapes), probes)
 
     def check(
         self,
         adapter: str,
         shapes: dict[str, tuple[int, ...]],
-        base_values: dict[str, torch.Tensor],
-        slack: dict[str, torch.Tensor] | None = None,
+        base_values: dict[str, Any],
+        slack: dict[str, Any] | None = None,
     ) -> None:
         """Raise ``BaseMismatchError`` unless ``shapes``/``base_values`` are those of the recorded base.
         ``slack``: per tensor, an extra absolute tolerance per probe (a quantized base's half grid step)."""
@@ -56,16 +63,19 @@ class Fingerprint:
                 f"adapter {adapter!r} was made for another base: the names/shapes of the tensors it touches "
                 f"differ from this model's (structure hash {structure_hash(shapes)} != {self.structure})"
             )
-        for name, want in self.probes.items():
-            got = base_values[name][: want.numel()].to(torch.float32)
-            atol = 1e-3 * float(want.abs().max()) if want.numel() else 0.0
+        for name, want in self.probes.items():  # compared as fp32 numpy arrays, whatever kind they came as
+            want = _fp32(want)
+            got = _fp32(base_values[name][: want.size])
+            atol = np.float32(1e-3) * np.abs(want).max() if want.size else np.float32(0.0)
             if not math.isfinite(atol):
                 raise BaseMismatchError(f"adapter {adapter!r}: tensor {name!r}: the fingerprint's probe is not finite")
             extra = slack.get(name) if slack else None
-            if extra is not None and got.shape == want.shape:
-                close = bool(((got - want).abs() <= atol + RTOL * want.abs() + extra[: want.numel()]).all())
-            else:
-                close = got.shape == want.shape and torch.allclose(got, want, rtol=RTOL, atol=atol)
+            close = got.shape == want.shape
+            if close:
+                bound = atol + np.float32(RTOL) * np.abs(want)
+                if extra is not None:
+                    bound = bound + _fp32(extra[: want.size])
+                close = bool((np.abs(got - want) <= bound).all())
             if not close:
                 raise BaseMismatchError(
                     f"adapter {adapter!r} was made for another base: tensor {name!r} has other weights at the "
@@ -77,17 +87,22 @@ class Fingerprint:
         return json.dumps({"structure": self.structure, "probes": sorted(self.probes)})
 
     @staticmethod
-    def from_meta(meta: str, tensors: dict[str, torch.Tensor]) -> Fingerprint:
+    def from_meta(meta: str, tensors: dict[str, Any]) -> Fingerprint:
         d = json.loads(meta)
         return Fingerprint(d["structure"], {n: tensors[n] for n in d["probes"]})
 
 
-def codes_base_hash(fmt: str, shape: tuple[int, ...], scales: torch.Tensor, base_codes: torch.Tensor) -> str:
+def codes_base_hash(fmt: str, shape: tuple[int, ...], scales: Any, base_codes: Any) -> str:
     """What an adapter of codes (``shira_runtime.adapters.CodesAdapter``) records of the quantized base it was baked
     for,
     per tensor: sha256 of the format, the shape, every per-row scale and the base codes at the adapter's indices.
     Another format, other scales (another weight's rows) or other codes under the adapter give another hash."""
     h = hashlib.sha256(json.dumps([fmt, list(shape)]).encode())
-    h.update(scales.detach().contiguous().float().numpy().tobytes())
-    h.update(base_codes.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(_fp32(scales).tobytes())
+    h.update(np.ascontiguousarray(as_ops(base_codes, NUMPY)).view(np.uint8).tobytes())
     return h.hexdigest()[:32]
+
+
+def _fp32(x: Any) -> np.ndarray:
+    """``x`` (numpy or torch) as a contiguous fp32 numpy array."""
+    return np.ascontiguousarray(as_ops(x.detach() if hasattr(x, "detach") else x, NUMPY), dtype=np.float32)

@@ -15,13 +15,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from shira_runtime.errors import CannotGenerateError, ShiraError
 
 
 @dataclass(frozen=True)
 class Sampling:
-    """How the next token is chosen from the last position's logits."""
+    """How the next token is chosen from the last position's logits.
+
+    The runtime's own loops (``loop``, ``cached_loop``) choose in numpy, on every backend, with or without
+    torch: greedy is the first maximum; sampling draws from numpy's PCG64 seeded with ``seed``, so one seed gives
+    the same tokens on the torch backend, a bundle with torch and a bundle on a device without it. (A
+    transformers model on the torch backend samples with its own ``generate`` and torch's generator.)"""
 
     do_sample: bool = False
     temperature: float = 1.0
@@ -37,20 +41,32 @@ class Sampling:
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
-    def pick(self, logits: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-        """Next token ids ``[B]`` from ``logits`` ``[B, V]``."""
+    def pick(self, logits: np.ndarray, gen: np.random.Generator | None) -> np.ndarray:
+        """Next token ids ``[B]`` (int64) from ``logits`` ``[B, V]``."""
         if not self.do_sample:
-            return logits.argmax(-1)
-        scores = logits.float() / self.temperature
-        if self.top_k is not None and self.top_k < scores.shape[-1]:
-            kth = torch.topk(scores, self.top_k, dim=-1).values[..., -1:]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
+            return logits.argmax(-1).astype(np.int64)
+        scores = logits.astype(np.float32) / np.float32(self.temperature)
+        vocab = scores.shape[-1]
+        if self.top_k is not None and self.top_k < vocab:
+            kth = np.partition(scores, vocab - self.top_k, axis=-1)[:, vocab - self.top_k : vocab - self.top_k + 1]
+            scores = np.where(scores < kth, np.float32(-np.inf), scores)
         if self.top_p is not None and self.top_p < 1:
-            ordered, order = torch.sort(scores, descending=True, dim=-1)
-            before = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)  # mass ranked above each token
-            drop = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, before >= self.top_p)
-            scores = scores.masked_fill(drop, float("-inf"))  # the top token always stays (its "before" is 0)
-        return torch.multinomial(scores.softmax(-1), 1, generator=gen).squeeze(-1)
+            order = np.argsort(-scores, axis=-1, kind="stable")
+            probs = _softmax(np.take_along_axis(scores, order, -1))
+            before = np.cumsum(probs, -1) - probs  # mass ranked above each token: the top token's is 0, it stays
+            drop = np.zeros_like(scores, dtype=bool)
+            np.put_along_axis(drop, order, before >= self.top_p, -1)
+            scores = np.where(drop, np.float32(-np.inf), scores)
+        gen = gen if gen is not None else np.random.default_rng()
+        cdf = np.cumsum(_softmax(scores).astype(np.float64), -1)
+        draw = gen.random(scores.shape[0]) * cdf[:, -1]
+        nxt = np.array([np.searchsorted(c, u, side="right") for c, u in zip(cdf, draw)], dtype=np.int64)
+        return np.minimum(nxt, vocab - 1)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
 
 
 class _Picker:
@@ -58,52 +74,70 @@ class _Picker:
 
     def __init__(self, sampling: Sampling, batch: int, eos_token_id, pad_token_id) -> None:
         self.sampling = sampling
-        self.gen = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-        self.eos = torch.tensor([] if eos_token_id is None else np.atleast_1d(eos_token_id).tolist(), dtype=torch.long)
-        self.pad = pad_token_id if pad_token_id is not None else (int(self.eos[0]) if self.eos.numel() else 0)
-        self.done = torch.zeros(batch, dtype=torch.bool)
+        self.gen = np.random.default_rng(sampling.seed) if sampling.seed is not None else None
+        self.eos = np.array([] if eos_token_id is None else np.atleast_1d(eos_token_id).tolist(), dtype=np.int64)
+        self.pad = pad_token_id if pad_token_id is not None else (int(self.eos[0]) if self.eos.size else 0)
+        self.done = np.zeros(batch, dtype=bool)
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        nxt = self.sampling.pick(logits, self.gen)
-        if self.eos.numel():
-            nxt = torch.where(self.done, self.pad, nxt)  # finished rows repeat the padding token, as transformers
-            self.done |= torch.isin(nxt, self.eos)
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        nxt = self.sampling.pick(np.asarray(logits), self.gen)
+        if self.eos.size:
+            nxt = np.where(self.done, self.pad, nxt)  # finished rows repeat the padding token, as transformers
+            self.done |= np.isin(nxt, self.eos)
         return nxt
 
     @property
     def finished(self) -> bool:
-        return bool(self.eos.numel()) and bool(self.done.all())
+        return bool(self.eos.size) and bool(self.done.all())
 
 
 def loop(
-    forward: Callable[[torch.Tensor], torch.Tensor],
-    input_ids: torch.Tensor,
+    forward: Callable[[Any], Any],
+    input_ids: Any,
     max_new_tokens: int,
     sampling: Sampling,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
-) -> torch.Tensor:
-    """Generate with ``forward(ids [B, S]) -> logits [B, S, V]`` re-run on the whole sequence every step."""
+) -> Any:
+    """Generate with ``forward(ids [B, S]) -> logits [B, S, V]`` re-run on the whole sequence every step; ``ids``
+    and the result are of ``input_ids``' kind (a torch tensor or a numpy array)."""
     pick = _Picker(sampling, input_ids.shape[0], eos_token_id, pad_token_id)
     ids = input_ids
     for _ in range(max_new_tokens):
-        nxt = pick(torch.as_tensor(forward(ids))[:, -1, :])
-        ids = torch.cat([ids, nxt[:, None].to(ids.dtype)], dim=1)
+        nxt = pick(_numpy(forward(ids))[:, -1, :])
+        ids = _append(ids, nxt)
         if pick.finished:
             break
     return ids
 
 
+def _numpy(x: Any) -> np.ndarray:
+    """Logits as numpy (a torch tensor through fp32 when it is a 16-bit one numpy cannot hold)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if str(x.dtype) == "torch.bfloat16":
+        x = x.float()
+    return x.detach().cpu().numpy()
+
+
+def _append(ids: Any, nxt: np.ndarray) -> Any:
+    if isinstance(ids, np.ndarray):
+        return np.concatenate([ids, nxt[:, None].astype(ids.dtype)], axis=1)
+    import torch
+
+    return torch.cat([ids, torch.from_numpy(nxt)[:, None].to(ids.dtype)], dim=1)
+
+
 def checked_logits(
-    forward: Callable[[torch.Tensor], Any], what: str, hint: str = ""
-) -> Callable[[torch.Tensor], torch.Tensor]:
+    forward: Callable[[Any], Any], what: str, hint: str = ""
+) -> Callable[[Any], Any]:
     """``forward`` as ``loop`` takes it: ids ``[B, S]`` -> logits ``[B, S, V]``, read from a tensor, an array, the
     first of several outputs, or ``.logits``. The first call is checked: a forward that fails on token ids or
     returns anything but floating logits ``[B, S, V]`` raises ``CannotGenerateError`` naming ``what`` and what
     it lacks, then ``hint`` (later steps run unchecked)."""
     checked = False
 
-    def step(ids: torch.Tensor) -> torch.Tensor:
+    def step(ids: Any) -> Any:
         nonlocal checked
         if checked:
             return _logits(forward(ids))
@@ -120,7 +154,7 @@ def checked_logits(
             logits = _logits(out)
         except (TypeError, ValueError, RuntimeError):
             logits = None
-        if logits is None or not logits.is_floating_point() or logits.dim() != 3 or logits.shape[:2] != ids.shape:
+        if logits is None or not _floating(logits) or logits.ndim != 3 or tuple(logits.shape[:2]) != tuple(ids.shape):
             raise CannotGenerateError(f"{what} cannot generate: its forward returned {_describe(out)}; {need}")
         checked = True
         return logits
@@ -128,16 +162,24 @@ def checked_logits(
     return step
 
 
-def _logits(out: Any) -> torch.Tensor:
+def _logits(out: Any) -> Any:
     """The logits of one forward: a tensor, an array, the first of several outputs, or ``.logits``."""
     out = getattr(out, "logits", out)
     if isinstance(out, (list, tuple)):
         out = out[0]
-    return torch.as_tensor(out)
+    if isinstance(out, np.ndarray) or hasattr(out, "is_floating_point"):
+        return out
+    return np.asarray(out)
+
+
+def _floating(x: Any) -> bool:
+    if isinstance(x, np.ndarray):
+        return x.dtype.kind == "f" or x.dtype.name == "bfloat16"
+    return bool(x.is_floating_point())
 
 
 def _describe(out: Any) -> str:
-    if isinstance(out, (torch.Tensor, np.ndarray)):
+    if isinstance(out, np.ndarray) or hasattr(out, "is_floating_point"):
         return f"a {out.dtype} tensor of shape {list(out.shape)}"
     if callable(getattr(out, "keys", None)):  # transformers' ModelOutput, a dict
         return f"{type(out).__name__} with {list(out.keys())} and no 'logits'"
@@ -146,34 +188,43 @@ def _describe(out: Any) -> str:
 
 def cached_loop(
     step: Callable[[np.ndarray, np.ndarray, Any], tuple[np.ndarray, Any]],
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
+    input_ids: Any,
+    attention_mask: Any,
     max_new_tokens: int,
     sampling: Sampling,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
-) -> torch.Tensor:
+) -> Any:
     """Generate with ``step(ids [B, S], mask [B, past + S], cache) -> (last position's logits [B, V], cache)``:
-    the prompt once (``cache`` None), then one token per step. Prompts are padded on the left (mask 0)."""
-    pick = _Picker(sampling, input_ids.shape[0], eos_token_id, pad_token_id)
-    mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).numpy().astype(np.int64)
-    ids, new, cache = input_ids.numpy(), [], None
+    the prompt once (``cache`` None), then one token per step. Prompts are padded on the left (mask 0). numpy
+    throughout; the result is of ``input_ids``' kind (a torch tensor or a numpy array)."""
+    prompt = _numpy(input_ids).astype(np.int64)
+    pick = _Picker(sampling, prompt.shape[0], eos_token_id, pad_token_id)
+    mask = _numpy(attention_mask).astype(np.int64) if attention_mask is not None else np.ones_like(prompt)
+    ids, new, cache = prompt, [], None
     for _ in range(max_new_tokens):
         logits, cache = step(ids, mask, cache)
-        nxt = pick(torch.from_numpy(np.asarray(logits)))
+        nxt = pick(logits)
         new.append(nxt)
         if pick.finished:
             break
-        ids = nxt[:, None].numpy().astype(np.int64)
+        ids = nxt[:, None]
         mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
-    if not new:
-        return input_ids
-    return torch.cat([input_ids, torch.stack(new, 1).to(input_ids.dtype)], dim=1)
+    out = np.concatenate([prompt, np.stack(new, 1)], axis=1) if new else prompt
+    if isinstance(input_ids, np.ndarray):
+        return out.astype(input_ids.dtype)
+    import torch
+
+    return torch.from_numpy(out).to(input_ids.dtype)
 
 
-def check_ids(input_ids: object, attention_mask: object) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``input_ids`` as a ``[B, S]`` int64 tensor (numpy accepted), and the mask the same way."""
-    ids = _tensor(input_ids)
+def check_ids(input_ids: object, attention_mask: object) -> tuple[Any, Any]:
+    """``input_ids`` as ``[B, S]`` int64 (1-D taken as one row), and the mask the same way: torch tensors when
+    torch is installed (what ``generate`` returns then), else numpy arrays (the device path)."""
+    torch = _torch()
+    if torch is None:
+        return _check_ids_np(input_ids, attention_mask)
+    ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.as_tensor(np.asarray(input_ids))
     if ids.dim() == 1:
         ids = ids[None]
     if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.shape[1] == 0:
@@ -189,5 +240,24 @@ def check_ids(input_ids: object, attention_mask: object) -> tuple[torch.Tensor, 
     return ids.long(), mask
 
 
-def _tensor(x: object) -> torch.Tensor:
-    return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+def _check_ids_np(input_ids: object, attention_mask: object) -> tuple[np.ndarray, np.ndarray | None]:
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be integer token ids [batch, seq], got {ids.dtype}{list(ids.shape)}")
+    mask = None
+    if attention_mask is not None:
+        mask = np.asarray(attention_mask)
+        mask = mask[None] if mask.ndim == 1 else mask
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask {list(mask.shape)} does not match input_ids {list(ids.shape)}")
+    return ids.astype(np.int64), mask
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch

@@ -9,9 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from shira_runtime.adapters import Source, load_adapter
-from shira_runtime.backend import Backend, TorchBackend
+from shira_runtime.backend import Backend
 from shira_runtime.bank import prepare
 from shira_runtime.bundle import BundleError
 from shira_runtime.errors import ShiraError, UnknownAdapterError
@@ -19,7 +18,6 @@ from shira_runtime.generate import Sampling, cached_loop, check_ids, checked_log
 from shira_runtime.manifest import Manifest
 from shira_runtime.rwlock import RWLock
 from shira_runtime.switcher import Prepared, Switcher, SwitchStats
-from torch import nn
 
 Names = str | Sequence[str] | None
 
@@ -41,17 +39,20 @@ class Runtime:
         self._bank_lock = threading.RLock()  # _get names the registered adapters in its error
 
     @classmethod
-    def load(cls, base: nn.Module | str | Path) -> Runtime:
+    def load(cls, base: Any) -> Runtime:
         """A runtime over a ``torch.nn.Module`` (its weights are switched in place), an exported bundle directory
         (``manifest.json``: the onnxruntime backend, the bundle's adapters registered), or a transformers model
         directory (``config.json`` and weights, as ``save_pretrained`` writes them: loaded in the dtype it was
-        saved in, on the torch backend)."""
-        if isinstance(base, nn.Module):
-            return cls(TorchBackend(base))
+        saved in, on the torch backend).
+
+        A bundle needs no torch (numpy, onnxruntime and the kernel core: the device path); a module or a
+        transformers directory needs the ``[torch]`` extra."""
         if isinstance(base, (str, Path)):
             path = Path(base)
             if dir_kind(path) == "transformers":
+                _need_torch("a transformers model directory")
                 from shira_runtime.models import load_pretrained
+                from shira_runtime.torch_backend import TorchBackend
 
                 return cls(TorchBackend(load_pretrained(path)))
             from shira_runtime.onnx_backend import OnnxBackend
@@ -59,6 +60,10 @@ class Runtime:
             rt = cls(OnnxBackend.open(path))
             rt._register_bundled(path, rt.backend.manifest)
             return rt
+        if _is_module(base):
+            from shira_runtime.torch_backend import TorchBackend
+
+            return cls(TorchBackend(base))
         raise TypeError(
             "Runtime.load needs a torch.nn.Module, a bundle directory or a transformers model directory, "
             f"got {type(base).__name__}"
@@ -196,7 +201,7 @@ class Runtime:
         seed: int | None = None,
         eos_token_id: int | list[int] | None = None,
         attention_mask: Any = None,
-    ) -> torch.Tensor:
+    ) -> Any:
         """Generate up to ``max_new_tokens`` after ``input_ids`` ``[batch, seq]`` with the active adapter; returns
         ``[batch, seq + new]`` (prompt, then new tokens), like transformers' ``generate``. Greedy by default;
         ``do_sample=True`` samples with ``temperature``, ``top_k``, ``top_p`` (reproducible with ``seed``).
@@ -260,14 +265,34 @@ def _listing(path: Path, most: int = 8) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
+def _is_module(x: Any) -> bool:
+    """Whether ``x`` is a ``torch.nn.Module`` (without importing torch where it was never imported)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.nn.Module)
+
+
+def _need_torch(what: str) -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            f"{what} runs on the torch backend, and torch is not installed: pip install 'shira-runtime[torch]' "
+            f"(a device loads bundles without it: shira-package makes one)"
+        ) from None
+
+
 def _hf_generate(
-    model: nn.Module,
-    ids: torch.Tensor,
-    mask: torch.Tensor | None,
+    model: Any,
+    ids: Any,
+    mask: Any,
     max_new_tokens: int,
     sampling: Sampling,
     eos_token_id: int | list[int] | None,
-) -> torch.Tensor:
+) -> Any:
+    import torch
+
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": sampling.do_sample}
     if mask is not None:
         kwargs["attention_mask"] = mask

@@ -5,9 +5,9 @@ Mechanism (measured, with the alternatives, by ``python -m benchmarks.onnx_live 
   optimizer can fold, prepack or copy it;
 - the weights are C-contiguous numpy views of the bundle's weight file mapped copy-on-write
   (``shira_runtime.bundle.map_weights``: loading reads no weight; a write copies only the pages it lands on);
-  ``tensors`` are ``torch.from_numpy`` views of them, so the switcher's kernels write them in place. Once the
-  base is back (``switch(None)``) every page holds the file's bytes again, and the pages switches touched are
-  handed back (``release``: ``madvise(MADV_DONTNEED)``), so memory returns to what it was;
+  ``tensors`` are those numpy arrays (no torch: the device path), so the switcher's kernels write them in
+  place. Once the base is back (``switch(None)``) every page holds the file's bytes again, and the pages
+  switches touched are handed back (``release``: ``madvise(MADV_DONTNEED)``), so memory returns to what it was;
 - each thread has an ``IOBinding`` with every weight bound once as an ``OrtValue`` over that memory (zero
   copy: checked by pointer), so a run passes only the real inputs;
 - ``MatMul(X, Transpose(W))`` (``nn.Linear`` on 3-D activations) is rewritten at load into
@@ -37,12 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from shira_runtime.backend import Backend
+from shira_runtime.arrays import NUMPY, as_ops, check_scales
+from shira_runtime.backend import Array, Backend
 from shira_runtime.bundle import BundleError, MappedWeights, map_weights, read_bytes
 from shira_runtime.errors import AdapterMismatchError, ShiraError
 from shira_runtime.manifest import Manifest
-from shira_runtime.quantization import check_scales
 
 GEMM_A_MIN = 1 << 16  # weight elements from which the GEMM-A rewrite pays (256 x 256)
 
@@ -86,20 +85,20 @@ class OnnxBackend(Backend):
             canon = canon_of.setdefault(p["onnx"], name)  # the first name of a tied group is canonical
             self.aliases[name] = canon
             if canon == name:
-                self.tensors[name] = torch.from_numpy(arrays[p["onnx"]])
+                self.tensors[name] = arrays[p["onnx"]]
                 self.shapes[name] = tuple(p["shape"])
                 if name in scale_of:
-                    self.scales[name] = torch.from_numpy(arrays[params[scale_of[name]]["onnx"]])
+                    self.scales[name] = arrays[params[scale_of[name]]["onnx"]]
                     check_scales(name, self.scales[name], BundleError, f"{bundle / manifest.weights}: ")
         self.transposed = frozenset(n for n in self.tensors if params[n]["layout"] == "transposed")
         # an int8 weight's graph reads its transposed uint8 copy (shira_runtime.exporters.quant_graph): built here
         # from the codes,
         # bound like every weight, and written by the switch kernels beside the codes (their uint8 mirror)
         by_onnx = {params[n]["onnx"]: n for n in self.tensors}
-        self.mirrors: dict[str, torch.Tensor] = {}
+        self.mirrors: dict[str, np.ndarray] = {}
         for u8t, (codes, _) in manifest.mirrors().items():
-            arrays[u8t] = u8t_copy(torch.from_numpy(arrays[codes])).contiguous().numpy()
-            self.mirrors[by_onnx[codes]] = torch.from_numpy(arrays[u8t])
+            arrays[u8t] = np.ascontiguousarray(u8t_copy(arrays[codes]))
+            self.mirrors[by_onnx[codes]] = arrays[u8t]
         # LoRA slots (shira_runtime.exporters.lora_slots): module path -> (lora_A name, lora_B name); zero when unused
         self.lora_slots = {
             n[: -len(".lora_A")]: (n, n[: -len(".lora_A")] + ".lora_B")
@@ -215,13 +214,13 @@ class OnnxBackend(Backend):
         return total
 
     # -- int8 weights: the transposed uint8 copy the graph reads --
-    def mirror(self, name: str) -> torch.Tensor | None:
+    def mirror(self, name: str) -> np.ndarray | None:
         return self.mirrors.get(name)
 
     def resync(self, name: str) -> None:
         m = self.mirrors.get(name)
         if m is not None:
-            m.copy_(u8t_copy(self.tensors[name]))
+            m[...] = u8t_copy(self.tensors[name])
 
     # -- unfused LoRA, written into the bundle's LoRA slots --
     def check_unfused(self, tensor: str, adapter: str) -> str:
@@ -233,7 +232,7 @@ class OnnxBackend(Backend):
             )
         return module
 
-    def check_unfused_plan(self, entries: list[tuple[str, torch.Tensor, torch.Tensor, float]]) -> None:
+    def check_unfused_plan(self, entries: list[tuple[str, Array, Array, float]]) -> None:
         ranks: dict[str, int] = {}
         for module, a, _, _ in entries:
             ranks[module] = ranks.get(module, 0) + int(a.shape[0])
@@ -244,7 +243,7 @@ class OnnxBackend(Backend):
                     f"module {module!r}: the unfused LoRA adapters need rank {r}, its slot holds {cap}"
                 )
 
-    def set_unfused(self, entries: list[tuple[str, torch.Tensor, torch.Tensor, float]]) -> None:
+    def set_unfused(self, entries: list[tuple[str, Array, Array, float]]) -> None:
         by_module: dict[str, list] = {}
         for module, a, b, alpha in entries:
             by_module.setdefault(module, []).append((a, b, alpha))
@@ -253,15 +252,15 @@ class OnnxBackend(Backend):
         self._slots_in_use |= set(by_module)  # first: a write cut short leaves every touched slot on record
         for module in stale:
             for n in self.lora_slots[module]:
-                self.logical(n).zero_()
+                self.tensors[n][...] = 0
         for module, terms in by_module.items():  # several adapters on one linear: their ranks side by side
             sa, sb = (self.logical(n) for n in self.lora_slots[module])
-            sa.zero_()
-            sb.zero_()
+            sa[...] = 0
+            sb[...] = 0
             r = 0
-            for a, b, alpha in terms:
-                sa[r : r + a.shape[0]].copy_(a)
-                sb[:, r : r + a.shape[0]].copy_(b * alpha)
+            for a, b, alpha in terms:  # b * alpha in b's dtype, then cast to the slot's (as torch's copy_)
+                sa[r : r + a.shape[0]] = as_ops(a, NUMPY)
+                sb[:, r : r + a.shape[0]] = as_ops(b * alpha, NUMPY)
                 r += a.shape[0]
         self._slots_in_use = set(by_module)
 
@@ -400,7 +399,7 @@ class OnnxBackend(Backend):
 
     def _array(self, name: str, x: Any) -> np.ndarray:
         spec = self._inputs[name]
-        if isinstance(x, torch.Tensor):
+        if not isinstance(x, np.ndarray) and hasattr(x, "detach"):  # a torch tensor
             x = x.detach().cpu().numpy()
         x = np.asarray(x)
         want = np.dtype(spec["dtype"])
@@ -493,11 +492,11 @@ def positions(mask: np.ndarray, seq: int) -> np.ndarray:
     return np.ascontiguousarray(pos[:, -seq:])
 
 
-def u8t_copy(codes: torch.Tensor) -> torch.Tensor:
+def u8t_copy(codes: np.ndarray) -> np.ndarray:
     """What an int8 bundle's graph reads for 2-D int8 codes ``[out, in]``: uint8 ``[in, out]``, ``code ^ 0x80``
     (``code + 128``, zero point 128) transposed (a view; ``shira_runtime.exporters.quant_graph``, the kernels' uint8
     mirror)."""
-    return (codes.view(torch.uint8) ^ 0x80).t()
+    return (codes.view(np.uint8) ^ 0x80).T
 
 
 def _session(graph: Any, threads: int | None) -> Any:

@@ -54,6 +54,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
+from shira_runtime.arrays import check_scales  # noqa: F401 (re-exported: it lives torch-free)
 from shira_runtime.kernels.qformats import FORMATS, channel_scales, choose_format, decode, encode, quant_format
 from torch import nn
 
@@ -196,17 +197,6 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         copy = ", compute copy bf16" if self.has_compute_copy else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}{copy}"
-
-
-def check_scales(name: str, scale: torch.Tensor, error: type[Exception], where: str = "") -> None:
-    """A quantized weight's scales must be fp32 ``[rows]``, finite and > 0 (the switch divides by them); else
-    ``error`` naming the tensor (``where``: the file it came from, if any)."""
-    ok = scale.dtype == torch.float32 and scale.dim() == 1 and scale.is_contiguous()
-    if not ok or not bool((torch.isfinite(scale) & (scale > 0)).all()):
-        raise error(
-            f"{where}quantized tensor {name!r}: its weight_scale must be fp32 [rows], finite and > 0 "
-            f"(got {scale.dtype}{list(scale.shape)})"
-        )
 
 
 def quantize_weight(w: torch.Tensor, fmt: str, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:

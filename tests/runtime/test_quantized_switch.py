@@ -11,7 +11,7 @@ import pytest
 import torch
 from shira_runtime import Runtime, kernels, quantize
 from shira_runtime.adapters import CodesAdapter, load_adapter, save_adapter
-from shira_runtime.backend import TorchBackend
+from shira_runtime.torch_backend import TorchBackend
 from shira_runtime.errors import AdapterFormatError, AdapterMismatchError, AdapterValueError, BaseMismatchError
 from shira_runtime.kernels import qformats
 from shira_runtime.models import build
