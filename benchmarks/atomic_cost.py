@@ -22,8 +22,8 @@ from benchmarks.common import progress
 from benchmarks.timing import cycles
 
 
-def _unguarded(self: Switcher, t: str, n: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty(n, dtype=dtype)  # the allocation before atomic switches: no marker, no reuse
+def _unguarded(self: Switcher, t: str, n: int, dtype: str) -> torch.Tensor:
+    return torch.empty(n, dtype=getattr(torch, dtype))  # the allocation before atomic switches: no marker, no reuse
 
 
 def main(argv: list[str] | None = None) -> None:
