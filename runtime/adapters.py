@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 from shira_runtime import peft_format, shira_file
-from shira_runtime.arrays import CODE_DTYPES, FLOAT_DTYPES, NUMPY, as_ops, dtype_name, ops_for, torch_ops
+from shira_runtime.arrays import CODE_DTYPES, FLOAT_DTYPES, NUMPY, as_ops, dtype_name, ops_for, torch_ops, torch_or_none
 from shira_runtime.errors import AdapterFormatError, AdapterMismatchError, AdapterValueError, BaseMismatchError
 from shira_runtime.fingerprint import Fingerprint
 from shira_runtime.kernels.dtypes import by_short
@@ -299,7 +299,7 @@ def load_adapter(source: Source) -> Adapter:
         cls = CodesAdapter if "codes" in fields else SparseAdapter
     else:
         raise AdapterFormatError(f"{path}: no such file or directory")
-    if _torch_installed():  # the torch backend's adapters hold torch tensors (views of what was read)
+    if torch_or_none() is not None:  # the torch backend's adapters hold torch tensors (views of what was read)
         fields = {k: _torch_arrays(v) if k in _ARRAY_FIELDS else v for k, v in fields.items()}
         if (fp := fields.get("fingerprint")) is not None:
             fields["fingerprint"] = Fingerprint(fp.structure, _torch_arrays(fp.probes))
@@ -372,14 +372,6 @@ def _is_array(x: object) -> bool:
     """A numpy array or a torch tensor (torch is not imported for it)."""
     torch = sys.modules.get("torch")
     return isinstance(x, np.ndarray) or (torch is not None and isinstance(x, torch.Tensor))
-
-
-def _torch_installed() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _dims(shape: object) -> tuple[int, ...] | None:

@@ -348,6 +348,15 @@ def torch_ops() -> TorchOps:
     return _TORCH
 
 
+def torch_or_none() -> Any:
+    """The torch module, or None where it is not installed (the device path)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
 def _int8_only(codes: np.ndarray) -> None:
     if codes.dtype != np.int8:
         raise TypeError(f"numpy codes of dtype {codes.dtype}: a bundle's quantized weights are int8")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from shira_runtime.arrays import torch_or_none
 from shira_runtime.errors import CannotGenerateError, ShiraError
 
 
@@ -221,7 +222,7 @@ def cached_loop(
 def check_ids(input_ids: object, attention_mask: object) -> tuple[Any, Any]:
     """``input_ids`` as ``[B, S]`` int64 (1-D taken as one row), and the mask the same way: torch tensors when
     torch is installed (what ``generate`` returns then), else numpy arrays (the device path)."""
-    torch = _torch()
+    torch = torch_or_none()
     if torch is None:
         return _check_ids_np(input_ids, attention_mask)
     ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.as_tensor(np.asarray(input_ids))
@@ -255,9 +256,3 @@ def _check_ids_np(input_ids: object, attention_mask: object) -> tuple[np.ndarray
     return ids.astype(np.int64), mask
 
 
-def _torch():
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 from shira_runtime import kernels
-from shira_runtime.arrays import CODE_DTYPES, FINFO_MAX, NUMPY, as_ops, dtype_name, fp32, torch_ops
+from shira_runtime.arrays import CODE_DTYPES, FINFO_MAX, NUMPY, as_ops, dtype_name, fp32, torch_ops, torch_or_none
 from shira_runtime.backend import Backend
 from shira_runtime.errors import AdapterValueError
 
@@ -324,7 +324,7 @@ def _apply_dense(backend: Backend, plan: Plan, base_copies: dict[str, Array]) ->
     rounding may differ from torch's in the last bit)."""
     if not plan.dense:
         return
-    torch = _torch_or_none()
+    torch = torch_or_none()
     for t, parts in plan.dense.items():
         w, base = backend.tensors[t], base_copies[t]
         transposed = t in backend.transposed
@@ -370,14 +370,6 @@ def _dense_numpy(t: str, w: np.ndarray, base: np.ndarray, parts: list, transpose
     if not np.isfinite(total).all() or not np.isfinite(total.astype(w.dtype)).all():
         raise AdapterValueError(f"tensor {t!r}: the adapted weights overflow {w.dtype} (Inf/NaN)")
     w[...] = total.astype(w.dtype)
-
-
-def _torch_or_none():
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch
 
 
 def _clone(x: Array) -> Array:
