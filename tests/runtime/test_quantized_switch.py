@@ -11,12 +11,12 @@ import pytest
 import torch
 from shira_runtime import Runtime, kernels, quantize
 from shira_runtime.adapters import CodesAdapter, load_adapter, save_adapter
-from shira_runtime.torch_backend import TorchBackend
 from shira_runtime.errors import AdapterFormatError, AdapterMismatchError, AdapterValueError, BaseMismatchError
 from shira_runtime.kernels import qformats
 from shira_runtime.models import build
 from shira_runtime.quantization import QuantLinear, bake
 from shira_runtime.synthetic import random_lora, random_shira
+from shira_runtime.torch_backend import TorchBackend
 from torch import nn
 
 FORMATS = ["int8", "fp8_e4m3", "fp8_e5m2"]
