@@ -44,7 +44,7 @@ def onnx_unavailable(cfg: Config, dtype: str) -> str | None:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError as exc:
-        return f"not installed ({exc.name}); pip install -e '.[onnx]'"
+        return f"not installed ({exc.name}); pip install -e '.[torch]'"
     return None
 
 

@@ -42,6 +42,7 @@ from shira_runtime.exporters.progress import Phases, byte_bar
 from shira_runtime.exporters.quant_graph import QuantExportError, placeholders, rewrite_int8, scale_name, u8t_name
 from shira_runtime.kernels.dtypes import BUNDLE, NUMPY, TORCH
 from shira_runtime.manifest import Manifest
+from shira_runtime.onnx_backend import write_live
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
@@ -247,7 +248,7 @@ def _export(
         atomic_write(out / WEIGHTS_FILE, lambda p: write_safetensors(p, arrays, {"format": FORMAT}, bar.update))
     phases.step("graph")
     atomic_write(out / GRAPH_FILE, lambda p: onnx.save(model, str(p)))
-    Manifest(
+    manifest = Manifest(
         inputs=[_io(v) | {"example_shape": list(a.shape)} for v, a in zip(_values(model.graph.input, in_names), args)],
         outputs=[_io(v) for v in _values(model.graph.output, out_names)],
         parameters=params,
@@ -259,7 +260,9 @@ def _export(
             "opset": opset or DEFAULT_OPSET,
             "unused": unused,
         },
-    ).write(out)
+    )
+    manifest.live = write_live(out, model, manifest)  # the runtime loads these without the onnx package
+    manifest.write(out)
     if verify:  # an int8 bundle quantizes its activations to 8 bits per token: ~1% of each linear's output
         phases.step("check")
         try:

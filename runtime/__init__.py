@@ -1,4 +1,8 @@
-"""Adapter-switching inference runtime: SHiRA sparse adapters switched in place, LoRA as the baseline."""
+"""Adapter-switching inference runtime: SHiRA sparse adapters switched in place, LoRA as the baseline.
+
+Importing the package needs no torch: a bundle (``Runtime.load(bundle_dir)``) runs on numpy and onnxruntime.
+What works on torch modules (``quantize``, the torch backend, the exporters) imports torch when first used.
+"""
 
 from shira_runtime.adapters import LoraAdapter, SparseAdapter, load_adapter, save_adapter
 from shira_runtime.errors import (
@@ -14,7 +18,6 @@ from shira_runtime.errors import (
 )
 from shira_runtime.fingerprint import Fingerprint
 from shira_runtime.manager import Runtime
-from shira_runtime.quantization import quantize
 from shira_runtime.switcher import SwitchStats
 
 __all__ = [
@@ -36,3 +39,11 @@ __all__ = [
     "quantize",
     "save_adapter",
 ]
+
+
+def __getattr__(name: str):
+    if name == "quantize":  # torch: imported on first use
+        from shira_runtime.quantization import quantize
+
+        return quantize
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

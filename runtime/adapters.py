@@ -96,9 +96,9 @@ class SparseAdapter:
                 f"{self.peft_r * (shape[0] + shape[1])} for this base's {shape}: made for a base of other shapes"
             )
         if idx.dtype.kind not in "iu":
-            raise AdapterMismatchError(f"{where}: indices have dtype {idx_in.dtype}, expected an integer dtype")
+            raise AdapterMismatchError(f"{where}: indices have dtype {dtype_name(idx_in)}, expected an integer dtype")
         if val.dtype.name not in FLOAT_DTYPES:
-            raise AdapterMismatchError(f"{where}: values have dtype {val_in.dtype}, expected fp32/fp16/bf16")
+            raise AdapterMismatchError(f"{where}: values have dtype {dtype_name(val_in)}, expected fp32/fp16/bf16")
         if val.ndim != 1:
             raise AdapterMismatchError(f"{where}: values must be 1-D, got shape {tuple(val.shape)}")
         numel = math.prod(shape)
@@ -222,7 +222,7 @@ class LoraAdapter:
             raise AdapterMismatchError(f"{where}: B @ A has shape {out_in}, the base tensor has {tuple(shape)}")
         for label, t in (("A", a), ("B", b)):
             if dtype_name(t) not in ("float64", *FLOAT_DTYPES):
-                raise AdapterMismatchError(f"{where}: {label} has dtype {t.dtype}, expected a float dtype")
+                raise AdapterMismatchError(f"{where}: {label} has dtype {dtype_name(t)}, expected a float dtype")
             if not ops_for(t).all_finite(t):
                 raise AdapterValueError(f"{where}: {label} holds NaN or Inf values")
         return ops_for(a).to_fp32(a), ops_for(b).to_fp32(b)

@@ -55,6 +55,8 @@ class Manifest:
     weights: str = WEIGHTS_FILE
     info: dict = field(default_factory=dict)  # exporter, opset, unused parameters: for people, not checked
     decoder: dict = field(default_factory=dict)  # a decoder with a KV cache: its graph names (_check_decoder)
+    # the live graphs prepared by the packager (``onnx_backend.write_live``; _check_live): loading needs no onnx
+    live: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         body = {
@@ -68,6 +70,7 @@ class Manifest:
             "adapters": self.adapters,
             "info": self.info,
             **({"decoder": self.decoder} if self.decoder else {}),
+            **({"live": self.live} if self.live else {}),
             "fingerprint": {
                 "structure": structure_of(self.parameters),
                 "weights_sha256": self.weights_sha256,
@@ -154,6 +157,9 @@ class Manifest:
         decoder = m.get("decoder", {})
         if decoder:
             _check_decoder(path, decoder, m["inputs"], m["outputs"])
+        live = m.get("live", {})
+        if live:
+            _check_live(path, live, m["inputs"])
         return Manifest(
             m["inputs"],
             m["outputs"],
@@ -165,6 +171,7 @@ class Manifest:
             m["weights"],
             m["info"],
             decoder,
+            live,
         )
 
     def mirrors(self) -> dict[str, tuple[str, tuple[int, int]]]:
@@ -192,45 +199,39 @@ class Manifest:
             first.setdefault(p["onnx"], name)
         return storage
 
-    def check_graph(self, path: Path, graph: Any) -> None:
-        """The graph's inputs and outputs are exactly the manifest's: names, element types, fixed dims."""
-        from onnx import helper
-
-        inputs = {v.name: v for v in graph.graph.input}
+    def check_io(self, path: Path, inputs: list, outputs: list, initializers: list) -> None:
+        """A session's graph (``path``) takes exactly the manifest's inputs and outputs: names, element types,
+        fixed dims. ``inputs`` / ``outputs``: ``(name, numpy dtype name, dims)`` (a dim not fixed: None), as
+        onnxruntime reports them; ``initializers``: the inputs that carry an embedded value."""
         storage = self.storage()
         storage |= {name: ("uint8", shape) for name, (_, shape) in self.mirrors().items()}
+        embedded = [n for n in initializers if n in storage]
+        if embedded:
+            raise BundleError(f"{path}: weights are embedded as initializers; they would not be live ({embedded[:4]})")
+        got_in = {name: (dtype, dims) for name, dtype, dims in inputs}
+        got_out = {name: (dtype, dims) for name, dtype, dims in outputs}
         wanted = [i["name"] for i in self.inputs] + list(storage)
-        missing = [n for n in wanted if n not in inputs]
-        extra = [n for n in inputs if n not in wanted]
+        missing = [n for n in wanted if n not in got_in]
+        extra = [n for n in got_in if n not in wanted]
         if missing or extra:
             raise BundleError(f"{path}: graph inputs do not match the manifest (missing {missing}, unknown {extra})")
-        outputs = {v.name: v for v in graph.graph.output}
-        if list(outputs) != [o["name"] for o in self.outputs]:
-            raise BundleError(f"{path}: graph outputs {list(outputs)} differ from the manifest's")
-
-        def typed(v) -> tuple[str, list]:
-            tt = v.type.tensor_type
-            dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type).name if tt.elem_type else "?"
-            return dtype, [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-
+        if list(got_out) != [o["name"] for o in self.outputs]:
+            raise BundleError(f"{path}: graph outputs {list(got_out)} differ from the manifest's")
         for name, (dtype, shape) in storage.items():
-            got_dtype, got_shape = typed(inputs[name])
-            if got_dtype != dtype or tuple(got_shape) != shape:
+            got_dtype, got_shape = got_in[name]
+            if got_dtype != dtype or tuple(got_shape) != tuple(shape):
                 raise BundleError(
                     f"{path}: weight input {name!r} is {got_dtype}{got_shape} in the graph, {dtype}{list(shape)} "
                     f"in the manifest"
                 )
-        ios = [(i, inputs[i["name"]]) for i in self.inputs] + [(o, outputs[o["name"]]) for o in self.outputs]
-        for io, v in ios:
-            got_dtype, got_shape = typed(v)
+        ios = [(i, got_in[i["name"]]) for i in self.inputs] + [(o, got_out[o["name"]]) for o in self.outputs]
+        for io, (got_dtype, got_shape) in ios:
             dims = [d if isinstance(d, int) else None for d in io["shape"]]
-            if got_dtype != io["dtype"] or got_shape != dims:
+            if got_dtype != io["dtype"] or list(got_shape) != dims:
                 raise BundleError(
                     f"{path}: {io['name']!r} is {got_dtype}{got_shape} in the graph, the manifest says "
                     f"{io['dtype']}{io['shape']}"
                 )
-        if any(i.name in storage for i in graph.graph.initializer):
-            raise BundleError(f"{path}: weights are embedded as initializers; they would not be live")
 
 
 def _checksum(body: dict) -> str:
@@ -265,6 +266,28 @@ def _check_io(path: Path, entries: list, kind: str) -> None:
                 raise BundleError(f"{path}: input {io['name']!r}: example_shape {ex!r} does not fit {io['shape']}")
             if math.prod(ex) > MAX_EXAMPLE:
                 raise BundleError(f"{path}: input {io['name']!r}: example_shape {ex} is too large for the probe")
+
+
+def _check_live(path: Path, live: Any, inputs: list[dict]) -> None:
+    _expect(path, "live", live, dict)
+    for key, typ in (("graph", str), ("graph_sha256", str), ("gemm_a_min", int), ("rewritten", int)):
+        _expect(path, f"live.{key}", live.get(key), typ)
+    _expect(path, "live.indexed_rows", live.get("indexed_rows"), dict)
+    files = [live["graph"]]
+    one_row = (live.get("one_row", 0), live.get("one_row_sha256", 0))  # both None (no decoder) or both strings
+    if one_row != (None, None):
+        _expect(path, "live.one_row", one_row[0], str)
+        _expect(path, "live.one_row_sha256", one_row[1], str)
+        files.append(live["one_row"])
+    for name in files:
+        if Path(name).name != name or name in ("", ".", "..", MANIFEST_FILE):
+            raise BundleError(f"{path}: live graph file {name!r} must be a plain file name inside the bundle")
+    names = {i["name"] for i in inputs}
+    for name, rows in live["indexed_rows"].items():
+        if name not in names or type(rows) is not int or rows < 0:
+            raise BundleError(f"{path}: live.indexed_rows[{name!r}] = {rows!r}: not a row count of a graph input")
+    if isinstance(live["rewritten"], bool) or live["rewritten"] < 0:
+        raise BundleError(f"{path}: live.rewritten = {live['rewritten']!r}: not a count")
 
 
 def _check_decoder(path: Path, d: Any, inputs: list[dict], outputs: list[dict]) -> None:

@@ -33,17 +33,21 @@ import mmap
 import os
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from shira_runtime.arrays import NUMPY, as_ops, check_scales
+from shira_runtime.atomic import atomic_write
 from shira_runtime.backend import Array, Backend
 from shira_runtime.bundle import BundleError, MappedWeights, map_weights, read_bytes
 from shira_runtime.errors import AdapterMismatchError, ShiraError
 from shira_runtime.manifest import Manifest
 
 GEMM_A_MIN = 1 << 16  # weight elements from which the GEMM-A rewrite pays (256 x 256)
+LIVE_FILE = "live.onnx"  # the packaged live graphs (``write_live``)
+ONE_ROW_FILE = "one_row.onnx"
 
 
 class LiveWeightsError(ShiraError, RuntimeError):
@@ -109,23 +113,17 @@ class OnnxBackend(Backend):
         self.input_names = [i["name"] for i in manifest.inputs]
         self.output_names = [o["name"] for o in manifest.outputs]
         self._inputs = {i["name"]: i for i in manifest.inputs}
-        self._indexes = _indexed_rows(graph, arrays)
+        live = graph if isinstance(graph, LiveGraphs) else prepare_live(graph, manifest, gemm_a)
+        self._indexes = dict(live.indexed_rows)
         self.decoder = manifest.decoder or None
-        one_row = None
-        if self.decoder is not None:  # one-token steps get their own session over the same buffers
-            one_row = type(graph)()
-            one_row.CopyFrom(graph)
-            rewrite_linears(one_row, set(arrays), 0, weight_operand="B")
-        min_elements = {None: GEMM_A_MIN, True: 0, False: None}[gemm_a]
-        # the logits projection of a decoder that keeps only the positions it is asked for sees one row per
-        # prompt in a prefill too: it takes the one-row form in both sessions
-        head = _logits_weights(graph, self.decoder, set(arrays)) if self.decoder is not None else set()
-        self.rewritten = 0
-        if min_elements is not None:
-            self.rewritten = rewrite_linears(graph, set(arrays) - head, min_elements)
-            self.rewritten += rewrite_linears(graph, head, 0, weight_operand="B")
-        self.session = _session(graph, threads)
-        self.one_row_session = _session(one_row, threads) if one_row is not None else self.session
+        self.rewritten = live.rewritten
+        self.session = _session(live.graph, threads)
+        manifest.check_io(bundle / manifest.graph, *_session_io(self.session))
+        self.one_row_session = self.session
+        if live.one_row is not None:
+            self.one_row_session = _session(live.one_row, threads)
+            one_row_path = bundle / (manifest.live.get("one_row") or manifest.graph)
+            manifest.check_io(one_row_path, *_session_io(self.one_row_session))
         import onnxruntime as ort
 
         self._values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in arrays.items()}
@@ -150,19 +148,19 @@ class OnnxBackend(Backend):
         ``gemm_a``: the weight-as-GEMM-A rewrite for every eligible weight (True), none (False), or only for
         weights of at least ``GEMM_A_MIN`` elements (None, the default).
         """
-        import onnx
-
         bundle = Path(bundle)
         manifest = Manifest.read(bundle)
-        graph_path = bundle / manifest.graph
-        raw = read_bytes(graph_path)
-        if hashlib.sha256(raw).hexdigest() != manifest.graph_sha256:
-            raise BundleError(f"{graph_path}: sha256 differs from the manifest's fingerprint (edited or corrupted)")
-        try:
-            graph = onnx.load_from_string(raw)
-        except Exception as exc:
-            raise BundleError(f"{graph_path}: not a readable ONNX model ({exc})") from None
-        manifest.check_graph(graph_path, graph)
+        graph = _read_checked(bundle / manifest.graph, manifest.graph_sha256)
+        live = manifest.live
+        if live and gemm_a is None and live["gemm_a_min"] == GEMM_A_MIN:  # prepared by the packager: no onnx
+            graph = LiveGraphs(
+                _read_checked(bundle / live["graph"], live["graph_sha256"]),
+                _read_checked(bundle / live["one_row"], live["one_row_sha256"]) if live["one_row"] else None,
+                live["rewritten"],
+                live["indexed_rows"],
+            )
+        else:
+            graph = _parse_graph(bundle / manifest.graph, graph, gemm_a, bool(live))
         weights = map_weights(
             bundle / manifest.weights, manifest.storage(), manifest.weights_sha256 if verify else None
         )
@@ -499,7 +497,101 @@ def u8t_copy(codes: np.ndarray) -> np.ndarray:
     return (codes.view(np.uint8) ^ 0x80).T
 
 
-def _session(graph: Any, threads: int | None) -> Any:
+@dataclass(frozen=True)
+class LiveGraphs:
+    """What the live sessions run, prepared from the bundle's graph (``prepare_live``): the serialized graphs
+    (full sequences; one-row decode steps, or None), how many linears were rewritten, and the rows of the weight
+    each id input indexes (``Gather``). A packaged bundle carries them (``LIVE_FILE``, ``ONE_ROW_FILE``), so
+    loading needs no ``onnx`` package."""
+
+    graph: bytes
+    one_row: bytes | None
+    rewritten: int
+    indexed_rows: dict[str, int]
+
+
+def prepare_live(model: Any, manifest: Manifest, gemm_a: bool | None = None) -> LiveGraphs:
+    """The live graphs of a bundle's ONNX ``model`` (an ``onnx.ModelProto``, left untouched): the GEMM-A rewrite
+    of ``gemm_a``'s weights (the module doc), the logits projection and every linear of the one-row graph in the
+    prepacked B form. Needs the ``onnx`` package (the packager's side)."""
+    graph = type(model)()
+    graph.CopyFrom(model)
+    shapes = {n: tuple(shape) for n, (_, shape) in manifest.storage().items()}
+    shapes |= {n: tuple(shape) for n, (_, shape) in manifest.mirrors().items()}  # the transposed uint8 copies
+    names = set(shapes)
+    one_row = None
+    if manifest.decoder:  # one-token steps get their own session over the same buffers
+        one_row = type(graph)()
+        one_row.CopyFrom(graph)
+        rewrite_linears(one_row, names, 0, weight_operand="B")
+    min_elements = {None: GEMM_A_MIN, True: 0, False: None}[gemm_a]
+    # the logits projection of a decoder that keeps only the positions it is asked for sees one row per
+    # prompt in a prefill too: it takes the one-row form in both sessions
+    head = _logits_weights(graph, manifest.decoder, names) if manifest.decoder else set()
+    rewritten = 0
+    if min_elements is not None:
+        rewritten = rewrite_linears(graph, names - head, min_elements)
+        rewritten += rewrite_linears(graph, head, 0, weight_operand="B")
+    return LiveGraphs(
+        graph.SerializeToString(),
+        one_row.SerializeToString() if one_row is not None else None,
+        rewritten,
+        {n: rows for n, rows in _indexed_rows(model, shapes).items() if n in {i["name"] for i in manifest.inputs}},
+    )
+
+
+def write_live(out: Path, model: Any, manifest: Manifest) -> dict:
+    """Write ``model``'s default live graphs into bundle ``out``; returns the manifest's ``live`` entry."""
+    live = prepare_live(model, manifest)
+    entry = {"graph": LIVE_FILE, "one_row": None, "one_row_sha256": None}
+    atomic_write(out / LIVE_FILE, lambda p: p.write_bytes(live.graph))
+    entry["graph_sha256"] = hashlib.sha256(live.graph).hexdigest()
+    if live.one_row is not None:
+        atomic_write(out / ONE_ROW_FILE, lambda p: p.write_bytes(live.one_row))
+        entry |= {"one_row": ONE_ROW_FILE, "one_row_sha256": hashlib.sha256(live.one_row).hexdigest()}
+    return entry | {"gemm_a_min": GEMM_A_MIN, "rewritten": live.rewritten, "indexed_rows": live.indexed_rows}
+
+
+def _read_checked(path: Path, sha256: str) -> bytes:
+    raw = read_bytes(path)
+    if hashlib.sha256(raw).hexdigest() != sha256:
+        raise BundleError(f"{path}: sha256 differs from the manifest's fingerprint (edited or corrupted)")
+    return raw
+
+
+def _parse_graph(path: Path, raw: bytes, gemm_a: bool | None, prepared: bool) -> Any:
+    """The bundle's graph as an ``onnx.ModelProto``, to prepare its live graphs here (needs ``onnx``)."""
+    try:
+        import onnx
+    except ImportError:
+        why = f"gemm_a={gemm_a!r} differs from the packaged graphs'" if prepared else "it has no prepared live graph"
+        raise BundleError(
+            f"{path.parent}: {why} (a bundle packaged by an older version), so the live graph must be prepared "
+            f"at load, which needs the `onnx` package: pip install onnx, or re-package the bundle"
+        ) from None
+    try:
+        return onnx.load_from_string(raw)
+    except Exception as exc:
+        raise BundleError(f"{path}: not a readable ONNX model ({exc})") from None
+
+
+_ORT_TYPES = {"float": "float32", "double": "float64"}
+
+
+def _session_io(session: Any) -> tuple[list, list, list]:
+    """A session's inputs and outputs as ``(name, numpy dtype name, dims)`` (a dim not fixed: None), and the
+    names of its overridable initializers (inputs with an embedded value)."""
+
+    def typed(v: Any) -> tuple[str, str, list]:
+        t = v.type
+        dtype = _ORT_TYPES.get(t[7:-1], t[7:-1]) if t.startswith("tensor(") else "?"
+        return v.name, dtype, [d if isinstance(d, int) else None for d in (v.shape or [])]
+
+    inits = [i.name for i in session.get_overridable_initializers()]
+    return [typed(v) for v in session.get_inputs()], [typed(v) for v in session.get_outputs()], inits
+
+
+def _session(graph: bytes, threads: int | None) -> Any:
     """A session over ``graph`` that reads its weight inputs where we bind them: no prepacking (it would copy
     them), no ``GemmTransposeFusion`` (it would fold the GEMM-A form's output transpose back)."""
     import onnxruntime as ort
@@ -510,7 +602,7 @@ def _session(graph: Any, threads: int | None) -> Any:
     if threads:
         opts.intra_op_num_threads = threads
     return ort.InferenceSession(
-        graph.SerializeToString(), opts, providers=["CPUExecutionProvider"], disabled_optimizers=["GemmTransposeFusion"]
+        graph, opts, providers=["CPUExecutionProvider"], disabled_optimizers=["GemmTransposeFusion"]
     )
 
 
@@ -610,13 +702,13 @@ def _logits_weights(model: Any, decoder: dict, weights: set[str]) -> set[str]:
     return set()
 
 
-def _indexed_rows(model: Any, arrays: dict[str, np.ndarray]) -> dict[str, int]:
+def _indexed_rows(model: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
     """Graph input -> rows of the weight it indexes, for inputs read by ``Gather(weight, input)`` (ids)."""
     rows: dict[str, int] = {}
     for node in model.graph.node:
-        if node.op_type == "Gather" and len(node.input) == 2 and node.input[0] in arrays:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[0] in shapes:
             axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-            shape = arrays[node.input[0]].shape
+            shape = shapes[node.input[0]]
             n = shape[axis] if -len(shape) <= axis < len(shape) else 0
             rows[node.input[1]] = min(rows.get(node.input[1], n), n)
     return rows

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 from shira_runtime import kernels
-from shira_runtime.arrays import CODE_DTYPES, FINFO_MAX, NUMPY, as_ops, dtype_name, fp32, torch_ops, torch_or_none
+from shira_runtime.arrays import CODE_DTYPES, FINFO_MAX, NUMPY, as_ops, dtype_name, fp32
 from shira_runtime.backend import Backend
 from shira_runtime.errors import AdapterValueError
 
@@ -216,9 +216,7 @@ class Switcher:
                     [plan.sparse[t][1] for t in in_t],
                     in_saved,
                     validate=False,
-                    **(
-                        {"in_scales": [scales.get(t, no_scale) for t in in_t], "saturated": saturated} if quant else {}
-                    ),
+                    **({"in_scales": [scales.get(t, no_scale) for t in in_t], "saturated": saturated} if quant else {}),
                     **(
                         {
                             "out_mirrors": [mirrors.get(t, no_mirror) for t in out_t],
@@ -319,57 +317,65 @@ class Switcher:
 def _apply_dense(backend: Backend, plan: Plan, base_copies: dict[str, Array]) -> None:
     """Write ``dtype(base + sum of parts)`` over each dense tensor of ``plan``, from its base copy.
 
-    Computed by torch (``addmm``: the torch backend's numbers; a bundle's numpy weights through torch views when
-    torch is installed), else by numpy (the device path without torch: fp32 matmuls by numpy's BLAS, whose
-    rounding may differ from torch's in the last bit)."""
-    if not plan.dense:
-        return
-    torch = torch_or_none()
+    Torch weights (the torch backend) are computed by torch (``addmm``); numpy weights (a bundle) by numpy, torch
+    installed or not, so a bundle's numbers never depend on whether torch is there (fp32 matmuls by numpy's BLAS,
+    whose rounding may differ from torch's in the last bit)."""
     for t, parts in plan.dense.items():
         w, base = backend.tensors[t], base_copies[t]
         transposed = t in backend.transposed
-        if torch is None:
-            _dense_numpy(t, w, base, parts, transposed)
-            continue
         if isinstance(w, np.ndarray):
-            ops = torch_ops()
-            w, base = ops.from_numpy(w), ops.from_numpy(base)
-            parts = [(k, tuple(as_ops(x, ops) for x in part), alpha) for k, part, alpha in parts]
-        if len(parts) == 1 and parts[0][0] == "lora":  # the common case: one fused GEMM, no temporaries in fp32
-            (a, b), alpha = parts[0][1], parts[0][2]
-            m1, m2 = (a.t(), b.t()) if transposed else (b, a)  # storage [in, out]: (B @ A).T = A.T @ B.T
-            if w.dtype == torch.float32:
-                torch.addmm(base, m1, m2, alpha=alpha, out=w)
-            else:
-                w.copy_(torch.addmm(base.float(), m1, m2, alpha=alpha))
+            _dense_numpy(t, w, base, parts, transposed)
         else:
-            total = torch.zeros(w.shape, dtype=torch.float32)
-            for kind, part, alpha in parts:
-                if kind == "lora":
-                    a, b = part
-                    total.addmm_(*((a.t(), b.t()) if transposed else (b, a)), alpha=alpha)
-                else:
-                    idx, delta = part
-                    total.view(-1).index_add_(0, idx.long(), delta, alpha=alpha)
-            w.copy_(total.add_(base))
-        # a sum is finite only if every term is (cheap); the elementwise check only if it is not
-        if not bool(torch.isfinite(w.sum(dtype=torch.float32))) and not bool(torch.isfinite(w).all()):
-            raise AdapterValueError(f"tensor {t!r}: the adapted weights overflow {w.dtype} (Inf/NaN)")
+            _dense_torch(t, w, base, parts, transposed)
+
+
+def _dense_torch(t: str, w, base, parts: list, transposed: bool) -> None:
+    import torch
+
+    if len(parts) == 1 and parts[0][0] == "lora":  # the common case: one fused GEMM, no temporaries in fp32
+        (a, b), alpha = parts[0][1], parts[0][2]
+        m1, m2 = (a.t(), b.t()) if transposed else (b, a)  # storage [in, out]: (B @ A).T = A.T @ B.T
+        if w.dtype == torch.float32:
+            torch.addmm(base, m1, m2, alpha=alpha, out=w)
+        else:
+            w.copy_(torch.addmm(base.float(), m1, m2, alpha=alpha))
+    else:
+        total = torch.zeros(w.shape, dtype=torch.float32)
+        for kind, part, alpha in parts:
+            if kind == "lora":
+                a, b = part
+                total.addmm_(*((a.t(), b.t()) if transposed else (b, a)), alpha=alpha)
+            else:
+                idx, delta = part
+                total.view(-1).index_add_(0, idx.long(), delta, alpha=alpha)
+        w.copy_(total.add_(base))
+    # a sum is finite only if every term is (cheap); the elementwise check only if it is not
+    if not bool(torch.isfinite(w.sum(dtype=torch.float32))) and not bool(torch.isfinite(w).all()):
+        raise AdapterValueError(f"tensor {t!r}: the adapted weights overflow {w.dtype} (Inf/NaN)")
 
 
 def _dense_numpy(t: str, w: np.ndarray, base: np.ndarray, parts: list, transposed: bool) -> None:
-    total = np.zeros(w.shape, dtype=np.float32)
-    for kind, part, alpha in parts:
-        if kind == "lora":
-            a, b = (as_ops(x, NUMPY).astype(np.float32, copy=False) for x in part)
-            total += np.float32(alpha) * ((a.T @ b.T) if transposed else (b @ a))
-        else:
-            idx, delta = (as_ops(x, NUMPY) for x in part)
-            np.add.at(total.reshape(-1), idx, delta * np.float32(alpha))
-    total += base.astype(np.float32)
-    if not np.isfinite(total).all() or not np.isfinite(total.astype(w.dtype)).all():
-        raise AdapterValueError(f"tensor {t!r}: the adapted weights overflow {w.dtype} (Inf/NaN)")
-    w[...] = total.astype(w.dtype)
+    if len(parts) == 1 and parts[0][0] == "lora" and w.dtype == np.float32:  # one GEMM into the weight itself
+        (a, b), alpha = (as_ops(x, NUMPY).astype(np.float32, copy=False) for x in parts[0][1]), parts[0][2]
+        np.matmul(*((a.T, b.T) if transposed else (b, a)), out=w)
+        if alpha != 1.0:
+            w *= np.float32(alpha)
+        w += base
+    else:
+        total = np.zeros(w.shape, dtype=np.float32)
+        for kind, part, alpha in parts:
+            if kind == "lora":
+                a, b = (as_ops(x, NUMPY).astype(np.float32, copy=False) for x in part)
+                total += np.float32(alpha) * ((a.T @ b.T) if transposed else (b @ a))
+            else:
+                idx, delta = (as_ops(x, NUMPY) for x in part)
+                np.add.at(total.reshape(-1), idx, delta * np.float32(alpha))
+        total += base.astype(np.float32, copy=False)
+        with np.errstate(over="ignore"):
+            np.copyto(w, total, casting="unsafe")
+    with np.errstate(over="ignore", invalid="ignore"):
+        if not np.isfinite(w.sum(dtype=np.float32)) and not np.isfinite(w).all():
+            raise AdapterValueError(f"tensor {t!r}: the adapted weights overflow {w.dtype} (Inf/NaN)")
 
 
 def _clone(x: Array) -> Array:

@@ -172,7 +172,7 @@ def test_ci_blocks_match_ci_run(block):
 
 def test_readme_has_both_ci_lines():
     readme = (ROOT / "README.md").read_text()
-    setup = 'pip install torch==2.13.0 && pip install -e ".[test]"'
+    setup = 'pip install torch==2.13.0 && pip install -e ".[torch,test]"'
     assert f"{setup} && python -m benchmarks.switch_latency\n" in readme
     assert (
         f"{setup} && python -m pytest && SHIRA_KERNELS=torch python -m pytest tests/kernels tests/runtime\n"

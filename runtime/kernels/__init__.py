@@ -13,54 +13,75 @@ warning), ``torch`` or ``reference`` (force the references), ``cpp`` or ``core``
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from types import ModuleType
 
 import numpy as np
-from shira_runtime.kernels import reference
-from shira_runtime.kernels.checks import KernelInputError
-from shira_runtime.kernels.verbs import VERBS
+from shira_runtime.kernels.verbs import VERBS, KernelInputError
 
 __all__ = ["KernelInputError", "apply_", "backend", "reference", "restore_", "switch_"]
 
-_impl: ModuleType | None = None
-_impl_name: str | None = None
+_impl: ModuleType | None = None  # what runs torch tensors (chosen on first use)
+_impl_name: str | None = None  # "cpp" or "torch": the path for torch tensors and numpy arrays alike
 
 
-def _select() -> tuple[ModuleType, str]:
+def _select() -> str:
+    """Read ``SHIRA_KERNELS`` and load the core if it is wanted; never imports torch (numpy callers need none)."""
     choice = os.environ.get("SHIRA_KERNELS", "auto").strip().lower()
     choice = {"reference": "torch", "core": "cpp"}.get(choice, choice)
     if choice not in ("auto", "torch", "cpp"):
         raise ValueError(f"SHIRA_KERNELS={choice!r}: expected 'auto', 'torch' (or 'reference') or 'cpp' (or 'core')")
     if choice == "torch":
-        return reference, "torch"
+        return "torch"
     try:
-        from shira_runtime.kernels import extension
+        from shira_runtime.kernels import core
 
-        return extension.load(), "cpp"
+        core.load()
+        return "cpp"
     except Exception as exc:  # build or load failure: fall back, unless the user asked for cpp
         if choice == "cpp":
             raise RuntimeError(f"SHIRA_KERNELS=cpp but the kernel core is unavailable: {exc}") from exc
         warnings.warn(
             f"shira kernels: kernel core unavailable ({exc}); using the pure references",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-        return reference, "torch"
+        return "torch"
+
+
+def _torch_reference() -> ModuleType:
+    return importlib.import_module("shira_runtime.kernels.reference")  # not ``from . import``: see __getattr__
+
+
+def __getattr__(name: str):
+    # ``kernels.reference`` (the pure-torch reference) imports torch: only when asked for, so that a process
+    # without torch can import the package and switch numpy arrays
+    if name == "reference":
+        return _torch_reference()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _get() -> ModuleType:
-    global _impl, _impl_name
+    """The implementation for torch tensors: the ``shira::`` ops over the core, or the pure-torch reference."""
+    global _impl
     if _impl is None:
-        _impl, _impl_name = _select()
+        if backend() == "cpp":
+            from shira_runtime.kernels import extension
+
+            _impl = extension.load()
+        else:
+            _impl = _torch_reference()
     return _impl
 
 
 def backend() -> str:
     """The active path: ``"cpp"`` (the core) or ``"torch"`` (the references)."""
-    _get()
-    return _impl_name  # type: ignore[return-value]
+    global _impl_name
+    if _impl_name is None:
+        _impl_name = _select()
+    return _impl_name
 
 
 def reset() -> None:
@@ -96,7 +117,7 @@ def _verb(name: str):
 
     fn.__name__ = fn.__qualname__ = name
     fn.__signature__ = verb.signature  # type: ignore[attr-defined]
-    fn.__doc__ = getattr(reference, name).__doc__
+    fn.__doc__ = verb.doc
     return fn
 
 

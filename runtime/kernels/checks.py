@@ -5,14 +5,11 @@ from __future__ import annotations
 import torch
 from shira_runtime.kernels.dtypes import FLOATS as FLOAT_DTYPES
 from shira_runtime.kernels.qformats import FORMATS
+from shira_runtime.kernels.verbs import KernelInputError
 
 QUANT_DTYPES = tuple(f.dtype for f in FORMATS.values() if f.dtype is not None)  # 1-byte codes of a quantized base
 SUPPORTED_DTYPES = FLOAT_DTYPES + QUANT_DTYPES
 INDEX_DTYPES = (torch.int32, torch.int64)
-
-
-class KernelInputError(ValueError):
-    """A kernel verb was given inputs it cannot use (the message names the verb and tensor)."""
 
 
 def _fail(op: str, t: int, msg: str) -> None:

@@ -32,8 +32,7 @@ from operator import attrgetter
 from pathlib import Path
 
 import numpy as np
-from shira_runtime.kernels.checks import KernelInputError
-from shira_runtime.kernels.verbs import VERBS, Verb
+from shira_runtime.kernels.verbs import VERBS, KernelInputError, Verb
 
 __all__ = ["apply_", "call", "load", "restore_", "source_id", "switch_", "threads", "tuning"]
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 from shira_runtime.kernels.checks import QUANT_DTYPES, check_apply, check_mirrors, check_restore
 from shira_runtime.kernels.qformats import quant_format, round_to_grid
+from shira_runtime.kernels.verbs import VERBS
 
 
 def restore_(
@@ -42,7 +43,6 @@ def restore_(
     validate: bool = True,
     mirrors: list[torch.Tensor] | None = None,
 ) -> None:
-    """In place: ``weights[t].flat[indices[t]] = saved[t]`` for every t (and their mirrors, see the module doc)."""
     check_restore("restore_", weights, indices, saved, with_bounds=validate)
     check_mirrors("restore_", weights, mirrors)
     for t, (w, idx, s) in enumerate(zip(weights, indices, saved)):
@@ -72,8 +72,6 @@ def apply_(
     saturated: torch.Tensor | None = None,
     mirrors: list[torch.Tensor] | None = None,
 ) -> None:
-    """In place: ``saved[t] = w.flat[idx]``, then ``w.flat[idx] = dtype(fp32(saved) + delta)`` (float weights)
-    or ``Q(fp32(saved) * scale[row] + delta)`` (1-byte weights, and their mirrors; see the module doc)."""
     check_apply("apply_", weights, indices, deltas, saved, scales, saturated, with_bounds=validate)
     check_mirrors("apply_", weights, mirrors)
     for t, (w, idx, d, s) in enumerate(zip(weights, indices, deltas, saved)):
@@ -126,15 +124,13 @@ def switch_(
     out_mirrors: list[torch.Tensor] | None = None,
     in_mirrors: list[torch.Tensor] | None = None,
 ) -> None:
-    """One switch: restore the outgoing state, then apply the incoming one (which may touch the same tensors).
-    ``in_scales`` / ``saturated``: as ``apply_``'s, for the incoming lists; ``out_mirrors`` / ``in_mirrors``: each
-    list's mirrors (the module doc).
-
-    Everything is checked before the first write, so a refused call writes nothing.
-    """
     check_restore("switch_", out_weights, out_indices, out_saved, with_bounds=validate)
     check_apply("switch_", in_weights, in_indices, in_deltas, in_saved, in_scales, saturated, with_bounds=validate)
     check_mirrors("switch_", out_weights, out_mirrors, "outgoing ")
     check_mirrors("switch_", in_weights, in_mirrors, "incoming ")
     restore_(out_weights, out_indices, out_saved, validate=False, mirrors=out_mirrors)
     apply_(in_weights, in_indices, in_deltas, in_saved, False, in_scales, saturated, in_mirrors)
+
+
+for _verb in (restore_, apply_, switch_):  # each verb's doc is declared once, with its schema
+    _verb.__doc__ = VERBS[_verb.__name__].doc

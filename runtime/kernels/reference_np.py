@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 from shira_runtime.kernels import core
-from shira_runtime.kernels.checks import KernelInputError
-from shira_runtime.kernels.verbs import VERBS
+from shira_runtime.kernels.verbs import VERBS, KernelInputError
 
 __all__ = ["apply_", "restore_", "switch_"]
 

@@ -14,6 +14,11 @@ import inspect
 import re
 from dataclasses import dataclass
 
+
+class KernelInputError(ValueError):
+    """A kernel verb was given inputs it cannot use (the message names the verb and tensor)."""
+
+
 SCHEMAS = {
     "restore_": (
         "restore_(Tensor(a!)[] weights, Tensor[] indices, Tensor[] saved, bool validate=True, "
@@ -28,6 +33,22 @@ SCHEMAS = {
         "Tensor(b!)[] in_weights, Tensor[] in_indices, Tensor[] in_deltas, Tensor(c!)[] in_saved, "
         "bool validate=True, Tensor[]? in_scales=None, Tensor(d!)? saturated=None, "
         "Tensor(e!)[]? out_mirrors=None, Tensor(f!)[]? in_mirrors=None) -> ()"
+    ),
+}
+# what each verb does (every binding's docstring; the exact semantics, per dtype: ``kernels.reference``'s module doc)
+DOCS = {
+    "restore_": (
+        "In place: ``weights[t].flat[indices[t]] = saved[t]`` for every t (and their mirrors, see the module\ndoc)."
+    ),
+    "apply_": (
+        "In place: ``saved[t] = w.flat[idx]``, then ``w.flat[idx] = dtype(fp32(saved) + delta)`` (float weights)\n"
+        "or ``Q(fp32(saved) * scale[row] + delta)`` (1-byte weights, and their mirrors; see the module doc)."
+    ),
+    "switch_": (
+        "One switch: restore the outgoing state, then apply the incoming one (which may touch the same tensors).\n"
+        "``in_scales`` / ``saturated``: as ``apply_``'s, for the incoming lists; ``out_mirrors`` /\n"
+        "``in_mirrors``: each list's mirrors (the module doc).\n\n"
+        "Everything is checked before the first write, so a refused call writes nothing."
     ),
 }
 # (restore side's prefix, apply side's prefix), None where the verb has no such side; the C function's name
@@ -55,6 +76,7 @@ class Verb:
     restore: str | None  # prefix of the restore side's list names
     apply: str | None
     c_name: str
+    doc: str
 
     @property
     def mutated(self) -> tuple[str, ...]:
@@ -94,7 +116,7 @@ def _parse(name: str, schema: str) -> Verb:
         value = {"True": True, "False": False, "None": None, None: inspect.Parameter.empty}[default]
         params.append(Param(pname, base + (lst or ""), bool(opt), bool(alias), value))
     restore, apply = SIDES[name]
-    return Verb(name, schema, tuple(params), restore, apply, C_NAMES[name])
+    return Verb(name, schema, tuple(params), restore, apply, C_NAMES[name], DOCS[name])
 
 
 VERBS: dict[str, Verb] = {name: _parse(name, schema) for name, schema in SCHEMAS.items()}

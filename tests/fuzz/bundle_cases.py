@@ -1,4 +1,4 @@
-"""Seeded mutations of a packaged bundle: manifest.json, weights.safetensors, model.onnx, adapters/.
+"""Seeded mutations of a packaged bundle: manifest.json, weights.safetensors, model.onnx, live.onnx, adapters/.
 
 Each family is ``gen(rng, root) -> [(params, target, apply, expect_adapters)]``: ``root`` is the unmutated
 bundle (read to plan the mutations, never written), ``target`` the mutated file relative to the bundle,
@@ -25,7 +25,7 @@ from tests.fuzz.adapter_cases import FILE_FAMILIES
 from tests.fuzz.harness import on_bytes
 from tests.fuzz.lora_cases import lora_dir_edits
 
-MANIFEST, WEIGHTS, GRAPH = "manifest.json", "weights.safetensors", "model.onnx"
+MANIFEST, WEIGHTS, GRAPH, LIVE = "manifest.json", "weights.safetensors", "model.onnx", "live.onnx"
 SHIRA, LORA = "adapters/b.safetensors", "adapters/l"  # the packaged adapters the file mutations go into
 BMut = tuple[dict[str, Any], str, Callable[[Path], None], dict[str, str] | None]
 
@@ -263,6 +263,11 @@ def graph_bytes(rng, root) -> list[BMut]:
     return _byte_muts(rng, (root / GRAPH).read_bytes(), GRAPH, 0, 10, 5)
 
 
+def live_graph_bytes(rng, root) -> list[BMut]:
+    """The live graph the packager prepared (what the session runs; loaded without the onnx package)."""
+    return _byte_muts(rng, (root / LIVE).read_bytes(), LIVE, 0, 10, 5)
+
+
 def manifest_bytes(rng, root) -> list[BMut]:
     raw = (root / MANIFEST).read_bytes()
     out = [
@@ -325,11 +330,13 @@ def _symlink(rel: str, to: Callable[[Path], Path]) -> Callable[[Path], None]:
 
 def filesystem(rng, root) -> list[BMut]:
     out = []
-    for rel in (WEIGHTS, GRAPH, MANIFEST, SHIRA, f"{LORA}/adapter_config.json", f"{LORA}/adapter_model.safetensors"):
+    removed = (WEIGHTS, GRAPH, LIVE, MANIFEST, SHIRA, f"{LORA}/adapter_config.json")
+    removed += (f"{LORA}/adapter_model.safetensors",)
+    for rel in removed:
         out.append(({"op": "remove", "file": rel}, rel, _remove(rel), None))
-    for rel in (WEIGHTS, GRAPH, MANIFEST, SHIRA):
+    for rel in (WEIGHTS, GRAPH, LIVE, MANIFEST, SHIRA):
         out.append(({"op": "replaced by a directory", "file": rel}, rel, _replace_with_dir(rel), None))
-    for rel in (WEIGHTS, GRAPH):
+    for rel in (WEIGHTS, GRAPH, LIVE):
         out.append(({"op": "emptied", "file": rel}, rel, on_bytes(lambda b: b"", rel), None))
     to_copy = lambda r: [_copy_outside(r), _symlink(SHIRA, _outside)(r)]
     out.append(({"op": "symlink to a copy outside the bundle", "file": SHIRA}, SHIRA, to_copy, None))
@@ -349,6 +356,7 @@ BUNDLE_FAMILIES: dict[str, Callable[[random.Random, Path], list[BMut]]] = {
         manifest_stale,
         weights_bytes,
         graph_bytes,
+        live_graph_bytes,
         manifest_bytes,
         bundled_adapter,
         bundled_lora,
