@@ -4,6 +4,9 @@ A meta-path hook (installed before anything else runs) makes ``import torch`` fa
 installed, and the same for the packager's side (onnx, onnxscript, transformers, peft, safetensors.torch): what
 the device path needs is numpy, onnxruntime, safetensors' numpy side, ml_dtypes and psutil. ``run`` also runs the
 same code without the hook, so a test can compare the two processes' results bit for bit.
+
+``SHIRA_DEVICE_PYTHON``: the interpreter of a real device install to run the blocked side with (CI: a venv with
+only the built wheel and its base requirements, where torch is not installed at all); default: this one.
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ def run(code: str, *args: str, block: bool = True, timeout: float = 300) -> tupl
     packages cannot be imported. Returns (stdout, the blocked packages the process had imported)."""
     script = (BLOCKER if block else "") + textwrap.dedent(code) + REPORT
     env = dict(os.environ, PYTHONHASHSEED="0")
+    python = (os.environ.get("SHIRA_DEVICE_PYTHON") or sys.executable) if block else sys.executable
     proc = subprocess.run(
-        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout, env=env
+        [python, "-c", script, *args], capture_output=True, text=True, timeout=timeout, env=env
     )
     if proc.returncode != 0:
         where = "without torch" if block else "with torch"
