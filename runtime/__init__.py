@@ -43,7 +43,15 @@ __all__ = [
 
 def __getattr__(name: str):
     if name == "quantize":  # torch: imported on first use
-        from shira_runtime.quantization import quantize
-
+        try:
+            from shira_runtime.quantization import quantize
+        except ModuleNotFoundError as exc:
+            if exc.name != "torch":
+                raise
+            raise ModuleNotFoundError(
+                "shira_runtime.quantize quantizes torch modules and needs torch: pip install 'shira-runtime[torch]' "
+                "(a bundle runs without it)",
+                name="torch",
+            ) from None
         return quantize
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

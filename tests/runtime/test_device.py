@@ -167,3 +167,19 @@ def test_a_bundle_runs_without_torch_and_equals_the_torch_process_bit_for_bit(bu
     ], refusals
     assert "nope" in refusals[0][2] and "other.safetensors" in refusals[2][2] and "missing" in refusals[3][2]
     assert {entry[5] for entry in log_a if isinstance(entry[1], int)} == {"cpp"}  # the C++ core, from numpy
+
+
+def test_the_torch_side_names_its_extra_on_a_device():
+    code = """
+    import shira_runtime
+    from shira_runtime import kernels
+    try:
+        from shira_runtime import quantize
+    except ModuleNotFoundError as exc:
+        print("refused:", exc)
+    print("kernels:", kernels.backend())
+    """
+    out, modules = device.run(code)
+    assert modules == []
+    assert "refused: shira_runtime.quantize quantizes torch modules and needs torch" in out
+    assert "pip install 'shira-runtime[torch]'" in out and "kernels: cpp" in out
