@@ -1,6 +1,8 @@
 """Kernel benchmark: one full adapter switch A -> B on Llama-3.2-1B linear shapes, reference vs C++ fast path.
 
-Run: ``python -m benchmarks.kernels [--quick]``. For each weight dtype and mask density it times ``switch_``
+Run: ``python -m benchmarks.kernels [--quick]``; ``--per-call`` instead times what each binding costs per call
+on a switch of 16 entries (the fixed cost a small switch pays: argument marshalling, checks, the call itself).
+For each weight dtype and mask density it times ``switch_``
 over A -> B -> A cycles (``benchmarks.timing.cycle``: each switch timed, first call excluded), asserts that
 both paths leave bit-identical weights and saved buffers, and compares with the memory floor: the cache lines
 one switch's restore and apply touch (A's and B's), read and written, at the copy bandwidth measured just
@@ -159,15 +161,59 @@ def run_case(cfg: Config, dtype_name: str, density: float) -> Result:
     return Result(dtype_name, density, elements, t_ref, t_fast, t_val, copy_gbps, floor, ratio, gbps)
 
 
+def per_call(calls: int = 3000, rounds: int = 7) -> list[list[object]]:
+    """Microseconds per ``switch_`` of 16 entries (one fp32 tensor of 4096) through each binding: the median over
+    ``rounds`` of ``calls`` back-to-back calls, the bindings interleaved round by round."""
+    import time
+
+    import numpy as np
+    from shira_runtime import kernels
+    from shira_runtime.kernels import core, reference_np
+
+    n, k = 4096, 16
+    idx = np.sort(np.random.default_rng(0).choice(n, k, replace=False)).astype(np.int32)
+    delta = np.full(k, 0.5, np.float32)
+    w, saved_a, saved_b = np.zeros(n, np.float32), np.empty(k, np.float32), np.empty(k, np.float32)
+    tw, tidx, tdelta = torch.from_numpy(w), torch.from_numpy(idx), torch.from_numpy(delta)
+    tsa, tsb = torch.from_numpy(saved_a), torch.from_numpy(saved_b)
+    core.apply_([w], [idx], [delta], [saved_a])  # state A active; each call swaps A and B (same entries)
+    np_args = ([w], [idx], [saved_a], [w], [idx], [delta], [saved_b])
+    t_args = ([tw], [tidx], [tsa], [tw], [tidx], [tdelta], [tsb])
+    paths = {
+        "C core via ctypes (numpy)": lambda: core.switch_(*np_args, validate=False),
+        "C core via ctypes (numpy), validate": lambda: core.switch_(*np_args),
+        "shira_runtime.kernels.switch_ (numpy)": lambda: kernels.switch_(*np_args, validate=False),
+        "torch op, eager (extension)": lambda: extension.switch_(*t_args, validate=False),
+        "torch op via dispatcher (torch.ops.shira)": lambda: torch.ops.shira.switch_(*t_args, False),
+        "shira_runtime.kernels.switch_ (torch)": lambda: kernels.switch_(*t_args, validate=False),
+        "numpy reference": lambda: reference_np.switch_(*np_args, validate=False),
+        "torch reference": lambda: reference.switch_(*t_args, validate=False),
+    }
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, fn in paths.items():
+            fn()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[name].append((time.perf_counter() - t0) / calls * 1e6)
+    return [[name, statistics.median(t), min(t)] for name, t in times.items()]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 layers instead of 16")
+    ap.add_argument("--per-call", action="store_true", help="the cost of one call through each binding instead")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = Config(layers=2, ref_repeats=5, fast_repeats=15) if args.quick else Config()
     extension.load()
+    if args.per_call:
+        print(f"\nswitch_ of 16 entries (one fp32 tensor of 4096), {torch.get_num_threads()} threads: us per call")
+        print_table(["binding", "median us", "min us"], per_call(calls=500 if args.quick else 3000))
+        return
+    cfg = Config(layers=2, ref_repeats=5, fast_repeats=15) if args.quick else Config()
     progress(f"{torch.get_num_threads()} threads, {cfg.layers} layers")
 
     results = []

@@ -16,7 +16,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
 
-from shira_runtime import quantize, save_adapter  # noqa: E402
+from shira_runtime import kernels, quantize, save_adapter  # noqa: E402
 from shira_runtime.exporters.package import package  # noqa: E402
 from shira_runtime.models import TARGETS, build  # noqa: E402
 from shira_runtime.quantization import bake  # noqa: E402
@@ -166,7 +166,8 @@ def test_a_bundle_runs_without_torch_and_equals_the_torch_process_bit_for_bit(bu
         "UnknownAdapterError",
     ], refusals
     assert "nope" in refusals[0][2] and "other.safetensors" in refusals[2][2] and "missing" in refusals[3][2]
-    assert {entry[5] for entry in log_a if isinstance(entry[1], int)} == {"cpp"}  # the C++ core, from numpy
+    want = kernels.backend()  # "cpp": the C++ core, from numpy ("torch" under SHIRA_KERNELS=torch: numpy's reference)
+    assert {entry[5] for entry in log_a if isinstance(entry[1], int)} == {want}
 
 
 def test_the_torch_side_names_its_extra_on_a_device():
@@ -182,4 +183,4 @@ def test_the_torch_side_names_its_extra_on_a_device():
     out, modules = device.run(code)
     assert modules == []
     assert "refused: shira_runtime.quantize quantizes torch modules and needs torch" in out
-    assert "pip install 'shira-runtime[torch]'" in out and "kernels: cpp" in out
+    assert "pip install 'shira-runtime[torch]'" in out and f"kernels: {kernels.backend()}" in out
