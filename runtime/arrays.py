@@ -31,11 +31,16 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16")  # what adapters' values and f
 FINFO_MAX = {"float32": 3.4028234663852886e38, "float16": 65504.0, "bfloat16": 3.3895313892515355e38}
 
 
+_DTYPE_NAMES: dict[Any, str] = {}  # dtype object -> name: numpy builds ``dtype.name`` anew on each call (~2 us)
+
+
 def dtype_name(x: Any) -> str:
     """``"float32"``, ``"bfloat16"``, ``"int8"``... for a numpy array or a torch tensor."""
-    if isinstance(x, np.ndarray):
-        return x.dtype.name
-    return str(x.dtype).removeprefix("torch.")
+    dtype = x.dtype
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = dtype.name if isinstance(x, np.ndarray) else str(dtype).removeprefix("torch.")
+    return name
 
 
 def fp32(x: float) -> float:
@@ -95,13 +100,13 @@ class NumpyOps:
 
     @staticmethod
     def mark(buf: np.ndarray) -> None:
-        int_dtype, marker = UNGATHERED[buf.dtype.name]
+        int_dtype, marker = UNGATHERED[dtype_name(buf)]
         buf.view(int_dtype).fill(marker)
 
     @staticmethod
     def gathered(saved: np.ndarray) -> np.ndarray:
         """Which entries of a saved-value buffer were gathered (no longer the marker)."""
-        int_dtype, marker = UNGATHERED[saved.dtype.name]
+        int_dtype, marker = UNGATHERED[dtype_name(saved)]
         return saved.view(int_dtype) != np.array(marker).astype(int_dtype)
 
     @staticmethod
