@@ -69,7 +69,7 @@ class SparseAdapter:
 
     @property
     def nnz(self) -> int:
-        return sum(int(v.numel()) for v in self.values.values())
+        return sum(math.prod(v.shape) for v in self.values.values())
 
     def __repr__(self) -> str:
         return f"SparseAdapter({len(self.values)} tensors, nnz={self.nnz}, scale={self.scale})"
@@ -202,7 +202,7 @@ class LoraAdapter:
 
     @property
     def params(self) -> int:
-        return sum(int(self.A[n].numel() + self.B[n].numel()) for n in self.A)
+        return sum(math.prod(self.A[n].shape) + math.prod(self.B[n].shape) for n in self.A)
 
     def __repr__(self) -> str:
         ranks = sorted({int(a.shape[0]) for a in self.A.values() if a.ndim})
@@ -268,7 +268,7 @@ class CodesAdapter:
 
     @property
     def nnz(self) -> int:
-        return sum(int(c.numel()) for c in self.codes.values())
+        return sum(math.prod(c.shape) for c in self.codes.values())
 
     def __repr__(self) -> str:
         return f"CodesAdapter({len(self.codes)} tensors, nnz={self.nnz})"
@@ -280,10 +280,12 @@ Adapter = SparseAdapter | LoraAdapter | CodesAdapter
 Source = str | Path | SparseAdapter | LoraAdapter | CodesAdapter
 
 
-def load_adapter(source: Source) -> Adapter:
+def load_adapter(source: Source, numpy: bool = False) -> Adapter:
     """An adapter from our file, a PEFT SHiRA or LoRA directory, or the object itself (returned as is).
 
-    Every file is untrusted: anything malformed is an ``AdapterFormatError`` naming the file."""
+    Its arrays are torch tensors where torch is installed, numpy arrays where it is not or with ``numpy=True``
+    (what a bundle runtime asks for: torch is then never imported). Every file is untrusted: anything malformed is
+    an ``AdapterFormatError`` naming the file."""
     if isinstance(source, (SparseAdapter, LoraAdapter, CodesAdapter)):
         return source
     if not isinstance(source, (str, Path)):
@@ -299,7 +301,7 @@ def load_adapter(source: Source) -> Adapter:
         cls = CodesAdapter if "codes" in fields else SparseAdapter
     else:
         raise AdapterFormatError(f"{path}: no such file or directory")
-    if torch_or_none() is not None:  # the torch backend's adapters hold torch tensors (views of what was read)
+    if not numpy and torch_or_none() is not None:  # torch tensors: views of what was read
         fields = {k: _torch_arrays(v) if k in _ARRAY_FIELDS else v for k, v in fields.items()}
         if (fp := fields.get("fingerprint")) is not None:
             fields["fingerprint"] = Fingerprint(fp.structure, _torch_arrays(fp.probes))

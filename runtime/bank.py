@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from shira_runtime.adapters import CodesAdapter, LoraAdapter, SparseAdapter
 from shira_runtime.arrays import as_ops, dtype_name
 from shira_runtime.backend import Array, Backend
@@ -149,6 +150,11 @@ def _prepare_lora(backend: Backend, name: str, adapter: LoraAdapter, unfused: bo
                 f"with mode='unfused' (an extra x @ A.T @ B.T path at inference, weights untouched)"
             )
         if adapter.fan_in_fan_out:  # delta is [out, in] while the tensor is [in, out]: swap roles
-            a, b = b.t().contiguous(), a.t().contiguous()
+            a, b = _transposed(b), _transposed(a)
         prep.lora[canon] = (a, b, float(adapter.scaling[tensor]))
     return prep
+
+
+def _transposed(x: Array) -> Array:
+    """A C-contiguous transposed copy of a 2-D numpy array or torch tensor."""
+    return np.ascontiguousarray(x.T) if isinstance(x, np.ndarray) else x.t().contiguous()

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from shira_runtime.arrays import torch_or_none
 from shira_runtime.errors import CannotGenerateError, ShiraError
 
 
@@ -219,12 +218,13 @@ def cached_loop(
     return torch.from_numpy(out).to(input_ids.dtype)
 
 
-def check_ids(input_ids: object, attention_mask: object) -> tuple[Any, Any]:
+def check_ids(input_ids: object, attention_mask: object, as_torch: bool = False) -> tuple[Any, Any]:
     """``input_ids`` as ``[B, S]`` int64 (1-D taken as one row), and the mask the same way: torch tensors when
-    torch is installed (what ``generate`` returns then), else numpy arrays (the device path)."""
-    torch = torch_or_none()
-    if torch is None:
+    ``input_ids`` is one or ``as_torch`` (the torch backend), else numpy arrays (a bundle given numpy ids or lists:
+    torch is not imported, installed or not). ``generate`` returns the same kind."""
+    if not (as_torch or type(input_ids).__module__.partition(".")[0] == "torch"):
         return _check_ids_np(input_ids, attention_mask)
+    import torch
     ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.as_tensor(np.asarray(input_ids))
     if ids.dim() == 1:
         ids = ids[None]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from shira_runtime.adapters import Source, load_adapter
+from shira_runtime.arrays import NUMPY
 from shira_runtime.backend import Backend
 from shira_runtime.bank import prepare
 from shira_runtime.bundle import BundleError
@@ -32,6 +33,7 @@ class Runtime:
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
+        self._numpy = backend.ops is NUMPY  # a bundle: adapters read as numpy arrays, torch never imported
         self._switcher = Switcher(backend)
         self._bank: dict[str, Prepared] = {}
         self._pending: dict[str, tuple[Source, str | None]] = {}  # registered lazily: read at first use
@@ -104,7 +106,7 @@ class Runtime:
                 self._check_free(name)
                 self._pending[name] = (source, mode)
             return
-        adapter = load_adapter(source)
+        adapter = load_adapter(source, numpy=self._numpy)
         with self._lock.read():  # the fingerprint reads base values: no switch may run meanwhile
             prepared = prepare(self.backend, self._switcher, name, adapter, mode)
         with self._bank_lock:
@@ -131,7 +133,8 @@ class Runtime:
             return self._bank[name]
         if name in self._pending:
             source, mode = self._pending[name]
-            self._bank[name] = prepare(self.backend, self._switcher, name, load_adapter(source), mode)
+            adapter = load_adapter(source, numpy=self._numpy)
+            self._bank[name] = prepare(self.backend, self._switcher, name, adapter, mode)
             del self._pending[name]
             return self._bank[name]
         raise UnknownAdapterError(f"no adapter named {name!r}; registered: {list(self.adapters)}")
@@ -217,8 +220,8 @@ class Runtime:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
         sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
-        ids, mask = check_ids(input_ids, attention_mask)
         module = getattr(self.backend, "module", None)
+        ids, mask = check_ids(input_ids, attention_mask, as_torch=module is not None)
         decoder = getattr(self.backend, "decoder", None)
         with self._lock.read():
             if module is not None and hasattr(module, "generation_config") and callable(module.generate):

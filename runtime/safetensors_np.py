@@ -31,7 +31,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 from shira_runtime.errors import AdapterFormatError
 
@@ -40,42 +39,66 @@ METADATA = "__metadata__"
 _U64 = 2**64 - 1
 _FIELDS = ("dtype", "shape", "data_offsets")
 
-# safetensors code -> (numpy dtype, torch's name of it: what messages and checksums say)
-DTYPES: dict[str, tuple[np.dtype, str]] = {
-    "BOOL": (np.dtype(np.bool_), "torch.bool"),
-    "U8": (np.dtype("<u1"), "torch.uint8"),
-    "I8": (np.dtype("<i1"), "torch.int8"),
-    "F8_E5M2": (np.dtype(ml_dtypes.float8_e5m2), "torch.float8_e5m2"),
-    "F8_E4M3": (np.dtype(ml_dtypes.float8_e4m3fn), "torch.float8_e4m3fn"),
-    "F8_E8M0": (np.dtype(ml_dtypes.float8_e8m0fnu), "torch.float8_e8m0fnu"),
-    "I16": (np.dtype("<i2"), "torch.int16"),
-    "U16": (np.dtype("<u2"), "torch.uint16"),
-    "F16": (np.dtype("<f2"), "torch.float16"),
-    "BF16": (np.dtype(ml_dtypes.bfloat16), "torch.bfloat16"),
-    "I32": (np.dtype("<i4"), "torch.int32"),
-    "U32": (np.dtype("<u4"), "torch.uint32"),
-    "F32": (np.dtype("<f4"), "torch.float32"),
-    "C64": (np.dtype("<c8"), "torch.complex64"),
-    "F64": (np.dtype("<f8"), "torch.float64"),
-    "I64": (np.dtype("<i8"), "torch.int64"),
-    "U64": (np.dtype("<u8"), "torch.uint64"),
+# safetensors code -> (numpy dtype: a numpy spec, or an ml_dtypes type's name; torch's name of it: what messages
+# and checksums say). ml_dtypes is imported only for a file that holds one of its types: importing it costs
+# ~0.6 s, which a device's cold start would pay for nothing (adapters and bundles are fp32/fp16/int).
+DTYPES: dict[str, tuple[str, str]] = {
+    "BOOL": ("bool", "torch.bool"),
+    "U8": ("<u1", "torch.uint8"),
+    "I8": ("<i1", "torch.int8"),
+    "F8_E5M2": ("float8_e5m2", "torch.float8_e5m2"),
+    "F8_E4M3": ("float8_e4m3fn", "torch.float8_e4m3fn"),
+    "F8_E8M0": ("float8_e8m0fnu", "torch.float8_e8m0fnu"),
+    "I16": ("<i2", "torch.int16"),
+    "U16": ("<u2", "torch.uint16"),
+    "F16": ("<f2", "torch.float16"),
+    "BF16": ("bfloat16", "torch.bfloat16"),
+    "I32": ("<i4", "torch.int32"),
+    "U32": ("<u4", "torch.uint32"),
+    "F32": ("<f4", "torch.float32"),
+    "C64": ("<c8", "torch.complex64"),
+    "F64": ("<f8", "torch.float64"),
+    "I64": ("<i8", "torch.int64"),
+    "U64": ("<u8", "torch.uint64"),
 }
-CODE = {dt: code for code, (dt, _) in DTYPES.items()}  # numpy dtype -> safetensors code
-TORCH_NAME = {dt: name for dt, name in DTYPES.values()}
-NUMPY_OF = {name: dt for dt, name in DTYPES.values()}  # torch's dtype name -> numpy dtype
-ML_DTYPES = frozenset(DTYPES[c][0] for c in ("F8_E5M2", "F8_E4M3", "F8_E8M0", "BF16"))  # not numpy's own
-FLOATING = frozenset(DTYPES[c][0] for c in ("F8_E5M2", "F8_E4M3", "F8_E8M0", "F16", "BF16", "F32", "F64"))
+ML_DTYPES = frozenset(("float8_e5m2", "float8_e4m3fn", "float8_e8m0fnu", "bfloat16"))  # names; not numpy's own
+_NAME = {code: spec if spec in ML_DTYPES else np.dtype(spec).name for code, (spec, _) in DTYPES.items()}
+CODE = {name: code for code, name in _NAME.items()}  # numpy dtype name -> safetensors code
+TORCH_NAME = {_NAME[code]: tname for code, (_, tname) in DTYPES.items()}  # numpy dtype name -> torch's name
+FLOATING = frozenset(_NAME[c] for c in ("F8_E5M2", "F8_E4M3", "F8_E8M0", "F16", "BF16", "F32", "F64"))
+_RESOLVED: dict[str, np.dtype] = {}
+
+
+def numpy_dtype(code: str) -> np.dtype:
+    """The numpy dtype of safetensors code ``code`` (bf16 and fp8: ml_dtypes' types, imported here)."""
+    dt = _RESOLVED.get(code)
+    if dt is None:
+        spec = DTYPES[code][0]
+        if spec in ML_DTYPES:
+            import ml_dtypes
+
+            dt = np.dtype(getattr(ml_dtypes, spec))
+        else:
+            dt = np.dtype(spec)
+        _RESOLVED[code] = dt
+    return dt
+
+
+def numpy_of(torch_name: str) -> np.dtype | None:
+    """The numpy dtype of torch's dtype name (``"torch.bfloat16"``), None for one no file can hold."""
+    code = next((c for c, (_, t) in DTYPES.items() if t == torch_name), None)
+    return numpy_dtype(code) if code is not None else None
 
 
 def torch_name(dtype: np.dtype) -> str:
     """torch's name of a numpy dtype (``"torch.bfloat16"``): messages and checksums read as they did with torch."""
     dtype = np.dtype(dtype)
-    return TORCH_NAME.get(dtype, str(dtype))
+    return TORCH_NAME.get(dtype.name, str(dtype))
 
 
 def is_floating(dtype: np.dtype) -> bool:
     """torch's ``is_floating_point`` for the dtypes a file can hold (ml_dtypes' report kind ``V``, not ``f``)."""
-    return np.dtype(dtype) in FLOATING
+    return np.dtype(dtype).name in FLOATING
 
 
 def read(path: str | Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
@@ -193,7 +216,7 @@ def _entry(name: str, info: Any) -> tuple[np.dtype, tuple[int, ...], tuple[int, 
         raise _Bad(f"invalid JSON in header: {where}: shape {shape!r} is not a list of non-negative integers")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_u64(o) for o in offsets)):
         raise _Bad(f"invalid JSON in header: {where}: data_offsets {offsets!r} are not two non-negative integers")
-    return DTYPES[code][0], tuple(shape), (offsets[0], offsets[1])
+    return numpy_dtype(code), tuple(shape), (offsets[0], offsets[1])
 
 
 def _u64(x: Any) -> bool:
@@ -217,7 +240,7 @@ def _validate(entries: dict[str, tuple[np.dtype, tuple[int, ...], tuple[int, int
             raise _Bad(f"overflow computing buffer size from the shape of tensor `{name}`")
         if count * dtype.itemsize != stop - begin:
             raise _Bad(
-                f"tensor `{name}`: {CODE[dtype]}{list(shape)} needs {count * dtype.itemsize} bytes, "
+                f"tensor `{name}`: {CODE[dtype.name]}{list(shape)} needs {count * dtype.itemsize} bytes, "
                 f"its offsets give {stop - begin}"
             )
         if any(d >= 2**63 for d in shape):

@@ -40,7 +40,6 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import ml_dtypes
 import numpy as np
 from shira_runtime import safetensors_np
 from shira_runtime.atomic import atomic_write
@@ -64,12 +63,8 @@ OPTIONAL = ("probe", "runs", "run_escapes")  # per tensor
 WIDTHS = {1: (np.dtype(np.uint8), 0xFF, 0xFF), 2: (np.dtype(np.int16), 0xFFFF, 0xFFFF)}
 # what reading accepts, in numpy: the values dtypes of ``kernels.dtypes.FLOATS`` and the codes dtype of each
 # format of ``kernels.qformats.FORMATS`` (both torch tables; tests/runtime/test_safetensors_np.py keeps them equal)
-VALUES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
-CODES = {
-    "int8": np.dtype(np.int8),
-    "fp8_e4m3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "fp8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
-}
+VALUES = ("float32", "float16", "bfloat16")  # dtype names (ml_dtypes is imported only by a file that holds one)
+CODES = {"int8": "int8", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 INDICES = (np.dtype(np.int32), np.dtype(np.int64))
 
 
@@ -217,9 +212,10 @@ def _numpy(t: np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(t, np.ndarray):
         return t
     t = t.detach()
-    dtype = safetensors_np.NUMPY_OF.get(str(t.dtype))
-    if dtype not in safetensors_np.ML_DTYPES:
+    name = str(t.dtype)
+    if name.removeprefix("torch.") not in safetensors_np.ML_DTYPES:
         return t.numpy()
+    dtype = safetensors_np.numpy_of(name)
     import torch
 
     return t.contiguous().view(torch.uint8).numpy().view(dtype).reshape(tuple(t.shape))
@@ -352,7 +348,7 @@ def read(path: str | Path) -> dict[str, Any]:
             raise AdapterFormatError(f"{where} has no recorded shape")
         numel = math.prod(shapes[name])
         val = parts["values"][name]
-        if val.dtype not in VALUES or val.ndim != 1:
+        if val.dtype.name not in VALUES or val.ndim != 1:
             raise AdapterFormatError(f"{where}: values are {_dtype(val)}{list(val.shape)}, expected fp32/fp16/bf16 [N]")
         if not bool(np.isfinite(val).all()):
             raise AdapterFormatError(f"{where}: values hold NaN or Inf")
@@ -400,7 +396,7 @@ def _read_codes(path: Path, meta: dict[str, str], tensors: dict[str, np.ndarray]
             raise AdapterFormatError(f"{where} has no recorded shape")
         c = parts["codes"][name]
         dtype = CODES.get(formats[name]) if isinstance(formats[name], str) else None
-        if dtype is None or c.dtype != dtype or c.ndim != 1:
+        if dtype is None or c.dtype.name != dtype or c.ndim != 1:
             raise AdapterFormatError(f"{where}: codes are {_dtype(c)}{list(c.shape)}, not {formats[name]!r} codes [N]")
         if not isinstance(bases[name], str):
             raise AdapterFormatError(f"{where}: its base hash is not a string")

@@ -31,7 +31,6 @@ import threading
 from operator import attrgetter
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 from shira_runtime.kernels.verbs import VERBS, KernelInputError, Verb
 
@@ -202,9 +201,20 @@ def _sizes(shape) -> str:
 class _Numpy:
     """numpy arrays; bf16 and fp8 as ml_dtypes' types."""
 
-    # keyed by dtype object, not by name: ``dtype.name`` builds a string (~2 us) on every call
-    CODE = {np.dtype(k): v for k, v in (("float32", F32), ("float16", F16), (ml_dtypes.bfloat16, BF16), ("int8", I8),
-            (ml_dtypes.float8_e4m3fn, F8E4M3), (ml_dtypes.float8_e5m2, F8E5M2))}  # fmt: skip
+    # keyed by dtype object, not by name: ``dtype.name`` builds a string (~2 us) on every call. ml_dtypes' types
+    # join on the first miss after ml_dtypes was imported (an array of theirs exists only then: importing ml_dtypes
+    # here would cost every process ~0.6 s)
+    CODE = {np.dtype("float32"): F32, np.dtype("float16"): F16, np.dtype("int8"): I8}
+    ML = (("bfloat16", BF16), ("float8_e4m3fn", F8E4M3), ("float8_e5m2", F8E5M2))
+
+    @classmethod
+    def extend(cls) -> bool:
+        """Add ml_dtypes' types to ``CODE`` if it is imported and they are missing; whether anything was added."""
+        ml = sys.modules.get("ml_dtypes")
+        if ml is None or np.dtype(ml.bfloat16) in cls.CODE:
+            return False
+        cls.CODE.update({np.dtype(getattr(ml, name)): code for name, code in cls.ML})
+        return True
     INDEX = {np.dtype("int32"): 32, np.dtype("int64"): 64}
 
     # attribute getters, not Python functions: the per-tensor cost is what a switch of many tensors pays
@@ -221,6 +231,10 @@ class _Numpy:
 
 class _Torch:
     """torch tensors, dtypes named as the C++ extension named them (c10's ScalarType names)."""
+
+    @staticmethod
+    def extend() -> bool:
+        return False
 
     CODE: dict = {}
     INDEX: dict = {}
@@ -290,6 +304,8 @@ def _side(op: str, label: str, f, lists: dict, apply: bool) -> np.ndarray:
             raise KernelInputError(at(t) + "all tensors must be on the CPU")
         wk = key(w)
         wt = code_of.get(wk)
+        if wt is None and f.extend():
+            wt = code_of.get(wk)
         if wt is None:
             raise KernelInputError(
                 at(t) + f"weight dtype {f.name(w)} is not one of fp32/fp16/bf16/int8/float8_e4m3fn/float8_e5m2"

@@ -184,3 +184,21 @@ def test_the_torch_side_names_its_extra_on_a_device():
     assert modules == []
     assert "refused: shira_runtime.quantize quantizes torch modules and needs torch" in out
     assert "pip install 'shira-runtime[torch]'" in out and f"kernels: {kernels.backend()}" in out
+
+
+def test_a_float_bundle_needs_no_ml_dtypes(bundles):
+    """Importing ml_dtypes costs ~0.6 s of a cold start: a bundle of fp32 weights with fp16/fp32 adapter files
+    loads, switches and decodes without it (a bf16 or fp8 file imports it when read)."""
+    _, spec = bundles
+    code = """
+    import sys
+    import numpy as np
+    from shira_runtime import Runtime
+    rt = Runtime.load(sys.argv[1])
+    rt.switch("o")
+    rt.generate(np.array([[5, 17, 42]]), max_new_tokens=2)
+    rt.switch(None)
+    print("ml_dtypes:", "ml_dtypes" in sys.modules)
+    """
+    out, modules = device.run(code, spec[0]["bundle"])
+    assert modules == [] and "ml_dtypes: False" in out

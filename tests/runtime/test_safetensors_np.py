@@ -89,10 +89,12 @@ def test_every_dtype_reads_bit_for_bit_as_safetensors_wrote_it(tmp_path, dtype):
 
 
 def test_ml_dtypes_and_torch_names():
-    assert safetensors_np.DTYPES["BF16"][0] == np.dtype(ml_dtypes.bfloat16)
-    assert safetensors_np.DTYPES["F8_E4M3"][0] == np.dtype(ml_dtypes.float8_e4m3fn)
-    assert safetensors_np.DTYPES["F8_E5M2"][0] == np.dtype(ml_dtypes.float8_e5m2)
-    for code, (dt, name) in safetensors_np.DTYPES.items():
+    assert safetensors_np.numpy_dtype("BF16") == np.dtype(ml_dtypes.bfloat16)
+    assert safetensors_np.numpy_dtype("F8_E4M3") == np.dtype(ml_dtypes.float8_e4m3fn)
+    assert safetensors_np.numpy_dtype("F8_E5M2") == np.dtype(ml_dtypes.float8_e5m2)
+    for code, (_, name) in safetensors_np.DTYPES.items():
+        dt = safetensors_np.numpy_dtype(code)
+        assert safetensors_np.numpy_of(name) == dt and safetensors_np.torch_name(dt) == name, code
         tdtype = getattr(torch, name.removeprefix("torch."))
         assert dt.itemsize == torch.empty(0, dtype=tdtype).element_size(), code
         assert safetensors_np.is_floating(dt) == tdtype.is_floating_point, code
@@ -103,8 +105,8 @@ def test_the_read_tables_match_the_torch_tables():
     from shira_runtime.kernels.dtypes import FLOATS
     from shira_runtime.kernels.qformats import FORMATS
 
-    assert [safetensors_np.torch_name(d) for d in shira_file.VALUES] == [str(d) for d in FLOATS]
-    assert {n: safetensors_np.torch_name(d) for n, d in shira_file.CODES.items()} == {
+    assert [f"torch.{d}" for d in shira_file.VALUES] == [str(d) for d in FLOATS]
+    assert {n: f"torch.{d}" for n, d in shira_file.CODES.items()} == {
         n: str(f.dtype) for n, f in FORMATS.items()
     }
 
