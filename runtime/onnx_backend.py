@@ -117,13 +117,14 @@ class OnnxBackend(Backend):
         self._indexes = dict(live.indexed_rows)
         self.decoder = manifest.decoder or None
         self.rewritten = live.rewritten
-        self.session = _session(live.graph, threads)
-        manifest.check_io(bundle / manifest.graph, *_session_io(self.session))
+        graph_file = live.graph_file or bundle / manifest.graph
+        self.session = _session(live.graph, threads, graph_file)
+        manifest.check_io(graph_file, *_session_io(self.session))
         self.one_row_session = self.session
         if live.one_row is not None:
-            self.one_row_session = _session(live.one_row, threads)
-            one_row_path = bundle / (manifest.live.get("one_row") or manifest.graph)
-            manifest.check_io(one_row_path, *_session_io(self.one_row_session))
+            one_row_file = live.one_row_file or bundle / manifest.graph
+            self.one_row_session = _session(live.one_row, threads, one_row_file)
+            manifest.check_io(one_row_file, *_session_io(self.one_row_session))
         import onnxruntime as ort
 
         self._values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in arrays.items()}
@@ -153,11 +154,14 @@ class OnnxBackend(Backend):
         graph = _read_checked(bundle / manifest.graph, manifest.graph_sha256)
         live = manifest.live
         if live and gemm_a is None and live["gemm_a_min"] == GEMM_A_MIN:  # prepared by the packager: no onnx
+            one_row = bundle / live["one_row"] if live["one_row"] else None
             graph = LiveGraphs(
                 _read_checked(bundle / live["graph"], live["graph_sha256"]),
-                _read_checked(bundle / live["one_row"], live["one_row_sha256"]) if live["one_row"] else None,
+                _read_checked(one_row, live["one_row_sha256"]) if one_row is not None else None,
                 live["rewritten"],
                 live["indexed_rows"],
+                bundle / live["graph"],
+                one_row,
             )
         else:
             graph = _parse_graph(bundle / manifest.graph, graph, gemm_a, bool(live))
@@ -508,6 +512,9 @@ class LiveGraphs:
     one_row: bytes | None
     rewritten: int
     indexed_rows: dict[str, int]
+    # the files they were read from, named by errors (None: prepared here from the bundle's graph file)
+    graph_file: Path | None = None
+    one_row_file: Path | None = None
 
 
 def prepare_live(model: Any, manifest: Manifest, gemm_a: bool | None = None) -> LiveGraphs:
@@ -532,11 +539,12 @@ def prepare_live(model: Any, manifest: Manifest, gemm_a: bool | None = None) -> 
     if min_elements is not None:
         rewritten = rewrite_linears(graph, names - head, min_elements)
         rewritten += rewrite_linears(graph, head, 0, weight_operand="B")
+    inputs = {i["name"] for i in manifest.inputs}
     return LiveGraphs(
         graph.SerializeToString(),
         one_row.SerializeToString() if one_row is not None else None,
         rewritten,
-        {n: rows for n, rows in _indexed_rows(model, shapes).items() if n in {i["name"] for i in manifest.inputs}},
+        {n: rows for n, rows in _indexed_rows(model, shapes).items() if n in inputs},
     )
 
 
@@ -591,9 +599,10 @@ def _session_io(session: Any) -> tuple[list, list, list]:
     return [typed(v) for v in session.get_inputs()], [typed(v) for v in session.get_outputs()], inits
 
 
-def _session(graph: bytes, threads: int | None) -> Any:
+def _session(graph: bytes, threads: int | None, path: Path) -> Any:
     """A session over ``graph`` that reads its weight inputs where we bind them: no prepacking (it would copy
-    them), no ``GemmTransposeFusion`` (it would fold the GEMM-A form's output transpose back)."""
+    them), no ``GemmTransposeFusion`` (it would fold the GEMM-A form's output transpose back). A graph
+    onnxruntime refuses is a ``BundleError`` naming ``path``, the file it came from."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -601,9 +610,12 @@ def _session(graph: bytes, threads: int | None) -> Any:
     opts.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(
-        graph, opts, providers=["CPUExecutionProvider"], disabled_optimizers=["GemmTransposeFusion"]
-    )
+    try:
+        return ort.InferenceSession(
+            graph, opts, providers=["CPUExecutionProvider"], disabled_optimizers=["GemmTransposeFusion"]
+        )
+    except Exception as exc:  # onnxruntime's own errors (InvalidArgument, Fail, ...): an unusable graph
+        raise BundleError(f"{path}: onnxruntime cannot load the graph ({exc})") from None
 
 
 # -- the live graph --

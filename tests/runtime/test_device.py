@@ -202,3 +202,38 @@ def test_a_float_bundle_needs_no_ml_dtypes(bundles):
     """
     out, modules = device.run(code, spec[0]["bundle"])
     assert modules == [] and "ml_dtypes: False" in out
+
+
+def test_a_resealed_live_graph_with_other_inputs_is_refused_naming_it(bundles, tmp_path):
+    """A hostile live.onnx re-hashed into a re-sealed manifest: the session's inputs are checked against the
+    manifest, and the error names live.onnx (the file at fault), not the exported graph."""
+    import hashlib
+    import shutil
+
+    import onnx
+    from shira_runtime import Runtime
+    from shira_runtime.bundle import BundleError
+    from shira_runtime.manifest import Manifest
+
+    _, spec = bundles
+    root = tmp_path / "bundle"
+    shutil.copytree(spec[0]["bundle"], root)
+    model = onnx.load(str(root / "live.onnx"))
+    old = model.graph.input[0].name
+    model.graph.input[0].name = "renamed_ids"
+    for node in model.graph.node:  # a valid graph, just not the manifest's
+        node.input[:] = ["renamed_ids" if i == old else i for i in node.input]
+    raw = model.SerializeToString()
+    (root / "live.onnx").write_bytes(raw)
+    m = json.loads((root / "manifest.json").read_text())
+    m["live"]["graph_sha256"] = hashlib.sha256(raw).hexdigest()
+    (root / "manifest.json").write_text(json.dumps(Manifest.seal(m)))
+    with pytest.raises(BundleError, match=r"live\.onnx: graph inputs do not match the manifest"):
+        Runtime.load(root)
+    next(n for n in model.graph.node if n.input).input[0] = "nowhere"  # not a valid graph: onnxruntime's refusal
+    raw = model.SerializeToString()
+    (root / "live.onnx").write_bytes(raw)
+    m["live"]["graph_sha256"] = hashlib.sha256(raw).hexdigest()
+    (root / "manifest.json").write_text(json.dumps(Manifest.seal(m)))
+    with pytest.raises(BundleError, match=r"live\.onnx: onnxruntime cannot load the graph"):
+        Runtime.load(root)
