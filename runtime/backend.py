@@ -63,6 +63,11 @@ class Backend(ABC):
         back."""
         return None
 
+    def verified(self) -> None:
+        """Wait for the base's integrity checks still running (a bundle's weight sha256, on a background
+        thread) and raise what they found. Nothing by default."""
+        return None
+
     def canonical(self, name: str, adapter: str) -> str:
         try:
             return self.aliases[name]

@@ -11,7 +11,9 @@ import hashlib
 import json
 import math
 import mmap
+import os
 import struct
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +49,10 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def mismatch(path: Path) -> str:
+    return f"{path}: sha256 differs from the manifest's fingerprint (weights edited or corrupted)"
+
+
 def is_dim(d: Any) -> bool:
     return isinstance(d, int) and not isinstance(d, bool) and d >= 0
 
@@ -61,17 +67,49 @@ class MappedWeights:
     mm: mmap.mmap
     arrays: dict[str, np.ndarray]
     spans: dict[str, tuple[int, int]]
+    pending: Verifier | None = None  # the sha256 still being checked on a background thread
+
+
+class Verifier:
+    """The weight file's sha256, computed on a daemon thread (``hashlib`` and ``read`` release the GIL, so it
+    overlaps the session's start and the first inference) from a duplicate of the descriptor that was mapped
+    (the same file, even if ``path`` is replaced meanwhile), through ``read`` calls into one small buffer (not
+    through the map: the weight pages are not mapped into this process by it). ``wait()`` joins it and raises
+    the ``BundleError`` of a mismatch, every time it is called."""
+
+    def __init__(self, path: Path, fd: int, sha256: str) -> None:
+        self.path, self.sha256, self.error = path, sha256, None
+        self._thread = threading.Thread(target=self._run, args=(fd,), name="shira-verify-weights", daemon=True)
+        self._thread.start()
+
+    def _run(self, fd: int) -> None:
+        try:
+            with open(fd, "rb") as f:  # closes the duplicate descriptor
+                f.seek(0)
+                if _sha256_of(f) != self.sha256:
+                    self.error = (
+                        f"{self.path}: sha256 differs from the manifest's fingerprint (weights edited or corrupted)"
+                    )
+        except OSError as exc:
+            self.error = f"{self.path}: cannot be read to verify its sha256 ({exc})"
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self.error is not None:
+            raise BundleError(self.error)
 
 
 def map_weights(
-    path: Path, storage: dict[str, tuple[str, tuple[int, ...]]], sha256: str | None
+    path: Path, storage: dict[str, tuple[str, tuple[int, ...]]], sha256: str | None, background: bool = False
 ) -> MappedWeights | dict[str, np.ndarray]:
     """Every tensor of ``storage`` from ``path`` as views of a copy-on-write map (no weight is read here).
 
-    Same checks as ``read_weights``. With ``sha256`` the whole file is hashed first, through ``read`` calls into
-    one small buffer (not through the map, so the weight pages are not mapped into this process), and a mismatch
-    raises before anything is mapped. A file whose tensors are not aligned to their item size (not written by
-    this exporter) is read into private memory instead (``read_weights``), with a warning.
+    Same checks as ``read_weights``. With ``sha256`` the whole file is hashed, through ``read`` calls into one
+    small buffer (not through the map, so the weight pages are not mapped into this process): here, before
+    anything is mapped (a mismatch raises), or with ``background`` on a thread started here (``Verifier``: the
+    caller must ``pending.wait()`` before it trusts an output). A file whose tensors are not aligned to their
+    item size (not written by this exporter) is read into private memory instead (``read_weights``, which
+    hashes as it reads), with a warning.
     """
     with _open_weights(path) as f:
         size = f.seek(0, 2)
@@ -85,20 +123,19 @@ def map_weights(
                 stacklevel=3,
             )
             return read_weights(path, storage, sha256)
-        if sha256 is not None:
+        if sha256 is not None and not background:
             f.seek(0)
             if _sha256_of(f) != sha256:
-                raise BundleError(
-                    f"{path}: sha256 differs from the manifest's fingerprint (weights edited or corrupted)"
-                )
+                raise BundleError(mismatch(path))
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # the map outlives the descriptor
+        fd = os.dup(f.fileno()) if sha256 is not None and background else None
     arrays, where = {}, {}
     for begin, end, name in spans:
         dtype, shape = storage[name]
         dt = np.dtype(dtype)
         arrays[name] = np.frombuffer(mm, dt, (end - begin) // dt.itemsize, 8 + n + begin).reshape(shape)
         where[name] = (8 + n + begin, end - begin)
-    return MappedWeights(mm, arrays, where)
+    return MappedWeights(mm, arrays, where, Verifier(path, fd, sha256) if fd is not None else None)
 
 
 def _sha256_of(f: BinaryIO) -> str:
@@ -190,7 +227,7 @@ def read_weights(
         while chunk := f.read(CHUNK):
             h.update(chunk)
     if sha256 is not None and h.hexdigest() != sha256:
-        raise BundleError(f"{path}: sha256 differs from the manifest's fingerprint (weights edited or corrupted)")
+        raise BundleError(mismatch(path))
     return arrays
 
 

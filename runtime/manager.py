@@ -108,7 +108,7 @@ class Runtime:
             return
         adapter = load_adapter(source, numpy=self._numpy)
         with self._lock.read():  # the fingerprint reads base values: no switch may run meanwhile
-            prepared = prepare(self.backend, self._switcher, name, adapter, mode)
+            prepared = self._prepare(name, adapter, mode)
         with self._bank_lock:
             self._check_free(name)
             self._bank[name] = prepared
@@ -127,6 +127,13 @@ class Runtime:
                 raise ShiraError(f"adapter {name!r} is active; switch away from it before removing it")
             del self._bank[name]
 
+    def _prepare(self, name: str, adapter: Any, mode: str | None) -> Prepared:
+        try:
+            return prepare(self.backend, self._switcher, name, adapter, mode)
+        except ShiraError:  # checked against base values: a base that fails its own integrity check is the fault
+            self.backend.verified()
+            raise
+
     def _get(self, name: str) -> Prepared:
         """The prepared adapter; a lazily registered one is read and checked now (call under the write lock)."""
         if name in self._bank:
@@ -134,7 +141,7 @@ class Runtime:
         if name in self._pending:
             source, mode = self._pending[name]
             adapter = load_adapter(source, numpy=self._numpy)
-            self._bank[name] = prepare(self.backend, self._switcher, name, adapter, mode)
+            self._bank[name] = self._prepare(name, adapter, mode)
             del self._pending[name]
             return self._bank[name]
         raise UnknownAdapterError(f"no adapter named {name!r}; registered: {list(self.adapters)}")

@@ -17,9 +17,10 @@ Mechanism (measured, with the alternatives, by ``python -m benchmarks.onnx_live 
   ``GEMM_A_MIN`` elements are left alone: there the extra small nodes cost more than the packing saves.
   For a single token (M=1) this form is slower than a GEMV; the full-sequence graphs we export have
   M = batch x seq.
-Before the first inference (not at load, which would page every weight in), a probe writes one weight, runs,
-checks the output changed, and restores it bit for bit: if a future onnxruntime copies graph inputs, that
-inference fails loudly instead of serving stale weights.
+Before the first inference that follows a write to the weights (a switch; not at load, which would page every
+weight in and delay the first token), a probe writes one weight, runs, checks the output changed, and restores it
+bit for bit: if a future onnxruntime copies graph inputs, that inference fails loudly instead of serving stale
+weights. (Before any write, a copy would hold the file's bytes: the outputs are right either way.)
 
 Bundle files are untrusted: ``shira_runtime.bundle`` checks them, naming the file and tensor at fault (``BundleError``).
 """
@@ -120,11 +121,11 @@ class OnnxBackend(Backend):
         graph_file = live.graph_file or bundle / manifest.graph
         self.session = _session(live.graph, threads, graph_file)
         manifest.check_io(graph_file, *_session_io(self.session))
-        self.one_row_session = self.session
-        if live.one_row is not None:
-            one_row_file = live.one_row_file or bundle / manifest.graph
-            self.one_row_session = _session(live.one_row, threads, one_row_file)
-            manifest.check_io(one_row_file, *_session_io(self.one_row_session))
+        # a decoder's one-token session starts at the first one-token run (or probe), not at load: the first
+        # token comes from the prefill session
+        self._one_row = (live.one_row, live.one_row_file or bundle / manifest.graph, threads)
+        self._one_row_session = self.session if live.one_row is None else None
+        self._one_row_lock = threading.Lock()
         import onnxruntime as ort
 
         self._values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in arrays.items()}
@@ -133,19 +134,44 @@ class OnnxBackend(Backend):
                 raise LiveWeightsError(f"onnxruntime copied weight {n!r} when wrapping it; it would not see switches")
         self._local = threading.local()
         self._probe_lock = threading.Lock()
-        self._probe_pending = False  # open(verify=True): the live-weights probe runs before the first inference
+        self._probe_pending = False  # open(verify=...): the live-weights probe runs before the first inference
+        self._written = False  # ... that follows a write to the weights
+        self._verifier = self._map.pending if self._map is not None else None  # the weights' sha256, on a thread
         self._touched: set[str] = set()  # canonical names written since the base was last released
+
+    @property
+    def one_row_session(self) -> Any:
+        """A decoder's one-token session (the weights as GEMM *B*), started on first use; the prefill session
+        where the bundle has none. A graph onnxruntime refuses, or whose inputs differ from the manifest's, is a
+        ``BundleError`` naming its file, raised by that first use."""
+        if self._one_row_session is None:
+            with self._one_row_lock:
+                if self._one_row_session is None:
+                    graph, path, threads = self._one_row
+                    session = _session(graph, threads, path)
+                    self.manifest.check_io(path, *_session_io(session))
+                    self._one_row_session = session
+        return self._one_row_session
 
     @classmethod
     def open(
-        cls, bundle: str | Path, *, threads: int | None = None, verify: bool = True, gemm_a: bool | None = None
+        cls,
+        bundle: str | Path,
+        *,
+        threads: int | None = None,
+        verify: bool | str = True,
+        gemm_a: bool | None = None,
     ) -> OnnxBackend:
         """Load ``bundle`` (validated), start the live session, and probe that it reads our weights.
 
         ``threads``: onnxruntime intra-op threads (default: its own choice, the physical cores).
-        The weight file is mapped copy-on-write; its sha256 is checked here, before anything is mapped (reading
-        the file, not the map), and the live-weights probe runs before the first inference (``check_live``).
-        ``verify=False`` skips both (faster opening, less safety).
+        The weight file is mapped copy-on-write. ``verify`` (default True): its sha256 is computed on a background
+        thread (reading the file, not the map) while the session starts and the first inference runs, and that
+        inference's outputs are returned only once it matched: a mismatch raises ``BundleError`` there, and from
+        every later inference (``verified()`` waits for it and raises it too); ``verify="load"``: computed here,
+        before anything is mapped (a mismatch fails the load). Either way the live-weights probe runs before the
+        first inference that follows a write to the weights (``check_live``). ``verify=False`` skips both
+        (less safety).
         ``gemm_a``: the weight-as-GEMM-A rewrite for every eligible weight (True), none (False), or only for
         weights of at least ``GEMM_A_MIN`` elements (None, the default).
         """
@@ -165,12 +191,25 @@ class OnnxBackend(Backend):
             )
         else:
             graph = _parse_graph(bundle / manifest.graph, graph, gemm_a, bool(live))
+        if verify not in (True, False, "load"):
+            raise ValueError(f"verify must be True, 'load' or False, got {verify!r}")
         weights = map_weights(
-            bundle / manifest.weights, manifest.storage(), manifest.weights_sha256 if verify else None
+            bundle / manifest.weights,
+            manifest.storage(),
+            manifest.weights_sha256 if verify else None,
+            background=verify is True,
         )
         backend = cls(bundle, manifest, weights, graph, threads, gemm_a)
-        backend._probe_pending = verify
+        backend._probe_pending = bool(verify)
         return backend
+
+    def verified(self) -> None:
+        """Wait until the weight file's background sha256 check (``open(verify=True)``) is done; raise its
+        ``BundleError`` if the file does not match the manifest. Inference calls this before returning outputs."""
+        v = self._verifier
+        if v is not None:
+            v.wait()  # raises on a mismatch, each time: the verifier stays, so every inference refuses
+            self._verifier = None
 
     # -- memory: pages of the mapped weight file --
     @property
@@ -182,6 +221,7 @@ class OnnxBackend(Backend):
         """Once the base is back (``active == ()``), hand back the pages of every tensor written since the last
         time: exact revert left each of their bytes equal to the file's."""
         self._touched |= written
+        self._written = self._written or bool(written)
         if not active and self._touched:
             self.release(self._touched)
             self._touched = set()
@@ -250,6 +290,7 @@ class OnnxBackend(Backend):
         for module, a, b, alpha in entries:
             by_module.setdefault(module, []).append((a, b, alpha))
         stale = self._slots_in_use - set(by_module)
+        self._written = True
         self._touched |= {n for m in (*stale, *by_module) for n in self.lora_slots[m]}
         self._slots_in_use |= set(by_module)  # first: a write cut short leaves every touched slot on record
         for module in stale:
@@ -269,12 +310,15 @@ class OnnxBackend(Backend):
     # -- inference --
     def __call__(self, *inputs: Any, **named: Any) -> np.ndarray | list[np.ndarray]:
         self._ready()
-        return self._run(*inputs, **named)
+        out = self._run(*inputs, **named)
+        self.verified()
+        return out
 
     def _ready(self) -> None:
-        """The live-weights probe, once, before the first inference; concurrent first callers wait for it (it
-        writes weights). A failed probe stays pending: every inference raises it."""
-        if self._probe_pending:
+        """The live-weights probe, once, before the first inference that follows a write to the weights;
+        concurrent callers wait for it (it writes weights). A failed probe stays pending: every inference after
+        a write raises it."""
+        if self._probe_pending and self._written:
             with self._probe_lock:
                 if self._probe_pending:
                     self.check_live()
@@ -313,6 +357,7 @@ class OnnxBackend(Backend):
             binding.bind_output(name, "cpu")
         session.run_with_iobinding(binding)
         outs = dict(zip(self.output_names, binding.get_outputs()))
+        self.verified()
         return outs[d["logits"]].numpy()[:, -1], [outs[n] for layer in d["cache"] for n in layer[2:]]
 
     def step_feed(self, ids: np.ndarray, mask: np.ndarray, empty_past: bool) -> dict[str, np.ndarray]:
@@ -456,7 +501,9 @@ class OnnxBackend(Backend):
                 a[...] = saved
             if not np.array_equal(saved.view(np.uint8), a.view(np.uint8)):
                 raise LiveWeightsError(f"weight {name!r} was not restored bit for bit after the probe")
-            self.release([n for n, p in self.manifest.parameters.items() if p["onnx"] == name][:1], check=True)
+            names = [n for n, p in self.manifest.parameters.items() if p["onnx"] == name][:1]
+            if not self.release(names, check=True):  # a page it shares with an adapter's writes: at switch(None)
+                self._touched.update(names)
             changed = [not _same(b, p) for b, p in zip(before, probed)]
             if any(changed):
                 if not all(_same(b, self._outputs(f)) for b, f in zip(before, feeds)):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,13 +205,33 @@ def test_a_float_bundle_needs_no_ml_dtypes(bundles):
     assert modules == [] and "ml_dtypes: False" in out
 
 
+def _reseal_renamed(root: Path, graph: str, key: str) -> tuple:
+    """Rename ``root/graph``'s first input (a valid graph, just not the manifest's), re-hash it into the
+    manifest's ``live[key]`` and re-seal the manifest; returns the edited model and the manifest dict."""
+    import hashlib
+
+    import onnx
+    from shira_runtime.manifest import Manifest
+
+    model = onnx.load(str(root / graph))
+    old = model.graph.input[0].name
+    model.graph.input[0].name = "renamed_ids"
+    for node in model.graph.node:
+        node.input[:] = ["renamed_ids" if i == old else i for i in node.input]
+    raw = model.SerializeToString()
+    (root / graph).write_bytes(raw)
+    m = json.loads((root / "manifest.json").read_text())
+    m["live"][key] = hashlib.sha256(raw).hexdigest()
+    (root / "manifest.json").write_text(json.dumps(Manifest.seal(m)))
+    return model, m
+
+
 def test_a_resealed_live_graph_with_other_inputs_is_refused_naming_it(bundles, tmp_path):
     """A hostile live.onnx re-hashed into a re-sealed manifest: the session's inputs are checked against the
     manifest, and the error names live.onnx (the file at fault), not the exported graph."""
     import hashlib
     import shutil
 
-    import onnx
     from shira_runtime import Runtime
     from shira_runtime.bundle import BundleError
     from shira_runtime.manifest import Manifest
@@ -218,16 +239,7 @@ def test_a_resealed_live_graph_with_other_inputs_is_refused_naming_it(bundles, t
     _, spec = bundles
     root = tmp_path / "bundle"
     shutil.copytree(spec[0]["bundle"], root)
-    model = onnx.load(str(root / "live.onnx"))
-    old = model.graph.input[0].name
-    model.graph.input[0].name = "renamed_ids"
-    for node in model.graph.node:  # a valid graph, just not the manifest's
-        node.input[:] = ["renamed_ids" if i == old else i for i in node.input]
-    raw = model.SerializeToString()
-    (root / "live.onnx").write_bytes(raw)
-    m = json.loads((root / "manifest.json").read_text())
-    m["live"]["graph_sha256"] = hashlib.sha256(raw).hexdigest()
-    (root / "manifest.json").write_text(json.dumps(Manifest.seal(m)))
+    model, m = _reseal_renamed(root, "live.onnx", "graph_sha256")
     with pytest.raises(BundleError, match=r"live\.onnx: graph inputs do not match the manifest"):
         Runtime.load(root)
     next(n for n in model.graph.node if n.input).input[0] = "nowhere"  # not a valid graph: onnxruntime's refusal
@@ -237,3 +249,32 @@ def test_a_resealed_live_graph_with_other_inputs_is_refused_naming_it(bundles, t
     (root / "manifest.json").write_text(json.dumps(Manifest.seal(m)))
     with pytest.raises(BundleError, match=r"live\.onnx: onnxruntime cannot load the graph"):
         Runtime.load(root)
+
+
+def test_the_one_token_session_starts_at_first_use_and_a_resealed_one_is_refused_naming_it(bundles, tmp_path):
+    """A decoder's one-token session is not started at load (the first token comes from the prefill): it
+    starts at the first one-token step, where a hostile one_row.onnx (re-hashed into a re-sealed manifest) is
+    refused naming it, before that step returns anything."""
+    import shutil
+
+    import numpy as np
+    from shira_runtime import Runtime
+    from shira_runtime.bundle import BundleError
+
+    _, spec = bundles
+    src = next(Path(s["bundle"]) for s in spec if (Path(s["bundle"]) / "one_row.onnx").exists())
+    ids = np.array([[5, 17, 42]])
+    rt = Runtime.load(src)
+    assert rt.backend._one_row_session is None
+    first = rt.generate(ids, max_new_tokens=1)
+    assert rt.backend._one_row_session is None  # one token: the prefill's
+    assert np.array_equal(rt.generate(ids, max_new_tokens=3)[:, :4], first)
+    assert rt.backend._one_row_session is not None and rt.backend.one_row_session is not rt.backend.session
+    root = tmp_path / "bundle"
+    shutil.copytree(src, root)
+    _reseal_renamed(root, "one_row.onnx", "one_row_sha256")
+    rt = Runtime.load(root)
+    assert np.array_equal(rt.generate(ids, max_new_tokens=1), first)
+    for _ in range(2):
+        with pytest.raises(BundleError, match=r"one_row\.onnx: graph inputs do not match the manifest"):
+            rt.generate(ids, max_new_tokens=2)

@@ -1,6 +1,6 @@
 """Memory-mapped bundle weights (Linux): load maps the weight file copy-on-write and reads no weight page;
 ``switch(None)`` hands the pages a switch dirtied back (their bytes equal the file again); a corrupted byte is
-refused at load; two processes share the clean pages. RSS and PSS are measured in fresh subprocesses; the
+refused before any output (``verify="load"``: at load); two processes share the clean pages. RSS and PSS are measured in fresh subprocesses; the
 figures are printed (``pytest -s``), the bounds are loose, and no time is asserted."""
 
 from __future__ import annotations
@@ -179,8 +179,11 @@ def test_two_processes_share_the_weight_pages(small):
 
 
 # -- in process --
-def test_flipped_weight_byte_is_refused_at_load(small, tmp_path):
-    bundle, _ = small
+def test_flipped_weight_byte_is_refused_before_any_output(small, tmp_path):
+    """By default the weight file's sha256 runs on a background thread: the load returns, and the first
+    inference (and every later one, and a fingerprint check that failed against the corrupted base) raises the
+    mismatch instead of returning outputs. ``verify="load"`` refuses at load."""
+    bundle, adapter = small
     bad = tmp_path / "bad"
     shutil.copytree(bundle, bad)
     path = bad / "weights.safetensors"
@@ -189,8 +192,28 @@ def test_flipped_weight_byte_is_refused_at_load(small, tmp_path):
         byte = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0x01]))
-    with pytest.raises(BundleError, match=r"weights\.safetensors: sha256 differs"):
-        Runtime.load(bad)
+    refused = r"weights\.safetensors: sha256 differs"
+    with pytest.raises(BundleError, match=refused):
+        OnnxBackend.open(bad, verify="load")
+    rt = Runtime.load(bad)
+    for _ in range(2):
+        with pytest.raises(BundleError, match=refused):
+            rt(IDS)
+    with pytest.raises(BundleError, match=refused):
+        rt.backend.verified()
+    rt.add_adapter("a", adapter)  # a switch is no output: it works, and its revert is exact
+    before = {n: a.copy() for n, a in rt.backend.arrays.items()}
+    rt.switch("a")
+    with pytest.raises(BundleError, match=refused):
+        rt(IDS)
+    rt.switch(None)
+    assert all(np.array_equal(before[n].view(np.uint8), a.view(np.uint8)) for n, a in rt.backend.arrays.items())
+    # the same bundle, intact: outputs come back once the check is done
+    good = Runtime.load(bundle)
+    assert np.isfinite(good(IDS)).all()
+    good.backend.verified()
+    with pytest.raises(ValueError, match="verify must be"):
+        OnnxBackend.open(bundle, verify="later")
 
 
 def private_dirty(backend: OnnxBackend) -> int:

@@ -150,11 +150,21 @@ def test_probe_detects_a_session_that_copied_the_weights(bundle):
     backend._local = threading.local()
     with pytest.raises(LiveWeightsError, match="did not change the outputs"):
         backend.check_live()
-    copied = OnnxBackend.open(path)  # the probe runs before the first inference, not at load
-    copied._values = {n: ort.OrtValue.ortvalue_from_numpy(a.copy()) for n, a in copied.arrays.items()}
+    # the probe runs before the first inference that follows a write, not at load: before any write a copy
+    # holds the file's bytes, and the outputs are the base's
+    rt = Runtime.load(path)
+    rt.backend._values = {n: ort.OrtValue.ortvalue_from_numpy(a.copy()) for n, a in rt.backend.arrays.items()}
+    y0 = rt(IDS)
+    assert np.array_equal(y0, fresh(IDS))
+    m, _ = bundle
+    rt.add_adapter("a", adapters(m)["a"])
+    rt.switch("a")
     for _ in range(2):  # a failed probe stays pending: no inference returns outputs
         with pytest.raises(LiveWeightsError, match="did not change the outputs"):
-            copied(IDS)
+            rt(IDS)
+    rt.switch(None)
+    with pytest.raises(LiveWeightsError, match="did not change the outputs"):
+        rt(IDS)
 
 
 def test_concurrent_inference_never_sees_a_mixed_state(bundle):
@@ -269,9 +279,11 @@ def test_hostile_bundles_are_refused_clearly(bundle, tmp_path, case):
     damage, message = HOSTILE[case]
     damage(bad)
     with pytest.raises(BundleError, match=message.replace("[", "\\[")):
-        OnnxBackend.open(bad)
+        OnnxBackend.open(bad, verify="load")  # every fault at load
+    with pytest.raises(BundleError, match=message.replace("[", "\\[")):
+        OnnxBackend.open(bad)(IDS)  # at load, or (the weights' sha256, on a thread) before the first output
     with pytest.raises(AdapterFormatError):  # what Runtime.load raises, whatever the bundle's fault
-        Runtime.load(bad)
+        Runtime.load(bad)(IDS)
 
 
 def test_not_a_directory(tmp_path):
