@@ -1,7 +1,8 @@
 """Memory-mapped bundle weights (Linux): load maps the weight file copy-on-write and reads no weight page;
 ``switch(None)`` hands the pages a switch dirtied back (their bytes equal the file again); a corrupted byte is
-refused before any output (``verify="load"``: at load); two processes share the clean pages. RSS and PSS are measured in fresh subprocesses; the
-figures are printed (``pytest -s``), the bounds are loose, and no time is asserted."""
+refused before any output (``verify="load"``: at load); two processes share the clean pages. RSS and PSS are
+measured in fresh subprocesses; the figures are printed (``pytest -s``), the bounds are loose, and no time is
+asserted."""
 
 from __future__ import annotations
 
