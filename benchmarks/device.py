@@ -12,7 +12,9 @@
    ``switch(None)`` and after the token that follows it;
 4. two device processes on one bundle, switched to different adapters: their combined PSS against one alone;
 5. A -> B switch time on the device path against the memory floor (``benchmarks.common.memory_floor_ms``: the
-   distinct 64-byte lines A and B touch, at the bandwidth of a 512 MB numpy copy).
+   distinct 64-byte lines A and B touch, at the bandwidth of a 512 MB numpy copy);
+6. decode tokens/s of greedy ``generate`` on the device path, against the same with the weights read into private
+   memory (how a bundle was loaded before it was mapped) and with torch imported; the tokens must agree.
 
 Every device-path child runs with an import hook that makes the torch extra's packages fail to import, as on a
 device without them; the run also records whether a child without the hook imports torch. Table on stdout,
@@ -150,6 +152,11 @@ rt = Runtime.load(sys.argv[1])
 mark("after Runtime.load")
 rt.generate(ids, max_new_tokens=1)
 mark("after the first token")
+rt.switch(sys.argv[3])  # one-time work of the first switch cycle: the live-weights probe (before the first
+rt.generate(ids, max_new_tokens=2)  # inference after a write) and the one-token session (at the first step)
+rt.switch(None)
+rt.generate(ids, max_new_tokens=1)
+mark("after a first switch cycle (one-time: probe, one-token session)")
 for name in sys.argv[3:]:
     mark(f"after switch({{name!r}})", rt.switch(name))
     mark("after switch(None)", rt.switch(None))
@@ -195,6 +202,30 @@ for pair in sys.argv[3:]:
                           "elements_written": s.elements_written}}
 print(json.dumps(out))
 """
+DECODE = f"""
+PRE
+import json, sys, time
+import numpy as np
+from shira_runtime import Runtime
+if sys.argv[2] == "private":  # the weights read into private memory, as a bundle was loaded before the map
+    import shira_runtime.onnx_backend as ob
+    from shira_runtime.bundle import read_weights
+    ob.map_weights = lambda path, storage, sha256, background=False: read_weights(path, storage, sha256)
+rt = Runtime.load(sys.argv[1])
+ids, n = np.array([{PROMPT}]), int(sys.argv[3])
+rt.generate(ids, max_new_tokens=2)  # the one-time work: pages, the one-token session
+tps = []
+for _ in range(3):
+    t = time.perf_counter()
+    out = np.asarray(rt.generate(ids, max_new_tokens=n))
+    tps.append(n / (time.perf_counter() - t))
+print(json.dumps({{"tps": tps, "tokens": out[0, -n:].tolist(), "mapped": rt.backend.mapped}}))
+"""
+DECODE_PATHS = {  # name: (import prefix, weights)
+    "device": (NO_TORCH, "mapped"),
+    "device, weights read (before #20)": (NO_TORCH, "private"),
+    "torch imported": ("import torch", "mapped"),
+}
 
 
 def child(code: str, *args: str) -> dict:
@@ -388,6 +419,28 @@ def sha256_ms(path: Path) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
+def decode(bundle: Path, rounds: int, tokens: int) -> dict:
+    """Greedy ``generate`` of ``tokens`` new tokens after the 16-token prompt (prefill included), tokens/s: each
+    path in its own process, the paths taking turns for ``rounds`` rounds, 3 timed runs in each; median of all."""
+    tps: dict[str, list[float]] = {k: [] for k in DECODE_PATHS}
+    outs: dict[str, list] = {}
+    for r in range(rounds):
+        for k, (pre, weights) in DECODE_PATHS.items():
+            out = child(DECODE.replace("PRE", pre), str(bundle), weights, str(tokens))
+            tps[k] += out["tps"]
+            outs.setdefault(k, out["tokens"])
+            if out["tokens"] != outs[k] or out["tokens"] != outs["device"]:
+                raise AssertionError(f"decode: path {k!r} generated other tokens: {out['tokens']} vs {outs}")
+        progress(f"decode round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.1f} tok/s" for k, v in tps.items()))
+    med = {k: statistics.median(v) for k, v in tps.items()}
+    return {
+        "tokens": tokens,
+        "median_tps": med,
+        "samples_tps": tps,
+        "vs_device": {k: v / med["device"] for k, v in med.items()},
+    }
+
+
 def two_processes(bundle: Path, a: str, b: str) -> dict:
     """One device process loaded, its first token run and switched to ``a``; then a second, switched to ``b``:
     the first one's memory alone, then both's (Linux smaps through psutil)."""
@@ -425,7 +478,7 @@ def two_processes(bundle: Path, a: str, b: str) -> dict:
 
 
 def run(base: str, work: Path, repeats: int, switches: int, rebuild: bool) -> dict:
-    with Steps(6, "device"):
+    with Steps(7, "device"):
         step("install sizes")
         install = install_sizes()
         step("bundle")
@@ -449,7 +502,10 @@ def run(base: str, work: Path, repeats: int, switches: int, rebuild: bool) -> di
             row["streams_floor_ms"] = row["floor_ms"] + streams / (sw["copy_gbps"] * 1e9) * 1e3
             row["streams_floor_ratio"] = row["median_ms"] / row["streams_floor_ms"]
             row["floor_ratio"] = row["median_ms"] / row["floor_ms"]
+        step("decode tokens/s")
+        dec = decode(bundle, 3, 32)
     return {
+        "decode": dec,
         "install": install,
         "bundle": str(bundle),
         "weight_bytes": weights.stat().st_size,
@@ -491,6 +547,8 @@ def goals(r: dict) -> list[list[object]]:
         out.append(
             [f"switch {pair.replace(',', ' -> ')} / floor", "<= 1.1", row["floor_ratio"], row["floor_ratio"] <= 1.1]
         )
+    ratio = r["decode"]["vs_device"]["device, weights read (before #20)"]
+    out.append(["decode tokens/s: weights read / mapped", "equal (0.95-1.05)", ratio, 0.95 <= ratio <= 1.05])
     return [[g, t, m, "met" if ok else "NOT met"] for g, t, m, ok in out]
 
 
@@ -592,6 +650,15 @@ def report(r: dict) -> None:
                 v["kernels"],
             ]
             for k, v in s["pairs"].items()
+        ],
+    )
+    d = r["decode"]
+    print(f"\n## decode: greedy generate of {d['tokens']} tokens after a 16-token prompt (prefill included)")
+    print_table(
+        ["path", "median tok/s", "min", "max", "/ device"],
+        [
+            [k, v, min(d["samples_tps"][k]), max(d["samples_tps"][k]), d["vs_device"][k]]
+            for k, v in d["median_tps"].items()
         ],
     )
     print("\n## against the goals of issue #20")
