@@ -20,6 +20,7 @@ A backend has:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,12 @@ class Backend(ABC):
         ``written`` (canonical names). Nothing to do by default; a bundle hands back pages once the base is
         back."""
         return None
+
+    def serial(self, largest: int) -> AbstractContextManager:
+        """A context for the whole-tensor work of one switch (LoRA merges, base copies) whose largest tensor has
+        ``largest`` elements: the torch backend keeps work below ``DENSE_SERIAL_BELOW`` on the calling thread.
+        Nothing by default (numpy's own threads are left as they are)."""
+        return nullcontext()
 
     def verified(self) -> None:
         """Wait for the base's integrity checks still running (a bundle's weight sha256, on a background
@@ -117,6 +124,3 @@ class Backend(ABC):
     @abstractmethod
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """One inference."""
-
-
-

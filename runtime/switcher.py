@@ -186,8 +186,20 @@ class Switcher:
     def switch(self, plan: Plan, t0: float | None = None) -> SwitchStats:
         """Make ``plan`` the applied state. Any exception at any point (``KeyboardInterrupt`` and
         ``MemoryError`` included) rolls every write back: weights and state are as before the call.
-        ``t0``: the ``perf_counter`` the reported time counts from (default: now)."""
+        ``t0``: the ``perf_counter`` the reported time counts from (default: now).
+
+        A small switch with whole-tensor work (every dense tensor and the sparse entries below the backend's
+        threshold) runs on the calling thread (``Backend.serial``): no parallel region to stall in."""
         t0 = time.perf_counter() if t0 is None else t0
+        numel, tensors = self.ops.numel, self.backend.tensors
+        largest = max((numel(tensors[t]) for t in {*plan.dense, *self.state.plan.dense}), default=0)
+        if largest:
+            entries = sum(numel(i) for p in (plan, self.state.plan) for i, _ in p.sparse.values())
+            with self.backend.serial(max(largest, entries)):
+                return self._switch(plan, t0)
+        return self._switch(plan, t0)
+
+    def _switch(self, plan: Plan, t0: float) -> SwitchStats:
         old, tensors, ops = self.state, self.backend.tensors, self.ops
         in_t = list(plan.sparse)
         in_idx = [plan.sparse[t][0] for t in in_t]

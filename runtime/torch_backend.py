@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -11,6 +13,27 @@ from shira_runtime.errors import AdapterMismatchError
 from shira_runtime.kernels.dtypes import FLOATS
 from shira_runtime.quantization import QuantLinear, check_scales, scale_name
 from torch import nn
+
+# Whole-tensor work (a fused LoRA merge, a base copy) runs single-threaded when every tensor of the switch holds
+# fewer elements than this: measured on 2-vCPU x86 machines (benchmarks.scaling --dense), a GEMM or copy of
+# fewer than ~2^17 elements gains nothing from a second thread, and entering a parallel region whose spinning
+# OpenMP threads cannot run (the other vCPU busy) stalls a switch for milliseconds.
+DENSE_SERIAL_BELOW = 1 << 17
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch's intra-op threads set to 1 for the block, restored after it (process-wide: torch has no per-call
+    setting; the runtime's write lock keeps its own inference out meanwhile)."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 class TorchBackend(Backend):
@@ -48,6 +71,9 @@ class TorchBackend(Backend):
                 if name in quant:
                     self.scales[name], self.quantized[name] = quant[name].weight_scale, quant[name]
         self._hooks: list = []
+
+    def serial(self, largest: int) -> AbstractContextManager:
+        return _one_thread() if 0 < largest < DENSE_SERIAL_BELOW else nullcontext()
 
     def mirror(self, name: str) -> torch.Tensor | None:
         layer = self.quantized.get(name)

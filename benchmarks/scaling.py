@@ -1,0 +1,256 @@
+"""Switch time against adapter size: does a switch cost what it touches, from 1e3 to 1e7 entries?
+
+    python -m benchmarks.scaling                       # 1e3 .. 1e7 entries; rand, block; fp32, bf16, int8
+    python -m benchmarks.scaling --quick               # 1e3 .. 1e5, fp32 (seconds)
+    python -m benchmarks.scaling --busy                # also each size up to 1e5 with the other vCPU kept busy
+    python -m benchmarks.scaling --dense               # the threshold for whole-tensor work on one thread
+
+For each size N, a model of four linears holding 100 N weights (the adapter's density is 1%, as a SHiRA adapter on
+a model of that size) gets two random adapters A and B of N entries each (``rand``: uniform positions; ``block``:
+``shira_runtime.masks``' random 64-byte blocks). Timed: ``Runtime.switch`` A -> B -> A (end to end: Python,
+the registered adapter's checks, lock, plan, kernel, stats; median of the timed switches, ``benchmarks.timing``)
+and, on fp32/bf16, the bare kernel call (``kernels.switch_`` on the same arrays and preallocated saved buffers: no
+transaction, no plan, no stats). Beside them the memory floor (the distinct 64-byte weight lines A and B touch,
+read and written once at the bandwidth of a 512 MB copy measured in the same run) and the streams floor (the floor
+plus the adapter's own arrays: per entry the saved value twice, an fp32 delta and the int32 index twice).
+
+An int8 base is the fp32 model quantized (``shira_runtime.quantization``, per-channel scales), the adapters made
+on the fp32 model. ``--busy``: a second process spinning in Python for the duration of the busy rows (on a
+2-vCPU machine: the other vCPU busy, as on a phone running other work). The chart on stdout is text (no plotting
+dependency): one bar per point, its length the switch time over the floor.
+
+``--dense`` measures instead what sets ``shira_runtime.torch_backend.DENSE_SERIAL_BELOW``: a fused LoRA switch
+(rank 8, A -> B) on one n x n linear, the mean over a run of switches (a stall shows in the mean, not the median),
+with the switch's torch work kept on the calling thread (the runtime's rule for small tensors) against torch's
+default threads, quiet and with the other vCPU busy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from shira_runtime import Runtime, kernels, torch_backend
+from shira_runtime.quantization import quantize
+from shira_runtime.synthetic import random_lora, random_shira
+from shira_runtime.table import print_table
+from torch import nn
+
+from benchmarks.common import copy_bandwidth_gbps, memory_floor_ms, progress, touched_lines
+from benchmarks.timing import cycle
+
+NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")  # four linears, PEFT-style names (the adapters' targets)
+DENSITY = 0.01
+STREAM_BYTES = {"fp32": 2 * 4 + 12, "bf16": 2 * 2 + 12, "int8": 2 * 1 + 12}  # per entry: saved x2, delta, index x2
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def model_for(entries: int, seed: int) -> nn.Module:
+    """Four linears of ``entries / DENSITY`` weights in all, columns a multiple of 64 (whole cache lines)."""
+    per = entries / DENSITY / len(NAMES)
+    cols = min(2048, max(64, round(math.sqrt(per) / 64) * 64))
+    rows = max(1, round(per / cols))
+    torch.manual_seed(seed)
+    m = nn.ModuleDict({n: nn.Linear(cols, rows, bias=False) for n in NAMES})
+    for lin in m.values():
+        nn.init.normal_(lin.weight, std=0.02)
+    return m
+
+
+@contextlib.contextmanager
+def busy_cpu(on: bool) -> Iterator[None]:
+    """A second process spinning in Python while the block runs (``on``), killed after it."""
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if on else None
+    try:
+        yield
+    finally:
+        if spin is not None:
+            spin.kill()
+            spin.wait()
+
+
+def floors(rt: Runtime, a: str, b: str, dtype: str, gbps: float) -> tuple[float, float, int]:
+    """The memory floor and the streams floor (ms) of a switch A -> B, and the entries it writes."""
+    tensors = rt.backend.tensors
+    lines = entries = 0
+    for t in tensors:
+        parts = [rt._get(n).sparse[t][0] for n in (a, b) if t in rt._get(n).sparse]
+        if parts:
+            idx = torch.cat([torch.as_tensor(p).long() for p in parts])
+            lines += touched_lines(idx, tensors[t].element_size())  # tensors start on a cache line
+            entries += idx.numel()
+    floor = memory_floor_ms(lines, gbps)
+    return floor, floor + entries * STREAM_BYTES[dtype] / (gbps * 1e9) * 1e3, entries
+
+
+def bare_kernel(rt: Runtime, a: str, b: str, repeats: int) -> float:
+    """Median ms of the kernel call alone for A -> B -> A, on the runtime's tensors and adapter arrays (the runtime
+    at the base: the bare calls apply and restore themselves; the weights end as they started)."""
+    tensors = rt.backend.tensors
+    pa, pb = rt._get(a), rt._get(b)
+    ts = [t for t in tensors if t in pa.sparse and t in pb.sparse]
+    saved = {n: [torch.empty(len(p.sparse[t][0]), dtype=tensors[t].dtype) for t in ts] for n, p in ((a, pa), (b, pb))}
+
+    def sw(src: str, dst: str) -> None:
+        ps, pd = rt._get(src), rt._get(dst)
+        kernels.switch_(
+            [tensors[t] for t in ts],
+            [ps.sparse[t][0] for t in ts],
+            saved[src],
+            [tensors[t] for t in ts],
+            [pd.sparse[t][0] for t in ts],
+            [pd.sparse[t][1] for t in ts],
+            saved[dst],
+            validate=False,
+        )
+
+    kernels.switch_([], [], [], [tensors[t] for t in ts], [pa.sparse[t][0] for t in ts],
+                    [pa.sparse[t][1] for t in ts], saved[a], validate=False)  # fmt: skip
+    t = cycle([lambda: sw(a, b), lambda: sw(b, a)], repeats)  # ends on a's side: B -> A last
+    if repeats % 2 == 1:
+        sw(b, a)
+    kernels.switch_([tensors[t] for t in ts], [pa.sparse[t][0] for t in ts], saved[a], [], [], [], [],
+                    validate=False)  # fmt: skip
+    return t.median_ms
+
+
+def point(entries: int, mask: str, dtype: str, gbps: float, repeats: int, busy: bool) -> dict:
+    model = model_for(entries, seed=0)
+    adapters = {n: random_shira(model, NAMES, DENSITY, seed=k + 1, mask=None if mask == "rand" else mask)
+                for k, n in enumerate("ab")}  # fmt: skip
+    if dtype == "int8":
+        model = quantize(model, "int8")
+    elif dtype != "fp32":
+        model = model.to(DTYPES[dtype])
+    rt = Runtime.load(model)
+    for n, ad in adapters.items():
+        rt.add_adapter(n, ad)
+    floor, streams, written = floors(rt, "a", "b", dtype, gbps)
+    out = {"entries": entries, "mask": mask, "dtype": dtype, "written": written, "floor_ms": floor,
+           "streams_ms": streams}  # fmt: skip
+    rt.switch("a")
+    out["switch_ms"] = cycle([lambda: rt.switch("b"), lambda: rt.switch("a")], repeats).median_ms
+    rt.switch(None)
+    if dtype in DTYPES:
+        out["kernel_ms"] = bare_kernel(rt, "a", "b", repeats)
+    if busy:
+        with busy_cpu(True):
+            rt.switch("a")
+            out["busy_ms"] = cycle([lambda: rt.switch("b"), lambda: rt.switch("a")], repeats).median_ms
+            rt.switch(None)
+    out["floor_ratio"] = out["switch_ms"] / floor if floor else None
+    out["streams_ratio"] = out["switch_ms"] / streams if streams else None
+    if "kernel_ms" in out:
+        out["atomic_ratio"] = out["switch_ms"] / out["kernel_ms"]
+    return out
+
+
+def chart(points: list[dict]) -> None:
+    """One text bar per point: its length the switch time over the memory floor (log scale, 1x .. 100x)."""
+    print("\n## switch / floor (log scale: | = 1x, each # a factor of 10^0.1)")
+    for p in points:
+        r = p["floor_ratio"] or 1.0
+        bar = "#" * max(0, round(10 * math.log10(max(r, 1.0))))
+        print(f"{p['dtype']:>4} {p['mask']:>5} {p['entries']:>9.0e} |{bar} {r:.2f}x")
+
+
+def dense_threshold(sides: tuple[int, ...], switches: int) -> list[list[object]]:
+    """Mean ms of a fused LoRA switch on one n x n linear, serial vs torch's threads, quiet and busy."""
+    rows = []
+    keep = torch_backend.DENSE_SERIAL_BELOW
+    try:
+        for n in sides:
+            model = nn.ModuleDict({"q_proj": nn.Linear(n, n, bias=False)})
+            rt = Runtime.load(model)
+            for k, name in enumerate("ab"):
+                rt.add_adapter(name, random_lora(model, ("q_proj",), 8, seed=k + 1), mode="fused")
+            row: list[object] = [n, n * n]
+            for busy in (False, True):
+                with busy_cpu(busy):
+                    for serial in (True, False):
+                        torch_backend.DENSE_SERIAL_BELOW = (n * n + 1) if serial else 0
+                        rt.switch("a")
+                        t = cycle([lambda r=rt: r.switch("b"), lambda r=rt: r.switch("a")], switches)
+                        row.append(statistics.mean(t.samples_ms))
+                rt.switch(None)
+            rows.append([*row, row[3] / row[2], row[5] / row[4]])
+            progress(f"dense {n} x {n}: {row[2:]}")
+    finally:
+        torch_backend.DENSE_SERIAL_BELOW = keep
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="1e3 .. 1e5 entries, fp32, rand and block (seconds)")
+    p.add_argument("--max", type=float, default=1e7, help="the largest size (entries; default 1e7)")
+    p.add_argument("--dtypes", nargs="+", default=None, choices=["fp32", "bf16", "int8"])
+    p.add_argument("--masks", nargs="+", default=["rand", "block"], choices=["rand", "block"])
+    p.add_argument("--busy", action="store_true", help="also time each size up to 1e5 with the other vCPU busy")
+    p.add_argument("--repeats", type=int, default=None, help="timed switches per point (default 40; --quick 20)")
+    p.add_argument("--dense", action="store_true", help="measure the one-thread threshold for whole-tensor work")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.dense:
+        rows = dense_threshold((64, 128, 256, 362, 512, 724, 1024), args.repeats or 200)
+        print(f"# fused LoRA switch (rank 8) on one n x n linear, mean ms; torch threads {torch.get_num_threads()}, "
+              f"{os.cpu_count()} CPUs; DENSE_SERIAL_BELOW = {torch_backend.DENSE_SERIAL_BELOW}")  # fmt: skip
+        print_table(["n", "elements", "one thread", "torch threads", "busy: one thread", "busy: torch threads",
+                     "threads / one", "busy: threads / one"], rows)  # fmt: skip
+        if args.json:
+            args.json.write_text(json.dumps({"dense": rows}, indent=1))
+        return
+    top = 1e5 if args.quick else args.max
+    sizes = [int(10**k) for k in range(3, 8) if 10**k <= top]
+    dtypes = args.dtypes or (["fp32"] if args.quick else ["fp32", "bf16", "int8"])
+    repeats = args.repeats or (20 if args.quick else 40)
+    gbps = copy_bandwidth_gbps()
+    progress(f"copy bandwidth {gbps:.1f} GB/s; kernels: {kernels.backend()}")
+    points = []
+    for dtype in dtypes:
+        for mask in args.masks:
+            for n in sizes:
+                progress(f"{dtype} {mask} {n:.0e} entries")
+                points.append(point(n, mask, dtype, gbps, max(4, repeats // max(1, n // 1_000_000)),
+                                    args.busy and n <= 100_000))  # fmt: skip
+    print(f"# scaling: {os.cpu_count()} CPUs, copy bandwidth {gbps:.1f} GB/s, kernels {kernels.backend()}, "
+          f"density {DENSITY}")  # fmt: skip
+    cols = ["dtype", "mask", "entries", "written", "switch ms", "floor ms", "x floor", "+ streams ms", "x",
+            "kernel ms", "switch / kernel"] + (["busy ms"] if args.busy else [])  # fmt: skip
+    print_table(
+        cols,
+        [
+            [
+                q["dtype"],
+                q["mask"],
+                q["entries"],
+                q["written"],
+                q["switch_ms"],
+                q["floor_ms"],
+                q["floor_ratio"],
+                q["streams_ms"],
+                q["streams_ratio"],
+                q.get("kernel_ms"),
+                q.get("atomic_ratio"),
+            ]
+            + ([q.get("busy_ms")] if args.busy else [])
+            for q in points
+        ],  # fmt: skip
+    )
+    chart(points)
+    if args.json:
+        args.json.write_text(json.dumps({"copy_gbps": gbps, "points": points}, indent=1))
+        progress(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
