@@ -1,6 +1,6 @@
 """What atomic switches cost: the SHiRA switch as shipped (saved-value buffers filled with the ungathered marker,
-reused from the retired state) against the allocation it replaced (fresh unfilled buffers, which a rollback could
-not read), interleaved switch by switch in one run.
+slices of one arena per dtype reused from the retired state) against the allocation it replaced (fresh unfilled
+buffers, which a rollback could not read), interleaved switch by switch in one run.
 
     python -m benchmarks.atomic_cost                     # llama-1b shapes, fp32, 1% masks
     python -m benchmarks.atomic_cost --preset small --repeats 20
@@ -22,8 +22,9 @@ from benchmarks.common import progress
 from benchmarks.timing import cycles
 
 
-def _unguarded(self: Switcher, t: str, n: int, dtype: str) -> torch.Tensor:
-    return torch.empty(n, dtype=getattr(torch, dtype))  # the allocation before atomic switches: no marker, no reuse
+def _unguarded(self: Switcher, dtypes: list[str], sizes: list[int]) -> tuple[list[torch.Tensor], dict]:
+    # the allocation before atomic switches: no marker, no reuse
+    return [torch.empty(n, dtype=getattr(torch, d)) for d, n in zip(dtypes, sizes)], {}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -98,8 +98,10 @@ class Switcher:
         self.ops = backend.ops
         self.state = State(EMPTY_PLAN, {}, {})
         self._absmax: dict[str, float] = {}
-        # saved-value buffers of the state before the current one, reused by the next switch: their pages are
-        # mapped already, so the marker fill is paid instead of the page faults (one more set of saved values)
+        # The saved-value buffers of a switch are slices of one buffer per dtype (an arena: one marker fill per
+        # switch, not one per tensor). The applied state's arenas, and those of the state before it, reused by the
+        # next switch: their pages are mapped already, so the marker fill is paid instead of the page faults.
+        self._arenas: dict[str, Array] = {}
         self._spare: dict[str, Array] = {}
 
     @property
@@ -203,7 +205,7 @@ class Switcher:
         old, tensors, ops = self.state, self.backend.tensors, self.ops
         in_t = list(plan.sparse)
         in_idx = [plan.sparse[t][0] for t in in_t]
-        in_saved = [self._ungathered(t, ops.numel(i), dtype_name(tensors[t])) for t, i in zip(in_t, in_idx)]
+        in_saved, arenas = self._ungathered([dtype_name(tensors[t]) for t in in_t], [ops.numel(i) for i in in_idx])
         dense_saved = {t: c for t, c in old.dense_saved.items() if t in plan.dense}  # base copies kept
         scales = self.backend.scales
         quant = any(t in scales for t in in_t)
@@ -251,7 +253,7 @@ class Switcher:
             sat = {t: int(n) for t, n in zip(in_t, saturated.tolist()) if n} if saturated is not None else {}
             stats = self._stats(old.plan, plan, (time.perf_counter() - t0) * 1e3, sat)
             self.state = State(plan, dict(zip(in_t, zip(in_idx, in_saved))), dense_saved)  # commit
-            self._spare = {t: s for t, (_, s) in old.sparse_saved.items()}  # free now that the switch committed
+            self._spare, self._arenas = self._arenas, arenas  # old's arenas are free now that the switch committed
         except BaseException:
             self._rollback(old, plan, in_saved, dense_saved)
             self.backend.after_switch(old.plan.active, touched)  # rolled back: the same tensors were written
@@ -279,7 +281,7 @@ class Switcher:
     def _undo(self, old: State, plan: Plan, in_saved: list[Array], dense_saved: dict) -> None:
         tensors, ops = self.backend.tensors, self.ops
         self.state = old  # in case the commit happened before the exception
-        self._spare = {}  # it may hold old's buffers (they are in use again)
+        self._spare = {}  # it may hold old's arenas (they are in use again)
         for t in {*old.plan.dense, *plan.dense}:  # dense tensors back to their base copies
             base = old.dense_saved.get(t, dense_saved.get(t))
             if base is not None:
@@ -304,15 +306,26 @@ class Switcher:
         _apply_dense(self.backend, old.plan, old.dense_saved)
         self.backend.set_unfused(old.plan.unfused)
 
-    def _ungathered(self, t: str, n: int, dtype: str) -> Array:
-        """A saved-value buffer for ``n`` values of tensor ``t``, every entry holding the ungathered marker."""
-        spare = self._spare.pop(t, None)
-        ops = self.ops
-        if spare is None or ops.numel(spare) < n or dtype_name(spare) != dtype:
-            return ops.marked(n, dtype)
-        buf = spare[:n]
-        ops.mark(buf)
-        return buf
+    def _ungathered(self, dtypes: list[str], sizes: list[int]) -> tuple[list[Array], dict[str, Array]]:
+        """Saved-value buffers for ``sizes[k]`` values of dtype ``dtypes[k]``, every entry holding the ungathered
+        marker: slices of one arena per dtype (a spare one reused when large enough), marked with one fill."""
+        ops, total = self.ops, {}
+        for d, n in zip(dtypes, sizes):
+            total[d] = total.get(d, 0) + n
+        arenas = {}
+        for d, n in total.items():
+            spare = self._spare.pop(d, None)
+            if spare is None or ops.numel(spare) < n:
+                arenas[d] = ops.marked(n, d)
+            else:
+                arenas[d] = spare
+                ops.mark(spare[:n])
+        at = dict.fromkeys(total, 0)
+        out = []
+        for d, n in zip(dtypes, sizes):
+            out.append(arenas[d][at[d] : at[d] + n])
+            at[d] += n
+        return out, arenas
 
     def _stats(self, old: Plan, new: Plan, ms: float, saturated: dict[str, int]) -> SwitchStats:
         tensors, numel, size = self.backend.tensors, self.ops.numel, self.ops.itemsize
