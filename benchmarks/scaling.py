@@ -4,6 +4,7 @@
     python -m benchmarks.scaling --quick               # 1e3 .. 1e5, fp32 (seconds)
     python -m benchmarks.scaling --busy                # also each size up to 1e5 with the other vCPU kept busy
     python -m benchmarks.scaling --dense               # the threshold for whole-tensor work on one thread
+    python -m benchmarks.scaling --soak 20000          # the tiny preset: switch times and a mixed soak, quiet/busy
 
 For each size N, a model of four linears holding 100 N weights (the adapter's density is 1%, as a SHiRA adapter on
 a model of that size) gets two random adapters A and B of N entries each (``rand``: uniform positions; ``block``:
@@ -23,6 +24,10 @@ dependency): one bar per point, its length the switch time over the floor.
 (rank 8, A -> B) on one n x n linear, the mean over a run of switches (a stall shows in the mean, not the median),
 with the switch's torch work kept on the calling thread (the runtime's rule for small tensors) against torch's
 default threads, quiet and with the other vCPU busy.
+
+``--soak N`` runs the tiny preset (fp32, ``shira_runtime.models``) with two fused LoRA adapters (rank
+8) and two SHiRA adapters (1%): the median A -> B switch of each kind, then N switches cycling LoRA A, LoRA B,
+SHiRA A, SHiRA B, the base; quiet, then with the other vCPU busy.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,8 +121,8 @@ def bare_kernel(rt: Runtime, a: str, b: str, repeats: int) -> float:
 
     kernels.switch_([], [], [], [tensors[t] for t in ts], [pa.sparse[t][0] for t in ts],
                     [pa.sparse[t][1] for t in ts], saved[a], validate=False)  # fmt: skip
-    t = cycle([lambda: sw(a, b), lambda: sw(b, a)], repeats)  # ends on a's side: B -> A last
-    if repeats % 2 == 1:
+    t = cycle([lambda: sw(a, b), lambda: sw(b, a)], repeats)  # 1 + repeats calls from A: ends in B when even
+    if repeats % 2 == 0:
         sw(b, a)
     kernels.switch_([tensors[t] for t in ts], [pa.sparse[t][0] for t in ts], saved[a], [], [], [], [],
                     validate=False)  # fmt: skip
@@ -189,6 +195,34 @@ def dense_threshold(sides: tuple[int, ...], switches: int) -> list[list[object]]
     return rows
 
 
+def soak(switches: int) -> list[list[object]]:
+    """The tiny preset's switches and a mixed soak, quiet and busy: [condition, LoRA ms, SHiRA ms, soak s]."""
+    from shira_runtime.models import TARGETS, load_base
+
+    model = load_base("tiny")
+    rt = Runtime.load(model)
+    for k, name in enumerate(("la", "lb")):
+        rt.add_adapter(name, random_lora(model, TARGETS, 8, seed=k + 1), mode="fused")
+    for k, name in enumerate(("sa", "sb")):
+        rt.add_adapter(name, random_shira(model, TARGETS, DENSITY, seed=k + 3))
+    rows = []
+    for busy in (False, True):
+        with busy_cpu(busy):
+            row: list[object] = ["other vCPU busy" if busy else "quiet"]
+            for a, b in (("la", "lb"), ("sa", "sb")):
+                rt.switch(a)
+                row.append(cycle([lambda b=b: rt.switch(b), lambda a=a: rt.switch(a)], 300).median_ms)
+            names = ("la", "lb", "sa", "sb", None)
+            t = time.perf_counter()
+            for k in range(switches):
+                rt.switch(names[k % len(names)])
+            row.append(time.perf_counter() - t)
+            rt.switch(None)
+        rows.append(row)
+        progress(f"tiny: {row}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="1e3 .. 1e5 entries, fp32, rand and block (seconds)")
@@ -198,8 +232,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--busy", action="store_true", help="also time each size up to 1e5 with the other vCPU busy")
     p.add_argument("--repeats", type=int, default=None, help="timed switches per point (default 40; --quick 20)")
     p.add_argument("--dense", action="store_true", help="measure the one-thread threshold for whole-tensor work")
+    p.add_argument("--soak", type=int, default=0, help="the tiny preset's switches and an N-switch mixed soak")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.soak:
+        rows = soak(args.soak)
+        print(f"# tiny preset: median switch ms and a {args.soak}-switch mixed soak; torch threads "
+              f"{torch.get_num_threads()}, {os.cpu_count()} CPUs")  # fmt: skip
+        print_table(["condition", "LoRA fused A -> B ms", "SHiRA A -> B ms", "soak s"], rows)
+        if args.json:
+            args.json.write_text(json.dumps({"soak": rows}, indent=1))
+        return
     if args.dense:
         rows = dense_threshold((64, 128, 256, 362, 512, 724, 1024), args.repeats or 200)
         print(f"# fused LoRA switch (rank 8) on one n x n linear, mean ms; torch threads {torch.get_num_threads()}, "
@@ -209,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.json:
             args.json.write_text(json.dumps({"dense": rows}, indent=1))
         return
-    top = 1e5 if args.quick else args.max
+    top = min(args.max, 1e5) if args.quick else args.max
     sizes = [int(10**k) for k in range(3, 8) if 10**k <= top]
     dtypes = args.dtypes or (["fp32"] if args.quick else ["fp32", "bf16", "int8"])
     repeats = args.repeats or (20 if args.quick else 40)

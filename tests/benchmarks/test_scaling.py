@@ -1,0 +1,57 @@
+"""benchmarks.scaling: the bare-kernel cycle leaves the weights as it found them, the floor counts the lines A and B
+touch, and the quick run, the threshold run and the soak run end to end (no time is asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from shira_runtime import Runtime, SparseAdapter, kernels
+from torch import nn
+
+from benchmarks import scaling
+from tests.conftest import assert_bit_identical, snapshot
+
+
+def test_the_bare_kernel_cycle_leaves_the_weights_as_they_were():
+    model = scaling.model_for(2000, seed=0)
+    rt = Runtime.load(model)
+    for k, name in enumerate("ab"):
+        rt.add_adapter(name, scaling.random_shira(model, scaling.NAMES, scaling.DENSITY, seed=k + 1))
+    before = snapshot(model)
+    for repeats in (3, 4):
+        assert scaling.bare_kernel(rt, "a", "b", repeats) > 0
+        assert_bit_identical(model, before)
+
+
+def test_the_floor_counts_the_distinct_lines_a_and_b_touch():
+    model = nn.ModuleDict({"q_proj": nn.Linear(64, 4, bias=False)})  # 256 fp32: 16 lines of 16 elements
+    rt = Runtime.load(model)
+    rt.add_adapter("a", SparseAdapter({"q_proj.weight": torch.tensor([0, 1, 17])}, {"q_proj.weight": torch.ones(3)}))
+    rt.add_adapter("b", SparseAdapter({"q_proj.weight": torch.tensor([2, 40])}, {"q_proj.weight": torch.ones(2)}))
+    floor, streams, entries = scaling.floors(rt, "a", "b", "fp32", 1.0)  # lines 0, 1 (A) and 0, 2 (B): 3
+    assert entries == 5
+    assert floor == pytest.approx(3 * 64 * 2 / 1e9 * 1e3)
+    assert streams == pytest.approx(floor + 5 * scaling.STREAM_BYTES["fp32"] / 1e9 * 1e3)
+
+
+def test_quick_run_end_to_end(tmp_path, capsys):
+    out = tmp_path / "s.json"
+    scaling.main(["--quick", "--max", "1e4", "--repeats", "4", "--json", str(out)])
+    points = json.loads(out.read_text())["points"]
+    assert {(p["mask"], p["entries"]) for p in points} == {(m, n) for m in ("rand", "block") for n in (1000, 10000)}
+    for p in points:
+        assert p["written"] >= p["entries"] and p["switch_ms"] > 0 and p["floor_ms"] > 0
+        if kernels.backend():
+            assert p["kernel_ms"] > 0 and p["atomic_ratio"] > 0
+    assert "switch / floor" in capsys.readouterr().out
+
+
+def test_soak_and_threshold_runs_end_to_end(tmp_path, monkeypatch, capsys):
+    scaling.main(["--soak", "50"])
+    assert "other vCPU busy" in capsys.readouterr().out
+    keep = scaling.torch_backend.DENSE_SERIAL_BELOW
+    rows = scaling.dense_threshold((32, 64), 4)
+    assert [r[:2] for r in rows] == [[32, 1024], [64, 4096]]
+    assert scaling.torch_backend.DENSE_SERIAL_BELOW == keep  # put back
