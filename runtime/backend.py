@@ -65,8 +65,9 @@ class Backend(ABC):
         return None
 
     def serial(self, largest: int) -> AbstractContextManager:
-        """A context for the whole-tensor work of one switch (LoRA merges, base copies) whose largest tensor has
-        ``largest`` elements: the torch backend keeps work below ``DENSE_SERIAL_BELOW`` on the calling thread.
+        """A context for one switch with whole-tensor work (LoRA merges, base copies); ``largest``: the larger of
+        its largest dense tensor's elements and its sparse entries. The torch backend keeps a switch below
+        ``DENSE_SERIAL_BELOW`` on the calling thread.
         Nothing by default (numpy's own threads are left as they are)."""
         return nullcontext()
 

@@ -17,8 +17,8 @@ from torch import nn
 # Whole-tensor work (a fused LoRA merge, a base copy) runs single-threaded when every tensor of the switch, and its
 # sparse entries, hold fewer elements than this. Measured (``python -m benchmarks.scaling --dense``, docs/results/
 # scaling.md; 2-vCPU AMD EPYC, torch 2.13): a fused LoRA switch on an n x n linear gains nothing from torch's second
-# thread up to 2^16 elements (0.94-0.99x) and 16% just below 2^17, while with the other vCPU busy the threads cost
-# 1.2-22x (mean over 200 switches) at every size: spinning OpenMP threads that cannot run stall the switch.
+# thread up to 2^16 elements (0.93-0.99x) and 16% just below 2^17, while with the other vCPU busy the threads cost
+# 1.1-22x (mean over 200 switches) at every size: spinning OpenMP threads that cannot run stall the switch.
 DENSE_SERIAL_BELOW = 1 << 17
 
 
