@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from shira_runtime import Runtime, SparseAdapter, kernels
+from shira_runtime import Runtime, SparseAdapter
 from torch import nn
 
 from benchmarks import scaling
@@ -43,12 +43,11 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     assert {(p["mask"], p["entries"]) for p in points} == {(m, n) for m in ("rand", "block") for n in (1000, 10000)}
     for p in points:
         assert p["written"] >= p["entries"] and p["switch_ms"] > 0 and p["floor_ms"] > 0
-        if kernels.backend():
-            assert p["kernel_ms"] > 0 and p["atomic_ratio"] > 0
+        assert p["kernel_ms"] > 0 and p["atomic_ratio"] > 0  # fp32: the bare kernel on either kernel path
     assert "switch / floor" in capsys.readouterr().out
 
 
-def test_soak_and_threshold_runs_end_to_end(tmp_path, monkeypatch, capsys):
+def test_soak_and_threshold_runs_end_to_end(capsys):
     scaling.main(["--soak", "50"])
     assert "other vCPU busy" in capsys.readouterr().out
     keep = scaling.torch_backend.DENSE_SERIAL_BELOW
