@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -32,6 +33,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from shira_runtime import Runtime
@@ -53,6 +55,8 @@ from benchmarks.fusion_tasks import (
     Sampler,
     eval_set,
 )
+from benchmarks.real_tasks import TASKS as REAL_TASKS
+from benchmarks.real_tasks import Tasks
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The paper's Table (multi-adapter fusion, LLaMA-7B, BoolQ/PIQA/ARC-e): average drop single -> fused, points.
@@ -78,11 +82,32 @@ class Config:
     seed: int = 0
     threads: int = 1
     targets: tuple[str, ...] = TARGETS
+    # the real model: a transformers decoder directory or a name of shira_runtime.pretrained (None: the toy Llama)
+    hf: str | None = None
+    seeds: tuple[int, ...] = ()  # run every method once per seed: mean and spread over seeds (empty: (seed,))
 
 
 QUICK = Config(
     tasks=("reverse", "sort", "recall"), masks=("rand", "wm"), hidden=32, base_steps=60, steps=15, rank=2, eval_n=24
 )
+# SmolLM2-135M-Instruct (--hf smollm2): the tasks of benchmarks.real_tasks, r 4 = 1.15% of the adapted weights (the
+# paper's 1-2%), 30 steps of 8 examples per adapter (one learning rate per family, from a small sweep for single
+# accuracy), no replay (there are no base tasks), three seeds. Training on one thread: two threads were 1.4x
+# faster on a quiet machine (0.93 vs 1.30 s/step) and over 2.3x slower with the other vCPU busy (measured).
+REAL = Config(
+    tasks=REAL_TASKS,
+    masks=("wm", "rand"),
+    steps=30,
+    batch=8,
+    rank=4,
+    lora_lr=3e-3,
+    shira_lr=5e-3,
+    replay=0.0,
+    eval_n=50,
+    hf="smollm2",
+    seeds=(0, 1, 2),
+)
+REAL_QUICK = replace(REAL, masks=("wm",), steps=3, eval_n=6, seeds=(0,))
 
 
 @dataclass(frozen=True)
@@ -102,6 +127,7 @@ class Row:
     single_tok_acc: float = 0.0  # answer tokens right (greedy), alone
     fused_tok_acc: float = 0.0  # and fused
     fused_active: tuple[str, ...] = field(default=())  # rt.active while fused_acc was measured
+    seed: int = 0
 
     @property
     def drop(self) -> float:
@@ -154,11 +180,12 @@ def train(
     return float(loss.detach())
 
 
-def accuracy(generate: Callable[..., torch.Tensor], ev: EvalSet) -> tuple[float, float]:
+def accuracy(generate: Callable[..., torch.Tensor], ev: EvalSet, eos: int = EOS) -> tuple[float, float]:
     """Greedy answers' exact-match accuracy (every answer token right) and token accuracy (answer positions
     right): ``generate(prompts, max_new_tokens=m)`` returns prompt + new tokens."""
     with torch.no_grad():
-        out = generate(ev.prompts, max_new_tokens=ev.answers.shape[1], eos_token_id=EOS)
+        mask = torch.ones_like(ev.prompts)  # no padding: every prompt of a set has the same length
+        out = generate(ev.prompts, max_new_tokens=ev.answers.shape[1], eos_token_id=eos, attention_mask=mask)
     p, m = ev.prompts.shape[1], ev.answers.shape[1]
     new = torch.full_like(ev.answers, -1)
     got = out[:, p : p + m]
@@ -192,11 +219,67 @@ def _base_eval(task: str, n_in: int, n: int, seed: int) -> EvalSet:
     return EvalSet(task, torch.tensor(prompts), torch.tensor(answers))
 
 
+@dataclass
+class Setting:
+    """What every method trains and is measured on: the base (frozen), the held-out sets, a training sampler per
+    task, a batch per task for the gradient-scored masks, and the end token greedy answers stop at."""
+
+    base: nn.Module
+    evals: dict[str, EvalSet]
+    sampler: Callable[[str], Any]  # task -> an object whose .batch(n) gives (ids, labels)
+    mask_batch: Callable[[str], dict]
+    eos: int
+    about: dict  # the base's own figures, for the report
+
+
+def toy_setting(cfg: Config) -> Setting:
+    """The toy Llama pretrained on the base tasks (``cfg.seed``); adapters replay the base tasks."""
+    progress(f"pretraining the base ({cfg.base_steps} steps on {', '.join(BASE_TASKS)})")
+    base, base_acc, base_s = pretrain(cfg)
+    evals = {t: eval_set(t, cfg.eval_n, cfg.seed) for t in cfg.tasks}
+
+    def mask_batch(task: str) -> dict:
+        ids, _ = Sampler([task], cfg.seed + 1).batch(cfg.batch)
+        return {"input_ids": ids, "attention_mask": (ids != PAD).long()}
+
+    about = {"acc_base_tasks": base_acc, "train_s": base_s, "model": f"toy Llama hidden {cfg.hidden}"}
+    return Setting(base, evals, lambda task: adapter_sampler(cfg, task, evals[task]), mask_batch, EOS, about)
+
+
+def real_base(name: str) -> tuple[nn.Module, Any]:
+    """A real trained decoder, frozen, and its tokenizer: ``name`` is a directory or a ``shira_runtime.pretrained``
+    name (fetched once into the cache)."""
+    import transformers
+    from shira_runtime import pretrained
+    from shira_runtime.models import load_base
+
+    path = pretrained.fetch(name) if name in pretrained.MODELS else Path(name)
+    base = load_base(str(path)).eval()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return base, transformers.AutoTokenizer.from_pretrained(path)
+
+
+def real_setting(cfg: Config, base: nn.Module, tokenizer: Any) -> Setting:
+    """The text tasks of ``benchmarks.real_tasks`` over a real model's tokenizer, seeded by ``cfg.seed``."""
+    tasks = Tasks(tokenizer, cfg.seed)
+    evals = {t: tasks.eval_set(t, cfg.eval_n) for t in cfg.tasks}  # before any sampler: they are held out
+
+    def mask_batch(task: str) -> dict:
+        ids, _ = tasks.sampler([task], cfg.seed + 1).batch(cfg.batch)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}  # right padding: causal, harmless
+
+    about = {"model": f"{cfg.hf} ({type(base).__name__}, {sum(p.numel() for p in base.parameters())} parameters)"}
+    return Setting(base, evals, lambda task: tasks.sampler([task], cfg.seed), mask_batch, tasks.eos, about)
+
+
 def methods(cfg: Config) -> list[tuple[str, str | None, bool | None]]:
     return [("lora", None, None)] + [("shira", k, ov) for k in cfg.masks for ov in (True, False)]
 
 
-def peft_configs(cfg: Config, method: str, mask: str | None, overlap: bool | None, model: nn.Module) -> list:
+def peft_configs(
+    cfg: Config, method: str, mask: str | None, overlap: bool | None, model: nn.Module, setting: Setting
+) -> list:
     """One PEFT config per task; SHiRA ones carry their mask functions (gradient kinds: one batch per task)."""
     import peft
 
@@ -207,12 +290,7 @@ def peft_configs(cfg: Config, method: str, mask: str | None, overlap: bool | Non
             for _ in cfg.tasks
         ]
     scored = mask in ("grad", "snip", "block")
-    batches = None
-    if scored:
-        batches = []
-        for task in cfg.tasks:
-            ids, _ = Sampler([task], cfg.seed + 1).batch(cfg.batch)
-            batches.append({"input_ids": ids, "attention_mask": (ids != PAD).long()})
+    batches = [setting.mask_batch(task) for task in cfg.tasks] if scored else None
     fns = shira_masks(
         mask, len(cfg.tasks), model if scored else None, batches, seed=cfg.seed, overlap=overlap, targets=targets
     )
@@ -234,8 +312,7 @@ def adapter_sampler(cfg: Config, task: str, ev: EvalSet) -> Sampler:
 def run_method(
     cfg: Config,
     rt: Runtime,
-    base: nn.Module,
-    evals: dict[str, EvalSet],
+    setting: Setting,
     method: str,
     mask: str | None,
     overlap: bool | None,
@@ -247,8 +324,8 @@ def run_method(
 
     rss_mb()  # the peak since here is this method's
     t0 = time.perf_counter()
-    model = copy.deepcopy(base)
-    configs = peft_configs(cfg, method, mask, overlap, model)
+    model = copy.deepcopy(setting.base)
+    configs = peft_configs(cfg, method, mask, overlap, model, setting)
     tasks = list(cfg.tasks)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT: "mask_type" is a label for a custom mask_fn
@@ -264,21 +341,21 @@ def run_method(
         torch.manual_seed(cfg.seed + i)
         t1 = time.perf_counter()
         lr = cfg.lora_lr if method == "lora" else cfg.shira_lr
-        train(pm, trainable, adapter_sampler(cfg, task, evals[task]), cfg.steps, lr, cfg.batch)
+        train(pm, trainable, setting.sampler(task), cfg.steps, lr, cfg.batch)
         train_s[task] = time.perf_counter() - t1
     pm.save_pretrained(str(out_dir))  # adapters not named "default" go to out_dir/<name>
     del pm, model
-    names = [f"{_tag(method, mask, overlap)}/{t}" for t in tasks]
+    names = [f"{_tag(method, mask, overlap)}/s{cfg.seed}/{t}" for t in tasks]
     for name, task in zip(names, tasks):
         rt.add_adapter(name, out_dir / task)
     single, fused = {}, {}
     for name, task in zip(names, tasks):
         rt.switch(name)
-        single[task] = accuracy(rt.generate, evals[task])
+        single[task] = accuracy(rt.generate, setting.evals[task], setting.eos)
     rt.switch(names, weights=[1.0] * len(names))
     active = tuple(n for n, _ in rt.active)
     for task in tasks:
-        fused[task] = accuracy(rt.generate, evals[task])
+        fused[task] = accuracy(rt.generate, setting.evals[task], setting.eos)
     rt.switch(None)
     for name in names:
         rt.remove_adapter(name)
@@ -298,6 +375,7 @@ def run_method(
             single[t][1],
             fused[t][1],
             active,
+            cfg.seed,
         )
         for t in tasks
     ]
@@ -313,12 +391,19 @@ def summary(rows: Sequence[Row]) -> list[dict]:
     for key in dict.fromkeys((r.method, r.mask, r.overlap) for r in rows):
         rs = [r for r in rows if (r.method, r.mask, r.overlap) == key]
         n = len(rs)
+        per_seed = {}
+        for r in rs:
+            per_seed.setdefault(r.seed, []).append(100 * r.drop)
+        drops = [sum(d) / len(d) for d in per_seed.values()]  # the average drop of each seed
+        spread = statistics.stdev(drops) if len(drops) > 1 else 0.0
         out.append(
             {
                 "method": rs[0].label,
                 "single_acc": sum(r.single_acc for r in rs) / n,
                 "fused_acc": sum(r.fused_acc for r in rs) / n,
                 "avg_drop_points": 100 * sum(r.drop for r in rs) / n,
+                "drop_sd_points": spread,  # sample standard deviation of the seeds' average drops
+                "seeds": len(drops),
                 "single_tok_acc": sum(r.single_tok_acc for r in rs) / n,
                 "fused_tok_acc": sum(r.fused_tok_acc for r in rs) / n,
                 "paper_avg_drop_points": PAPER_DROP.get(key),
@@ -331,25 +416,31 @@ def summary(rows: Sequence[Row]) -> list[dict]:
 
 
 def run(cfg: Config, out_dir: Path | None = None) -> dict:
-    """The whole experiment; returns the JSON document. ``out_dir`` keeps the PEFT adapters (default: temp)."""
+    """The whole experiment, once per seed; returns the JSON document. ``out_dir`` keeps the PEFT adapters
+    (default: temp)."""
     torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
-    progress(f"pretraining the base ({cfg.base_steps} steps on {', '.join(BASE_TASKS)})")
-    base, base_acc, base_s = pretrain(cfg)
-    evals = {t: eval_set(t, cfg.eval_n, cfg.seed) for t in cfg.tasks}
-    adapted = sum(m.weight.numel() for n, m in base.named_modules() if n.endswith(cfg.targets))
-    rt = Runtime.load(base)
-    held_out_base = {t: accuracy(rt.generate, evals[t])[0] for t in cfg.tasks}
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(out_dir) if out_dir is not None else Path(tmp)
-        for method, mask, overlap in methods(cfg):
-            tag = _tag(method, mask, overlap)
-            progress(f"{tag}: training {len(cfg.tasks)} adapters ({cfg.steps} steps each)")
-            rows += run_method(cfg, rt, base, evals, method, mask, overlap, root / tag)
+    held_out_base: dict[str, list[float]] = {}
+    real = real_base(cfg.hf) if cfg.hf else None  # loaded once; the tasks' data follow the seed
+    for seed in cfg.seeds or (cfg.seed,):
+        scfg = replace(cfg, seed=seed)
+        setting = real_setting(scfg, *real) if real else toy_setting(scfg)
+        base = setting.base
+        adapted = sum(m.weight.numel() for n, m in base.named_modules() if n.endswith(cfg.targets))
+        rt = Runtime.load(base)
+        for t in cfg.tasks:
+            held_out_base.setdefault(t, []).append(accuracy(rt.generate, setting.evals[t], setting.eos)[0])
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(out_dir) if out_dir is not None else Path(tmp)
+            for method, mask, overlap in methods(cfg):
+                tag = _tag(method, mask, overlap)
+                progress(f"seed {seed}, {tag}: training {len(cfg.tasks)} adapters ({cfg.steps} steps each)")
+                rows += run_method(scfg, rt, setting, method, mask, overlap, root / f"s{seed}" / tag)
+        del rt
     return {
         "config": asdict(cfg),
-        "base": {"acc_base_tasks": base_acc, "acc_held_out": held_out_base, "train_s": base_s},
+        "base": {**setting.about, "acc_held_out": {t: sum(v) / len(v) for t, v in held_out_base.items()}},
         "adapted_weights": adapted,  # entries of the target linears; an adapter trains rows[i].trainable_params
         "rows": [{**asdict(r), "drop": r.drop} for r in rows],
         "summary": summary(rows),
@@ -360,23 +451,26 @@ def run(cfg: Config, out_dir: Path | None = None) -> dict:
 
 def report(doc: dict) -> None:
     cfg, base = doc["config"], doc["base"]
+    seeds = cfg["seeds"] or [cfg["seed"]]
     print(
-        f"\n# fusion: Llama hidden {cfg['hidden']} x {cfg['layers']} layers, rank/r {cfg['rank']}, "
-        f"{cfg['steps']} steps per adapter, {cfg['eval_n']} held-out examples per task, seed {cfg['seed']}"
+        f"\n# fusion: {base['model']}, rank/r {cfg['rank']}, {cfg['steps']} steps of {cfg['batch']} per adapter, "
+        f"{cfg['eval_n']} held-out examples per task, seeds {', '.join(map(str, seeds))}"
     )
     params = doc["rows"][0]["trainable_params"]
     print(
         f"trainable per adapter: {params} (LoRA rank {cfg['rank']} = SHiRA r {cfg['rank']}), "
         f"{100 * params / doc['adapted_weights']:.1f}% of the {doc['adapted_weights']} adapted weights"
     )
-    print("base accuracy, base tasks: " + ", ".join(f"{k} {v:.2f}" for k, v in base["acc_base_tasks"].items()))
+    if "acc_base_tasks" in base:
+        print("base accuracy, base tasks: " + ", ".join(f"{k} {v:.2f}" for k, v in base["acc_base_tasks"].items()))
     print("base accuracy, held-out tasks: " + ", ".join(f"{k} {v:.2f}" for k, v in base["acc_held_out"].items()))
     print()
     print_table(
-        ["method", "task", "single", "fused", "drop", "single tok", "fused tok", "params", "train s"],
+        ["method", "seed", "task", "single", "fused", "drop", "single tok", "fused tok", "params", "train s"],
         [
             [
                 _tag(r["method"], r["mask"], r["overlap"]),
+                r["seed"],
                 r["task"],
                 r["single_acc"],
                 r["fused_acc"],
@@ -396,6 +490,7 @@ def report(doc: dict) -> None:
             "single",
             "fused",
             "avg drop (pts)",
+            "sd (seeds)",
             "paper's drop (pts)",
             "single tok",
             "fused tok",
@@ -409,6 +504,7 @@ def report(doc: dict) -> None:
                 s["single_acc"],
                 s["fused_acc"],
                 s["avg_drop_points"],
+                s["drop_sd_points"],
                 s["paper_avg_drop_points"],
                 s["single_tok_acc"],
                 s["fused_tok_acc"],
@@ -425,16 +521,37 @@ def report(doc: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.fusion", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny model, 3 tasks, 2 masks, few steps (seconds)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny model, 3 tasks, 2 masks, few steps (seconds); with "
+        "--hf: one mask, 3 steps, one seed (a smoke run of the real path, ~1-2 min)",
+    )
+    p.add_argument(
+        "--hf",
+        default=None,
+        help="a real trained decoder: smollm2 (SmolLM2-135M-Instruct, fetched once) "
+        "or a transformers directory; its tasks are benchmarks.real_tasks (default: the toy Llama)",
+    )
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="one run per seed; mean and spread")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for training (default 1)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--keep", type=Path, default=None, help="keep the PEFT adapter directories here")
     p.add_argument("--masks", nargs="+", choices=KINDS, default=None)
-    p.add_argument("--tasks", nargs="+", choices=HELD_OUT, default=None)
+    p.add_argument("--tasks", nargs="+", choices=HELD_OUT + REAL_TASKS, default=None)
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per adapter")
     p.add_argument("--seed", type=int, default=None)
     args = p.parse_args(argv)
-    cfg = QUICK if args.quick else Config()
-    over = {"masks": args.masks, "tasks": args.tasks, "steps": args.steps, "seed": args.seed}
+    if args.hf:
+        cfg = replace(REAL_QUICK if args.quick else REAL, hf=args.hf)
+        bad = [t for t in args.tasks or () if t not in REAL_TASKS]
+    else:
+        cfg = QUICK if args.quick else Config()
+        bad = [t for t in args.tasks or () if t not in HELD_OUT]
+    if bad:
+        p.error(f"tasks {bad} are not tasks of this model (toy: {HELD_OUT}; --hf: {REAL_TASKS})")
+    over = {"masks": args.masks, "tasks": args.tasks, "steps": args.steps, "seed": args.seed, "seeds": args.seeds}
+    over["threads"] = args.threads
     cfg = replace(cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in over.items() if v is not None})
     doc = run(cfg, args.keep)
     report(doc)

