@@ -118,3 +118,49 @@ class Sampler:
             ids[i, : len(s)] = torch.tensor(s)
             lab[i, : len(lb)] = torch.tensor(lb)
         return ids, lab
+
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LR = {"shira": 5e-3, "lora": 3e-3}  # benchmarks.fusion.REAL's rates (a small sweep for single accuracy)
+
+
+def train_adapter(
+    base,
+    tasks: Tasks,
+    task: str,
+    kind: str = "shira",
+    steps: int = 30,
+    batch: int = 8,
+    rank: int = 4,
+    seed: int = 0,
+    threads: int = 1,
+):
+    """A PEFT model over a copy of ``base`` with one adapter (``kind`` shira: PEFT's random mask, or lora; r /
+    rank ``rank``: 1.15% of SmolLM2's adapted weights) trained ``steps`` steps on ``task``; returned in eval mode.
+    Runs on ``threads`` torch threads (restored after): one thread kept training robust on a shared 2-vCPU machine
+    (two were 1.4x faster quiet, over 2.3x slower with the other vCPU busy)."""
+    import copy
+    import warnings
+
+    import peft
+
+    from benchmarks.fusion import train
+
+    if kind == "shira":
+        cfg = peft.ShiraConfig(r=rank, target_modules=list(TARGETS), random_seed=seed)
+    elif kind == "lora":
+        cfg = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=list(TARGETS), lora_dropout=0.0)
+    else:
+        raise ValueError(f"kind must be shira or lora, got {kind!r}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PEFT: SHiRA's sparse tensors are a beta API of torch
+            pm = peft.get_peft_model(copy.deepcopy(base), cfg)
+            torch.manual_seed(seed)
+            params = [p for p in pm.parameters() if p.requires_grad]
+            train(pm, params, tasks.sampler([task], seed), steps, LR[kind], batch)
+    finally:
+        torch.set_num_threads(before)
+    return pm.eval()

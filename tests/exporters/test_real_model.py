@@ -1,0 +1,174 @@
+"""The real trained model end to end: SmolLM2-135M-Instruct (``shira_runtime.pretrained``) with two SHiRA
+adapters trained here with PEFT (``benchmarks.real_tasks``: reverse four digits, an ISO date as day/month; 30
+steps each, ~40 s), packaged into a bundle that a fresh process loads.
+
+- greedy ``rt.generate`` per adapter on the bundle and on the torch backend gives PEFT's merged model's tokens,
+  switching between the generations (A, B, A, base);
+- the trained behaviour shows in the decoded text (held-out inputs the base gets wrong);
+- on int8 / fp8 bases (torch backend) the same adapters are switched on the grid and revert bit for bit; how many
+  answers survive is printed (measured, not assumed: docs/results/real-model.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+pytest.importorskip("onnxscript")
+
+from shira_runtime import Runtime, quantize  # noqa: E402
+
+from benchmarks.real_tasks import Tasks, train_adapter  # noqa: E402
+from tests.conftest import assert_bit_identical, snapshot  # noqa: E402
+
+pytestmark = pytest.mark.slow
+TASKS = ("reverse", "date")
+N_EVAL = 16
+CHAT = "What is the capital of France?"
+
+
+def exact(out: torch.Tensor, prompts: torch.Tensor, answers: torch.Tensor) -> float:
+    """Share of rows whose greedy answer tokens are all right."""
+    got = out[:, prompts.shape[1] : prompts.shape[1] + answers.shape[1]]
+    if got.shape != answers.shape:
+        return 0.0
+    return float((got == answers).all(1).float().mean())
+
+
+@pytest.fixture(scope="module")
+def trained(smollm2_dir, tmp_path_factory):
+    """Two trained PEFT SHiRA adapters on disk, their held-out sets, and the PEFT-merged models' greedy tokens."""
+    tmp = tmp_path_factory.mktemp("real")
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    base = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    base.requires_grad_(False)
+    tasks = Tasks(tok, seed=0)
+    evals = {t: tasks.eval_set(t, N_EVAL) for t in TASKS}
+    chat = tok.apply_chat_template([{"role": "user", "content": CHAT}], add_generation_prompt=True)
+    chat = torch.tensor([chat if isinstance(chat, list) else chat["input_ids"]])
+    expected = {}
+    for task in TASKS:
+        pm = train_adapter(base, tasks, task, "shira", steps=30, seed=0)
+        pm.save_pretrained(str(tmp / task))
+        merged = pm.merge_and_unload().eval()
+        expected[task] = _generate_all(merged.generate, evals, chat, tasks.eos)
+        del pm, merged
+    expected[None] = _generate_all(base.generate, evals, chat, tasks.eos)
+    return {"dir": tmp, "tok": tok, "base": base, "evals": evals, "chat": chat, "eos": tasks.eos, "expected": expected}
+
+
+def _generate_all(generate, evals, chat, eos) -> dict[str, list]:
+    """Greedy tokens for every task's held-out prompts (one batch each) and the chat prompt."""
+    out = {}
+    with torch.no_grad():
+        for task, ev in evals.items():
+            new = ev.answers.shape[1] + 1  # the answer and its end token
+            mask = torch.ones_like(ev.prompts)
+            out[task] = generate(ev.prompts, max_new_tokens=new, eos_token_id=eos, attention_mask=mask).tolist()
+        out["chat"] = generate(chat, max_new_tokens=12, eos_token_id=eos, attention_mask=torch.ones_like(chat)).tolist()
+    return out
+
+
+def test_trained_adapters_answer_what_the_base_cannot(trained):
+    for task in TASKS:
+        ev = trained["evals"][task]
+        base_acc = exact(torch.tensor(trained["expected"][None][task]), ev.prompts, ev.answers)
+        acc = exact(torch.tensor(trained["expected"][task][task]), ev.prompts, ev.answers)
+        print(f"{task}: PEFT merged {acc:.2f}, base {base_acc:.2f} ({N_EVAL} held-out)")
+        assert base_acc <= 0.1 and acc >= 0.6, (task, base_acc, acc)
+
+
+def test_torch_backend_switches_to_the_peft_merged_tokens(trained):
+    model = copy.deepcopy(trained["base"])
+    rt = Runtime.load(model)
+    snap = snapshot(model)
+    for task in TASKS:
+        rt.add_adapter(task, trained["dir"] / task)
+    for name in (*TASKS, TASKS[0], None):  # switching between generations
+        rt.switch(name)
+        got = _generate_all(rt.generate, trained["evals"], trained["chat"], trained["eos"])
+        assert got == trained["expected"][name], name
+    assert_bit_identical(model, snap)
+
+
+@pytest.fixture(scope="module")
+def bundle(trained):
+    from shira_runtime.exporters.package import package
+
+    adapters = {t: trained["dir"] / t for t in TASKS}
+    # fp32 values: the bundle's weights after a switch are PEFT's merged weights bit for bit
+    return package(copy.deepcopy(trained["base"]), trained["dir"] / "bundle", adapters, values="fp32", quiet=True)
+
+
+FRESH = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    from shira_runtime import Runtime
+    spec = json.loads(sys.argv[1])
+    rt = Runtime.load(spec["bundle"])
+    out = {"adapters": sorted(rt.adapters), "runs": []}
+    for name in spec["order"]:
+        rt.switch(name)
+        run = {}
+        for key, (prompts, new) in spec["prompts"].items():
+            ids = np.array(prompts, dtype=np.int64)
+            run[key] = np.asarray(rt.generate(ids, max_new_tokens=new, eos_token_id=spec["eos"])).tolist()
+        out["runs"].append([name, run])
+    print(json.dumps(out))
+    """
+)
+
+
+def test_bundle_in_a_fresh_process_generates_the_peft_merged_tokens(trained, bundle):
+    evals = trained["evals"]
+    prompts = {t: (ev.prompts.tolist(), ev.answers.shape[1] + 1) for t, ev in evals.items()}
+    prompts["chat"] = (trained["chat"].tolist(), 12)
+    order = [*TASKS, TASKS[0], None]
+    spec = {"bundle": str(bundle), "order": order, "prompts": prompts, "eos": trained["eos"]}
+    proc = subprocess.run([sys.executable, "-c", FRESH, json.dumps(spec)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["adapters"] == sorted(TASKS)
+    tok = trained["tok"]
+    for name, run in out["runs"]:
+        assert run == trained["expected"][name], name
+        if name is not None:  # the trained behaviour, in the decoded text
+            ev = evals[name]
+            acc = exact(torch.tensor(run[name]), ev.prompts, ev.answers)
+            text = tok.decode(run[name][0][ev.prompts.shape[1] :], skip_special_tokens=True)
+            print(f"bundle, {name}: {acc:.2f} exact; {tok.decode(ev.prompts[0])!r} -> {text!r}")
+            assert acc >= 0.6
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3", "fp8_e5m2"])
+def test_trained_adapters_on_8bit_bases_switch_on_the_grid_and_revert(trained, fmt):
+    model = quantize(copy.deepcopy(trained["base"]), fmt)
+    rt = Runtime.load(model)
+    snap = snapshot(model)
+    for task in TASKS:
+        rt.add_adapter(task, trained["dir"] / task)
+    base_out = _generate_all(rt.generate, trained["evals"], trained["chat"], trained["eos"])
+    for task in TASKS:
+        stats = rt.switch(task)
+        ev = trained["evals"][task]
+        with torch.no_grad():
+            mask = torch.ones_like(ev.prompts)
+            out = rt.generate(
+                ev.prompts, max_new_tokens=ev.answers.shape[1], eos_token_id=trained["eos"], attention_mask=mask
+            )
+        acc = exact(out, ev.prompts, ev.answers)
+        fp32 = exact(torch.tensor(trained["expected"][task][task]), ev.prompts, ev.answers)
+        print(f"{fmt}, {task}: {acc:.2f} exact (fp32 base {fp32:.2f}); saturated {sum(stats.saturated.values())}")
+        assert stats.elements_written > 0
+    rt.switch(None)
+    assert_bit_identical(model, snap)
+    assert _generate_all(rt.generate, trained["evals"], trained["chat"], trained["eos"]) == base_out
