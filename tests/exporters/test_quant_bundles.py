@@ -294,3 +294,45 @@ def test_package_of_an_fp8_base_refused_before_anything_is_written(pair, tmp_pat
     with pytest.raises(ExportError, match=r"fp8_e5m2 layers: bundles hold int8 bases only .*bake\(adapter, module\)"):
         package(qmodel, tmp_path / "pkg", {"a1": adapters["a1"]}, quiet=True)
     assert not (tmp_path / "pkg").exists()
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_two_byte_activations_keep_a_linear_with_outlier_channels_exact(tokens):
+    """The exporter's chain (``u8t16``) against ``x @ (code * scale).T`` in fp64 when a few input channels carry
+    40x the others (a trained model's outliers): within 1e-3 of max |y|, where one-byte activations (``u8t``, the
+    form before) are off by over 1%; the weight copy is read live (a new copy changes the next run)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+    from shira_runtime.exporters.quant_graph import constants, int8_linear
+
+    g = torch.Generator().manual_seed(7)
+    n, k = 48, 320
+    codes = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, generator=g) * 0.01 + 0.001
+    x = torch.randn(tokens, k, generator=g)
+    x[:, [3, 77, 200]] *= 40.0
+    want = (x.double() @ (codes.double() * scale.double()[:, None]).T).numpy()
+    errs = {}
+    for form in ("u8t16", "u8t"):
+        graph = helper.make_graph(
+            int8_linear("x", "u", "s", n, k, "y", 17, form),
+            form,
+            [
+                helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k]),
+                helper.make_tensor_value_info("u", TensorProto.UINT8, [k, n]),
+                helper.make_tensor_value_info("s", TensorProto.FLOAT, [n]),
+            ],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            initializer=list(constants(form).values()),
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        u = np.ascontiguousarray((codes.view(torch.uint8) ^ 0x80).T.numpy())
+        got = sess.run(None, {"x": x.numpy(), "u": u, "s": scale.numpy()})[0]
+        errs[form] = float(np.abs(got - want).max() / np.abs(want).max())
+        u2 = 255 - u  # other codes: the next run reads them (code -c - 1)
+        want2 = x.double().numpy() @ ((u2.astype(np.float64) - 128) * scale.double().numpy()[None, :])
+        got2 = sess.run(None, {"x": x.numpy(), "u": u2, "s": scale.numpy()})[0]
+        errs[form + " new"] = float(np.abs(got2 - want2).max() / np.abs(want2).max())
+    assert errs["u8t16"] <= 1e-3 and errs["u8t16 new"] <= 1e-3, errs
+    assert errs["u8t"] > 1e-2, errs  # why the exporter moved to two bytes
