@@ -172,3 +172,33 @@ def test_trained_adapters_on_8bit_bases_switch_on_the_grid_and_revert(trained, f
     rt.switch(None)
     assert_bit_identical(model, snap)
     assert _generate_all(rt.generate, trained["evals"], trained["chat"], trained["eos"]) == base_out
+
+
+def test_int8_bundle_of_the_real_model_generates_the_torch_int8_tokens(trained):
+    """The packager's int8 bundle of SmolLM2 passes its own export check (one-byte activations did not: logits
+    18% of their max off) and, with the trained adapters switched live, generates the torch backend's int8 tokens:
+    the two differ only in activation rounding (the bundle: 15 bits per token; torch: bf16 at few tokens), so the
+    documented tolerance is one row in 16 per prompt set, and the trained answers the same within one row."""
+    from shira_runtime.exporters.package import package
+
+    qmodel = quantize(copy.deepcopy(trained["base"]), "int8")
+    adapters = {t: trained["dir"] / t for t in TASKS}
+    bundle = package(copy.deepcopy(qmodel), trained["dir"] / "bundle8", adapters, quiet=True)
+    rb, rq = Runtime.load(bundle), Runtime.load(qmodel)
+    for task in TASKS:
+        rq.add_adapter(task, trained["dir"] / task)
+    evals = trained["evals"]
+    for name in (*TASKS, TASKS[0], None):
+        rb.switch(name)
+        rq.switch(name)
+        got = _generate_all(rb.generate, evals, trained["chat"], trained["eos"])
+        want = _generate_all(rq.generate, evals, trained["chat"], trained["eos"])
+        for key in (*TASKS, "chat"):
+            same = sum(a == b for a, b in zip(got[key], want[key]))
+            assert same >= len(want[key]) - (1 if key != "chat" else 0), (name, key, same)
+        if name is not None:
+            ev = evals[name]
+            acc_b = exact(torch.tensor(got[name]), ev.prompts, ev.answers)
+            acc_q = exact(torch.tensor(want[name]), ev.prompts, ev.answers)
+            print(f"int8 bundle, {name}: {acc_b:.2f} exact (torch int8 {acc_q:.2f})")
+            assert abs(acc_b - acc_q) <= 1 / N_EVAL + 1e-9 and acc_b >= 0.6
