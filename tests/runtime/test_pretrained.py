@@ -35,3 +35,16 @@ def test_unknown_real_model_is_refused(tmp_path):
         pretrained.fetch("nope", tmp_path)
     with pytest.raises(BaseLoadError, match="a real model"):
         load_base("nope-not-a-model")
+
+
+@pytest.mark.slow
+def test_the_gguf_file_is_kept_once_for_llama_cpp(smollm2_dir):
+    path = pretrained.gguf_file("smollm2")
+    assert path.name == "smollm2.gguf" and path.parent == pretrained.cache_root()
+    with open(path, "rb") as f:
+        assert f.read(4) == b"GGUF"
+    stamp = path.stat().st_mtime_ns
+    assert pretrained.gguf_file("smollm2") == path and path.stat().st_mtime_ns == stamp  # cached: not fetched again
+    assert not list(path.parent.glob(".smollm2*"))  # no half-written file or staging directory left
+    with pytest.raises(BaseLoadError, match="not one of"):
+        pretrained.gguf_file("nope")
