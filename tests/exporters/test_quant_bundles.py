@@ -336,3 +336,19 @@ def test_two_byte_activations_keep_a_linear_with_outlier_channels_exact(tokens):
         errs[form + " new"] = float(np.abs(got2 - want2).max() / np.abs(want2).max())
     assert errs["u8t16"] <= 1e-3 and errs["u8t16 new"] <= 1e-3, errs
     assert errs["u8t"] > 1e-2, errs  # why the exporter moved to two bytes
+
+
+def test_the_live_probe_skips_codes_no_node_reads(pair, monkeypatch):
+    """An int8 weight's graph reads its transposed copy, not the codes: the liveness probe writes the copies (and
+    float weights), never the codes, so it does not pay one run per quantized layer before it finds a live one."""
+    from shira_runtime import onnx_backend
+
+    _, bundle, _ = pair
+    seen = []
+    real = onnx_backend._probe_order
+    monkeypatch.setattr(onnx_backend, "_probe_order", lambda arrays: seen.append(set(arrays)) or real(arrays))
+    rt = Runtime.load(bundle)
+    rt.backend.check_live()
+    codes = {Manifest.read(bundle).parameters[n]["onnx"] for n in rt.backend.mirrors}
+    assert seen and codes and not (codes & seen[-1])
+    assert {f"{n}::u8t" for n in rt.backend.mirrors} <= seen[-1]  # the copies the graph reads are probed
