@@ -71,14 +71,11 @@ def llama_cpp_row(name: str, prompt: list[int], threads: int):
     llm = llama_cpp.Llama(str(pretrained.gguf_file(name)), n_ctx=512, n_threads=threads, verbose=False)
 
     def generate(n: int) -> list[int]:
-        llm.reset()
-        llm.eval(prompt)
         out = []
-        for _ in range(n):
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))  # greedy, as the other rows
-            out.append(tok)
-            if len(out) < n:
-                llm.eval([tok])
+        for t in llm.generate(prompt, top_k=1, temp=0.0, reset=True):  # greedy; no stop at the end token
+            out.append(int(t))
+            if len(out) == n:
+                break
         return out
 
     return generate, None
