@@ -61,6 +61,7 @@ from benchmarks.fusion_tasks import (
 )
 from benchmarks.real_tasks import TASKS as REAL_TASKS
 from benchmarks.real_tasks import Tasks
+from benchmarks.training import accuracy, train
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The paper's Table (multi-adapter fusion, LLaMA-7B, BoolQ/PIQA/ARC-e): average drop single -> fused, points.
@@ -163,39 +164,6 @@ def base_model(cfg: Config) -> nn.Module:
     model = transformers.LlamaForCausalLM(lc)
     model.config.use_cache = False
     return model
-
-
-def train(
-    model: nn.Module, params: Sequence[torch.Tensor], sampler: Sampler, steps: int, lr: float, batch: int
-) -> float:
-    """``steps`` AdamW steps (one-cycle schedule) of the answer loss on ``sampler``'s batches; the final loss."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    model.train()
-    loss = torch.tensor(float("nan"))
-    for _ in range(steps):
-        ids, labels = sampler.batch(batch)
-        loss = model(input_ids=ids, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    model.eval()
-    return float(loss.detach())
-
-
-def accuracy(generate: Callable[..., torch.Tensor], ev: EvalSet, eos: int = EOS) -> tuple[float, float]:
-    """Greedy answers' exact-match accuracy (every answer token right) and token accuracy (answer positions
-    right): ``generate(prompts, max_new_tokens=m)`` returns prompt + new tokens."""
-    with torch.no_grad():
-        mask = torch.ones_like(ev.prompts)  # no padding: every prompt of a set has the same length
-        out = generate(ev.prompts, max_new_tokens=ev.answers.shape[1], eos_token_id=eos, attention_mask=mask)
-    p, m = ev.prompts.shape[1], ev.answers.shape[1]
-    new = torch.full_like(ev.answers, -1)
-    got = out[:, p : p + m]
-    new[:, : got.shape[1]] = got  # rows that all ended early (EOS) leave -1: wrong
-    right = new == ev.answers
-    return float(right.all(1).float().mean()), float(right.float().mean())
 
 
 def pretrain(cfg: Config) -> tuple[nn.Module, dict[str, float], float]:

@@ -37,8 +37,9 @@ from shira_runtime.table import print_table
 
 from benchmarks.baselines import RequantLora
 from benchmarks.common import progress
-from benchmarks.fusion import accuracy, real_base
+from benchmarks.fusion import real_base
 from benchmarks.real_tasks import TASKS, Tasks, train_adapter
+from benchmarks.training import accuracy
 
 FORMATS = ("fp32", "int8", "fp8_e4m3", "fp8_e5m2")
 

@@ -10,7 +10,7 @@ own (the fusion experiment's lesson: adapters whose tasks share one input format
 Prompts are plain text (no chat template), answers are the tokens of the answer string followed by the
 tokenizer's end token. Every prompt of a task tokenizes to the same length, so an evaluation set is one batch.
 Held-out evaluation: ``eval_set`` draws inputs that ``Sampler`` never trains on (checked by input string).
-Accuracy is exact match of the greedy answer tokens (``benchmarks.fusion.accuracy``).
+Accuracy is exact match of the greedy answer tokens (``benchmarks.training.accuracy``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.fusion_tasks import EvalSet
+from benchmarks.training import train
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -143,8 +144,6 @@ def train_adapter(
     import warnings
 
     import peft
-
-    from benchmarks.fusion import train
 
     if kind == "shira":
         cfg = peft.ShiraConfig(r=rank, target_modules=list(TARGETS), random_seed=seed)
