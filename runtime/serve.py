@@ -52,6 +52,8 @@ from shira_runtime.serve_groups import (
     GroupWorker,
     ServeError,
     check_adapter,
+    end_tokens,
+    new_tokens,
     parse_request,
     vocab_size,
 )
@@ -386,16 +388,17 @@ class HttpClient:
 
 def expected(rt: Runtime, adapter: str | None, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list:
     """The new tokens ``rt`` generates for ``prompts`` with ``adapter`` active: the offline answer a reply is
-    checked against (prompts of one length go as one batch)."""
+    checked against (prompts of one length go as one batch; each row cut after its end token, as replies are)."""
     by_len: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         by_len.setdefault(len(p), []).append(i)
     out: list = [None] * len(prompts)
+    eos = end_tokens(rt)
     with rt.using(adapter):
         for n, rows in by_len.items():
             ids = torch.tensor([list(prompts[i]) for i in rows], dtype=torch.long)
             for i, row in zip(rows, rt.generate(ids, max_new_tokens=max_new_tokens)):
-                out[i] = row[n:].tolist()
+                out[i] = new_tokens(row.tolist(), n, eos)
     return out
 
 

@@ -256,10 +256,11 @@ class GroupWorker:
             return
         produced = adapter_name(before)
         self.served += len(jobs)
+        eos = end_tokens(self.rt)
         for j, row in zip(jobs, out):
             reply = Reply(
                 adapter=produced,
-                tokens=row[len(j.ids) :].tolist(),
+                tokens=new_tokens(row.tolist(), len(j.ids), eos),
                 replica=self.replica,
                 batch=len(jobs),
                 switch_seq=self.switches,
@@ -269,6 +270,31 @@ class GroupWorker:
                 generate_ms=generate_ms,
             )
             j.future.set_result(reply)
+
+
+def end_tokens(rt: Runtime) -> list[int]:
+    """The end tokens ``rt.generate`` stops a row at by default (the model's own: a bundle's manifest, a
+    transformers model's generation config); empty when it has none."""
+    decoder = getattr(rt.backend, "decoder", None)
+    if decoder is not None:
+        eos = decoder.get("eos_token_id")
+    else:
+        config = getattr(getattr(rt.backend, "module", None), "generation_config", None)
+        eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def new_tokens(row: Sequence[int], prompt_len: int, eos: Sequence[int]) -> list[int]:
+    """A generated row's new tokens up to and including its first end token: what a batch of one returns. In a
+    batch, a row that ended early is filled with padding until the others end; the padding is no answer, and
+    without this cut a reply would depend on which requests shared its group."""
+    out = [int(t) for t in row[prompt_len:]]
+    for i, t in enumerate(out):
+        if t in eos:
+            return out[: i + 1]
+    return out
 
 
 def vocab_size(rt: Runtime) -> int | None:

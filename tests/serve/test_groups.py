@@ -20,6 +20,8 @@ from shira_runtime.serve_groups import (
     ServeError,
     adapter_name,
     check_adapter,
+    end_tokens,
+    new_tokens,
     parse_request,
     vocab_size,
 )
@@ -267,3 +269,54 @@ def test_check_adapter_names_the_registered_ones(tiny):
     assert check_adapter(rt, None) is None and check_adapter(rt, "s0") == "s0"
     with pytest.raises(UnknownAdapterError, match=r"no adapter named 'x' on this replica; registered: \['s0'"):
         check_adapter(rt, "x")
+
+
+def test_new_tokens_stop_at_the_first_end_token():
+    assert new_tokens([7, 8, 1, 2, 3], 2, [2]) == [1, 2]
+    assert new_tokens([7, 8, 1, 2, 2, 2], 2, [2]) == [1, 2]  # the batch's padding after the end is no answer
+    assert new_tokens([7, 8, 1, 3, 4], 2, [2]) == [1, 3, 4]
+    assert new_tokens([7, 8, 5, 1, 9], 2, [9, 5]) == [5]
+    assert new_tokens([7, 8], 2, [2]) == []
+    assert new_tokens([7, 8, 1, 2], 2, []) == [1, 2]
+
+
+def test_a_reply_does_not_depend_on_the_requests_beside_it():
+    """A row that ends early inside a group is padded until the group ends; its reply is cut after its end token,
+    so it equals what the same request alone returns (the check against the driver failed on the real model: a
+    batch of three padded the row, the replica's batch of one did not)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    rt = Runtime.load(m)
+    prompts = [
+        tuple(int(t) for t in torch.randint(1, 256, (6,), generator=torch.Generator().manual_seed(k))) for k in range(3)
+    ]
+    free = rt.generate(torch.tensor([list(p) for p in prompts]), max_new_tokens=6)[:, 6:]
+    # an end token that one row reaches before its last new token and no other row produces
+    others = lambda r: free[[i for i in range(len(prompts)) if i != r]].flatten().tolist()  # noqa: E731
+    row, j = next(
+        (r, j)
+        for r in range(len(prompts))
+        for j in range(5)
+        if int(free[r, j]) not in free[r, :j].tolist() and int(free[r, j]) not in others(r)
+    )
+    end = int(free[row, j])
+    m.generation_config.eos_token_id = end
+    m.generation_config.pad_token_id = end
+    assert end_tokens(rt) == [end]
+    g = AdapterGroups(max_batch=4)
+    futures = [g.put(None, p, 6) for p in prompts]
+    worker = GroupWorker(rt, g, "t").start()
+    try:
+        replies = [f.result(timeout=60) for f in futures]
+    finally:
+        worker.stop()
+    assert [r.batch for r in replies] == [3, 3, 3]  # one group: the row ended early inside it
+    assert replies[row].tokens == free[row, : j + 1].tolist()  # cut after its end token, no padding
+    for p, r in zip(prompts, replies):
+        one = rt.generate(torch.tensor([list(p)]), max_new_tokens=6)
+        assert r.tokens == one[0, len(p) :].tolist(), p  # what the same request alone returns
+    assert expected(rt, None, prompts, 6) == [r.tokens for r in replies]  # the driver's check agrees
