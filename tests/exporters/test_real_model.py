@@ -214,6 +214,6 @@ def test_the_real_bundle_serves_on_ray(bundle):
     if proc.returncode == 3:
         pytest.skip(proc.stderr.strip().splitlines()[-1])
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert f"serving 2 adapters {sorted(TASKS)}" in proc.stdout and "all replies right" in proc.stdout
+    assert "serving 2 adapters" in proc.stdout and "all replies right" in proc.stdout
     for name in ("(base)", *TASKS):
         assert f"{name}: ok" in proc.stdout
