@@ -8,7 +8,8 @@
 
 For each size N, a model of four linears holding 100 N weights (the adapter's density is 1%, as a SHiRA adapter on
 a model of that size) gets two random adapters A and B of N entries each (``rand``: uniform positions; ``block``:
-``shira_runtime.masks``' random 64-byte blocks). Timed: ``Runtime.switch`` A -> B -> A (end to end: Python,
+``shira_runtime.masks``' random 64-byte blocks of the base's own storage: 16 fp32, 32 bf16, 64 int8 elements,
+``line_dtype``). Timed: ``Runtime.switch`` A -> B -> A (end to end: Python,
 the registered adapter's checks, lock, plan, kernel, stats; median of the timed switches, ``benchmarks.timing``)
 and, on fp32/bf16, the bare kernel call (``kernels.switch_`` on the same arrays and preallocated saved buffers: no
 transaction, no plan, no stats). Beside them the memory floor (the distinct 64-byte weight lines A and B touch,
@@ -58,6 +59,7 @@ NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")  # four linears, PEFT-style nam
 DENSITY = 0.01
 STREAM_BYTES = {"fp32": 2 * 4 + 12, "bf16": 2 * 2 + 12, "int8": 2 * 1 + 12}  # per entry: saved x2, delta, index x2
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LINE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
 
 
 def model_for(entries: int, seed: int) -> nn.Module:
@@ -131,8 +133,9 @@ def bare_kernel(rt: Runtime, a: str, b: str, repeats: int) -> float:
 
 def point(entries: int, mask: str, dtype: str, gbps: float, repeats: int, busy: bool) -> dict:
     model = model_for(entries, seed=0)
-    adapters = {n: random_shira(model, NAMES, DENSITY, seed=k + 1, mask=None if mask == "rand" else mask)
-                for k, n in enumerate("ab")}  # fmt: skip
+    line = None if mask == "rand" else LINE_DTYPES[dtype]  # blocks are lines of the base's own storage
+    adapters = {n: random_shira(model, NAMES, DENSITY, seed=k + 1, mask=None if mask == "rand" else mask,
+                                line_dtype=line) for k, n in enumerate("ab")}  # fmt: skip
     if dtype == "int8":
         model = quantize(model, "int8")
     elif dtype != "fp32":
@@ -226,6 +229,7 @@ def soak(switches: int) -> list[list[object]]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="1e3 .. 1e5 entries, fp32, rand and block (seconds)")
+    p.add_argument("--min", type=float, default=1e3, help="the smallest size (entries; default 1e3)")
     p.add_argument("--max", type=float, default=1e7, help="the largest size (entries; default 1e7)")
     p.add_argument("--dtypes", nargs="+", default=None, choices=["fp32", "bf16", "int8"])
     p.add_argument("--masks", nargs="+", default=["rand", "block"], choices=["rand", "block"])
@@ -253,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
             args.json.write_text(json.dumps({"dense": rows}, indent=1))
         return
     top = min(args.max, 1e5) if args.quick else args.max
-    sizes = [int(10**k) for k in range(3, 8) if 10**k <= top]
+    sizes = [int(10**k) for k in range(3, 8) if args.min <= 10**k <= top]
     dtypes = args.dtypes or (["fp32"] if args.quick else ["fp32", "bf16", "int8"])
     repeats = args.repeats or (20 if args.quick else 40)
     gbps = copy_bandwidth_gbps()

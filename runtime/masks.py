@@ -101,8 +101,17 @@ class ShiraMaskFn:
     dtype and device with exactly ``r * (out + in)`` ones. Masks are memoized by module (as flat indices).
     Made by ``shira_mask_fn``; PEFT's keyword arguments (``bias``, ``random_seed``) are ignored."""
 
-    def __init__(self, kind: str, seed: int, exclude: list[Any], scores: _Scores | None, names: dict[nn.Module, str]):
+    def __init__(
+        self,
+        kind: str,
+        seed: int,
+        exclude: list[Any],
+        scores: _Scores | None,
+        names: dict[nn.Module, str],
+        line_dtype: torch.dtype | None = None,
+    ):
         self.kind, self.seed, self.exclude, self._scores, self._names = kind, seed, exclude, scores, names
+        self.line_dtype = line_dtype
         self._memo: dict[nn.Module, tuple[int, torch.Tensor]] = {}  # module -> (r, sorted flat indices)
 
     def __repr__(self) -> str:
@@ -156,7 +165,7 @@ class ShiraMaskFn:
         if banned is None:
             banned = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
         if self.kind == "block":
-            run = max(1, CACHE_LINE_BYTES // w.element_size())
+            run = block_elements(self.line_dtype if self.line_dtype is not None else w.dtype)
             idx = _block(score, banned, k, run, gen)
         else:
             idx = _top_k(score.masked_fill(banned, float("-inf")).reshape(-1), k, gen)
@@ -198,6 +207,7 @@ def shira_mask_fn(
     seed: int = 0,
     exclude: Any = None,
     targets: Iterable[str] | None = None,
+    line_dtype: torch.dtype | str | None = None,
 ) -> ShiraMaskFn:
     """A SHiRA mask function of ``kind`` (one of ``KINDS``), usable as PEFT's ``ShiraConfig.mask_fn``.
 
@@ -211,10 +221,15 @@ def shira_mask_fn(
     by ``seed``; to make the count exact, random row/column positions (never diagonal ones) are dropped or random
     other positions added. ``block``: whole cache lines of the weight's dtype (16 fp32 or 32 bf16/fp16 elements)
     aligned within each row (a row's last block is shorter when ``in`` is not a multiple), best summed score
-    first; the count is exact: the best positions of the next block fill the remainder. ``exclude``: positions
-    never chosen (see the module docstring).
+    first; the count is exact: the best positions of the next block fill the remainder. ``line_dtype``: the
+    storage the blocks are lines of, when the adapter will be switched on a base of another dtype than the
+    weights it is made on (``torch.int8`` / ``"int8"`` for an int8 or fp8 base: 64 elements per block; None: the
+    weight's own dtype). Any mask is valid on any base of the same shapes: blocks made for fp32 (16 elements) on
+    an int8 base are quarter lines (the switch touches a line per block, not per four), and blocks made for int8
+    are four whole lines of fp32 (as good on fp32 as fp32's own). ``exclude``: positions never chosen (see the
+    module docstring).
     """
-    return shira_masks(kind, 1, model, batch, loss_fn, seed, exclude=exclude, targets=targets)[0]
+    return shira_masks(kind, 1, model, batch, loss_fn, seed, exclude=exclude, targets=targets, line_dtype=line_dtype)[0]
 
 
 def shira_masks(
@@ -227,6 +242,7 @@ def shira_masks(
     overlap: bool = True,
     exclude: Any = None,
     targets: Iterable[str] | None = None,
+    line_dtype: torch.dtype | str | None = None,
 ) -> list[ShiraMaskFn]:
     """``n`` mask functions with seeds ``seed, seed + 1, ...``, for ``n`` adapters to be fused (the paper's two
     variants): ``overlap=False`` makes each exclude the masks of all earlier ones, so the ``n`` masks are disjoint.
@@ -245,6 +261,10 @@ def shira_masks(
         raise ValueError(f"SHiRA mask kind {kind!r} needs {need}; got {given}")
     if not scored and (batch is not None or loss_fn is not None):
         raise ValueError(f"SHiRA mask kind {kind!r} uses no batch or loss_fn (only grad, snip and block do)")
+    if line_dtype is not None:
+        line_dtype = _line_dtype(line_dtype)
+        if kind != "block":
+            raise ValueError(f"SHiRA mask kind {kind!r} takes no line_dtype (only block masks are made of lines)")
     earlier = _exclusions(exclude)
     batches = list(batch) if isinstance(batch, (list, tuple)) else [batch] * n
     if len(batches) != n:
@@ -257,8 +277,25 @@ def shira_masks(
         if scored and (scores is None or not same):
             kind_score = "grad" if kind == "grad" else "snip"
             scores = _Scores(_gradient_scores(model, batches[i], loss_fn, targets, kind_score), names, n if same else 1)
-        fns.append(ShiraMaskFn(kind, seed + i, earlier + ([] if overlap else list(fns)), scores, names))
+        fns.append(ShiraMaskFn(kind, seed + i, earlier + ([] if overlap else list(fns)), scores, names, line_dtype))
     return fns
+
+
+def block_elements(dtype: torch.dtype | str) -> int:
+    """Elements of ``dtype`` in one 64-byte cache line: the length of a ``block`` mask's blocks on such a base
+    (16 fp32, 32 bf16/fp16, 64 int8/fp8)."""
+    return max(1, CACHE_LINE_BYTES // _line_dtype(dtype).itemsize)
+
+
+def _line_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, str):
+        named = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(named, torch.dtype):
+            raise ValueError(f"line_dtype {dtype!r} is not a torch dtype name (e.g. 'int8', 'bfloat16', 'float32')")
+        dtype = named
+    if not isinstance(dtype, torch.dtype) or dtype.is_complex or dtype == torch.bool:
+        raise ValueError(f"line_dtype must be a real torch dtype (e.g. torch.int8), got {dtype!r}")
+    return dtype
 
 
 def _exclusions(exclude: Any) -> list[Any]:

@@ -36,6 +36,7 @@ def random_shira(
     values_dtype: torch.dtype = torch.float32,
     mask: str | None = None,
     batch: torch.Tensor | None = None,
+    line_dtype: torch.dtype | str | None = None,
 ) -> SparseAdapter:
     """A random SHiRA adapter over the target linears: ``density`` of each weight, deltas ~ N(0, std).
 
@@ -43,7 +44,9 @@ def random_shira(
     PEFT's way: ``r * (out + in)`` per layer for one ``r``
     (the adapter's ``density`` overall; saved as PEFT SHiRA, it loads in PEFT); None: uniformly random
     positions, ``round(density * numel)`` in each weight. ``batch`` (input ids) is the calibration batch of the
-    gradient kinds (``grad``, ``snip``, SNIP-scored ``block``): one forward/backward of ``module`` on it."""
+    gradient kinds (``grad``, ``snip``, SNIP-scored ``block``): one forward/backward of ``module`` on it.
+    ``line_dtype``: a ``block`` mask's blocks are 64-byte lines of this dtype (the base it will be switched on;
+    None: the module's own weights)."""
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"density {density} is not in [0, 1]")
     gen = torch.Generator().manual_seed(seed)
@@ -51,7 +54,9 @@ def random_shira(
     weights = target_weights(module, targets)
     fn = None
     if mask is not None:
-        fn = shira_mask_fn(mask, module if batch is not None else None, batch, seed=seed, targets=targets)
+        fn = shira_mask_fn(
+            mask, module if batch is not None else None, batch, seed=seed, targets=targets, line_dtype=line_dtype
+        )
         linears = {f"{n}.weight": m for n, m in module.named_modules() if f"{n}.weight" in weights}
         total = sum(w.numel() for w in weights.values())
         r = max(1, round(density * total / sum(w.shape[0] + w.shape[1] for w in weights.values())))

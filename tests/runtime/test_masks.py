@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from shira_runtime import Runtime, SparseAdapter
-from shira_runtime.masks import KINDS, mask_indices, shira_mask_fn, shira_masks
+from shira_runtime.masks import KINDS, block_elements, mask_indices, shira_mask_fn, shira_masks
 from torch import nn
 
 from tests.conftest import assert_bit_identical, snapshot
@@ -176,13 +176,24 @@ def test_errors_name_the_kind_and_layer_at_fault():
         mask_indices(torch.tensor([1.0, 0.5]))
 
 
-@pytest.mark.parametrize("dtype,inn", [(torch.float32, 64), (torch.bfloat16, 64), (torch.float32, 40)])
-def test_block_takes_aligned_cache_lines(dtype, inn):
+@pytest.mark.parametrize(
+    "dtype,inn,line,run",
+    [
+        (torch.float32, 64, None, 16),
+        (torch.bfloat16, 64, None, 32),
+        (torch.float32, 40, None, 16),
+        (torch.float32, 256, torch.int8, 64),  # made on fp32 for an int8 base: 64-element blocks
+        (torch.float32, 256, "float8_e4m3fn", 64),
+        (torch.bfloat16, 128, torch.float32, 16),
+        (torch.float32, 100, "int8", 64),  # rows not a multiple of the block
+    ],
+)
+def test_block_takes_aligned_cache_lines(dtype, inn, line, run):
     torch.manual_seed(0)
     lin = nn.Linear(inn, 24).to(dtype)
-    run = 64 // lin.weight.element_size()
+    assert block_elements(line if line is not None else dtype) == run
     k = 2 * (24 + inn)
-    mask = shira_mask_fn("block", seed=5)(lin, 2).float()
+    mask = shira_mask_fn("block", seed=5, line_dtype=line)(lin, 2).float()
     nb = -(-inn // run)
     per_block = F.pad(mask, (0, nb * run - inn)).view(24, nb, run).sum(-1)  # ones per aligned run
     size = torch.tensor([min(run, inn - b * run) for b in range(nb)]).expand(24, nb)
@@ -190,6 +201,27 @@ def test_block_takes_aligned_cache_lines(dtype, inn):
     assert int(partial.sum()) <= 1, "whole blocks, and at most one block's best positions fill the remainder"
     if inn % run == 0:
         assert int((per_block > 0).sum()) == -(-k // run)  # touched 64-byte lines
+
+
+def test_line_dtype_is_refused_where_it_means_nothing():
+    with pytest.raises(ValueError, match="line_dtype 'fp6' is not a torch dtype name"):
+        shira_mask_fn("block", line_dtype="fp6")
+    with pytest.raises(ValueError, match="line_dtype must be a real torch dtype"):
+        shira_mask_fn("block", line_dtype=torch.bool)
+    with pytest.raises(ValueError, match="SHiRA mask kind 'rand' takes no line_dtype"):
+        shira_mask_fn("rand", line_dtype=torch.int8)
+
+
+def test_blocks_for_int8_are_whole_lines_on_every_wider_dtype():
+    """A mask made with 64-element blocks (an int8 base's lines) covers whole lines of fp32 and bf16 too; one made
+    with fp32's 16-element blocks is valid on int8 but takes a quarter of each line it touches."""
+    lin = nn.Linear(256, 32)
+    idx = shira_mask_fn("block", seed=3, line_dtype=torch.int8).flat(lin, 4)
+    for size in (4, 2, 1):  # fp32, bf16, int8 lines: every touched line is full
+        lines = torch.unique(idx * size // 64)
+        assert lines.numel() * 64 // size == idx.numel()
+    narrow = shira_mask_fn("block", seed=3).flat(lin, 4)
+    assert torch.unique(narrow // 64).numel() >= 2 * torch.unique(idx // 64).numel()
 
 
 def test_snip_blocks_are_the_best_summed_blocks():
