@@ -464,14 +464,59 @@ struct RowCursor {
   }
 };
 
+// A run of n int8 codes of one row (one scale), written as requantize<0> writes each, in a loop the compiler
+// vectorizes: no table (an int8 code's value is the integer), the rounding and the clamp as selects. Bit for bit
+// the entry-by-entry loop: the same fp32 operations in the same order on every lane. Returns the clamped count.
+// -fno-trapping-math for this loop only (GCC): the selects may then evaluate both sides, which lets it vectorize;
+// values are unchanged (FP exception flags are all it gives up; nothing reads them).
+#if defined(__GNUC__) && !defined(__clang__)
+#define SHIRA_SELECTS __attribute__((optimize("no-trapping-math")))
+#else
+#define SHIRA_SELECTS
+#endif
+SHIRA_SELECTS inline int64_t int8_run(uint8_t* __restrict__ p, uint8_t* __restrict__ s, const float* __restrict__ d, float scale,
+                        int64_t n) {
+  constexpr float kMagic = 12582912.0f;  // round_even's
+  int32_t clamped = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const uint8_t old = p[k];
+    s[k] = old;
+    const float v = static_cast<float>(static_cast<int8_t>(old)) * scale;
+    const float x = (v + d[k]) / scale;
+    const float rounded = __builtin_copysignf((x + kMagic) - kMagic, x);
+    float r = __builtin_fabsf(x) < 4194304.0f ? rounded : x;
+    const float ar = __builtin_fabsf(r);
+    clamped += static_cast<int32_t>(ar > 127.0f);
+    const float lim = __builtin_copysignf(127.0f, r);
+    r = ar > 127.0f ? lim : r;
+    p[k] = static_cast<uint8_t>(static_cast<int32_t>(r));
+  }
+  return clamped;
+}
+
 template <int F, typename I, bool kPrefetch>
 int64_t apply_range_q(uint8_t* __restrict__ w, const I* __restrict__ idx, const float* __restrict__ delta,
                       uint8_t* __restrict__ saved, const float* __restrict__ scales, int64_t row_len, int64_t b,
-                      int64_t e, int64_t pf) {
+                      int64_t e, int64_t pf, bool runs) {
   const Codes<F>& table = codes<F>();
   RowCursor rows{row_len};
   int64_t clamped = 0;
+  constexpr int64_t K = kRun<uint8_t>;
   for (int64_t i = b; i < e; ++i) {
+    if constexpr (F == 0) {  // a line of consecutive codes inside one row: the vectorized loop
+      if (runs && run_at(idx, i, e, K)) {
+        const int64_t j = idx[i];
+        const int64_t row = rows.at(j);
+        if (j + K <= rows.hi) {
+          if constexpr (kPrefetch) {  // the distance counts lines: K entries per line in a run
+            if (i + pf * K < e) __builtin_prefetch(w + idx[i + pf * K], 1, 3);
+          }
+          clamped += int8_run(w + j, saved + i, delta + i, scales[row], K);
+          i += K - 1;
+          continue;
+        }
+      }
+    }
     if constexpr (kPrefetch) {
       if (i + pf < e) __builtin_prefetch(w + idx[i + pf], 1, 3);
     }
@@ -484,9 +529,10 @@ int64_t apply_range_q(uint8_t* __restrict__ w, const I* __restrict__ idx, const 
 }
 
 template <int F, typename I>
-int64_t apply_q(const Item& it, uint8_t* w, const I* idx, uint8_t* saved, int64_t b, int64_t e, int64_t pf) {
-  return pf > 0 ? apply_range_q<F, I, true>(w, idx, it.delta, saved, it.scales, it.row_len, b, e, pf)
-                : apply_range_q<F, I, false>(w, idx, it.delta, saved, it.scales, it.row_len, b, e, 0);
+int64_t apply_q(const Item& it, uint8_t* w, const I* idx, uint8_t* saved, int64_t b, int64_t e, int64_t pf,
+                bool runs) {
+  return pf > 0 ? apply_range_q<F, I, true>(w, idx, it.delta, saved, it.scales, it.row_len, b, e, pf, runs)
+                : apply_range_q<F, I, false>(w, idx, it.delta, saved, it.scales, it.row_len, b, e, 0, runs);
 }
 
 // Baked codes: saved[i] = w[j]; w[j] = codes[i] (a byte swap, no grid math).
@@ -577,8 +623,9 @@ void run_mirrored(const Item& it, bool apply, int64_t b, int64_t e) {
 }
 
 template <typename I>
-void run_range_q(const Item& it, int64_t b, int64_t e) {
+void run_range_q(const Item& it, int64_t b, int64_t e, bool runs) {
   if (b >= e) return;
+  runs = runs && g_runs.load(std::memory_order_relaxed);
   uint8_t* w = reinterpret_cast<uint8_t*>(it.w);
   const I* idx = static_cast<const I*>(it.idx);
   uint8_t* saved = static_cast<uint8_t*>(it.saved);
@@ -593,13 +640,13 @@ void run_range_q(const Item& it, int64_t b, int64_t e) {
   int64_t clamped = 0;
   switch (it.wtype) {
     case SHIRA_I8:
-      clamped = apply_q<0, I>(it, w, idx, saved, b, e, pf);
+      clamped = apply_q<0, I>(it, w, idx, saved, b, e, pf, runs);
       break;
     case SHIRA_F8E4M3:
-      clamped = apply_q<1, I>(it, w, idx, saved, b, e, pf);
+      clamped = apply_q<1, I>(it, w, idx, saved, b, e, pf, runs);
       break;
     case SHIRA_F8E5M2:
-      clamped = apply_q<2, I>(it, w, idx, saved, b, e, pf);
+      clamped = apply_q<2, I>(it, w, idx, saved, b, e, pf, runs);
       break;
     default:
       throw std::logic_error("shira: unreachable code dtype");
@@ -635,8 +682,8 @@ void run_entries(const Item& it, bool apply, int64_t b, int64_t e, bool runs) {
   if (it.mirror)  // 1-byte codes and their bf16 mirror, entry by entry
     return it.idx64 ? run_mirrored<int64_t>(it, apply, b, e) : run_mirrored<int32_t>(it, apply, b, e);
   if (is_code(it.wtype)) {
-    if (apply)  // per-entry grid math: no block copy
-      return it.idx64 ? run_range_q<int64_t>(it, b, e) : run_range_q<int32_t>(it, b, e);
+    if (apply)  // per-entry grid math (int8 lines of one row: a vectorized loop)
+      return it.idx64 ? run_range_q<int64_t>(it, b, e, runs) : run_range_q<int32_t>(it, b, e, runs);
     return it.idx64 ? run_range<uint8_t, int64_t>(it, false, b, e, runs)  // a byte scatter
                     : run_range<uint8_t, int32_t>(it, false, b, e, runs);
   }
@@ -685,8 +732,16 @@ class Pool {
       body();
       return;
     }
-    const int64_t helpers = std::min<int64_t>(workers - 1, kMaxThreads);
-    grow(helpers);
+    int64_t helpers = std::min<int64_t>(workers - 1, kMaxThreads);
+    try {
+      grow(helpers);
+    } catch (...) {  // no thread to be had (a system limit): the threads that exist, or the caller alone. A call
+      helpers = std::min<int64_t>(helpers, started_);  // never fails once it has written (callers rely on it)
+      if (helpers == 0) {
+        body();
+        return;
+      }
+    }
     fn_ = [](void* ctx) { (*static_cast<F*>(ctx))(); };
     ctx_ = &body;
     helpers_ = helpers;
@@ -709,6 +764,16 @@ class Pool {
     }
   }
 
+  // Starts up to `helpers` workers now (a failure leaves fewer: run() then uses those that exist).
+  void prepare(int64_t helpers) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock()) return;  // another call runs a job: this one will run serially
+    try {
+      grow(std::min<int64_t>(helpers, kMaxThreads));
+    } catch (...) {
+    }
+  }
+
  private:
   static constexpr int64_t kMaxThreads = 256;
   static constexpr int kSpin = 4000;  // polls before sleeping (some tens of microseconds)
@@ -723,9 +788,10 @@ class Pool {
 
   void grow(int64_t n) {
     while (static_cast<int64_t>(started_) < n) {
-      const int64_t id = started_++;
+      const int64_t id = started_;
       const uint64_t seen = gen_.load(std::memory_order_acquire);  // the job about to be posted is new to it
-      std::thread([this, id, seen] { loop(id, seen); }).detach();
+      std::thread([this, id, seen] { loop(id, seen); }).detach();  // may throw: then it is not counted
+      ++started_;
     }
   }
 
@@ -778,6 +844,10 @@ Pool& pool() {
   }
   return *p;
 }
+
+// Starts the pool's workers a call of `threads` may use (before its first write); a failure to start one is not an
+// error (the call then uses those that exist).
+void pool_ready(int64_t threads) { pool().prepare(threads - 1); }
 
 // Runs every task; threaded (dynamic hand-out to up to `threads` threads) when `threaded`, else on the caller.
 void run_tasks(const std::vector<Task>& tasks, bool threaded, int64_t threads) {
@@ -970,25 +1040,30 @@ void run(const char* op, const std::vector<Item>& outs, const std::vector<Item>&
   const Plan plan = ordered ? kOrdered : (sorted && force != 1 ? kFused : kPhased);
   g_last_plan.store((threaded ? 1 : 0) | (static_cast<int64_t>(plan) << 1), std::memory_order_relaxed);
 
-  std::vector<Task> tasks;
+  // Every task list is made before the first write: nothing below allocates (or throws) once writing began, so
+  // a call that returns an error wrote nothing (the atomic switch of the runtime relies on it).
+  std::vector<std::vector<Task>> phases;  // run one after another
+  std::vector<char> phase_threaded;
   if (plan == kFused) {
+    phases.emplace_back();
     for (size_t k = 0; k < outs.size(); ++k)
-      if (!paired[k]) chunk_by_range(&outs[k], nullptr, chunk, tasks);
-    for (size_t j = 0; j < ins.size(); ++j) chunk_by_range(partner[j], &ins[j], chunk, tasks);
-    run_tasks(tasks, threaded, threads);
+      if (!paired[k]) chunk_by_range(&outs[k], nullptr, chunk, phases.back());
+    for (size_t j = 0; j < ins.size(); ++j) chunk_by_range(partner[j], &ins[j], chunk, phases.back());
+    phase_threaded.push_back(threaded);
   } else if (plan == kPhased) {
-    for (const Item& it : outs) chunk_by_position(&it, false, chunk, false, tasks);
-    run_tasks(tasks, threaded, threads);
-    tasks.clear();
-    for (const Item& it : ins) chunk_by_position(&it, true, chunk, false, tasks);
-    run_tasks(tasks, threaded, threads);
+    phases.resize(2);
+    for (const Item& it : outs) chunk_by_position(&it, false, chunk, false, phases[0]);
+    for (const Item& it : ins) chunk_by_position(&it, true, chunk, false, phases[1]);
+    phase_threaded.assign(2, threaded);
   } else {
     for (const Item& it : all) {
-      tasks.clear();
-      chunk_by_position(&it, it.apply, chunk, sorted, tasks);
-      run_tasks(tasks, threaded && it.n >= g_serial_below.load(std::memory_order_relaxed), threads);
+      phases.emplace_back();
+      chunk_by_position(&it, it.apply, chunk, sorted, phases.back());
+      phase_threaded.push_back(threaded && it.n >= g_serial_below.load(std::memory_order_relaxed));
     }
   }
+  if (threaded) pool_ready(threads);  // the pool's threads are started (or known unavailable) before any write
+  for (size_t k = 0; k < phases.size(); ++k) run_tasks(phases[k], phase_threaded[k] != 0, threads);
 }
 
 

@@ -18,7 +18,9 @@
  * Items of one list may alias (the same weight twice, views): then they run one after another in list order.
  *
  * Return value: 0 done; 1 refused (bad input: `err` holds the message, NOTHING was written); 2 internal error
- * (out of memory; `err` holds the message). `err` may be NULL; messages are cut to errlen - 1 bytes.
+ * (out of memory; `err` holds the message, NOTHING was written either: every allocation precedes the first write,
+ * and a worker thread that cannot be started only means fewer threads). So a call writes all of it or none of it.
+ * `err` may be NULL; messages are cut to errlen - 1 bytes.
  * threads: how many threads may work (the caller's included); <= 0 means the machine's hardware threads.
  * Small calls (under shira_tuning's serial_below entries) stay on the calling thread. The library keeps a
  * persistent pool of worker threads; concurrent calls are safe (a call that finds the pool busy runs serially).

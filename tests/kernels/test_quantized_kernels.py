@@ -189,6 +189,58 @@ def test_switch_matches_reference(ext, knobs, fmt, idx_dtype, threaded, plan, ru
     assert_bytes_equal(ws, base, "restored weight")
 
 
+def line_indices(rows: int, cols: int, lines: int, idx_dtype, g) -> torch.Tensor:
+    """A block mask's layout on 1-byte codes: whole 64-code lines aligned within rows, unaligned runs of 64, runs
+    that cross a row end (not one scale: the kernel's vectorized loop must not take them), short runs, and single
+    entries; sorted and unique."""
+    numel = rows * cols
+    starts = torch.randint(0, max(1, cols // 64), (lines,), generator=g) * 64 + torch.randint(0, rows, (lines,),
+                                                                                            generator=g) * cols
+    parts = [s + torch.arange(64) for s in starts.tolist()]  # aligned lines
+    parts += [s + torch.arange(64) for s in torch.randint(0, numel - 64, (lines // 2,), generator=g).tolist()]
+    parts += [r * cols - 20 + torch.arange(64) for r in range(1, rows, max(1, rows // 4))]  # across a row end
+    parts += [s + torch.arange(int(n)) for s, n in zip(torch.randint(0, numel - 70, (lines,), generator=g).tolist(),
+                                                       torch.randint(1, 70, (lines,), generator=g).tolist())]
+    parts.append(torch.randint(0, numel, (lines * 4,), generator=g))
+    idx = torch.cat(parts).unique()
+    return idx[(idx >= 0) & (idx < numel)].to(idx_dtype)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("idx_dtype", IDX_DTYPES, ids=["i32", "i64"])
+@pytest.mark.parametrize("threaded", [False, True], ids=["serial", "threaded"])
+@pytest.mark.parametrize("runs", [1, 0], ids=["runs", "no-runs"])
+def test_lines_of_codes_match_reference(ext, knobs, fmt, idx_dtype, threaded, runs):
+    """Block-mask layouts on 1-byte bases (int8's whole lines go through a vectorized loop): apply, switch and
+    restore equal the reference byte for byte, saturation counts too, whatever the chunking cuts (chunk 37 splits
+    lines), with ties and saturating deltas in every line."""
+    knobs(threaded=threaded, chunk=37, runs=runs)
+    g = gen(11)
+    shapes = [(8, 256), (6, 200), (3, 1000)]  # rows of whole lines; rows that end mid-line
+    ws, scales = map(list, zip(*(quant_weight(s, fmt, g) for s in shapes)))
+    a_idx = [line_indices(r, c, 12, idx_dtype, g) for r, c in shapes]
+    b_idx = [line_indices(r, c, 12, idx_dtype, g) for r, c in shapes]
+    a_d = [quant_deltas(w, s, i, g) for w, s, i in zip(ws, scales, a_idx)]
+    b_d = [quant_deltas(w, s, i, g) for w, s, i in zip(ws, scales, b_idx)]
+    a_saved = [torch.zeros(i.numel(), dtype=w.dtype) for w, i in zip(ws, a_idx)]
+    b_saved = [torch.zeros(i.numel(), dtype=w.dtype) for w, i in zip(ws, b_idx)]
+    base = clone(ws)
+    w_ref, a_ref, b_ref = clone(ws), clone(a_saved), clone(b_saved)
+    sat_ref, sat = torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64)
+    reference.apply_(w_ref, a_idx, a_d, a_ref, scales=scales, saturated=sat_ref)
+    ext.apply_(ws, a_idx, a_d, a_saved, validate=False, scales=scales, saturated=sat)
+    assert_bytes_equal(ws + a_saved, w_ref + a_ref, "after apply: tensor")
+    assert torch.equal(sat, sat_ref) and int(sat.sum()) > 0
+    sat_ref.zero_(), sat.zero_()
+    reference.switch_(w_ref, a_idx, a_ref, w_ref, b_idx, b_d, b_ref, in_scales=scales, saturated=sat_ref)
+    ext.switch_(ws, a_idx, a_saved, ws, b_idx, b_d, b_saved, validate=False, in_scales=scales, saturated=sat)
+    assert ext.tuning()["last_plan"] == {"threaded": threaded, "plan": "fused"}
+    assert_bytes_equal(ws + b_saved, w_ref + b_ref, "after switch: tensor")
+    assert torch.equal(sat, sat_ref)
+    ext.restore_(ws, b_idx, b_saved, validate=False)
+    assert_bytes_equal(ws, base, "restored weight")
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_large_default_knobs_and_mixed_lists(ext, knobs, fmt):
     """Threaded with the default knobs; one switch over fp32, bf16 and 1-byte weights together."""
