@@ -1,5 +1,6 @@
-"""What atomic switches cost: the SHiRA switch as shipped (saved-value buffers filled with the ungathered marker,
-slices of one arena per dtype reused from the retired state) against the allocation it replaced (fresh unfilled
+"""What atomic switches cost: the SHiRA switch as shipped (saved-value buffers holding the ungathered marker: in
+every entry on the references, in each buffer's first entry with the all-or-nothing kernel core; slices of one
+arena per dtype reused from the retired state) against the allocation it replaced (fresh unfilled
 buffers, which a rollback could not read), interleaved switch by switch in one run.
 
     python -m benchmarks.atomic_cost                     # llama-1b shapes, fp32, 1% masks
@@ -22,7 +23,9 @@ from benchmarks.common import progress
 from benchmarks.timing import cycles
 
 
-def _unguarded(self: Switcher, dtypes: list[str], sizes: list[int]) -> tuple[list[torch.Tensor], dict]:
+def _unguarded(
+    self: Switcher, dtypes: list[str], sizes: list[int], whole: bool = True
+) -> tuple[list[torch.Tensor], dict]:
     # the allocation before atomic switches: no marker, no reuse
     return [torch.empty(n, dtype=getattr(torch, d)) for d, n in zip(dtypes, sizes)], {}
 
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         ["buffers", "switch ms", "p90 ms", "x unguarded"],
         [
             [
-                "marker-filled, reused (shipped)",
+                "marked, reused (shipped)",
                 t["atomic"].median_ms,
                 t["atomic"].p90_ms,
                 t["atomic"].median_ms / t["unguarded"].median_ms,

@@ -205,7 +205,11 @@ class Switcher:
         old, tensors, ops = self.state, self.backend.tensors, self.ops
         in_t = list(plan.sparse)
         in_idx = [plan.sparse[t][0] for t in in_t]
-        in_saved, arenas = self._ungathered([dtype_name(tensors[t]) for t in in_t], [ops.numel(i) for i in in_idx])
+        # an all-or-nothing kernel (the core) marks only each buffer's first entry: whether it ran tells the rest
+        whole = not _all_or_nothing(kernels.switch_)
+        in_saved, arenas = self._ungathered(
+            [dtype_name(tensors[t]) for t in in_t], [ops.numel(i) for i in in_idx], whole
+        )
         dense_saved = {t: c for t, c in old.dense_saved.items() if t in plan.dense}  # base copies kept
         scales = self.backend.scales
         quant = any(t in scales for t in in_t)
@@ -255,19 +259,19 @@ class Switcher:
             self.state = State(plan, dict(zip(in_t, zip(in_idx, in_saved))), dense_saved)  # commit
             self._spare, self._arenas = self._arenas, arenas  # old's arenas are free now that the switch committed
         except BaseException:
-            self._rollback(old, plan, in_saved, dense_saved)
+            self._rollback(old, plan, in_saved, dense_saved, whole)
             self.backend.after_switch(old.plan.active, touched)  # rolled back: the same tensors were written
             raise
         self.backend.after_switch(plan.active, touched)
         return stats
 
-    def _rollback(self, old: State, plan: Plan, in_saved: list[Array], dense_saved: dict) -> None:
+    def _rollback(self, old: State, plan: Plan, in_saved: list[Array], dense_saved: dict, whole: bool) -> None:
         """Undo whatever part of a switch to ``plan`` ran, wherever it stopped; every step is idempotent, so
         an interrupted rollback is run again (a ``KeyboardInterrupt`` during it is raised once it is done)."""
         interrupt, tries = None, 0
         while True:
             try:
-                self._undo(old, plan, in_saved, dense_saved)
+                self._undo(old, plan, in_saved, dense_saved, whole)
                 break
             except KeyboardInterrupt as exc:
                 interrupt = exc
@@ -278,7 +282,7 @@ class Switcher:
         if interrupt is not None:
             raise interrupt
 
-    def _undo(self, old: State, plan: Plan, in_saved: list[Array], dense_saved: dict) -> None:
+    def _undo(self, old: State, plan: Plan, in_saved: list[Array], dense_saved: dict, whole: bool) -> None:
         tensors, ops = self.backend.tensors, self.ops
         self.state = old  # in case the commit happened before the exception
         self._spare = {}  # it may hold old's arenas (they are in use again)
@@ -286,9 +290,18 @@ class Switcher:
             base = old.dense_saved.get(t, dense_saved.get(t))
             if base is not None:
                 _copy(tensors[t], base)
-        for t, saved in zip(plan.sparse, in_saved):  # the incoming writes, undone where they happened
-            done = ops.gathered(saved)
-            ops.put(tensors[t], plan.sparse[t][0][done], ops.raw(saved)[done])
+        # The incoming writes, undone where they happened: every marked entry that no longer holds the marker (a
+        # buffer marked whole); or, marked at its first entry only, all of every buffer once a first entry was
+        # gathered (the kernel wrote all of its call or none of it), none before.
+        ran = whole or any(ops.numel(saved) and bool(ops.gathered(saved[:1])[0]) for saved in in_saved)
+        for t, saved in zip(plan.sparse, in_saved):
+            if not ran or not ops.numel(saved):
+                continue
+            if whole:
+                done = ops.gathered(saved)
+                ops.put(tensors[t], plan.sparse[t][0][done], ops.raw(saved)[done])
+            else:
+                ops.put(tensors[t], plan.sparse[t][0], saved)
         for t, (idx, base) in old.sparse_saved.items():  # the outgoing state, written as it was
             delta = old.plan.sparse[t][1]
             if dtype_name(base) in CODE_DTYPES and dtype_name(delta) == dtype_name(base):  # baked codes
@@ -306,9 +319,12 @@ class Switcher:
         _apply_dense(self.backend, old.plan, old.dense_saved)
         self.backend.set_unfused(old.plan.unfused)
 
-    def _ungathered(self, dtypes: list[str], sizes: list[int]) -> tuple[list[Array], dict[str, Array]]:
+    def _ungathered(
+        self, dtypes: list[str], sizes: list[int], whole: bool = True
+    ) -> tuple[list[Array], dict[str, Array]]:
         """Saved-value buffers for ``sizes[k]`` values of dtype ``dtypes[k]``, every entry holding the ungathered
-        marker: slices of one arena per dtype (a spare one reused when large enough), marked with one fill."""
+        marker (``whole``; else only each buffer's first entry): slices of one arena per dtype (a spare one reused
+        when large enough), marked with one fill (one indexed write)."""
         ops, total = self.ops, {}
         for d, n in zip(dtypes, sizes):
             total[d] = total.get(d, 0) + n
@@ -316,15 +332,23 @@ class Switcher:
         for d, n in total.items():
             spare = self._spare.pop(d, None)
             if spare is None or ops.numel(spare) < n:
-                arenas[d] = ops.marked(n, d)
+                arenas[d] = ops.marked(n, d) if whole else ops.empty(n, d)
             else:
                 arenas[d] = spare
-                ops.mark(spare[:n])
+                if whole:
+                    ops.mark(spare[:n])
         at = dict.fromkeys(total, 0)
+        firsts: dict[str, list[int]] = {d: [] for d in total}
         out = []
         for d, n in zip(dtypes, sizes):
             out.append(arenas[d][at[d] : at[d] + n])
+            if n:
+                firsts[d].append(at[d])
             at[d] += n
+        if not whole:
+            for d, pos in firsts.items():
+                if pos:
+                    ops.mark_at(arenas[d], np.asarray(pos, dtype=np.int64))
         return out, arenas
 
     def _stats(self, old: Plan, new: Plan, ms: float, saturated: dict[str, int]) -> SwitchStats:
@@ -405,6 +429,13 @@ def _dense_numpy(t: str, w: np.ndarray, base: np.ndarray, parts: list, transpose
 
 def _clone(x: Array) -> Array:
     return x.copy() if isinstance(x, np.ndarray) else x.clone()
+
+
+def _all_or_nothing(switch) -> bool:
+    """Whether ``switch`` (what ``kernels.switch_`` is now) writes all of a call or none of it: the core's verbs
+    say so (``all_or_nothing()``); anything else (the references, a wrapper) is taken to stop anywhere."""
+    probe = getattr(switch, "all_or_nothing", None)
+    return bool(probe is not None and probe())
 
 
 def _copy(dst: Array, src: Array) -> None:

@@ -21,7 +21,7 @@ from types import ModuleType
 import numpy as np
 from shira_runtime.kernels.verbs import VERBS, KernelInputError
 
-__all__ = ["KernelInputError", "apply_", "backend", "reference", "restore_", "switch_"]
+__all__ = ["KernelInputError", "all_or_nothing", "apply_", "backend", "reference", "restore_", "switch_"]
 
 _impl: ModuleType | None = None  # what runs torch tensors (chosen on first use)
 _impl_name: str | None = None  # "cpp" or "torch": the path for torch tensors and numpy arrays alike
@@ -118,7 +118,14 @@ def _verb(name: str):
     fn.__name__ = fn.__qualname__ = name
     fn.__signature__ = verb.signature  # type: ignore[attr-defined]
     fn.__doc__ = verb.doc
+    fn.all_or_nothing = all_or_nothing  # type: ignore[attr-defined]
     return fn
+
+
+def all_or_nothing() -> bool:
+    """Whether the verbs write all of a call or none of it (an error return wrote nothing): true of the core
+    (``shira_core.h``), not of the references (they write tensor by tensor)."""
+    return backend() == "cpp"
 
 
 restore_ = _verb("restore_")

@@ -10,7 +10,7 @@ from shira_runtime.switcher import Switcher
 
 from benchmarks.atomic_cost import main
 
-ROWS = ("marker-filled, reused (shipped)", "fresh, unfilled (before)")
+ROWS = ("marked, reused (shipped)", "fresh, unfilled (before)")
 
 
 def test_atomic_cost_prints_both_rows_with_consistent_figures(capsys):

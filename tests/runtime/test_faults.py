@@ -105,6 +105,48 @@ def test_fault_at_every_kernel_step_rolls_back(kernel_path, dtype, monkeypatch):
     assert_bit_identical(m, expected["None"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_all_or_nothing_kernel_marks_first_entries_and_rolls_back(kernel_path, dtype, monkeypatch):
+    """With the kernel core (all of a call or none of it), the switch marks only each saved buffer's first entry;
+    a fault right after the kernel returned, or right before it ran, still rolls back bit for bit."""
+    m, rt, expected = make(dtype)
+    real = kernels.switch_
+    assert switcher_mod._all_or_nothing(real) == (kernel_path == "cpp")
+    seen = []
+
+    def after(*args, **kw):
+        real(*args, **kw)
+        seen.append([s.clone() for s in args[6]])
+        raise KeyboardInterrupt
+
+    def before(*args, **kw):
+        seen.append([s.clone() for s in args[6]])
+        raise Fault("before the kernel")
+
+    for fake in (after, before):
+        fake.all_or_nothing = real.all_or_nothing  # an all-or-nothing kernel that fails outside its call
+        for old, new in [(None, "a"), ("a", "b"), ("b", ["a", "b"]), ("l", "a"), (["a", "l"], "b")]:
+            rt.switch(old)
+            snap = snapshot(m)
+            monkeypatch.setattr(switcher_mod.kernels, "switch_", fake)
+            with pytest.raises((KeyboardInterrupt, Fault)):
+                rt.switch(new)
+            monkeypatch.setattr(switcher_mod.kernels, "switch_", real)
+            assert_bit_identical(m, snap)
+            if fake is before:  # marked: every entry on the references, the first of each buffer on the core
+                for buf in seen[-1]:
+                    marked = ~kernels_gathered(buf)
+                    assert bool(marked[0])
+                    assert bool(marked.all()) == (kernel_path != "cpp") or buf.numel() == 1
+    check_next_switches_exact(m, rt, expected)
+
+
+def kernels_gathered(buf: torch.Tensor) -> torch.Tensor:
+    from shira_runtime.arrays import ops_for
+
+    return ops_for(buf).gathered(buf)
+
+
 def test_fault_in_dense_lora_writes_unfused_and_commit_rolls_back(kernel_path, monkeypatch):
     m, rt, expected = make(torch.bfloat16)
     real_dense = switcher_mod._apply_dense
