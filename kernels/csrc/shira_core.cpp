@@ -241,6 +241,9 @@ struct Item {
   int64_t mrows, mcols;      // the weight's [rows, cols] (uint8 mirror)
   int64_t pos;               // position in its list, for messages
   const char* list;          // "" or "outgoing " / "incoming " (switch_)
+  const int64_t* runs;       // [n_runs][3] (position, first index, length), or null (shira_core.h, "Runs")
+  int64_t n_runs;
+  int64_t wsize;             // bytes per weight element
 };
 
 inline int64_t index_at(const Item& it, int64_t i) {
@@ -676,9 +679,9 @@ void run_range(const Item& it, bool apply, int64_t b, int64_t e, bool runs) {
   }
 }
 
-// Restore (apply == false) or apply entries [b, e) of one list entry.
+// Restore (apply == false) or apply entries [b, e) of one list entry, each index read from the list.
 // `runs`: the entries are sorted (contiguous runs may be copied as blocks).
-void run_entries(const Item& it, bool apply, int64_t b, int64_t e, bool runs) {
+void run_listed(const Item& it, bool apply, int64_t b, int64_t e, bool runs) {
   if (it.mirror)  // 1-byte codes and their bf16 mirror, entry by entry
     return it.idx64 ? run_mirrored<int64_t>(it, apply, b, e) : run_mirrored<int32_t>(it, apply, b, e);
   if (is_code(it.wtype)) {
@@ -699,6 +702,109 @@ void run_entries(const Item& it, bool apply, int64_t b, int64_t e, bool runs) {
                       : run_range<BF16, int32_t>(it, apply, b, e, runs);
     default:
       throw std::logic_error("shira: unreachable weight dtype");
+  }
+}
+
+// ---- described runs (shira_core.h, "Runs") ------------------------------------------------------
+
+template <typename W>
+void apply_stretch(W* __restrict__ w, W* __restrict__ saved, const float* __restrict__ delta, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) {
+    const W old = w[k];
+    saved[k] = old;
+    w[k] = from_float<W>(static_cast<float>(old) + delta[k]);
+  }
+}
+
+template <int F>
+int64_t requantize_stretch(const Item& it, int64_t p, int64_t q, int64_t f) {
+  uint8_t* w = reinterpret_cast<uint8_t*>(it.w);
+  uint8_t* saved = static_cast<uint8_t*>(it.saved);
+  int64_t clamped = 0;
+  if constexpr (F == 0) {  // one vectorized loop per row piece
+    while (p < q) {
+      const int64_t row = f / it.row_len;
+      const int64_t n = std::min(q - p, (row + 1) * it.row_len - f);
+      clamped += int8_run(w + f, saved + p, it.delta + p, it.scales[row], n);
+      p += n;
+      f += n;
+    }
+  } else {
+    const Codes<F>& table = codes<F>();
+    RowCursor rows{it.row_len};
+    for (; p < q; ++p, ++f) {
+      const uint8_t old = w[f];
+      saved[p] = old;
+      w[f] = requantize<F>(table, old, it.scales[rows.at(f)], it.delta[p], clamped);
+    }
+  }
+  return clamped;
+}
+
+// Entries [p, q) of one run, whose indices are f, f + 1, ...: one stretch of the weight.
+void run_stretch(const Item& it, bool apply, int64_t p, int64_t q, int64_t f) {
+  const int64_t n = q - p, ws = it.wsize;
+  char* w = it.w + f * ws;
+  char* saved = static_cast<char*>(it.saved) + p * ws;
+  if (!apply) {
+    std::memcpy(w, saved, static_cast<size_t>(n * ws));
+    return;
+  }
+  if (it.codes) {  // baked codes: a swap
+    std::memcpy(saved, w, static_cast<size_t>(n));
+    std::memcpy(w, it.codes + p, static_cast<size_t>(n));
+    return;
+  }
+  int64_t clamped = 0;
+  switch (it.wtype) {
+    case SHIRA_F32:
+      return apply_stretch(reinterpret_cast<float*>(w), reinterpret_cast<float*>(saved), it.delta + p, n);
+    case SHIRA_F16:
+      return apply_stretch(reinterpret_cast<Half*>(w), reinterpret_cast<Half*>(saved), it.delta + p, n);
+    case SHIRA_BF16:
+      return apply_stretch(reinterpret_cast<BF16*>(w), reinterpret_cast<BF16*>(saved), it.delta + p, n);
+    case SHIRA_I8:
+      clamped = requantize_stretch<0>(it, p, q, f);
+      break;
+    case SHIRA_F8E4M3:
+      clamped = requantize_stretch<1>(it, p, q, f);
+      break;
+    case SHIRA_F8E5M2:
+      clamped = requantize_stretch<2>(it, p, q, f);
+      break;
+    default:
+      throw std::logic_error("shira: unreachable weight dtype");
+  }
+  if (clamped && it.saturated) __atomic_fetch_add(it.saturated, clamped, __ATOMIC_RELAXED);
+}
+
+// Entries [b, e) of one list entry: described runs from their description, the rest from the list.
+void run_entries(const Item& it, bool apply, int64_t b, int64_t e, bool runs) {
+  if (b >= e) return;
+  if (!it.runs || it.mirror || !g_runs.load(std::memory_order_relaxed)) return run_listed(it, apply, b, e, runs);
+  const int64_t* R = it.runs;
+  int64_t lo = 0, hi = it.n_runs;  // the first run that ends after b
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (R[3 * mid] + R[3 * mid + 2] <= b)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  const int64_t pf = g_prefetch.load(std::memory_order_relaxed);
+  const int64_t ahead = pf > 0 ? std::max<int64_t>(1, pf / 8) : 0;  // runs ahead whose first line is prefetched
+  int64_t cur = b;
+  for (int64_t r = lo; cur < e; ++r) {
+    if (r >= it.n_runs || R[3 * r] >= e) {
+      run_listed(it, apply, cur, e, runs);
+      break;
+    }
+    const int64_t p = R[3 * r], f = R[3 * r + 1], n = R[3 * r + 2];
+    if (cur < p) run_listed(it, apply, cur, p, runs);
+    if (ahead && r + ahead < it.n_runs) __builtin_prefetch(it.w + R[3 * (r + ahead) + 1] * it.wsize, 1, 3);
+    const int64_t s = std::max(p, cur), t = std::min(p + n, e);
+    run_stretch(it, apply, s, t, f + (s - p));
+    cur = t;
   }
 }
 
@@ -925,9 +1031,53 @@ void scan(const I* idx, int64_t numel, int64_t b, int64_t e, bool& bad, bool& un
   unsorted = us;
 }
 
+// One run of an item's description: inside the list and the weight (and after the previous run: `end`).
+void check_run(const char* op, const Item& it, int64_t r, int64_t end) {
+  const int64_t p = it.runs[3 * r], f = it.runs[3 * r + 1], n = it.runs[3 * r + 2];
+  const bool ok = n >= 1 && p >= end && p <= it.n - n && f >= 0 && f <= it.numel - n;
+  if (ok) return;
+  const std::string what = "run " + std::to_string(r) + " (position " + std::to_string(p) + ", first index " +
+                           std::to_string(f) + ", length " + std::to_string(n) + ")";
+  if (n < 1) refuse("shira::", op, ": ", it.list, "tensor ", it.pos, ": ", what, " is empty");
+  if (p < end)
+    refuse("shira::", op, ": ", it.list, "tensor ", it.pos, ": ", what, " overlaps the run before it, which ends at entry ",
+           end);
+  refuse("shira::", op, ": ", it.list, "tensor ", it.pos, ": ", what, " does not fit ", it.n,
+         " entries of a weight of ", it.numel, " elements");
+}
+
+// Every run of an item against its index list.
+template <typename I>
+void check_runs_listed(const char* op, const Item& it) {
+  const I* idx = static_cast<const I*>(it.idx);
+  int64_t end = 0;
+  for (int64_t r = 0; r < it.n_runs; ++r) {
+    check_run(op, it, r, end);
+    const int64_t p = it.runs[3 * r], f = it.runs[3 * r + 1], n = it.runs[3 * r + 2];
+    for (int64_t k = 0; k < n; ++k)
+      if (static_cast<int64_t>(idx[p + k]) != f + k)
+        refuse("shira::", op, ": ", it.list, "tensor ", it.pos, ": run ", r, " says index ", f + k, " at entry ",
+               p + k, ", the index list holds ", static_cast<int64_t>(idx[p + k]));
+    end = p + n;
+  }
+}
+
 // validate=True: every index in range (raises before any write) and returns whether all lists are sorted.
 // validate=False: only the first and last index of each list (the caller guarantees sorted lists).
+// Runs: every one against the list (validate), or the first and last one's bounds.
 bool check_bounds(const char* op, const std::vector<Item>& items, bool validate, int64_t chunk, int64_t threads) {
+  for (const Item& it : items) {
+    if (!it.runs) continue;
+    if (validate) {
+      if (it.idx64)
+        check_runs_listed<int64_t>(op, it);
+      else
+        check_runs_listed<int32_t>(op, it);
+    } else {
+      check_run(op, it, 0, 0);
+      if (it.n_runs > 1) check_run(op, it, it.n_runs - 1, 0);
+    }
+  }
   if (!validate) {
     for (const Item& it : items) {
       if (it.n == 0) continue;
@@ -1130,6 +1280,11 @@ Item make_item(const char* op, const char* list, int64_t t, const shira_item& s,
   item.mirror_u8t = u8t;
   item.mrows = u8t ? s.rows : 0;
   item.mcols = u8t ? s.cols : 0;
+  if (s.n_runs < 0) refuse(where, "negative n_runs ", s.n_runs);
+  if (s.n_runs > 0 && !s.runs) refuse(where, s.n_runs, " runs and a null runs pointer");
+  item.runs = s.n_runs > 0 ? s.runs : nullptr;
+  item.n_runs = s.n_runs;
+  item.wsize = static_cast<int64_t>(wsize);
   if (apply && is_code(wt) && !baked) {
     item.scales = s.scales;
     item.row_len = s.numel / s.n_scales;

@@ -17,6 +17,13 @@
  * index (any order); validate == 0 trusts the caller's promise of sorted lists and checks the first and last.
  * Items of one list may alias (the same weight twice, views): then they run one after another in list order.
  *
+ * Runs (optional, per item): a description of the index list a caller made once (a block mask's layout): run r =
+ * (p, f, n) says entries p .. p + n - 1 hold the indices f .. f + n - 1. Runs are ascending by position, do not
+ * overlap, n >= 1. The kernels may then take a run's indices from it instead of reading the list (a block
+ * switch streams 24 bytes per run, not 4-8 per entry) and copy or requantize it as one stretch; entries outside
+ * every run are read from the list as usual. The list stays what counts: validate != 0 checks every run against
+ * it; validate == 0 trusts them and checks the first and last run's bounds (as it does the list's ends).
+ *
  * Return value: 0 done; 1 refused (bad input: `err` holds the message, NOTHING was written); 2 internal error
  * (out of memory; `err` holds the message, NOTHING was written either: every allocation precedes the first write,
  * and a worker thread that cannot be started only means fewer threads). So a call writes all of it or none of it.
@@ -38,7 +45,7 @@
 extern "C" {
 #endif
 
-#define SHIRA_ABI_VERSION 1
+#define SHIRA_ABI_VERSION 2
 
 /* element types (weights, saved, baked codes) */
 enum shira_dtype {
@@ -71,6 +78,8 @@ typedef struct shira_item {
   int32_t mirror_kind;    /* enum shira_mirror_kind */
   int32_t delta_is_codes; /* apply: delta holds codes of `dtype` (a baked adapter: a byte swap, no scales) */
   int64_t rows, cols;     /* mirror kind 2: the weight's 2-D shape (rows * cols == numel) */
+  const int64_t* runs;    /* NULL, or [n_runs][3] (position, first index, length): see "Runs" above */
+  int64_t n_runs;
 } shira_item;
 
 int shira_restore(const shira_item* items, int64_t n_items, int32_t validate, int32_t threads, char* err,

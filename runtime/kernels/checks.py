@@ -110,3 +110,25 @@ def check_mirrors(op: str, weights, mirrors, list_name: str = "") -> None:
         lo, wlo = m.data_ptr(), w.data_ptr()
         if lo < wlo + w.numel() * w.element_size() and wlo < lo + m.numel() * m.element_size():
             raise KernelInputError(f"{op}: {where}: the mirror overlaps its weight")
+
+
+def check_runs(op: str, weights, indices, runs, validate: bool, list_name: str = "") -> None:
+    """``runs``: None, or one int64 ``[n, 3]`` tensor per weight (empty: none) describing its index list
+    (``shira_runtime.kernels.runs``): checked as the core checks them."""
+    if runs is None:
+        return
+    from shira_runtime.kernels.runs import fault
+
+    if len(runs) != len(weights):
+        raise KernelInputError(f"{op}: {list_name}{len(runs)} run tensors for {len(weights)} weights")
+    for t, (w, idx, r) in enumerate(zip(weights, indices, runs)):
+        if not r.numel():
+            continue
+        if r.dtype != torch.int64 or r.dim() != 2 or r.shape[1] != 3 or not r.is_contiguous():
+            raise KernelInputError(
+                f"{op}: {list_name}tensor {t}: runs must be int64 [n, 3] (position, first index, length), "
+                f"got {r.dtype}{list(r.shape)}"
+            )
+        msg = fault(idx.numpy(), r.numpy(), w.numel(), validate)
+        if msg:
+            raise KernelInputError(f"{op}: {list_name}tensor {t}: {msg}")

@@ -36,16 +36,17 @@ from shira_runtime.kernels.verbs import VERBS, KernelInputError, Verb
 
 __all__ = ["apply_", "call", "load", "restore_", "source_id", "switch_", "threads", "tuning"]
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 F32, F16, BF16, I8, F8E4M3, F8E5M2 = range(6)
 CODES = (I8, F8E4M3, F8E5M2)
 ITEM = np.dtype(
     {
         "names": ["weight", "numel", "dtype", "index_bits", "indices", "count", "delta", "saved", "scales",
-                  "n_scales", "mirror", "mirror_kind", "delta_is_codes", "rows", "cols"],
-        "formats": ["u8", "i8", "i4", "i4", "u8", "i8", "u8", "u8", "u8", "i8", "u8", "i4", "i4", "i8", "i8"],
-        "offsets": [0, 8, 16, 20, 24, 32, 40, 48, 56, 64, 72, 80, 84, 88, 96],
-        "itemsize": 104,
+                  "n_scales", "mirror", "mirror_kind", "delta_is_codes", "rows", "cols", "runs", "n_runs"],
+        "formats": ["u8", "i8", "i4", "i4", "u8", "i8", "u8", "u8", "u8", "i8", "u8", "i4", "i4", "i8", "i8", "u8",
+                    "i8"],
+        "offsets": [0, 8, 16, 20, 24, 32, 40, 48, 56, 64, 72, 80, 84, 88, 96, 104, 112],
+        "itemsize": 120,
     }
 )  # fmt: skip
 # C flags: -ffp-contract=off keeps every fp32 op rounded on its own (no fused multiply-add), as torch computes
@@ -127,8 +128,12 @@ def _find() -> Path:
     spec = importlib.util.find_spec("shira_runtime.kernels._core")
     built = Path(spec.origin) if spec is not None and spec.origin else None
     if built is not None and built.exists():
-        lib = _open(built)
-        if lib.shira_source_id().decode() == source_id():
+        try:
+            lib = _open(built)
+            current = lib.shira_source_id().decode() == source_id()
+        except RuntimeError:  # an older ABI: built before the source changed
+            current = False
+        if current:
             return built
         try:  # an in-place build older than the source (a checkout edited since `pip install -e`)
             return _compile()
@@ -273,6 +278,7 @@ class _Torch:
 def _side(op: str, label: str, f, lists: dict, apply: bool) -> np.ndarray:
     """The ``shira_item`` rows of one side, after the array checks (the core checks the rest)."""
     ws, idx, saved, mirrors = lists["weights"], lists["indices"], lists["saved"], lists["mirrors"]
+    runs = lists.get("runs")
     deltas, scales = lists.get("deltas"), lists.get("scales")
     n = len(ws)
     if apply:
@@ -289,6 +295,8 @@ def _side(op: str, label: str, f, lists: dict, apply: bool) -> np.ndarray:
         )
     if mirrors is not None and len(mirrors) != n:
         raise KernelInputError(f"shira::{op}: {label}{len(mirrors)} mirror tensors for {n} weights")
+    if runs is not None and len(runs) != n:
+        raise KernelInputError(f"shira::{op}: {label}{len(runs)} run tensors for {n} weights")
 
     def at(t: int) -> str:
         return f"shira::{op}: {label}tensor {t}: "
@@ -367,7 +375,16 @@ def _side(op: str, label: str, f, lists: dict, apply: bool) -> np.ndarray:
                         f"got {f.name(m)}{_sizes(m.shape)}"
                     )
             mp = ptr(m)
-        rows.append((ptr(w), numel(w), wt, bits, ptr(i), numel(i), dp, ptr(s), sp, ns, mp, kind, baked, r, c))
+        rp, nr = 0, 0
+        u = runs[t] if runs is not None else None
+        if u is not None and numel(u):
+            if f.name(u) not in ("int64", "Long") or u.ndim != 2 or u.shape[1] != 3 or not contiguous(u) or not cpu(u):
+                raise KernelInputError(
+                    at(t) + "runs must be int64 [n, 3] (position, first index, length), "
+                    f"got {f.name(u)}{_sizes(u.shape)}"
+                )
+            rp, nr = ptr(u), u.shape[0]
+        rows.append((ptr(w), numel(w), wt, bits, ptr(i), numel(i), dp, ptr(s), sp, ns, mp, kind, baked, r, c, rp, nr))
     return np.array(rows, dtype=ITEM)
 
 
@@ -384,8 +401,8 @@ def call(verb: Verb, values: dict, flavour, threads: int) -> None:
     for prefix, apply in ((verb.restore, False), (verb.apply, True)):
         if prefix is None:
             continue
-        names = ("weights", "indices", "deltas", "saved", "scales", "mirrors") if apply else (
-            "weights", "indices", "saved", "mirrors")  # fmt: skip
+        names = ("weights", "indices", "deltas", "saved", "scales", "mirrors", "runs") if apply else (
+            "weights", "indices", "saved", "mirrors", "runs")  # fmt: skip
         lists = {k: values.get(prefix + k) for k in names}
         label = ("incoming " if apply else "outgoing ") if two else ""
         rows = _side(op, label, flavour, lists, apply)

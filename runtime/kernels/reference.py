@@ -24,6 +24,11 @@ Every verb works on lists of tensors (one call per switch). For tensor ``t``:
   uint8 ``[cols, rows]``: ``mirror[c, r] = code ^ 0x80`` (``code + 128`` with zero point 128, transposed: the B
   input of an int8 bundle's ``MatMulInteger``, ``shira_runtime.exporters.quant_graph``).
 
+- ``runs[t]`` (optional list, every verb): int64 ``[n, 3]`` rows ``(position, first index, length)`` describing
+  stretches of consecutive indices of ``indices[t]`` (``shira_runtime.kernels.runs``), or an empty tensor for
+  none. They change no result: the core may read a run's indices from it instead of the list. Checked against
+  the list with ``validate`` (bounds of the first and last run without).
+
 Restoring 1-byte weights is a plain byte scatter. The C++ extension implements the same verbs and must give
 bit-identical results.
 """
@@ -31,7 +36,7 @@ bit-identical results.
 from __future__ import annotations
 
 import torch
-from shira_runtime.kernels.checks import QUANT_DTYPES, check_apply, check_mirrors, check_restore
+from shira_runtime.kernels.checks import QUANT_DTYPES, check_apply, check_mirrors, check_restore, check_runs
 from shira_runtime.kernels.qformats import quant_format, round_to_grid
 from shira_runtime.kernels.verbs import VERBS
 
@@ -42,9 +47,11 @@ def restore_(
     saved: list[torch.Tensor],
     validate: bool = True,
     mirrors: list[torch.Tensor] | None = None,
+    runs: list[torch.Tensor] | None = None,
 ) -> None:
     check_restore("restore_", weights, indices, saved, with_bounds=validate)
     check_mirrors("restore_", weights, mirrors)
+    check_runs("restore_", weights, indices, runs, validate)
     for t, (w, idx, s) in enumerate(zip(weights, indices, saved)):
         if idx.numel():
             _raw(w).view(-1).index_copy_(0, idx.long(), _raw(s))
@@ -71,9 +78,11 @@ def apply_(
     scales: list[torch.Tensor] | None = None,
     saturated: torch.Tensor | None = None,
     mirrors: list[torch.Tensor] | None = None,
+    runs: list[torch.Tensor] | None = None,
 ) -> None:
     check_apply("apply_", weights, indices, deltas, saved, scales, saturated, with_bounds=validate)
     check_mirrors("apply_", weights, mirrors)
+    check_runs("apply_", weights, indices, runs, validate)
     for t, (w, idx, d, s) in enumerate(zip(weights, indices, deltas, saved)):
         if not idx.numel():
             continue
@@ -123,11 +132,15 @@ def switch_(
     saturated: torch.Tensor | None = None,
     out_mirrors: list[torch.Tensor] | None = None,
     in_mirrors: list[torch.Tensor] | None = None,
+    out_runs: list[torch.Tensor] | None = None,
+    in_runs: list[torch.Tensor] | None = None,
 ) -> None:
     check_restore("switch_", out_weights, out_indices, out_saved, with_bounds=validate)
     check_apply("switch_", in_weights, in_indices, in_deltas, in_saved, in_scales, saturated, with_bounds=validate)
     check_mirrors("switch_", out_weights, out_mirrors, "outgoing ")
     check_mirrors("switch_", in_weights, in_mirrors, "incoming ")
+    check_runs("switch_", out_weights, out_indices, out_runs, validate, "outgoing ")
+    check_runs("switch_", in_weights, in_indices, in_runs, validate, "incoming ")
     restore_(out_weights, out_indices, out_saved, validate=False, mirrors=out_mirrors)
     apply_(in_weights, in_indices, in_deltas, in_saved, False, in_scales, saturated, in_mirrors)
 

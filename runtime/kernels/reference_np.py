@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 from shira_runtime.kernels import core
+from shira_runtime.kernels.runs import fault
 from shira_runtime.kernels.verbs import VERBS, KernelInputError
 
 __all__ = ["apply_", "restore_", "switch_"]
@@ -47,7 +48,12 @@ def _check(op: str, label: str, lists: dict, apply: bool, validate: bool) -> Non
                 raise KernelInputError(where + "the numpy reference has no bf16 mirrors (the kernel core has)")
             if np.shares_memory(m, w):
                 raise KernelInputError(where + "the mirror overlaps its weight")
+    runs = lists.get("runs")
     for t, (w, i) in enumerate(zip(lists["weights"], lists["indices"])):
+        r = runs[t] if runs is not None else None
+        msg = fault(i, r, w.size, validate) if r is not None and r.size else None
+        if msg:
+            raise KernelInputError(f"shira::{op}: {label}tensor {t}: {msg}")
         if not i.size:
             continue
         ends = i if validate else i[[0, -1]]
@@ -101,8 +107,8 @@ def _apply(ws, idx, deltas, saved, scales, saturated, mirrors) -> None:
 
 
 def _lists(values: dict, prefix: str, apply: bool) -> dict:
-    names = ("weights", "indices", "deltas", "saved", "scales", "mirrors") if apply else (
-        "weights", "indices", "saved", "mirrors")  # fmt: skip
+    names = ("weights", "indices", "deltas", "saved", "scales", "mirrors", "runs") if apply else (
+        "weights", "indices", "saved", "mirrors", "runs")  # fmt: skip
     return {k: values.get(prefix + k) for k in names}
 
 
