@@ -21,6 +21,7 @@ from shira_runtime import kernels
 from shira_runtime.arrays import CODE_DTYPES, FINFO_MAX, NUMPY, as_ops, dtype_name, fp32
 from shira_runtime.backend import Backend
 from shira_runtime.errors import AdapterValueError
+from shira_runtime.kernels.runs import runs_of
 
 Array = Any  # a numpy array (the device path) or a torch tensor (the torch backend): ``Backend.ops`` says which
 
@@ -37,6 +38,8 @@ class Prepared:
     # unfused LoRA: module path -> (A, B, scaling); applied at inference, weights untouched
     unfused: dict[str, tuple[Array, Array, float]] = field(default_factory=dict)
     baked: bool = False  # a CodesAdapter: ``sparse`` holds the new codes (not deltas); switched alone at weight 1
+    # t -> the runs of consecutive indices in ``sparse[t]``'s idx (``kernels.runs``; absent: none worth describing)
+    runs: dict[str, Array] = field(default_factory=dict)
 
     @property
     def tensors(self) -> set[str]:
@@ -52,6 +55,7 @@ class Plan:
     # t -> [("sparse", (idx, delta), alpha) | ("lora", (A, B), alpha)], summed in this order
     dense: dict[str, list[tuple[str, object, float]]]
     unfused: list[tuple[str, Array, Array, float]] = field(default_factory=list)  # (module, A, B, alpha)
+    runs: dict[str, Array] = field(default_factory=dict)  # t -> runs of sparse[t]'s idx (``kernels.runs``)
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,7 @@ class Switcher:
         # next switch: their pages are mapped already, so the marker fill is paid instead of the page faults.
         self._arenas: dict[str, Array] = {}
         self._spare: dict[str, Array] = {}
+        self._no_runs: Array | None = None  # an empty runs array: a tensor whose list has none
 
     @property
     def plan(self) -> Plan:
@@ -143,6 +148,7 @@ class Switcher:
             return EMPTY_PLAN
         contrib: dict[str, list[tuple[str, object, float]]] = {}
         bound: dict[str, float] = {}  # t -> an upper bound on |sum of sparse deltas|
+        known_runs: dict[str, Array] = {}  # t -> the runs of a tensor's only sparse contribution
         for prep, weight in items:
             if prep.baked and (len(items) > 1 or weight != 1.0):
                 raise AdapterValueError(
@@ -152,6 +158,8 @@ class Switcher:
             alpha = fp32(weight * prep.scale)
             for t, part in prep.sparse.items():
                 contrib.setdefault(t, []).append(("sparse", part, alpha))
+                if t in prep.runs:
+                    known_runs[t] = prep.runs[t]
                 bound[t] = bound.get(t, 0.0) + abs(alpha) * prep.absmax[t]
             for t, (a, b, scaling) in prep.lora.items():
                 contrib.setdefault(t, []).append(("lora", (a, b), fp32(alpha * scaling)))
@@ -160,16 +168,26 @@ class Switcher:
             for prep, weight in items
             for module, (a, b, scaling) in prep.unfused.items()
         ]
-        sparse, dense = {}, {}
+        sparse, dense, runs = {}, {}, {}
         for t, parts in contrib.items():
             if any(kind == "lora" for kind, _, _ in parts):
                 dense[t] = parts
             else:
                 sparse[t] = _combine(self.ops, parts)
+                if len(parts) == 1:
+                    if t in known_runs:
+                        runs[t] = known_runs[t]
+                elif (r := self.runs_of(sparse[t][0])) is not None:  # a union of several adapters' indices
+                    runs[t] = r
                 if t not in self.backend.scales:  # codes saturate (counted) instead of overflowing
                     self._check_range(t, sparse[t][1], bound[t])
         self.backend.check_unfused_plan(unfused)
-        return Plan(tuple((p.name, float(w)) for p, w in items), sparse, dense, unfused)
+        return Plan(tuple((p.name, float(w)) for p, w in items), sparse, dense, unfused, runs)
+
+    def runs_of(self, idx: Array) -> Array | None:
+        """The runs of ``idx`` (``kernels.runs.runs_of``) as the backend's kind of array; None when there are none."""
+        r = runs_of(self.ops.to_numpy(idx))
+        return self.ops.from_numpy(r) if len(r) else None
 
     def _check_range(self, t: str, delta: Array, delta_bound: float) -> None:
         """Refuse a sparse result the dtype cannot hold: a cached bound first, the exact max only if it fails."""
@@ -225,6 +243,11 @@ class Switcher:
                 written = {t: [] for t in [*out_t, *in_t] if t in scales}  # codes a compute copy must follow
                 versions = {t: getattr(tensors[t], "_version", 0) for t in written}
                 mirrors = {t: m for t in written if (m := self.backend.mirror(t)) is not None}
+                described = old.plan.runs or plan.runs
+                if described:
+                    no_runs = self._no_runs
+                    if no_runs is None:
+                        no_runs = self._no_runs = ops.from_numpy(np.zeros((0, 3), dtype=np.int64))
                 kernels.switch_(
                     [tensors[t] for t in out_t],
                     [old.sparse_saved[t][0] for t in out_t],
@@ -241,6 +264,14 @@ class Switcher:
                             "in_mirrors": [mirrors.get(t, no_mirror) for t in in_t],
                         }
                         if mirrors
+                        else {}
+                    ),
+                    **(
+                        {
+                            "out_runs": [old.plan.runs.get(t, no_runs) for t in out_t],
+                            "in_runs": [plan.runs.get(t, no_runs) for t in in_t],
+                        }
+                        if described
                         else {}
                     ),
                 )

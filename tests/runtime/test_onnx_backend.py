@@ -52,6 +52,7 @@ def adapters(m):
         "a": random_shira(m, TARGETS, 0.05, seed=1, std=0.05),
         "b": random_shira(m, TARGETS, 0.05, seed=2, std=0.05),
         "l": random_lora(m, ["q_proj", "up_proj", "down_proj"], rank=4, seed=3),
+        "k": random_shira(m, TARGETS, 0.05, seed=4, std=0.05, mask="block", line_dtype=torch.int8),  # runs
     }
 
 
@@ -74,7 +75,9 @@ def test_switches_match_torch_and_revert_bit_for_bit(tmp_path_factory, dtype, fo
         rt_ort.add_adapter(name, ad)
         rt_torch.add_adapter(name, ad)
     close(rt_ort(IDS), rt_torch(IDS), dtype)
-    for names, weights in (("a", None), ("b", None), (["a", "b"], [1.0, 0.5]), ("l", None), (["l", "a"], [0.7, -1.0])):
+    states = (("a", None), ("b", None), (["a", "b"], [1.0, 0.5]), ("l", None), (["l", "a"], [0.7, -1.0]), ("k", None),
+              (["k", "a"], [1.0, 0.5]), ("k", None))  # fmt: skip
+    for names, weights in states:
         rt_ort.switch(names, weights)
         rt_torch.switch(names, weights)
         lora = "l" in names
