@@ -471,13 +471,17 @@ struct RowCursor {
 // vectorizes: no table (an int8 code's value is the integer), the rounding and the clamp as selects. Bit for bit
 // the entry-by-entry loop: the same fp32 operations in the same order on every lane. Returns the clamped count.
 // -fno-trapping-math for this loop only (GCC): the selects may then evaluate both sides, which lets it vectorize;
-// values are unchanged (FP exception flags are all it gives up; nothing reads them).
-#if defined(__GNUC__) && !defined(__clang__)
-#define SHIRA_SELECTS __attribute__((optimize("no-trapping-math")))
+// values are unchanged (FP exception flags are all it gives up; nothing reads them). On x86-64 with glibc it is
+// also built for AVX2, picked at load time where the CPU has it (8 lanes, not 4: the divisions bound this loop;
+// IEEE division gives the same bits at any width).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
+#define SHIRA_SELECTS __attribute__((optimize("no-trapping-math"), target_clones("avx2", "default"), noinline))
+#elif defined(__GNUC__) && !defined(__clang__)
+#define SHIRA_SELECTS __attribute__((optimize("no-trapping-math"))) inline
 #else
-#define SHIRA_SELECTS
+#define SHIRA_SELECTS inline
 #endif
-SHIRA_SELECTS inline int64_t int8_run(uint8_t* __restrict__ p, uint8_t* __restrict__ s, const float* __restrict__ d, float scale,
+SHIRA_SELECTS int64_t int8_run(uint8_t* __restrict__ p, uint8_t* __restrict__ s, const float* __restrict__ d, float scale,
                         int64_t n) {
   constexpr float kMagic = 12582912.0f;  // round_even's
   int32_t clamped = 0;
@@ -707,13 +711,29 @@ void run_listed(const Item& it, bool apply, int64_t b, int64_t e, bool runs) {
 
 // ---- described runs (shira_core.h, "Runs") ------------------------------------------------------
 
+// A stretch is handled a 64-byte line at a time (loops of a constant count, which the compiler unrolls and
+// vectorizes as it does the listed path's line copies), then the rest.
 template <typename W>
 void apply_stretch(W* __restrict__ w, W* __restrict__ saved, const float* __restrict__ delta, int64_t n) {
-  for (int64_t k = 0; k < n; ++k) {
+  constexpr int64_t L = kRun<W>;
+  int64_t k = 0;
+  for (; k + L <= n; k += L)
+    for (int64_t j = k; j < k + L; ++j) {
+      const W old = w[j];
+      saved[j] = old;
+      w[j] = from_float<W>(static_cast<float>(old) + delta[j]);
+    }
+  for (; k < n; ++k) {
     const W old = w[k];
     saved[k] = old;
     w[k] = from_float<W>(static_cast<float>(old) + delta[k]);
   }
+}
+
+inline void copy_stretch(char* __restrict__ dst, const char* __restrict__ src, int64_t bytes) {
+  int64_t k = 0;
+  for (; k + 64 <= bytes; k += 64) std::memcpy(dst + k, src + k, 64);
+  if (k < bytes) std::memcpy(dst + k, src + k, static_cast<size_t>(bytes - k));
 }
 
 template <int F>
@@ -721,11 +741,15 @@ int64_t requantize_stretch(const Item& it, int64_t p, int64_t q, int64_t f) {
   uint8_t* w = reinterpret_cast<uint8_t*>(it.w);
   uint8_t* saved = static_cast<uint8_t*>(it.saved);
   int64_t clamped = 0;
-  if constexpr (F == 0) {  // one vectorized loop per row piece
+  if constexpr (F == 0) {  // the vectorized loop, a line at a time, per row piece
+    RowCursor rows{it.row_len};
     while (p < q) {
-      const int64_t row = f / it.row_len;
-      const int64_t n = std::min(q - p, (row + 1) * it.row_len - f);
-      clamped += int8_run(w + f, saved + p, it.delta + p, it.scales[row], n);
+      const int64_t row = rows.at(f);
+      const int64_t n = std::min(q - p, rows.hi - f);
+      const float scale = it.scales[row];
+      int64_t k = 0;
+      for (; k + 64 <= n; k += 64) clamped += int8_run(w + f + k, saved + p + k, it.delta + p + k, scale, 64);
+      if (k < n) clamped += int8_run(w + f + k, saved + p + k, it.delta + p + k, scale, n - k);
       p += n;
       f += n;
     }
@@ -747,12 +771,12 @@ void run_stretch(const Item& it, bool apply, int64_t p, int64_t q, int64_t f) {
   char* w = it.w + f * ws;
   char* saved = static_cast<char*>(it.saved) + p * ws;
   if (!apply) {
-    std::memcpy(w, saved, static_cast<size_t>(n * ws));
+    copy_stretch(w, saved, n * ws);
     return;
   }
   if (it.codes) {  // baked codes: a swap
-    std::memcpy(saved, w, static_cast<size_t>(n));
-    std::memcpy(w, it.codes + p, static_cast<size_t>(n));
+    copy_stretch(saved, w, n);
+    copy_stretch(w, reinterpret_cast<const char*>(it.codes + p), n);
     return;
   }
   int64_t clamped = 0;
@@ -792,7 +816,7 @@ void run_entries(const Item& it, bool apply, int64_t b, int64_t e, bool runs) {
       hi = mid;
   }
   const int64_t pf = g_prefetch.load(std::memory_order_relaxed);
-  const int64_t ahead = pf > 0 ? std::max<int64_t>(1, pf / 8) : 0;  // runs ahead whose first line is prefetched
+  const int64_t ahead = pf > 0 ? std::max<int64_t>(1, pf / 3) : 0;  // runs ahead whose first line is prefetched
   int64_t cur = b;
   for (int64_t r = lo; cur < e; ++r) {
     if (r >= it.n_runs || R[3 * r] >= e) {
