@@ -17,8 +17,10 @@ read and written once at the bandwidth of a 512 MB copy measured in the same run
 plus the adapter's own arrays: per entry the saved value twice, an fp32 delta and the int32 index twice).
 
 An int8 base is the fp32 model quantized (``shira_runtime.quantization``, per-channel scales), the adapters made
-on the fp32 model. ``--busy``: a second process spinning in Python for the duration of the busy rows (on a
-2-vCPU machine: the other vCPU busy, as on a phone running other work). The chart on stdout is text (no plotting
+on the fp32 model; ``int8-baked`` (``--dtypes int8-baked``) the same adapters baked for that base
+(``quantization.bake``: the new codes themselves, so the switch is a byte swap with no grid math). ``--busy``: a
+second process spinning in Python for the duration of the busy rows (on a 2-vCPU machine: the other vCPU busy, as
+on a phone running other work). The chart on stdout is text (no plotting
 dependency): one bar per point, its length the switch time over the floor.
 
 ``--dense`` measures instead what sets ``shira_runtime.torch_backend.DENSE_SERIAL_BELOW``: a fused LoRA switch
@@ -47,7 +49,7 @@ from pathlib import Path
 
 import torch
 from shira_runtime import Runtime, kernels, torch_backend
-from shira_runtime.quantization import quantize
+from shira_runtime.quantization import bake, quantize
 from shira_runtime.synthetic import random_lora, random_shira
 from shira_runtime.table import print_table
 from torch import nn
@@ -57,9 +59,10 @@ from benchmarks.timing import cycle
 
 NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")  # four linears, PEFT-style names (the adapters' targets)
 DENSITY = 0.01
-STREAM_BYTES = {"fp32": 2 * 4 + 12, "bf16": 2 * 2 + 12, "int8": 2 * 1 + 12}  # per entry: saved x2, delta, index x2
+# per entry: saved x2, delta (fp32; a baked adapter's new code: 1 byte), index x2
+STREAM_BYTES = {"fp32": 2 * 4 + 12, "bf16": 2 * 2 + 12, "int8": 2 * 1 + 12, "int8-baked": 2 * 1 + 1 + 8}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-LINE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+LINE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8, "int8-baked": torch.int8}
 
 
 def model_for(entries: int, seed: int) -> nn.Module:
@@ -136,8 +139,10 @@ def point(entries: int, mask: str, dtype: str, gbps: float, repeats: int, busy: 
     line = None if mask == "rand" else LINE_DTYPES[dtype]  # blocks are lines of the base's own storage
     adapters = {n: random_shira(model, NAMES, DENSITY, seed=k + 1, mask=None if mask == "rand" else mask,
                                 line_dtype=line) for k, n in enumerate("ab")}  # fmt: skip
-    if dtype == "int8":
+    if dtype.startswith("int8"):
         model = quantize(model, "int8")
+        if dtype == "int8-baked":  # the codes a switch writes, computed once for this base: a byte swap
+            adapters = {n: bake(ad, model) for n, ad in adapters.items()}
     elif dtype != "fp32":
         model = model.to(DTYPES[dtype])
     rt = Runtime.load(model)
@@ -231,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="1e3 .. 1e5 entries, fp32, rand and block (seconds)")
     p.add_argument("--min", type=float, default=1e3, help="the smallest size (entries; default 1e3)")
     p.add_argument("--max", type=float, default=1e7, help="the largest size (entries; default 1e7)")
-    p.add_argument("--dtypes", nargs="+", default=None, choices=["fp32", "bf16", "int8"])
+    p.add_argument("--dtypes", nargs="+", default=None, choices=["fp32", "bf16", "int8", "int8-baked"])
     p.add_argument("--masks", nargs="+", default=["rand", "block"], choices=["rand", "block"])
     p.add_argument("--busy", action="store_true", help="also time each size up to 1e5 with the other vCPU busy")
     p.add_argument("--repeats", type=int, default=None, help="timed switches per point (default 40; --quick 20)")

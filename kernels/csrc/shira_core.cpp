@@ -848,9 +848,12 @@ void run_task(const Task& t) {
   if (t.a) run_entries(*t.a, true, t.a0, t.a1, t.runs);
 }
 
-// A persistent pool: workers wait for a job (spinning briefly, then on a condition variable), run it beside the
-// caller and report back. One job at a time: a call that finds the pool busy (another thread's call) runs on its
-// own thread. Rebuilt after fork() in the child (the parent's workers do not exist there).
+// A persistent pool: workers wait for a job (spinning briefly, then on a condition variable) and join it beside
+// the caller while it is open. The caller takes every task nobody else took, then closes the job and waits only
+// for the workers inside it: on a busy machine a worker that gets no CPU in time costs nothing (it finds the job
+// closed when it wakes), where waiting for every worker to report cost a scheduler slice. One job at a time: a
+// call that finds the pool busy (another thread's call) runs on its own thread. Rebuilt after fork() in the child
+// (the parent's workers do not exist there).
 class Pool {
  public:
   // Runs body() on the calling thread and on `workers - 1` pool threads; returns when all are done.
@@ -874,21 +877,21 @@ class Pool {
     }
     fn_ = [](void* ctx) { (*static_cast<F*>(ctx))(); };
     ctx_ = &body;
-    helpers_ = helpers;
-    // every started worker acknowledges every job (the unneeded ones without running it), so none still reads
-    // this job's fields when the next one is set up
-    pending_.store(started_, std::memory_order_relaxed);
+    limit_.store(helpers, std::memory_order_relaxed);
+    state_.store(0, std::memory_order_release);  // open, nobody in it yet
     {
       std::lock_guard<std::mutex> lk(m_);
       gen_.fetch_add(1, std::memory_order_release);
     }
     work_.notify_all();
-    body();
-    for (int spin = 0; pending_.load(std::memory_order_acquire) != 0; ++spin) {
+    body();  // takes every task no helper took: a helper that never got a CPU is not waited for
+    // Closed from here: no helper joins any more; wait only for those inside (each holds at most one task).
+    if ((state_.fetch_or(kClosed, std::memory_order_acq_rel) & kActive) == 0) return;
+    for (int spin = 0; (state_.load(std::memory_order_acquire) & kActive) != 0; ++spin) {
       cpu_relax();
       if (spin > kSpin) {
         std::unique_lock<std::mutex> lk(m_);
-        done_.wait(lk, [&] { return pending_.load(std::memory_order_acquire) == 0; });
+        done_.wait(lk, [&] { return (state_.load(std::memory_order_acquire) & kActive) == 0; });
         break;
       }
     }
@@ -925,7 +928,7 @@ class Pool {
     }
   }
 
-  void loop(int64_t id, uint64_t seen) {
+  void loop(int64_t /*id*/, uint64_t seen) {
     for (;;) {
       uint64_t g;
       for (int spin = 0; (g = gen_.load(std::memory_order_acquire)) == seen; ++spin) {
@@ -936,10 +939,23 @@ class Pool {
         }
       }
       seen = g;
-      if (id < helpers_) fn_(ctx_);  // else not needed for this job
-      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-        std::lock_guard<std::mutex> lk(m_);
-        done_.notify_all();
+      join();
+    }
+  }
+
+  // Joins the open job if it still needs a helper: runs its body, leaves, wakes the caller if it was the last one
+  // in a closed job. A helper that wakes late finds the job closed (or joins a newer one: fine either way).
+  void join() {
+    int64_t s = state_.load(std::memory_order_acquire);
+    while ((s & kClosed) == 0) {
+      if ((s & kActive) >= limit_.load(std::memory_order_relaxed)) return;  // enough helpers (a stale limit: the
+      if (state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {  // CAS
+        if ((s & kActive) < limit_.load(std::memory_order_acquire)) fn_(ctx_);  // of a newer job checks again)
+        if (state_.fetch_sub(1, std::memory_order_acq_rel) - 1 == kClosed) {
+          std::lock_guard<std::mutex> lk(m_);
+          done_.notify_all();
+        }
+        return;
       }
     }
   }
@@ -947,11 +963,13 @@ class Pool {
   std::mutex busy_;  // held by the caller of the running job
   std::mutex m_;
   std::condition_variable work_, done_;
+  // A job's state: kClosed once its caller finished its own part, plus how many helpers are inside it.
+  static constexpr int64_t kClosed = int64_t{1} << 62, kActive = kClosed - 1;
   std::atomic<uint64_t> gen_{0};
-  std::atomic<int64_t> pending_{0};
+  std::atomic<int64_t> state_{kClosed};
+  std::atomic<int64_t> limit_{0};  // helpers the open job takes
   void (*fn_)(void*) = nullptr;
   void* ctx_ = nullptr;
-  int64_t helpers_ = 0;
   int64_t started_ = 0;
 };
 

@@ -362,3 +362,44 @@ def test_c_program_switches_like_python(core, tmp_path):
         second = b"".join(a.tobytes() for a in (w, q, mirror))
         assert second == b"".join(a.tobytes() for a in (w0, q0, m0))
         assert out.stdout == first + second, f"{impl.__name__}: the C program's bytes differ"
+
+
+def test_pool_shared_by_threads_and_a_busy_cpu(core, np_knobs):
+    """Threaded calls from four Python threads at once, while another process keeps a CPU busy: every result
+    exact (the pool's join/close protocol loses no task and runs none twice; a late worker joins nothing)."""
+    import subprocess
+    import sys
+    import threading
+
+    np_knobs(True, chunk=64)
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    results: list[bool] = []
+
+    def worker(seed: int) -> None:
+        g = np.random.default_rng(seed)
+        w = g.standard_normal(50_000).astype(np.float32)
+        base = w.copy()
+        idx = np.sort(g.choice(w.size, 2000, replace=False)).astype(np.int32)
+        d = g.standard_normal(idx.size).astype(np.float32)
+        s = np.zeros(idx.size, np.float32)
+        want = base.copy()
+        want[idx] = (base[idx] + d).astype(np.float32)
+        ok = True
+        for _ in range(300):
+            core.apply_([w], [idx], [d], [s], validate=False)
+            ok &= bool(np.array_equal(w.view(np.int32), want.view(np.int32)))
+            core.restore_([w], [idx], [s], validate=False)
+            ok &= bool(np.array_equal(w.view(np.int32), base.view(np.int32)))
+        results.append(ok)
+
+    try:
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in threads), "a call never returned"
+    finally:
+        spin.kill()
+        spin.wait()
+    assert results == [True] * 4
