@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -174,11 +175,50 @@ def test_trained_adapters_on_8bit_bases_switch_on_the_grid_and_revert(trained, f
     assert _generate_all(rt.generate, trained["evals"], trained["chat"], trained["eos"]) == base_out
 
 
+# Where the int8 bundle's greedy row and the torch backend's part, the two tokens' logits differ by at most this
+# much in either backend (teacher-forced on the common prefix): a near tie that activation rounding may tip either
+# way. Measured (AMD EPYC, printed by the test): the rows part at margins of 0.02-0.05, the backends' logits over
+# whole rows differ by 0.5-1 (more at the padding after an end token).
+NEAR_TIE = 1.0
+
+
+def _cut(row: list[int], start: int, eos: int) -> list[int]:
+    """A generated row up to and including its first end token after the prompt (finished rows are padded)."""
+    new = row[start:]
+    return row[: start + new.index(eos) + 1] if eos in new else row
+
+
+def _parted_at_near_ties(rb, rq, got: list, want: list, start: int, eos: int) -> tuple[int, float]:
+    """Every row where the bundle's tokens (``got``) and the torch backend's (``want``) part does so at a near tie:
+    at the first differing position, each backend's logit for its own token exceeds its logit for the other's by
+    at most ``NEAR_TIE``. Returns (rows that part, the largest such margin)."""
+    parted, worst = 0, 0.0
+    for g, w in zip(got, want):
+        g, w = _cut(g, start, eos), _cut(w, start, eos)
+        if g == w:
+            continue
+        parted += 1
+        p = next(i for i in range(start, min(len(g), len(w))) if g[i] != w[i])
+        prefix = torch.tensor([w[:p]])
+        with torch.no_grad():
+            lq = rq(prefix).logits[0, -1].float()
+        lb = torch.from_numpy(np.asarray(rb(prefix.numpy()))[0, -1]).float()
+        margins = (float(lb[g[p]] - lb[w[p]]), float(lq[w[p]] - lq[g[p]]))
+        worst = max(worst, *margins)
+        assert max(margins) <= NEAR_TIE, (
+            f"the rows part at position {p - start} of the answer: bundle {g[p]} vs torch {w[p]}, "
+            f"logit margins {margins} (not a near tie)"
+        )
+    return parted, worst
+
+
 def test_int8_bundle_of_the_real_model_generates_the_torch_int8_tokens(trained):
     """The packager's int8 bundle of SmolLM2 passes its own export check (one-byte activations did not: logits
     18% of their max off) and, with the trained adapters switched live, generates the torch backend's int8 tokens:
-    the two differ only in activation rounding (the bundle: 15 bits per token; torch: bf16 at few tokens), so the
-    documented tolerance is one row in 16 per prompt set, and the trained answers the same within one row."""
+    the two differ only in activation rounding (the bundle: 15 bits per token; torch: bf16, whose GEMM path
+    depends on the CPU), so a row may part from the torch backend's only at a near tie (``NEAR_TIE``, checked
+    teacher-forced in both backends), and the trained answers are as often right within one row. The base's own
+    answers to the tasks it was not trained on are the least certain rows (a CI machine parted 3 of 16 there)."""
     from shira_runtime.exporters.package import package
 
     qmodel = quantize(copy.deepcopy(trained["base"]), "int8")
@@ -187,15 +227,22 @@ def test_int8_bundle_of_the_real_model_generates_the_torch_int8_tokens(trained):
     rb, rq = Runtime.load(bundle), Runtime.load(qmodel)
     for task in TASKS:
         rq.add_adapter(task, trained["dir"] / task)
-    evals = trained["evals"]
+    evals, eos = trained["evals"], trained["eos"]
+    starts = {**{t: ev.prompts.shape[1] for t, ev in evals.items()}, "chat": trained["chat"].shape[1]}
     for name in (*TASKS, TASKS[0], None):
         rb.switch(name)
         rq.switch(name)
-        got = _generate_all(rb.generate, evals, trained["chat"], trained["eos"])
-        want = _generate_all(rq.generate, evals, trained["chat"], trained["eos"])
+        got = _generate_all(rb.generate, evals, trained["chat"], eos)
+        want = _generate_all(rq.generate, evals, trained["chat"], eos)
         for key in (*TASKS, "chat"):
-            same = sum(a == b for a, b in zip(got[key], want[key]))
-            assert same >= len(want[key]) - (1 if key != "chat" else 0), (name, key, same)
+            parted, worst = _parted_at_near_ties(rb, rq, got[key], want[key], starts[key], eos)
+            with torch.no_grad():  # the backends' logits over the torch backend's rows, for the record
+                ids = torch.tensor(want[key])
+                diff = (rq(ids).logits.float() - torch.from_numpy(np.asarray(rb(ids.numpy()))).float()).abs()
+            print(
+                f"int8 bundle, {name} on {key}: {parted} of {len(want[key])} rows part (largest margin "
+                f"{worst:.3f}); logits within {float(diff.max()):.3f}"
+            )
         if name is not None:
             ev = evals[name]
             acc_b = exact(torch.tensor(got[name]), ev.prompts, ev.answers)
