@@ -227,6 +227,8 @@ def test_int8_bundle_of_the_real_model_generates_the_torch_int8_tokens(trained):
     rb, rq = Runtime.load(bundle), Runtime.load(qmodel)
     for task in TASKS:
         rq.add_adapter(task, trained["dir"] / task)
+    live = {**rb.backend.tensors, **{f"{n} (uint8 copy)": m for n, m in rb.backend.mirrors.items()}}
+    loaded = {n: np.ascontiguousarray(a).copy() for n, a in live.items()}
     evals, eos = trained["evals"], trained["eos"]
     starts = {**{t: ev.prompts.shape[1] for t, ev in evals.items()}, "chat": trained["chat"].shape[1]}
     for name in (*TASKS, TASKS[0], None):
@@ -249,6 +251,8 @@ def test_int8_bundle_of_the_real_model_generates_the_torch_int8_tokens(trained):
             acc_q = exact(torch.tensor(want[name]), ev.prompts, ev.answers)
             print(f"int8 bundle, {name}: {acc_b:.2f} exact (torch int8 {acc_q:.2f})")
             assert abs(acc_b - acc_q) <= 1 / N_EVAL + 1e-9 and acc_b >= 0.6
+    for n, a in loaded.items():  # back on the base: every code and its uint8 copy as loaded, bit for bit
+        assert np.ascontiguousarray(live[n]).tobytes() == a.tobytes(), n
 
 
 def test_the_real_bundle_serves_on_ray(bundle):
