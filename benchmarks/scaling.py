@@ -110,6 +110,8 @@ def bare_kernel(rt: Runtime, a: str, b: str, repeats: int) -> float:
     pa, pb = rt._get(a), rt._get(b)
     ts = [t for t in tensors if t in pa.sparse and t in pb.sparse]
     saved = {n: [torch.empty(len(p.sparse[t][0]), dtype=tensors[t].dtype) for t in ts] for n, p in ((a, pa), (b, pb))}
+    none = torch.zeros(0, 3, dtype=torch.int64)  # the runs found at registration, as the switch passes them
+    runs = {n: [p.runs.get(t, none) for t in ts] for n, p in ((a, pa), (b, pb))}
 
     def sw(src: str, dst: str) -> None:
         ps, pd = rt._get(src), rt._get(dst)
@@ -122,15 +124,17 @@ def bare_kernel(rt: Runtime, a: str, b: str, repeats: int) -> float:
             [pd.sparse[t][1] for t in ts],
             saved[dst],
             validate=False,
+            out_runs=runs[src],
+            in_runs=runs[dst],
         )
 
     kernels.switch_([], [], [], [tensors[t] for t in ts], [pa.sparse[t][0] for t in ts],
-                    [pa.sparse[t][1] for t in ts], saved[a], validate=False)  # fmt: skip
+                    [pa.sparse[t][1] for t in ts], saved[a], validate=False, in_runs=runs[a])  # fmt: skip
     t = cycle([lambda: sw(a, b), lambda: sw(b, a)], repeats)  # 1 + repeats calls from A: ends in B when even
     if repeats % 2 == 0:
         sw(b, a)
     kernels.switch_([tensors[t] for t in ts], [pa.sparse[t][0] for t in ts], saved[a], [], [], [], [],
-                    validate=False)  # fmt: skip
+                    validate=False, out_runs=runs[a])  # fmt: skip
     return t.median_ms
 
 
