@@ -12,8 +12,9 @@ a model of that size) gets two random adapters A and B of N entries each (``rand
 ``line_dtype``). Timed: ``Runtime.switch`` A -> B -> A (end to end: Python,
 the registered adapter's checks, lock, plan, kernel, stats; median of the timed switches, ``benchmarks.timing``)
 and, on fp32/bf16, the bare kernel call (``kernels.switch_`` on the same arrays and preallocated saved buffers: no
-transaction, no plan, no stats). Beside them the memory floor (the distinct 64-byte weight lines A and B touch,
-read and written once at the bandwidth of a 512 MB copy measured in the same run) and the streams floor (the floor
+transaction, no plan, no stats; the runs found at registration passed as the switch passes them). Beside them the
+memory floor (the distinct 64-byte weight lines A and B touch, read and written once at the bandwidth of a 512 MB
+copy measured in the same run, the best of three rounds) and the streams floor (the floor
 plus the adapter's own arrays: per entry the saved value twice, an fp32 delta and the int32 index twice).
 
 An int8 base is the fp32 model quantized (``shira_runtime.quantization``, per-channel scales), the adapters made
