@@ -68,10 +68,14 @@ namespace {
 std::atomic<int64_t> g_chunk{4096};            // entries per chunk (restore + apply)
 std::atomic<int64_t> g_serial_below{1 << 15};  // total entries under which no thread is started
 std::atomic<int64_t> g_force_plan{0};          // 0 auto, 1 phased, 2 ordered
-std::atomic<int64_t> g_prefetch{96};           // software prefetch distance in entries (0: off); runs: pf / 4 lines,
-                                               // described runs pf / 12 runs (benchmarks: docs/kernels.md)
+std::atomic<int64_t> g_prefetch{96};           // software prefetch distance in entries (0: off); runs: see below
 std::atomic<int64_t> g_runs{1};               // 1: copy contiguous runs as blocks (sorted lists); 0: off
 std::atomic<int64_t> g_last_plan{0};           // bit 0: threaded; bits 1-2: 1 fused, 2 phased, 3 ordered
+
+// Runs are prefetched nearer than single entries (further made block switches slower: docs/kernels.md): runs found
+// in a sorted list a quarter of the distance ahead, in lines; described runs a twelfth, in runs (at 96: 25 and 8).
+inline int64_t run_lines_ahead(int64_t pf) { return pf / 4 + 1; }
+inline int64_t runs_ahead(int64_t pf) { return pf > 0 ? std::max<int64_t>(1, pf / 12) : 0; }
 
 // A refused input: the message goes back through the C ABI (return code 1), nothing written yet.
 struct InputError : std::runtime_error {
@@ -304,7 +308,7 @@ void restore_range(W* __restrict__ w, const I* __restrict__ idx, const W* __rest
   while (i < e) {
     if (runs && run_at(idx, i, e, K)) {
       if constexpr (kPrefetch) {  // the distance counts lines: K entries per line in a run
-        if (i + (pf / 4 + 1) * K < e) __builtin_prefetch(w + idx[i + (pf / 4 + 1) * K], 1, 3);
+        if (i + run_lines_ahead(pf) * K < e) __builtin_prefetch(w + idx[i + run_lines_ahead(pf) * K], 1, 3);
       }
       W* __restrict__ p = w + idx[i];
       const W* __restrict__ s = saved + i;
@@ -328,7 +332,7 @@ void apply_range(W* __restrict__ w, const I* __restrict__ idx, const float* __re
   while (i < e) {
     if (runs && run_at(idx, i, e, K)) {
       if constexpr (kPrefetch) {  // the distance counts lines: K entries per line in a run
-        if (i + (pf / 4 + 1) * K < e) __builtin_prefetch(w + idx[i + (pf / 4 + 1) * K], 1, 3);
+        if (i + run_lines_ahead(pf) * K < e) __builtin_prefetch(w + idx[i + run_lines_ahead(pf) * K], 1, 3);
       }
       W* __restrict__ p = w + idx[i];
       W* __restrict__ s = saved + i;
@@ -517,7 +521,7 @@ int64_t apply_range_q(uint8_t* __restrict__ w, const I* __restrict__ idx, const 
         const int64_t row = rows.at(j);
         if (j + K <= rows.hi) {
           if constexpr (kPrefetch) {  // the distance counts lines: K entries per line in a run
-            if (i + (pf / 4 + 1) * K < e) __builtin_prefetch(w + idx[i + (pf / 4 + 1) * K], 1, 3);
+            if (i + run_lines_ahead(pf) * K < e) __builtin_prefetch(w + idx[i + run_lines_ahead(pf) * K], 1, 3);
           }
           clamped += int8_run(w + j, saved + i, delta + i, scales[row], K);
           i += K - 1;
@@ -817,7 +821,7 @@ void run_entries(const Item& it, bool apply, int64_t b, int64_t e, bool runs) {
       hi = mid;
   }
   const int64_t pf = g_prefetch.load(std::memory_order_relaxed);
-  const int64_t ahead = pf > 0 ? std::max<int64_t>(1, pf / 12) : 0;  // runs ahead whose first line is prefetched
+  const int64_t ahead = runs_ahead(pf);  // runs ahead whose first line is prefetched
   int64_t cur = b;
   for (int64_t r = lo; cur < e; ++r) {
     if (r >= it.n_runs || R[3 * r] >= e) {

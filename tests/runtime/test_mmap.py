@@ -107,7 +107,9 @@ def test_switch_none_returns_rss_to_baseline(small):
         b, a = sys.argv[1], sys.argv[2]
         rt = Runtime.load(b)
         rt.add_adapter("a", a)
-        rt.switch("a"), rt(IDS), rt.switch(None)  # once before: what the first switch loads for good is not measured
+        rt.switch("a")  # one cycle before: what the first switch loads for good is not measured
+        rt(IDS)
+        rt.switch(None)
         y0 = rt(IDS)
         r0, s0 = proc.memory_info().rss, status()
         rt.switch("a")
