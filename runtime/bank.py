@@ -63,6 +63,8 @@ def _prepare_sparse(backend: Backend, switcher: Switcher, name: str, adapter: Sp
         prep.sparse[canon] = (idx, delta)
         if (runs := switcher.runs_of(idx)) is not None:
             prep.runs[canon] = runs
+        if (order := switcher.order_of(canon, idx)) is not None:
+            prep.orders[canon] = order
         prep.absmax[canon] = ops.absmax(delta)
         if canon in backend.scales:
             _check_codes(backend, switcher, canon, idx, adapter.label(name))
@@ -110,6 +112,8 @@ def _prepare_codes(backend: Backend, switcher: Switcher, name: str, adapter: Cod
         prep.sparse[canon] = (idx, codes)
         if (runs := switcher.runs_of(idx)) is not None:
             prep.runs[canon] = runs
+        if (order := switcher.order_of(canon, idx)) is not None:
+            prep.orders[canon] = order
         prep.absmax[canon] = 0.0
     return prep
 

@@ -21,6 +21,7 @@ from shira_runtime import kernels
 from shira_runtime.arrays import CODE_DTYPES, FINFO_MAX, NUMPY, as_ops, dtype_name, fp32
 from shira_runtime.backend import Backend
 from shira_runtime.errors import AdapterValueError
+from shira_runtime.kernels.orders import mirror_order
 from shira_runtime.kernels.runs import runs_of
 
 Array = Any  # a numpy array (the device path) or a torch tensor (the torch backend): ``Backend.ops`` says which
@@ -40,6 +41,8 @@ class Prepared:
     baked: bool = False  # a CodesAdapter: ``sparse`` holds the new codes (not deltas); switched alone at weight 1
     # t -> the runs of consecutive indices in ``sparse[t]``'s idx (``kernels.runs``; absent: none worth describing)
     runs: dict[str, Array] = field(default_factory=dict)
+    # t -> ``sparse[t]``'s entries in the order of the weight's uint8 mirror (``kernels.orders``; absent: no mirror)
+    orders: dict[str, Array] = field(default_factory=dict)
 
     @property
     def tensors(self) -> set[str]:
@@ -56,6 +59,7 @@ class Plan:
     dense: dict[str, list[tuple[str, object, float]]]
     unfused: list[tuple[str, Array, Array, float]] = field(default_factory=list)  # (module, A, B, alpha)
     runs: dict[str, Array] = field(default_factory=dict)  # t -> runs of sparse[t]'s idx (``kernels.runs``)
+    orders: dict[str, Array] = field(default_factory=dict)  # t -> sparse[t]'s mirror order (``kernels.orders``)
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,7 @@ class Switcher:
         contrib: dict[str, list[tuple[str, object, float]]] = {}
         bound: dict[str, float] = {}  # t -> an upper bound on |sum of sparse deltas|
         known_runs: dict[str, Array] = {}  # t -> the runs of a tensor's only sparse contribution
+        known_orders: dict[str, Array] = {}  # t -> its mirror order
         for prep, weight in items:
             if prep.baked and (len(items) > 1 or weight != 1.0):
                 raise AdapterValueError(
@@ -160,6 +165,8 @@ class Switcher:
                 contrib.setdefault(t, []).append(("sparse", part, alpha))
                 if t in prep.runs:
                     known_runs[t] = prep.runs[t]
+                if t in prep.orders:
+                    known_orders[t] = prep.orders[t]
                 bound[t] = bound.get(t, 0.0) + abs(alpha) * prep.absmax[t]
             for t, (a, b, scaling) in prep.lora.items():
                 contrib.setdefault(t, []).append(("lora", (a, b), fp32(alpha * scaling)))
@@ -168,7 +175,7 @@ class Switcher:
             for prep, weight in items
             for module, (a, b, scaling) in prep.unfused.items()
         ]
-        sparse, dense, runs = {}, {}, {}
+        sparse, dense, runs, orders = {}, {}, {}, {}
         for t, parts in contrib.items():
             if any(kind == "lora" for kind, _, _ in parts):
                 dense[t] = parts
@@ -177,17 +184,31 @@ class Switcher:
                 if len(parts) == 1:
                     if t in known_runs:
                         runs[t] = known_runs[t]
-                elif (r := self.runs_of(sparse[t][0])) is not None:  # a union of several adapters' indices
-                    runs[t] = r
+                    if t in known_orders:
+                        orders[t] = known_orders[t]
+                else:  # a union of several adapters' indices
+                    if (r := self.runs_of(sparse[t][0])) is not None:
+                        runs[t] = r
+                    if (o := self.order_of(t, sparse[t][0])) is not None:
+                        orders[t] = o
                 if t not in self.backend.scales:  # codes saturate (counted) instead of overflowing
                     self._check_range(t, sparse[t][1], bound[t])
         self.backend.check_unfused_plan(unfused)
-        return Plan(tuple((p.name, float(w)) for p, w in items), sparse, dense, unfused, runs)
+        return Plan(tuple((p.name, float(w)) for p, w in items), sparse, dense, unfused, runs, orders)
 
     def runs_of(self, idx: Array) -> Array | None:
         """The runs of ``idx`` (``kernels.runs.runs_of``) as the backend's kind of array; None when there are none."""
         r = runs_of(self.ops.to_numpy(idx))
         return self.ops.from_numpy(r) if len(r) else None
+
+    def order_of(self, t: str, idx: Array) -> Array | None:
+        """The mirror order of ``idx`` on tensor ``t`` (``kernels.orders.mirror_order``) when ``t`` has a uint8
+        mirror (an int8 bundle's transposed copy), as the backend's kind of array; else None."""
+        m = self.backend.mirror(t)
+        if m is None or dtype_name(m) != "uint8":
+            return None
+        rows, cols = self.backend.tensors[t].shape  # the storage tensor's, as the kernels see it
+        return self.ops.from_numpy(mirror_order(self.ops.to_numpy(idx), rows, cols))
 
     def _check_range(self, t: str, delta: Array, delta_bound: float) -> None:
         """Refuse a sparse result the dtype cannot hold: a cached bound first, the exact max only if it fails."""
@@ -244,6 +265,7 @@ class Switcher:
                 versions = {t: getattr(tensors[t], "_version", 0) for t in written}
                 mirrors = {t: m for t in written if (m := self.backend.mirror(t)) is not None}
                 described = old.plan.runs or plan.runs
+                ordered = mirrors and (old.plan.orders or plan.orders)
                 if described:
                     no_runs = self._no_runs
                     if no_runs is None:
@@ -272,6 +294,14 @@ class Switcher:
                             "in_runs": [plan.runs.get(t, no_runs) for t in in_t],
                         }
                         if described
+                        else {}
+                    ),
+                    **(
+                        {
+                            "out_orders": [old.plan.orders.get(t, no_mirror) for t in out_t],
+                            "in_orders": [plan.orders.get(t, no_mirror) for t in in_t],
+                        }
+                        if ordered
                         else {}
                     ),
                 )

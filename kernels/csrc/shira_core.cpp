@@ -17,6 +17,9 @@
 //             (exact: every int8/fp8 value is a bf16 value); or uint8 [cols, rows] for a 2-D int8 weight
 //             [rows, cols] (an int8 bundle's MatMulInteger B input): m[c][r] = code ^ 0x80 (code + 128, zero
 //             point 128, transposed). An empty tensor: no mirror.
+//             A uint8 mirror given with its mirror order (the entries by ascending transposed position) is written
+//             after the codes, in a second pass in that order (a restore and an apply of one weight together, cut
+//             by transposed position): forwards through the copy, not a row apart per entry.
 //
 // Execution plans (the one taken is recorded for tests, see shira_last_plan):
 //   fused    - all index lists sorted ascending and the weights of each list distinct: each weight's
@@ -47,12 +50,14 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <new>
 #include <sstream>
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #define SHIRA_API extern "C" __attribute__((visibility("default")))
@@ -249,6 +254,12 @@ struct Item {
   const int64_t* runs;       // [n_runs][3] (position, first index, length), or null (shira_core.h, "Runs")
   int64_t n_runs;
   int64_t wsize;             // bytes per weight element
+  // The uint8 mirror written in a second pass (shira_core.h, "Mirror order"): `mirror` is then null (the first
+  // pass writes the codes alone), `later` the copy and `order` the entries by ascending transposed position;
+  // `fresh` [n]: the new codes of an apply, gathered after its first pass (the call owns it), or the baked codes.
+  const void* order;
+  uint8_t* later;
+  const uint8_t* fresh;
 };
 
 inline int64_t index_at(const Item& it, int64_t i) {
@@ -606,6 +617,57 @@ int64_t mirrored_range(const Item& it, bool apply, int64_t b, int64_t e, int64_t
   return clamped;
 }
 
+// x / d and x % d for 0 <= x < 2^52 through a double reciprocal, corrected by one step: the transposed copy's
+// positions need a division per entry, and a 64-bit divide would cost more than the write it places.
+struct DivBy {
+  int64_t d;
+  double inv;
+  explicit DivBy(int64_t den) : d(den > 0 ? den : 1), inv(1.0 / static_cast<double>(den > 0 ? den : 1)) {}
+  inline void split(int64_t x, int64_t& q, int64_t& r) const {
+    q = static_cast<int64_t>(static_cast<double>(x) * inv);
+    r = x - q * d;
+    if (r < 0) {
+      --q;
+      r += d;
+    } else if (r >= d) {
+      ++q;
+      r -= d;
+    }
+  }
+};
+
+// The second pass of a deferred uint8 mirror: entries k in [b, e) of the item's order, whose transposed
+// positions ascend, so the copy is written forwards: m[c][r] = code ^ 0x80 for entry p = order[k] at j = idx[p]
+// (r, c = j / cols, j % cols), the code being saved[p] (restore) or fresh[p] (apply). It reads the index list and
+// the codes at random within the item's own arrays, never the weight.
+template <typename I>
+void mirror_pass(const Item& it, bool apply, int64_t b, int64_t e) {
+  const I* __restrict__ order = static_cast<const I*>(it.order);
+  const I* __restrict__ idx = static_cast<const I*>(it.idx);
+  const uint8_t* __restrict__ src = apply ? it.fresh : static_cast<const uint8_t*>(it.saved);
+  uint8_t* __restrict__ mt = it.later;
+  const int64_t rows = it.mrows;
+  const DivBy cols(it.mcols);
+  const int64_t pf = g_prefetch.load(std::memory_order_relaxed) / 4;
+  for (int64_t k = b; k < e; ++k) {
+    if (pf > 0 && k + pf < e) __builtin_prefetch(idx + order[k + pf], 0, 3);
+    const int64_t p = order[k];
+    int64_t r, c;
+    cols.split(static_cast<int64_t>(idx[p]), r, c);
+    mt[c * rows + r] = static_cast<uint8_t>(src[p] ^ 0x80);
+  }
+}
+
+// The new codes of an apply's entries [b, e), read back from the weight right after its first pass wrote them
+// (their lines are still in cache), for the mirror's second pass.
+template <typename I>
+void gather_fresh(const Item& it, int64_t b, int64_t e) {
+  const I* __restrict__ idx = static_cast<const I*>(it.idx);
+  const uint8_t* __restrict__ w = reinterpret_cast<const uint8_t*>(it.w);
+  uint8_t* __restrict__ out = const_cast<uint8_t*>(it.fresh);
+  for (int64_t i = b; i < e; ++i) out[i] = w[idx[i]];
+}
+
 template <int F, typename I>
 void run_mirrored(const Item& it, bool apply, int64_t b, int64_t e) {
   const int64_t pf = g_prefetch.load(std::memory_order_relaxed);
@@ -840,17 +902,27 @@ void run_entries(const Item& it, bool apply, int64_t b, int64_t e, bool runs) {
 // ---- tasks and the thread pool -------------------------------------------------------------------
 
 // A chunk: restore entries [r0, r1) of *r, then apply entries [a0, a1) of *a (either may be absent);
-// `runs`: both lists are sorted.
+// `runs`: both lists are sorted. `second`: the mirror's second pass over those ranges of the items' orders.
 struct Task {
   const Item* r;
   const Item* a;
   int64_t r0, r1, a0, a1;
   bool runs;
+  bool second = false;
 };
 
 void run_task(const Task& t) {
+  if (t.second) {
+    for (const auto& [it, apply, b, e] : {std::make_tuple(t.r, false, t.r0, t.r1), std::make_tuple(t.a, true, t.a0, t.a1)})
+      if (it && b < e) it->idx64 ? mirror_pass<int64_t>(*it, apply, b, e) : mirror_pass<int32_t>(*it, apply, b, e);
+    return;
+  }
   if (t.r) run_entries(*t.r, false, t.r0, t.r1, t.runs);
-  if (t.a) run_entries(*t.a, true, t.a0, t.a1, t.runs);
+  if (t.a) {
+    run_entries(*t.a, true, t.a0, t.a1, t.runs);
+    if (t.a->order && !t.a->codes && t.a0 < t.a1)  // baked codes are their own fresh codes
+      t.a->idx64 ? gather_fresh<int64_t>(*t.a, t.a0, t.a1) : gather_fresh<int32_t>(*t.a, t.a0, t.a1);
+  }
 }
 
 // A persistent pool: workers wait for a job (spinning briefly, then on a condition variable) and join it beside
@@ -1016,16 +1088,39 @@ void run_tasks(const std::vector<Task>& tasks, bool threaded, int64_t threads) {
   });
 }
 
-// Chunks of one list entry by position (valid for any order: indices are unique within a list).
-void chunk_by_position(const Item* it, bool apply, int64_t chunk, bool runs, std::vector<Task>& out) {
+// Chunks of one list entry by position (valid for any order: indices are unique within a list); `second`: of
+// its mirror's second pass (positions in its order).
+void chunk_by_position(const Item* it, bool apply, int64_t chunk, bool runs, std::vector<Task>& out,
+                       bool second = false) {
   for (int64_t b = 0; b < it->n; b += chunk) {
     const int64_t e = std::min(it->n, b + chunk);
-    out.push_back(apply ? Task{nullptr, it, 0, 0, b, e, runs} : Task{it, nullptr, b, e, 0, 0, runs});
+    out.push_back(apply ? Task{nullptr, it, 0, 0, b, e, runs, second} : Task{it, nullptr, b, e, 0, 0, runs, second});
   }
 }
 
-// Chunks of one weight by element range: restore r and apply a (sorted lists; either may be null).
-void chunk_by_range(const Item* r, const Item* a, int64_t chunk, std::vector<Task>& out) {
+// The transposed position of entry order[k] of an item with a mirror order, and the first k in [lo, hi) whose
+// position is >= value (positions ascend along the order).
+int64_t tpos_at(const Item& it, int64_t k) {
+  const int64_t p = it.idx64 ? static_cast<const int64_t*>(it.order)[k] : static_cast<const int32_t*>(it.order)[k];
+  const int64_t j = index_at(it, p);
+  return (j % it.mcols) * it.mrows + j / it.mcols;
+}
+
+int64_t lower_bound_tpos(const Item& it, int64_t lo, int64_t hi, int64_t value) {
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (tpos_at(it, mid) < value)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+// Chunks of one weight by element range: restore r and apply a (sorted lists; either may be null). `second`: of
+// their mirrors' second passes, cut by transposed position (their orders), so a chunk's apply rewrites the lines
+// of the copy its restore just wrote.
+void chunk_by_range(const Item* r, const Item* a, int64_t chunk, std::vector<Task>& out, bool second = false) {
   const int64_t nr = r ? r->n : 0, na = a ? a->n : 0;
   if (nr + na == 0) return;
   const int64_t pieces = (nr + na + chunk - 1) / chunk;
@@ -1039,13 +1134,15 @@ void chunk_by_range(const Item* r, const Item* a, int64_t chunk, std::vector<Tas
     int64_t l1 = nl, o1 = no;
     if (k < pieces) {
       l1 = nl * k / pieces;
-      o1 = l1 < nl && other ? lower_bound_pos(*other, o0, no, index_at(*lead, l1)) : no;
+      if (l1 < nl && other)
+        o1 = second ? lower_bound_tpos(*other, o0, no, tpos_at(*lead, l1))
+                    : lower_bound_pos(*other, o0, no, index_at(*lead, l1));
     }
     if (l1 > l0 || o1 > o0) {
       if (cut_on_a)
-        out.push_back(Task{r, a, o0, o1, l0, l1, true});
+        out.push_back(Task{r, a, o0, o1, l0, l1, true, second});
       else
-        out.push_back(Task{r, a, l0, l1, o0, o1, true});
+        out.push_back(Task{r, a, l0, l1, o0, o1, true, second});
     }
     l0 = l1;
     o0 = o1;
@@ -1173,6 +1270,45 @@ bool check_bounds(const char* op, const std::vector<Item>& items, bool validate,
   return sorted;
 }
 
+// Every item's mirror order (after the index checks: positions are computed from the indices): with `validate`,
+// each entry in range and the transposed positions strictly ascending (so it is a permutation: the indices of one
+// item are distinct); without, the first and the last entry's range (the caller promises the rest).
+template <typename I>
+void check_order(const char* op, const Item& it, bool validate) {
+  const I* order = static_cast<const I*>(it.order);
+  const I* idx = static_cast<const I*>(it.idx);
+  const int64_t n = it.n;
+  auto fail = [&](int64_t k, int64_t p) {
+    refuse("shira::", op, ": ", it.list, "tensor ", it.pos, ": mirror order entry ", k, " names entry ", p,
+           ", out of range for ", n, " entries");
+  };
+  if (!validate) {
+    for (int64_t k : {int64_t{0}, n - 1})
+      if (out_of_range(order[k], n)) fail(k, order[k]);
+    return;
+  }
+  const DivBy cols(it.mcols);
+  int64_t prev = -1;
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t p = order[k];
+    if (out_of_range(p, n)) fail(k, p);
+    int64_t r, c;
+    cols.split(static_cast<int64_t>(idx[p]), r, c);
+    const int64_t t = c * it.mrows + r;
+    if (t <= prev)
+      refuse("shira::", op, ": ", it.list, "tensor ", it.pos, ": mirror order entry ", k, " (entry ", p, ", index ",
+             static_cast<int64_t>(idx[p]), ") is at transposed position ", t, ", not after the one before it (", prev,
+             "): the order must sort the entries by column, then row, each once");
+    prev = t;
+  }
+}
+
+void check_orders(const char* op, const std::vector<Item>& items, bool validate) {
+  for (const Item& it : items)
+    if (it.order && it.n)
+      it.idx64 ? check_order<int64_t>(op, it, validate) : check_order<int32_t>(op, it, validate);
+}
+
 // True when the weights of one list are pairwise disjoint in memory.
 bool disjoint(const std::vector<const Item*>& items) {
   std::vector<std::pair<uintptr_t, uintptr_t>> spans;
@@ -1187,12 +1323,12 @@ bool disjoint(const std::vector<const Item*>& items) {
 // ---- the engine shared by the three verbs --------------------------------------------------------
 
 // Restores `outs`, then applies `ins` (either may be empty). All checks happen before the first write.
-void run(const char* op, const std::vector<Item>& outs, const std::vector<Item>& ins, bool validate,
-         int64_t threads) {
+void run(const char* op, std::vector<Item> outs, std::vector<Item> ins, bool validate, int64_t threads) {
   std::vector<Item> all(outs);
   all.insert(all.end(), ins.begin(), ins.end());
   const int64_t chunk = std::max<int64_t>(1, g_chunk.load(std::memory_order_relaxed));
   const bool sorted = check_bounds(op, all, validate, chunk, threads);
+  check_orders(op, all, validate);
 
   int64_t total = 0;
   for (const Item& it : all) total += it.n;
@@ -1237,6 +1373,31 @@ void run(const char* op, const std::vector<Item>& outs, const std::vector<Item>&
   const Plan plan = ordered ? kOrdered : (sorted && force != 1 ? kFused : kPhased);
   g_last_plan.store((threaded ? 1 : 0) | (static_cast<int64_t>(plan) << 1), std::memory_order_relaxed);
 
+  // Deferred mirrors: a restore and an apply of one weight (fused or phased plans: the second passes run after
+  // every first pass, restores' before applies') defer theirs together or not at all; each apply's new codes get
+  // a buffer (before the first write).
+  auto inline_mirror = [](Item& it) {
+    if (!it.order) return;
+    it.mirror = it.later;
+    it.order = nullptr;
+    it.later = nullptr;
+  };
+  if (plan != kOrdered)
+    for (size_t j = 0; j < ins.size(); ++j)
+      if (const Item* r = partner[j]; r && (r->order != nullptr) != (ins[j].order != nullptr)) {
+        inline_mirror(ins[j]);
+        inline_mirror(outs[static_cast<size_t>(r - outs.data())]);
+      }
+  std::vector<std::unique_ptr<uint8_t[]>> fresh;
+  for (Item& it : ins)
+    if (it.order && !it.codes && it.n) {
+      fresh.emplace_back(new uint8_t[static_cast<size_t>(it.n)]);
+      it.fresh = fresh.back().get();
+    }
+  bool deferred = false;
+  for (const Item& it : outs) deferred |= it.order != nullptr;
+  for (const Item& it : ins) deferred |= it.order != nullptr;
+
   // Every task list is made before the first write: nothing below allocates (or throws) once writing began, so
   // a call that returns an error wrote nothing (the atomic switch of the runtime relies on it).
   std::vector<std::vector<Task>> phases;  // run one after another
@@ -1253,11 +1414,27 @@ void run(const char* op, const std::vector<Item>& outs, const std::vector<Item>&
     for (const Item& it : ins) chunk_by_position(&it, true, chunk, false, phases[1]);
     phase_threaded.assign(2, threaded);
   } else {
-    for (const Item& it : all) {
-      phases.emplace_back();
-      chunk_by_position(&it, it.apply, chunk, sorted, phases.back());
-      phase_threaded.push_back(threaded && it.n >= g_serial_below.load(std::memory_order_relaxed));
-    }
+    for (const std::vector<Item>* list : {&outs, &ins})
+      for (const Item& it : *list) {  // each one's second pass right after its first
+        for (bool second : {false, true}) {
+          if (second && !it.order) continue;
+          phases.emplace_back();
+          chunk_by_position(&it, it.apply, chunk, sorted, phases.back(), second);
+          phase_threaded.push_back(threaded && it.n >= g_serial_below.load(std::memory_order_relaxed));
+        }
+      }
+  }
+  if (deferred && plan != kOrdered) {  // the second passes, a restore and an apply of one weight together
+    phases.emplace_back();
+    std::vector<char> merged(outs.size(), 0);
+    for (size_t j = 0; j < ins.size(); ++j)
+      if (ins[j].order && partner[j]) merged[static_cast<size_t>(partner[j] - outs.data())] = 1;
+    for (size_t k = 0; k < outs.size(); ++k)
+      if (outs[k].order && !merged[k]) chunk_by_range(&outs[k], nullptr, chunk, phases.back(), true);
+    for (size_t j = 0; j < ins.size(); ++j)
+      if (ins[j].order) chunk_by_range(partner[j] && partner[j]->order ? partner[j] : nullptr, &ins[j], chunk,
+                                       phases.back(), true);
+    phase_threaded.push_back(threaded);
   }
   if (threaded) pool_ready(threads);  // the pool's threads are started (or known unavailable) before any write
   for (size_t k = 0; k < phases.size(); ++k) run_tasks(phases[k], phase_threaded[k] != 0, threads);
@@ -1325,6 +1502,14 @@ Item make_item(const char* op, const char* list, int64_t t, const shira_item& s,
   item.list = list;
   item.mirror = has_mirror ? s.mirror : nullptr;
   item.mirror_u8t = u8t;
+  if (s.mirror_order && s.count > 0) {
+    if (!u8t)
+      refuse(where, "a mirror order given without a uint8 mirror (it orders the transposed copy's second pass)");
+    item.order = s.mirror_order;
+    item.later = static_cast<uint8_t*>(s.mirror);
+    item.mirror = nullptr;
+    item.fresh = baked ? static_cast<const uint8_t*>(s.delta) : nullptr;
+  }
   item.mrows = u8t ? s.rows : 0;
   item.mcols = u8t ? s.cols : 0;
   if (s.n_runs < 0) refuse(where, "negative n_runs ", s.n_runs);

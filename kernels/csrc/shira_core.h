@@ -13,6 +13,15 @@
  * Every write also updates the item's mirror, if any: kind 1, bf16 [numel] (m.flat[j] = bf16(value(code)), for
  * 1-byte codes); kind 2, uint8 [cols][rows] of 2-D int8 codes [rows][cols] (m[c][r] = code ^ 0x80).
  *
+ * Mirror order (optional, kind 2 only): the item's entries in ascending order of their transposed position
+ * c * rows + r (a permutation of 0 .. count - 1, of the indices' type, made once by the caller: the adapter's
+ * layout). With it the codes are written first, then the mirror in a second pass in that order: its writes walk
+ * the copy forwards instead of a row apart (a copy of [cols][rows] written in the codes' order lands every entry
+ * on a line of its own far from the last). The result is the same. validate != 0 checks every entry of the order
+ * (in range, positions strictly ascending); validate == 0 trusts it (as it trusts the list's order) and checks the
+ * first and last entry's range. A restore and an apply of the same weight in one call use their orders only if
+ * both have one (else both write the mirror in the first pass).
+ *
  * Indices: within one item unique (duplicates make the write order undefined). validate != 0 checks every
  * index (any order); validate == 0 trusts the caller's promise of sorted lists and checks the first and last.
  * Items of one list may alias (the same weight twice, views): then they run one after another in list order.
@@ -45,7 +54,7 @@
 extern "C" {
 #endif
 
-#define SHIRA_ABI_VERSION 2
+#define SHIRA_ABI_VERSION 3
 
 /* element types (weights, saved, baked codes) */
 enum shira_dtype {
@@ -80,6 +89,7 @@ typedef struct shira_item {
   int64_t rows, cols;     /* mirror kind 2: the weight's 2-D shape (rows * cols == numel) */
   const int64_t* runs;    /* NULL, or [n_runs][3] (position, first index, length): see "Runs" above */
   int64_t n_runs;
+  const void* mirror_order; /* NULL, or [count] entry positions of the indices' type: see "Mirror order" above */
 } shira_item;
 
 int shira_restore(const shira_item* items, int64_t n_items, int32_t validate, int32_t threads, char* err,

@@ -132,3 +132,32 @@ def check_runs(op: str, weights, indices, runs, validate: bool, list_name: str =
         msg = fault(idx.numpy(), r.numpy(), w.numel(), validate)
         if msg:
             raise KernelInputError(f"{op}: {list_name}tensor {t}: {msg}")
+
+
+def check_orders(op: str, weights, indices, mirrors, orders, validate: bool, list_name: str = "") -> None:
+    """``orders``: None, or one tensor per weight (empty: none): the entries of its index list by ascending position
+    in its uint8 mirror (``shira_runtime.kernels.orders``), of the indices' dtype and length; checked as the core
+    checks them."""
+    if orders is None:
+        return
+    from shira_runtime.kernels.orders import fault
+
+    if len(orders) != len(weights):
+        raise KernelInputError(f"{op}: {list_name}{len(orders)} mirror order tensors for {len(weights)} weights")
+    for t, (w, idx, o) in enumerate(zip(weights, indices, orders)):
+        if not o.numel():
+            continue
+        where = f"{op}: {list_name}tensor {t}: "
+        if o.dtype != idx.dtype or o.shape != idx.shape or not o.is_contiguous():
+            raise KernelInputError(
+                where + f"the mirror order must be a contiguous {idx.dtype} tensor of the indices' {idx.numel()} "
+                f"entries, got {o.dtype}{list(o.shape)}"
+            )
+        m = mirrors[t] if mirrors is not None else None
+        if m is None or m.dtype != torch.uint8 or not m.numel():
+            raise KernelInputError(
+                where + "a mirror order given without a uint8 mirror (it orders the transposed copy's second pass)"
+            )
+        msg = fault(idx.numpy(), o.numpy(), w.shape[0], w.shape[1], validate)
+        if msg:
+            raise KernelInputError(where + msg)

@@ -32,21 +32,22 @@ from operator import attrgetter
 from pathlib import Path
 
 import numpy as np
-from shira_runtime.kernels.verbs import VERBS, KernelInputError, Verb
+from shira_runtime.kernels.verbs import APPLY_LISTS, RESTORE_LISTS, VERBS, KernelInputError, Verb
 
 __all__ = ["apply_", "call", "load", "restore_", "source_id", "switch_", "threads", "tuning"]
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 F32, F16, BF16, I8, F8E4M3, F8E5M2 = range(6)
 CODES = (I8, F8E4M3, F8E5M2)
 ITEM = np.dtype(
     {
         "names": ["weight", "numel", "dtype", "index_bits", "indices", "count", "delta", "saved", "scales",
-                  "n_scales", "mirror", "mirror_kind", "delta_is_codes", "rows", "cols", "runs", "n_runs"],
+                  "n_scales", "mirror", "mirror_kind", "delta_is_codes", "rows", "cols", "runs", "n_runs",
+                  "mirror_order"],
         "formats": ["u8", "i8", "i4", "i4", "u8", "i8", "u8", "u8", "u8", "i8", "u8", "i4", "i4", "i8", "i8", "u8",
-                    "i8"],
-        "offsets": [0, 8, 16, 20, 24, 32, 40, 48, 56, 64, 72, 80, 84, 88, 96, 104, 112],
-        "itemsize": 120,
+                    "i8", "u8"],
+        "offsets": [0, 8, 16, 20, 24, 32, 40, 48, 56, 64, 72, 80, 84, 88, 96, 104, 112, 120],
+        "itemsize": 128,
     }
 )  # fmt: skip
 # C flags: -ffp-contract=off keeps every fp32 op rounded on its own (no fused multiply-add), as torch computes
@@ -278,7 +279,7 @@ class _Torch:
 def _side(op: str, label: str, f, lists: dict, apply: bool) -> np.ndarray:
     """The ``shira_item`` rows of one side, after the array checks (the core checks the rest)."""
     ws, idx, saved, mirrors = lists["weights"], lists["indices"], lists["saved"], lists["mirrors"]
-    runs = lists.get("runs")
+    runs, orders = lists.get("runs"), lists.get("orders")
     deltas, scales = lists.get("deltas"), lists.get("scales")
     n = len(ws)
     if apply:
@@ -297,6 +298,8 @@ def _side(op: str, label: str, f, lists: dict, apply: bool) -> np.ndarray:
         raise KernelInputError(f"shira::{op}: {label}{len(mirrors)} mirror tensors for {n} weights")
     if runs is not None and len(runs) != n:
         raise KernelInputError(f"shira::{op}: {label}{len(runs)} run tensors for {n} weights")
+    if orders is not None and len(orders) != n:
+        raise KernelInputError(f"shira::{op}: {label}{len(orders)} mirror order tensors for {n} weights")
 
     def at(t: int) -> str:
         return f"shira::{op}: {label}tensor {t}: "
@@ -384,7 +387,18 @@ def _side(op: str, label: str, f, lists: dict, apply: bool) -> np.ndarray:
                     f"got {f.name(u)}{_sizes(u.shape)}"
                 )
             rp, nr = ptr(u), u.shape[0]
-        rows.append((ptr(w), numel(w), wt, bits, ptr(i), numel(i), dp, ptr(s), sp, ns, mp, kind, baked, r, c, rp, nr))
+        op_ = 0
+        o = orders[t] if orders is not None else None
+        if o is not None and numel(o):
+            if not (key(o) == key(i) and o.shape == i.shape and contiguous(o) and cpu(o)):
+                raise KernelInputError(
+                    at(t) + f"the mirror order must be a contiguous {f.name(i)} tensor of the indices' "
+                    f"{numel(i)} entries, got {f.name(o)}{_sizes(o.shape)}"
+                )
+            op_ = ptr(o)
+        rows.append(
+            (ptr(w), numel(w), wt, bits, ptr(i), numel(i), dp, ptr(s), sp, ns, mp, kind, baked, r, c, rp, nr, op_)
+        )
     return np.array(rows, dtype=ITEM)
 
 
@@ -401,8 +415,7 @@ def call(verb: Verb, values: dict, flavour, threads: int) -> None:
     for prefix, apply in ((verb.restore, False), (verb.apply, True)):
         if prefix is None:
             continue
-        names = ("weights", "indices", "deltas", "saved", "scales", "mirrors", "runs") if apply else (
-            "weights", "indices", "saved", "mirrors", "runs")  # fmt: skip
+        names = APPLY_LISTS if apply else RESTORE_LISTS
         lists = {k: values.get(prefix + k) for k in names}
         label = ("incoming " if apply else "outgoing ") if two else ""
         rows = _side(op, label, flavour, lists, apply)

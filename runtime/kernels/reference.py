@@ -28,6 +28,10 @@ Every verb works on lists of tensors (one call per switch). For tensor ``t``:
   stretches of consecutive indices of ``indices[t]`` (``shira_runtime.kernels.runs``), or an empty tensor for
   none. They change no result: the core may read a run's indices from it instead of the list. Checked against
   the list with ``validate`` (bounds of the first and last run without).
+- ``orders[t]`` (optional list, every verb; only with a uint8 mirror): the entries of ``indices[t]`` by ascending
+  position in that mirror (``shira_runtime.kernels.orders``), of the indices' dtype and length, or an empty tensor
+  for none. They change no result: the core then writes the mirror in a second pass, in that order. Checked with
+  ``validate`` (every entry in range, positions strictly ascending; the first and last entry's range without).
 
 Restoring 1-byte weights is a plain byte scatter. The C++ extension implements the same verbs and must give
 bit-identical results.
@@ -36,7 +40,14 @@ bit-identical results.
 from __future__ import annotations
 
 import torch
-from shira_runtime.kernels.checks import QUANT_DTYPES, check_apply, check_mirrors, check_restore, check_runs
+from shira_runtime.kernels.checks import (
+    QUANT_DTYPES,
+    check_apply,
+    check_mirrors,
+    check_orders,
+    check_restore,
+    check_runs,
+)
 from shira_runtime.kernels.qformats import quant_format, round_to_grid
 from shira_runtime.kernels.verbs import VERBS
 
@@ -48,10 +59,12 @@ def restore_(
     validate: bool = True,
     mirrors: list[torch.Tensor] | None = None,
     runs: list[torch.Tensor] | None = None,
+    orders: list[torch.Tensor] | None = None,
 ) -> None:
     check_restore("restore_", weights, indices, saved, with_bounds=validate)
     check_mirrors("restore_", weights, mirrors)
     check_runs("restore_", weights, indices, runs, validate)
+    check_orders("restore_", weights, indices, mirrors, orders, validate)
     for t, (w, idx, s) in enumerate(zip(weights, indices, saved)):
         if idx.numel():
             _raw(w).view(-1).index_copy_(0, idx.long(), _raw(s))
@@ -79,10 +92,12 @@ def apply_(
     saturated: torch.Tensor | None = None,
     mirrors: list[torch.Tensor] | None = None,
     runs: list[torch.Tensor] | None = None,
+    orders: list[torch.Tensor] | None = None,
 ) -> None:
     check_apply("apply_", weights, indices, deltas, saved, scales, saturated, with_bounds=validate)
     check_mirrors("apply_", weights, mirrors)
     check_runs("apply_", weights, indices, runs, validate)
+    check_orders("apply_", weights, indices, mirrors, orders, validate)
     for t, (w, idx, d, s) in enumerate(zip(weights, indices, deltas, saved)):
         if not idx.numel():
             continue
@@ -134,6 +149,8 @@ def switch_(
     in_mirrors: list[torch.Tensor] | None = None,
     out_runs: list[torch.Tensor] | None = None,
     in_runs: list[torch.Tensor] | None = None,
+    out_orders: list[torch.Tensor] | None = None,
+    in_orders: list[torch.Tensor] | None = None,
 ) -> None:
     check_restore("switch_", out_weights, out_indices, out_saved, with_bounds=validate)
     check_apply("switch_", in_weights, in_indices, in_deltas, in_saved, in_scales, saturated, with_bounds=validate)
@@ -141,6 +158,8 @@ def switch_(
     check_mirrors("switch_", in_weights, in_mirrors, "incoming ")
     check_runs("switch_", out_weights, out_indices, out_runs, validate, "outgoing ")
     check_runs("switch_", in_weights, in_indices, in_runs, validate, "incoming ")
+    check_orders("switch_", out_weights, out_indices, out_mirrors, out_orders, validate, "outgoing ")
+    check_orders("switch_", in_weights, in_indices, in_mirrors, in_orders, validate, "incoming ")
     restore_(out_weights, out_indices, out_saved, validate=False, mirrors=out_mirrors)
     apply_(in_weights, in_indices, in_deltas, in_saved, False, in_scales, saturated, in_mirrors)
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 from shira_runtime.kernels import core
+from shira_runtime.kernels import orders as mirror_orders
 from shira_runtime.kernels.runs import fault
-from shira_runtime.kernels.verbs import VERBS, KernelInputError
+from shira_runtime.kernels.verbs import APPLY_LISTS, RESTORE_LISTS, VERBS, KernelInputError
 
 __all__ = ["apply_", "restore_", "switch_"]
 
@@ -19,7 +20,7 @@ __all__ = ["apply_", "restore_", "switch_"]
 def _check(op: str, label: str, lists: dict, apply: bool, validate: bool) -> None:
     """The core's checks: arrays (``core._side``), then dtypes numpy can compute, scales, mirrors and bounds."""
     core._side(op, label, core._Numpy, lists, apply)
-    scales, mirrors = lists.get("scales"), lists["mirrors"]
+    scales, mirrors, orders = lists.get("scales"), lists["mirrors"], lists.get("orders")
     for t, w in enumerate(lists["weights"]):
         where = f"shira::{op}: {label}tensor {t}: "
         name = w.dtype.name
@@ -39,6 +40,11 @@ def _check(op: str, label: str, lists: dict, apply: bool, validate: bool) -> Non
                     where + f"scales given for a {name} weight (only 1-byte quantized weights take scales)"
                 )
         m = mirrors[t] if mirrors is not None else None
+        o = orders[t] if orders is not None else None
+        if o is not None and o.size and (m is None or m.dtype != np.uint8 or not m.size):
+            raise KernelInputError(
+                where + "a mirror order given without a uint8 mirror (it orders the transposed copy's second pass)"
+            )
         if m is not None and m.size:
             if name != "int8":
                 raise KernelInputError(
@@ -62,6 +68,11 @@ def _check(op: str, label: str, lists: dict, apply: bool, validate: bool) -> Non
             raise KernelInputError(
                 f"shira::{op}: {label}tensor {t}: index {int(ends[np.argmax(bad)])} out of range for {w.size} elements"
             )
+    for t, (w, i) in enumerate(zip(lists["weights"], lists["indices"])):
+        o = orders[t] if orders is not None else None
+        msg = mirror_orders.fault(i, o, *w.shape, validate) if o is not None and o.size else None
+        if msg:
+            raise KernelInputError(f"shira::{op}: {label}tensor {t}: {msg}")
 
 
 def _mirror(m, w: np.ndarray, idx: np.ndarray, codes: np.ndarray) -> None:
@@ -107,8 +118,7 @@ def _apply(ws, idx, deltas, saved, scales, saturated, mirrors) -> None:
 
 
 def _lists(values: dict, prefix: str, apply: bool) -> dict:
-    names = ("weights", "indices", "deltas", "saved", "scales", "mirrors", "runs") if apply else (
-        "weights", "indices", "saved", "mirrors", "runs")  # fmt: skip
+    names = APPLY_LISTS if apply else RESTORE_LISTS
     return {k: values.get(prefix + k) for k in names}
 
 

@@ -22,18 +22,19 @@ class KernelInputError(ValueError):
 SCHEMAS = {
     "restore_": (
         "restore_(Tensor(a!)[] weights, Tensor[] indices, Tensor[] saved, bool validate=True, "
-        "Tensor(b!)[]? mirrors=None, Tensor[]? runs=None) -> ()"
+        "Tensor(b!)[]? mirrors=None, Tensor[]? runs=None, Tensor[]? orders=None) -> ()"
     ),
     "apply_": (
         "apply_(Tensor(a!)[] weights, Tensor[] indices, Tensor[] deltas, Tensor(b!)[] saved, bool validate=True, "
-        "Tensor[]? scales=None, Tensor(c!)? saturated=None, Tensor(d!)[]? mirrors=None, Tensor[]? runs=None) -> ()"
+        "Tensor[]? scales=None, Tensor(c!)? saturated=None, Tensor(d!)[]? mirrors=None, Tensor[]? runs=None, "
+        "Tensor[]? orders=None) -> ()"
     ),
     "switch_": (
         "switch_(Tensor(a!)[] out_weights, Tensor[] out_indices, Tensor[] out_saved, "
         "Tensor(b!)[] in_weights, Tensor[] in_indices, Tensor[] in_deltas, Tensor(c!)[] in_saved, "
         "bool validate=True, Tensor[]? in_scales=None, Tensor(d!)? saturated=None, "
         "Tensor(e!)[]? out_mirrors=None, Tensor(f!)[]? in_mirrors=None, Tensor[]? out_runs=None, "
-        "Tensor[]? in_runs=None) -> ()"
+        "Tensor[]? in_runs=None, Tensor[]? out_orders=None, Tensor[]? in_orders=None) -> ()"
     ),
 }
 # what each verb does (every binding's docstring; the exact semantics, per dtype: ``kernels.reference``'s module doc)
@@ -49,7 +50,9 @@ DOCS = {
         "One switch: restore the outgoing state, then apply the incoming one (which may touch the same tensors).\n"
         "``in_scales`` / ``saturated``: as ``apply_``'s, for the incoming lists; ``out_mirrors`` /\n"
         "``in_mirrors``: each list's mirrors (the module doc); ``out_runs`` / ``in_runs``: each list's runs\n"
-        "(optional int64 [n, 3] per tensor: entries p .. p+n-1 hold indices f .. f+n-1; see the module doc).\n\n"
+        "(optional int64 [n, 3] per tensor: entries p .. p+n-1 hold indices f .. f+n-1; see the module doc);\n"
+        "``out_orders`` / ``in_orders``: each list's mirror orders (optional, per tensor with a uint8 mirror:\n"
+        "its entries by ascending transposed position, ``shira_runtime.kernels.orders``).\n\n"
         "Everything is checked before the first write, so a refused call writes nothing."
     ),
 }
@@ -57,8 +60,8 @@ DOCS = {
 SIDES = {"restore_": ("", None), "apply_": (None, ""), "switch_": ("out_", "in_")}
 C_NAMES = {"restore_": "shira_restore", "apply_": "shira_apply", "switch_": "shira_switch"}
 # the names of a side's lists (and the message label of each side in a two-sided verb)
-RESTORE_LISTS = ("weights", "indices", "saved", "mirrors", "runs")
-APPLY_LISTS = ("weights", "indices", "deltas", "saved", "scales", "mirrors", "runs")
+RESTORE_LISTS = ("weights", "indices", "saved", "mirrors", "runs", "orders")
+APPLY_LISTS = ("weights", "indices", "deltas", "saved", "scales", "mirrors", "runs", "orders")
 
 
 @dataclass(frozen=True)

@@ -97,9 +97,14 @@ def test_the_graphs_transposed_copy_follows_every_switch(pair, monkeypatch):
     assert len(rt.backend.mirrors) == len(rt.backend.scales) > 0
     for n, a in adapters.items():
         rt.add_adapter(n, a)
+    for n in adapters:  # every mirrored tensor of an adapter has its mirror order (the kernels' second pass)
+        prep = rt._bank[n]
+        assert set(prep.orders) == set(prep.sparse) & set(rt.backend.mirrors) != set(), n
     for target, w in (("a1", None), ("a2", None), (["a1", "a2"], [1.0, -0.5]), (None, None), ("a2", None)):
         rt.switch(target, weights=w)
         assert_mirrors_follow(rt)
+        plan = rt._switcher.plan  # a fused plan's union has its own
+        assert set(plan.orders) == set(plan.sparse) & set(rt.backend.mirrors)
     before = {n: as_torch(m).clone() for n, m in rt.backend.mirrors.items()}
     y = rt(IDS.numpy())
 
