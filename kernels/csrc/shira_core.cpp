@@ -70,7 +70,7 @@ namespace {
 
 // ---- tuning knobs (tests force every branch through them; see extension.py) ------------------------
 
-std::atomic<int64_t> g_chunk{4096};            // entries per chunk (restore + apply)
+std::atomic<int64_t> g_chunk{16384};           // entries per chunk (restore + apply): docs/kernels.md
 std::atomic<int64_t> g_serial_below{1 << 15};  // total entries under which no thread is started
 std::atomic<int64_t> g_force_plan{0};          // 0 auto, 1 phased, 2 ordered
 std::atomic<int64_t> g_prefetch{96};           // software prefetch distance in entries (0: off); runs: see below
