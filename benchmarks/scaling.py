@@ -13,11 +13,11 @@ a model of that size) gets two random adapters A and B of N entries each (``rand
 the registered adapter's checks, lock, plan, kernel, stats; median of the timed switches, ``benchmarks.timing``)
 and, on fp32/bf16, the bare kernel call (``kernels.switch_`` on the same arrays and preallocated saved buffers: no
 transaction, no plan, no stats; the runs found at registration passed as the switch passes them). Beside them the
-memory floor (the distinct 64-byte weight lines A and B touch, read and written once at the bandwidth of a 512 MB
-copy measured in the same run: the best reading of the run, taken before each dtype and at the end, each the best
-of three rounds; a shared machine's bandwidth moves during a run, and a floor is a lower bound) and the streams
-floor (the floor
-plus the adapter's own arrays: per entry the saved value twice, an fp32 delta and the int32 index twice).
+memory floor (the distinct 64-byte weight lines A and B touch, read and written once at the memory bandwidth read
+just before and just after the point's switches, the better of the two: ``benchmarks.common.copy_bandwidth_gbps``,
+the better of a 512 MB copy and an in-place update. This shared machine's bandwidth moves by up to 2x within a run,
+so a point's floor is read beside it, not at another moment's bandwidth) and the streams floor (the floor plus the
+adapter's own arrays: per entry the saved value twice, an fp32 delta and the int32 index twice).
 
 An int8 base is the fp32 model quantized (``shira_runtime.quantization``, per-channel scales), the adapters made
 on the fp32 model; ``int8-baked`` (``--dtypes int8-baked``) the same adapters baked for that base
@@ -141,15 +141,12 @@ def bare_kernel(rt: Runtime, a: str, b: str, repeats: int) -> float:
     return t.median_ms
 
 
-def rescale(q: dict, factor: float) -> None:
-    """A point's floors times ``factor`` (another bandwidth: floors scale as its inverse), and their ratios."""
-    q["floor_ms"] *= factor
-    q["streams_ms"] *= factor
-    q["floor_ratio"] = q["switch_ms"] / q["floor_ms"] if q["floor_ms"] else None
-    q["streams_ratio"] = q["switch_ms"] / q["streams_ms"] if q["streams_ms"] else None
+def bandwidth() -> float:
+    """One reading of the memory bandwidth beside a point (GB/s): two rounds, a few seconds' tenths."""
+    return copy_bandwidth_gbps(repeats=3, rounds=2)
 
 
-def point(entries: int, mask: str, dtype: str, gbps: float, repeats: int, busy: bool) -> dict:
+def point(entries: int, mask: str, dtype: str, repeats: int, busy: bool) -> dict:
     model = model_for(entries, seed=0)
     line = None if mask == "rand" else LINE_DTYPES[dtype]  # blocks are lines of the base's own storage
     adapters = {n: random_shira(model, NAMES, DENSITY, seed=k + 1, mask=None if mask == "rand" else mask,
@@ -163,12 +160,14 @@ def point(entries: int, mask: str, dtype: str, gbps: float, repeats: int, busy: 
     rt = Runtime.load(model)
     for n, ad in adapters.items():
         rt.add_adapter(n, ad)
-    floor, streams, written = floors(rt, "a", "b", dtype, gbps)
-    out = {"entries": entries, "mask": mask, "dtype": dtype, "written": written, "floor_ms": floor,
-           "streams_ms": streams}  # fmt: skip
     rt.switch("a")
+    before = bandwidth()
+    out = {"entries": entries, "mask": mask, "dtype": dtype}
     out["switch_ms"] = cycle([lambda: rt.switch("b"), lambda: rt.switch("a")], repeats).median_ms
+    out["gbps"] = max(before, bandwidth())  # a floor is a lower bound: the better of the two readings
     rt.switch(None)
+    out["floor_ms"], out["streams_ms"], out["written"] = floors(rt, "a", "b", dtype, out["gbps"])
+    floor, streams = out["floor_ms"], out["streams_ms"]
     if dtype in DTYPES:
         out["kernel_ms"] = bare_kernel(rt, "a", "b", repeats)
     if busy:
@@ -280,25 +279,18 @@ def main(argv: list[str] | None = None) -> None:
     sizes = [int(10**k) for k in range(3, 8) if args.min <= 10**k <= top]
     dtypes = args.dtypes or (["fp32"] if args.quick else ["fp32", "bf16", "int8"])
     repeats = args.repeats or (20 if args.quick else 40)
-    readings = [copy_bandwidth_gbps()]
-    progress(f"copy bandwidth {readings[0]:.1f} GB/s; kernels: {kernels.backend()}")
+    progress(f"kernels: {kernels.backend()}")
     points = []
-    for k, dtype in enumerate(dtypes):
-        if k:
-            readings.append(copy_bandwidth_gbps())
+    for dtype in dtypes:
         for mask in args.masks:
             for n in sizes:
                 progress(f"{dtype} {mask} {n:.0e} entries")
-                points.append(point(n, mask, dtype, readings[0], max(4, repeats // max(1, n // 1_000_000)),
+                points.append(point(n, mask, dtype, max(4, repeats // max(1, n // 1_000_000)),
                                     args.busy and n <= 100_000))  # fmt: skip
-    readings.append(copy_bandwidth_gbps())
-    gbps = max(readings)
-    for q in points:  # every floor at the best bandwidth the run read: a floor is a lower bound on time
-        rescale(q, readings[0] / gbps)
-    print(f"# scaling: {os.cpu_count()} CPUs, copy bandwidth {gbps:.1f} GB/s (the best of "
-          f"{', '.join(f'{r:.1f}' for r in readings)}: before each dtype and at the end), kernels "
-          f"{kernels.backend()}, density {DENSITY}")  # fmt: skip
-    cols = ["dtype", "mask", "entries", "written", "switch ms", "floor ms", "x floor", "+ streams ms", "x",
+    gbps = [q["gbps"] for q in points]
+    print(f"# scaling: {os.cpu_count()} CPUs, memory bandwidth {min(gbps):.1f}-{max(gbps):.1f} GB/s (read beside "
+          f"each point: its floors use its own), kernels {kernels.backend()}, density {DENSITY}")  # fmt: skip
+    cols = ["dtype", "mask", "entries", "written", "GB/s", "switch ms", "floor ms", "x floor", "+ streams ms", "x",
             "kernel ms", "switch / kernel"] + (["busy ms"] if args.busy else [])  # fmt: skip
     print_table(
         cols,
@@ -308,6 +300,7 @@ def main(argv: list[str] | None = None) -> None:
                 q["mask"],
                 q["entries"],
                 q["written"],
+                q["gbps"],
                 q["switch_ms"],
                 q["floor_ms"],
                 q["floor_ratio"],
@@ -322,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     chart(points)
     if args.json:
-        args.json.write_text(json.dumps({"copy_gbps": gbps, "copy_readings": readings, "points": points}, indent=1))
+        args.json.write_text(json.dumps({"points": points}, indent=1))
         progress(f"wrote {args.json}")
 
 
