@@ -171,14 +171,15 @@ class ServeConfig:
 
 def bank_bytes(rt: Runtime) -> dict[str, int]:
     """Bytes each registered (and already read) adapter keeps in the runtime's bank: indices and fp32 deltas for
-    sparse adapters, the factors for LoRA. What a replica pays per adapter it keeps registered."""
+    sparse adapters (and their runs and mirror orders, where found), the factors for LoRA. What a replica pays per
+    adapter it keeps registered."""
     with rt._bank_lock:
         bank = dict(rt._bank)
     out = {}
     for name, p in bank.items():
-        tensors = [t for pair in p.sparse.values() for t in pair]
+        tensors = [t for pair in p.sparse.values() for t in pair] + [*p.runs.values(), *p.orders.values()]
         tensors += [t for a, b, _ in (*p.lora.values(), *p.unfused.values()) for t in (a, b)]
-        out[name] = sum(t.numel() * t.element_size() for t in tensors)
+        out[name] = sum(int(t.nbytes) for t in tensors)
     return out
 
 

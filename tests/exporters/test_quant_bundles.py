@@ -357,3 +357,21 @@ def test_the_live_probe_skips_codes_no_node_reads(pair, monkeypatch):
     codes = {Manifest.read(bundle).parameters[n]["onnx"] for n in rt.backend.mirrors}
     assert seen and codes and not (codes & seen[-1])
     assert {f"{n}::u8t" for n in rt.backend.mirrors} <= seen[-1]  # the copies the graph reads are probed
+
+
+def test_bank_bytes_count_the_mirror_orders(pair):
+    """What a replica keeps per adapter (``serve.bank_bytes``) counts each int8 weight's mirror order beside the
+    indices and deltas: 12 bytes per nonzero on the mirrored tensors, 8 elsewhere (int32 indices here)."""
+    from shira_runtime.serve import bank_bytes
+
+    _, bundle, adapters = pair
+    rt = Runtime.load(bundle)
+    rt.add_adapter("a1", adapters["a1"])
+    rt.switch("a1")  # read and registered
+    prep = rt._bank["a1"]
+    want = sum(i.nbytes + d.nbytes for i, d in prep.sparse.values())
+    want += sum(r.nbytes for r in prep.runs.values())
+    mirrored = sum(prep.sparse[t][0].size for t in prep.orders)
+    assert mirrored > 0 and all(o.dtype == prep.sparse[t][0].dtype for t, o in prep.orders.items())
+    assert bank_bytes(rt)["a1"] == want + sum(o.nbytes for o in prep.orders.values())
+    assert sum(o.nbytes for o in prep.orders.values()) == mirrored * prep.sparse[next(iter(prep.orders))][0].itemsize
