@@ -1,12 +1,13 @@
 /* A C program switching through the kernel core's C ABI (kernels/csrc/shira_core.h), no Python involved.
  *
  * Applies an adapter to an fp32 weight and to int8 codes (per-row scales, transposed uint8 mirror), writes the
- * bytes, reverts with shira_switch, writes them again, and checks that an out-of-range index is refused with
- * nothing written. tests/kernels/test_core_numpy.py builds the same inputs in numpy and compares the bytes.
+ * bytes, reverts with shira_switch (the mirror in its second pass, given the entries' mirror order), writes them
+ * again, and checks that an out-of-range index and a mirror order out of order are refused with nothing written. tests/kernels/test_core_numpy.py builds the same inputs in numpy and compares the bytes.
  * Output (stdout, binary): w, saved, q, q_saved, mirror, saturated[2], then w, q, mirror after the revert.
  */
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "shira_core.h"
@@ -16,7 +17,14 @@ enum { R = 33, C = 64, N = R * C, K = N / 7 - 1 };
 static float w[N], w0[N], delta[K], saved[K], qdelta[K], scales[R];
 static int8_t q[N], q0[N], qsaved[K];
 static uint8_t mirror[C * R], mirror0[C * R];
-static int32_t idx[K];
+static int32_t idx[K], order[K];
+
+static int64_t tpos(int32_t j) { return (int64_t)(j % C) * R + j / C; } /* j's place in the [C][R] mirror */
+
+static int by_tpos(const void* a, const void* b) {
+  const int64_t x = tpos(idx[*(const int32_t*)a]), y = tpos(idx[*(const int32_t*)b]);
+  return (x > y) - (x < y);
+}
 
 static int fail(const char* what) {
   fprintf(stderr, "c_switch: %s\n", what);
@@ -38,6 +46,8 @@ int main(void) {
     delta[k] = (float)(k % 13) / 16.0f - 0.4f;
     qdelta[k] = (float)(k % 17) * 0.05f - 0.3f;
   }
+  for (int k = 0; k < K; ++k) order[k] = k;
+  qsort(order, K, sizeof order[0], by_tpos); /* the mirror order: entries by ascending transposed position */
   memcpy(w0, w, sizeof w);
   memcpy(q0, q, sizeof q);
   memcpy(mirror0, mirror, sizeof mirror);
@@ -62,7 +72,14 @@ int main(void) {
   fwrite(mirror, sizeof mirror, 1, stdout);
   fwrite(sat, sizeof sat, 1, stdout);
 
-  /* the revert: restore both (shira_switch with no incoming items) */
+  /* a mirror order out of order is refused, nothing written */
+  order[0] ^= order[1], order[1] ^= order[0], order[0] ^= order[1];
+  items[1].mirror_order = order;
+  if (shira_switch(items, 2, NULL, 0, NULL, 1, 2, err, sizeof err) != 1) return fail("a bad mirror order was accepted");
+  if (!strstr(err, "shira::switch_: outgoing tensor 1: mirror order entry 1")) return fail(err);
+  order[0] ^= order[1], order[1] ^= order[0], order[0] ^= order[1];
+
+  /* the revert: restore both (shira_switch with no incoming items), the mirror written in its second pass */
   if (shira_switch(items, 2, NULL, 0, NULL, 0, 1, err, sizeof err) != 0) return fail(err);
   fwrite(w, sizeof w, 1, stdout);
   fwrite(q, sizeof q, 1, stdout);
@@ -71,6 +88,7 @@ int main(void) {
     return fail("the revert is not exact");
 
   /* refused before any write: the last index of the int8 item is out of range */
+  items[1].mirror_order = NULL;
   idx[K - 1] = N;
   if (shira_apply(items, 2, sat, 1, 2, err, sizeof err) != 1) return fail("an out-of-range index was accepted");
   if (!strstr(err, "shira::apply_: tensor 0: index 2112 out of range for 2112 elements")) return fail(err);
