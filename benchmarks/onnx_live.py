@@ -161,6 +161,7 @@ def session(
     opts.intra_op_num_threads = threads
     if not prepack:
         opts.add_session_config_entry("session.disable_prepacking", "1")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the live bundle's sessions
     keep = []
     for name, a in (shared or {}).items():
         keep.append(ort.OrtValue.ortvalue_from_numpy(a))

@@ -140,6 +140,19 @@ def test_weights_are_owned_writable_aligned_views(bundle):
         assert as_torch(t).data_ptr() == a.ctypes.data  # the switch kernels write the memory onnxruntime reads
 
 
+def test_sessions_sleep_between_parallel_sections_unless_asked_to_spin(bundle):
+    """A bundle's sessions run onnxruntime's intra-op threads without spinning (a busy device); ``spin=True`` gives
+    onnxruntime's default back; the outputs are the same either way."""
+    _, path = bundle
+    key = "session.intra_op.allow_spinning"
+    quiet, spinning = OnnxBackend.open(path), OnnxBackend.open(path, spin=True)
+    assert quiet.session.get_session_options().get_session_config_entry(key) == "0"
+    assert spinning.session.get_session_options().get_session_config_entry(key) == "1"
+    assert quiet.one_row_session.get_session_options().get_session_config_entry(key) == "0"
+    ids = np.arange(1, 9, dtype=np.int64)[None]
+    assert np.array_equal(Runtime(quiet)(ids), Runtime(spinning)(ids))
+
+
 def test_probe_detects_a_session_that_copied_the_weights(bundle):
     import onnxruntime as ort
 
