@@ -4,6 +4,7 @@ prepacked session of the same graph, interleaved, in one run.
 
     python -m benchmarks.decode                     # Llama-3.2-1B shapes, fp32 and fp16 (random weights)
     python -m benchmarks.decode --quick             # small preset shapes, few repeats
+    python -m benchmarks.decode --dtype int8 --spin # an int8 bundle; sessions with spinning threads beside
 
 Sessions (the same bundle graph, the same thread count, the same inputs):
 - live: ``OnnxBackend``'s two sessions over one set of weight buffers: prefill with the weights as GEMM *A*
@@ -12,7 +13,9 @@ Sessions (the same bundle graph, the same thread count, the same inputs):
   prepacked, linears spelled ``Gemm(X, W, transB=1)`` so onnxruntime packs W straight from its stored layout
   (``benchmarks.onnx_live.initializer_graph``).
 Both run through an ``IOBinding`` with the inputs as numpy arrays. Ratios are live / default, medians of
-interleaved rounds.
+interleaved rounds. ``int8``: the fp32 model quantized (``shira_runtime.quantize``), an int8 bundle. The sessions'
+intra-op threads sleep between parallel sections, as the runtime's do (``OnnxBackend.open(spin=False)``);
+``--spin`` times each session with spinning threads too, in the same rounds (the ``spinning`` columns).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from benchmarks.onnx_live import initializer_graph, session
 from benchmarks.switch_rows import hf_llama
 from benchmarks.timing import Timing, cycles
 
-DTYPES = {d: by_short(d).torch for d in BUNDLE}  # what a bundle holds
+DTYPES = {d: by_short(d).torch for d in BUNDLE} | {"int8": torch.float32}  # int8: the fp32 model quantized
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class Config:
     prompt: int
     repeats: int
     threads: int
+    spin: bool = False  # also time every session with spinning intra-op threads
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,8 @@ class Row:
     default_ms: float
     ratio: float  # live / default
     other_form_ratio: float  # the live session's other weight form (GEMM A <-> B) / default
+    live_spin_ms: float | None = None  # with --spin: the same sessions with spinning threads
+    default_spin_ms: float | None = None
 
 
 def feeds(backend: OnnxBackend, past: int, prompt: int, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
@@ -104,11 +110,12 @@ def runner(sess, feed: dict[str, np.ndarray], outputs: list[str], bound: dict | 
 
 
 def phases(
-    live: OnnxBackend, default, past: int, prompt: int, repeats: int, other_form: bool = False
+    live: OnnxBackend, default, past: int, prompt: int, repeats: int, other_form: bool = False, spinning=None
 ) -> dict[str, dict[str, Timing]]:
     """Per phase (``decode_step``, ``prefill_<prompt>``): the live session the backend picks for it against
     ``default`` (a prepacked session of the same graph), and with ``other_form`` the live session it does not
-    pick, ``repeats`` interleaved rounds."""
+    pick, ``repeats`` interleaved rounds. ``spinning``: ``(live, default)`` of the same bundle with spinning
+    threads, timed in the same rounds (``live_spin``, ``default_spin``)."""
     outs, timings = live.output_names, {}
     for phase, feed in feeds(live, past, prompt).items():
         chosen = live._session_for(feed)
@@ -116,6 +123,10 @@ def phases(
         if other_form:
             other = live.session if chosen is live.one_row_session else live.one_row_session
             subjects["other"] = [runner(other, feed, outs, live._values)]
+        if spinning is not None:
+            spun, spun_default = spinning
+            subjects["live_spin"] = [runner(spun._session_for(feed), feed, outs, spun._values)]
+            subjects["default_spin"] = [runner(spun_default, feed, outs)]
         progress(f"  {phase}: {repeats} interleaved rounds")
         timings[phase] = cycles(subjects, repeats)
     return timings
@@ -124,6 +135,10 @@ def phases(
 def measure(cfg: Config, dtype: str, workdir: Path) -> list[Row]:
     progress(f"[{dtype}] building a transformers Llama of {cfg.preset} shapes")
     model = hf_llama(cfg.preset, DTYPES[dtype])
+    if dtype == "int8":
+        from shira_runtime import quantize
+
+        model = quantize(model, "int8")
     bundle = workdir / f"bundle-{dtype}"
     progress(f"[{dtype}] exporting with its KV cache (torch.export + dynamo ONNX exporter)")
     export_onnx(model, (torch.ones(1, 4, dtype=torch.long),), bundle, verify=False)
@@ -132,13 +147,20 @@ def measure(cfg: Config, dtype: str, workdir: Path) -> list[Row]:
     progress(f"[{dtype}] opening the live bundle (checks and the live-weights probe)")
     live = OnnxBackend.open(bundle, threads=cfg.threads)
     progress(f"[{dtype}] opening the default prepacked session (shared initializers)")
-    default = session(initializer_graph(bundle, "default.onnx", gemm_b=True), cfg.threads, shared=live.arrays)
+    default_path = initializer_graph(bundle, "default.onnx", gemm_b=True)
+    default = session(default_path, cfg.threads, shared=live.arrays)
+    spinning = None
+    if cfg.spin:
+        progress(f"[{dtype}] opening both again with spinning threads")
+        spun = OnnxBackend.open(bundle, threads=cfg.threads, spin=True)
+        spinning = (spun, session(default_path, cfg.threads, shared=spun.arrays, spin=True))
     rows = []
-    for phase, t in phases(live, default, cfg.past, cfg.prompt, cfg.repeats, other_form=True).items():
+    for phase, t in phases(live, default, cfg.past, cfg.prompt, cfg.repeats, True, spinning).items():
         live_ms, default_ms, other_ms = (t[k].median_ms for k in ("live", "default", "other"))
-        rows.append(Row(dtype, phase, live_ms, default_ms, live_ms / default_ms, other_ms / default_ms))
+        spin = [t[k].median_ms if k in t else None for k in ("live_spin", "default_spin")]
+        rows.append(Row(dtype, phase, live_ms, default_ms, live_ms / default_ms, other_ms / default_ms, *spin))
         progress(f"[{dtype}] {phase}: live {live_ms:.1f} ms, default {default_ms:.1f} ms, other form {other_ms:.1f}")
-    del live, default
+    del live, default, spinning
     gc.collect()
     return rows
 
@@ -151,27 +173,33 @@ def live_vs_prepacked(rows: list[Row], dtype: str = "fp32") -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="llama-1b")
-    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp32", "fp16"])
+    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help="default: fp32 fp16 (--quick: fp32)")
     p.add_argument("--past", type=int, default=128, help="KV cache length before the decode step")
     p.add_argument("--prompt", type=int, default=64, help="prefill length")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=psutil.cpu_count(logical=False) or 1)
-    p.add_argument("--quick", action="store_true", help="small preset, fp32, few repeats")
+    p.add_argument("--quick", action="store_true", help="small preset, few repeats (fp32 unless --dtype)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--dir", type=Path, default=None, help="where to write the bundles (default: a temp dir)")
+    p.add_argument("--spin", action="store_true", help="also time the sessions with spinning intra-op threads")
     args = p.parse_args(argv)
     preset = "small" if args.quick else args.preset
-    dtypes = ("fp32",) if args.quick else tuple(args.dtype)
+    dtypes = tuple(args.dtype) if args.dtype else ("fp32",) if args.quick else ("fp32", "fp16")
     repeats = args.repeats or (5 if args.quick else 15)
-    cfg = Config(preset, dtypes, args.past, args.prompt, repeats, args.threads)
+    cfg = Config(preset, dtypes, args.past, args.prompt, repeats, args.threads, args.spin)
     print(f"# decode: {cfg}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         for dtype in dtypes:
             rows += measure(cfg, dtype, Path(tmp))
+    spin_cols = ["live spinning ms", "default spinning ms"] if cfg.spin else []
     print_table(
-        ["dtype", "phase", "live ms", "default ms", "live / default", "other live form / default"],
-        [[r.dtype, r.phase, r.live_ms, r.default_ms, r.ratio, r.other_form_ratio] for r in rows],
+        ["dtype", "phase", "live ms", "default ms", "live / default", "other live form / default", *spin_cols],
+        [
+            [r.dtype, r.phase, r.live_ms, r.default_ms, r.ratio, r.other_form_ratio]
+            + ([r.live_spin_ms, r.default_spin_ms] if cfg.spin else [])
+            for r in rows
+        ],
     )
     if args.json:
         doc = {"config": asdict(cfg), "rows": [asdict(r) for r in rows], "live_vs_prepacked": live_vs_prepacked(rows)}

@@ -154,6 +154,7 @@ def session(
     shared: dict[str, np.ndarray] | None = None,
     prepack: bool = True,
     disabled: tuple[str, ...] = (),
+    spin: bool = False,
 ) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: an int8 bundle's codes, read by no node, would each log a warning
@@ -161,7 +162,7 @@ def session(
     opts.intra_op_num_threads = threads
     if not prepack:
         opts.add_session_config_entry("session.disable_prepacking", "1")
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the live bundle's sessions
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")  # as the live bundle's
     keep = []
     for name, a in (shared or {}).items():
         keep.append(ort.OrtValue.ortvalue_from_numpy(a))
