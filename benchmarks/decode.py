@@ -4,7 +4,7 @@ prepacked session of the same graph, interleaved, in one run.
 
     python -m benchmarks.decode                     # Llama-3.2-1B shapes, fp32 and fp16 (random weights)
     python -m benchmarks.decode --quick             # small preset shapes, few repeats
-    python -m benchmarks.decode --dtype int8 --spin # an int8 bundle; sessions with spinning threads beside
+    python -m benchmarks.decode --dtype int8 --spin # an int8 bundle; and its sessions with spinning threads
 
 Sessions (the same bundle graph, the same thread count, the same inputs):
 - live: ``OnnxBackend``'s two sessions over one set of weight buffers: prefill with the weights as GEMM *A*
@@ -15,7 +15,9 @@ Sessions (the same bundle graph, the same thread count, the same inputs):
 Both run through an ``IOBinding`` with the inputs as numpy arrays. Ratios are live / default, medians of
 interleaved rounds. ``int8``: the fp32 model quantized (``shira_runtime.quantize``), an int8 bundle. The sessions'
 intra-op threads sleep between parallel sections, as the runtime's do (``OnnxBackend.open(spin=False)``);
-``--spin`` times each session with spinning threads too, in the same rounds (the ``spinning`` columns).
+``--spin`` also times both sessions with spinning threads (the ``spinning`` columns), in blocks that alternate
+with the sleeping ones (two of each): not in the same rounds, where one session's spinning workers would take the
+CPU from the next session timed. Each figure is then the median of its blocks' medians.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
@@ -43,6 +46,7 @@ from benchmarks.switch_rows import hf_llama
 from benchmarks.timing import Timing, cycles
 
 DTYPES = {d: by_short(d).torch for d in BUNDLE} | {"int8": torch.float32}  # int8: the fp32 model quantized
+BLOCKS = 2  # with --spin: blocks of each kind of session, alternating
 
 
 @dataclass(frozen=True)
@@ -110,12 +114,11 @@ def runner(sess, feed: dict[str, np.ndarray], outputs: list[str], bound: dict | 
 
 
 def phases(
-    live: OnnxBackend, default, past: int, prompt: int, repeats: int, other_form: bool = False, spinning=None
+    live: OnnxBackend, default, past: int, prompt: int, repeats: int, other_form: bool = False
 ) -> dict[str, dict[str, Timing]]:
     """Per phase (``decode_step``, ``prefill_<prompt>``): the live session the backend picks for it against
     ``default`` (a prepacked session of the same graph), and with ``other_form`` the live session it does not
-    pick, ``repeats`` interleaved rounds. ``spinning``: ``(live, default)`` of the same bundle with spinning
-    threads, timed in the same rounds (``live_spin``, ``default_spin``)."""
+    pick, ``repeats`` interleaved rounds."""
     outs, timings = live.output_names, {}
     for phase, feed in feeds(live, past, prompt).items():
         chosen = live._session_for(feed)
@@ -123,10 +126,6 @@ def phases(
         if other_form:
             other = live.session if chosen is live.one_row_session else live.one_row_session
             subjects["other"] = [runner(other, feed, outs, live._values)]
-        if spinning is not None:
-            spun, spun_default = spinning
-            subjects["live_spin"] = [runner(spun._session_for(feed), feed, outs, spun._values)]
-            subjects["default_spin"] = [runner(spun_default, feed, outs)]
         progress(f"  {phase}: {repeats} interleaved rounds")
         timings[phase] = cycles(subjects, repeats)
     return timings
@@ -154,10 +153,20 @@ def measure(cfg: Config, dtype: str, workdir: Path) -> list[Row]:
         progress(f"[{dtype}] opening both again with spinning threads")
         spun = OnnxBackend.open(bundle, threads=cfg.threads, spin=True)
         spinning = (spun, session(default_path, cfg.threads, shared=spun.arrays, spin=True))
+    blocks: dict[str, list[dict[str, dict[str, Timing]]]] = {"sleep": [], "spin": []}
+    for _ in range(BLOCKS if spinning else 1):  # sleeping and spinning pairs in alternate blocks
+        blocks["sleep"].append(phases(live, default, cfg.past, cfg.prompt, cfg.repeats, other_form=True))
+        if spinning:
+            blocks["spin"].append(phases(*spinning, cfg.past, cfg.prompt, cfg.repeats))
+
+    def ms(kind: str, phase: str, who: str) -> float | None:
+        got = [b[phase][who].median_ms for b in blocks[kind]]
+        return statistics.median(got) if got else None
+
     rows = []
-    for phase, t in phases(live, default, cfg.past, cfg.prompt, cfg.repeats, True, spinning).items():
-        live_ms, default_ms, other_ms = (t[k].median_ms for k in ("live", "default", "other"))
-        spin = [t[k].median_ms if k in t else None for k in ("live_spin", "default_spin")]
+    for phase in blocks["sleep"][0]:
+        live_ms, default_ms, other_ms = (ms("sleep", phase, k) for k in ("live", "default", "other"))
+        spin = [ms("spin", phase, k) for k in ("live", "default")]
         rows.append(Row(dtype, phase, live_ms, default_ms, live_ms / default_ms, other_ms / default_ms, *spin))
         progress(f"[{dtype}] {phase}: live {live_ms:.1f} ms, default {default_ms:.1f} ms, other form {other_ms:.1f}")
     del live, default, spinning

@@ -1,5 +1,5 @@
 """benchmarks.decode --quick: an int8 bundle's decode step and prefill on live weights against a prepacked session,
-and with ``--spin`` the same sessions with spinning threads timed in the same rounds."""
+and with ``--spin`` the same sessions with spinning threads, timed in blocks alternating with them."""
 
 from __future__ import annotations
 
@@ -20,4 +20,4 @@ def test_quick_int8_with_spinning_sessions(tmp_path, capsys):
     assert set(rows) == {"decode_step", "prefill_8"}
     for r in rows.values():
         assert r["dtype"] == "int8" and r["ratio"] > 0
-        assert r["live_spin_ms"] > 0 and r["default_spin_ms"] > 0  # timed in the same rounds, not left empty
+        assert r["live_spin_ms"] > 0 and r["default_spin_ms"] > 0  # timed, not left empty
