@@ -168,7 +168,7 @@ class OnnxBackend(Backend):
 
         ``threads``: onnxruntime intra-op threads (default: its own choice, the physical cores). ``spin``: let them
         spin between parallel sections (onnxruntime's own default; off by default here: on a 2-vCPU machine an int8
-        Llama-3.2-1B bundle's decode step took 23% less time without it, 28-38% less with the other vCPU busy,
+        Llama-3.2-1B bundle's decode step took 28% less time without it, 33% less with the other vCPU busy,
         docs/bundles.md).
         The weight file is mapped copy-on-write. ``verify`` (default True): its sha256 is computed on a background
         thread (reading the file, not the map) while the session starts and the first inference runs, and that
