@@ -61,10 +61,7 @@ def _prepare_sparse(backend: Backend, switcher: Switcher, name: str, adapter: Sp
             sidx, order = ops.sort(backend.storage_index(canon, idx))
             idx, delta = sidx.astype(idx.dtype) if ops.kind == "numpy" else sidx.to(idx.dtype), delta[order]
         prep.sparse[canon] = (idx, delta)
-        if (runs := switcher.runs_of(idx)) is not None:
-            prep.runs[canon] = runs
-        if (order := switcher.order_of(canon, idx)) is not None:
-            prep.orders[canon] = order
+        switcher.describe(canon, idx, prep.runs, prep.orders)
         prep.absmax[canon] = ops.absmax(delta)
         if canon in backend.scales:
             _check_codes(backend, switcher, canon, idx, adapter.label(name))
@@ -110,10 +107,7 @@ def _prepare_codes(backend: Backend, switcher: Switcher, name: str, adapter: Cod
             )
         _check_codes(backend, switcher, canon, idx, label)
         prep.sparse[canon] = (idx, codes)
-        if (runs := switcher.runs_of(idx)) is not None:
-            prep.runs[canon] = runs
-        if (order := switcher.order_of(canon, idx)) is not None:
-            prep.orders[canon] = order
+        switcher.describe(canon, idx, prep.runs, prep.orders)
         prep.absmax[canon] = 0.0
     return prep
 

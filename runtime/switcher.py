@@ -152,8 +152,7 @@ class Switcher:
             return EMPTY_PLAN
         contrib: dict[str, list[tuple[str, object, float]]] = {}
         bound: dict[str, float] = {}  # t -> an upper bound on |sum of sparse deltas|
-        known_runs: dict[str, Array] = {}  # t -> the runs of a tensor's only sparse contribution
-        known_orders: dict[str, Array] = {}  # t -> its mirror order
+        source: dict[str, Prepared] = {}  # t -> the adapter of a tensor's sparse part (its runs and order, if alone)
         for prep, weight in items:
             if prep.baked and (len(items) > 1 or weight != 1.0):
                 raise AdapterValueError(
@@ -163,10 +162,7 @@ class Switcher:
             alpha = fp32(weight * prep.scale)
             for t, part in prep.sparse.items():
                 contrib.setdefault(t, []).append(("sparse", part, alpha))
-                if t in prep.runs:
-                    known_runs[t] = prep.runs[t]
-                if t in prep.orders:
-                    known_orders[t] = prep.orders[t]
+                source[t] = prep
                 bound[t] = bound.get(t, 0.0) + abs(alpha) * prep.absmax[t]
             for t, (a, b, scaling) in prep.lora.items():
                 contrib.setdefault(t, []).append(("lora", (a, b), fp32(alpha * scaling)))
@@ -181,20 +177,24 @@ class Switcher:
                 dense[t] = parts
             else:
                 sparse[t] = _combine(self.ops, parts)
-                if len(parts) == 1:
-                    if t in known_runs:
-                        runs[t] = known_runs[t]
-                    if t in known_orders:
-                        orders[t] = known_orders[t]
+                if len(parts) == 1:  # found when the adapter was registered
+                    for found, mine in ((source[t].runs, runs), (source[t].orders, orders)):
+                        if t in found:
+                            mine[t] = found[t]
                 else:  # a union of several adapters' indices
-                    if (r := self.runs_of(sparse[t][0])) is not None:
-                        runs[t] = r
-                    if (o := self.order_of(t, sparse[t][0])) is not None:
-                        orders[t] = o
+                    self.describe(t, sparse[t][0], runs, orders)
                 if t not in self.backend.scales:  # codes saturate (counted) instead of overflowing
                     self._check_range(t, sparse[t][1], bound[t])
         self.backend.check_unfused_plan(unfused)
         return Plan(tuple((p.name, float(w)) for p, w in items), sparse, dense, unfused, runs, orders)
+
+    def describe(self, t: str, idx: Array, runs: dict[str, Array], orders: dict[str, Array]) -> None:
+        """Record what the kernels may take beside ``idx`` (tensor ``t``'s index list): its runs in ``runs[t]`` and
+        its mirror order in ``orders[t]``, each where there is one."""
+        if (r := self.runs_of(idx)) is not None:
+            runs[t] = r
+        if (o := self.order_of(t, idx)) is not None:
+            orders[t] = o
 
     def runs_of(self, idx: Array) -> Array | None:
         """The runs of ``idx`` (``kernels.runs.runs_of``) as the backend's kind of array; None when there are none."""

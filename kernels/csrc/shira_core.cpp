@@ -1589,7 +1589,7 @@ SHIRA_API int shira_switch(const shira_item* outs, int64_t n_outs, const shira_i
   return shira::guarded(err, errlen, [&] {
     auto o = shira::make_items("switch_", "outgoing ", outs, n_outs, false, nullptr);
     auto i = shira::make_items("switch_", "incoming ", ins, n_ins, true, saturated);
-    shira::run("switch_", o, i, validate != 0, shira::thread_count(threads));
+    shira::run("switch_", std::move(o), std::move(i), validate != 0, shira::thread_count(threads));
   });
 }
 
