@@ -213,7 +213,9 @@ struct BF16 {  // bf16 bits
   explicit operator float() const { return fp32_from_bits(static_cast<uint32_t>(x) << 16); }
 };
 
-inline bool is_code(int32_t t) { return t == SHIRA_I8 || t == SHIRA_F8E4M3 || t == SHIRA_F8E5M2; }
+inline bool is_code(int32_t t) {
+  return t == SHIRA_I8 || t == SHIRA_F8E4M3 || t == SHIRA_F8E5M2 || t == SHIRA_U8;
+}
 
 const char* dtype_name(int32_t t) {
   switch (t) {
@@ -223,6 +225,7 @@ const char* dtype_name(int32_t t) {
     case SHIRA_I8: return "int8";
     case SHIRA_F8E4M3: return "float8_e4m3fn";
     case SHIRA_F8E5M2: return "float8_e5m2";
+    case SHIRA_U8: return "uint8";
     default: return "unknown";
   }
 }
@@ -242,8 +245,8 @@ struct Item {
   const float* delta;        // [n] (apply only)
   void* saved;               // [n] weight dtype
   bool apply;                // an apply_ entry (else a restore_ entry)
-  const float* scales;       // [numel / row_len] per-row scales of 1-byte codes (apply only), else null
-  int64_t row_len;           // elements per scale row
+  const float* scales;       // per-row scales of 1-byte codes (apply only; SHIRA_U8: per column), else null
+  int64_t row_len;           // elements per scale row; SHIRA_U8: the number of columns (scale of j: j % row_len)
   int64_t* saturated;        // where this entry's clamped count is added (apply of 1-byte codes), or null
   const uint8_t* codes;      // [n] new codes of a 1-byte weight (apply of a baked adapter: a swap), or null
   void* mirror;              // kept in step with the codes, or null: bf16 bits [numel], or uint8 [cols, rows]
@@ -368,7 +371,8 @@ void apply_range(W* __restrict__ w, const I* __restrict__ idx, const float* __re
 }
 
 // ---- 1-byte codes on a quantized grid ------------------------------------------------------------
-// F: 0 int8 (integers in [-127, 127]), 1 fp8 e4m3fn (3 mantissa bits, bias 7, max 448), 2 fp8 e5m2 (2, 15, 57344).
+// F: 0 int8 (integers in [-127, 127]), 1 fp8 e4m3fn (3 mantissa bits, bias 7, max 448), 2 fp8 e5m2 (2, 15, 57344),
+// 3 int8 codes kept as uint8 bytes code + 128 (SHIRA_U8: the int8 grid; its scales run along the columns).
 template <int F>
 struct QGrid;
 template <>
@@ -386,6 +390,8 @@ struct QGrid<2> {
   static constexpr int man = 2, bias = 15;
   static constexpr float max = 57344.0f;
 };
+template <>
+struct QGrid<3> : QGrid<0> {};
 
 // Round to nearest, ties to even, in the default rounding mode: exact for |v| < 2^22 (v + 1.5 * 2^23 lands where
 // the spacing is 1). Larger values are left as they are: every value reaching it here is clamped (saturated) or,
@@ -409,7 +415,7 @@ inline float pow2(int e) {  // 2^e for -126 <= e <= 127, exact
 // x (already divided by the scale) rounded to the grid of F, not clamped: qformats.round_to_grid, bit for bit.
 template <int F>
 inline float to_grid(float x) {
-  if constexpr (F == 0) {
+  if constexpr (F == 0 || F == 3) {
     return round_even(x);
   } else {
     uint32_t b;
@@ -431,6 +437,8 @@ struct Codes {
       const uint8_t u = static_cast<uint8_t>(c);
       if constexpr (F == 0)
         value[c] = static_cast<float>(static_cast<int8_t>(u));
+      else if constexpr (F == 3)
+        value[c] = static_cast<float>(c - 128);
       else if constexpr (F == 1)
         value[c] = fp8e4m3fn_to_fp32(u);
       else
@@ -451,6 +459,8 @@ template <int F>
 inline uint8_t encode_exact(float r) {
   if constexpr (F == 0)
     return static_cast<uint8_t>(static_cast<int8_t>(r));
+  else if constexpr (F == 3)
+    return static_cast<uint8_t>(static_cast<int32_t>(r) + 128);
   else if constexpr (F == 1)
     return fp8e4m3fn_from_fp32(r);
   else
@@ -469,6 +479,25 @@ inline uint8_t requantize(const Codes<F>& table, uint8_t old, float scale, float
   }
   return encode_exact<F>(r);
 }
+
+// x / d and x % d for 0 <= x < 2^52 through a double reciprocal, corrected by one step: the transposed copy's
+// positions (and a uint8 weight's columns) need a division per entry, and a 64-bit divide would cost more than the write it places.
+struct DivBy {
+  int64_t d;
+  double inv;
+  explicit DivBy(int64_t den) : d(den > 0 ? den : 1), inv(1.0 / static_cast<double>(den > 0 ? den : 1)) {}
+  inline void split(int64_t x, int64_t& q, int64_t& r) const {
+    q = static_cast<int64_t>(static_cast<double>(x) * inv);
+    r = x - q * d;
+    if (r < 0) {
+      --q;
+      r += d;
+    } else if (r >= d) {
+      ++q;
+      r -= d;
+    }
+  }
+};
 
 // Row of flat index j, from the previous row when j is still inside it (sorted lists: one division per row).
 struct RowCursor {
@@ -517,15 +546,54 @@ SHIRA_SELECTS int64_t int8_run(uint8_t* __restrict__ p, uint8_t* __restrict__ s,
   return clamped;
 }
 
+// int8_run for a uint8 weight (SHIRA_U8): bytes code + 128, one scale per lane (a stretch of one row of the
+// [cols][rows] copy runs along the columns of its per-column scales). The same fp32 operations as requantize<3>.
+SHIRA_SELECTS int64_t u8_run(uint8_t* __restrict__ p, uint8_t* __restrict__ s, const float* __restrict__ d,
+                             const float* __restrict__ sc, int64_t n) {
+  constexpr float kMagic = 12582912.0f;  // round_even's
+  int32_t clamped = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const uint8_t old = p[k];
+    s[k] = old;
+    const float scale = sc[k];
+    const float v = static_cast<float>(static_cast<int32_t>(old) - 128) * scale;
+    const float x = (v + d[k]) / scale;
+    const float rounded = __builtin_copysignf((x + kMagic) - kMagic, x);
+    float r = __builtin_fabsf(x) < 4194304.0f ? rounded : x;
+    const float ar = __builtin_fabsf(r);
+    clamped += static_cast<int32_t>(ar > 127.0f);
+    const float lim = __builtin_copysignf(127.0f, r);
+    r = ar > 127.0f ? lim : r;
+    p[k] = static_cast<uint8_t>(static_cast<int32_t>(r) + 128);
+  }
+  return clamped;
+}
+
 template <int F, typename I, bool kPrefetch>
 int64_t apply_range_q(uint8_t* __restrict__ w, const I* __restrict__ idx, const float* __restrict__ delta,
                       uint8_t* __restrict__ saved, const float* __restrict__ scales, int64_t row_len, int64_t b,
                       int64_t e, int64_t pf, bool runs) {
   const Codes<F>& table = codes<F>();
   RowCursor rows{row_len};
+  const DivBy cols(row_len);  // F == 3 (SHIRA_U8): row_len columns, the scale of j is scales[j % row_len]
   int64_t clamped = 0;
   constexpr int64_t K = kRun<uint8_t>;
   for (int64_t i = b; i < e; ++i) {
+    if constexpr (F == 3) {  // a line of consecutive bytes inside one row: consecutive columns' scales
+      if (runs && run_at(idx, i, e, K)) {
+        const int64_t j = idx[i];
+        int64_t q, c;
+        cols.split(j, q, c);
+        if (c + K <= row_len) {
+          if constexpr (kPrefetch) {
+            if (i + run_lines_ahead(pf) * K < e) __builtin_prefetch(w + idx[i + run_lines_ahead(pf) * K], 1, 3);
+          }
+          clamped += u8_run(w + j, saved + i, delta + i, scales + c, K);
+          i += K - 1;
+          continue;
+        }
+      }
+    }
     if constexpr (F == 0) {  // a line of consecutive codes inside one row: the vectorized loop
       if (runs && run_at(idx, i, e, K)) {
         const int64_t j = idx[i];
@@ -546,7 +614,15 @@ int64_t apply_range_q(uint8_t* __restrict__ w, const I* __restrict__ idx, const 
     const int64_t j = idx[i];
     const uint8_t old = w[j];
     saved[i] = old;
-    w[j] = requantize<F>(table, old, scales[rows.at(j)], delta[i], clamped);
+    float scale;
+    if constexpr (F == 3) {
+      int64_t q, c;
+      cols.split(j, q, c);
+      scale = scales[c];
+    } else {
+      scale = scales[rows.at(j)];
+    }
+    w[j] = requantize<F>(table, old, scale, delta[i], clamped);
   }
   return clamped;
 }
@@ -616,25 +692,6 @@ int64_t mirrored_range(const Item& it, bool apply, int64_t b, int64_t e, int64_t
   }
   return clamped;
 }
-
-// x / d and x % d for 0 <= x < 2^52 through a double reciprocal, corrected by one step: the transposed copy's
-// positions need a division per entry, and a 64-bit divide would cost more than the write it places.
-struct DivBy {
-  int64_t d;
-  double inv;
-  explicit DivBy(int64_t den) : d(den > 0 ? den : 1), inv(1.0 / static_cast<double>(den > 0 ? den : 1)) {}
-  inline void split(int64_t x, int64_t& q, int64_t& r) const {
-    q = static_cast<int64_t>(static_cast<double>(x) * inv);
-    r = x - q * d;
-    if (r < 0) {
-      --q;
-      r += d;
-    } else if (r >= d) {
-      ++q;
-      r -= d;
-    }
-  }
-};
 
 // The second pass of a deferred uint8 mirror: entries k in [b, e) of the item's order, whose transposed
 // positions ascend, so the copy is written forwards: m[c][r] = code ^ 0x80 for entry p = order[k] at j = idx[p]
@@ -721,6 +778,9 @@ void run_range_q(const Item& it, int64_t b, int64_t e, bool runs) {
       break;
     case SHIRA_F8E5M2:
       clamped = apply_q<2, I>(it, w, idx, saved, b, e, pf, runs);
+      break;
+    case SHIRA_U8:
+      clamped = apply_q<3, I>(it, w, idx, saved, b, e, pf, runs);
       break;
     default:
       throw std::logic_error("shira: unreachable code dtype");
@@ -820,6 +880,19 @@ int64_t requantize_stretch(const Item& it, int64_t p, int64_t q, int64_t f) {
       p += n;
       f += n;
     }
+  } else if constexpr (F == 3) {  // per piece of one row of the copy: consecutive columns, consecutive scales
+    const DivBy cols(it.row_len);
+    while (p < q) {
+      int64_t r, c;
+      cols.split(f, r, c);
+      const int64_t n = std::min(q - p, it.row_len - c);
+      const float* sc = it.scales + c;
+      int64_t k = 0;
+      for (; k + 64 <= n; k += 64) clamped += u8_run(w + f + k, saved + p + k, it.delta + p + k, sc + k, 64);
+      if (k < n) clamped += u8_run(w + f + k, saved + p + k, it.delta + p + k, sc + k, n - k);
+      p += n;
+      f += n;
+    }
   } else {
     const Codes<F>& table = codes<F>();
     RowCursor rows{it.row_len};
@@ -862,6 +935,9 @@ void run_stretch(const Item& it, bool apply, int64_t p, int64_t q, int64_t f) {
       break;
     case SHIRA_F8E5M2:
       clamped = requantize_stretch<2>(it, p, q, f);
+      break;
+    case SHIRA_U8:
+      clamped = requantize_stretch<3>(it, p, q, f);
       break;
     default:
       throw std::logic_error("shira: unreachable weight dtype");
@@ -1448,8 +1524,8 @@ void run(const char* op, std::vector<Item> outs, std::vector<Item> ins, bool val
 Item make_item(const char* op, const char* list, int64_t t, const shira_item& s, bool apply, int64_t* saturated) {
   const std::string where = std::string("shira::") + op + ": " + list + "tensor " + std::to_string(t) + ": ";
   const int32_t wt = s.dtype;
-  if (wt < SHIRA_F32 || wt > SHIRA_F8E5M2)
-    refuse(where, "weight dtype code ", wt, " is not one of fp32/fp16/bf16/int8/float8_e4m3fn/float8_e5m2");
+  if (wt < SHIRA_F32 || wt > SHIRA_U8)
+    refuse(where, "weight dtype code ", wt, " is not one of fp32/fp16/bf16/int8/float8_e4m3fn/float8_e5m2/uint8");
   if (s.index_bits != 32 && s.index_bits != 64) refuse(where, "index_bits ", s.index_bits, " is not 32/64");
   if (s.numel < 0 || s.count < 0) refuse(where, "negative numel or count");
   if (s.count > 0 && (!s.indices || !s.saved || (apply && !s.delta) || !s.weight)) refuse(where, "null pointer");
@@ -1459,9 +1535,11 @@ Item make_item(const char* op, const char* list, int64_t t, const shira_item& s,
   if (!apply || baked) {
     // no grid math: scales, if given, are not used
   } else if (is_code(wt)) {
-    if (!has_scale) refuse(where, "a ", dtype_name(wt), " weight needs its per-row scales");
+    if (!has_scale)
+      refuse(where, "a ", dtype_name(wt), " weight needs its per-", wt == SHIRA_U8 ? "column" : "row", " scales");
     if (s.numel % s.n_scales)
-      refuse(where, s.n_scales, " scales do not divide a weight of ", s.numel, " elements into rows");
+      refuse(where, s.n_scales, " scales do not divide a weight of ", s.numel, " elements into ",
+             wt == SHIRA_U8 ? "columns" : "rows");
   } else if (has_scale) {
     refuse(where, "scales given for a ", dtype_name(wt), " weight (only 1-byte quantized weights take scales)");
   }
@@ -1470,6 +1548,7 @@ Item make_item(const char* op, const char* list, int64_t t, const shira_item& s,
   const bool u8t = has_mirror && s.mirror_kind == SHIRA_MIRROR_U8T;
   size_t mbytes = 0;
   if (has_mirror) {
+    if (wt == SHIRA_U8) refuse(where, "a mirror given for a uint8 weight (it is the copy itself: no mirror)");
     if (!is_code(wt))
       refuse(where, "a mirror given for a ", dtype_name(wt), " weight (only 1-byte codes have a bf16 mirror)");
     if (s.mirror_kind == SHIRA_MIRROR_BF16) {
@@ -1519,7 +1598,7 @@ Item make_item(const char* op, const char* list, int64_t t, const shira_item& s,
   item.wsize = static_cast<int64_t>(wsize);
   if (apply && is_code(wt) && !baked) {
     item.scales = s.scales;
-    item.row_len = s.numel / s.n_scales;
+    item.row_len = wt == SHIRA_U8 ? s.n_scales : s.numel / s.n_scales;
     item.saturated = saturated;
   }
   return item;

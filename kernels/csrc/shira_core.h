@@ -8,6 +8,10 @@
  *                  code = Q((fp32(code) * s[row] + delta) / s[row]), nearest grid point, ties to even, clamped
  *                  to +-max (each step one fp32 op); clamped entries are added to saturated[item]. With
  *                  delta_is_codes, delta holds new codes of the weight's own dtype, written as they are.
+ *                  SHIRA_U8 (an int8 weight [rows][cols] kept as its transposed uint8 copy [cols][rows], the form
+ *                  an int8 bundle's graph reads): the code is byte - 128, on the int8 grid, and the scales run
+ *                  along the last axis: the scale of flat index j is s[j % n_scales] (n_scales = the copy's
+ *                  columns, the weight's rows); its bytes are written as code + 128, byte 0 never.
  *   shira_switch   shira_restore(outs), then shira_apply(ins): one call, every check before the first write.
  *
  * Every write also updates the item's mirror, if any: kind 1, bf16 [numel] (m.flat[j] = bf16(value(code)), for
@@ -54,7 +58,7 @@
 extern "C" {
 #endif
 
-#define SHIRA_ABI_VERSION 3
+#define SHIRA_ABI_VERSION 4
 
 /* element types (weights, saved, baked codes) */
 enum shira_dtype {
@@ -63,7 +67,8 @@ enum shira_dtype {
   SHIRA_BF16 = 2,
   SHIRA_I8 = 3,      /* int8 codes on the integer grid [-127, 127] */
   SHIRA_F8E4M3 = 4,  /* fp8 e4m3fn codes (max 448) */
-  SHIRA_F8E5M2 = 5   /* fp8 e5m2 codes (max 57344) */
+  SHIRA_F8E5M2 = 5,  /* fp8 e5m2 codes (max 57344) */
+  SHIRA_U8 = 6       /* int8 codes stored as uint8, zero point 128 (byte = code + 128), with per-COLUMN scales */
 };
 
 enum shira_mirror_kind {
@@ -81,8 +86,9 @@ typedef struct shira_item {
   int64_t count;
   const void* delta;      /* apply: [count] float deltas, or codes of `dtype` (delta_is_codes); restore: unused */
   void* saved;            /* [count] of `dtype`: read by restore, written by apply */
-  const float* scales;    /* apply of 1-byte codes with float deltas: [n_scales] per-row scales; else NULL */
-  int64_t n_scales;       /* rows = n_scales, row length = numel / n_scales (must divide); 0 for none */
+  const float* scales;    /* apply of 1-byte codes with float deltas: [n_scales] per-row scales (per-column for
+                             SHIRA_U8); else NULL */
+  int64_t n_scales;       /* rows = n_scales, row length = numel / n_scales (must divide; SHIRA_U8: columns); 0 */
   void* mirror;           /* NULL, or the mirror (see mirror_kind); must not overlap the weight */
   int32_t mirror_kind;    /* enum shira_mirror_kind */
   int32_t delta_is_codes; /* apply: delta holds codes of `dtype` (a baked adapter: a byte swap, no scales) */

@@ -7,7 +7,9 @@ from shira_runtime.kernels.dtypes import FLOATS as FLOAT_DTYPES
 from shira_runtime.kernels.qformats import FORMATS
 from shira_runtime.kernels.verbs import KernelInputError
 
-QUANT_DTYPES = tuple(f.dtype for f in FORMATS.values() if f.dtype is not None)  # 1-byte codes of a quantized base
+# 1-byte codes of a quantized base; uint8: int8 codes + 128 with per-COLUMN scales (an int8 weight's transposed copy,
+# the form an int8 bundle's graph reads and its switch writes: ``shira_runtime.kernels.reference``)
+QUANT_DTYPES = tuple(f.dtype for f in FORMATS.values() if f.dtype is not None) + (torch.uint8,)
 SUPPORTED_DTYPES = FLOAT_DTYPES + QUANT_DTYPES
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -23,7 +25,7 @@ def _check_common(op: str, weights, indices, saved, with_bounds: bool) -> None:
         )
     for t, (w, idx, s) in enumerate(zip(weights, indices, saved)):
         if w.dtype not in SUPPORTED_DTYPES:
-            _fail(op, t, f"weight dtype {w.dtype} is not one of fp32/fp16/bf16/int8/float8_e4m3fn/float8_e5m2")
+            _fail(op, t, f"weight dtype {w.dtype} is not one of fp32/fp16/bf16/int8/float8_e4m3fn/float8_e5m2/uint8")
         if not w.is_contiguous():
             _fail(op, t, "weight is not contiguous")
         if idx.dtype not in INDEX_DTYPES:
@@ -69,12 +71,13 @@ def check_apply(
         if codes:
             continue  # no grid math: scales, if given, are not used
         if w.dtype in QUANT_DTYPES:
+            axis = "column" if w.dtype == torch.uint8 else "row"
             if s is None or s.numel() == 0:
-                _fail(op, t, f"a {w.dtype} weight needs its per-row scales")
+                _fail(op, t, f"a {w.dtype} weight needs its per-{axis} scales")
             if s.dtype != torch.float32 or s.dim() != 1 or not s.is_contiguous():
                 _fail(op, t, f"scales must be fp32 1-D contiguous, got {s.dtype}{list(s.shape)}")
             if w.numel() % s.numel():
-                _fail(op, t, f"{s.numel()} scales do not divide a weight of {w.numel()} elements into rows")
+                _fail(op, t, f"{s.numel()} scales do not divide a weight of {w.numel()} elements into {axis}s")
         elif s is not None and s.numel():
             _fail(op, t, f"scales given for a {w.dtype} weight (only 1-byte quantized weights take scales)")
 
@@ -90,6 +93,10 @@ def check_mirrors(op: str, weights, mirrors, list_name: str = "") -> None:
         if not m.numel():
             continue
         where = f"{list_name}tensor {t}"
+        if w.dtype == torch.uint8:
+            raise KernelInputError(
+                f"{op}: {where}: a mirror given for a uint8 weight (it is the copy itself: no mirror)"
+            )
         if w.dtype not in QUANT_DTYPES:
             raise KernelInputError(
                 f"{op}: {where}: a mirror given for a {w.dtype} weight (only 1-byte codes have a bf16 mirror)"

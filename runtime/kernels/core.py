@@ -36,9 +36,9 @@ from shira_runtime.kernels.verbs import APPLY_LISTS, RESTORE_LISTS, VERBS, Kerne
 
 __all__ = ["apply_", "call", "load", "restore_", "source_id", "switch_", "threads", "tuning"]
 
-ABI_VERSION = 3
-F32, F16, BF16, I8, F8E4M3, F8E5M2 = range(6)
-CODES = (I8, F8E4M3, F8E5M2)
+ABI_VERSION = 4
+F32, F16, BF16, I8, F8E4M3, F8E5M2, U8 = range(7)
+CODES = (I8, F8E4M3, F8E5M2, U8)  # U8: int8 codes + 128, per-column scales
 ITEM = np.dtype(
     {
         "names": ["weight", "numel", "dtype", "index_bits", "indices", "count", "delta", "saved", "scales",
@@ -210,7 +210,7 @@ class _Numpy:
     # keyed by dtype object, not by name: ``dtype.name`` builds a string (~2 us) on every call. ml_dtypes' types
     # join on the first miss after ml_dtypes was imported (an array of theirs exists only then: importing ml_dtypes
     # here would cost every process ~0.6 s)
-    CODE = {np.dtype("float32"): F32, np.dtype("float16"): F16, np.dtype("int8"): I8}
+    CODE = {np.dtype("float32"): F32, np.dtype("float16"): F16, np.dtype("int8"): I8, np.dtype("uint8"): U8}
     ML = (("bfloat16", BF16), ("float8_e4m3fn", F8E4M3), ("float8_e5m2", F8E5M2))
 
     @classmethod
@@ -251,7 +251,7 @@ class _Torch:
         import torch
 
         cls.CODE = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16, torch.int8: I8,
-                    torch.float8_e4m3fn: F8E4M3, torch.float8_e5m2: F8E5M2}  # fmt: skip
+                    torch.float8_e4m3fn: F8E4M3, torch.float8_e5m2: F8E5M2, torch.uint8: U8}  # fmt: skip
         cls.INDEX = {torch.int32: 32, torch.int64: 64}
         names = {"float32": "Float", "float64": "Double", "float16": "Half", "bfloat16": "BFloat16",
                  "int8": "Char", "uint8": "Byte", "int16": "Short", "int32": "Int", "int64": "Long", "bool": "Bool",
@@ -319,7 +319,7 @@ def _side(op: str, label: str, f, lists: dict, apply: bool) -> np.ndarray:
             wt = code_of.get(wk)
         if wt is None:
             raise KernelInputError(
-                at(t) + f"weight dtype {f.name(w)} is not one of fp32/fp16/bf16/int8/float8_e4m3fn/float8_e5m2"
+                at(t) + f"weight dtype {f.name(w)} is not one of fp32/fp16/bf16/int8/float8_e4m3fn/float8_e5m2/uint8"
             )
         if not contiguous(w):
             raise KernelInputError(at(t) + "weight is not contiguous")
@@ -356,6 +356,8 @@ def _side(op: str, label: str, f, lists: dict, apply: bool) -> np.ndarray:
         if m is not None and numel(m):
             u8 = f.name(m) in ("uint8", "Byte")
             kind = 2 if u8 else 1
+            if wt == U8:
+                raise KernelInputError(at(t) + "a mirror given for a uint8 weight (it is the copy itself: no mirror)")
             if wt in CODES:
                 if u8:
                     ok = (wt == I8 and w.ndim == 2 and m.ndim == 2 and contiguous(m) and f.cpu(m)

@@ -12,6 +12,10 @@ Every verb works on lists of tensors (one call per switch). For tensor ``t``:
   length is ``rows * row_len``; an empty tensor for a float weight. A 1-byte weight is written on its grid:
   ``code = Q(fp32(code) * scale[row] + delta)`` with ``Q(v) = clamp(round_to_grid(v / scale[row]), +-max)``
   (nearest, ties to even; ``shira_runtime.kernels.qformats``), every step one fp32 operation.
+- A uint8 weight holds int8 codes as ``code + 128`` (zero point 128) with its scales along the LAST axis: the
+  scale of flat index ``j`` is ``scales[j % len(scales)]``. It is an int8 weight ``[rows, cols]`` kept only as its
+  transposed copy ``[cols, rows]`` (the B input of an int8 bundle's ``MatMulInteger``,
+  ``shira_runtime.exporters.quant_graph``), switched at transposed indices: the same grid math on ``byte - 128``.
 - A 1-byte weight's ``deltas[t]`` may instead be codes of its own dtype (an adapter baked for this base): they are
   written as they are (the old codes saved), no grid math, no scales needed.
 - ``saturated`` (apply only, optional): int64 ``[len(weights)]``; for each 1-byte weight the number of entries
@@ -108,7 +112,8 @@ def apply_(
             new = d  # baked codes: a byte swap
         elif w.dtype in QUANT_DTYPES:
             scale = scales[t]
-            new, sat = requantize(s, scale[idx // (w.numel() // scale.numel())], d)
+            at = idx % scale.numel() if w.dtype == torch.uint8 else idx // (w.numel() // scale.numel())
+            new, sat = requantize(s, scale[at], d)
             if saturated is not None:
                 saturated[t] += sat
         else:
@@ -126,12 +131,16 @@ def requantize(codes: torch.Tensor, scale: torch.Tensor, delta: torch.Tensor) ->
     """``(Q(fp32(codes) * scale + delta), saturated)`` on the codes' grid; ``scale`` per entry (fp32).
 
     Each step is one fp32 operation, as in the C++ kernel: ``x = (code * scale + delta) / scale``, rounded to the
-    nearest grid point (ties to even), clamped to ``+-max``; ``saturated`` counts the clamped entries."""
-    fmt = quant_format(codes.dtype)
-    x = (codes.float() * scale + delta) / scale
+    nearest grid point (ties to even), clamped to ``+-max``; ``saturated`` counts the clamped entries. uint8
+    codes are int8 codes + 128: the same math on ``byte - 128``."""
+    u8 = codes.dtype == torch.uint8
+    fmt = quant_format(torch.int8 if u8 else codes.dtype)
+    x = ((codes.int() - 128).float() if u8 else codes.float()) * scale
+    x = (x + delta) / scale
     r = round_to_grid(x, fmt)
     sat = r.abs() > fmt.max
-    return r.clamp_(-fmt.max, fmt.max).to(codes.dtype), int(sat.sum())
+    r = r.clamp_(-fmt.max, fmt.max)
+    return (r.to(torch.int32) + 128).to(torch.uint8) if u8 else r.to(codes.dtype), int(sat.sum())
 
 
 def switch_(

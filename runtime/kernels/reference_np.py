@@ -2,8 +2,9 @@
 
 The semantics of ``shira_runtime.kernels.reference``, formula for formula and bit for bit, on the dtypes numpy has:
 fp32 and fp16 weights; int8 codes with per-row fp32 scales (``saturated`` counts, baked codes, the transposed
-uint8 mirror). bf16 and fp8 weights (``ml_dtypes`` arrays) are refused here: the core switches them. Inputs are
-checked as the core checks them, with its messages, before the first write.
+uint8 mirror); uint8 weights (int8 codes + 128, per-column scales). bf16 and fp8 weights (``ml_dtypes`` arrays)
+are refused here: the core switches them. Inputs are checked as the core checks them, with its messages, before
+the first write.
 """
 
 from __future__ import annotations
@@ -24,18 +25,20 @@ def _check(op: str, label: str, lists: dict, apply: bool, validate: bool) -> Non
     for t, w in enumerate(lists["weights"]):
         where = f"shira::{op}: {label}tensor {t}: "
         name = w.dtype.name
-        if name not in ("float32", "float16", "int8"):
+        if name not in ("float32", "float16", "int8", "uint8"):
             raise KernelInputError(where + f"the numpy reference has no {name} weights (the kernel core has)")
-        if apply and not (name == "int8" and lists["deltas"][t].dtype == w.dtype):
+        q = name in ("int8", "uint8")
+        axis = "column" if name == "uint8" else "row"
+        if apply and not (q and lists["deltas"][t].dtype == w.dtype):
             sc = scales[t] if scales is not None else None
             has = sc is not None and sc.size > 0
-            if name == "int8" and not has:
-                raise KernelInputError(where + "a int8 weight needs its per-row scales")
-            if name == "int8" and w.size % sc.size:
+            if q and not has:
+                raise KernelInputError(where + f"a {name} weight needs its per-{axis} scales")
+            if q and w.size % sc.size:
                 raise KernelInputError(
-                    where + f"{sc.size} scales do not divide a weight of {w.size} elements into rows"
+                    where + f"{sc.size} scales do not divide a weight of {w.size} elements into {axis}s"
                 )
-            if name != "int8" and has:
+            if not q and has:
                 raise KernelInputError(
                     where + f"scales given for a {name} weight (only 1-byte quantized weights take scales)"
                 )
@@ -46,6 +49,8 @@ def _check(op: str, label: str, lists: dict, apply: bool, validate: bool) -> Non
                 where + "a mirror order given without a uint8 mirror (it orders the transposed copy's second pass)"
             )
         if m is not None and m.size:
+            if name == "uint8":
+                raise KernelInputError(where + "a mirror given for a uint8 weight (it is the copy itself: no mirror)")
             if name != "int8":
                 raise KernelInputError(
                     where + f"a mirror given for a {name} weight (only 1-byte codes have a bf16 mirror)"
@@ -91,11 +96,14 @@ def _restore(ws, idx, saved, mirrors) -> None:
 
 def requantize(codes: np.ndarray, scale: np.ndarray, delta: np.ndarray) -> tuple[np.ndarray, int]:
     """int8 ``(Q(fp32(codes) * scale + delta), saturated)``: each step one fp32 operation, rounded half to even,
-    clamped to +-127 (``shira_runtime.kernels.reference.requantize``)."""
-    x = (codes.astype(np.float32) * scale + delta) / scale
+    clamped to +-127 (``shira_runtime.kernels.reference.requantize``); uint8 codes: int8 codes + 128."""
+    u8 = codes.dtype == np.uint8
+    x = ((codes.astype(np.int32) - 128) if u8 else codes).astype(np.float32) * scale
+    x = (x + delta) / scale
     r = np.rint(x)
     sat = int(np.count_nonzero(np.abs(r) > 127))
-    return np.clip(r, -127, 127).astype(np.int8), sat
+    r = np.clip(r, -127, 127)
+    return ((r.astype(np.int32) + 128).astype(np.uint8) if u8 else r.astype(np.int8)), sat
 
 
 def _apply(ws, idx, deltas, saved, scales, saturated, mirrors) -> None:
@@ -104,11 +112,11 @@ def _apply(ws, idx, deltas, saved, scales, saturated, mirrors) -> None:
             continue
         flat = w.reshape(-1)
         s[...] = flat[i]
-        if w.dtype == np.int8 and d.dtype == w.dtype:
+        if w.dtype in (np.int8, np.uint8) and d.dtype == w.dtype:
             new = d  # baked codes: a byte swap
-        elif w.dtype == np.int8:
+        elif w.dtype in (np.int8, np.uint8):
             sc = scales[t]
-            new, sat = requantize(s, sc[i // (w.size // sc.size)], d)
+            new, sat = requantize(s, sc[i % sc.size if w.dtype == np.uint8 else i // (w.size // sc.size)], d)
             if saturated is not None:
                 saturated[t] += sat
         else:
