@@ -88,11 +88,9 @@ def onnx_rows(cfg: Config, dtype: str, ctx: dict, workdir: Path, noise: dict) ->
     rt.switch(None)
     note = "switched in the live session"
     floor, nbytes = ctx["floor"], ctx["shira_bytes"]
-    if rt.backend.mirrors:  # an int8 bundle: the kernel also writes the graph's transposed uint8 copy
-        lines, entries = mirror_lines(rt, (ctx["shira_a"], ctx["shira_b"]))
-        floor += memory_floor_ms(lines, ctx["copy_gbps"])
-        nbytes += entries
-        note += " (codes + the graph's transposed uint8 copy)"
+    if rt.backend.u8t:  # an int8 bundle: the switch writes the graph's transposed uint8 copies, not the codes
+        floor = memory_floor_ms(storage_lines(rt, (ctx["shira_a"], ctx["shira_b"])), ctx["copy_gbps"])
+        note += " (the graph's transposed uint8 copies)"
     shira = Row.of("shira", "onnxruntime/live", dtype, t, nbytes, note, None, floor)
     rows = [
         Row.of("base", "onnxruntime/live", dtype, None, 0, "no adapter"),
@@ -172,23 +170,20 @@ def lora_unfused_rows(cfg: Config, dtype: str, ctx: dict, workdir: Path, base: R
     return [row.with_measured(measured["lora_unfused"])]
 
 
-def mirror_lines(rt: Runtime, adapters) -> tuple[int, int]:
-    """64-byte lines of an int8 bundle's transposed uint8 copies that a switch between ``adapters`` touches
-    (entry ``(r, c)`` of the codes lives at ``[c, r]``), and the entries written there."""
+def storage_lines(rt: Runtime, adapters) -> int:
+    """64-byte lines of the bundle's own storage that a switch between ``adapters`` touches: at each entry's
+    storage index (an int8 weight's entry ``(r, c)`` lives at ``[c, r]`` of its transposed uint8 copy)."""
     touched: dict[str, list[torch.Tensor]] = {}
     for ad in adapters:
         for n in ad.indices:
             t = rt.backend.canonical(n, "benchmark")
-            if t in rt.backend.mirrors:
-                touched.setdefault(t, []).append(ad.flat(n, rt.backend.shapes[t])[0].long())
-    lines = entries = 0
+            touched.setdefault(t, []).append(ad.flat(n, rt.backend.shapes[t])[0].long())
+    lines = 0
     for t, ix in touched.items():
-        rows, cols = rt.backend.shapes[t]
-        idx = torch.cat(ix)
-        entries += idx.numel()
-        m = rt.backend.mirrors[t]
-        lines += touched_lines(((idx % cols) * rows + idx // cols).unique(), 1, m.ctypes.data % 64)
-    return lines, entries
+        w = rt.backend.tensors[t]
+        sidx = torch.as_tensor(rt.backend.storage_index(t, torch.cat(ix).numpy()))
+        lines += touched_lines(sidx.unique(), w.itemsize, w.ctypes.data % 64)
+    return lines
 
 
 def session_step(sess, backend: OnnxBackend):

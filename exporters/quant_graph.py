@@ -13,12 +13,11 @@ outlier channels set each token's scale, that left the logits of SmolLM2-135M 18
 exporter's own check refused the bundle; two bytes: 0.3%, the torch backend's tokens).
 
 ``U`` (graph input ``<module>.weight::u8t``) is the transposed zero-point-128 copy of the int8 codes,
-``U[c, r] = code[r, c] ^ 0x80``: the runtime builds it from the codes when it opens the bundle, and the switch
-kernels write it beside the codes in the same visit (their uint8 ``mirror``, ``shira_runtime.kernels.reference``). The
-codes
-(int8 ``[out, in]``, the torch layout: the switch writes the same bytes at the same indices as on the torch
-backend) and ``<module>.weight_scale`` (fp32 ``[out]``) are the bundle's parameters, both graph inputs; the codes
-are read by no node (the fingerprint, the switch and the revert work on them). Memory: 2 bytes per weight.
+``U[c, r] = code[r, c] ^ 0x80``: the runtime builds it from the codes when it opens the bundle and switches it in
+place (a uint8 weight of the kernels, ``shira_runtime.kernels.reference``: the int8 grid math on ``byte - 128`` at
+transposed indices, so ``(U ^ 0x80).T`` holds the torch backend's codes after every switch). The codes (int8
+``[out, in]``, the torch layout) and ``<module>.weight_scale`` (fp32 ``[out]``) are the bundle's parameters, both
+graph inputs; the codes are read by no node and, once ``U`` is built, never again. Memory: 1 byte per weight.
 
 Why this form (``python -m benchmarks.onnx_quant``, README): u8 x u8 with the weight as B ``[in, out]`` is the
 fastest live form onnxruntime 1.32 runs correctly on both CPUs we measured (0.8-1.0x the fp32 live bundle at

@@ -16,17 +16,21 @@ import numpy as np
 # A NaN bit pattern per dtype that fills the incoming saved buffers before the kernel runs: an entry still
 # holding it was never gathered, so its weight element was never written (the kernels gather before they
 # write, element by element). A base value with exactly these bits is written back unchanged either way.
-# 1-byte codes: int8's -128 is off the symmetric grid, 0x7F is an FP8 NaN; the bank refuses an adapter whose base
-# codes at its indices are either (so the marker is never a real base code that the apply would change)
+# 1-byte codes: int8's -128 is off the symmetric grid (uint8's 0: the same code + 128), 0x7F is an FP8 NaN; the
+# bank refuses an adapter whose base codes at its indices are either (so the marker is never a real base code
+# that the apply would change)
 UNGATHERED = {
     "float32": ("int32", 0x7FDADBAD),
     "float16": ("int16", 0x7E5B),
     "bfloat16": ("int16", 0x7FDB),
     "int8": ("int8", -128),
+    "uint8": ("uint8", 0),
     "float8_e4m3fn": ("uint8", 0x7F),
     "float8_e5m2": ("uint8", 0x7F),
 }
-CODE_DTYPES = frozenset({"int8", "float8_e4m3fn", "float8_e5m2"})  # 1-byte codes of a quantized base
+# 1-byte codes of a quantized base; uint8: int8 codes + 128 held as the transposed copy an int8 bundle's graph
+# reads (the kernels' uint8 weights: per-column scales)
+CODE_DTYPES = frozenset({"int8", "float8_e4m3fn", "float8_e5m2", "uint8"})
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")  # what adapters' values and float weights hold
 FINFO_MAX = {"float32": 3.4028234663852886e38, "float16": 65504.0, "bfloat16": 3.3895313892515355e38}
 
@@ -171,9 +175,11 @@ class NumpyOps:
 
     @staticmethod
     def bad_codes(codes: np.ndarray) -> np.ndarray:
-        """Codes that are no point of their grid: int8 -128, a non-finite FP8 code."""
+        """Codes that are no point of their grid: int8 -128 (uint8 0), a non-finite FP8 code."""
         if codes.dtype == np.int8:
             return codes == -128
+        if codes.dtype == np.uint8:
+            return codes == 0
         return ~np.isfinite(codes.astype(np.float32))
 
     @staticmethod
@@ -187,14 +193,14 @@ class NumpyOps:
 
     @staticmethod
     def decode(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
-        """``fp32(code) * scale`` (one scale per entry): int8 codes, the 1-byte format a bundle holds."""
-        _int8_only(codes)
-        return codes.astype(np.float32) * scale.astype(np.float32)
+        """``fp32(code) * scale`` (one scale per entry): int8 codes, the 1-byte format a bundle holds (or their
+        uint8 copy's bytes, code + 128)."""
+        return int8_codes(codes).astype(np.float32) * scale.astype(np.float32)
 
     @staticmethod
     def half_step(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
         """Half the grid's spacing at each code, times its scale (``qformats.grid_half_step``): int8's is 0.5."""
-        _int8_only(codes)
+        int8_codes(codes)
         return np.float32(0.5) * scale.astype(np.float32)
 
     @staticmethod
@@ -385,9 +391,13 @@ def torch_or_none() -> Any:
     return torch
 
 
-def _int8_only(codes: np.ndarray) -> None:
+def int8_codes(codes: np.ndarray) -> np.ndarray:
+    """int8 codes as they are; a uint8 copy's bytes (code + 128) as the int8 codes they hold."""
+    if codes.dtype == np.uint8:
+        return (codes ^ np.uint8(0x80)).view(np.int8)
     if codes.dtype != np.int8:
         raise TypeError(f"numpy codes of dtype {codes.dtype}: a bundle's quantized weights are int8")
+    return codes
 
 
 def _np_dtype(name: str) -> np.dtype:

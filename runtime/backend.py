@@ -95,6 +95,15 @@ class Backend(ABC):
         idx = self.ops.as_index(idx)
         return (idx % cols) * rows + idx // cols
 
+    def scales_at(self, name: str, sidx: Array) -> Array:
+        """The scale of each entry at storage indices ``sidx`` of quantized tensor ``name``: one per logical row,
+        so along the storage's columns where it is stored transposed (an int8 bundle's uint8 copy)."""
+        scale = self.scales[name]
+        n, i = self.ops.numel(scale), self.ops.as_index(sidx)
+        if name in self.transposed:
+            return scale[i % n]
+        return scale[i // (self.ops.numel(self.tensors[name]) // n)]
+
     def logical(self, name: str) -> Array:
         """The tensor ``name`` viewed in its logical shape (a transposed view where storage is transposed)."""
         t = self.tensors[name]

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 from shira_runtime.adapters import CodesAdapter, LoraAdapter, SparseAdapter
-from shira_runtime.arrays import as_ops, dtype_name
+from shira_runtime.arrays import as_ops, dtype_name, int8_codes
 from shira_runtime.backend import Array, Backend
 from shira_runtime.errors import AdapterMismatchError, BaseMismatchError
 from shira_runtime.fingerprint import PROBES, codes_base_hash
@@ -76,7 +76,7 @@ def _prepare_sparse(backend: Backend, switcher: Switcher, name: str, adapter: Sp
             sidx = backend.storage_index(c, idx[:PROBES])
             probes[t] = switcher.base_values(c, sidx)
             if c in backend.scales:  # a quantized copy of the base: its grid values, within half a step
-                scale = backend.scales[c][ops.as_index(sidx) // _row_len(backend, c)]
+                scale = backend.scales_at(c, sidx)
                 probes[t], slack[t] = ops.decode(probes[t], scale), ops.half_step(probes[t], scale)
         adapter.fingerprint.check(adapter.label(name), shapes, probes, slack)
     return prep
@@ -89,37 +89,42 @@ def _prepare_codes(backend: Backend, switcher: Switcher, name: str, adapter: Cod
     for tensor in adapter.indices:
         canon = _claim(backend, seen, tensor, name, label)
         where = f"adapter {label!r}: tensor {tensor!r}"
-        if canon not in backend.scales or canon in backend.transposed:
+        if canon not in backend.scales:
             raise AdapterMismatchError(f"{where}: an adapter of codes needs a quantized weight; this one is not")
         w = backend.tensors[canon]
         codes, idx = as_ops(adapter.codes[tensor], ops), as_ops(adapter.indices[tensor], ops)
-        if dtype_name(codes) != dtype_name(w):
+        copy = dtype_name(w) == "uint8"  # an int8 bundle's transposed copy (code + 128): int8 codes to it
+        if dtype_name(codes) != ("int8" if copy else dtype_name(w)):
             raise BaseMismatchError(f"{where}: baked for {_fmt(codes)} codes, this base holds {_fmt(w)}")
         if tuple(adapter.shapes[tensor]) != backend.shapes[canon]:
             raise BaseMismatchError(
                 f"{where}: baked for shape {adapter.shapes[tensor]}, the base has {backend.shapes[canon]}"
             )
-        base = switcher.base_values(canon, idx)
+        sidx = backend.storage_index(canon, idx)
+        base = switcher.base_values(canon, sidx)
+        if copy:
+            base = ops.from_numpy(int8_codes(ops.to_numpy(base)))
         want = codes_base_hash(_fmt(w), backend.shapes[canon], backend.scales[canon], base)
         if want != adapter.base[tensor]:
             raise BaseMismatchError(
                 f"{where}: baked for another quantized base (its scales or the codes under the adapter differ)"
             )
-        _check_codes(backend, switcher, canon, idx, label)
+        _check_codes(backend, switcher, canon, sidx, label)
+        if copy:  # the copy's indices in its order, as the kernels take them; its bytes, code + 128
+            sidx, order = ops.sort(sidx)
+            idx = ops.from_numpy(ops.to_numpy(sidx).astype(ops.to_numpy(idx).dtype))
+            codes = ops.from_numpy(ops.to_numpy(codes)[ops.to_numpy(order)].view(np.uint8) ^ np.uint8(0x80))
         prep.sparse[canon] = (idx, codes)
         switcher.describe(canon, idx, prep.runs, prep.orders)
         prep.absmax[canon] = 0.0
     return prep
 
 
-def _row_len(backend: Backend, t: str) -> int:
-    numel = backend.ops.numel
-    return numel(backend.tensors[t]) // max(1, numel(backend.scales[t]))
-
-
 def _fmt(codes: Array) -> str:
-    """The 1-byte format's name (``shira_runtime.kernels.qformats``) of ``codes``' dtype."""
-    return FORMAT_NAMES.get(dtype_name(codes), dtype_name(codes))
+    """The 1-byte format's name (``shira_runtime.kernels.qformats``) of ``codes``' dtype (uint8: an int8 bundle's
+    copy of int8 codes)."""
+    name = "int8" if dtype_name(codes) == "uint8" else dtype_name(codes)
+    return FORMAT_NAMES.get(name, name)
 
 
 def _check_codes(backend: Backend, switcher: Switcher, t: str, idx: Array, adapter: str) -> None:
@@ -131,8 +136,14 @@ def _check_codes(backend: Backend, switcher: Switcher, t: str, idx: Array, adapt
         i = ops.first(bad)
         raise AdapterMismatchError(
             f"adapter {adapter!r}: tensor {t!r}: the base code at index {int(idx[i])} is not a point of the "
-            f"{_fmt(codes)} grid ({float(ops.to_fp32(codes[i : i + 1])[0])}); cannot switch it"
+            f"{_fmt(codes)} grid ({_code_value(ops, codes[i : i + 1])}); cannot switch it"
         )
+
+
+def _code_value(ops, code: Array) -> float:
+    if dtype_name(code) == "uint8":
+        return float(int8_codes(ops.to_numpy(code))[0])
+    return float(ops.to_fp32(code)[0])
 
 
 def _prepare_lora(backend: Backend, name: str, adapter: LoraAdapter, unfused: bool) -> Prepared:

@@ -96,15 +96,17 @@ class OnnxBackend(Backend):
                 if name in scale_of:
                     self.scales[name] = arrays[params[scale_of[name]]["onnx"]]
                     check_scales(name, self.scales[name], BundleError, f"{bundle / manifest.weights}: ")
-        self.transposed = frozenset(n for n in self.tensors if params[n]["layout"] == "transposed")
-        # an int8 weight's graph reads its transposed uint8 copy (shira_runtime.exporters.quant_graph): built here
-        # from the codes,
-        # bound like every weight, and written by the switch kernels beside the codes (their uint8 mirror)
+        # An int8 weight's graph reads its transposed uint8 copy (shira_runtime.exporters.quant_graph), built here
+        # from the codes and bound like every weight. The copy IS the switched tensor: a uint8 weight of the kernels
+        # (code + 128, per-column scales) stored transposed, so adapters' indices map to it as for any transposed
+        # weight. The codes stay a graph input that no node reads: never written, their pages go back at load.
         by_onnx = {params[n]["onnx"]: n for n in self.tensors}
-        self.mirrors: dict[str, np.ndarray] = {}
+        self.u8t: dict[str, str] = {}  # canonical name of an int8 weight -> the graph input of its copy
         for u8t, (codes, _) in manifest.mirrors().items():
             arrays[u8t] = np.ascontiguousarray(u8t_copy(arrays[codes]))
-            self.mirrors[by_onnx[codes]] = arrays[u8t]
+            self.tensors[by_onnx[codes]] = arrays[u8t]
+            self.u8t[by_onnx[codes]] = u8t
+        self.transposed = frozenset(n for n in self.tensors if params[n]["layout"] == "transposed" or n in self.u8t)
         # LoRA slots (shira_runtime.exporters.lora_slots): module path -> (lora_A name, lora_B name); zero when unused
         self.lora_slots = {
             n[: -len(".lora_A")]: (n, n[: -len(".lora_A")] + ".lora_B")
@@ -139,6 +141,8 @@ class OnnxBackend(Backend):
         self._written = False  # ... that follows a write to the weights
         self._verifier = self._map.pending if self._map is not None else None  # the weights' sha256, on a thread
         self._touched: set[str] = set()  # canonical names written since the base was last released
+        if self.u8t:  # the codes were read once to build the copies and are never written: their pages go back
+            self.release(list(self.u8t))
 
     @property
     def one_row_session(self) -> Any:
@@ -259,15 +263,6 @@ class OnnxBackend(Backend):
                 mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)  # the kernel rounds the length up to the last page
                 total += hi - lo
         return total
-
-    # -- int8 weights: the transposed uint8 copy the graph reads --
-    def mirror(self, name: str) -> np.ndarray | None:
-        return self.mirrors.get(name)
-
-    def resync(self, name: str) -> None:
-        m = self.mirrors.get(name)
-        if m is not None:
-            m[...] = u8t_copy(self.tensors[name])
 
     # -- unfused LoRA, written into the bundle's LoRA slots --
     def check_unfused(self, tensor: str, adapter: str) -> str:
@@ -497,7 +492,7 @@ class OnnxBackend(Backend):
         slots = {self.manifest.parameters[n]["onnx"] for pair in self.lora_slots.values() for n in pair}
         # int8 codes with a transposed copy are read by no node (the copy is, and is probed): probing them first
         # cost one run each (SmolLM2's int8 bundle: 60 runs, 13 s before its first token after a switch)
-        unread = {self.manifest.parameters[n]["onnx"] for n in self.mirrors}
+        unread = {self.manifest.parameters[n]["onnx"] for n in self.u8t}
         skip = slots | unread
         for name in _probe_order({n: a for n, a in self.arrays.items() if n not in skip}):  # zero slots: no effect
             a = self.arrays[name]
@@ -552,8 +547,8 @@ def positions(mask: np.ndarray, seq: int) -> np.ndarray:
 
 def u8t_copy(codes: np.ndarray) -> np.ndarray:
     """What an int8 bundle's graph reads for 2-D int8 codes ``[out, in]``: uint8 ``[in, out]``, ``code ^ 0x80``
-    (``code + 128``, zero point 128) transposed (a view; ``shira_runtime.exporters.quant_graph``, the kernels' uint8
-    mirror)."""
+    (``code + 128``, zero point 128) transposed (a view; ``shira_runtime.exporters.quant_graph``; the tensor the
+    switch writes, ``OnnxBackend.u8t``)."""
     return (codes.view(np.uint8) ^ 0x80).T
 
 

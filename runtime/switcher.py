@@ -368,9 +368,7 @@ class Switcher:
             if dtype_name(base) in CODE_DTYPES and dtype_name(delta) == dtype_name(base):  # baked codes
                 value = delta
             elif t in self.backend.scales:  # the kernels' formula on the grid
-                scale = self.backend.scales[t]
-                rows = ops.as_index(idx) // (ops.numel(tensors[t]) // ops.numel(scale))
-                value = ops.requantize(base, scale[rows], delta)
+                value = ops.requantize(base, self.backend.scales_at(t, idx), delta)
             else:
                 value = ops.values_at_base(base, delta)  # the kernels' formula
             ops.put(tensors[t], idx, value)

@@ -124,7 +124,7 @@ def test_cli_quantize_int8(packaged, tmp_path, capsys):
     package_main(["--base", "tiny", "--adapter", f"o={adapters['o']}", "--out", str(out), "--quantize", "int8"])
     assert "an int8 base" in capsys.readouterr().out
     rt = Runtime.load(out)
-    assert rt.adapters == ("o",) and rt.backend.scales and rt.backend.mirrors
+    assert rt.adapters == ("o",) and rt.backend.scales and set(rt.backend.u8t) == set(rt.backend.scales)
     ids = torch.randint(0, 256, (1, 8)).numpy()
     y = rt(ids)
     rt.switch("o")
@@ -184,17 +184,13 @@ def test_bad_adapters_section_is_a_bundle_error(packaged, tmp_path, edit, messag
         Runtime.load(bad)
 
 
-def raw(t: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """A weight's bytes-exact torch view (int8 codes as uint8); a bundle's numpy weights share their memory."""
-    t = as_torch(t)
-    return t.view(torch.uint8) if t.dtype == torch.int8 else t
-
-
 def test_cli_quantize_int8_packs_a_peft_shira_dir_onto_the_torch_backends_codes(packaged, tmp_path):
     """`--quantize int8` with a PEFT SHiRA directory failed (its base shapes were unknown when the adapter was
     saved) after the export had written the bundle; and the default fp16 values moved some codes to the next
     grid point, away from the torch backend's. Now: packed with fp32 values, the same codes, the same tokens."""
     from shira_runtime import SparseAdapter, quantize
+
+    from tests.exporters.test_quant_bundles import assert_same_codes
 
     _, adapters, _ = packaged
     out = tmp_path / "q"
@@ -207,8 +203,7 @@ def test_cli_quantize_int8_packs_a_peft_shira_dir_onto_the_torch_backends_codes(
     tr.add_adapter("s", adapters["s"])  # the PEFT directory itself, on the int8 torch backend
     assert rt.adapters == ("s",)
     rt.switch("s"), tr.switch("s")
-    for n, t in rt.backend.tensors.items():
-        assert torch.equal(raw(t), raw(tr.backend.tensors[n])), n
+    assert_same_codes(rt, tr)  # the bundle's transposed uint8 copies hold the torch backend's codes
     ids = torch.randint(1, 256, (1, 8), generator=torch.Generator().manual_seed(3))
     assert np.array_equal(np.asarray(rt.generate(ids.numpy(), max_new_tokens=8)), tr.generate(ids, max_new_tokens=8))
 

@@ -31,6 +31,19 @@ def raw(t: torch.Tensor | np.ndarray) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype == torch.int8 else t
 
 
+def codes_of(rt, name: str) -> torch.Tensor:
+    """The bytes of weight ``name``'s int8 codes ``[out, in]`` as a bundle holds them now: an int8 weight lives as its
+    transposed uint8 copy (code + 128, the graph's input), so its codes are ``(copy ^ 0x80).T``."""
+    t = as_torch(rt.backend.tensors[name])
+    return (t ^ 0x80).t() if name in getattr(rt.backend, "u8t", {}) else raw(t)
+
+
+def assert_same_codes(rt, tr) -> None:
+    """Every weight of bundle runtime ``rt`` holds the bytes of the torch runtime ``tr``'s."""
+    for n in rt.backend.tensors:
+        assert torch.equal(codes_of(rt, n), raw(tr.backend.tensors[n])), n
+
+
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     torch.manual_seed(0)
@@ -52,10 +65,12 @@ def test_manifest_holds_codes_and_scales(pair):
         "u8t": f"{key}::u8t",
     }
     rt = Runtime.load(bundle)
-    # the graph reads the transposed zero-point-128 copy the runtime built from the codes
-    assert torch.equal(as_torch(rt.backend.mirrors[key]), (raw(qmodel.state_dict()[key]) ^ 0x80).t())
+    # the graph reads the transposed zero-point-128 copy the runtime built from the codes: the switched tensor
+    assert torch.equal(as_torch(rt.backend.tensors[key]), (raw(qmodel.state_dict()[key]) ^ 0x80).t())
+    assert rt.backend.tensors[key] is rt.backend.arrays[f"{key}::u8t"] and key in rt.backend.transposed
+    assert set(rt.backend.scales) == set(rt.backend.u8t)
     assert set(rt.backend.scales) == {n for n, b in qmodel.state_dict().items() if b.dtype == torch.int8}
-    assert torch.equal(raw(rt.backend.tensors[key]), raw(qmodel.state_dict()[key]))
+    assert torch.equal(codes_of(rt, key), raw(qmodel.state_dict()[key]))
     assert "model.layers.0.self_attn.q_proj.weight_scale" not in rt.backend.aliases  # fixed grid, not switchable
 
 
@@ -71,8 +86,7 @@ def test_switch_on_the_bundle_writes_the_torch_backends_bytes(pair):
         w = [1.0, 0.5] if isinstance(target, list) else None
         s_bundle, s_torch = rt.switch(target, weights=w), tr.switch(target, weights=w)
         assert s_bundle.saturated == s_torch.saturated
-        for n, t in rt.backend.tensors.items():
-            assert torch.equal(raw(t), raw(tr.backend.tensors[n])), n
+        assert_same_codes(rt, tr)
         got, want = rt(IDS.numpy()), tr(IDS).numpy()
         assert np.abs(got - want).max() <= 3e-2 * np.abs(want).max()  # 8-bit activations, per token
         assert not np.array_equal(got, y_base)  # the live session saw the switch
@@ -81,31 +95,32 @@ def test_switch_on_the_bundle_writes_the_torch_backends_bytes(pair):
     assert np.array_equal(rt(IDS.numpy()), y_base)
 
 
-def assert_mirrors_follow(rt):
-    for n, m in rt.backend.mirrors.items():  # the graph's uint8 [in, out] input: code ^ 0x80, transposed
-        assert torch.equal(as_torch(m), (raw(rt.backend.tensors[n]) ^ 0x80).t()), n
-
-
 @pytest.mark.usefixtures("kernel_path")
-def test_the_graphs_transposed_copy_follows_every_switch(pair, monkeypatch):
-    """Both kernel paths write the uint8 copy the graph reads beside the codes; a switch that fails after the
-    kernel wrote (injected in after_write) leaves codes, copy and outputs as they were."""
+def test_the_graphs_transposed_copy_is_the_switched_storage(pair, monkeypatch):
+    """Both kernel paths switch the uint8 copy the graph reads, in place, as the torch backend switches the codes
+    (``assert_same_codes``); the codes (read by no node) are never written; nothing keeps a second copy or a
+    mirror order. A switch that fails after the kernel wrote (injected in after_write) leaves the copies and
+    outputs as they were."""
     from shira_runtime.onnx_backend import OnnxBackend
 
-    _, bundle, adapters = pair
-    rt = Runtime.load(bundle)
-    assert len(rt.backend.mirrors) == len(rt.backend.scales) > 0
-    for n, a in adapters.items():
-        rt.add_adapter(n, a)
-    for n in adapters:  # every mirrored tensor of an adapter has its mirror order (the kernels' second pass)
-        prep = rt._bank[n]
-        assert set(prep.orders) == set(prep.sparse) & set(rt.backend.mirrors) != set(), n
+    qmodel, bundle, adapters = pair
+    rt, tr = Runtime.load(bundle), Runtime.load(copy.deepcopy(qmodel))
+    codes_key = {n: Manifest.read(bundle).parameters[n]["onnx"] for n in rt.backend.u8t}
+    codes_before = {n: rt.backend.arrays[k].copy() for n, k in codes_key.items()}
+    for r in (rt, tr):
+        for n, a in adapters.items():
+            r.add_adapter(n, a)
+    for n in adapters:
+        assert not rt._bank[n].orders and set(rt._bank[n].sparse) & set(rt.backend.u8t), n
     for target, w in (("a1", None), ("a2", None), (["a1", "a2"], [1.0, -0.5]), (None, None), ("a2", None)):
         rt.switch(target, weights=w)
-        assert_mirrors_follow(rt)
-        plan = rt._switcher.plan  # a fused plan's union has its own
-        assert set(plan.orders) == set(plan.sparse) & set(rt.backend.mirrors)
-    before = {n: as_torch(m).clone() for n, m in rt.backend.mirrors.items()}
+        tr.switch(target, weights=w)
+        assert_same_codes(rt, tr)
+        assert not rt._switcher.plan.orders
+        for n, k in codes_key.items():
+            assert rt.backend.tensors[n] is rt.backend.arrays[f"{n}::u8t"]  # written in place, the graph's input
+            assert np.array_equal(rt.backend.arrays[k], codes_before[n]), n
+    before = {n: as_torch(rt.backend.tensors[n]).clone() for n in rt.backend.u8t}
     y = rt(IDS.numpy())
 
     def boom(self, *args):
@@ -115,8 +130,8 @@ def test_the_graphs_transposed_copy_follows_every_switch(pair, monkeypatch):
     with pytest.raises(RuntimeError, match="injected"):
         rt.switch(["a1", "a2"], weights=[0.5, 1.0])
     monkeypatch.undo()
-    assert all(torch.equal(as_torch(m), before[n]) for n, m in rt.backend.mirrors.items())
-    assert_mirrors_follow(rt)
+    assert all(torch.equal(as_torch(rt.backend.tensors[n]), b) for n, b in before.items())
+    assert_same_codes(rt, tr)
     assert np.array_equal(rt(IDS.numpy()), y)
 
 
@@ -133,7 +148,7 @@ def test_a_bundle_of_the_first_form_still_loads_and_switches(pair, tmp_path, mon
     key = "model.layers.0.self_attn.q_proj.weight"
     assert "u8t" not in Manifest.read(old).parameters[key]["quant"]
     rt, tr = Runtime.load(old), Runtime.load(copy.deepcopy(qmodel))
-    assert rt.backend.mirrors == {}
+    assert rt.backend.u8t == {} and not rt.backend.transposed
     y_base = rt(IDS.numpy())
     for r in (rt, tr):
         r.add_adapter("a1", adapters["a1"])
@@ -266,8 +281,7 @@ def test_peft_shira_on_a_quantized_transformers_llama_bundle(tmp_path):
     for r in (rt, tr):
         r.add_adapter("peft", str(tmp_path / "adapter"))
         r.switch("peft")
-    for n, t in rt.backend.tensors.items():
-        assert torch.equal(raw(t), raw(tr.backend.tensors[n])), n
+    assert_same_codes(rt, tr)
     prompt = X[:1]
     got = rt.generate(prompt.numpy(), max_new_tokens=8)
     want = tr.generate(prompt, max_new_tokens=8)
@@ -287,8 +301,7 @@ def test_package_an_int8_base_with_adapters_made_on_the_float_model(pair, tmp_pa
     assert rt.adapters == ("a1",)
     tr.add_adapter("a1", adapters["a1"])
     rt.switch("a1"), tr.switch("a1")
-    for n, t in rt.backend.tensors.items():  # packaged as fp32 values by default: the torch backend's codes
-        assert torch.equal(raw(t), raw(tr.backend.tensors[n])), n
+    assert_same_codes(rt, tr)  # packaged as fp32 values by default: the torch backend's codes
 
 
 def test_package_of_an_fp8_base_refused_before_anything_is_written(pair, tmp_path):
@@ -354,14 +367,14 @@ def test_the_live_probe_skips_codes_no_node_reads(pair, monkeypatch):
     monkeypatch.setattr(onnx_backend, "_probe_order", lambda arrays: seen.append(set(arrays)) or real(arrays))
     rt = Runtime.load(bundle)
     rt.backend.check_live()
-    codes = {Manifest.read(bundle).parameters[n]["onnx"] for n in rt.backend.mirrors}
+    codes = {Manifest.read(bundle).parameters[n]["onnx"] for n in rt.backend.u8t}
     assert seen and codes and not (codes & seen[-1])
-    assert {f"{n}::u8t" for n in rt.backend.mirrors} <= seen[-1]  # the copies the graph reads are probed
+    assert {f"{n}::u8t" for n in rt.backend.u8t} <= seen[-1]  # the copies the graph reads are probed
 
 
-def test_bank_bytes_count_the_mirror_orders(pair):
-    """What a replica keeps per adapter (``serve.bank_bytes``) counts each int8 weight's mirror order beside the
-    indices and deltas: 12 bytes per nonzero on the mirrored tensors, 8 elsewhere (int32 indices here)."""
+def test_bank_bytes_on_an_int8_bundle(pair):
+    """What a replica keeps per adapter (``serve.bank_bytes``) on an int8 bundle: indices, deltas and runs, 8 bytes
+    per nonzero with int32 indices; the copies are switched directly, so no mirror order is kept."""
     from shira_runtime.serve import bank_bytes
 
     _, bundle, adapters = pair
@@ -369,9 +382,7 @@ def test_bank_bytes_count_the_mirror_orders(pair):
     rt.add_adapter("a1", adapters["a1"])
     rt.switch("a1")  # read and registered
     prep = rt._bank["a1"]
+    assert not prep.orders and set(prep.sparse) & set(rt.backend.u8t)
     want = sum(i.nbytes + d.nbytes for i, d in prep.sparse.values())
-    want += sum(r.nbytes for r in prep.runs.values())
-    mirrored = sum(prep.sparse[t][0].size for t in prep.orders)
-    assert mirrored > 0 and all(o.dtype == prep.sparse[t][0].dtype for t, o in prep.orders.items())
-    assert bank_bytes(rt)["a1"] == want + sum(o.nbytes for o in prep.orders.values())
-    assert sum(o.nbytes for o in prep.orders.values()) == mirrored * prep.sparse[next(iter(prep.orders))][0].itemsize
+    assert bank_bytes(rt)["a1"] == want + sum(r.nbytes for r in prep.runs.values())
+    assert want == 8 * sum(i.size for i, _ in prep.sparse.values())

@@ -38,8 +38,6 @@ def weights_digest(rt):
     h = hashlib.sha256()
     for name in sorted(rt.backend.tensors):
         h.update(np.ascontiguousarray(rt.backend.tensors[name]).view(np.uint8).tobytes())
-    for name in sorted(rt.backend.mirrors):
-        h.update(np.ascontiguousarray(rt.backend.mirrors[name]).tobytes())
     return h.hexdigest()
 
 for b, job in enumerate(spec):
