@@ -386,3 +386,35 @@ def test_bank_bytes_on_an_int8_bundle(pair):
     want = sum(i.nbytes + d.nbytes for i, d in prep.sparse.values())
     assert bank_bytes(rt)["a1"] == want + sum(r.nbytes for r in prep.runs.values())
     assert want == 8 * sum(i.size for i, _ in prep.sparse.values())
+
+
+@pytest.mark.usefixtures("kernel_path")
+def test_codes_baked_for_the_int8_base_switch_the_bundles_copies(pair, monkeypatch):
+    """An adapter of codes baked on the torch model (``bake``, int8 codes at the codes' indices) switches the
+    bundle's transposed copies to the torch backend's codes, bit for bit; baked for another base it is refused
+    before any write; a switch to it that fails after the kernel wrote leaves the copies as they were."""
+    from shira_runtime.errors import BaseMismatchError
+    from shira_runtime.onnx_backend import OnnxBackend
+    from shira_runtime.quantization import bake
+
+    qmodel, bundle, adapters = pair
+    rt, tr = Runtime.load(bundle), Runtime.load(copy.deepcopy(qmodel))
+    rt.add_adapter("c", bake(adapters["a1"], copy.deepcopy(qmodel)))
+    tr.add_adapter("a1", adapters["a1"])
+    base = {n: as_torch(t).clone() for n, t in rt.backend.tensors.items()}
+    rt.switch("c"), tr.switch("a1")
+    assert_same_codes(rt, tr)
+    rt.switch(None)
+    assert all(torch.equal(as_torch(t), base[n]) for n, t in rt.backend.tensors.items())
+
+    monkeypatch.setattr(OnnxBackend, "after_write", lambda self, *a: (_ for _ in ()).throw(RuntimeError("injected")))
+    with pytest.raises(RuntimeError, match="injected"):
+        rt.switch("c")
+    monkeypatch.undo()
+    assert all(torch.equal(as_torch(t), base[n]) for n, t in rt.backend.tensors.items())
+
+    other = quantize(build("tiny", torch.float32, seed=9), "int8")
+    with pytest.raises(BaseMismatchError, match="baked for another quantized base"):
+        rt.add_adapter("wrong", bake(adapters["a1"], other))
+        rt.switch("wrong")
+    assert all(torch.equal(as_torch(t), base[n]) for n, t in rt.backend.tensors.items())
