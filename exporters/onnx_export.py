@@ -217,6 +217,7 @@ def _export(
 
     arrays, params = {}, {}
     graph_inputs = {v.name for v in model.graph.input}
+    elem = {v.name: v.type.tensor_type.elem_type for v in model.graph.input}
     for name, t in names.items():
         canon = canonical[name]
         if canon not in storage:
@@ -228,12 +229,17 @@ def _export(
         params[name] = {"onnx": canon, "layout": layout, "shape": list(t.shape), "dtype": TORCH[t.dtype].numpy}
         if canon in quant:  # int8 codes and their fp32 scales, both live inputs (shira_runtime.exporters.quant_graph)
             layer, scale_key = quant[canon], scale_name(canon)
-            arrays[canon] = np.ascontiguousarray(layer.weight.detach().cpu().numpy())
+            codes = layer.weight.detach().cpu().numpy()
             arrays[scale_key] = np.ascontiguousarray(layer.weight_scale.detach().cpu().numpy())
             entry = {"format": "int8", "scale": scale_key}
-            if u8t_name(canon) in graph_inputs:  # the graph reads the transposed copy the runtime builds
-                entry["u8t"] = u8t_name(canon)
-            params[name] |= {"dtype": "int8", "quant": entry}
+            if elem[canon] == onnx.TensorProto.UINT8:  # the graph reads the copy itself: the bundle stores it
+                arrays[canon] = np.ascontiguousarray((codes.view(np.uint8) ^ np.uint8(0x80)).T)
+                params[name] |= {"dtype": "uint8", "layout": "transposed", "quant": entry}
+            else:  # the codes: the graph reads them (s8s8) or a copy the runtime builds from them (u8t)
+                arrays[canon] = np.ascontiguousarray(codes)
+                if u8t_name(canon) in graph_inputs:
+                    entry["u8t"] = u8t_name(canon)
+                params[name] |= {"dtype": "int8", "quant": entry}
             params[scale_key] = {"onnx": scale_key, "layout": "identity", "shape": [t.shape[0]], "dtype": "float32"}
     unused = sorted(n for n in names if canonical[n] not in storage)
     if unused:

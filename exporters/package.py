@@ -117,9 +117,9 @@ def package(
             values = "fp32" if quantized else "fp16"
         if quantized:
             say(
-                "an int8 base: the bundle keeps 2 bytes per weight (the codes and the graph's transposed uint8 copy) "
-                "and switches live; on the CPU we measured it infers at the fp32 bundle's speed but switches "
-                "several times slower than the torch backend, which writes the codes alone (README, "
+                "an int8 base: the bundle keeps 1 byte per weight (the transposed uint8 copy the graph reads, "
+                "mapped from the file) and switches it live, as fast as the torch backend switches its codes; on "
+                "the CPU we measured it infers at the fp32 bundle's speed (docs/quantized.md, "
                 "benchmarks.switch_latency)"
             )
         out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -84,12 +84,14 @@ def u8t_name(key: str) -> str:
     return f"{key}::u8t"
 
 
-def rewrite_int8(model: onnx.ModelProto, quant: dict[str, QuantLinear], form: str = "u8t16") -> None:
-    """In place: every use of a quantized weight input becomes the int8 chain of the module doc; the weight input
-    turns int8 ``[out, in]``, and its scale ``<module>.weight_scale`` fp32 ``[out]`` and its transposed copy
-    ``<key>::u8t`` uint8 ``[in, out]`` join the inputs. ``form``: ``"u8t16"`` (the default) two-byte activations,
-    ``"u8t"`` one-byte activations over the same copy (the form before, off by up to 18% of the logits on a real
-    model), ``"s8s8"`` the first form (no copy; tests use it to build the bundles earlier versions wrote)."""
+def rewrite_int8(model: onnx.ModelProto, quant: dict[str, QuantLinear], form: str = "copy16") -> None:
+    """In place: every use of a quantized weight input becomes the int8 chain of the module doc, and its scale
+    ``<module>.weight_scale`` fp32 ``[out]`` joins the inputs. ``form``: ``"copy16"`` (the default) two-byte
+    activations over the weight input itself, which turns uint8 ``[in, out]`` (``U``: the bundle stores the copy,
+    not the codes); ``"u8t16"`` the same chain over a copy ``<key>::u8t`` uint8 ``[in, out]`` the runtime builds
+    from the weight input, which turns int8 ``[out, in]`` (the form before); ``"u8t"`` one-byte activations over
+    that copy (off by up to 18% of the logits on a real model); ``"s8s8"`` the first form (the codes as the GEMM's
+    A, no copy). Tests use the older forms to build the bundles earlier versions wrote."""
     if form not in FORMS:
         raise ValueError(f"int8 form must be one of {FORMS}, got {form!r}")
     graph = model.graph
@@ -102,7 +104,7 @@ def rewrite_int8(model: onnx.ModelProto, quant: dict[str, QuantLinear], form: st
             consumers.setdefault(x, []).append(n)
     elem = {v.name: v.type.tensor_type.elem_type for v in graph.input}
     drop, replace = set(), {}  # ids of nodes removed; id(node) -> list of new nodes
-    consts = constants(form)
+    consts = constants("u8t16" if form == "copy16" else form)
     new_inputs = []
     for count, (key, layer) in enumerate(quant.items()):
         if key not in elem:
@@ -110,7 +112,8 @@ def rewrite_int8(model: onnx.ModelProto, quant: dict[str, QuantLinear], form: st
         float_type = elem[key]
         out_f, in_f = layer.out_features, layer.in_features
         scale_key = scale_name(key)
-        w_in = u8t_name(key) if form != "s8s8" else key  # what the chains read
+        w_in = u8t_name(key) if form in ("u8t16", "u8t") else key  # what the chains read
+        math = "u8t16" if form == "copy16" else form
         for use in consumers.get(key, []):
             p = f"q8::{count}"
             if use.op_type == "Transpose" and _perm(use) in (None, [1, 0]):
@@ -120,11 +123,11 @@ def rewrite_int8(model: onnx.ModelProto, quant: dict[str, QuantLinear], form: st
                 drop.add(id(use))
                 for j, m in enumerate(mms):
                     replace[id(m)] = _chain(
-                        f"{p}.{j}", m.input[0], w_in, scale_key, out_f, in_f, m.output[0], float_type, opset, form
+                        f"{p}.{j}", m.input[0], w_in, scale_key, out_f, in_f, m.output[0], float_type, opset, math
                     )
             elif use.op_type == "Gemm" and use.input[1] == key and _gemm_plain(use):
                 y = use.output[0] if len(use.input) < 3 else f"{p}::nobias"
-                nodes = _chain(p, use.input[0], w_in, scale_key, out_f, in_f, y, float_type, opset, form)
+                nodes = _chain(p, use.input[0], w_in, scale_key, out_f, in_f, y, float_type, opset, math)
                 if len(use.input) >= 3:
                     nodes.append(helper.make_node("Add", [y, use.input[2]], [use.output[0]]))
                 replace[id(use)] = nodes
@@ -134,11 +137,12 @@ def rewrite_int8(model: onnx.ModelProto, quant: dict[str, QuantLinear], form: st
                     f"(MatMul of its transpose, or Gemm with transB=1) can read int8 codes"
                 )
         new_inputs.append(helper.make_tensor_value_info(scale_key, TensorProto.FLOAT, [out_f]))
-        if form != "s8s8":
+        if form in ("u8t16", "u8t"):
             new_inputs.append(helper.make_tensor_value_info(u8t_name(key), TensorProto.UINT8, [in_f, out_f]))
         for v in graph.input:
             if v.name == key:
-                v.CopyFrom(helper.make_tensor_value_info(key, TensorProto.INT8, [out_f, in_f]))
+                stored = (TensorProto.UINT8, [in_f, out_f]) if form == "copy16" else (TensorProto.INT8, [out_f, in_f])
+                v.CopyFrom(helper.make_tensor_value_info(key, *stored))
     nodes = []
     for n in graph.node:
         if id(n) in drop:
@@ -151,7 +155,7 @@ def rewrite_int8(model: onnx.ModelProto, quant: dict[str, QuantLinear], form: st
     graph.initializer.extend(c for name, c in consts.items() if name in read)
 
 
-FORMS = ("u8t16", "u8t", "s8s8")
+FORMS = ("copy16", "u8t16", "u8t", "s8s8")
 ACT_LIMIT16 = 16383  # two-byte activations: |round(x / xs)| <= 2^14 - 1, split into hi * 256 + lo
 
 

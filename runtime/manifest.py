@@ -340,14 +340,19 @@ def _check_parameter(path: Path, name: str, p: Any) -> None:
         ok = isinstance(quant, dict) and quant.get("format") == "int8" and isinstance(quant.get("scale"), str)
         ok = ok and set(quant) <= {"format", "scale", "u8t"}
         ok = ok and ("u8t" not in quant or (isinstance(quant["u8t"], str) and bool(quant["u8t"])))
-        if not ok or p.get("dtype") != "int8" or p.get("layout") != "identity":
+        codes = p.get("dtype") == "int8" and p.get("layout") == "identity"
+        copy = p.get("dtype") == "uint8" and p.get("layout") == "transposed" and "u8t" not in quant
+        if not ok or not (codes or copy):
             raise BundleError(
                 f"{where}: quant {quant!r} with dtype {p.get('dtype')!r}, layout {p.get('layout')!r}: a quantized "
                 f"weight is int8 codes in the identity layout with {{'format': 'int8', 'scale': <parameter>}} "
-                f"and optionally 'u8t': <graph input>"
+                f"and optionally 'u8t': <graph input>, or their transposed uint8 copy (code + 128) in the "
+                f"transposed layout with {{'format': 'int8', 'scale': <parameter>}}"
             )
-    elif p.get("dtype") == "int8":
-        raise BundleError(f"{where}: dtype 'int8' (quantized codes) without their 'quant' entry (format and scale)")
+    elif p.get("dtype") in ("int8", "uint8"):
+        raise BundleError(
+            f"{where}: dtype {p['dtype']!r} (quantized codes) without their 'quant' entry (format and scale)"
+        )
     elif not isinstance(p.get("dtype"), str) or p["dtype"] not in NUMPY or NUMPY[p["dtype"]].short not in BUNDLE:
         raise BundleError(f"{where}: dtype {p.get('dtype')!r}, expected one of {[SHORT[d].numpy for d in BUNDLE]}")
     shape = p.get("shape")

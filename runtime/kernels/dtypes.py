@@ -37,8 +37,9 @@ TABLE: tuple[DType, ...] = (
 )
 SHORT = {d.short: d for d in TABLE}
 # 1-byte codes of a quantized base held by a bundle (int8 only: onnxruntime's CPU provider has no FP8 matmul);
-# never a FLOAT: the switch writes them on their grid (``backend.scales``), not as values
-CODES: tuple[DType, ...] = (DType("int8", "int8", "int8", "I8", 3, 1),)
+# never a FLOAT: the switch writes them on their grid (``backend.scales``), not as values. uint8: those int8 codes
+# + 128 stored transposed (the copy an int8 bundle's graph reads; the kernels' uint8 weights)
+CODES: tuple[DType, ...] = (DType("int8", "int8", "int8", "I8", 3, 1), DType("uint8", "uint8", "uint8", "U8", 2, 1))
 NUMPY = {d.numpy: d for d in TABLE + CODES if d.numpy}
 
 

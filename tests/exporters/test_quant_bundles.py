@@ -35,7 +35,7 @@ def codes_of(rt, name: str) -> torch.Tensor:
     """The bytes of weight ``name``'s int8 codes ``[out, in]`` as a bundle holds them now: an int8 weight lives as its
     transposed uint8 copy (code + 128, the graph's input), so its codes are ``(copy ^ 0x80).T``."""
     t = as_torch(rt.backend.tensors[name])
-    return (t ^ 0x80).t() if name in getattr(rt.backend, "u8t", {}) else raw(t)
+    return (t ^ 0x80).t() if t.dtype == torch.uint8 else raw(t)
 
 
 def assert_same_codes(rt, tr) -> None:
@@ -54,9 +54,46 @@ def pair(tmp_path_factory):
     return qmodel, bundle, adapters
 
 
-def test_manifest_holds_codes_and_scales(pair):
+@pytest.fixture(scope="module")
+def u8t_bundle(pair, tmp_path_factory):
+    """The int8 bundle as the exporter wrote it before the copy was stored (form ``u8t16``): int8 codes in the file,
+    and a ``u8t`` graph input the runtime builds from them at load."""
+    import shira_runtime.exporters.onnx_export as onnx_export
+    from shira_runtime.exporters.quant_graph import rewrite_int8
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(onnx_export, "rewrite_int8", lambda m, q: rewrite_int8(m, q, form="u8t16"))
+        return export_onnx(pair[0], (IDS,), tmp_path_factory.mktemp("u8t") / "bundle")
+
+
+def test_manifest_holds_the_copy_and_scales(pair):
+    """The bundle stores each int8 weight as the transposed zero-point-128 copy the graph reads (uint8 ``[in,
+    out]``, layout ``transposed``), mapped from the file like every weight: nothing is built at load."""
     qmodel, bundle, _ = pair
     m = Manifest.read(bundle)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert m.parameters[key] == {
+        "onnx": key,
+        "layout": "transposed",
+        "shape": list(qmodel.state_dict()[key].shape),
+        "dtype": "uint8",
+        "quant": {"format": "int8", "scale": "model.layers.0.self_attn.q_proj.weight_scale"},
+    }
+    assert m.mirrors() == {}
+    rt = Runtime.load(bundle)
+    assert torch.equal(as_torch(rt.backend.tensors[key]), (raw(qmodel.state_dict()[key]) ^ 0x80).t())
+    assert rt.backend.tensors[key] is rt.backend.arrays[key] and key in rt.backend.transposed
+    assert rt.backend.mapped and rt.backend.u8t == {}
+    assert set(rt.backend.scales) == {n for n, b in qmodel.state_dict().items() if b.dtype == torch.int8}
+    assert torch.equal(codes_of(rt, key), raw(qmodel.state_dict()[key]))
+    assert "model.layers.0.self_attn.q_proj.weight_scale" not in rt.backend.aliases  # fixed grid, not switchable
+
+
+def test_a_bundle_of_the_u8t_form_holds_codes_and_builds_the_copy(pair, u8t_bundle):
+    """Bundles exported before the copy was stored: int8 codes with a ``u8t`` entry; the runtime builds the copy
+    at load, binds it, and switches it (the codes, read by no node, stay as the file has them)."""
+    qmodel, _, _ = pair
+    m = Manifest.read(u8t_bundle)
     key = "model.layers.0.self_attn.q_proj.weight"
     assert m.parameters[key]["dtype"] == "int8"
     assert m.parameters[key]["quant"] == {
@@ -64,12 +101,10 @@ def test_manifest_holds_codes_and_scales(pair):
         "scale": "model.layers.0.self_attn.q_proj.weight_scale",
         "u8t": f"{key}::u8t",
     }
-    rt = Runtime.load(bundle)
-    # the graph reads the transposed zero-point-128 copy the runtime built from the codes: the switched tensor
+    rt = Runtime.load(u8t_bundle)
     assert torch.equal(as_torch(rt.backend.tensors[key]), (raw(qmodel.state_dict()[key]) ^ 0x80).t())
     assert rt.backend.tensors[key] is rt.backend.arrays[f"{key}::u8t"] and key in rt.backend.transposed
     assert set(rt.backend.scales) == set(rt.backend.u8t)
-    assert set(rt.backend.scales) == {n for n, b in qmodel.state_dict().items() if b.dtype == torch.int8}
     assert torch.equal(codes_of(rt, key), raw(qmodel.state_dict()[key]))
     assert "model.layers.0.self_attn.q_proj.weight_scale" not in rt.backend.aliases  # fixed grid, not switchable
 
@@ -96,31 +131,37 @@ def test_switch_on_the_bundle_writes_the_torch_backends_bytes(pair):
 
 
 @pytest.mark.usefixtures("kernel_path")
-def test_the_graphs_transposed_copy_is_the_switched_storage(pair, monkeypatch):
+@pytest.mark.parametrize("form", ["stored", "u8t"])
+def test_the_graphs_transposed_copy_is_the_switched_storage(request, pair, form, monkeypatch):
     """Both kernel paths switch the uint8 copy the graph reads, in place, as the torch backend switches the codes
-    (``assert_same_codes``); the codes (read by no node) are never written; nothing keeps a second copy or a
-    mirror order. A switch that fails after the kernel wrote (injected in after_write) leaves the copies and
-    outputs as they were."""
+    (``assert_same_codes``), whether the bundle stores the copy or (the ``u8t`` form) the codes, which are then
+    never written; nothing keeps a second copy or a mirror order. A switch that fails after the kernel wrote
+    (injected in after_write) leaves the copies and outputs as they were."""
     from shira_runtime.onnx_backend import OnnxBackend
 
     qmodel, bundle, adapters = pair
+    bundle = bundle if form == "stored" else request.getfixturevalue("u8t_bundle")
     rt, tr = Runtime.load(bundle), Runtime.load(copy.deepcopy(qmodel))
-    codes_key = {n: Manifest.read(bundle).parameters[n]["onnx"] for n in rt.backend.u8t}
-    codes_before = {n: rt.backend.arrays[k].copy() for n, k in codes_key.items()}
+    quantized = set(rt.backend.scales)
+    assert quantized and all(rt.backend.tensors[n].dtype == np.uint8 for n in quantized)
+    onnx_of = {n: Manifest.read(bundle).parameters[n]["onnx"] for n in quantized}
+    graph_input = {n: f"{n}::u8t" if form == "u8t" else onnx_of[n] for n in quantized}
+    codes_before = {n: rt.backend.arrays[onnx_of[n]].copy() for n in rt.backend.u8t}
     for r in (rt, tr):
         for n, a in adapters.items():
             r.add_adapter(n, a)
     for n in adapters:
-        assert not rt._bank[n].orders and set(rt._bank[n].sparse) & set(rt.backend.u8t), n
+        assert not rt._bank[n].orders and set(rt._bank[n].sparse) & quantized, n
     for target, w in (("a1", None), ("a2", None), (["a1", "a2"], [1.0, -0.5]), (None, None), ("a2", None)):
         rt.switch(target, weights=w)
         tr.switch(target, weights=w)
         assert_same_codes(rt, tr)
         assert not rt._switcher.plan.orders
-        for n, k in codes_key.items():
-            assert rt.backend.tensors[n] is rt.backend.arrays[f"{n}::u8t"]  # written in place, the graph's input
-            assert np.array_equal(rt.backend.arrays[k], codes_before[n]), n
-    before = {n: as_torch(rt.backend.tensors[n]).clone() for n in rt.backend.u8t}
+        for n in quantized:
+            assert rt.backend.tensors[n] is rt.backend.arrays[graph_input[n]]  # written in place, the graph's input
+        for n, b in codes_before.items():
+            assert np.array_equal(rt.backend.arrays[onnx_of[n]], b), n
+    before = {n: as_torch(rt.backend.tensors[n]).clone() for n in quantized}
     y = rt(IDS.numpy())
 
     def boom(self, *args):
@@ -214,13 +255,18 @@ def test_export_leaves_the_quantized_module_as_it_was(pair):
         (lambda p, k: p[k]["quant"].update(scale="model.embed_tokens.weight"), "is not a float32"),
         (lambda p, k: p[k]["quant"].update(u8t=7), "a quantized weight is int8 codes"),
         (lambda p, k: p[k]["quant"].update(extra=1), "a quantized weight is int8 codes"),
-        (lambda p, k: p[k]["quant"].update(u8t="model.embed_tokens.weight"), "its u8t input .* another tensor's"),
-        (lambda p, k: p[k]["quant"].update(u8t=k.replace("q_proj", "k_proj") + "::u8t"), "another tensor's name"),
-        (lambda p, k: p[k]["quant"].update(u8t="elsewhere"), r"graph inputs do not match the manifest"),
+        (lambda p, k: p[k].update(dtype="int8"), "a quantized weight is int8 codes"),
+        (lambda p, k: p[k].update(layout="identity"), "a quantized weight is int8 codes"),
+        (lambda p, k: p[k].update(dtype="float32"), "a quantized weight is int8 codes"),
+        (lambda p, k: p[k]["quant"].update(u8t="model.embed_tokens.weight"), "u8t: its u8t input .* another tensor's"),
+        (lambda p, k: p[k]["quant"].update(u8t=k.replace("q_proj", "k_proj") + "::u8t"), "u8t: another tensor's"),
+        (lambda p, k: p[k]["quant"].update(u8t="elsewhere"), r"u8t: graph inputs do not match the manifest"),
     ],
 )
-def test_malformed_quant_entries_refused(pair, tmp_path, edit, message):
-    _, bundle, _ = pair
+def test_malformed_quant_entries_refused(request, pair, tmp_path, edit, message):
+    bundle = pair[1]
+    if message.startswith("u8t: "):  # the u8t form's own entry
+        bundle, message = request.getfixturevalue("u8t_bundle"), message.removeprefix("u8t: ")
     path = bundle / "manifest.json"
     m = json.loads(path.read_text())
     edit(m["parameters"], "model.layers.0.self_attn.q_proj.weight")
@@ -356,12 +402,12 @@ def test_two_byte_activations_keep_a_linear_with_outlier_channels_exact(tokens):
     assert errs["u8t"] > 1e-2, errs  # why the exporter moved to two bytes
 
 
-def test_the_live_probe_skips_codes_no_node_reads(pair, monkeypatch):
+def test_the_live_probe_skips_codes_no_node_reads(u8t_bundle, monkeypatch):
     """An int8 weight's graph reads its transposed copy, not the codes: the liveness probe writes the copies (and
     float weights), never the codes, so it does not pay one run per quantized layer before it finds a live one."""
     from shira_runtime import onnx_backend
 
-    _, bundle, _ = pair
+    bundle = u8t_bundle
     seen = []
     real = onnx_backend._probe_order
     monkeypatch.setattr(onnx_backend, "_probe_order", lambda arrays: seen.append(set(arrays)) or real(arrays))
@@ -382,7 +428,7 @@ def test_bank_bytes_on_an_int8_bundle(pair):
     rt.add_adapter("a1", adapters["a1"])
     rt.switch("a1")  # read and registered
     prep = rt._bank["a1"]
-    assert not prep.orders and set(prep.sparse) & set(rt.backend.u8t)
+    assert not prep.orders and set(prep.sparse) & set(rt.backend.scales)
     want = sum(i.nbytes + d.nbytes for i, d in prep.sparse.values())
     assert bank_bytes(rt)["a1"] == want + sum(r.nbytes for r in prep.runs.values())
     assert want == 8 * sum(i.size for i, _ in prep.sparse.values())
