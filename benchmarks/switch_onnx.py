@@ -88,7 +88,7 @@ def onnx_rows(cfg: Config, dtype: str, ctx: dict, workdir: Path, noise: dict) ->
     rt.switch(None)
     note = "switched in the live session"
     floor, nbytes = ctx["floor"], ctx["shira_bytes"]
-    if rt.backend.u8t:  # an int8 bundle: the switch writes the graph's transposed uint8 copies, not the codes
+    if rt.backend.scales:  # an int8 bundle: the switch writes the graph's transposed uint8 copies, not the codes
         floor = memory_floor_ms(storage_lines(rt, (ctx["shira_a"], ctx["shira_b"])), ctx["copy_gbps"])
         note += " (the graph's transposed uint8 copies)"
     shira = Row.of("shira", "onnxruntime/live", dtype, t, nbytes, note, None, floor)

@@ -96,10 +96,12 @@ class OnnxBackend(Backend):
                 if name in scale_of:
                     self.scales[name] = arrays[params[scale_of[name]]["onnx"]]
                     check_scales(name, self.scales[name], BundleError, f"{bundle / manifest.weights}: ")
-        # An int8 weight's graph reads its transposed uint8 copy (shira_runtime.exporters.quant_graph), built here
-        # from the codes and bound like every weight. The copy IS the switched tensor: a uint8 weight of the kernels
-        # (code + 128, per-column scales) stored transposed, so adapters' indices map to it as for any transposed
-        # weight. The codes stay a graph input that no node reads: never written, their pages go back at load.
+        # An int8 weight's graph reads its transposed uint8 copy (shira_runtime.exporters.quant_graph), which is the
+        # switched tensor: a uint8 weight of the kernels (code + 128, per-column scales) stored transposed, so
+        # adapters' indices map to it as for any transposed weight. Bundles store it (dtype uint8, layout
+        # transposed: mapped like every weight). Bundles of the u8t form store the codes instead: the copy is built
+        # here and bound like every weight; the codes stay a graph input that no node reads, never written, and
+        # their pages go back at load.
         by_onnx = {params[n]["onnx"]: n for n in self.tensors}
         self.u8t: dict[str, str] = {}  # canonical name of an int8 weight -> the graph input of its copy
         for u8t, (codes, _) in manifest.mirrors().items():

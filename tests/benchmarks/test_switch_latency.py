@@ -236,9 +236,9 @@ def test_quantized_dtypes_rows(tmp_path, capsys):
             assert any(line.startswith(f"{what} for {fmt}: ") for line in data["skipped"])
     assert "onnxruntime rows for fp8_e4m3: bundles hold int8 bases only" in "\n".join(data["skipped"])
     assert any(line.startswith("lora_fused onnxruntime/rebuild for int8: ") for line in data["skipped"])
-    live = rows[("shira", "onnxruntime/live", "int8", "rand")]  # the same codes, and the graph's transposed copy
-    assert live["switch_ms"] > 0 and live["floor_ms"] > rows[("shira", fast, "int8", "rand")]["floor_ms"]
-    assert live["bytes_written"] == 2 * rows[("shira", fast, "int8", "rand")]["bytes_written"]
+    live = rows[("shira", "onnxruntime/live", "int8", "rand")]  # the graph's transposed copies, not the codes
+    assert live["switch_ms"] > 0 and live["floor_ms"] > 0 and "transposed uint8 copies" in live["note"]
+    assert live["bytes_written"] == rows[("shira", fast, "int8", "rand")]["bytes_written"]
     assert rows[("lora_unfused", "onnxruntime/slots", "int8", None)]["infer_overhead"] > 0
     assert data["live_vs_prepacked_by_dtype"]["int8"]["decode_step"] > 0
     # the same adapters on two 1-byte formats: the same code bytes; FP8 also writes its bf16 compute copy beside
