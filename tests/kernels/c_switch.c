@@ -3,6 +3,9 @@
  * Applies an adapter to an fp32 weight and to int8 codes (per-row scales, transposed uint8 mirror), writes the
  * bytes, reverts with shira_switch (the mirror in its second pass, given the entries' mirror order), writes them
  * again, and checks that an out-of-range index and a mirror order out of order are refused with nothing written. tests/kernels/test_core_numpy.py builds the same inputs in numpy and compares the bytes.
+ * Then switches the transposed copy itself as a uint8 weight (SHIRA_U8: code + 128, per-column scales, at the
+ * entries' transposed positions, as an int8 bundle does) and checks it against the mirror, the revert exact, and
+ * scales that do not divide it into columns refused with nothing written.
  * Output (stdout, binary): w, saved, q, q_saved, mirror, saturated[2], then w, q, mirror after the revert.
  */
 #include <stdint.h>
@@ -17,7 +20,9 @@ enum { R = 33, C = 64, N = R * C, K = N / 7 - 1 };
 static float w[N], w0[N], delta[K], saved[K], qdelta[K], scales[R];
 static int8_t q[N], q0[N], qsaved[K];
 static uint8_t mirror[C * R], mirror0[C * R];
-static int32_t idx[K], order[K];
+static int32_t idx[K], order[K], tidx[K];
+static uint8_t u[C * R], usaved[K];
+static float udelta[K];
 
 static int64_t tpos(int32_t j) { return (int64_t)(j % C) * R + j / C; } /* j's place in the [C][R] mirror */
 
@@ -51,6 +56,8 @@ int main(void) {
   memcpy(w0, w, sizeof w);
   memcpy(q0, q, sizeof q);
   memcpy(mirror0, mirror, sizeof mirror);
+  memcpy(u, mirror, sizeof mirror); /* the copy an int8 bundle stores: switched by itself below */
+  for (int k = 0; k < K; ++k) tidx[k] = (int32_t)tpos(idx[order[k]]), udelta[k] = qdelta[order[k]];
 
   shira_item items[2];
   memset(items, 0, sizeof items);
@@ -93,5 +100,24 @@ int main(void) {
   if (shira_apply(items, 2, sat, 1, 2, err, sizeof err) != 1) return fail("an out-of-range index was accepted");
   if (!strstr(err, "shira::apply_: tensor 0: index 2112 out of range for 2112 elements")) return fail(err);
   if (memcmp(w, w0, sizeof w) || memcmp(q, q0, sizeof q)) return fail("a refused call wrote");
+
+  /* the copy as a uint8 weight: the same codes as the mirror above, the same saturation count */
+  shira_item cp;
+  memset(&cp, 0, sizeof cp);
+  cp.weight = u, cp.numel = N, cp.dtype = SHIRA_U8, cp.index_bits = 32, cp.indices = tidx, cp.count = K;
+  cp.delta = udelta, cp.saved = usaved, cp.scales = scales, cp.n_scales = R + 1;
+  if (shira_apply(&cp, 1, NULL, 1, 2, err, sizeof err) != 1) return fail("scales of the wrong count were accepted");
+  if (!strstr(err, "scales do not divide a weight of 2112 elements into columns")) return fail(err);
+  if (memcmp(u, mirror0, sizeof u)) return fail("a refused call wrote");
+  cp.n_scales = R;
+  int64_t usat = 0;
+  if (shira_apply(&cp, 1, &usat, 1, 2, err, sizeof err) != 0) return fail(err);
+  memcpy(q, q0, sizeof q), memcpy(mirror, mirror0, sizeof mirror);
+  items[1].mirror_order = NULL, idx[K - 1] = 3 + 7 * (K - 1);
+  int64_t qsat[1] = {0};
+  if (shira_apply(items + 1, 1, qsat, 1, 2, err, sizeof err) != 0) return fail(err);
+  if (memcmp(u, mirror, sizeof u) || usat != qsat[0]) return fail("the uint8 copy differs from the int8 mirror");
+  if (shira_restore(&cp, 1, 1, 2, err, sizeof err) != 0) return fail(err);
+  if (memcmp(u, mirror0, sizeof u)) return fail("the uint8 copy's revert is not exact");
   return 0;
 }
