@@ -109,9 +109,10 @@ class ShiraMaskFn:
         scores: _Scores | None,
         names: dict[nn.Module, str],
         line_dtype: torch.dtype | None = None,
+        transposed: bool = False,
     ):
         self.kind, self.seed, self.exclude, self._scores, self._names = kind, seed, exclude, scores, names
-        self.line_dtype = line_dtype
+        self.line_dtype, self.transposed = line_dtype, transposed
         self._memo: dict[nn.Module, tuple[int, torch.Tensor]] = {}  # module -> (r, sorted flat indices)
 
     def __repr__(self) -> str:
@@ -166,7 +167,11 @@ class ShiraMaskFn:
             banned = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
         if self.kind == "block":
             run = block_elements(self.line_dtype if self.line_dtype is not None else w.dtype)
-            idx = _block(score, banned, k, run, gen)
+            if self.transposed:  # lines of the [in, out] storage: runs of rows in one column, mapped back
+                t = _block(None if score is None else score.t().contiguous(), banned.t().contiguous(), k, run, gen)
+                idx = ((t % out) * inn + t // out).sort().values
+            else:
+                idx = _block(score, banned, k, run, gen)
         else:
             idx = _top_k(score.masked_fill(banned, float("-inf")).reshape(-1), k, gen)
         self._memo[base_layer] = (r, idx)
@@ -208,6 +213,7 @@ def shira_mask_fn(
     exclude: Any = None,
     targets: Iterable[str] | None = None,
     line_dtype: torch.dtype | str | None = None,
+    transposed: bool = False,
 ) -> ShiraMaskFn:
     """A SHiRA mask function of ``kind`` (one of ``KINDS``), usable as PEFT's ``ShiraConfig.mask_fn``.
 
@@ -226,10 +232,17 @@ def shira_mask_fn(
     weights it is made on (``torch.int8`` / ``"int8"`` for an int8 or fp8 base: 64 elements per block; None: the
     weight's own dtype). Any mask is valid on any base of the same shapes: blocks made for fp32 (16 elements) on
     an int8 base are quarter lines (the switch touches a line per block, not per four), and blocks made for int8
-    are four whole lines of fp32 (as good on fp32 as fp32's own). ``exclude``: positions never chosen (see the
-    module docstring).
+    are four whole lines of fp32 (as good on fp32 as fp32's own). ``transposed``: the blocks are lines of the
+    weight stored transposed, ``[in, out]``: runs of consecutive rows in one column, aligned within columns. That
+    is how an int8 bundle stores its weights (the uint8 copy its graph reads and its switch writes), so masks for
+    an int8 bundle take ``line_dtype="int8", transposed=True``; on a base stored ``[out, in]`` such blocks touch a
+    line per element, as random positions do. ``exclude``: positions never chosen (see the module docstring).
     """
-    return shira_masks(kind, 1, model, batch, loss_fn, seed, exclude=exclude, targets=targets, line_dtype=line_dtype)[0]
+    fns = shira_masks(
+        kind, 1, model, batch, loss_fn, seed, exclude=exclude, targets=targets, line_dtype=line_dtype,
+        transposed=transposed,
+    )  # fmt: skip
+    return fns[0]
 
 
 def shira_masks(
@@ -243,6 +256,7 @@ def shira_masks(
     exclude: Any = None,
     targets: Iterable[str] | None = None,
     line_dtype: torch.dtype | str | None = None,
+    transposed: bool = False,
 ) -> list[ShiraMaskFn]:
     """``n`` mask functions with seeds ``seed, seed + 1, ...``, for ``n`` adapters to be fused (the paper's two
     variants): ``overlap=False`` makes each exclude the masks of all earlier ones, so the ``n`` masks are disjoint.
@@ -265,6 +279,8 @@ def shira_masks(
         line_dtype = _line_dtype(line_dtype)
         if kind != "block":
             raise ValueError(f"SHiRA mask kind {kind!r} takes no line_dtype (only block masks are made of lines)")
+    if transposed and kind != "block":
+        raise ValueError(f"SHiRA mask kind {kind!r} takes no transposed (only block masks are made of lines)")
     earlier = _exclusions(exclude)
     batches = list(batch) if isinstance(batch, (list, tuple)) else [batch] * n
     if len(batches) != n:
@@ -277,7 +293,8 @@ def shira_masks(
         if scored and (scores is None or not same):
             kind_score = "grad" if kind == "grad" else "snip"
             scores = _Scores(_gradient_scores(model, batches[i], loss_fn, targets, kind_score), names, n if same else 1)
-        fns.append(ShiraMaskFn(kind, seed + i, earlier + ([] if overlap else list(fns)), scores, names, line_dtype))
+        excluded = earlier + ([] if overlap else list(fns))
+        fns.append(ShiraMaskFn(kind, seed + i, excluded, scores, names, line_dtype, bool(transposed)))
     return fns
 
 

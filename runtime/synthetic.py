@@ -37,6 +37,7 @@ def random_shira(
     mask: str | None = None,
     batch: torch.Tensor | None = None,
     line_dtype: torch.dtype | str | None = None,
+    transposed: bool = False,
 ) -> SparseAdapter:
     """A random SHiRA adapter over the target linears: ``density`` of each weight, deltas ~ N(0, std).
 
@@ -46,7 +47,7 @@ def random_shira(
     positions, ``round(density * numel)`` in each weight. ``batch`` (input ids) is the calibration batch of the
     gradient kinds (``grad``, ``snip``, SNIP-scored ``block``): one forward/backward of ``module`` on it.
     ``line_dtype``: a ``block`` mask's blocks are 64-byte lines of this dtype (the base it will be switched on;
-    None: the module's own weights)."""
+    None: the module's own weights); ``transposed``: lines of the weights stored ``[in, out]`` (an int8 bundle)."""
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"density {density} is not in [0, 1]")
     gen = torch.Generator().manual_seed(seed)
@@ -55,7 +56,13 @@ def random_shira(
     fn = None
     if mask is not None:
         fn = shira_mask_fn(
-            mask, module if batch is not None else None, batch, seed=seed, targets=targets, line_dtype=line_dtype
+            mask,
+            module if batch is not None else None,
+            batch,
+            seed=seed,
+            targets=targets,
+            line_dtype=line_dtype,
+            transposed=transposed,
         )
         linears = {f"{n}.weight": m for n, m in module.named_modules() if f"{n}.weight" in weights}
         total = sum(w.numel() for w in weights.values())

@@ -464,3 +464,24 @@ def test_codes_baked_for_the_int8_base_switch_the_bundles_copies(pair, monkeypat
         rt.add_adapter("wrong", bake(adapters["a1"], other))
         rt.switch("wrong")
     assert all(torch.equal(as_torch(t), base[n]) for n, t in rt.backend.tensors.items())
+
+
+def test_blocks_made_for_the_bundles_copy_are_runs_of_it(pair):
+    """A block mask made for an int8 bundle (``line_dtype="int8", transposed=True``) is whole 64-byte lines of the
+    copies the bundle switches: at registration its entries are described as runs of the copy (no index read per
+    entry), and the switch writes the torch backend's codes."""
+    qmodel, bundle, _ = pair
+    model = build("tiny", torch.float32)
+    a = random_shira(model, TARGETS, density=0.05, seed=3, mask="block", line_dtype="int8", transposed=True)
+    rt, tr = Runtime.load(bundle), Runtime.load(copy.deepcopy(qmodel))
+    for r in (rt, tr):
+        r.add_adapter("b", a)
+        r.switch("b")
+    assert_same_codes(rt, tr)
+    prep = rt._bank["b"]
+    assert set(prep.runs) == set(prep.sparse) & set(rt.backend.scales) != set()
+    covered = sum(int(r[:, 2].sum()) for r in prep.runs.values())
+    # every entry in a run of the copy, but the best positions that fill each layer's last, partial block
+    assert covered >= 0.95 * sum(i.size for i, _ in prep.sparse.values())
+    lengths = np.concatenate([r[:, 2] for r in prep.runs.values()])
+    assert np.median(lengths) >= 32  # whole columns of k/v_proj (32 rows), 64-row lines elsewhere

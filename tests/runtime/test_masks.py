@@ -224,6 +224,32 @@ def test_blocks_for_int8_are_whole_lines_on_every_wider_dtype():
     assert torch.unique(narrow // 64).numel() >= 2 * torch.unique(idx // 64).numel()
 
 
+@pytest.mark.parametrize("out, inn", [(256, 48), (100, 32)])  # out a multiple of the block, and not
+def test_transposed_blocks_are_lines_of_the_int8_bundles_copy(out, inn):
+    """``transposed=True``: the blocks are aligned lines of the weight stored ``[in, out]`` (an int8 bundle's uint8
+    copy): in that layout every touched line is whole but at most one, the count is exact, the indices are the
+    logical row-major ones (sorted), and excluded positions stay out; in the ``[out, in]`` layout they are single
+    elements a row apart."""
+    lin = nn.Linear(inn, out)
+    k = 3 * (out + inn)
+    idx = shira_mask_fn("block", seed=4, line_dtype=torch.int8, transposed=True).flat(lin, 3)
+    assert idx.numel() == k and torch.equal(idx, idx.sort().values) and idx.unique().numel() == k
+    t = (idx % inn) * out + idx // inn  # the entries' positions in the [in, out] copy
+    col, row = t // out, t % out
+    line = col * (-(-out // 64)) + row // 64  # aligned 64-row lines within each column of the copy
+    per_line = torch.bincount(line)
+    size = torch.tensor([min(64, out - (i % -(-out // 64)) * 64) for i in range(per_line.numel())])
+    partial = (per_line > 0) & (per_line < size)
+    assert int(partial.sum()) <= 1
+    assert torch.unique(idx // 64).numel() > 4 * torch.unique(line).numel()  # row-major: scattered
+    banned = torch.zeros(out, inn, dtype=torch.bool)
+    banned[::3] = True
+    held = shira_mask_fn("block", seed=4, line_dtype=torch.int8, transposed=True, exclude=[{lin.weight: banned}])
+    assert not bool(banned.view(-1)[held.flat(lin, 3)].any())
+    with pytest.raises(ValueError, match="SHiRA mask kind 'rand' takes no transposed"):
+        shira_mask_fn("rand", transposed=True)
+
+
 def test_snip_blocks_are_the_best_summed_blocks():
     model, x = tiny_lm(), ids()
     fn = shira_mask_fn("block", model, x)
