@@ -21,7 +21,10 @@ adapter's own arrays: per entry the saved value twice, an fp32 delta and the int
 
 An int8 base is the fp32 model quantized (``shira_runtime.quantization``, per-channel scales), the adapters made
 on the fp32 model; ``int8-baked`` (``--dtypes int8-baked``) the same adapters baked for that base
-(``quantization.bake``: the new codes themselves, so the switch is a byte swap with no grid math). ``--busy``: a
+(``quantization.bake``: the new codes themselves, so the switch is a byte swap with no grid math);
+``int8-bundle`` the int8 base exported to a bundle (``export_onnx``: each weight stored as the transposed uint8
+copy its graph reads, which the switch writes) and loaded with ``Runtime.load(bundle)``, its blocks lines of that
+copy (``line_dtype="int8", transposed=True``). ``--busy``: a
 second process spinning in Python for the duration of the busy rows (on a 2-vCPU machine: the other vCPU busy, as
 on a phone running other work). The chart on stdout is text (no plotting
 dependency): one bar per point, its length the switch time over the floor.
@@ -43,9 +46,11 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,9 +68,24 @@ from benchmarks.timing import cycle
 NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")  # four linears, PEFT-style names (the adapters' targets)
 DENSITY = 0.01
 # per entry: saved x2, delta (fp32; a baked adapter's new code: 1 byte), index x2
-STREAM_BYTES = {"fp32": 2 * 4 + 12, "bf16": 2 * 2 + 12, "int8": 2 * 1 + 12, "int8-baked": 2 * 1 + 1 + 8}
+STREAM_BYTES = {
+    "fp32": 2 * 4 + 12,
+    "bf16": 2 * 2 + 12,
+    "int8": 2 * 1 + 12,
+    "int8-baked": 2 * 1 + 1 + 8,
+    "int8-bundle": 2 * 1 + 12,
+}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-LINE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8, "int8-baked": torch.int8}
+LINE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8, "int8-baked": torch.int8,
+               "int8-bundle": torch.int8}  # fmt: skip
+CHOICES = ("fp32", "bf16", "int8", "int8-baked", "int8-bundle")
+
+
+class Linears(nn.ModuleDict):
+    """``model_for``'s linears with a forward (the sum of their outputs), so that it exports to a bundle."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(lin(x) for lin in self.values())
 
 
 def model_for(entries: int, seed: int) -> nn.Module:
@@ -74,7 +94,7 @@ def model_for(entries: int, seed: int) -> nn.Module:
     cols = min(2048, max(64, round(math.sqrt(per) / 64) * 64))
     rows = max(1, round(per / cols))
     torch.manual_seed(seed)
-    m = nn.ModuleDict({n: nn.Linear(cols, rows, bias=False) for n in NAMES})
+    m = Linears({n: nn.Linear(cols, rows, bias=False) for n in NAMES})
     for lin in m.values():
         nn.init.normal_(lin.weight, std=0.02)
     return m
@@ -100,7 +120,8 @@ def floors(rt: Runtime, a: str, b: str, dtype: str, gbps: float) -> tuple[float,
         parts = [rt._get(n).sparse[t][0] for n in (a, b) if t in rt._get(n).sparse]
         if parts:
             idx = torch.cat([torch.as_tensor(p).long() for p in parts])
-            lines += touched_lines(idx, tensors[t].element_size())  # tensors start on a cache line
+            size = tensors[t].itemsize if hasattr(tensors[t], "itemsize") else tensors[t].element_size()
+            lines += touched_lines(idx, size)  # tensors start on a cache line (numpy: a bundle's, aligned)
             entries += idx.numel()
     floor = memory_floor_ms(lines, gbps)
     return floor, floor + entries * STREAM_BYTES[dtype] / (gbps * 1e9) * 1e3, entries
@@ -149,14 +170,22 @@ def bandwidth() -> float:
 def point(entries: int, mask: str, dtype: str, repeats: int, busy: bool) -> dict:
     model = model_for(entries, seed=0)
     line = None if mask == "rand" else LINE_DTYPES[dtype]  # blocks are lines of the base's own storage
+    bundle = dtype == "int8-bundle"  # ... there the transposed copy: runs of rows in a column
     adapters = {n: random_shira(model, NAMES, DENSITY, seed=k + 1, mask=None if mask == "rand" else mask,
-                                line_dtype=line) for k, n in enumerate("ab")}  # fmt: skip
+                                line_dtype=line, transposed=bundle and line is not None)
+                for k, n in enumerate("ab")}  # fmt: skip
     if dtype.startswith("int8"):
         model = quantize(model, "int8")
         if dtype == "int8-baked":  # the codes a switch writes, computed once for this base: a byte swap
             adapters = {n: bake(ad, model) for n, ad in adapters.items()}
     elif dtype != "fp32":
         model = model.to(DTYPES[dtype])
+    if bundle:
+        from shira_runtime.exporters import export_onnx
+
+        cols = model["q_proj"].in_features
+        folder = Path(tempfile.mkdtemp(prefix="scaling-"))
+        model = export_onnx(model, (torch.zeros(1, cols),), folder / "bundle", verify=False, progress=False)
     rt = Runtime.load(model)
     for n, ad in adapters.items():
         rt.add_adapter(n, ad)
@@ -179,6 +208,9 @@ def point(entries: int, mask: str, dtype: str, repeats: int, busy: bool) -> dict
     out["streams_ratio"] = out["switch_ms"] / streams if streams else None
     if "kernel_ms" in out:
         out["atomic_ratio"] = out["switch_ms"] / out["kernel_ms"]
+    if bundle:
+        del rt
+        shutil.rmtree(folder, ignore_errors=True)
     return out
 
 
@@ -250,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="1e3 .. 1e5 entries, fp32, rand and block (seconds)")
     p.add_argument("--min", type=float, default=1e3, help="the smallest size (entries; default 1e3)")
     p.add_argument("--max", type=float, default=1e7, help="the largest size (entries; default 1e7)")
-    p.add_argument("--dtypes", nargs="+", default=None, choices=["fp32", "bf16", "int8", "int8-baked"])
+    p.add_argument("--dtypes", nargs="+", default=None, choices=CHOICES)
     p.add_argument("--masks", nargs="+", default=["rand", "block"], choices=["rand", "block"])
     p.add_argument("--busy", action="store_true", help="also time each size up to 1e5 with the other vCPU busy")
     p.add_argument("--repeats", type=int, default=None, help="timed switches per point (default 40; --quick 20)")

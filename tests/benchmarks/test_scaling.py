@@ -4,6 +4,8 @@ touch, and the quick run, the threshold run and the soak run end to end (no time
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 
 import pytest
 import torch
@@ -54,3 +56,17 @@ def test_soak_and_threshold_runs_end_to_end(capsys):
     rows = scaling.dense_threshold((32, 64), 4)
     assert [r[:2] for r in rows] == [[32, 1024], [64, 4096]]
     assert scaling.torch_backend.DENSE_SERIAL_BELOW == keep  # put back
+
+
+def test_int8_bundle_points_switch_the_stored_copies():
+    """``--dtypes int8-bundle``: the base exported to an int8 bundle (its weights the stored uint8 copies), block
+    masks as lines of those copies: the floor counts the copies' lines (far fewer for blocks than for random
+    positions), and the bundle's folder is removed afterwards."""
+    before = set(os.listdir(tempfile.gettempdir()))
+    floors = {}
+    for mask in ("rand", "block"):
+        p = scaling.point(10_000, mask, "int8-bundle", 4, busy=False)
+        assert p["written"] >= p["entries"] and p["switch_ms"] > 0 and p["floor_ms"] > 0 and "kernel_ms" not in p
+        floors[mask] = p["floor_ms"]
+    assert floors["block"] * 4 < floors["rand"]
+    assert not {n for n in set(os.listdir(tempfile.gettempdir())) - before if n.startswith("scaling-")}
