@@ -109,10 +109,10 @@ def initializer_graph(bundle: Path, name: str, gemm_b: bool) -> Path:
     """``name`` beside the bundle's graph: the weights as initializers, stored as ONNX external data that
     points into ``weights.safetensors`` (nothing is copied on disk). ``gemm_b``: linears as
     ``Gemm(X, W, transB=1)``, which onnxruntime prepacks straight from W; otherwise it folds ``Transpose(W)``
-    into a copy first (on llama-1b that transient copy pushes the peak RSS past 17 GB). An int8 bundle's
-    transposed uint8 copies (``shira_runtime.exporters.quant_graph``, built by the runtime, not in the weights file)
-    are written
-    beside it, ``<name>.u8t.bin``, and become initializers too."""
+    into a copy first (on llama-1b that transient copy pushes the peak RSS past 17 GB). The transposed uint8 copies
+    of an int8 bundle of the ``u8t16`` form (``shira_runtime.exporters.quant_graph``: built by the runtime, not in
+    the weights file) are written beside it, ``<name>.u8t.bin``, and become initializers too; bundles of the
+    current form store them (initializers like every weight)."""
     from shira_runtime.manifest import Manifest
     from shira_runtime.onnx_backend import u8t_copy
 

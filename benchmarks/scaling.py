@@ -46,7 +46,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -120,8 +119,11 @@ def floors(rt: Runtime, a: str, b: str, dtype: str, gbps: float) -> tuple[float,
         parts = [rt._get(n).sparse[t][0] for n in (a, b) if t in rt._get(n).sparse]
         if parts:
             idx = torch.cat([torch.as_tensor(p).long() for p in parts])
-            size = tensors[t].itemsize if hasattr(tensors[t], "itemsize") else tensors[t].element_size()
-            lines += touched_lines(idx, size)  # tensors start on a cache line (numpy: a bundle's, aligned)
+            w = tensors[t]
+            if isinstance(w, torch.Tensor):
+                lines += touched_lines(idx, w.element_size(), w.data_ptr() % 64)
+            else:  # a bundle's numpy array (a view of the mapped file)
+                lines += touched_lines(idx, w.itemsize, w.ctypes.data % 64)
             entries += idx.numel()
     floor = memory_floor_ms(lines, gbps)
     return floor, floor + entries * STREAM_BYTES[dtype] / (gbps * 1e9) * 1e3, entries
@@ -180,13 +182,17 @@ def point(entries: int, mask: str, dtype: str, repeats: int, busy: bool) -> dict
             adapters = {n: bake(ad, model) for n, ad in adapters.items()}
     elif dtype != "fp32":
         model = model.to(DTYPES[dtype])
-    if bundle:
-        from shira_runtime.exporters import export_onnx
+    if not bundle:
+        return _point(Runtime.load(model), adapters, entries, mask, dtype, repeats, busy)
+    from shira_runtime.exporters import export_onnx
 
+    with tempfile.TemporaryDirectory(prefix="scaling-") as folder:
         cols = model["q_proj"].in_features
-        folder = Path(tempfile.mkdtemp(prefix="scaling-"))
-        model = export_onnx(model, (torch.zeros(1, cols),), folder / "bundle", verify=False, progress=False)
-    rt = Runtime.load(model)
+        path = export_onnx(model, (torch.zeros(1, cols),), Path(folder) / "bundle", verify=False, progress=False)
+        return _point(Runtime.load(path), adapters, entries, mask, dtype, repeats, busy)
+
+
+def _point(rt: Runtime, adapters: dict, entries: int, mask: str, dtype: str, repeats: int, busy: bool) -> dict:
     for n, ad in adapters.items():
         rt.add_adapter(n, ad)
     rt.switch("a")
@@ -208,9 +214,6 @@ def point(entries: int, mask: str, dtype: str, repeats: int, busy: bool) -> dict
     out["streams_ratio"] = out["switch_ms"] / streams if streams else None
     if "kernel_ms" in out:
         out["atomic_ratio"] = out["switch_ms"] / out["kernel_ms"]
-    if bundle:
-        del rt
-        shutil.rmtree(folder, ignore_errors=True)
     return out
 
 

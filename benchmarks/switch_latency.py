@@ -23,9 +23,9 @@ switches on the grid (the floor counts the touched lines of the 1-byte codes, an
 compute copy the kernel writes beside them); the fused LoRA row is the PEFT way
 (``benchmarks.baselines.RequantLora``: dequantize, merge, requantize whole tensors with new scales; the
 runtime refuses fused LoRA on quantized weights); unfused LoRA runs through the runtime. ``int8`` also gets
-onnxruntime rows on an int8 bundle (``shira_runtime.exporters.quant_graph``: SHiRA switched live on the codes, LoRA
-unfused in
-slots beside them); FP8 bases have no bundle (onnxruntime's CPU provider has no FP8 matmul). Skipped, said in
+onnxruntime rows on an int8 bundle (``shira_runtime.exporters.quant_graph``: SHiRA switched live on the transposed
+uint8 copies the bundle stores, LoRA unfused in slots beside them); FP8 bases have no bundle (onnxruntime's CPU
+provider has no FP8 matmul). Skipped, said in
 ``skipped``: the PEFT rows (PEFT cannot merge into our ``QuantLinear``) and every fused-LoRA row but the PEFT way's.
 """
 

@@ -104,7 +104,8 @@ def export_onnx(
         with placeholders(module) as quant, _eval_mode(module), lora_slots(module, lora_targets, lora_rank):
             if quant and fold_transposes:
                 raise ExportError(
-                    "an int8 base exports without fold_transposes (its codes stay [out, in], the torch layout)"
+                    "an int8 base exports without fold_transposes (its weights are stored as the transposed "
+                    "uint8 copies its int8 chains read)"
                 )
             if exporter == "auto":
                 library = type(module).__module__.split(".")[0]

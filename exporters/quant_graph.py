@@ -12,12 +12,14 @@ then ``rewrite_int8`` replaces each such weight's ``MatMul(X, Transpose(W))`` / 
 outlier channels set each token's scale, that left the logits of SmolLM2-135M 18% of their max off and the
 exporter's own check refused the bundle; two bytes: 0.3%, the torch backend's tokens).
 
-``U`` (graph input ``<module>.weight::u8t``) is the transposed zero-point-128 copy of the int8 codes,
-``U[c, r] = code[r, c] ^ 0x80``: the runtime builds it from the codes when it opens the bundle and switches it in
-place (a uint8 weight of the kernels, ``shira_runtime.kernels.reference``: the int8 grid math on ``byte - 128`` at
-transposed indices, so ``(U ^ 0x80).T`` holds the torch backend's codes after every switch). The codes (int8
-``[out, in]``, the torch layout) and ``<module>.weight_scale`` (fp32 ``[out]``) are the bundle's parameters, both
-graph inputs; the codes are read by no node and, once ``U`` is built, never again. Memory: 1 byte per weight.
+``U`` is the transposed zero-point-128 copy of the int8 codes, ``U[c, r] = code[r, c] ^ 0x80``. The exporter's
+form ``copy16`` (the default) makes the weight's own graph input ``U`` and the bundle stores it (manifest dtype
+``uint8``, layout ``transposed``, shape the logical ``[out, in]``), beside ``<module>.weight_scale`` (fp32
+``[out]``): both live graph inputs, mapped from the file. The switch writes ``U`` in place (a uint8 weight of the
+kernels, ``shira_runtime.kernels.reference``: the int8 grid math on ``byte - 128`` at transposed indices, so
+``(U ^ 0x80).T`` holds the torch backend's codes after every switch). Memory: 1 byte per weight. Older bundles
+still load: form ``u8t16`` stored the int8 codes ``[out, in]`` (read by no node) and a graph input
+``<module>.weight::u8t`` that the runtime builds from them at load; form ``s8s8`` (below) read the codes.
 
 Why this form (``python -m benchmarks.onnx_quant``, README): u8 x u8 with the weight as B ``[in, out]`` is the
 fastest live form onnxruntime 1.32 runs correctly on both CPUs we measured (0.8-1.0x the fp32 live bundle at
@@ -113,7 +115,7 @@ def rewrite_int8(model: onnx.ModelProto, quant: dict[str, QuantLinear], form: st
         out_f, in_f = layer.out_features, layer.in_features
         scale_key = scale_name(key)
         w_in = u8t_name(key) if form in ("u8t16", "u8t") else key  # what the chains read
-        math = "u8t16" if form == "copy16" else form
+        chain_form = "u8t16" if form == "copy16" else form
         for use in consumers.get(key, []):
             p = f"q8::{count}"
             if use.op_type == "Transpose" and _perm(use) in (None, [1, 0]):
@@ -123,11 +125,11 @@ def rewrite_int8(model: onnx.ModelProto, quant: dict[str, QuantLinear], form: st
                 drop.add(id(use))
                 for j, m in enumerate(mms):
                     replace[id(m)] = _chain(
-                        f"{p}.{j}", m.input[0], w_in, scale_key, out_f, in_f, m.output[0], float_type, opset, math
+                        f"{p}.{j}", m.input[0], w_in, scale_key, out_f, in_f, m.output[0], float_type, opset, chain_form
                     )
             elif use.op_type == "Gemm" and use.input[1] == key and _gemm_plain(use):
                 y = use.output[0] if len(use.input) < 3 else f"{p}::nobias"
-                nodes = _chain(p, use.input[0], w_in, scale_key, out_f, in_f, y, float_type, opset, math)
+                nodes = _chain(p, use.input[0], w_in, scale_key, out_f, in_f, y, float_type, opset, chain_form)
                 if len(use.input) >= 3:
                     nodes.append(helper.make_node("Add", [y, use.input[2]], [use.output[0]]))
                 replace[id(use)] = nodes
@@ -192,10 +194,10 @@ def constants(form: str = "u8t16") -> dict[str, onnx.TensorProto]:
 def int8_linear(
     x: str, weight: str, scale: str, out_f: int, in_f: int, y: str, opset: int = 17, form: str = "u8t16"
 ) -> list:
-    """The int8 chain for fp32 ``x``: ``form="u8t16"`` what the exporter writes (``weight``: the uint8
-    ``[in, out]`` copy; two-byte activations), ``"u8t"`` one-byte activations over the same copy, ``"s8s8"`` the
-    first form (``weight``: the int8 codes ``[out, in]`` as the GEMM's A); benchmarks time
-    them alone."""
+    """The int8 chain for fp32 ``x``: ``form="u8t16"`` the chain the exporter writes (``weight``: the uint8
+    ``[in, out]`` copy; two-byte activations; the exporter's ``copy16`` form is this chain over the stored copy),
+    ``"u8t"`` one-byte activations over the same copy, ``"s8s8"`` the first form (``weight``: the int8 codes
+    ``[out, in]`` as the GEMM's A); benchmarks time them alone."""
     return _chain("q8::lin", x, weight, scale, out_f, in_f, y, TensorProto.FLOAT, opset, form)
 
 

@@ -259,8 +259,9 @@ class CodesAdapter:
             where = f"CodesAdapter: tensor {name!r}"
             if not _is_array(idx) or dtype_name(idx) not in ("int32", "int64") or idx.ndim != 1:
                 raise AdapterValueError(f"{where}: indices must be int32/int64 [N]")
-            if not _is_array(codes) or dtype_name(codes) not in CODE_DTYPES or tuple(codes.shape) != tuple(idx.shape):
-                raise AdapterValueError(f"{where}: codes must be 1-byte [N] like the indices")
+            ok = _is_array(codes) and dtype_name(codes) in CODE_DTYPES and dtype_name(codes) != "uint8"
+            if not ok or tuple(codes.shape) != tuple(idx.shape):  # uint8 is a bundle's storage, never codes
+                raise AdapterValueError(f"{where}: codes must be int8 or fp8 [N] like the indices")
             if len(idx) and (int(idx[0]) < 0 or int(idx[-1]) >= math.prod(self.shapes[name])):
                 raise AdapterValueError(f"{where}: an index is out of range for shape {self.shapes[name]}")
             if len(idx) > 1 and not bool((idx[1:] > idx[:-1]).all()):

@@ -8,8 +8,8 @@ A backend has:
 - ``scales``: canonical names of quantized weights (1-byte codes, ``shira_runtime.quantization``) -> their fixed fp32
   per-row scales ``[rows]``; a switch writes those codes on their grid (``shira_runtime.kernels.qformats``);
 - ``mirror(name)``: the copy of a quantized weight the kernels write in the same visit as its codes, or None: an
-  FP8 layer's bf16 compute copy (torch), an int8 weight's transposed uint8 copy (bundles); ``resync(name)`` after
-  the codes were written by anything else;
+  FP8 layer's bf16 compute copy (torch); ``resync(name)`` after the codes were written by anything else. (An int8
+  bundle's transposed uint8 copy is no mirror: it is the weight's tensor itself, in ``transposed``.)
 - ``after_write(name, indices, since, mirrored)``: called after a switch wrote codes of ``name`` at flat
   ``indices`` through raw pointers (FP8 layers bring their compute copy back in line, unless mirrored);
 - ``after_switch(active, written)``: called by the switcher when a switch ended (a mapped bundle hands back

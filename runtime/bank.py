@@ -135,9 +135,18 @@ def _check_codes(backend: Backend, switcher: Switcher, t: str, idx: Array, adapt
     if bool(bad.any()):
         i = ops.first(bad)
         raise AdapterMismatchError(
-            f"adapter {adapter!r}: tensor {t!r}: the base code at index {int(idx[i])} is not a point of the "
-            f"{_fmt(codes)} grid ({_code_value(ops, codes[i : i + 1])}); cannot switch it"
+            f"adapter {adapter!r}: tensor {t!r}: the base code at {_where(backend, t, int(idx[i]))} is not a point "
+            f"of the {_fmt(codes)} grid ({_code_value(ops, codes[i : i + 1])}); cannot switch it"
         )
+
+
+def _where(backend: Backend, t: str, sidx: int) -> str:
+    """Storage index ``sidx`` of tensor ``t`` as the adapter names it: its logical index (and the copy's position
+    where the tensor is stored transposed)."""
+    if t not in backend.transposed:
+        return f"index {sidx}"
+    rows, cols = backend.shapes[t]
+    return f"index {(sidx % rows) * cols + sidx // rows} (position {sidx} of the transposed copy)"
 
 
 def _code_value(ops, code: Array) -> float:

@@ -5,9 +5,9 @@ State after a switch, per touched storage tensor ``t``:
 - dense (a LoRA adapter touches ``t``): a full copy of the base tensor.
 New values are ``dtype(base + sum_i alpha_i * delta_i)``, the sum taken in fp32 in the order given, with
 ``alpha_i = fp32(weight_i * scale_i)``; rounded once. On a quantized weight (1-byte codes with fixed per-row
-scales, ``backend.scales``) the new code is ``Q(deq(base_code) + sum)`` on the tensor's grid (nearest, ties to
-even, clamped at the format's max; the clamped entries are counted per tensor in ``SwitchStats.saturated``); the
-saved base codes revert it byte for byte.
+scales, ``backend.scales``; per column of an int8 bundle's transposed uint8 copy) the new code is
+``Q(deq(base_code) + sum)`` on the tensor's grid (nearest, ties to even, clamped at the format's max; the clamped
+entries are counted per tensor in ``SwitchStats.saturated``); the saved base codes revert it byte for byte.
 """
 
 from __future__ import annotations
@@ -203,7 +203,8 @@ class Switcher:
 
     def order_of(self, t: str, idx: Array) -> Array | None:
         """The mirror order of ``idx`` on tensor ``t`` (``kernels.orders.mirror_order``) when ``t`` has a uint8
-        mirror (an int8 bundle's transposed copy), as the backend's kind of array; else None."""
+        mirror, as the backend's kind of array; else None. No backend of the runtime has one since int8 bundles
+        switch their transposed copy itself (C ABI 4); kept for a backend that holds codes and a copy."""
         m = self.backend.mirror(t)
         if m is None or dtype_name(m) != "uint8":
             return None

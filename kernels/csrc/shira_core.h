@@ -11,7 +11,9 @@
  *                  SHIRA_U8 (an int8 weight [rows][cols] kept as its transposed uint8 copy [cols][rows], the form
  *                  an int8 bundle's graph reads): the code is byte - 128, on the int8 grid, and the scales run
  *                  along the last axis: the scale of flat index j is s[j % n_scales] (n_scales = the copy's
- *                  columns, the weight's rows); its bytes are written as code + 128, byte 0 never.
+ *                  columns, the weight's rows: the bindings check it against the array's shape; this ABI sees
+ *                  only numel and checks that n_scales divides it); its bytes are written as code + 128, byte 0
+ *                  never.
  *   shira_switch   shira_restore(outs), then shira_apply(ins): one call, every check before the first write.
  *
  * Every write also updates the item's mirror, if any: kind 1, bf16 [numel] (m.flat[j] = bf16(value(code)), for

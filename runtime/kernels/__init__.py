@@ -5,7 +5,8 @@ Verbs (multi-tensor, in place; see ``shira_runtime.kernels.reference`` for the e
 ``restore_``, ``apply_``, ``switch_``, declared once in ``shira_runtime.kernels.verbs``. They take torch tensors
 (the core through the ``shira::`` torch ops, ``extension``; or the pure-torch ``reference``) or numpy arrays (the
 core through ctypes, ``core``; or the pure-numpy ``reference_np``). Weights are fp32/fp16/bf16, or the 1-byte
-codes of a quantized base (int8, fp8 e4m3fn/e5m2) with per-row scales, switched on their grid.
+codes of a quantized base (int8, fp8 e4m3fn/e5m2) with per-row scales, switched on their grid, or uint8 (int8
+codes + 128 with per-column scales: an int8 weight held as its transposed copy, as int8 bundles hold it).
 
 ``SHIRA_KERNELS`` picks the path: ``auto`` (default: the core if it loads or builds, else the references with one
 warning), ``torch`` or ``reference`` (force the references), ``cpp`` or ``core`` (a missing core is an error).

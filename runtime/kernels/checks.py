@@ -78,6 +78,11 @@ def check_apply(
                 _fail(op, t, f"scales must be fp32 1-D contiguous, got {s.dtype}{list(s.shape)}")
             if w.numel() % s.numel():
                 _fail(op, t, f"{s.numel()} scales do not divide a weight of {w.numel()} elements into {axis}s")
+            if w.dtype == torch.uint8 and (w.dim() != 2 or s.numel() != w.shape[1]):
+                _fail(
+                    op, t, f"{s.numel()} scales for a uint8 weight {list(w.shape)}: a 2-D weight with one scale per "
+                    "column expected",
+                )
         elif s is not None and s.numel():
             _fail(op, t, f"scales given for a {w.dtype} weight (only 1-byte quantized weights take scales)")
 

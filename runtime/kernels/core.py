@@ -351,6 +351,8 @@ def _side(op: str, label: str, f, lists: dict, apply: bool) -> np.ndarray:
                         at(t) + f"scales must be fp32 1-D contiguous, got {f.name(sc)}{_sizes(sc.shape)}"
                     )
                 sp, ns = ptr(sc), numel(sc)
+                if wt == U8 and numel(w) % ns == 0 and (w.ndim != 2 or ns != w.shape[1]):  # else the core's words
+                    raise KernelInputError(at(t) + _u8_scales(ns, w.shape))
         mp, kind, r, c = 0, 0, 0, 0
         m = mirrors[t] if mirrors is not None else None
         if m is not None and numel(m):
@@ -402,6 +404,11 @@ def _side(op: str, label: str, f, lists: dict, apply: bool) -> np.ndarray:
             (ptr(w), numel(w), wt, bits, ptr(i), numel(i), dp, ptr(s), sp, ns, mp, kind, baked, r, c, rp, nr, op_)
         )
     return np.array(rows, dtype=ITEM)
+
+
+def _u8_scales(n: int, shape) -> str:
+    """The message for scales that are not one per column of a uint8 weight (the core sees only its numel)."""
+    return f"{n} scales for a uint8 weight {_sizes(shape)}: a 2-D weight with one scale per column expected"
 
 
 _ERR = threading.local()

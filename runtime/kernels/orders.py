@@ -1,7 +1,9 @@
 """Mirror orders: an int8 weight's adapter entries in the order of its transposed uint8 copy.
 
-An int8 bundle keeps beside each int8 weight ``[rows, cols]`` a uint8 copy ``[cols, rows]`` (its MatMulInteger
-input), written by the kernels with the codes. Entry ``j = r * cols + c`` of the weight lands at ``c * rows + r``
+Kernel API (C ABI 3) for a caller that keeps beside int8 codes ``[rows, cols]`` a uint8 copy ``[cols, rows]`` (an
+int8 bundle's MatMulInteger input), written by the kernels with the codes. The runtime's bundles no longer do:
+since ABI 4 they switch the copy itself as a uint8 weight (``shira_runtime.kernels.reference``), so no runtime
+path makes mirror orders any more. Entry ``j = r * cols + c`` of the weight lands at ``c * rows + r``
 of the copy: written in the index list's order (ascending ``j``), those writes jump a row of the copy apart, each
 on a line of its own. ``mirror_order`` sorts an adapter's entries by that position once, when it is registered;
 the verbs take it per tensor (``orders`` / ``out_orders`` / ``in_orders``) and the kernel core then writes the

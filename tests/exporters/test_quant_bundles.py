@@ -459,6 +459,12 @@ def test_codes_baked_for_the_int8_base_switch_the_bundles_copies(pair, monkeypat
     monkeypatch.undo()
     assert all(torch.equal(as_torch(t), base[n]) for n, t in rt.backend.tensors.items())
 
+    baked = bake(adapters["a1"], copy.deepcopy(qmodel))  # a bundle's uint8 storage is never an adapter's codes
+    from shira_runtime.adapters import CodesAdapter
+    from shira_runtime.errors import AdapterValueError
+
+    with pytest.raises(AdapterValueError, match="codes must be int8 or fp8"):
+        CodesAdapter(baked.indices, {k: v.view(torch.uint8) for k, v in baked.codes.items()}, baked.shapes, baked.base)
     other = quantize(build("tiny", torch.float32, seed=9), "int8")
     with pytest.raises(BaseMismatchError, match="baked for another quantized base"):
         rt.add_adapter("wrong", bake(adapters["a1"], other))

@@ -169,6 +169,8 @@ def test_baked_codes_and_restore_are_byte_copies(ext, knobs, threaded):
     [
         ("no-scales", r"tensor 0: a (torch\.)?(uint8|Byte) weight needs its per-column scales"),
         ("scale-cols", r"tensor 0: 7 scales do not divide a weight of 40 elements into columns"),
+        ("scale-rows", r"tensor 0: 10 scales for a uint8 weight \[10, 4\]: a 2-D weight with one scale per column"),
+        ("flat", r"tensor 0: 4 scales for a uint8 weight \[40\]: a 2-D weight with one scale per column"),
         ("mirror", r"tensor 0: a mirror given for a (torch\.)?(uint8|Byte) weight"),
         ("out-of-range", r"tensor 0: index 40 out of range"),
     ],
@@ -181,6 +183,10 @@ def test_malformed_u8_inputs_refused_before_any_write(request, impl_name, kind, 
         scales = None
     elif kind == "scale-cols":
         scales = [torch.ones(7)]
+    elif kind == "scale-rows":  # divides the weight, but per row: the wrong axis for a uint8 copy
+        scales = [torch.ones(10)]
+    elif kind == "flat":
+        w = w.view(-1)
     elif kind == "mirror":
         mirrors = [torch.empty(4, 10, dtype=torch.uint8)]
     else:
