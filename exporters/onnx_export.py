@@ -42,7 +42,7 @@ from shira_runtime.exporters.progress import Phases, byte_bar
 from shira_runtime.exporters.quant_graph import QuantExportError, placeholders, rewrite_int8, scale_name, u8t_name
 from shira_runtime.kernels.dtypes import BUNDLE, NUMPY, TORCH
 from shira_runtime.manifest import Manifest
-from shira_runtime.onnx_backend import write_live
+from shira_runtime.onnx_backend import u8t_copy, write_live
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
@@ -234,7 +234,7 @@ def _export(
             arrays[scale_key] = np.ascontiguousarray(layer.weight_scale.detach().cpu().numpy())
             entry = {"format": "int8", "scale": scale_key}
             if elem[canon] == onnx.TensorProto.UINT8:  # the graph reads the copy itself: the bundle stores it
-                arrays[canon] = np.ascontiguousarray((codes.view(np.uint8) ^ np.uint8(0x80)).T)
+                arrays[canon] = np.ascontiguousarray(u8t_copy(codes))
                 params[name] |= {"dtype": "uint8", "layout": "transposed", "quant": entry}
             else:  # the codes: the graph reads them (s8s8) or a copy the runtime builds from them (u8t)
                 arrays[canon] = np.ascontiguousarray(codes)

@@ -391,6 +391,14 @@ def torch_or_none() -> Any:
     return torch
 
 
+def copy_bytes(codes: np.ndarray) -> np.ndarray:
+    """int8 codes as the bytes an int8 bundle's uint8 copy holds for them (``code + 128``, zero point 128): the
+    inverse of ``int8_codes``."""
+    if codes.dtype != np.int8:
+        raise TypeError(f"numpy codes of dtype {codes.dtype}: expected int8 codes")
+    return codes.view(np.uint8) ^ np.uint8(0x80)
+
+
 def int8_codes(codes: np.ndarray) -> np.ndarray:
     """int8 codes as they are; a uint8 copy's bytes (code + 128) as the int8 codes they hold."""
     if codes.dtype == np.uint8:

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 from shira_runtime.adapters import CodesAdapter, LoraAdapter, SparseAdapter
-from shira_runtime.arrays import as_ops, dtype_name, int8_codes
+from shira_runtime.arrays import as_ops, copy_bytes, dtype_name, int8_codes
 from shira_runtime.backend import Array, Backend
 from shira_runtime.errors import AdapterMismatchError, BaseMismatchError
 from shira_runtime.fingerprint import PROBES, codes_base_hash
@@ -58,8 +58,7 @@ def _prepare_sparse(backend: Backend, switcher: Switcher, name: str, adapter: Sp
         logical[tensor] = (canon, idx)
         delta = ops.to_fp32(val)
         if canon in backend.transposed:
-            sidx, order = ops.sort(backend.storage_index(canon, idx))
-            idx, delta = sidx.astype(idx.dtype) if ops.kind == "numpy" else sidx.to(idx.dtype), delta[order]
+            idx, delta = _storage_order(ops, backend.storage_index(canon, idx), idx, delta)
         prep.sparse[canon] = (idx, delta)
         switcher.describe(canon, idx, prep.runs, prep.orders)
         prep.absmax[canon] = ops.absmax(delta)
@@ -111,13 +110,17 @@ def _prepare_codes(backend: Backend, switcher: Switcher, name: str, adapter: Cod
             )
         _check_codes(backend, switcher, canon, sidx, label)
         if copy:  # the copy's indices in its order, as the kernels take them; its bytes, code + 128
-            sidx, order = ops.sort(sidx)
-            idx = ops.from_numpy(ops.to_numpy(sidx).astype(ops.to_numpy(idx).dtype))
-            codes = ops.from_numpy(ops.to_numpy(codes)[ops.to_numpy(order)].view(np.uint8) ^ np.uint8(0x80))
+            idx, codes = _storage_order(ops, sidx, idx, ops.from_numpy(copy_bytes(ops.to_numpy(codes))))
         prep.sparse[canon] = (idx, codes)
         switcher.describe(canon, idx, prep.runs, prep.orders)
         prep.absmax[canon] = 0.0
     return prep
+
+
+def _storage_order(ops, sidx: Array, idx: Array, values: Array) -> tuple[Array, Array]:
+    """Storage indices ``sidx`` sorted (the kernels' order), of ``idx``'s dtype, and ``values`` in that order."""
+    sidx, order = ops.sort(sidx)
+    return (sidx.astype(idx.dtype) if ops.kind == "numpy" else sidx.to(idx.dtype)), values[order]
 
 
 def _fmt(codes: Array) -> str:

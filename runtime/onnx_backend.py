@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from shira_runtime.arrays import NUMPY, as_ops, check_scales
+from shira_runtime.arrays import NUMPY, as_ops, check_scales, copy_bytes
 from shira_runtime.atomic import atomic_write
 from shira_runtime.backend import Array, Backend
 from shira_runtime.bundle import BundleError, MappedWeights, map_weights, read_bytes
@@ -551,7 +551,7 @@ def u8t_copy(codes: np.ndarray) -> np.ndarray:
     """What an int8 bundle's graph reads for 2-D int8 codes ``[out, in]``: uint8 ``[in, out]``, ``code ^ 0x80``
     (``code + 128``, zero point 128) transposed (a view; ``shira_runtime.exporters.quant_graph``; the tensor the
     switch writes, ``OnnxBackend.u8t``)."""
-    return (codes.view(np.uint8) ^ 0x80).T
+    return copy_bytes(codes).T
 
 
 @dataclass(frozen=True)
