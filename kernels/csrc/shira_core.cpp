@@ -78,9 +78,10 @@ std::atomic<int64_t> g_runs{1};               // 1: copy contiguous runs as bloc
 std::atomic<int64_t> g_last_plan{0};           // bit 0: threaded; bits 1-2: 1 fused, 2 phased, 3 ordered
 
 // Runs are prefetched nearer than single entries (further made block switches slower: docs/kernels.md): runs found
-// in a sorted list a quarter of the distance ahead, in lines; described runs a twelfth, in runs (at 96: 25 and 8).
+// in a sorted list a quarter of the distance ahead, in lines; described runs pf * wsize / 16 runs ahead (at 96:
+// 24 for fp32, 12 for 16-bit, 6 for 1-byte weights, whose runs carry four times the fp32 deltas of an fp32 run).
 inline int64_t run_lines_ahead(int64_t pf) { return pf / 4 + 1; }
-inline int64_t runs_ahead(int64_t pf) { return pf > 0 ? std::max<int64_t>(1, pf / 12) : 0; }
+inline int64_t runs_ahead(int64_t pf, int64_t wsize) { return pf > 0 ? std::max<int64_t>(1, pf * wsize / 16) : 0; }
 
 // A refused input: the message goes back through the C ABI (return code 1), nothing written yet.
 struct InputError : std::runtime_error {
@@ -844,12 +845,13 @@ template <typename W>
 void apply_stretch(W* __restrict__ w, W* __restrict__ saved, const float* __restrict__ delta, int64_t n) {
   constexpr int64_t L = kRun<W>;
   int64_t k = 0;
-  for (; k + L <= n; k += L)
-    for (int64_t j = k; j < k + L; ++j) {
-      const W old = w[j];
-      saved[j] = old;
-      w[j] = from_float<W>(static_cast<float>(old) + delta[j]);
-    }
+  for (; k + L <= n; k += L) {  // through local lines: the compiler then vectorizes the sums
+    W old[L], out[L];
+    std::memcpy(old, w + k, 64);
+    for (int64_t j = 0; j < L; ++j) out[j] = from_float<W>(static_cast<float>(old[j]) + delta[k + j]);
+    std::memcpy(saved + k, old, 64);
+    std::memcpy(w + k, out, 64);
+  }
   for (; k < n; ++k) {
     const W old = w[k];
     saved[k] = old;
@@ -959,7 +961,7 @@ void run_entries(const Item& it, bool apply, int64_t b, int64_t e, bool runs) {
       hi = mid;
   }
   const int64_t pf = g_prefetch.load(std::memory_order_relaxed);
-  const int64_t ahead = runs_ahead(pf);  // runs ahead whose first line is prefetched
+  const int64_t ahead = runs_ahead(pf, it.wsize);  // runs ahead whose first line is prefetched
   int64_t cur = b;
   for (int64_t r = lo; cur < e; ++r) {
     if (r >= it.n_runs || R[3 * r] >= e) {
