@@ -17,7 +17,9 @@ memory floor (the distinct 64-byte weight lines A and B touch, read and written 
 just before and just after the point's switches, the better of the two: ``benchmarks.common.copy_bandwidth_gbps``,
 the better of a 512 MB copy and an in-place update. This shared machine's bandwidth moves by up to 2x within a run,
 so a point's floor is read beside it, not at another moment's bandwidth) and the streams floor (the floor plus the
-adapter's own arrays: per entry the saved value twice, an fp32 delta and the int32 index twice).
+adapter's own arrays: per entry the saved value twice, an fp32 delta and the int32 index twice), and the
+line-visit floor (``benchmarks.line_visits``: a plain C++ loop visiting the same lines in the same order, timed on
+the same weights: what scattered lines cost on this machine, where the memory floor prices them as streamed).
 
 An int8 base is the fp32 model quantized (``shira_runtime.quantization``, per-channel scales), the adapters made
 on the fp32 model; ``int8-baked`` (``--dtypes int8-baked``) the same adapters baked for that base
@@ -62,6 +64,7 @@ from shira_runtime.table import print_table
 from torch import nn
 
 from benchmarks.common import copy_bandwidth_gbps, memory_floor_ms, progress, touched_lines
+from benchmarks.line_visits import LineVisits
 from benchmarks.timing import cycle
 
 NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")  # four linears, PEFT-style names (the adapters' targets)
@@ -111,20 +114,26 @@ def busy_cpu(on: bool) -> Iterator[None]:
             spin.wait()
 
 
+def parts(rt: Runtime, a: str, b: str) -> list[tuple[object, list]]:
+    """Each weight A or B writes (its storage: a tensor, or a bundle's numpy array) with A's and B's indices."""
+    out = []
+    for t, w in rt.backend.tensors.items():
+        idx = [rt._get(n).sparse[t][0] for n in (a, b) if t in rt._get(n).sparse]
+        if idx:
+            out.append((w, idx))
+    return out
+
+
 def floors(rt: Runtime, a: str, b: str, dtype: str, gbps: float) -> tuple[float, float, int]:
     """The memory floor and the streams floor (ms) of a switch A -> B, and the entries it writes."""
-    tensors = rt.backend.tensors
     lines = entries = 0
-    for t in tensors:
-        parts = [rt._get(n).sparse[t][0] for n in (a, b) if t in rt._get(n).sparse]
-        if parts:
-            idx = torch.cat([torch.as_tensor(p).long() for p in parts])
-            w = tensors[t]
-            if isinstance(w, torch.Tensor):
-                lines += touched_lines(idx, w.element_size(), w.data_ptr() % 64)
-            else:  # a bundle's numpy array (a view of the mapped file)
-                lines += touched_lines(idx, w.itemsize, w.ctypes.data % 64)
-            entries += idx.numel()
+    for w, parts_ in parts(rt, a, b):
+        idx = torch.cat([torch.as_tensor(p).long() for p in parts_])
+        if isinstance(w, torch.Tensor):
+            lines += touched_lines(idx, w.element_size(), w.data_ptr() % 64)
+        else:  # a bundle's numpy array (a view of the mapped file)
+            lines += touched_lines(idx, w.itemsize, w.ctypes.data % 64)
+        entries += idx.numel()
     floor = memory_floor_ms(lines, gbps)
     return floor, floor + entries * STREAM_BYTES[dtype] / (gbps * 1e9) * 1e3, entries
 
@@ -200,6 +209,8 @@ def _point(rt: Runtime, adapters: dict, entries: int, mask: str, dtype: str, rep
     out = {"entries": entries, "mask": mask, "dtype": dtype}
     out["switch_ms"] = cycle([lambda: rt.switch("b"), lambda: rt.switch("a")], repeats).median_ms
     out["gbps"] = max(before, bandwidth())  # a floor is a lower bound: the better of the two readings
+    # the same lines visited by a plain loop, in the switch's state (a bundle's pages already its own)
+    out["visits_ms"] = LineVisits(parts(rt, "a", "b")).floor_ms(repeats)
     rt.switch(None)
     out["floor_ms"], out["streams_ms"], out["written"] = floors(rt, "a", "b", dtype, out["gbps"])
     floor, streams = out["floor_ms"], out["streams_ms"]
@@ -212,6 +223,7 @@ def _point(rt: Runtime, adapters: dict, entries: int, mask: str, dtype: str, rep
             rt.switch(None)
     out["floor_ratio"] = out["switch_ms"] / floor if floor else None
     out["streams_ratio"] = out["switch_ms"] / streams if streams else None
+    out["visits_ratio"] = out["switch_ms"] / out["visits_ms"] if out["visits_ms"] else None
     if "kernel_ms" in out:
         out["atomic_ratio"] = out["switch_ms"] / out["kernel_ms"]
     return out
@@ -326,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# scaling: {os.cpu_count()} CPUs, memory bandwidth {min(gbps):.1f}-{max(gbps):.1f} GB/s (read beside "
           f"each point: its floors use its own), kernels {kernels.backend()}, density {DENSITY}")  # fmt: skip
     cols = ["dtype", "mask", "entries", "written", "GB/s", "switch ms", "floor ms", "x floor", "+ streams ms", "x",
-            "kernel ms", "switch / kernel"] + (["busy ms"] if args.busy else [])  # fmt: skip
+            "visits ms", "x visits", "kernel ms", "switch / kernel"] + (["busy ms"] if args.busy else [])  # fmt: skip
     print_table(
         cols,
         [
@@ -341,6 +353,8 @@ def main(argv: list[str] | None = None) -> None:
                 q["floor_ratio"],
                 q["streams_ms"],
                 q["streams_ratio"],
+                q["visits_ms"],
+                q["visits_ratio"],
                 q.get("kernel_ms"),
                 q.get("atomic_ratio"),
             ]

@@ -78,20 +78,27 @@ def _compiler() -> str:
 
 def _compile() -> Path:
     """Compile the core into the cache (once per source and compiler); returns the library's path."""
-    cxx, sid = _compiler(), source_id()
-    key = hashlib.sha256(" ".join([cxx, *CXXFLAGS, sid, sysconfig.get_platform()]).encode()).hexdigest()[:16]
-    folder = Path(os.environ.get("SHIRA_KERNELS_CACHE", Path.home() / ".cache" / "shira_kernels")) / key
-    so = folder / "libshira_core.so"
+    src = Path(str(_CSRC / "shira_core.cpp"))
+    return compile_library(src, "libshira_core.so", [f'-DSHIRA_SOURCE_ID="{source_id()}"'], source_id(),
+                           "the kernel core (first use, ~3 s)")  # fmt: skip
+
+
+def compile_library(src: Path, name: str, defines: list[str], sid: str, what: str) -> Path:
+    """Compile the C++ file ``src`` into the shared library ``name`` in the cache (once per ``sid``, compiler and
+    flags: the core's); returns its path. Also builds the benchmarks' plain loops (``benchmarks.line_visits``)."""
+    cxx = _compiler()
+    key = hashlib.sha256(" ".join([cxx, *CXXFLAGS, *defines, sid, sysconfig.get_platform()]).encode()).hexdigest()
+    folder = Path(os.environ.get("SHIRA_KERNELS_CACHE", Path.home() / ".cache" / "shira_kernels")) / key[:16]
+    so = folder / name
     if so.exists():
         return so
     folder.mkdir(parents=True, exist_ok=True)
-    print(f"shira kernels: compiling the kernel core (first use, ~3 s) into {folder}", file=sys.stderr, flush=True)
-    src = Path(str(_CSRC / "shira_core.cpp"))
+    print(f"shira kernels: compiling {what} into {folder}", file=sys.stderr, flush=True)
     # Build under a private name, then rename: concurrent processes never load a half-written file.
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".build-", suffix=".so")
     os.close(fd)
     try:
-        cmd = [cxx, *CXXFLAGS, "-shared", f'-DSHIRA_SOURCE_ID="{sid}"', str(src), "-o", tmp]
+        cmd = [cxx, *CXXFLAGS, "-shared", *defines, str(src), "-o", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"compiling {src.name} failed:\n{proc.stderr[-4000:]}")

@@ -46,6 +46,7 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     for p in points:
         assert p["written"] >= p["entries"] and p["switch_ms"] > 0 and p["floor_ms"] > 0
         assert p["kernel_ms"] > 0 and p["atomic_ratio"] > 0  # fp32: the bare kernel on either kernel path
+        assert p["visits_ms"] > 0 and p["visits_ratio"] == p["switch_ms"] / p["visits_ms"]  # the line-visit floor
     assert "switch / floor" in capsys.readouterr().out
 
 
@@ -67,6 +68,7 @@ def test_int8_bundle_points_switch_the_stored_copies():
     for mask in ("rand", "block"):
         p = scaling.point(10_000, mask, "int8-bundle", 4, busy=False)
         assert p["written"] >= p["entries"] and p["switch_ms"] > 0 and p["floor_ms"] > 0 and "kernel_ms" not in p
+        assert p["visits_ms"] > 0  # the copies' lines, visited in place (their pages already the runtime's)
         floors[mask] = p["floor_ms"]
     assert floors["block"] * 4 < floors["rand"]
     assert not {n for n in set(os.listdir(tempfile.gettempdir())) - before if n.startswith("scaling-")}
