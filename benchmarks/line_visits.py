@@ -88,13 +88,18 @@ class LineVisits:
         """One pass: add ``add`` (mod 256) to one byte of every line (its first byte in the weight)."""
         library().shira_line_visits(self.segments.ctypes.data, len(self.segments), threads, prefetch, add)
 
-    def floor_ms(self, repeats: int = 8, threads: int | None = None) -> float:
-        """The best, over the prefetch distances, of the median pass (passes in +1 / +255 pairs: bytes restored)."""
+    def time_ms(self, prefetch: int, repeats: int = 8, threads: int | None = None) -> float:
+        """The median pass at one prefetch distance (the warm-up pass adds 1, the timed ones 255, 1, ... 255: an
+        even count in all, so the bytes end as they started)."""
         if not self.lines:
             return 0.0
         n = threads or torch.get_num_threads()
-        best = float("inf")
-        for pf in PREFETCH:  # the warm-up pass adds 1, the timed ones 255, 1, ... 255: an even count in all
-            t = cycle([lambda pf=pf: self.visit(n, pf, 1), lambda pf=pf: self.visit(n, pf, 255)], repeats | 1)
-            best = min(best, t.median_ms)
-        return best
+        return cycle([lambda: self.visit(n, prefetch, 1), lambda: self.visit(n, prefetch, 255)], repeats | 1).median_ms
+
+    def best_prefetch(self, repeats: int = 8, threads: int | None = None) -> tuple[int, float]:
+        """The prefetch distance (of ``PREFETCH``) whose median pass is the fastest, and that median."""
+        return min(((pf, self.time_ms(pf, repeats, threads)) for pf in PREFETCH), key=lambda x: x[1])
+
+    def floor_ms(self, repeats: int = 8, threads: int | None = None) -> float:
+        """The line-visit floor: the median pass at the best prefetch distance."""
+        return self.best_prefetch(repeats, threads)[1]

@@ -9,10 +9,11 @@
 For each size N, a model of four linears holding 100 N weights (the adapter's density is 1%, as a SHiRA adapter on
 a model of that size) gets two random adapters A and B of N entries each (``rand``: uniform positions; ``block``:
 ``shira_runtime.masks``' random 64-byte blocks of the base's own storage: 16 fp32, 32 bf16, 64 int8 elements,
-``line_dtype``). Timed: ``Runtime.switch`` A -> B -> A (end to end: Python,
-the registered adapter's checks, lock, plan, kernel, stats; median of the timed switches, ``benchmarks.timing``)
-and, on fp32/bf16, the bare kernel call (``kernels.switch_`` on the same arrays and preallocated saved buffers: no
-transaction, no plan, no stats; the runs found at registration passed as the switch passes them). Beside them the
+``line_dtype``). Timed: ``Runtime.switch`` A -> B -> A (end to end: Python, the registered adapter's checks,
+lock, plan, kernel, stats; median of the timed switches, ``benchmarks.timing``), in ``ROUNDS`` rounds that also
+time the line visits below and, on fp32/bf16, the bare kernel call (``kernels.switch_`` on the same arrays and
+preallocated saved buffers: no transaction, no plan, no stats; the runs found at registration passed as the
+switch passes them). Beside them the
 memory floor (the distinct 64-byte weight lines A and B touch, read and written once at the memory bandwidth read
 just before and just after the point's switches, the better of the two: ``benchmarks.common.copy_bandwidth_gbps``,
 the better of a 512 MB copy and an in-place update. This shared machine's bandwidth moves by up to 2x within a run,
@@ -20,6 +21,7 @@ so a point's floor is read beside it, not at another moment's bandwidth) and the
 adapter's own arrays: per entry the saved value twice, an fp32 delta and the int32 index twice), and the
 line-visit floor (``benchmarks.line_visits``: a plain C++ loop visiting the same lines in the same order, timed on
 the same weights: what scattered lines cost on this machine, where the memory floor prices them as streamed).
+"x visits" and "switch / kernel" are medians of each round's ratio: the machine's speed drifts between rounds.
 
 An int8 base is the fp32 model quantized (``shira_runtime.quantization``, per-channel scales), the adapters made
 on the fp32 model; ``int8-baked`` (``--dtypes int8-baked``) the same adapters baked for that base
@@ -69,6 +71,7 @@ from benchmarks.timing import cycle
 
 NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")  # four linears, PEFT-style names (the adapters' targets)
 DENSITY = 0.01
+ROUNDS = 3  # rounds of switches, line visits and bare kernel calls per point
 # per entry: saved x2, delta (fp32; a baked adapter's new code: 1 byte), index x2
 STREAM_BYTES = {
     "fp32": 2 * 4 + 12,
@@ -205,17 +208,29 @@ def _point(rt: Runtime, adapters: dict, entries: int, mask: str, dtype: str, rep
     for n, ad in adapters.items():
         rt.add_adapter(n, ad)
     rt.switch("a")
+    # the same lines visited by a plain loop, in the switch's state (a bundle's pages already the runtime's)
+    visits = LineVisits(parts(rt, "a", "b"))
+    prefetch, _ = visits.best_prefetch(repeats)
     before = bandwidth()
     out = {"entries": entries, "mask": mask, "dtype": dtype}
-    out["switch_ms"] = cycle([lambda: rt.switch("b"), lambda: rt.switch("a")], repeats).median_ms
+    # ROUNDS rounds of: the switches, the line visits, the bare kernel (from the base, back to A after): each
+    # ratio is the median of its rounds' ratios, so a drift of the machine's speed between them cancels out
+    switch, visit, kernel = [], [], []
+    for _ in range(ROUNDS):
+        switch.append(cycle([lambda: rt.switch("b"), lambda: rt.switch("a")], repeats).median_ms)
+        visit.append(visits.time_ms(prefetch, repeats))
+        if dtype in DTYPES:
+            rt.switch(None)
+            kernel.append(bare_kernel(rt, "a", "b", repeats))
+            rt.switch("a")
     out["gbps"] = max(before, bandwidth())  # a floor is a lower bound: the better of the two readings
-    # the same lines visited by a plain loop, in the switch's state (a bundle's pages already its own)
-    out["visits_ms"] = LineVisits(parts(rt, "a", "b")).floor_ms(repeats)
     rt.switch(None)
     out["floor_ms"], out["streams_ms"], out["written"] = floors(rt, "a", "b", dtype, out["gbps"])
     floor, streams = out["floor_ms"], out["streams_ms"]
-    if dtype in DTYPES:
-        out["kernel_ms"] = bare_kernel(rt, "a", "b", repeats)
+    out["switch_ms"], out["visits_ms"] = statistics.median(switch), statistics.median(visit)
+    if kernel:
+        out["kernel_ms"] = statistics.median(kernel)
+        out["atomic_ratio"] = statistics.median(s / k for s, k in zip(switch, kernel))
     if busy:
         with busy_cpu(True):
             rt.switch("a")
@@ -223,9 +238,7 @@ def _point(rt: Runtime, adapters: dict, entries: int, mask: str, dtype: str, rep
             rt.switch(None)
     out["floor_ratio"] = out["switch_ms"] / floor if floor else None
     out["streams_ratio"] = out["switch_ms"] / streams if streams else None
-    out["visits_ratio"] = out["switch_ms"] / out["visits_ms"] if out["visits_ms"] else None
-    if "kernel_ms" in out:
-        out["atomic_ratio"] = out["switch_ms"] / out["kernel_ms"]
+    out["visits_ratio"] = statistics.median(s / v for s, v in zip(switch, visit)) if visits.lines else None
     return out
 
 

@@ -68,15 +68,17 @@ from benchmarks.switch_rows import Config, Row, consistency, inputs, load_model,
 from benchmarks.timing import Subject, cycle, once
 
 
-def shira_adapters(cfg: Config, model, mask: str, calibration: torch.Tensor | None):
+def shira_adapters(cfg: Config, model, mask: str, calibration: torch.Tensor | None, line_dtype=None):
     """Adapters A and B: the user's, or random ones with ``mask``'s positions (``grad``/``snip``: gradients
-    of one calibration batch of random tokens)."""
+    of one calibration batch of random tokens). ``line_dtype``: a block is a 64-byte line of the base it is
+    switched on (64 codes of a quantized base made on the fp32 model; None: the model's own weights)."""
     batch = calibration if mask in ("grad", "snip") else None
     if batch is not None:
         progress(f"{mask} masks: one forward/backward on a calibration batch of random tokens")
     return pair(
         cfg.shira,
-        lambda k: random_shira(model, cfg.targets, cfg.density, seed=cfg.seed + k, mask=mask, batch=batch),
+        lambda k: random_shira(model, cfg.targets, cfg.density, seed=cfg.seed + k, mask=mask, batch=batch,
+                               line_dtype=line_dtype if mask == "block" else None),  # fmt: skip
     )
 
 
@@ -314,7 +316,8 @@ def run(cfg: Config) -> dict:
             if quantized:  # the random adapters address nn.Linear weights: made on the fp32 model, then quantize
                 masks = cfg.masks if not cfg.shira else cfg.masks[:1]
                 progress(f"{dtype}: making the SHiRA adapters ({', '.join(masks)} masks) and LoRA on the fp32 model")
-                ctx["made"] = {m: shira_adapters(cfg, model, m, ctx.get("calibration")) for m in masks}
+                # blocks of 64 one-byte codes: a line of the quantized base (16 fp32 elements would be a quarter)
+                ctx["made"] = {m: shira_adapters(cfg, model, m, ctx.get("calibration"), torch.int8) for m in masks}
                 ctx["lora_made"] = lora_pair(cfg, model)
                 progress(f"{dtype}: quantizing every linear but the LM head")
                 quantize(model, dtype)

@@ -46,7 +46,7 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     for p in points:
         assert p["written"] >= p["entries"] and p["switch_ms"] > 0 and p["floor_ms"] > 0
         assert p["kernel_ms"] > 0 and p["atomic_ratio"] > 0  # fp32: the bare kernel on either kernel path
-        assert p["visits_ms"] > 0 and p["visits_ratio"] == p["switch_ms"] / p["visits_ms"]  # the line-visit floor
+        assert p["visits_ms"] > 0 and p["visits_ratio"] > 0  # the line-visit floor, in the same rounds
     assert "switch / floor" in capsys.readouterr().out
 
 

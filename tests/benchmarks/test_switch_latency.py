@@ -247,3 +247,15 @@ def test_quantized_dtypes_rows(tmp_path, capsys):
     assert f8["bytes_written"] == 3 * q8["bytes_written"] > 0 and f8["floor_ms"] > q8["floor_ms"]
     printed = capsys.readouterr().out
     assert "torch/requantize" in printed and "skipped: peft rows for int8" in printed
+
+
+def test_int8_block_masks_are_lines_of_the_codes(tmp_path):
+    """--dtype int8 --mask block: the adapters are made on the fp32 model, their blocks 64-byte lines of the int8
+    codes (64 codes) the switch writes, not of the fp32 weights (16 elements: a quarter of a code line)."""
+    out = tmp_path / "r.json"
+    argv = ["--preset", "small", "--dtype", "int8", "--no-onnx", "--no-peft", "--repeats", "2", "--infer-repeats", "1"]
+    main([*argv, "--mask", "rand", "block", "--new-tokens", "2", "--gen-repeats", "1", "--json", str(out)])
+    rows = [r for r in json.loads(out.read_text())["results"] if r["method"] == "shira"]
+    floors = {r["mask"]: r["floor_ms"] for r in rows}
+    # 1% + 1% random codes touch ~73% of the lines (1 - 0.98^64); whole-line blocks 2%, quarter-line ones ~8%
+    assert floors["block"] < floors["rand"] / 20
