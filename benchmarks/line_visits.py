@@ -3,11 +3,12 @@
 The memory floor (``benchmarks.common.memory_floor_ms``) prices each touched 64-byte line at the streaming
 bandwidth, as if the lines were contiguous. A switch of random entries visits them scattered (sorted, a few
 lines apart), and on the machines we measure a scattered line costs more than a streamed one: the DRAM pages
-opened, the prefetchers that cannot guess the next line. ``visit_ms`` times a plain C++ loop
+opened, the prefetchers that cannot guess the next line. ``LineVisits.floor_ms`` times a plain C++ loop
 (``benchmarks/csrc/line_visits.cpp``) that visits the same lines of the same tensors in the same order, each once,
-read and written back (one byte added), on the kernel's thread count, at the best of a few software prefetch
-distances: no adapter arrays, no arithmetic, no transaction. A switch at 1x its line-visit floor costs what merely
-touching its lines costs; the gap to the memory floor is then the machine's, not the switch's.
+read and written back (one byte added), on one thread or the kernel's thread count and at a few software prefetch
+distances, the fastest of these: no adapter arrays, no arithmetic, no transaction. A switch at 1x its line-visit
+floor costs what merely touching its lines costs; the gap to the memory floor is then the machine's, not the
+switch's.
 
 The loop is compiled on first use with the kernel core's compiler and flags (``shira_runtime.kernels.core``),
 into the same cache. Each timed pass adds 1 or 255 to the first byte of every line, in pairs: the weights end as
@@ -96,10 +97,14 @@ class LineVisits:
         n = threads or torch.get_num_threads()
         return cycle([lambda: self.visit(n, prefetch, 1), lambda: self.visit(n, prefetch, 255)], repeats | 1).median_ms
 
-    def best_prefetch(self, repeats: int = 8, threads: int | None = None) -> tuple[int, float]:
-        """The prefetch distance (of ``PREFETCH``) whose median pass is the fastest, and that median."""
-        return min(((pf, self.time_ms(pf, repeats, threads)) for pf in PREFETCH), key=lambda x: x[1])
+    def best(self, repeats: int = 8, threads: int | None = None) -> tuple[int, int, float]:
+        """The fastest way to visit: ``(threads, prefetch, median ms)`` over one thread and ``threads`` (default
+        torch's), and the ``PREFETCH`` distances. The loop starts its threads at every pass (~30-40 us on the
+        2-vCPU machine of docs/results/scaling.md), which one thread does not pay: below ~1e5 lines it wins."""
+        n = threads or torch.get_num_threads()
+        ways = [(k, pf) for k in sorted({1, n}) for pf in PREFETCH]
+        return min(((k, pf, self.time_ms(pf, repeats, k)) for k, pf in ways), key=lambda x: x[2])
 
     def floor_ms(self, repeats: int = 8, threads: int | None = None) -> float:
-        """The line-visit floor: the median pass at the best prefetch distance."""
-        return self.best_prefetch(repeats, threads)[1]
+        """The line-visit floor: the median pass of the fastest way (``best``)."""
+        return self.best(repeats, threads)[2]

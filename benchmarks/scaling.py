@@ -210,7 +210,7 @@ def _point(rt: Runtime, adapters: dict, entries: int, mask: str, dtype: str, rep
     rt.switch("a")
     # the same lines visited by a plain loop, in the switch's state (a bundle's pages already the runtime's)
     visits = LineVisits(parts(rt, "a", "b"))
-    prefetch, _ = visits.best_prefetch(repeats)
+    threads, prefetch, _ = visits.best(repeats)
     before = bandwidth()
     out = {"entries": entries, "mask": mask, "dtype": dtype}
     # ROUNDS rounds of: the switches, the line visits, the bare kernel (from the base, back to A after): each
@@ -218,7 +218,7 @@ def _point(rt: Runtime, adapters: dict, entries: int, mask: str, dtype: str, rep
     switch, visit, kernel = [], [], []
     for _ in range(ROUNDS):
         switch.append(cycle([lambda: rt.switch("b"), lambda: rt.switch("a")], repeats).median_ms)
-        visit.append(visits.time_ms(prefetch, repeats))
+        visit.append(visits.time_ms(prefetch, repeats, threads))
         if dtype in DTYPES:
             rt.switch(None)
             kernel.append(bare_kernel(rt, "a", "b", repeats))
