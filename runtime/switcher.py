@@ -12,6 +12,7 @@ entries are counted per tensor in ``SwitchStats.saturated``); the saved base cod
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,9 @@ class Plan:
     unfused: list[tuple[str, Array, Array, float]] = field(default_factory=list)  # (module, A, B, alpha)
     runs: dict[str, Array] = field(default_factory=dict)  # t -> runs of sparse[t]'s idx (``kernels.runs``)
     orders: dict[str, Array] = field(default_factory=dict)  # t -> sparse[t]'s mirror order (``kernels.orders``)
+    # what a switch into or out of it counts (``SwitchStats``): sparse entries, and bytes read and written
+    entries: int = 0
+    nbytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,7 @@ class State:
 
 # the saved-value buffers' marker: ``shira_runtime.arrays.UNGATHERED``
 ROLLBACK_TRIES = 3  # a rollback that fails (other than by KeyboardInterrupt) is retried this often
+PLANS_KEPT = 8  # the plans of the last few switches (``Switcher.make_plan``)
 
 
 class Switcher:
@@ -112,6 +117,10 @@ class Switcher:
         self._arenas: dict[str, Array] = {}
         self._spare: dict[str, Array] = {}
         self._no_runs: Array | None = None  # an empty runs array: a tensor whose list has none
+        # the plans of the last few switches, by their items (a plan depends only on them: the base's absmax is
+        # taken once): a switch back to a recent adapter reuses its plan. Each entry holds its Prepared objects,
+        # so their ids stay theirs; ``forget`` drops a removed adapter's.
+        self._plans: dict[tuple, tuple[tuple[tuple[Prepared, float], ...], Plan]] = {}
 
     @property
     def plan(self) -> Plan:
@@ -150,6 +159,22 @@ class Switcher:
     def make_plan(self, items: list[tuple[Prepared, float]]) -> Plan:
         if not items:
             return EMPTY_PLAN
+        key = tuple((id(p), w, math.copysign(1.0, w)) for p, w in items)  # -0.0 is not 0.0 here: -0.0 + -0.0
+        hit = self._plans.get(key)
+        if hit is not None:
+            return hit[1]
+        plan = self._make_plan(items)
+        if len(self._plans) >= PLANS_KEPT:
+            del self._plans[next(iter(self._plans))]
+        self._plans[key] = (tuple(items), plan)
+        return plan
+
+    def forget(self, prep: Prepared) -> None:
+        """Drop the kept plans that use ``prep`` (its adapter is being removed)."""
+        for key in [k for k, (items, _) in self._plans.items() if any(p is prep for p, _ in items)]:
+            del self._plans[key]
+
+    def _make_plan(self, items: list[tuple[Prepared, float]]) -> Plan:
         contrib: dict[str, list[tuple[str, object, float]]] = {}
         bound: dict[str, float] = {}  # t -> an upper bound on |sum of sparse deltas|
         source: dict[str, Prepared] = {}  # t -> the adapter of a tensor's sparse part (its runs and order, if alone)
@@ -186,7 +211,12 @@ class Switcher:
                 if t not in self.backend.scales:  # codes saturate (counted) instead of overflowing
                     self._check_range(t, sparse[t][1], bound[t])
         self.backend.check_unfused_plan(unfused)
-        return Plan(tuple((p.name, float(w)) for p, w in items), sparse, dense, unfused, runs, orders)
+        tensors, numel, size = self.backend.tensors, self.ops.numel, self.ops.itemsize
+        entries = sum(numel(i) for i, _ in sparse.values())
+        nbytes = sum(2 * numel(i) * size(tensors[t]) for t, (i, _) in sparse.items())
+        nbytes += sum(2 * numel(tensors[t]) * size(tensors[t]) for t in dense)
+        active = tuple((p.name, float(w)) for p, w in items)
+        return Plan(active, sparse, dense, unfused, runs, orders, entries, nbytes)
 
     def describe(self, t: str, idx: Array, runs: dict[str, Array], orders: dict[str, Array]) -> None:
         """Record what the kernels may take beside ``idx`` (tensor ``t``'s index list): its runs in ``runs[t]`` and
@@ -412,15 +442,12 @@ class Switcher:
         return out, arenas
 
     def _stats(self, old: Plan, new: Plan, ms: float, saturated: dict[str, int]) -> SwitchStats:
-        tensors, numel, size = self.backend.tensors, self.ops.numel, self.ops.itemsize
-        restored = [t for t in old.dense if t not in new.dense]  # copied back whole
-        written = sum(numel(i) for plan in (old, new) for i, _ in plan.sparse.values())
-        written += sum(numel(tensors[t]) for t in [*new.dense, *restored])
-        nbytes = 0
-        for plan in (old, new):
-            nbytes += sum(2 * numel(i) * size(tensors[t]) for t, (i, _) in plan.sparse.items())
-            nbytes += sum(2 * numel(tensors[t]) * size(tensors[t]) for t in plan.dense)
-        return SwitchStats(ms, written, nbytes, new.active, kernels.backend(), saturated)
+        written = old.entries + new.entries  # the plans' counts, taken when they were made
+        if old.dense or new.dense:
+            tensors, numel = self.backend.tensors, self.ops.numel
+            restored = [t for t in old.dense if t not in new.dense]  # copied back whole
+            written += sum(numel(tensors[t]) for t in [*new.dense, *restored])
+        return SwitchStats(ms, written, old.nbytes + new.nbytes, new.active, kernels.backend(), saturated)
 
 
 def _apply_dense(backend: Backend, plan: Plan, base_copies: dict[str, Array]) -> None:
