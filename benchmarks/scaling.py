@@ -5,6 +5,7 @@
     python -m benchmarks.scaling --busy                # also each size up to 1e5 with the other vCPU kept busy
     python -m benchmarks.scaling --dense               # the threshold for whole-tensor work on one thread
     python -m benchmarks.scaling --soak 20000          # the tiny preset: switch times and a mixed soak, quiet/busy
+    python -m benchmarks.scaling --huge-pages          # each torch point's weights on huge pages (Runtime.huge_pages)
 
 For each size N, a model of four linears holding 100 N weights (the adapter's density is 1%, as a SHiRA adapter on
 a model of that size) gets two random adapters A and B of N entries each (``rand``: uniform positions; ``block``:
@@ -181,7 +182,7 @@ def bandwidth() -> float:
     return copy_bandwidth_gbps(repeats=3, rounds=2)
 
 
-def point(entries: int, mask: str, dtype: str, repeats: int, busy: bool) -> dict:
+def point(entries: int, mask: str, dtype: str, repeats: int, busy: bool, huge: bool = False) -> dict:
     model = model_for(entries, seed=0)
     line = None if mask == "rand" else LINE_DTYPES[dtype]  # blocks are lines of the base's own storage
     bundle = dtype == "int8-bundle"  # ... there the transposed copy: runs of rows in a column
@@ -195,7 +196,9 @@ def point(entries: int, mask: str, dtype: str, repeats: int, busy: bool) -> dict
     elif dtype != "fp32":
         model = model.to(DTYPES[dtype])
     if not bundle:
-        return _point(Runtime.load(model), adapters, entries, mask, dtype, repeats, busy)
+        rt = Runtime.load(model)
+        moved = rt.huge_pages() if huge else 0  # Runtime.huge_pages: the weights on 2 MiB pages where it can
+        return {**_point(rt, adapters, entries, mask, dtype, repeats, busy), "huge_mb": moved / 2**20}
     from shira_runtime.exporters import export_onnx
 
     with tempfile.TemporaryDirectory(prefix="scaling-") as folder:
@@ -316,6 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed switches per point (default 40; --quick 20)")
     p.add_argument("--dense", action="store_true", help="measure the one-thread threshold for whole-tensor work")
     p.add_argument("--soak", type=int, default=0, help="the tiny preset's switches and an N-switch mixed soak")
+    p.add_argument("--huge-pages", action="store_true",
+                   help="Runtime.huge_pages() on each torch-backend point's weights (Linux: transparent huge pages)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.soak:
@@ -346,10 +351,12 @@ def main(argv: list[str] | None = None) -> None:
             for n in sizes:
                 progress(f"{dtype} {mask} {n:.0e} entries")
                 points.append(point(n, mask, dtype, max(4, repeats // max(1, n // 1_000_000)),
-                                    args.busy and n <= 100_000))  # fmt: skip
+                                    args.busy and n <= 100_000, args.huge_pages))  # fmt: skip
     gbps = [q["gbps"] for q in points]
     print(f"# scaling: {os.cpu_count()} CPUs, memory bandwidth {min(gbps):.1f}-{max(gbps):.1f} GB/s (read beside "
-          f"each point: its floors use its own), kernels {kernels.backend()}, density {DENSITY}")  # fmt: skip
+          f"each point: its floors use its own), kernels {kernels.backend()}, density {DENSITY}"
+          + (f"; weights on huge pages: {sum(q.get('huge_mb', 0) for q in points):.0f} MB in all" if args.huge_pages
+             else ""))  # fmt: skip
     cols = ["dtype", "mask", "entries", "written", "GB/s", "switch ms", "floor ms", "x floor", "+ streams ms", "x",
             "visits ms", "x visits", "kernel ms", "switch / kernel"] + (["busy ms"] if args.busy else [])  # fmt: skip
     print_table(

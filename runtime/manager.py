@@ -125,7 +125,7 @@ class Runtime:
             self._get(name)
             if any(n == name for n, _ in self.active):
                 raise ShiraError(f"adapter {name!r} is active; switch away from it before removing it")
-            del self._bank[name]
+            self._switcher.forget(self._bank.pop(name))  # and the plans kept for it
 
     def _prepare(self, name: str, adapter: Any, mode: str | None) -> Prepared:
         try:
@@ -193,6 +193,17 @@ class Runtime:
             yield stats
         finally:
             self.switch([n for n, _ in before] or None, [w for _, w in before] or None)
+
+    def huge_pages(self) -> int:
+        """Move the switched weights onto transparent huge pages where the OS allows (Linux 6.1+, THP not
+        disabled; a torch model's weights, not a bundle's mapped file): fewer TLB misses for a switch's scattered
+        lines (``shira_runtime.hugepages``: 0.66-0.95x the switch time here). A one-off copy of the weights by the
+        kernel (about a second per GB); values unchanged. Returns the bytes moved (0 where it cannot: a hint, never
+        an error)."""
+        from shira_runtime.hugepages import collapse
+
+        with self._lock.write():  # no switch or inference meanwhile
+            return collapse(_region(w) for w in self.backend.tensors.values())
 
     # -- inference --
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -316,3 +327,10 @@ def _hf_generate(
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         return model.generate(ids, **kwargs)
+
+
+def _region(w: Any) -> tuple[int, int]:
+    """A weight's storage as ``(address, nbytes)``: a torch tensor or a numpy array."""
+    if hasattr(w, "data_ptr"):
+        return w.data_ptr(), w.numel() * w.element_size()
+    return w.ctypes.data, w.nbytes

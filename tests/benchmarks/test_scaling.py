@@ -72,3 +72,10 @@ def test_int8_bundle_points_switch_the_stored_copies():
         floors[mask] = p["floor_ms"]
     assert floors["block"] * 4 < floors["rand"]
     assert not {n for n in set(os.listdir(tempfile.gettempdir())) - before if n.startswith("scaling-")}
+
+
+def test_huge_pages_points_report_what_moved(capsys):
+    p = scaling.point(10_000, "rand", "fp32", 4, busy=False, huge=True)
+    assert p["huge_mb"] >= 0 and p["switch_ms"] > 0 and p["visits_ms"] > 0
+    scaling.main(["--max", "1e3", "--masks", "rand", "--dtypes", "fp32", "--repeats", "4", "--huge-pages"])
+    assert "weights on huge pages:" in capsys.readouterr().out
