@@ -275,6 +275,9 @@ def torch_rows(cfg: Config, model, dtype: str, copy_gbps: float, ctx: dict, nois
     interleaved rounds with the base's."""
     quantized = dtype in FORMATS
     rt = Runtime.load(model)
+    if cfg.huge_pages:
+        step(f"{dtype}: the weights onto huge pages")
+        progress(f"{dtype}: {rt.huge_pages() / 2**20:.0f} MB of weights on huge pages")
     rows = [Row.of("base", "torch", dtype, None, 0, "quantized base, no adapter" if quantized else "no adapter")]
     for mask in cfg.masks if not cfg.shira else cfg.masks[:1]:
         step(f"{dtype}: SHiRA switches, {mask} masks")
@@ -397,7 +400,7 @@ def phases(cfg: Config) -> int:
     """How many ``step``s ``run`` takes (the progress bar's length)."""
     n = 1
     for dtype in cfg.dtypes:
-        n += 1 + len(cfg.masks if not cfg.shira else cfg.masks[:1]) + 2
+        n += 1 + len(cfg.masks if not cfg.shira else cfg.masks[:1]) + 2 + cfg.huge_pages
         n += 0 if cfg.no_onnx or onnx_unavailable(cfg, dtype) else 4
         n += 0 if cfg.no_peft or dtype in FORMATS else 1
     return n
@@ -445,6 +448,8 @@ def main(argv: list[str] | None = None) -> None:
         help="mask kinds of the random SHiRA adapters, one pair of switch rows each (grad/snip: a calibration "
         "pass on random tokens); the first also runs the inference, onnxruntime and PEFT rows",
     )
+    p.add_argument("--huge-pages", action="store_true",
+                   help="the torch rows' weights on transparent huge pages first (Runtime.huge_pages; Linux)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG: switch latency (log) and inference overhead")
     args = p.parse_args(argv)
@@ -468,6 +473,7 @@ def main(argv: list[str] | None = None) -> None:
         gen_repeats=args.gen_repeats,
         no_peft=args.no_peft,
         masks=tuple(dict.fromkeys(args.mask)),
+        huge_pages=args.huge_pages,
     )
     out, elapsed_ms = once(lambda: run(cfg))
     out["elapsed_s"] = elapsed_ms / 1e3

@@ -35,6 +35,7 @@ class Config:
     no_peft: bool = False
     masks: tuple[str, ...] = ("rand",)  # SHiRA mask kinds of the random adapters (shira_runtime.masks); the first
     # one also serves the inference, onnxruntime and PEFT rows
+    huge_pages: bool = False  # the torch rows' weights on huge pages (Runtime.huge_pages)
 
 
 @dataclass(frozen=True)

@@ -259,3 +259,12 @@ def test_int8_block_masks_are_lines_of_the_codes(tmp_path):
     floors = {r["mask"]: r["floor_ms"] for r in rows}
     # 1% + 1% random codes touch ~73% of the lines (1 - 0.98^64); whole-line blocks 2%, quarter-line ones ~8%
     assert floors["block"] < floors["rand"] / 20
+
+
+def test_huge_pages_flag_runs_the_torch_rows_on_moved_weights(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = ["--quick", "--no-onnx", "--no-peft", "--repeats", "2", "--infer-repeats", "1", "--mask", "rand"]
+    main([*argv, "--huge-pages", "--json", str(out)])
+    rows = [r for r in json.loads(out.read_text())["results"] if r["method"] == "shira"]
+    assert rows and all(r["switch_ms"] > 0 for r in rows)
+    assert "MB of weights on huge pages" in capsys.readouterr().err
