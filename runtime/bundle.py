@@ -24,7 +24,12 @@ from shira_runtime.errors import AdapterFormatError
 from shira_runtime.kernels.dtypes import NUMPY
 
 FORMAT = "shira-onnx-bundle"
-VERSION = 2  # 1: no manifest checksum, a structure hash of names and shapes only
+# The format version a manifest states is the lowest that describes its bundle, so an older runtime reads every
+# bundle it can: 3 for a bundle with an int8 weight stored as its transposed uint8 copy (the exporter's `copy16`
+# form; version 2 bundles written before the bump may hold it too, and are read as they are), 2 otherwise.
+# 1: no manifest checksum, a structure hash of names and shapes only.
+VERSION = 3
+READS = (2, 3)  # the versions this runtime reads
 GRAPH_FILE = "model.onnx"
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"

@@ -20,6 +20,7 @@ from shira_runtime.bundle import (
     LAYOUTS,
     MANIFEST_FILE,
     MAX_EXAMPLE,
+    READS,
     VERSION,
     WEIGHTS_FILE,
     BundleError,
@@ -61,7 +62,7 @@ class Manifest:
     def to_json(self) -> dict:
         body = {
             "format": FORMAT,
-            "version": VERSION,
+            "version": VERSION if any(_copy16(e) for e in self.parameters.values()) else 2,
             "graph": self.graph,
             "weights": self.weights,
             "inputs": self.inputs,
@@ -103,10 +104,15 @@ class Manifest:
         if not isinstance(m, dict) or m.get("format") != FORMAT:
             got = m.get("format") if isinstance(m, dict) else type(m).__name__
             raise BundleError(f"{path}: not a {FORMAT} manifest (format={got!r})")
-        if m.get("version") != VERSION:
-            raise BundleError(
-                f"{path}: format version {m.get('version')!r}; this runtime reads version {VERSION} (re-export it)"
-            )
+        v = m.get("version")
+        if type(v) is not int or v not in READS:  # not bool, not float: JSON's 2.0 and true are not versions
+            reads = f"versions {READS[0]}-{READS[-1]}"
+            if type(v) is int and v > VERSION:
+                raise BundleError(
+                    f"{path}: format version {v}, written by a newer exporter; this runtime reads {reads} "
+                    "(upgrade shira-runtime)"
+                )
+            raise BundleError(f"{path}: format version {v!r}; this runtime reads {reads} (re-export it)")
         if m.get("checksum") != _checksum({k: v for k, v in m.items() if k != "checksum"}):
             raise BundleError(f"{path}: checksum mismatch: the manifest was edited or corrupted")
         for key, typ in (("graph", str), ("weights", str), ("inputs", list), ("outputs", list)):
@@ -378,3 +384,8 @@ def _check_adapter(bundle: Path, path: Path, name: str, entry: Any) -> None:
         raise BundleError(f"{where}: path {entry['path']!r} is not inside {ADAPTERS_DIR}/")
     if not present:
         raise BundleError(f"{where}: {full} is missing or not a {'file' if entry['kind'] == 'shira' else 'directory'}")
+
+
+def _copy16(entry: Any) -> bool:
+    """A parameter stored as an int8 weight's transposed uint8 copy (the exporter's ``copy16`` form)."""
+    return isinstance(entry, dict) and entry.get("dtype") == "uint8" and "quant" in entry

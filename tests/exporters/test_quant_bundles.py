@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -64,6 +65,27 @@ def u8t_bundle(pair, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(onnx_export, "rewrite_int8", lambda m, q: rewrite_int8(m, q, form="u8t16"))
         return export_onnx(pair[0], (IDS,), tmp_path_factory.mktemp("u8t") / "bundle")
+
+
+def test_the_manifest_states_the_lowest_version_that_describes_it(pair, u8t_bundle, tmp_path):
+    """A bundle storing uint8 copies says format version 3 (a runtime that reads only 2 refuses it by its version,
+    not by a layout it does not know); the u8t16 form, which stores codes, says 2; version-2 bundles holding copies
+    (written before the bump) still load; a version from a newer exporter is refused as such."""
+    from shira_runtime.bundle import MANIFEST_FILE
+
+    assert json.loads((pair[1] / MANIFEST_FILE).read_text())["version"] == 3
+    assert json.loads((u8t_bundle / MANIFEST_FILE).read_text())["version"] == 2
+    for version, error in ((2, None), (4, "newer exporter.*upgrade shira-runtime"), (1, "re-export"),
+                           (2.0, "re-export"), (True, "re-export")):  # fmt: skip
+        b = tmp_path / f"v{version!r}"
+        shutil.copytree(pair[1], b)
+        body = json.loads((b / MANIFEST_FILE).read_text()) | {"version": version}
+        (b / MANIFEST_FILE).write_text(json.dumps(Manifest.seal(body)))
+        if error is None:
+            assert Runtime.load(b).backend.tensors  # a version-2 manifest with uint8 copies: read as it is
+        else:
+            with pytest.raises(BundleError, match=error):
+                Runtime.load(b)
 
 
 def test_manifest_holds_the_copy_and_scales(pair):
