@@ -6,6 +6,7 @@
     python -m benchmarks.scaling --dense               # the threshold for whole-tensor work on one thread
     python -m benchmarks.scaling --soak 20000          # the tiny preset: switch times and a mixed soak, quiet/busy
     python -m benchmarks.scaling --huge-pages          # each torch point's weights on huge pages (Runtime.huge_pages)
+    python -m benchmarks.scaling --per-tensor          # a small switch's fixed cost against the tensors it touches
 
 For each size N, a model of four linears holding 100 N weights (the adapter's density is 1%, as a SHiRA adapter on
 a model of that size) gets two random adapters A and B of N entries each (``rand``: uniform positions; ``block``:
@@ -308,6 +309,25 @@ def soak(switches: int) -> list[list[object]]:
     return rows
 
 
+def per_tensor(counts: tuple[int, ...], switches: int) -> list[list[object]]:
+    """A small switch's fixed cost against the number of tensors it touches: ``n`` linears of 256 x 256, two random
+    adapters of 0.1% (65 entries per tensor), the median A -> B switch: [tensors, entries, switch us, us/tensor]."""
+    rows = []
+    for n in counts:
+        names = [f"l{k}" for k in range(n)]
+        model = nn.ModuleDict({name: nn.Linear(256, 256, bias=False) for name in names})
+        rt = Runtime.load(model)
+        for k, name in enumerate("ab"):
+            rt.add_adapter(name, random_shira(model, names, 0.001, seed=k + 1))
+        rt.switch("a")
+        us = cycle([lambda r=rt: r.switch("b"), lambda r=rt: r.switch("a")], switches).median_ms * 1e3
+        rt.switch(None)
+        entries = sum(int(i.numel()) for i, _ in rt._get("a").sparse.values())
+        rows.append([n, entries, us, us / n])
+        progress(f"{n} tensors: {us:.0f} us")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="1e3 .. 1e5 entries, fp32, rand and block (seconds)")
@@ -319,6 +339,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed switches per point (default 40; --quick 20)")
     p.add_argument("--dense", action="store_true", help="measure the one-thread threshold for whole-tensor work")
     p.add_argument("--soak", type=int, default=0, help="the tiny preset's switches and an N-switch mixed soak")
+    p.add_argument("--per-tensor", action="store_true",
+                   help="a small switch's fixed cost against the tensors it touches (4 .. 210 linears)")
     p.add_argument("--huge-pages", action="store_true",
                    help="Runtime.huge_pages() on each torch-backend point's weights (Linux: transparent huge pages)")
     p.add_argument("--json", type=Path, default=None)
@@ -330,6 +352,14 @@ def main(argv: list[str] | None = None) -> None:
         print_table(["condition", "LoRA fused A -> B ms", "SHiRA A -> B ms", "soak s"], rows)
         if args.json:
             args.json.write_text(json.dumps({"soak": rows}, indent=1))
+        return
+    if args.per_tensor:
+        rows = per_tensor((4, 28, 112, 210), args.repeats or 300)
+        print(f"# a small switch against the tensors it touches (SmolLM2-135M: 210 linears); kernels "
+              f"{kernels.backend()}, torch threads {torch.get_num_threads()}")  # fmt: skip
+        print_table(["tensors", "entries", "switch us", "us per tensor"], rows)
+        if args.json:
+            args.json.write_text(json.dumps({"per_tensor": rows}, indent=1))
         return
     if args.dense:
         rows = dense_threshold((64, 128, 256, 362, 512, 724, 1024), args.repeats or 200)

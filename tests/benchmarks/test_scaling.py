@@ -79,3 +79,8 @@ def test_huge_pages_points_report_what_moved(capsys):
     assert p["huge_mb"] >= 0 and p["switch_ms"] > 0 and p["visits_ms"] > 0
     scaling.main(["--max", "1e3", "--masks", "rand", "--dtypes", "fp32", "--repeats", "4", "--huge-pages"])
     assert "weights on huge pages:" in capsys.readouterr().out
+
+
+def test_per_tensor_rows():
+    rows = scaling.per_tensor((2, 5), 4)
+    assert [r[0] for r in rows] == [2, 5] and all(r[1] > 0 and r[2] > 0 and r[3] == r[2] / r[0] for r in rows)
