@@ -65,7 +65,17 @@ class LineVisits:
     def __init__(self, parts: Iterable[tuple[torch.Tensor | np.ndarray, Sequence]]) -> None:
         self.keep: list = []  # the weights and line arrays the segments point into
         rows = []
+        merged: dict[int, tuple] = {}  # one segment per weight: two threads never add to the same byte
         for w, indices in parts:
+            key = _address(w)[0]
+            if key in merged:
+                w0, idx0 = merged[key]
+                if _address(w0) != _address(w) or tuple(w0.shape) != tuple(w.shape):
+                    raise ValueError("line visits: two weights share storage (tied or overlapping): list it once")
+                merged[key] = (w0, [*idx0, *indices])
+            else:
+                merged[key] = (w, list(indices))
+        for w, indices in merged.values():
             idx = [torch.as_tensor(i).long().reshape(-1) for i in indices]
             if not idx or not sum(i.numel() for i in idx):
                 continue

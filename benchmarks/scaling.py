@@ -7,6 +7,7 @@
     python -m benchmarks.scaling --soak 20000          # the tiny preset: switch times and a mixed soak, quiet/busy
     python -m benchmarks.scaling --huge-pages          # each torch point's weights on huge pages (Runtime.huge_pages)
     python -m benchmarks.scaling --per-tensor          # a small switch's fixed cost against the tensors it touches
+    python -m benchmarks.scaling --huge-ab --min 1e6   # 4 KiB against huge pages, interleaved in one process
 
 For each size N, a model of four linears holding 100 N weights (the adapter's density is 1%, as a SHiRA adapter on
 a model of that size) gets two random adapters A and B of N entries each (``rand``: uniform positions; ``block``:
@@ -328,6 +329,37 @@ def per_tensor(counts: tuple[int, ...], switches: int) -> list[list[object]]:
     return rows
 
 
+def huge_ab(entries: int, mask: str, dtype: str, repeats: int, rounds: int = 5) -> list[object]:
+    """Two runtimes over two copies of the same model, one on huge pages (``Runtime.huge_pages``), their A -> B
+    switches in interleaved rounds: [dtype, mask, entries, 4 KiB ms, huge ms, huge / 4 KiB (median of the
+    rounds' ratios), MB moved]."""
+    line = None if mask == "rand" else LINE_DTYPES[dtype]
+    rts, moved = [], 0
+    for huge in (False, True):
+        model = model_for(entries, seed=0)
+        adapters = {n: random_shira(model, NAMES, DENSITY, seed=k + 1, mask=None if mask == "rand" else mask,
+                                    line_dtype=line) for k, n in enumerate("ab")}  # fmt: skip
+        if dtype.startswith("int8"):
+            model = quantize(model, "int8")
+        elif dtype != "fp32":
+            model = model.to(DTYPES[dtype])
+        rt = Runtime.load(model)
+        for n, ad in adapters.items():
+            rt.add_adapter(n, ad)
+        if huge:
+            moved = rt.huge_pages()
+        rt.switch("a")
+        rts.append(rt)
+    times: list[list[float]] = [[], []]
+    for _ in range(rounds):
+        for k, rt in enumerate(rts):
+            times[k].append(cycle([lambda r=rt: r.switch("b"), lambda r=rt: r.switch("a")], repeats).median_ms)
+    for rt in rts:
+        rt.switch(None)
+    ratio = statistics.median(h / s for s, h in zip(*times))
+    return [dtype, mask, entries, statistics.median(times[0]), statistics.median(times[1]), ratio, moved / 2**20]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="1e3 .. 1e5 entries, fp32, rand and block (seconds)")
@@ -341,6 +373,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--soak", type=int, default=0, help="the tiny preset's switches and an N-switch mixed soak")
     p.add_argument("--per-tensor", action="store_true",
                    help="a small switch's fixed cost against the tensors it touches (4 .. 210 linears)")
+    p.add_argument("--huge-ab", action="store_true",
+                   help="each point twice in one process, 4 KiB pages against huge pages, in interleaved rounds")
     p.add_argument("--huge-pages", action="store_true",
                    help="Runtime.huge_pages() on each torch-backend point's weights (Linux: transparent huge pages)")
     p.add_argument("--json", type=Path, default=None)
@@ -374,6 +408,16 @@ def main(argv: list[str] | None = None) -> None:
     sizes = [int(10**k) for k in range(3, 8) if args.min <= 10**k <= top]
     dtypes = args.dtypes or (["fp32"] if args.quick else ["fp32", "bf16", "int8"])
     repeats = args.repeats or (20 if args.quick else 40)
+    if args.huge_ab:
+        torch_dtypes = [d for d in dtypes if d in ("fp32", "bf16", "int8")]  # a bundle's pages are its file's
+        rows = [huge_ab(n, mask, dtype, max(4, repeats // max(1, n // 1_000_000)))
+                for dtype in torch_dtypes for mask in args.masks for n in sizes]  # fmt: skip
+        print(f"# 4 KiB pages against huge pages (Runtime.huge_pages), interleaved rounds in one process; kernels "
+              f"{kernels.backend()}")  # fmt: skip
+        print_table(["dtype", "mask", "entries", "4 KiB ms", "huge ms", "huge / 4 KiB", "MB moved"], rows)
+        if args.json:
+            args.json.write_text(json.dumps({"huge_ab": rows}, indent=1))
+        return
     progress(f"kernels: {kernels.backend()}")
     points = []
     for dtype in dtypes:

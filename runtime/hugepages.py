@@ -4,13 +4,11 @@ A switch visits its weight lines sorted but far apart: on 4 KiB pages most visit
 weight set is 100,000 pages, more than any TLB holds). ``collapse`` asks the kernel to move the 2 MiB-aligned
 interior of each region onto transparent huge pages now (``madvise(MADV_COLLAPSE)``, Linux 6.1+; a synchronous
 copy: ~1-1.6 s per GB on the machine of docs/results/scaling.md), after ``MADV_HUGEPAGE`` so that the pages stay
-huge. The contents do not change. Where the kernel cannot (an older kernel, THP disabled, a file-backed mapping
-such as a bundle's mapped weights, another OS) nothing happens and the region counts 0 bytes: it is a hint,
-never an error.
+huge. The contents do not change. Where the kernel declines (an older kernel, THP disabled, most file-backed
+mappings such as a bundle's mapped weights, another OS) the region counts 0 bytes: it is a hint, never an error.
 
-Measured (interleaved rounds, two runtimes over the same model in one process, one collapsed; AMD EPYC, 2 vCPUs,
-2026-12-07): random fp32 switches 0.95x the time at 1 M entries and 0.92x at 10 M, block switches 0.85x and
-0.66x; int8 0.92x (random and block, 1 M).
+Measured with ``python -m benchmarks.scaling --huge-ab`` (two runtimes over the same model in one process, one
+collapsed, their switches in interleaved rounds): docs/results/scaling.md.
 """
 
 from __future__ import annotations

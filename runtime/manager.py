@@ -196,13 +196,13 @@ class Runtime:
 
     def huge_pages(self) -> int:
         """Move the switched weights onto transparent huge pages where the OS allows (Linux 6.1+, THP not
-        disabled; a torch model's weights, not a bundle's mapped file): fewer TLB misses for a switch's scattered
-        lines (``shira_runtime.hugepages``: 0.66-0.95x the switch time here). A one-off copy of the weights by the
-        kernel (about a second per GB); values unchanged. Returns the bytes moved (0 where it cannot: a hint, never
-        an error)."""
+        disabled; anonymous memory such as a torch model's weights: a bundle's file-backed map is asked too, and
+        the kernel usually declines): fewer TLB misses for a switch's scattered lines (``shira_runtime.hugepages``).
+        A one-off copy of the weights by the kernel (about a second per GB); values unchanged, and inference may
+        run meanwhile (no switch does). Returns the bytes moved (0 where it cannot: a hint, never an error)."""
         from shira_runtime.hugepages import collapse
 
-        with self._lock.write():  # no switch or inference meanwhile
+        with self._lock.read():  # no switch meanwhile; the kernel moves pages under running reads safely
             return collapse(_region(w) for w in self.backend.tensors.values())
 
     # -- inference --

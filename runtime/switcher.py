@@ -22,6 +22,8 @@ from shira_runtime import kernels
 from shira_runtime.arrays import CODE_DTYPES, FINFO_MAX, NUMPY, as_ops, dtype_name, fp32
 from shira_runtime.backend import Backend
 from shira_runtime.errors import AdapterValueError
+from shira_runtime.kernels.core import Frozen
+from shira_runtime.kernels.core import release as release_lists
 from shira_runtime.kernels.orders import mirror_order
 from shira_runtime.kernels.runs import runs_of
 
@@ -98,11 +100,14 @@ class State:
     plan: Plan
     sparse_saved: dict[str, tuple[Array, Array]]  # t -> (idx, base values at idx)
     dense_saved: dict[str, Array]  # t -> full copy of the base tensor
+    saved: tuple = ()  # the saved-value buffers in plan.sparse's order, the tuple the kernels were given
 
 
 # the saved-value buffers' marker: ``shira_runtime.arrays.UNGATHERED``
 ROLLBACK_TRIES = 3  # a rollback that fails (other than by KeyboardInterrupt) is retried this often
-PLANS_KEPT = 8  # the plans of the last few switches (``Switcher.make_plan``)
+PLANS_KEPT = 8  # the plans of the last few switches (``Switcher.make_plan``), least recently used dropped first
+PLAN_BYTES = 64 << 20  # ... holding at most this many bytes of their own (a plan of one adapter at weight 1 holds
+# the adapter's arrays: 0 bytes of its own; a weighted or fused plan holds scaled copies, unions)
 
 
 class Switcher:
@@ -120,7 +125,11 @@ class Switcher:
         # the plans of the last few switches, by their items (a plan depends only on them: the base's absmax is
         # taken once): a switch back to a recent adapter reuses its plan. Each entry holds its Prepared objects,
         # so their ids stay theirs; ``forget`` drops a removed adapter's.
-        self._plans: dict[tuple, tuple[tuple[tuple[Prepared, float], ...], Plan]] = {}
+        self._plans: dict[tuple, tuple[tuple[tuple[Prepared, float], ...], int, Plan]] = {}  # items, bytes
+        # each recent plan's lists for the kernels, and the saved-value slices of each arena layout, as ``Frozen``
+        # tuples made once: the kernel core checks and packs them once (``kernels.core.Frozen``), not per switch
+        self._lists: dict[int, tuple[Plan, dict[str, Frozen]]] = {}
+        self._slices: dict[tuple, tuple[tuple, Frozen]] = {}
 
     @property
     def plan(self) -> Plan:
@@ -160,19 +169,35 @@ class Switcher:
         if not items:
             return EMPTY_PLAN
         key = tuple((id(p), w, math.copysign(1.0, w)) for p, w in items)  # -0.0 is not 0.0 here: -0.0 + -0.0
-        hit = self._plans.get(key)
+        hit = self._plans.pop(key, None)
         if hit is not None:
-            return hit[1]
+            self._plans[key] = hit  # the most recently used last
+            return hit[2]
         plan = self._make_plan(items)
-        if len(self._plans) >= PLANS_KEPT:
-            del self._plans[next(iter(self._plans))]
-        self._plans[key] = (tuple(items), plan)
+        own = _own_bytes(plan, [p for p, _ in items])
+        if own <= PLAN_BYTES:
+            self._plans[key] = (tuple(items), own, plan)
+            while len(self._plans) > PLANS_KEPT:
+                self._drop_plan(next(iter(self._plans)))
+            while sum(v[1] for v in self._plans.values()) > PLAN_BYTES:  # the oldest that holds bytes of its own
+                self._drop_plan(next(k for k, v in self._plans.items() if v[1]))
         return plan
 
     def forget(self, prep: Prepared) -> None:
         """Drop the kept plans that use ``prep`` (its adapter is being removed)."""
-        for key in [k for k, (items, _) in self._plans.items() if any(p is prep for p, _ in items)]:
-            del self._plans[key]
+        for key in [k for k, (items, _, _) in self._plans.items() if any(p is prep for p, _ in items)]:
+            self._drop_plan(key)
+
+    def _drop_plan(self, key: tuple) -> None:
+        _, _, plan = self._plans.pop(key)
+        if plan is not self.state.plan:  # the applied plan's lists serve the next switch's outgoing side
+            self._drop_lists(plan)
+
+    def _drop_lists(self, plan: Plan) -> None:
+        hit = self._lists.get(id(plan))
+        if hit is not None and hit[0] is plan:
+            del self._lists[id(plan)]
+            release_lists(hit[1].values())
 
     def _make_plan(self, items: list[tuple[Prepared, float]]) -> Plan:
         contrib: dict[str, list[tuple[str, object, float]]] = {}
@@ -271,10 +296,37 @@ class Switcher:
                 return self._switch(plan, t0)
         return self._switch(plan, t0)
 
+    def lists(self, plan: Plan) -> dict[str, Frozen]:
+        """``plan``'s lists for the kernels, made once per plan (``Frozen``): its tensors' weights, indices, deltas,
+        scales and runs, in ``plan.sparse``'s order."""
+        hit = self._lists.get(id(plan))
+        if hit is not None and hit[0] is plan:
+            return hit[1]
+        tensors, scales = self.backend.tensors, self.backend.scales
+        ts = list(plan.sparse)
+        if self._no_runs is None:
+            self._no_runs = self.ops.from_numpy(np.zeros((0, 3), dtype=np.int64))
+        out = {
+            "weights": Frozen(tensors[t] for t in ts),
+            "indices": Frozen(plan.sparse[t][0] for t in ts),
+            "deltas": Frozen(plan.sparse[t][1] for t in ts),
+            "scales": Frozen(scales.get(t, self.backend.no_scale) for t in ts),
+            "runs": Frozen(plan.runs.get(t, self._no_runs) for t in ts),
+        }
+        self._lists[id(plan)] = (plan, out)
+        return out
+
+    def _prune_lists(self) -> None:
+        """Keep the lists of the kept plans and of the applied one (the next switch's outgoing side)."""
+        keep = {id(v[2]) for v in self._plans.values()} | {id(self.state.plan)}
+        for key in [k for k in self._lists if k not in keep]:
+            release_lists(self._lists.pop(key)[1].values())
+
     def _switch(self, plan: Plan, t0: float) -> SwitchStats:
         old, tensors, ops = self.state, self.backend.tensors, self.ops
         in_t = list(plan.sparse)
-        in_idx = [plan.sparse[t][0] for t in in_t]
+        mine, theirs = self.lists(plan), self.lists(old.plan)
+        in_idx = mine["indices"]
         # an all-or-nothing kernel (the core) marks only each buffer's first entry: whether it ran tells the rest
         whole = not _all_or_nothing(kernels.switch_)
         in_saved, arenas = self._ungathered(
@@ -285,7 +337,7 @@ class Switcher:
         quant = any(t in scales for t in in_t)
         touched = {*in_t, *old.sparse_saved, *old.plan.dense, *plan.dense}
         saturated = ops.counts(len(in_t)) if quant else None
-        no_scale, no_mirror = self.backend.no_scale, self.backend.no_mirror
+        no_mirror = self.backend.no_mirror
         try:
             for t in old.plan.dense:
                 if t not in plan.dense:  # leaves dense: its base copy goes back whole
@@ -297,20 +349,16 @@ class Switcher:
                 mirrors = {t: m for t in written if (m := self.backend.mirror(t)) is not None}
                 described = old.plan.runs or plan.runs
                 ordered = mirrors and (old.plan.orders or plan.orders)
-                if described:
-                    no_runs = self._no_runs
-                    if no_runs is None:
-                        no_runs = self._no_runs = ops.from_numpy(np.zeros((0, 3), dtype=np.int64))
                 kernels.switch_(
-                    [tensors[t] for t in out_t],
-                    [old.sparse_saved[t][0] for t in out_t],
-                    [old.sparse_saved[t][1] for t in out_t],
-                    [tensors[t] for t in in_t],
+                    theirs["weights"],  # out_t is old.plan.sparse's order: old.saved's
+                    theirs["indices"],
+                    old.saved,
+                    mine["weights"],
                     in_idx,
-                    [plan.sparse[t][1] for t in in_t],
+                    mine["deltas"],
                     in_saved,
                     validate=False,
-                    **({"in_scales": [scales.get(t, no_scale) for t in in_t], "saturated": saturated} if quant else {}),
+                    **({"in_scales": mine["scales"], "saturated": saturated} if quant else {}),
                     **(
                         {
                             "out_mirrors": [mirrors.get(t, no_mirror) for t in out_t],
@@ -319,14 +367,7 @@ class Switcher:
                         if mirrors
                         else {}
                     ),
-                    **(
-                        {
-                            "out_runs": [old.plan.runs.get(t, no_runs) for t in out_t],
-                            "in_runs": [plan.runs.get(t, no_runs) for t in in_t],
-                        }
-                        if described
-                        else {}
-                    ),
+                    **({"out_runs": theirs["runs"], "in_runs": mine["runs"]} if described else {}),
                     **(
                         {
                             "out_orders": [old.plan.orders.get(t, no_mirror) for t in out_t],
@@ -348,12 +389,13 @@ class Switcher:
             self.backend.set_unfused(plan.unfused)
             sat = {t: int(n) for t, n in zip(in_t, saturated.tolist()) if n} if saturated is not None else {}
             stats = self._stats(old.plan, plan, (time.perf_counter() - t0) * 1e3, sat)
-            self.state = State(plan, dict(zip(in_t, zip(in_idx, in_saved))), dense_saved)  # commit
+            self.state = State(plan, dict(zip(in_t, zip(in_idx, in_saved))), dense_saved, in_saved)  # commit
             self._spare, self._arenas = self._arenas, arenas  # old's arenas are free now that the switch committed
         except BaseException:
             self._rollback(old, plan, in_saved, dense_saved, whole)
             self.backend.after_switch(old.plan.active, touched)  # rolled back: the same tensors were written
             raise
+        self._prune_lists()
         self.backend.after_switch(plan.active, touched)
         return stats
 
@@ -411,7 +453,7 @@ class Switcher:
 
     def _ungathered(
         self, dtypes: list[str], sizes: list[int], whole: bool = True
-    ) -> tuple[list[Array], dict[str, Array]]:
+    ) -> tuple[Frozen, dict[str, Array]]:
         """Saved-value buffers for ``sizes[k]`` values of dtype ``dtypes[k]``, every entry holding the ungathered
         marker (``whole``; else only each buffer's first entry): slices of one arena per dtype (a spare one reused
         when large enough), marked with one fill (one indexed write)."""
@@ -429,9 +471,9 @@ class Switcher:
                     ops.mark(spare[:n])
         at = dict.fromkeys(total, 0)
         firsts: dict[str, list[int]] = {d: [] for d in total}
-        out = []
+        starts = []
         for d, n in zip(dtypes, sizes):
-            out.append(arenas[d][at[d] : at[d] + n])
+            starts.append(at[d])
             if n:
                 firsts[d].append(at[d])
             at[d] += n
@@ -439,6 +481,17 @@ class Switcher:
             for d, pos in firsts.items():
                 if pos:
                     ops.mark_at(arenas[d], np.asarray(pos, dtype=np.int64))
+        # the slices of this layout of these arenas, made once (the kernels pack a Frozen list once); entries for
+        # arenas no longer held (neither applied, spare nor these) go, and their memory with them
+        key = (tuple(dtypes), tuple(sizes), tuple((d, id(a)) for d, a in arenas.items()))
+        hit = self._slices.get(key)
+        if hit is not None and all(a is arenas[d] for d, a in hit[0]):
+            return hit[1], arenas
+        out = Frozen(arenas[d][k : k + n] for d, k, n in zip(dtypes, starts, sizes))
+        live = {id(a) for held in (self._arenas, self._spare, arenas) for a in held.values()}
+        for k in [k for k, (held, _) in self._slices.items() if any(id(a) not in live for _, a in held)]:
+            release_lists([self._slices.pop(k)[1]])
+        self._slices[key] = (tuple(arenas.items()), out)
         return out, arenas
 
     def _stats(self, old: Plan, new: Plan, ms: float, saturated: dict[str, int]) -> SwitchStats:
@@ -539,3 +592,11 @@ def _combine(ops, parts: list[tuple[str, object, float]]) -> tuple[Array, Array]
         _, (idx, delta), alpha = parts[0]
         return idx, delta if alpha == 1.0 else ops.scaled(delta, alpha)
     return ops.combine([p[1][0] for p in parts], [ops.scaled(p[1][1], p[2]) for p in parts])
+
+
+def _own_bytes(plan: Plan, preps: list[Prepared]) -> int:
+    """The bytes of ``plan``'s arrays that are not its adapters' own (scaled copies, unions, their runs)."""
+    theirs = {id(a) for p in preps for part in p.sparse.values() for a in part}
+    theirs |= {id(a) for p in preps for a in (*p.runs.values(), *p.orders.values())}
+    arrays = [a for part in plan.sparse.values() for a in part] + [*plan.runs.values(), *plan.orders.values()]
+    return sum(int(a.nbytes) for a in arrays if id(a) not in theirs)

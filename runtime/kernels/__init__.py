@@ -104,7 +104,7 @@ def _numpy_impl() -> ModuleType:
 
 def _is_numpy(args: tuple, kwargs: dict) -> bool:
     for v in (*args, *kwargs.values()):
-        if isinstance(v, list) and v:
+        if isinstance(v, (list, tuple)) and v:
             return isinstance(v[0], np.ndarray)
     return False
 

@@ -54,3 +54,10 @@ def test_nothing_to_visit_and_bad_indices():
         LineVisits([(w, [torch.tensor([100])])])
     with pytest.raises(ValueError, match="C-contiguous"):
         LineVisits([(torch.zeros(10, 10).t(), [torch.tensor([1])])])
+
+
+def test_a_weight_listed_twice_is_one_segment():
+    w = torch.zeros(256)
+    lv = LineVisits([(w, [torch.tensor([0, 20])]), (w, [torch.tensor([40, 200])])])
+    assert len(lv.segments) == 1 and lv.lines == touched_lines(torch.tensor([0, 20, 40, 200]), 4, w.data_ptr() % 64)
+    assert lv.floor_ms(3) > 0 and not w.view(torch.uint8).any()

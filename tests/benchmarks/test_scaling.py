@@ -76,7 +76,9 @@ def test_int8_bundle_points_switch_the_stored_copies():
 
 def test_huge_pages_points_report_what_moved(capsys):
     p = scaling.point(10_000, "rand", "fp32", 4, busy=False, huge=True)
-    assert p["huge_mb"] >= 0 and p["switch_ms"] > 0 and p["visits_ms"] > 0
+    assert 0 <= p["huge_mb"] <= 4 * 1_000_000 / 2**20 and p["switch_ms"] > 0 and p["visits_ms"] > 0  # 1 M fp32
+    row = scaling.huge_ab(10_000, "block", "fp32", 4, rounds=2)
+    assert row[:3] == ["fp32", "block", 10_000] and row[3] > 0 and row[4] > 0 and row[5] > 0
     scaling.main(["--max", "1e3", "--masks", "rand", "--dtypes", "fp32", "--repeats", "4", "--huge-pages"])
     assert "weights on huge pages:" in capsys.readouterr().out
 

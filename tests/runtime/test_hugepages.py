@@ -50,6 +50,8 @@ def test_weights_keep_their_values_and_the_bytes_reported_are_on_huge_pages():
     moved = rt.huge_pages()
     assert 0 <= moved <= sum(n for _, n in regions) and moved % hugepages.huge_page_size() == 0
     assert_bit_identical(m, before)
+    if moved == 0:
+        pytest.skip("this kernel moved nothing onto huge pages (THP off, or no MADV_COLLAPSE): nothing to check")
     assert _huge_kb_over(regions) >= moved  # what it reports is true of the mappings
     print(f"moved {moved / 2**20:.0f} MB onto huge pages")
     ref = _model()
@@ -63,12 +65,16 @@ def test_weights_keep_their_values_and_the_bytes_reported_are_on_huge_pages():
 
 
 def test_where_the_os_cannot_it_reports_nothing(monkeypatch):
-    monkeypatch.setattr(hugepages.sys, "platform", "darwin")
+    calls = []
+    monkeypatch.setattr(hugepages, "_madvise", lambda: lambda *a: calls.append(a) or -1)  # every call refused
     m = _model()
     before = snapshot(m)
-    assert Runtime.load(m).huge_pages() == 0
+    assert Runtime.load(m).huge_pages() == 0 and calls  # asked, refused: 0 bytes, values unchanged
     assert_bit_identical(m, before)
-    assert hugepages.collapse([(4096, 100)]) == 0  # and a region smaller than a huge page is skipped anyway
+    calls.clear()
+    assert hugepages.collapse([(4096, 100)]) == 0 and not calls  # a region smaller than a huge page: not asked
+    monkeypatch.setattr(hugepages, "_madvise", lambda: None)  # no madvise at all (another OS)
+    assert Runtime.load(_model()).huge_pages() == 0
 
 
 def test_a_bundle_file_is_left_as_it_is(tmp_path):
@@ -80,7 +86,8 @@ def test_a_bundle_file_is_left_as_it_is(tmp_path):
     rt.add_adapter("a", ad)
     ids = np.arange(1, 9, dtype=np.int64).reshape(1, 8)
     base = rt(ids)
-    assert rt.huge_pages() >= 0
+    moved = rt.huge_pages()  # a map of the file: the kernel usually declines; values never change either way
+    assert isinstance(moved, int) and moved <= sum(a.nbytes for a in rt.backend.tensors.values())
     rt.switch("a")
     rt.switch(None)
     np.testing.assert_array_equal(rt(ids), base)

@@ -107,3 +107,26 @@ def test_only_the_last_few_plans_are_kept_and_stats_count_what_is_written():
     assert st.bytes_touched == 2 * n * 4 + 2 * dense * 4
     st = rt.switch(None)
     assert st.elements_written == dense and st.bytes_touched == 2 * dense * 4
+
+
+def test_the_least_recently_used_plan_goes_first_and_own_bytes_are_bounded(monkeypatch):
+    from shira_runtime import switcher as switcher_mod
+
+    m = build("tiny", torch.float32, seed=0)
+    rt = Runtime.load(m)
+    rt.add_adapter("s", random_shira(m, TARGETS, 0.05, seed=1))
+    rt.switch("s")
+    mine = rt._switcher.plan
+    for k in range(2 * PLANS_KEPT):  # a plan used every other switch stays
+        rt.switch("s", 2.0 + k)
+        rt.switch("s")
+        assert rt._switcher.plan is mine
+    sw = rt._switcher
+    own = [b for _, b, _ in sw._plans.values()]
+    assert 0 in own and max(own) > 0  # weight 1: the adapter's own arrays; weighted: scaled copies of its own
+    assert set(sw._lists) <= {id(v[2]) for v in sw._plans.values()} | {id(sw.state.plan)}
+    monkeypatch.setattr(switcher_mod, "PLAN_BYTES", max(own) + 1)  # room for one weighted plan at most
+    for k in range(3):
+        rt.switch("s", 0.5 + k)
+    assert sum(b for _, b, _ in sw._plans.values()) <= max(own) + 1
+    assert any(p is mine for _, _, p in sw._plans.values())  # shared plans cost nothing
