@@ -360,6 +360,14 @@ def huge_ab(entries: int, mask: str, dtype: str, repeats: int, rounds: int = 5) 
     return [dtype, mask, entries, statistics.median(times[0]), statistics.median(times[1]), ratio, moved / 2**20]
 
 
+def report(path: Path | None, key: str, title: str, cols: list[str], rows: list[list[object]]) -> None:
+    """A run's table on stdout under ``# title``, and ``{key: rows}`` as JSON at ``path`` when given."""
+    print(f"# {title}")
+    print_table(cols, rows)
+    if path:
+        path.write_text(json.dumps({key: rows}, indent=1))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="1e3 .. 1e5 entries, fp32, rand and block (seconds)")
@@ -380,30 +388,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.soak:
-        rows = soak(args.soak)
-        print(f"# tiny preset: median switch ms and a {args.soak}-switch mixed soak; torch threads "
-              f"{torch.get_num_threads()}, {os.cpu_count()} CPUs")  # fmt: skip
-        print_table(["condition", "LoRA fused A -> B ms", "SHiRA A -> B ms", "soak s"], rows)
-        if args.json:
-            args.json.write_text(json.dumps({"soak": rows}, indent=1))
-        return
+        title = (f"tiny preset: median switch ms and a {args.soak}-switch mixed soak; torch threads "
+                 f"{torch.get_num_threads()}, {os.cpu_count()} CPUs")  # fmt: skip
+        cols = ["condition", "LoRA fused A -> B ms", "SHiRA A -> B ms", "soak s"]
+        return report(args.json, "soak", title, cols, soak(args.soak))
     if args.per_tensor:
         rows = per_tensor((4, 28, 112, 210), args.repeats or 300)
-        print(f"# a small switch against the tensors it touches (SmolLM2-135M: 210 linears); kernels "
-              f"{kernels.backend()}, torch threads {torch.get_num_threads()}")  # fmt: skip
-        print_table(["tensors", "entries", "switch us", "us per tensor"], rows)
-        if args.json:
-            args.json.write_text(json.dumps({"per_tensor": rows}, indent=1))
-        return
+        title = (f"a small switch against the tensors it touches (SmolLM2-135M: 210 linears); kernels "
+                 f"{kernels.backend()}, torch threads {torch.get_num_threads()}")  # fmt: skip
+        return report(args.json, "per_tensor", title, ["tensors", "entries", "switch us", "us per tensor"], rows)
     if args.dense:
         rows = dense_threshold((64, 128, 256, 362, 512, 724, 1024), args.repeats or 200)
-        print(f"# fused LoRA switch (rank 8) on one n x n linear, mean ms; torch threads {torch.get_num_threads()}, "
-              f"{os.cpu_count()} CPUs; DENSE_SERIAL_BELOW = {torch_backend.DENSE_SERIAL_BELOW}")  # fmt: skip
-        print_table(["n", "elements", "one thread", "torch threads", "busy: one thread", "busy: torch threads",
-                     "threads / one", "busy: threads / one"], rows)  # fmt: skip
-        if args.json:
-            args.json.write_text(json.dumps({"dense": rows}, indent=1))
-        return
+        title = (f"fused LoRA switch (rank 8) on one n x n linear, mean ms; torch threads {torch.get_num_threads()}, "
+                 f"{os.cpu_count()} CPUs; DENSE_SERIAL_BELOW = {torch_backend.DENSE_SERIAL_BELOW}")  # fmt: skip
+        cols = ["n", "elements", "one thread", "torch threads", "busy: one thread", "busy: torch threads",
+                "threads / one", "busy: threads / one"]  # fmt: skip
+        return report(args.json, "dense", title, cols, rows)
     top = min(args.max, 1e5) if args.quick else args.max
     sizes = [int(10**k) for k in range(3, 8) if args.min <= 10**k <= top]
     dtypes = args.dtypes or (["fp32"] if args.quick else ["fp32", "bf16", "int8"])
@@ -412,12 +412,10 @@ def main(argv: list[str] | None = None) -> None:
         torch_dtypes = [d for d in dtypes if d in ("fp32", "bf16", "int8")]  # a bundle's pages are its file's
         rows = [huge_ab(n, mask, dtype, max(4, repeats // max(1, n // 1_000_000)))
                 for dtype in torch_dtypes for mask in args.masks for n in sizes]  # fmt: skip
-        print(f"# 4 KiB pages against huge pages (Runtime.huge_pages), interleaved rounds in one process; kernels "
-              f"{kernels.backend()}")  # fmt: skip
-        print_table(["dtype", "mask", "entries", "4 KiB ms", "huge ms", "huge / 4 KiB", "MB moved"], rows)
-        if args.json:
-            args.json.write_text(json.dumps({"huge_ab": rows}, indent=1))
-        return
+        title = ("4 KiB pages against huge pages (Runtime.huge_pages), interleaved rounds in one process; "
+                 f"kernels {kernels.backend()}")  # fmt: skip
+        cols = ["dtype", "mask", "entries", "4 KiB ms", "huge ms", "huge / 4 KiB", "MB moved"]
+        return report(args.json, "huge_ab", title, cols, rows)
     progress(f"kernels: {kernels.backend()}")
     points = []
     for dtype in dtypes:
