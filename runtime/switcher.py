@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,7 +129,7 @@ class Switcher:
         self._plans: dict[tuple, tuple[tuple[tuple[Prepared, float], ...], int, Plan]] = {}  # items, bytes
         # each recent plan's lists for the kernels, and the saved-value slices of each arena layout, as ``Frozen``
         # tuples made once: the kernel core checks and packs them once (``kernels.core.Frozen``), not per switch
-        self._lists: dict[int, tuple[Plan, dict[str, Frozen]]] = {}
+        self._lists: dict[int, tuple[Plan, dict[str, tuple]]] = {}
         self._slices: dict[tuple, tuple[tuple, Frozen]] = {}
 
     @property
@@ -296,9 +297,9 @@ class Switcher:
                 return self._switch(plan, t0)
         return self._switch(plan, t0)
 
-    def lists(self, plan: Plan) -> dict[str, Frozen]:
+    def lists(self, plan: Plan) -> dict[str, tuple]:
         """``plan``'s lists for the kernels, made once per plan (``Frozen``): its tensors' weights, indices, deltas,
-        scales and runs, in ``plan.sparse``'s order."""
+        scales and runs, in ``plan.sparse``'s order; and its saved-value buffers' dtypes and sizes."""
         hit = self._lists.get(id(plan))
         if hit is not None and hit[0] is plan:
             return hit[1]
@@ -307,6 +308,8 @@ class Switcher:
         if self._no_runs is None:
             self._no_runs = self.ops.from_numpy(np.zeros((0, 3), dtype=np.int64))
         out = {
+            "dtypes": tuple(dtype_name(tensors[t]) for t in ts),  # the saved-value buffers' layout (_ungathered)
+            "sizes": tuple(self.ops.numel(plan.sparse[t][0]) for t in ts),
             "weights": Frozen(tensors[t] for t in ts),
             "indices": Frozen(plan.sparse[t][0] for t in ts),
             "deltas": Frozen(plan.sparse[t][1] for t in ts),
@@ -329,9 +332,7 @@ class Switcher:
         in_idx = mine["indices"]
         # an all-or-nothing kernel (the core) marks only each buffer's first entry: whether it ran tells the rest
         whole = not _all_or_nothing(kernels.switch_)
-        in_saved, arenas = self._ungathered(
-            [dtype_name(tensors[t]) for t in in_t], [ops.numel(i) for i in in_idx], whole
-        )
+        in_saved, arenas = self._ungathered(mine["dtypes"], mine["sizes"], whole)
         dense_saved = {t: c for t, c in old.dense_saved.items() if t in plan.dense}  # base copies kept
         scales = self.backend.scales
         quant = any(t in scales for t in in_t)
@@ -452,7 +453,7 @@ class Switcher:
         self.backend.set_unfused(old.plan.unfused)
 
     def _ungathered(
-        self, dtypes: list[str], sizes: list[int], whole: bool = True
+        self, dtypes: Sequence[str], sizes: Sequence[int], whole: bool = True
     ) -> tuple[Frozen, dict[str, Array]]:
         """Saved-value buffers for ``sizes[k]`` values of dtype ``dtypes[k]``, every entry holding the ungathered
         marker (``whole``; else only each buffer's first entry): slices of one arena per dtype (a spare one reused
