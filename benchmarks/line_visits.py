@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from shira_runtime.arrays import ops_for
 from shira_runtime.kernels import core
 
 from benchmarks.common import CACHE_LINE
@@ -50,9 +51,8 @@ def library() -> ctypes.CDLL:
 
 def _address(w: torch.Tensor | np.ndarray) -> tuple[int, int]:
     """A weight's first byte and its element size."""
-    if isinstance(w, torch.Tensor):
-        return w.data_ptr(), w.element_size()
-    return w.ctypes.data, w.itemsize
+    ops = ops_for(w)
+    return ops.region(w)[0], ops.itemsize(w)
 
 
 class LineVisits:

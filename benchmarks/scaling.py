@@ -133,12 +133,10 @@ def parts(rt: Runtime, a: str, b: str) -> list[tuple[object, list]]:
 def floors(rt: Runtime, a: str, b: str, dtype: str, gbps: float) -> tuple[float, float, int]:
     """The memory floor and the streams floor (ms) of a switch A -> B, and the entries it writes."""
     lines = entries = 0
+    ops = rt.backend.ops  # torch tensors, or a bundle's numpy arrays (views of the mapped file)
     for w, parts_ in parts(rt, a, b):
         idx = torch.cat([torch.as_tensor(p).long() for p in parts_])
-        if isinstance(w, torch.Tensor):
-            lines += touched_lines(idx, w.element_size(), w.data_ptr() % 64)
-        else:  # a bundle's numpy array (a view of the mapped file)
-            lines += touched_lines(idx, w.itemsize, w.ctypes.data % 64)
+        lines += touched_lines(idx, ops.itemsize(w), ops.region(w)[0] % 64)
         entries += idx.numel()
     floor = memory_floor_ms(lines, gbps)
     return floor, floor + entries * STREAM_BYTES[dtype] / (gbps * 1e9) * 1e3, entries

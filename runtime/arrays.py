@@ -75,6 +75,11 @@ class NumpyOps:
         return x.itemsize
 
     @staticmethod
+    def region(x: np.ndarray) -> tuple[int, int]:
+        """``x``'s storage as ``(address of its first element, bytes)`` (a C-contiguous array)."""
+        return x.ctypes.data, x.nbytes
+
+    @staticmethod
     def flat(x: np.ndarray) -> np.ndarray:
         return x.reshape(-1)
 
@@ -238,6 +243,11 @@ class TorchOps:
     @staticmethod
     def itemsize(x) -> int:
         return x.element_size()
+
+    @staticmethod
+    def region(x) -> tuple[int, int]:
+        """``x``'s storage as ``(address of its first element, bytes)`` (a contiguous tensor)."""
+        return x.data_ptr(), x.numel() * x.element_size()
 
     @staticmethod
     def flat(x):

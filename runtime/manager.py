@@ -203,7 +203,7 @@ class Runtime:
         from shira_runtime.hugepages import collapse
 
         with self._lock.read():  # no switch meanwhile; the kernel moves pages under running reads safely
-            return collapse(_region(w) for w in self.backend.tensors.values())
+            return collapse(map(self.backend.ops.region, self.backend.tensors.values()))
 
     # -- inference --
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -327,10 +327,3 @@ def _hf_generate(
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         return model.generate(ids, **kwargs)
-
-
-def _region(w: Any) -> tuple[int, int]:
-    """A weight's storage as ``(address, nbytes)``: a torch tensor or a numpy array."""
-    if hasattr(w, "data_ptr"):
-        return w.data_ptr(), w.numel() * w.element_size()
-    return w.ctypes.data, w.nbytes

@@ -78,8 +78,8 @@ def _compiler() -> str:
 
 def _compile() -> Path:
     """Compile the core into the cache (once per source and compiler); returns the library's path."""
-    src = Path(str(_CSRC / "shira_core.cpp"))
-    return compile_library(src, "libshira_core.so", [f'-DSHIRA_SOURCE_ID="{source_id()}"'], source_id(),
+    src, sid = Path(str(_CSRC / "shira_core.cpp")), source_id()
+    return compile_library(src, "libshira_core.so", [f'-DSHIRA_SOURCE_ID="{sid}"'], sid,
                            "the kernel core (first use, ~3 s)")  # fmt: skip
 
 
