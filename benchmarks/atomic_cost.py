@@ -23,11 +23,11 @@ from benchmarks.common import progress
 from benchmarks.timing import cycles
 
 
-def _unguarded(
-    self: Switcher, dtypes: list[str], sizes: list[int], whole: bool = True
-) -> tuple[list[torch.Tensor], dict]:
+def _unguarded(self: Switcher, lists: dict, whole: bool = True) -> tuple[list[torch.Tensor], dict, dict]:
     # the allocation before atomic switches: no marker, no reuse
-    return [torch.empty(n, dtype=getattr(torch, d)) for d, n in zip(dtypes, sizes)], {}
+    layout = lists["layout"]
+    saved = [torch.empty(n, dtype=getattr(torch, d)) for d, n in zip(layout.dtypes, layout.sizes)]
+    return saved, {}, dict(zip(lists["names"], zip(lists["indices"], saved)))
 
 
 def main(argv: list[str] | None = None) -> None:

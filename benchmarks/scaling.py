@@ -308,22 +308,38 @@ def soak(switches: int) -> list[list[object]]:
     return rows
 
 
-def per_tensor(counts: tuple[int, ...], switches: int) -> list[list[object]]:
+def per_tensor(counts: tuple[int, ...], switches: int, busy: bool = False) -> list[list[object]]:
     """A small switch's fixed cost against the number of tensors it touches: ``n`` linears of 256 x 256, two random
-    adapters of 0.1% (65 entries per tensor), the median A -> B switch: [tensors, entries, switch us, us/tensor]."""
+    adapters of 0.1% (65 entries per tensor), the median A -> B switch on the torch backend and on the same linears
+    exported to a bundle (the device path: numpy arrays over the mapped file), with the other vCPU idle and (``busy``)
+    kept busy: [tensors, entries, torch us, us/tensor, bundle us, bundle us/tensor, (busy: torch us, bundle us)]."""
+    from shira_runtime.exporters import export_onnx
+
     rows = []
     for n in counts:
         names = [f"l{k}" for k in range(n)]
-        model = nn.ModuleDict({name: nn.Linear(256, 256, bias=False) for name in names})
-        rt = Runtime.load(model)
-        for k, name in enumerate("ab"):
-            rt.add_adapter(name, random_shira(model, names, 0.001, seed=k + 1))
-        rt.switch("a")
-        us = cycle([lambda r=rt: r.switch("b"), lambda r=rt: r.switch("a")], switches).median_ms * 1e3
-        rt.switch(None)
-        entries = sum(int(i.numel()) for i, _ in rt._get("a").sparse.values())
-        rows.append([n, entries, us, us / n])
-        progress(f"{n} tensors: {us:.0f} us")
+        torch.manual_seed(0)
+        model = Linears({name: nn.Linear(256, 256, bias=False) for name in names})
+        adapters = {name: random_shira(model, names, 0.001, seed=k + 1) for k, name in enumerate("ab")}
+        with tempfile.TemporaryDirectory(prefix="per-tensor-") as folder:
+            bundle = export_onnx(model, (torch.zeros(1, 256),), Path(folder) / "bundle", verify=False, progress=False)
+            rts = [Runtime.load(model), Runtime.load(bundle)]
+            for rt in rts:
+                for name, ad in adapters.items():
+                    rt.add_adapter(name, ad)
+                rt.switch("a")
+            entries = sum(int(i.numel()) for i, _ in rts[0]._get("a").sparse.values())
+            row: list[object] = [n, entries]
+            for load in (False, True) if busy else (False,):
+                with busy_cpu(load):
+                    us = [cycle([lambda r=rt: r.switch("b"), lambda r=rt: r.switch("a")], switches).median_ms * 1e3
+                          for rt in rts]  # fmt: skip
+                row += [us[0], us[0] / n, us[1], us[1] / n] if not load else us
+            for rt in rts:
+                rt.switch(None)
+            del rts
+        rows.append(row)
+        progress(f"{n} tensors: torch {row[2]:.0f} us, bundle {row[4]:.0f} us")
     return rows
 
 
@@ -391,10 +407,12 @@ def main(argv: list[str] | None = None) -> None:
         cols = ["condition", "LoRA fused A -> B ms", "SHiRA A -> B ms", "soak s"]
         return report(args.json, "soak", title, cols, soak(args.soak))
     if args.per_tensor:
-        rows = per_tensor((4, 28, 112, 210), args.repeats or 300)
-        title = (f"a small switch against the tensors it touches (SmolLM2-135M: 210 linears); kernels "
+        rows = per_tensor((4, 28, 112, 210), args.repeats or 300, args.busy)
+        title = (f"a small switch against the tensors it touches (SmolLM2-135M: 210 linears), median us; kernels "
                  f"{kernels.backend()}, torch threads {torch.get_num_threads()}")  # fmt: skip
-        return report(args.json, "per_tensor", title, ["tensors", "entries", "switch us", "us per tensor"], rows)
+        cols = ["tensors", "entries", "torch us", "us per tensor", "bundle us", "bundle us per tensor"]
+        cols += ["busy: torch us", "busy: bundle us"] if args.busy else []
+        return report(args.json, "per_tensor", title, cols, rows)
     if args.dense:
         rows = dense_threshold((64, 128, 256, 362, 512, 724, 1024), args.repeats or 200)
         title = (f"fused LoRA switch (rank 8) on one n x n linear, mean ms; torch threads {torch.get_num_threads()}, "

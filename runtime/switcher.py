@@ -104,6 +104,33 @@ class State:
     saved: tuple = ()  # the saved-value buffers in plan.sparse's order, the tuple the kernels were given
 
 
+@dataclass(frozen=True, eq=False)
+class Layout:
+    """Where a plan's saved values go: buffer ``k`` (``plan.sparse``'s k-th tensor) holds ``sizes[k]`` values of
+    dtype ``dtypes[k]`` at ``starts[k]`` of that dtype's arena; ``totals``: each arena's length; ``firsts``: each
+    arena's positions of a non-empty buffer's first entry (int64). Made once per plan (``Switcher.lists``)."""
+
+    dtypes: tuple[str, ...]
+    sizes: tuple[int, ...]
+    starts: tuple[int, ...] = ()
+    totals: dict[str, int] = field(default_factory=dict)
+    firsts: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, dtypes: Sequence[str], sizes: Sequence[int]) -> Layout:
+        totals: dict[str, int] = {}
+        firsts: dict[str, list[int]] = {}
+        starts = []
+        for d, n in zip(dtypes, sizes):
+            at = totals.get(d, 0)
+            starts.append(at)
+            if n:
+                firsts.setdefault(d, []).append(at)
+            totals[d] = at + n
+        pos = {d: np.asarray(firsts.get(d, ()), dtype=np.int64) for d in totals}
+        return cls(tuple(dtypes), tuple(sizes), tuple(starts), totals, pos)
+
+
 # the saved-value buffers' marker: ``shira_runtime.arrays.UNGATHERED``
 ROLLBACK_TRIES = 3  # a rollback that fails (other than by KeyboardInterrupt) is retried this often
 PLANS_KEPT = 8  # the plans of the last few switches (``Switcher.make_plan``), least recently used dropped first
@@ -129,8 +156,7 @@ class Switcher:
         self._plans: dict[tuple, tuple[tuple[tuple[Prepared, float], ...], int, Plan]] = {}  # items, bytes
         # each recent plan's lists for the kernels, and the saved-value slices of each arena layout, as ``Frozen``
         # tuples made once: the kernel core checks and packs them once (``kernels.core.Frozen``), not per switch
-        self._lists: dict[int, tuple[Plan, dict[str, tuple]]] = {}
-        self._slices: dict[tuple, tuple[tuple, Frozen]] = {}
+        self._lists: dict[int, tuple[Plan, dict[str, Any]]] = {}
 
     @property
     def plan(self) -> Plan:
@@ -198,7 +224,7 @@ class Switcher:
         hit = self._lists.get(id(plan))
         if hit is not None and hit[0] is plan:
             del self._lists[id(plan)]
-            release_lists(hit[1].values())
+            self._release(hit[1])
 
     def _make_plan(self, items: list[tuple[Prepared, float]]) -> Plan:
         contrib: dict[str, list[tuple[str, object, float]]] = {}
@@ -297,9 +323,12 @@ class Switcher:
                 return self._switch(plan, t0)
         return self._switch(plan, t0)
 
-    def lists(self, plan: Plan) -> dict[str, tuple]:
+    def lists(self, plan: Plan) -> dict[str, Any]:
         """``plan``'s lists for the kernels, made once per plan (``Frozen``): its tensors' weights, indices, deltas,
-        scales and runs, in ``plan.sparse``'s order; and its saved-value buffers' dtypes and sizes."""
+        scales and runs, in ``plan.sparse``'s order; and what a switch would otherwise find tensor by tensor: the
+        saved-value buffers' ``layout``, the tensor ``names``, the ``scaled`` ones (quantized: their compute
+        copies follow the codes), the ``touched`` set (sparse and dense), and the saved-value ``slices`` of each
+        pair of arenas this plan was switched into (``_ungathered``)."""
         hit = self._lists.get(id(plan))
         if hit is not None and hit[0] is plan:
             return hit[1]
@@ -308,9 +337,12 @@ class Switcher:
         if self._no_runs is None:
             self._no_runs = self.ops.from_numpy(np.zeros((0, 3), dtype=np.int64))
         out = {
-            "dtypes": tuple(dtype_name(tensors[t]) for t in ts),  # the saved-value buffers' layout (_ungathered)
-            "sizes": tuple(self.ops.numel(plan.sparse[t][0]) for t in ts),
-            "weights": Frozen(tensors[t] for t in ts),
+            "layout": Layout.of([dtype_name(tensors[t]) for t in ts], [self.ops.numel(plan.sparse[t][0]) for t in ts]),
+            "names": tuple(ts),
+            "scaled": tuple(t for t in ts if t in scales),
+            "touched": frozenset((*ts, *plan.dense)),
+            "slices": {},
+            "weights": self._weights_of(tuple(ts)),
             "indices": Frozen(plan.sparse[t][0] for t in ts),
             "deltas": Frozen(plan.sparse[t][1] for t in ts),
             "scales": Frozen(scales.get(t, self.backend.no_scale) for t in ts),
@@ -319,33 +351,49 @@ class Switcher:
         self._lists[id(plan)] = (plan, out)
         return out
 
+    def _weights_of(self, names: tuple[str, ...]) -> Frozen:
+        """The weights of tensors ``names`` as a Frozen list, the one a kept plan over the same tensors has if any:
+        the two sides of a switch between adapters of the same targets then share it (the kernels read its
+        addresses once per call)."""
+        for _, lists in self._lists.values():
+            if lists["names"] == names:
+                return lists["weights"]
+        tensors = self.backend.tensors
+        return Frozen(tensors[t] for t in names)
+
+    def _release(self, lists: dict[str, Any]) -> None:
+        """Forget the kernels' packed rows of dropped ``lists`` (``lists``) and of their saved-value slices; a
+        weights list other kept lists share stays (the rows of a call that used the dropped lists' other arrays
+        go with those)."""
+        shared = {id(kept["weights"]) for _, kept in self._lists.values()}
+        dropped = [v for v in lists.values() if id(v) not in shared]
+        release_lists([*dropped, *(out for _, out, _ in lists["slices"].values())])
+
     def _prune_lists(self) -> None:
         """Keep the lists of the kept plans and of the applied one (the next switch's outgoing side)."""
         keep = {id(v[2]) for v in self._plans.values()} | {id(self.state.plan)}
         for key in [k for k in self._lists if k not in keep]:
-            release_lists(self._lists.pop(key)[1].values())
+            self._release(self._lists.pop(key)[1])
 
     def _switch(self, plan: Plan, t0: float) -> SwitchStats:
         old, tensors, ops = self.state, self.backend.tensors, self.ops
-        in_t = list(plan.sparse)
         mine, theirs = self.lists(plan), self.lists(old.plan)
-        in_idx = mine["indices"]
+        in_t, in_idx = mine["names"], mine["indices"]
         # an all-or-nothing kernel (the core) marks only each buffer's first entry: whether it ran tells the rest
         whole = not _all_or_nothing(kernels.switch_)
-        in_saved, arenas = self._ungathered(mine["dtypes"], mine["sizes"], whole)
-        dense_saved = {t: c for t, c in old.dense_saved.items() if t in plan.dense}  # base copies kept
-        scales = self.backend.scales
-        quant = any(t in scales for t in in_t)
-        touched = {*in_t, *old.sparse_saved, *old.plan.dense, *plan.dense}
+        in_saved, arenas, sparse_saved = self._ungathered(mine, whole)
+        dense_saved = {t: c for t, c in old.dense_saved.items() if t in plan.dense} if old.dense_saved else {}
+        quant = bool(mine["scaled"])
+        touched = mine["touched"] | theirs["touched"]
         saturated = ops.counts(len(in_t)) if quant else None
         no_mirror = self.backend.no_mirror
         try:
             for t in old.plan.dense:
                 if t not in plan.dense:  # leaves dense: its base copy goes back whole
                     _copy(tensors[t], old.dense_saved[t])
-            out_t = list(old.sparse_saved)
+            out_t = theirs["names"]  # old.sparse_saved's order
             if out_t or in_t:
-                written = {t: [] for t in [*out_t, *in_t] if t in scales}  # codes a compute copy must follow
+                written = {t: [] for t in (*theirs["scaled"], *mine["scaled"])}  # codes a compute copy must follow
                 versions = {t: getattr(tensors[t], "_version", 0) for t in written}
                 mirrors = {t: m for t in written if (m := self.backend.mirror(t)) is not None}
                 described = old.plan.runs or plan.runs
@@ -378,9 +426,10 @@ class Switcher:
                         else {}
                     ),
                 )
-                for t, idx in [*((t, old.sparse_saved[t][0]) for t in out_t), *zip(in_t, in_idx)]:
-                    if t in written:
-                        written[t].append(idx)
+                if written:
+                    for t, idx in [*((t, old.sparse_saved[t][0]) for t in out_t), *zip(in_t, in_idx)]:
+                        if t in written:
+                            written[t].append(idx)
                 for t, idx_lists in written.items():
                     self.backend.after_write(t, idx_lists, versions[t], t in mirrors)
             for t in plan.dense:
@@ -390,7 +439,7 @@ class Switcher:
             self.backend.set_unfused(plan.unfused)
             sat = {t: int(n) for t, n in zip(in_t, saturated.tolist()) if n} if saturated is not None else {}
             stats = self._stats(old.plan, plan, (time.perf_counter() - t0) * 1e3, sat)
-            self.state = State(plan, dict(zip(in_t, zip(in_idx, in_saved))), dense_saved, in_saved)  # commit
+            self.state = State(plan, sparse_saved, dense_saved, in_saved)  # commit
             self._spare, self._arenas = self._arenas, arenas  # old's arenas are free now that the switch committed
         except BaseException:
             self._rollback(old, plan, in_saved, dense_saved, whole)
@@ -452,17 +501,14 @@ class Switcher:
         _apply_dense(self.backend, old.plan, old.dense_saved)
         self.backend.set_unfused(old.plan.unfused)
 
-    def _ungathered(
-        self, dtypes: Sequence[str], sizes: Sequence[int], whole: bool = True
-    ) -> tuple[Frozen, dict[str, Array]]:
-        """Saved-value buffers for ``sizes[k]`` values of dtype ``dtypes[k]``, every entry holding the ungathered
-        marker (``whole``; else only each buffer's first entry): slices of one arena per dtype (a spare one reused
-        when large enough), marked with one fill (one indexed write)."""
-        ops, total = self.ops, {}
-        for d, n in zip(dtypes, sizes):
-            total[d] = total.get(d, 0) + n
+    def _ungathered(self, lists: dict[str, Any], whole: bool = True) -> tuple[Frozen, dict[str, Array], dict]:
+        """Saved-value buffers for a switch into the plan of ``lists`` (``lists``): ``layout.sizes[k]`` values of
+        dtype ``layout.dtypes[k]``, every entry holding the ungathered marker (``whole``; else only each buffer's
+        first entry), as slices of one arena per dtype (a spare one reused when large enough), marked with one fill
+        (one indexed write); with the arenas, and the state's ``{t: (idx, buffer)}``."""
+        ops, layout = self.ops, lists["layout"]
         arenas = {}
-        for d, n in total.items():
+        for d, n in layout.totals.items():
             spare = self._spare.pop(d, None)
             if spare is None or ops.numel(spare) < n:
                 arenas[d] = ops.marked(n, d) if whole else ops.empty(n, d)
@@ -470,30 +516,24 @@ class Switcher:
                 arenas[d] = spare
                 if whole:
                     ops.mark(spare[:n])
-        at = dict.fromkeys(total, 0)
-        firsts: dict[str, list[int]] = {d: [] for d in total}
-        starts = []
-        for d, n in zip(dtypes, sizes):
-            starts.append(at[d])
-            if n:
-                firsts[d].append(at[d])
-            at[d] += n
         if not whole:
-            for d, pos in firsts.items():
-                if pos:
-                    ops.mark_at(arenas[d], np.asarray(pos, dtype=np.int64))
-        # the slices of this layout of these arenas, made once (the kernels pack a Frozen list once); entries for
-        # arenas no longer held (neither applied, spare nor these) go, and their memory with them
-        key = (tuple(dtypes), tuple(sizes), tuple((d, id(a)) for d, a in arenas.items()))
-        hit = self._slices.get(key)
+            for d, pos in layout.firsts.items():
+                if len(pos):
+                    ops.mark_at(arenas[d], pos)
+        # the slices of these arenas, made once per plan (the kernels pack a Frozen list once): a plan switched in
+        # and out alternates between two sets of arenas; entries of arenas no longer held go, and their memory
+        key = tuple(id(a) for a in arenas.values())
+        kept = lists["slices"]
+        hit = kept.get(key)
         if hit is not None and all(a is arenas[d] for d, a in hit[0]):
-            return hit[1], arenas
-        out = Frozen(arenas[d][k : k + n] for d, k, n in zip(dtypes, starts, sizes))
+            return hit[1], arenas, hit[2]
+        out = Frozen(arenas[d][k : k + n] for d, k, n in zip(layout.dtypes, layout.starts, layout.sizes))
         live = {id(a) for held in (self._arenas, self._spare, arenas) for a in held.values()}
-        for k in [k for k, (held, _) in self._slices.items() if any(id(a) not in live for _, a in held)]:
-            release_lists([self._slices.pop(k)[1]])
-        self._slices[key] = (tuple(arenas.items()), out)
-        return out, arenas
+        for k in [k for k, (held, _, _) in kept.items() if any(id(a) not in live for _, a in held)]:
+            release_lists([kept.pop(k)[1]])
+        sparse_saved = dict(zip(lists["names"], zip(lists["indices"], out)))  # read only (State's)
+        kept[key] = (tuple(arenas.items()), out, sparse_saved)
+        return out, arenas, sparse_saved
 
     def _stats(self, old: Plan, new: Plan, ms: float, saturated: dict[str, int]) -> SwitchStats:
         written = old.entries + new.entries  # the plans' counts, taken when they were made

@@ -1521,10 +1521,21 @@ void run(const char* op, std::vector<Item> outs, std::vector<Item> ins, bool val
 
 // ---- items from the C ABI ------------------------------------------------------------------------
 
+// A refusal's prefix: "shira::<op>: <list>tensor <t>: ".
+struct Where {
+  const char* op;
+  const char* list;
+  int64_t t;
+};
+
+inline std::ostream& operator<<(std::ostream& os, const Where& w) {
+  return os << "shira::" << w.op << ": " << w.list << "tensor " << w.t << ": ";
+}
+
 // The Item of one list position, checking what raw pointers and codes can tell (the bindings check shapes,
 // dtypes of their arrays and contiguity first, with their own names). `saturated`: this item's slot, or null.
 Item make_item(const char* op, const char* list, int64_t t, const shira_item& s, bool apply, int64_t* saturated) {
-  const std::string where = std::string("shira::") + op + ": " + list + "tensor " + std::to_string(t) + ": ";
+  const Where where{op, list, t};  // written out only in a refusal (a string per item cost ~50 ns per call)
   const int32_t wt = s.dtype;
   if (wt < SHIRA_F32 || wt > SHIRA_U8)
     refuse(where, "weight dtype code ", wt, " is not one of fp32/fp16/bf16/int8/float8_e4m3fn/float8_e5m2/uint8");

@@ -236,6 +236,9 @@ class _Numpy:
     contiguous = staticmethod(attrgetter("flags.c_contiguous"))
     ptr = staticmethod(attrgetter("ctypes.data"))
     numel = staticmethod(attrgetter("size"))
+    # whether an array's data may move while the array lives: not a numpy array's (``resize`` refuses one that is
+    # referenced elsewhere, as a Frozen list's are, or that does not own its data, as a bundle's mapped weights)
+    MOVABLE = False
 
     @staticmethod
     def cpu(x) -> bool:
@@ -274,6 +277,7 @@ class _Torch:
 
     key = staticmethod(attrgetter("dtype"))
     cpu = staticmethod(attrgetter("is_cpu"))
+    MOVABLE = True  # a tensor's storage may be replaced (``set_``) or resized in place
 
     @classmethod
     def name(cls, x) -> str:
@@ -422,7 +426,8 @@ class Frozen(tuple):
     """A list argument whose caller promises that its arrays keep their storage, shape and dtype while it lives
     (the runtime's own arrays: plans, saved-value buffers). A call whose lists of one side are all ``Frozen`` (or
     None) checks and packs that side once; later calls with the same ``Frozen`` objects reuse its rows, re-reading
-    only the weights' addresses (a weight that moved is packed anew). Any other list is checked at every call."""
+    only the torch weights' addresses (a tensor whose storage moved is packed anew; a numpy array's data cannot
+    move while it is referenced). Any other list is checked at every call."""
 
 
 # (verb, side, flavour, the side's lists by id) -> (rows, those lists: kept, so their ids stay theirs, weight
@@ -433,14 +438,17 @@ PACKED_KEPT = 64
 _packed_lock = threading.Lock()
 
 
-def _packed(op: str, label: str, f, lists: dict, apply: bool) -> np.ndarray:
-    """``_side``'s rows, reused for ``Frozen`` lists (see ``Frozen``)."""
+def _packed(op: str, label: str, f, lists: dict, apply: bool, seen: dict) -> np.ndarray:
+    """``_side``'s rows, reused for ``Frozen`` lists (see ``Frozen``). ``seen``: the weights' addresses read by
+    this call so far, by id of their Frozen list (the two sides of a switch often share one)."""
     vals = tuple(lists.values())
     ws = lists["weights"]
     if ws is None or not all(v is None or type(v) is Frozen for v in vals):
         return _side(op, label, f, lists, apply)
     key = (op, apply, f, *map(id, vals))
-    ptrs = tuple(map(f.ptr, ws))
+    ptrs = seen.get(id(ws))
+    if ptrs is None:
+        ptrs = seen[id(ws)] = tuple(map(f.ptr, ws)) if f.MOVABLE else ()  # numpy: ~0.8 us each, cannot move
     hit = _PACKED.get(key)
     if hit is not None and hit[2] == ptrs and all(a is b for a, b in zip(hit[1], vals)):
         return hit[0]
@@ -458,6 +466,41 @@ def release(lists) -> None:
     with _packed_lock:
         for key in [k for k, (_, vals, _) in _PACKED.items() if any(id(v) in drop for v in vals if v is not None)]:
             del _PACKED[key]
+        for key in [k for k, (vals, _) in _WRITTEN.items() if any(id(v) in drop for v in vals)]:
+            del _WRITTEN[key]
+
+
+# (the mutated Frozen lists' ids) -> (those lists, their distinct arrays): ``written``'s, released with _PACKED's
+_WRITTEN: dict[tuple, tuple[tuple, list]] = {}
+
+
+def written(verb: Verb, values: dict) -> list:
+    """The arrays a call of ``verb`` with ``values`` writes (its mutated parameters'), for their version bumps,
+    each counter once: the same weight in an outgoing and an incoming list is one tensor, and views of one base
+    (the runtime's saved-value slices of one arena) share its version counter, so the base stands for them. Found
+    once for mutated lists that are all ``Frozen``."""
+    lists, single = [], []
+    for key in verb.mutated:
+        v = values[key]
+        if v is not None:
+            (lists if isinstance(v, (list, tuple)) else single).append(v)
+    if not all(type(v) is Frozen for v in lists):
+        return [x for v in lists for x in v] + single
+    key = tuple(map(id, lists))
+    hit = _WRITTEN.get(key)
+    if hit is None or not all(a is b for a, b in zip(hit[0], lists)):
+        distinct = {}
+        for v in lists:
+            for x in v:
+                base = getattr(x, "_base", None)  # a torch view's base (numpy arrays have none)
+                x = x if base is None else base
+                distinct[id(x)] = x
+        hit = (tuple(lists), list(distinct.values()))
+        with _packed_lock:
+            while len(_WRITTEN) >= PACKED_KEPT:
+                del _WRITTEN[next(iter(_WRITTEN))]
+            _WRITTEN[key] = hit
+    return hit[1] + single if single else hit[1]
 
 
 _ERR = threading.local()
@@ -470,13 +513,14 @@ def call(verb: Verb, values: dict, flavour, threads: int) -> None:
     two = verb.restore is not None and verb.apply is not None
     args = []
     n_apply = 0
+    seen: dict[int, tuple] = {}
     for prefix, apply in ((verb.restore, False), (verb.apply, True)):
         if prefix is None:
             continue
         names = APPLY_LISTS if apply else RESTORE_LISTS
         lists = {k: values.get(prefix + k) for k in names}
         label = ("incoming " if apply else "outgoing ") if two else ""
-        rows = _packed(op, label, flavour, lists, apply)
+        rows = _packed(op, label, flavour, lists, apply, seen)
         args += [rows.ctypes.data if len(rows) else None, len(rows)]
         args.append(rows)  # kept alive until the call returns (removed below)
         if apply:

@@ -69,7 +69,6 @@ tuning = core.tuning
 
 def _verb(name: str):
     verb = VERBS[name]
-    mutated = verb.mutated
 
     def fn(*args, **kwargs) -> None:
         if _lib is None:
@@ -80,12 +79,7 @@ def _verb(name: str):
             return
         core.call(verb, values, core._Torch, torch.get_num_threads())
         # The core writes through raw pointers: tell autograd, as the reference's in-place ops do.
-        written = []
-        for key in mutated:
-            v = values[key]
-            if v is not None:
-                written += v if isinstance(v, (list, tuple)) else (v,)
-        torch._C._increment_version(written)
+        torch._C._increment_version(core.written(verb, values))
 
     fn.__name__ = fn.__qualname__ = name
     fn.__signature__ = verb.signature  # type: ignore[attr-defined]

@@ -86,3 +86,6 @@ def test_huge_pages_points_report_what_moved(capsys):
 def test_per_tensor_rows():
     rows = scaling.per_tensor((2, 5), 4)
     assert [r[0] for r in rows] == [2, 5] and all(r[1] > 0 and r[2] > 0 and r[3] == r[2] / r[0] for r in rows)
+    assert all(len(r) == 6 and r[4] > 0 and r[5] == r[4] / r[0] for r in rows)  # the bundle's columns
+    busy = scaling.per_tensor((3,), 4, busy=True)
+    assert len(busy[0]) == 8 and busy[0][6] > 0 and busy[0][7] > 0

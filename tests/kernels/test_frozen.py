@@ -90,3 +90,61 @@ def test_a_removed_adapters_arrays_are_not_kept(monkeypatch):
         rt.switch(s)
     gc.collect()
     assert all(r() is None for r in arrays)
+
+
+def test_a_call_bumps_each_written_version_counter_once():
+    w = torch.zeros(64)
+    arena = torch.zeros(8)
+    out_saved, in_saved = arena[:2], arena[2:4]
+    idx = torch.tensor([1, 5], dtype=torch.int32)
+    delta = torch.tensor([1.0, 2.0])
+    kernels.apply_(Frozen([w]), Frozen([idx]), Frozen([delta]), Frozen([out_saved]), validate=False)
+    values = core.VERBS["switch_"].bind(
+        (Frozen([w]), Frozen([idx]), Frozen([out_saved]), Frozen([w]), Frozen([idx]), Frozen([delta]),
+         Frozen([in_saved])), {"validate": False})  # fmt: skip
+    written = core.written(core.VERBS["switch_"], values)
+    assert len(written) == 2 and written[0] is w and written[1] is arena  # one weight, one arena for its views
+    plain = core.written(core.VERBS["switch_"], {**values, "in_saved": [in_saved]})
+    assert len(plain) == 3  # lists not all Frozen: every written array as given
+    before = (w._version, in_saved._version, arena._version)
+    kernels.switch_(*(values[k] for k in list(values)[:7]), validate=False)
+    after = (w._version, in_saved._version, arena._version)
+    assert all(a > b for a, b in zip(after, before))  # autograd sees the weight and the saved values written
+    assert w[1] == 1.0 and w[5] == 2.0 and in_saved.tolist() == [0.0, 0.0]
+    core.release([v for v in values.values() if type(v) is Frozen])
+    assert not any(v is values["in_saved"] for vals, _ in core._WRITTEN.values() for v in vals)
+
+
+def test_numpy_frozen_sides_are_not_read_again(monkeypatch):
+    np = pytest.importorskip("numpy")
+    w = np.zeros(64, dtype=np.float32)
+    args = [Frozen([w]), Frozen([np.array([1, 5], dtype=np.int32)]), Frozen([np.ones(2, dtype=np.float32)])]
+    saved = Frozen([np.empty(2, dtype=np.float32)])
+    kernels.apply_(*args, saved, validate=False)
+    kernels.restore_(args[0], args[1], saved, validate=False)
+    reads = []
+    real = core._Numpy.ptr
+    monkeypatch.setattr(core._Numpy, "ptr", staticmethod(lambda a: reads.append(a) or real(a)))
+    for _ in range(3):
+        kernels.apply_(*args, saved, validate=False)
+        kernels.restore_(args[0], args[1], saved, validate=False)
+    assert reads == [] and not w.any()  # rows reused without reading an address; every apply restored
+    kernels.apply_(*args, saved, validate=False)
+    assert w[1] == 1.0 and w[5] == 1.0
+    core.release([*args, saved])
+
+
+def test_plans_over_the_same_tensors_share_their_weights_and_keep_their_rows(monkeypatch):
+    rt, model, names = _runtime(8)
+    rt.add_adapter("c", random_shira(model, names, 0.02, seed=7))
+    for s in ("a", "b", "c", "a", "b", "c"):
+        rt.switch(s)
+    lists = [v[1] for v in rt._switcher._lists.values()]
+    assert len({id(x["weights"]) for x in lists if x["names"]}) == 1  # one weights list for every plan
+    rt.switch("a")
+    rt.remove_adapter("c")  # its rows go; a's and b's, which used the same weights list, stay
+    calls = _counting(monkeypatch)
+    for s in ("b", "a") * 3:
+        rt.switch(s)
+    assert calls == []
+    rt.switch(None)
