@@ -8,6 +8,7 @@
     python -m benchmarks.scaling --huge-pages          # each torch point's weights on huge pages (Runtime.huge_pages)
     python -m benchmarks.scaling --per-tensor          # a small switch's fixed cost against the tensors it touches
     python -m benchmarks.scaling --huge-ab --min 1e6   # 4 KiB against huge pages, interleaved in one process
+    python -m benchmarks.scaling --mask-ab --min 1e6   # random against block masks, interleaved in one process
 
 For each size N, a model of four linears holding 100 N weights (the adapter's density is 1%, as a SHiRA adapter on
 a model of that size) gets two random adapters A and B of N entries each (``rand``: uniform positions; ``block``:
@@ -182,7 +183,11 @@ def bandwidth() -> float:
     return copy_bandwidth_gbps(repeats=3, rounds=2)
 
 
-def point(entries: int, mask: str, dtype: str, repeats: int, busy: bool, huge: bool = False) -> dict:
+@contextlib.contextmanager
+def runtime_for(entries: int, mask: str, dtype: str, huge: bool = False) -> Iterator[tuple[Runtime, int]]:
+    """A runtime over ``model_for(entries)`` in ``dtype`` with the two adapters "a" and "b" registered (``mask``
+    positions), and the bytes ``huge_pages`` moved (``huge``; 0 otherwise). ``int8-bundle``: the base exported to
+    a bundle in a temporary folder, removed when the block ends."""
     model = model_for(entries, seed=0)
     line = None if mask == "rand" else LINE_DTYPES[dtype]  # blocks are lines of the base's own storage
     bundle = dtype == "int8-bundle"  # ... there the transposed copy: runs of rows in a column
@@ -195,21 +200,29 @@ def point(entries: int, mask: str, dtype: str, repeats: int, busy: bool, huge: b
             adapters = {n: bake(ad, model) for n, ad in adapters.items()}
     elif dtype != "fp32":
         model = model.to(DTYPES[dtype])
-    if not bundle:
-        rt = Runtime.load(model)
+    with contextlib.ExitStack() as stack:
+        if bundle:
+            from shira_runtime.exporters import export_onnx
+
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="scaling-"))
+            cols = model["q_proj"].in_features
+            rt = Runtime.load(export_onnx(model, (torch.zeros(1, cols),), Path(folder) / "bundle", verify=False,
+                                          progress=False))  # fmt: skip
+        else:
+            rt = Runtime.load(model)
         moved = rt.huge_pages() if huge else 0  # Runtime.huge_pages: the weights on 2 MiB pages where it can
-        return {**_point(rt, adapters, entries, mask, dtype, repeats, busy), "huge_mb": moved / 2**20}
-    from shira_runtime.exporters import export_onnx
-
-    with tempfile.TemporaryDirectory(prefix="scaling-") as folder:
-        cols = model["q_proj"].in_features
-        path = export_onnx(model, (torch.zeros(1, cols),), Path(folder) / "bundle", verify=False, progress=False)
-        return _point(Runtime.load(path), adapters, entries, mask, dtype, repeats, busy)
+        for n, ad in adapters.items():
+            rt.add_adapter(n, ad)
+        yield rt, moved
 
 
-def _point(rt: Runtime, adapters: dict, entries: int, mask: str, dtype: str, repeats: int, busy: bool) -> dict:
-    for n, ad in adapters.items():
-        rt.add_adapter(n, ad)
+def point(entries: int, mask: str, dtype: str, repeats: int, busy: bool, huge: bool = False) -> dict:
+    with runtime_for(entries, mask, dtype, huge and dtype != "int8-bundle") as (rt, moved):
+        out = _point(rt, entries, mask, dtype, repeats, busy)
+    return {**out, "huge_mb": moved / 2**20} if dtype != "int8-bundle" else out
+
+
+def _point(rt: Runtime, entries: int, mask: str, dtype: str, repeats: int, busy: bool) -> dict:
     rt.switch("a")
     # the same lines visited by a plain loop, in the switch's state (a bundle's pages already the runtime's)
     visits = LineVisits(parts(rt, "a", "b"))
@@ -343,35 +356,38 @@ def per_tensor(counts: tuple[int, ...], switches: int, busy: bool = False) -> li
     return rows
 
 
-def huge_ab(entries: int, mask: str, dtype: str, repeats: int, rounds: int = 5) -> list[object]:
-    """Two runtimes over two copies of the same model, one on huge pages (``Runtime.huge_pages``), their A -> B
-    switches in interleaved rounds: [dtype, mask, entries, 4 KiB ms, huge ms, huge / 4 KiB (median of the
-    rounds' ratios), MB moved]."""
-    line = None if mask == "rand" else LINE_DTYPES[dtype]
-    rts, moved = [], 0
-    for huge in (False, True):
-        model = model_for(entries, seed=0)
-        adapters = {n: random_shira(model, NAMES, DENSITY, seed=k + 1, mask=None if mask == "rand" else mask,
-                                    line_dtype=line) for k, n in enumerate("ab")}  # fmt: skip
-        if dtype.startswith("int8"):
-            model = quantize(model, "int8")
-        elif dtype != "fp32":
-            model = model.to(DTYPES[dtype])
-        rt = Runtime.load(model)
-        for n, ad in adapters.items():
-            rt.add_adapter(n, ad)
-        if huge:
-            moved = rt.huge_pages()
+def interleaved(rts: list[Runtime], repeats: int, rounds: int) -> list[list[float]]:
+    """Each runtime's A -> B switch (median ms of ``repeats``) in ``rounds`` interleaved rounds, so that a drift of
+    the machine's speed reaches every arm alike; the runtimes are left at the base."""
+    for rt in rts:
         rt.switch("a")
-        rts.append(rt)
-    times: list[list[float]] = [[], []]
+    times: list[list[float]] = [[] for _ in rts]
     for _ in range(rounds):
         for k, rt in enumerate(rts):
             times[k].append(cycle([lambda r=rt: r.switch("b"), lambda r=rt: r.switch("a")], repeats).median_ms)
     for rt in rts:
         rt.switch(None)
+    return times
+
+
+def huge_ab(entries: int, mask: str, dtype: str, repeats: int, rounds: int = 5) -> list[object]:
+    """Two runtimes over two copies of the same model, one on huge pages (``Runtime.huge_pages``), their A -> B
+    switches in interleaved rounds: [dtype, mask, entries, 4 KiB ms, huge ms, huge / 4 KiB (median of the
+    rounds' ratios), MB moved]."""
+    with runtime_for(entries, mask, dtype) as (small, _), runtime_for(entries, mask, dtype, True) as (huge, moved):
+        times = interleaved([small, huge], repeats, rounds)
     ratio = statistics.median(h / s for s, h in zip(*times))
     return [dtype, mask, entries, statistics.median(times[0]), statistics.median(times[1]), ratio, moved / 2**20]
+
+
+def mask_ab(entries: int, dtype: str, repeats: int, rounds: int = 5) -> list[object]:
+    """Random against block masks of the same size, two runtimes in one process, their A -> B switches in
+    interleaved rounds (separate points are minutes apart, and the machine's speed drifts between them):
+    [dtype, entries, rand ms, block ms, rand / block (the median of the rounds' ratios)]."""
+    with runtime_for(entries, "rand", dtype) as (rand, _), runtime_for(entries, "block", dtype) as (block, _):
+        times = interleaved([rand, block], repeats, rounds)
+    ratio = statistics.median(r / b for r, b in zip(*times))
+    return [dtype, entries, statistics.median(times[0]), statistics.median(times[1]), ratio]
 
 
 def report(path: Path | None, key: str, title: str, cols: list[str], rows: list[list[object]]) -> None:
@@ -397,6 +413,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="a small switch's fixed cost against the tensors it touches (4 .. 210 linears)")
     p.add_argument("--huge-ab", action="store_true",
                    help="each point twice in one process, 4 KiB pages against huge pages, in interleaved rounds")
+    p.add_argument("--mask-ab", action="store_true",
+                   help="each size with random and with block masks in one process, in interleaved rounds")
     p.add_argument("--huge-pages", action="store_true",
                    help="Runtime.huge_pages() on each torch-backend point's weights (Linux: transparent huge pages)")
     p.add_argument("--json", type=Path, default=None)
@@ -432,6 +450,14 @@ def main(argv: list[str] | None = None) -> None:
                  f"kernels {kernels.backend()}")  # fmt: skip
         cols = ["dtype", "mask", "entries", "4 KiB ms", "huge ms", "huge / 4 KiB", "MB moved"]
         return report(args.json, "huge_ab", title, cols, rows)
+    if args.mask_ab:
+        rows = []
+        for dtype in dtypes:
+            for n in sizes:
+                progress(f"{dtype} rand against block, {n:.0e} entries")
+                rows.append(mask_ab(n, dtype, max(4, repeats // max(1, n // 1_000_000))))
+        title = f"random against block masks, interleaved rounds in one process; kernels {kernels.backend()}"
+        return report(args.json, "mask_ab", title, ["dtype", "entries", "rand ms", "block ms", "rand / block"], rows)
     progress(f"kernels: {kernels.backend()}")
     points = []
     for dtype in dtypes:

@@ -13,7 +13,7 @@ from shira_runtime import Runtime, SparseAdapter
 from torch import nn
 
 from benchmarks import scaling
-from tests.conftest import assert_bit_identical, snapshot
+from tests.conftest import assert_bit_identical, bits, snapshot
 
 
 def test_the_bare_kernel_cycle_leaves_the_weights_as_they_were():
@@ -89,3 +89,25 @@ def test_per_tensor_rows():
     assert all(len(r) == 6 and r[4] > 0 and r[5] == r[4] / r[0] for r in rows)  # the bundle's columns
     busy = scaling.per_tensor((3,), 4, busy=True)
     assert len(busy[0]) == 8 and busy[0][6] > 0 and busy[0][7] > 0
+
+
+def test_mask_ab_rows(tmp_path, capsys):
+    """``--mask-ab``: random and block runtimes of one size in one process, interleaved; both left at the base."""
+    row = scaling.mask_ab(10_000, "fp32", 4, rounds=2)
+    assert row[:2] == ["fp32", 10_000] and row[2] > 0 and row[3] > 0 and row[4] > 0
+    out = tmp_path / "ab.json"
+    scaling.main(["--mask-ab", "--min", "1e3", "--max", "1e3", "--dtypes", "int8-bundle", "--repeats", "4",
+                  "--json", str(out)])  # fmt: skip
+    (rows,) = json.loads(out.read_text()).values()
+    assert [r[:2] for r in rows] == [["int8-bundle", 1000]] and all(v > 0 for v in rows[0][2:])
+    assert "random against block masks" in capsys.readouterr().out
+
+
+def test_interleaved_leaves_each_runtime_at_the_base():
+    with scaling.runtime_for(1000, "rand", "fp32") as (a, _), scaling.runtime_for(1000, "block", "bf16") as (b, _):
+        before = [{k: bits(v).clone() for k, v in rt.backend.tensors.items()} for rt in (a, b)]
+        times = scaling.interleaved([a, b], 3, rounds=2)
+        assert [len(t) for t in times] == [2, 2] and all(v > 0 for t in times for v in t)
+        for rt, snap in zip((a, b), before):
+            assert not rt.active
+            assert all(torch.equal(bits(v), snap[k]) for k, v in rt.backend.tensors.items())
