@@ -321,13 +321,34 @@ def soak(switches: int) -> list[list[object]]:
     return rows
 
 
+FLUSH_BYTES = 64 << 20  # rewritten before each cold switch: twice the largest L3 of the machines we measure on
+
+
+def cold_us(rt: Runtime, switches: int, junk) -> float:
+    """Median us of a switch A <-> B (from A) with the caches flushed before each, outside the timing (``junk``,
+    a ``FLUSH_BYTES`` numpy array, rewritten): a switch as an app makes it after inference, which streams the
+    weights through the caches, where a loop of switches alone keeps the interpreter's and the kernel's lines
+    warm."""
+    times = []
+    for k in range(switches + switches % 2):  # an even count: back at A
+        junk += 1
+        t = time.perf_counter()
+        rt.switch("b" if k % 2 == 0 else "a")
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e6
+
+
 def per_tensor(counts: tuple[int, ...], switches: int, busy: bool = False) -> list[list[object]]:
     """A small switch's fixed cost against the number of tensors it touches: ``n`` linears of 256 x 256, two random
     adapters of 0.1% (65 entries per tensor), the median A -> B switch on the torch backend and on the same linears
-    exported to a bundle (the device path: numpy arrays over the mapped file), with the other vCPU idle and (``busy``)
-    kept busy: [tensors, entries, torch us, us/tensor, bundle us, bundle us/tensor, (busy: torch us, bundle us)]."""
+    exported to a bundle (the device path: numpy arrays over the mapped file), in a loop of switches (warm caches),
+    with the caches flushed before each switch (``cold_us``), and with the other vCPU kept busy (``busy``): [tensors,
+    entries, torch us, us/tensor, bundle us, bundle us/tensor, cold: torch us, cold: bundle us, (busy: torch us,
+    bundle us)]."""
+    import numpy as np
     from shira_runtime.exporters import export_onnx
 
+    junk = np.ones(FLUSH_BYTES, np.uint8)
     rows = []
     for n in counts:
         names = [f"l{k}" for k in range(n)]
@@ -347,12 +368,15 @@ def per_tensor(counts: tuple[int, ...], switches: int, busy: bool = False) -> li
                 with busy_cpu(load):
                     us = [cycle([lambda r=rt: r.switch("b"), lambda r=rt: r.switch("a")], switches).median_ms * 1e3
                           for rt in rts]  # fmt: skip
-                row += [us[0], us[0] / n, us[1], us[1] / n] if not load else us
+                if load:
+                    row += us
+                else:
+                    row += [us[0], us[0] / n, us[1], us[1] / n, *(cold_us(rt, switches, junk) for rt in rts)]
             for rt in rts:
                 rt.switch(None)
             del rts
         rows.append(row)
-        progress(f"{n} tensors: torch {row[2]:.0f} us, bundle {row[4]:.0f} us")
+        progress(f"{n} tensors: torch {row[2]:.0f} us, bundle {row[4]:.0f} us; cold {row[6]:.0f} and {row[7]:.0f} us")
     return rows
 
 
@@ -428,7 +452,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = per_tensor((4, 28, 112, 210), args.repeats or 300, args.busy)
         title = (f"a small switch against the tensors it touches (SmolLM2-135M: 210 linears), median us; kernels "
                  f"{kernels.backend()}, torch threads {torch.get_num_threads()}")  # fmt: skip
-        cols = ["tensors", "entries", "torch us", "us per tensor", "bundle us", "bundle us per tensor"]
+        cols = ["tensors", "entries", "torch us", "us per tensor", "bundle us", "bundle us per tensor",
+                "cold: torch us", "cold: bundle us"]  # fmt: skip
         cols += ["busy: torch us", "busy: bundle us"] if args.busy else []
         return report(args.json, "per_tensor", title, cols, rows)
     if args.dense:

@@ -86,9 +86,22 @@ def test_huge_pages_points_report_what_moved(capsys):
 def test_per_tensor_rows():
     rows = scaling.per_tensor((2, 5), 4)
     assert [r[0] for r in rows] == [2, 5] and all(r[1] > 0 and r[2] > 0 and r[3] == r[2] / r[0] for r in rows)
-    assert all(len(r) == 6 and r[4] > 0 and r[5] == r[4] / r[0] for r in rows)  # the bundle's columns
+    assert all(len(r) == 8 and r[4] > 0 and r[5] == r[4] / r[0] for r in rows)  # the bundle's columns
+    assert all(r[6] > 0 and r[7] > 0 for r in rows)  # cold caches
     busy = scaling.per_tensor((3,), 4, busy=True)
-    assert len(busy[0]) == 8 and busy[0][6] > 0 and busy[0][7] > 0
+    assert len(busy[0]) == 10 and busy[0][8] > 0 and busy[0][9] > 0
+
+
+def test_cold_switches_end_where_they_started():
+    """``cold_us`` flushes the caches between switches, outside the timing, and leaves the runtime at A (an odd
+    count is rounded up to an even one)."""
+    import numpy as np
+
+    with scaling.runtime_for(1000, "rand", "fp32") as (rt, _):
+        rt.switch("a")
+        junk = np.zeros(1 << 20, np.uint8)
+        assert scaling.cold_us(rt, 3, junk) > 0
+        assert rt.active == (("a", 1.0),) and int(junk[0]) == 4  # four switches, each after a flush
 
 
 def test_mask_ab_rows(tmp_path, capsys):
