@@ -217,9 +217,10 @@ def runtime_for(entries: int, mask: str, dtype: str, huge: bool = False) -> Iter
 
 
 def point(entries: int, mask: str, dtype: str, repeats: int, busy: bool, huge: bool = False) -> dict:
-    with runtime_for(entries, mask, dtype, huge and dtype != "int8-bundle") as (rt, moved):
+    bundle = dtype == "int8-bundle"  # a bundle's pages are its mapped file's: no huge pages there
+    with runtime_for(entries, mask, dtype, huge and not bundle) as (rt, moved):
         out = _point(rt, entries, mask, dtype, repeats, busy)
-    return {**out, "huge_mb": moved / 2**20} if dtype != "int8-bundle" else out
+    return out if bundle else {**out, "huge_mb": moved / 2**20}
 
 
 def _point(rt: Runtime, entries: int, mask: str, dtype: str, repeats: int, busy: bool) -> dict:

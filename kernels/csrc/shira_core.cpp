@@ -83,8 +83,8 @@ std::atomic<int64_t> g_last_plan{0};           // bit 0: threaded; bits 1-2: 1 f
 inline int64_t run_lines_ahead(int64_t pf) { return pf / 4 + 1; }
 inline int64_t runs_ahead(int64_t pf, int64_t wsize) { return pf > 0 ? std::max<int64_t>(1, pf * wsize / 16) : 0; }
 // A range no longer than the distance (a small tensor's whole list) would prefetch nothing; there the distance is
-// half the range: after inference has evicted the weights, 0.89-0.92x the core's time for a switch over many small
-// tensors, unchanged with warm caches (docs/results/scaling.md, "With cold caches").
+// half the range: after inference has evicted the weights, 0.905-0.94x the core's time for a switch over 4-210
+// small tensors, unchanged with warm caches (docs/results/scaling.md, "With cold caches").
 inline int64_t short_distance(int64_t pf, int64_t n) { return pf > 0 && n <= pf ? std::max<int64_t>(4, n / 2) : pf; }
 
 // A refused input: the message goes back through the C ABI (return code 1), nothing written yet.

@@ -105,7 +105,8 @@ def test_cold_switches_end_where_they_started():
 
 
 def test_mask_ab_rows(tmp_path, capsys):
-    """``--mask-ab``: random and block runtimes of one size in one process, interleaved; both left at the base."""
+    """``--mask-ab``: random and block runtimes of one size in one process, interleaved (as a function and from
+    the command line, on an int8 bundle)."""
     row = scaling.mask_ab(10_000, "fp32", 4, rounds=2)
     assert row[:2] == ["fp32", 10_000] and row[2] > 0 and row[3] > 0 and row[4] > 0
     out = tmp_path / "ab.json"
