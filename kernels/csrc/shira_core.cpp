@@ -84,7 +84,8 @@ inline int64_t run_lines_ahead(int64_t pf) { return pf / 4 + 1; }
 inline int64_t runs_ahead(int64_t pf, int64_t wsize) { return pf > 0 ? std::max<int64_t>(1, pf * wsize / 16) : 0; }
 // A range no longer than the distance (a small tensor's whole list) would prefetch nothing; there the distance is
 // half the range: after inference has evicted the weights, 0.905-0.94x the core's time for a switch over 4-210
-// small fp32 tensors and 0.80-0.84x over int8 ones, unchanged with warm caches (docs/results/scaling.md, "With cold caches").
+// small fp32 tensors and 0.80-0.84x over int8 ones, unchanged with warm caches (docs/results/scaling.md, "With
+// cold caches"). The fp8 mirrored path keeps the plain distance (not measured).
 inline int64_t short_distance(int64_t pf, int64_t n) { return pf > 0 && n <= pf ? std::max<int64_t>(4, n / 2) : pf; }
 
 // A refused input: the message goes back through the C ABI (return code 1), nothing written yet.
