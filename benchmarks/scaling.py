@@ -9,6 +9,7 @@
     python -m benchmarks.scaling --per-tensor          # a small switch's fixed cost against the tensors it touches
     python -m benchmarks.scaling --huge-ab --min 1e6   # 4 KiB against huge pages, interleaved in one process
     python -m benchmarks.scaling --mask-ab --min 1e6   # random against block masks, interleaved in one process
+    python -m benchmarks.scaling --from-base --min 1e5 # a bundle's switch from the base after switch(None)
 
 For each size N, a model of four linears holding 100 N weights (the adapter's density is 1%, as a SHiRA adapter on
 a model of that size) gets two random adapters A and B of N entries each (``rand``: uniform positions; ``block``:
@@ -54,6 +55,7 @@ import contextlib
 import json
 import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -83,11 +85,12 @@ STREAM_BYTES = {
     "int8": 2 * 1 + 12,
     "int8-baked": 2 * 1 + 1 + 8,
     "int8-bundle": 2 * 1 + 12,
+    "fp32-bundle": 2 * 4 + 12,
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LINE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8, "int8-baked": torch.int8,
-               "int8-bundle": torch.int8}  # fmt: skip
-CHOICES = ("fp32", "bf16", "int8", "int8-baked", "int8-bundle")
+               "int8-bundle": torch.int8, "fp32-bundle": torch.float32}  # fmt: skip
+CHOICES = ("fp32", "bf16", "int8", "int8-baked", "int8-bundle", "fp32-bundle")
 
 
 class Linears(nn.ModuleDict):
@@ -186,19 +189,19 @@ def bandwidth() -> float:
 @contextlib.contextmanager
 def runtime_for(entries: int, mask: str, dtype: str, huge: bool = False) -> Iterator[tuple[Runtime, int]]:
     """A runtime over ``model_for(entries)`` in ``dtype`` with the two adapters "a" and "b" registered (``mask``
-    positions), and the bytes ``huge_pages`` moved (``huge``; 0 otherwise). ``int8-bundle``: the base exported to
-    a bundle in a temporary folder, removed when the block ends."""
+    positions), and the bytes ``huge_pages`` moved (``huge``; 0 otherwise). ``int8-bundle`` / ``fp32-bundle``: the
+    base exported to a bundle in a temporary folder, removed when the block ends."""
     model = model_for(entries, seed=0)
     line = None if mask == "rand" else LINE_DTYPES[dtype]  # blocks are lines of the base's own storage
-    bundle = dtype == "int8-bundle"  # ... there the transposed copy: runs of rows in a column
+    bundle = dtype.endswith("-bundle")  # int8: the transposed copy, its blocks runs of rows in a column
     adapters = {n: random_shira(model, NAMES, DENSITY, seed=k + 1, mask=None if mask == "rand" else mask,
-                                line_dtype=line, transposed=bundle and line is not None)
+                                line_dtype=line, transposed=dtype == "int8-bundle" and line is not None)
                 for k, n in enumerate("ab")}  # fmt: skip
     if dtype.startswith("int8"):
         model = quantize(model, "int8")
         if dtype == "int8-baked":  # the codes a switch writes, computed once for this base: a byte swap
             adapters = {n: bake(ad, model) for n, ad in adapters.items()}
-    elif dtype != "fp32":
+    elif dtype not in ("fp32", "fp32-bundle"):
         model = model.to(DTYPES[dtype])
     with contextlib.ExitStack() as stack:
         if bundle:
@@ -217,7 +220,7 @@ def runtime_for(entries: int, mask: str, dtype: str, huge: bool = False) -> Iter
 
 
 def point(entries: int, mask: str, dtype: str, repeats: int, busy: bool, huge: bool = False) -> dict:
-    bundle = dtype == "int8-bundle"  # a bundle's pages are its mapped file's: no huge pages there
+    bundle = dtype.endswith("-bundle")  # a bundle's pages are its mapped file's: no huge pages there
     with runtime_for(entries, mask, dtype, huge and not bundle) as (rt, moved):
         out = _point(rt, entries, mask, dtype, repeats, busy)
     return out if bundle else {**out, "huge_mb": moved / 2**20}
@@ -415,6 +418,40 @@ def mask_ab(entries: int, dtype: str, repeats: int, rounds: int = 5) -> list[obj
     return [dtype, entries, statistics.median(times[0]), statistics.median(times[1]), ratio]
 
 
+def from_base(entries: int, mask: str, dtype: str, rounds: int = 5) -> list[object]:
+    """A bundle's switch base -> A right after ``switch(None)`` handed its pages back (docs/device.md), with the
+    pages made private first in one call per run (``OnnxBackend.before_write``, the default) against the kernels'
+    writes faulting them in (``_populate`` off: the behaviour before it), in interleaved rounds in one process:
+    [dtype, mask, entries, pages, populate ms, faulting ms, faulting / populate (the median of the rounds' ratios),
+    minor faults per switch (populate, faulting), A -> B ms (pages already private)]."""
+    with runtime_for(entries, mask, dtype) as (rt, _):
+        backend = rt.backend
+        rt.switch("a")
+        rt.switch(None)  # the first switch's one-time costs paid; the pages handed back
+        pages = int(backend._pages_of(*_incoming(rt, "a")).size)
+        times: dict[bool, list[float]] = {True: [], False: []}
+        faults: dict[bool, list[int]] = {True: [], False: []}
+        for _ in range(rounds):
+            for populate in (True, False):
+                backend._populate = populate
+                f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+                rt.switch("a")
+                times[populate].append((time.perf_counter() - t0) * 1e3)
+                faults[populate].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+                rt.switch(None)
+        backend._populate = True
+        ab = statistics.median(interleaved([rt], 8, 1)[0])
+    ratio = statistics.median(f / p for p, f in zip(times[True], times[False]))
+    return [dtype, mask, entries, pages, statistics.median(times[True]), statistics.median(times[False]), ratio,
+            int(statistics.median(faults[True])), int(statistics.median(faults[False])), ab]  # fmt: skip
+
+
+def _incoming(rt: Runtime, name: str) -> tuple[tuple[str, ...], list]:
+    """Adapter ``name``'s tensors and storage indices, as a switch to it hands them to ``Backend.before_write``."""
+    sparse = rt._get(name).sparse
+    return tuple(sparse), [idx for idx, _ in sparse.values()]
+
+
 def report(path: Path | None, key: str, title: str, cols: list[str], rows: list[list[object]]) -> None:
     """A run's table on stdout under ``# title``, and ``{key: rows}`` as JSON at ``path`` when given."""
     print(f"# {title}")
@@ -440,6 +477,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="each point twice in one process, 4 KiB pages against huge pages, in interleaved rounds")
     p.add_argument("--mask-ab", action="store_true",
                    help="each size with random and with block masks in one process, in interleaved rounds")
+    p.add_argument("--from-base", action="store_true",
+                   help="a bundle's switch from the base after switch(None): pages made private first or faulted")
     p.add_argument("--huge-pages", action="store_true",
                    help="Runtime.huge_pages() on each torch-backend point's weights (Linux: transparent huge pages)")
     p.add_argument("--json", type=Path, default=None)
@@ -476,6 +515,19 @@ def main(argv: list[str] | None = None) -> None:
                  f"kernels {kernels.backend()}")  # fmt: skip
         cols = ["dtype", "mask", "entries", "4 KiB ms", "huge ms", "huge / 4 KiB", "MB moved"]
         return report(args.json, "huge_ab", title, cols, rows)
+    if args.from_base:
+        rows = []
+        for dtype in args.dtypes or ["fp32-bundle", "int8-bundle"]:
+            for mask in args.masks:
+                for n in sizes:
+                    progress(f"{dtype} {mask} {n:.0e} entries: base -> A after switch(None)")
+                    rows.append(from_base(n, mask, dtype))
+        title = ("a bundle's switch from the base after switch(None) handed its pages back: pages made private "
+                 f"first (default) against the kernels' writes faulting them in; interleaved rounds; "
+                 f"kernels {kernels.backend()}")  # fmt: skip
+        cols = ["dtype", "mask", "entries", "pages", "populate ms", "faulting ms", "faulting / populate",
+                "faults (populate)", "faults (faulting)", "A -> B ms"]  # fmt: skip
+        return report(args.json, "from_base", title, cols, rows)
     if args.mask_ab:
         rows = []
         for dtype in dtypes:

@@ -12,6 +12,8 @@ A backend has:
   bundle's transposed uint8 copy is no mirror: it is the weight's tensor itself, in ``transposed``.)
 - ``after_write(name, indices, since, mirrored)``: called after a switch wrote codes of ``name`` at flat
   ``indices`` through raw pointers (FP8 layers bring their compute copy back in line, unless mirrored);
+- ``before_write(names, indices, cache)``: called by the switcher before the kernels write a plan's sparse entries
+  (a mapped bundle makes the pages they land on private first, in one call per run of pages);
 - ``after_switch(active, written)``: called by the switcher when a switch ended (a mapped bundle hands back
   the pages of written weights once the base is back);
 - ``__call__``: one inference.
@@ -20,6 +22,7 @@ A backend has:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -56,6 +59,12 @@ class Backend(ABC):
     def resync(self, name: str) -> None:
         """The codes of ``name`` were written by torch ops (a rollback): bring its mirror back in line. Nothing to
         do by default (an FP8 layer's forward sees the codes' version counter move and refreshes its copy)."""
+        return None
+
+    def before_write(self, names: tuple[str, ...], indices: Sequence[Array], cache: dict) -> None:
+        """The kernels are about to write entries ``indices`` (storage indices, sorted) of tensors ``names``;
+        ``cache``: a dict kept with those lists (one per plan) for the backend's own use. Nothing by default; a
+        mapped bundle makes the pages they land on private first (``OnnxBackend.before_write``)."""
         return None
 
     def after_switch(self, active: tuple[tuple[str, float], ...], written: set[str]) -> None:

@@ -347,6 +347,7 @@ class Switcher:
             "deltas": Frozen(plan.sparse[t][1] for t in ts),
             "scales": Frozen(scales.get(t, self.backend.no_scale) for t in ts),
             "runs": Frozen(plan.runs.get(t, self._no_runs) for t in ts),
+            "backend": {},  # the backend's own, per plan (Backend.before_write)
         }
         self._lists[id(plan)] = (plan, out)
         return out
@@ -392,6 +393,8 @@ class Switcher:
                 if t not in plan.dense:  # leaves dense: its base copy goes back whole
                     _copy(tensors[t], old.dense_saved[t])
             out_t = theirs["names"]  # old.sparse_saved's order
+            if in_t:
+                self.backend.before_write(in_t, in_idx, mine["backend"])
             if out_t or in_t:
                 written = {t: [] for t in (*theirs["scaled"], *mine["scaled"])}  # codes a compute copy must follow
                 versions = {t: getattr(tensors[t], "_version", 0) for t in written}

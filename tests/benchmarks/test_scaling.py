@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 
 import pytest
@@ -125,3 +126,21 @@ def test_interleaved_leaves_each_runtime_at_the_base():
         for rt, snap in zip((a, b), before):
             assert not rt.active
             assert all(torch.equal(bits(v), snap[k]) for k, v in rt.backend.tensors.items())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a bundle's pages are handed back on Linux only")
+def test_from_base_rows(tmp_path, capsys):
+    """``--from-base``: a bundle's switch from the base after switch(None), its pages made private first against
+    faulted in by the writes, interleaved (as a function, fp32 and block, and from the command line, int8)."""
+    row = scaling.from_base(10_000, "block", "fp32-bundle", rounds=2)
+    assert row[:3] == ["fp32-bundle", "block", 10_000]
+    pages, populate_ms, faulting_ms, ratio, faults_populate, faults_faulting, ab = row[3:]
+    assert pages > 0 and populate_ms > 0 and faulting_ms > 0 and ratio > 0 and ab > 0
+    # each page is faulted in once either way: by the advice, or by the kernel's first write to it
+    assert faults_populate >= pages and faults_faulting >= pages
+    out = tmp_path / "fb.json"
+    scaling.main(["--from-base", "--min", "1e3", "--max", "1e3", "--masks", "rand", "--dtypes", "int8-bundle",
+                  "--json", str(out)])  # fmt: skip
+    (rows,) = json.loads(out.read_text()).values()
+    assert [r[:3] for r in rows] == [["int8-bundle", "rand", 1000]] and rows[0][3] > 0
+    assert "from the base after switch(None)" in capsys.readouterr().out

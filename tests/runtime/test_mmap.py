@@ -222,12 +222,17 @@ def test_flipped_weight_byte_is_refused_before_any_output(small, tmp_path):
 
 def private_dirty(backend: OnnxBackend) -> int:
     """Bytes of the weight map that this process holds as private copies (smaps of that mapping)."""
-    start = np.frombuffer(backend._map.mm, np.uint8).ctypes.data
+    return smaps_bytes(backend, "Private_Dirty")
+
+
+def smaps_bytes(backend: OnnxBackend, field: str) -> int:
+    """Field ``field`` (a size in kB) of the weight map's entry in ``/proc/self/smaps``, in bytes."""
+    start = backend._map_start  # the map's first byte
     lines = open("/proc/self/smaps").read().splitlines()
     for i, line in enumerate(lines):
         if line.split("-")[0] == f"{start:x}":
             for entry in lines[i + 1 :]:
-                if entry.startswith("Private_Dirty:"):
+                if entry.startswith(field + ":"):
                     return int(entry.split()[1]) * 1024
     raise AssertionError("the weight map is not in /proc/self/smaps")
 
@@ -372,3 +377,130 @@ def test_an_int8_bundle_is_mapped_like_any_other(small_int8):
         for name, (at, n) in be._map.spans.items():
             assert os.pread(f.fileno(), n, at) == be.arrays[name].tobytes(), name
     assert rt(IDS).tobytes() == y0.tobytes()
+
+
+# -- pages made private before a switch writes them (OnnxBackend.before_write) --
+def anonymous(backend: OnnxBackend) -> int:
+    """Bytes of the weight map held as anonymous (private) pages."""
+    return smaps_bytes(backend, "Anonymous")
+
+
+def adapter_pages(rt: Runtime, name: str) -> set[int]:
+    """The pages of the map that adapter ``name``'s entries land on, from its storage indices and each weight's
+    address (not through the backend's own page arithmetic)."""
+    be, page = rt.backend, os.sysconf("SC_PAGE_SIZE")
+    out = set()
+    for t, (idx, _) in rt._get(name).sparse.items():
+        w = be.tensors[t]
+        at = w.ctypes.data - be._map_start + np.asarray(idx, np.int64) * w.itemsize
+        out.update((at // page).tolist())
+    return out
+
+
+@pytest.mark.parametrize("mask", [None, "block"])
+def test_a_switch_from_the_base_makes_its_pages_private_before_writing(tiny, monkeypatch, mask):
+    """A switch from the base (the pages handed back) makes exactly the pages its entries land on private before
+    the kernels write (one advice per run of pages, not one fault per page taken by two threads at once); weights
+    and outputs are bit for bit those of a switch that lets the writes fault the pages in, and ``switch(None)``
+    hands every page back."""
+    from shira_runtime import kernels
+
+    m, path = tiny
+    rt = Runtime.load(path)
+    be = rt.backend
+    y0 = rt(IDS)
+    # 0.5% in blocks: some pages of each weight, not all (the bitmap must skip what it need not advise)
+    rt.add_adapter("a", random_shira(m, TARGETS, 0.005 if mask else 0.05, seed=1, std=0.05, mask=mask))
+    want = adapter_pages(rt, "a")
+    pages = -(-len(be._map.mm) // os.sysconf("SC_PAGE_SIZE"))
+    assert 0 < len(want) < pages
+    seen = []
+    real = kernels.switch_
+
+    def spy(*args, **kwargs):
+        seen.append(anonymous(be))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "switch_", spy)
+    outputs, weights = [], []
+    for populate in (True, False, True):
+        be._populate = populate
+        assert anonymous(be) == 0
+        rt.switch("a")
+        outputs.append(rt(IDS).tobytes())
+        weights.append({n: a.tobytes() for n, a in be.arrays.items()})
+        rt.switch(None)
+        assert anonymous(be) == 0 and rt(IDS).tobytes() == y0.tobytes()
+    page = os.sysconf("SC_PAGE_SIZE")
+    into_a = seen[::2]  # each switch("a") (the switch(None) after it calls the kernels too)
+    assert into_a[0] == into_a[2] == len(want) * page  # made private before the kernel call
+    assert into_a[1] == 0  # without: the kernel's writes fault them in
+    assert outputs[0] == outputs[1] == outputs[2] and outputs[0] != y0.tobytes()
+    assert weights[0] == weights[1] == weights[2]
+    assert not be._private.any()  # the release forgot them
+
+
+def test_a_kernel_that_refuses_the_advice_leaves_the_writes_to_fault(tiny):
+    """Where the kernel does not know ``MADV_POPULATE_WRITE`` (before Linux 5.14: EINVAL), the first switch stops
+    asking and writes as before; the result is the same bytes."""
+    import dataclasses
+    import errno
+
+    m, path = tiny
+    ref, rt = Runtime.load(path), Runtime.load(path)
+    for r in (ref, rt):
+        r.add_adapter("a", random_shira(m, TARGETS, 0.05, seed=1, std=0.05))
+    asked = []
+
+    class OldKernel:
+        def __init__(self, mm):
+            self.mm = mm
+
+        def __len__(self):
+            return len(self.mm)
+
+        def madvise(self, option, *args):
+            asked.append(option)
+            if option == 23:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return self.mm.madvise(option, *args)
+
+    be = rt.backend
+    be._map = dataclasses.replace(be._map, mm=OldKernel(be._map.mm))
+    ref.switch("a")
+    rt.switch("a")
+    assert asked == [23] and not be._populate and not be._private.any()
+    assert all(be.arrays[n].tobytes() == a.tobytes() for n, a in ref.backend.arrays.items())
+    rt.switch(None)
+    assert anonymous(be) == 0
+    rt.switch("a")  # no further advice asked
+    assert asked.count(23) == 1
+
+
+def test_a_switch_that_fails_after_the_advice_hands_the_pages_back(tiny, monkeypatch):
+    """A switch from the base that fails once its pages were made private (the kernel call raising here) leaves
+    the weights as they were, bit for bit, and no private page: they go back with the rollback's release."""
+    from shira_runtime import kernels
+
+    m, path = tiny
+    rt = Runtime.load(path)
+    be = rt.backend
+    y0 = rt(IDS)
+    rt.add_adapter("a", random_shira(m, TARGETS, 0.05, seed=1, std=0.05))
+    before = {n: a.tobytes() for n, a in be.arrays.items()}
+    made = []
+
+    def broken(*args, **kwargs):
+        made.append(anonymous(be))
+        raise RuntimeError("injected before any write")
+
+    monkeypatch.setattr(kernels, "switch_", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        rt.switch("a")
+    assert made[0] > 0  # the pages had been made private
+    assert anonymous(be) == 0 and not rt.active
+    assert {n: a.tobytes() for n, a in be.arrays.items()} == before
+    assert rt(IDS).tobytes() == y0.tobytes()
+    monkeypatch.undo()
+    rt.switch("a")  # the plan's pages are advised again (the release started a new generation)
+    assert anonymous(be) > 0
