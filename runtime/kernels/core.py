@@ -178,6 +178,12 @@ def threads() -> int:
         return os.cpu_count() or 1
 
 
+def threaded(entries: int) -> bool:
+    """Whether a call of ``entries`` entries in all (restored and applied) on numpy arrays runs on the core's
+    threads: more than one thread (``threads``) and at least the ``serial_below`` knob's entries (``tuning``)."""
+    return threads() > 1 and entries >= tuning()["serial_below"]
+
+
 _PLANS = {1: "fused", 2: "phased", 3: "ordered"}
 
 

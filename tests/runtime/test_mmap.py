@@ -17,12 +17,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from shira_runtime import Runtime, save_adapter
+from shira_runtime import Runtime, kernels, save_adapter
 from shira_runtime.bundle import BundleError
 from shira_runtime.exporters import export_onnx
 from shira_runtime.exporters.onnx_export import write_safetensors
 from shira_runtime.models import TARGETS, build
-from shira_runtime.onnx_backend import OnnxBackend
+from shira_runtime.onnx_backend import SERIAL_MIN_RUN, OnnxBackend
 from shira_runtime.synthetic import random_lora, random_shira
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS, PSS and smaps: Linux")
@@ -397,23 +397,51 @@ def adapter_pages(rt: Runtime, name: str) -> set[int]:
     return out
 
 
-@pytest.mark.parametrize("mask", [None, "block"])
-def test_a_switch_from_the_base_makes_its_pages_private_before_writing(tiny, monkeypatch, mask):
-    """A switch from the base (the pages handed back) makes exactly the pages its entries land on private before
-    the kernels write (one advice per run of pages, not one fault per page taken by two threads at once); weights
-    and outputs are bit for bit those of a switch that lets the writes fault the pages in, and ``switch(None)``
-    hands every page back."""
-    from shira_runtime import kernels
+def in_runs(pages: set[int], least: int) -> set[int]:
+    """The pages of ``pages`` in runs of ``least`` consecutive pages or more."""
+    out, run = set(), []
+    for p in sorted(pages):
+        if run and p != run[-1] + 1:
+            out.update(run if len(run) >= least else ())
+            run = []
+        run.append(p)
+    return out | (set(run) if len(run) >= least else set())
 
+
+@pytest.fixture
+def core_threads(request):
+    """The core's ``serial_below`` knob set for the test (0: every call threaded; huge: none), then restored."""
+    from shira_runtime.kernels import core
+
+    if kernels.backend() != "cpp" or core.threads() < 2:
+        pytest.skip("the core's threads: the C++ kernels on two CPUs or more")
+    old = core.tuning()["serial_below"]
+    core.tuning(serial_below=0 if request.param else 1 << 62)
+    yield request.param
+    core.tuning(serial_below=old)
+
+
+@pytest.mark.parametrize("core_threads", [True, False], indirect=True, ids=["threaded", "serial"])
+@pytest.mark.parametrize("mask", [None, "block"])
+def test_a_switch_from_the_base_makes_its_pages_private_before_writing(tiny, monkeypatch, mask, core_threads):
+    """A switch from the base (the pages handed back) makes exactly the pages its entries land on private before
+    the kernels write (one advice per run of pages, not one fault per page taken by two threads at once; on one
+    thread its runs of ``SERIAL_MIN_RUN`` pages or more); weights and outputs are bit for bit those of a switch
+    that lets the writes fault the pages in, and ``switch(None)`` hands every page back."""
     m, path = tiny
     rt = Runtime.load(path)
     be = rt.backend
     y0 = rt(IDS)
     # 0.5% in blocks: some pages of each weight, not all (the bitmap must skip what it need not advise)
     rt.add_adapter("a", random_shira(m, TARGETS, 0.005 if mask else 0.05, seed=1, std=0.05, mask=mask))
-    want = adapter_pages(rt, "a")
+    touched = adapter_pages(rt, "a")
+    want = touched if core_threads else in_runs(touched, SERIAL_MIN_RUN)
     pages = -(-len(be._map.mm) // os.sysconf("SC_PAGE_SIZE"))
-    assert 0 < len(want) < pages
+    assert 0 < len(touched) < pages
+    if core_threads or mask is None:  # random entries at 5%: every page of the weights, one run each
+        assert len(want) > 0
+    else:  # blocks on one thread: short runs, left to the kernel's faults
+        assert len(want) < len(touched)
     seen = []
     real = kernels.switch_
 
@@ -480,8 +508,6 @@ def test_a_kernel_that_refuses_the_advice_leaves_the_writes_to_fault(tiny):
 def test_a_switch_that_fails_after_the_advice_hands_the_pages_back(tiny, monkeypatch):
     """A switch from the base that fails once its pages were made private (the kernel call raising here) leaves
     the weights as they were, bit for bit, and no private page: they go back with the rollback's release."""
-    from shira_runtime import kernels
-
     m, path = tiny
     rt = Runtime.load(path)
     be = rt.backend
