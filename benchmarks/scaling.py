@@ -43,6 +43,11 @@ dependency): one bar per point, its length the switch time over the floor.
 with the switch's torch work kept on the calling thread (the runtime's rule for small tensors) against torch's
 default threads, quiet and with the other vCPU busy.
 
+``--from-base`` times a bundle's switch base -> A right after ``switch(None)`` handed its pages back (``fp32-bundle``
+and ``int8-bundle`` by default, ``--masks``, sizes from ``--min`` to ``--max``): the pages it writes made private
+first (``OnnxBackend.before_write``, the default) against the kernels' writes faulting them in, in interleaved
+rounds, with the minor faults of each and the A -> B switch beside (docs/device.md).
+
 ``--soak N`` runs the tiny preset (fp32, ``shira_runtime.models``) with two fused LoRA adapters (rank
 8) and two SHiRA adapters (1%): the median A -> B switch of each kind, then N switches cycling LoRA A, LoRA B,
 SHiRA A, SHiRA B, the base; quiet, then with the other vCPU busy.
