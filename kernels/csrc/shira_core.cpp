@@ -621,10 +621,9 @@ int64_t apply_range_q(uint8_t* __restrict__ w, const I* __restrict__ idx, const 
     const uint8_t old = w[j];
     saved[i] = old;
     float scale;
-    if constexpr (F == 3) {
-      int64_t q, c;
-      cols.split(j, q, c);
-      scale = scales[c];
+    if constexpr (F == 3) {  // sorted indices: the column from the row's start (one division per row)
+      rows.at(j);
+      scale = scales[j - rows.lo];
     } else {
       scale = scales[rows.at(j)];
     }
