@@ -399,7 +399,6 @@ class Switcher:
                 written = {t: [] for t in (*theirs["scaled"], *mine["scaled"])}  # codes a compute copy must follow
                 versions = {t: getattr(tensors[t], "_version", 0) for t in written}
                 mirrors = {t: m for t in written if (m := self.backend.mirror(t)) is not None}
-                described = old.plan.runs or plan.runs
                 ordered = mirrors and (old.plan.orders or plan.orders)
                 kernels.switch_(
                     theirs["weights"],  # out_t is old.plan.sparse's order: old.saved's
@@ -419,7 +418,11 @@ class Switcher:
                         if mirrors
                         else {}
                     ),
-                    **({"out_runs": theirs["runs"], "in_runs": mine["runs"]} if described else {}),
+                    # every list was searched for runs (registration, plan time): an empty one holds none, and
+                    # the core does not search it again (a test per entry: 0.80-0.89x the time of random switches
+                    # of 1e5 entries without it)
+                    out_runs=theirs["runs"],
+                    in_runs=mine["runs"],
                     **(
                         {
                             "out_orders": [old.plan.orders.get(t, no_mirror) for t in out_t],

@@ -262,6 +262,7 @@ struct Item {
   const char* list;          // "" or "outgoing " / "incoming " (switch_)
   const int64_t* runs;       // [n_runs][3] (position, first index, length), or null (shira_core.h, "Runs")
   int64_t n_runs;
+  bool described;            // runs were given (n_runs >= 0): no search for more (shira_core.h, "Runs")
   int64_t wsize;             // bytes per weight element
   // The uint8 mirror written in a second pass (shira_core.h, "Mirror order"): `mirror` is then null (the first
   // pass writes the codes alone), `later` the copy and `order` the entries by ascending transposed position;
@@ -951,9 +952,11 @@ void run_stretch(const Item& it, bool apply, int64_t p, int64_t q, int64_t f) {
   if (clamped && it.saturated) __atomic_fetch_add(it.saturated, clamped, __ATOMIC_RELAXED);
 }
 
-// Entries [b, e) of one list entry: described runs from their description, the rest from the list.
+// Entries [b, e) of one list entry: described runs from their description, the rest from the list (searched for
+// runs of a line only where no description was given: a described list holds none beyond it).
 void run_entries(const Item& it, bool apply, int64_t b, int64_t e, bool runs) {
   if (b >= e) return;
+  runs = runs && !it.described;
   if (!it.runs || it.mirror || !g_runs.load(std::memory_order_relaxed)) return run_listed(it, apply, b, e, runs);
   const int64_t* R = it.runs;
   int64_t lo = 0, hi = it.n_runs;  // the first run that ends after b
@@ -1612,6 +1615,7 @@ Item make_item(const char* op, const char* list, int64_t t, const shira_item& s,
   if (s.n_runs > 0 && !s.runs) refuse(where, s.n_runs, " runs and a null runs pointer");
   item.runs = s.n_runs > 0 ? s.runs : nullptr;
   item.n_runs = s.n_runs;
+  item.described = s.runs != nullptr;
   item.wsize = static_cast<int64_t>(wsize);
   if (apply && is_code(wt) && !baked) {
     item.scales = s.scales;

@@ -38,6 +38,9 @@
  * switch streams 24 bytes per run, not 4-8 per entry) and copy or requantize it as one stretch; entries outside
  * every run are read from the list as usual. The list stays what counts: validate != 0 checks every run against
  * it; validate == 0 trusts them and checks the first and last run's bounds (as it does the list's ends).
+ * A description replaces the core's own search of a sorted list for lines of consecutive indices: entries outside
+ * every described run are visited one by one. A non-NULL `runs` with n_runs = 0 describes a list that holds no
+ * run (a random mask's: the search would only cost a test per entry); a NULL `runs` leaves the search on.
  *
  * Return value: 0 done; 1 refused (bad input: `err` holds the message, NOTHING was written); 2 internal error
  * (out of memory; `err` holds the message, NOTHING was written either: every allocation precedes the first write,
@@ -95,7 +98,7 @@ typedef struct shira_item {
   int32_t mirror_kind;    /* enum shira_mirror_kind */
   int32_t delta_is_codes; /* apply: delta holds codes of `dtype` (a baked adapter: a byte swap, no scales) */
   int64_t rows, cols;     /* mirror kind 2: the weight's 2-D shape (rows * cols == numel) */
-  const int64_t* runs;    /* NULL, or [n_runs][3] (position, first index, length): see "Runs" above */
+  const int64_t* runs;    /* NULL, or [n_runs][3] (position, first index, length), n_runs >= 0: see "Runs" above */
   int64_t n_runs;
   const void* mirror_order; /* NULL, or [count] entry positions of the indices' type: see "Mirror order" above */
 } shira_item;

@@ -293,6 +293,12 @@ class _Torch:
 # ---- packing and checking --------------------------------------------------------------------------------
 
 
+# An empty runs tensor is passed as this address with 0 runs: a list described as holding none (shira_core.h,
+# "Runs"), which the core then does not search; a NULL pointer (no runs tensor) leaves its search on.
+_NO_RUNS = np.zeros(3, np.int64)
+_NO_RUNS_AT = _NO_RUNS.ctypes.data
+
+
 def _side(op: str, label: str, f, lists: dict, apply: bool) -> np.ndarray:
     """The ``shira_item`` rows of one side, after the array checks (the core checks the rest)."""
     ws, idx, saved, mirrors = lists["weights"], lists["indices"], lists["saved"], lists["mirrors"]
@@ -401,7 +407,9 @@ def _side(op: str, label: str, f, lists: dict, apply: bool) -> np.ndarray:
             mp = ptr(m)
         rp, nr = 0, 0
         u = runs[t] if runs is not None else None
-        if u is not None and numel(u):
+        if u is not None and not numel(u):  # described, none: not NULL, so the core skips its own search
+            rp = _NO_RUNS_AT
+        elif u is not None:
             if f.name(u) not in ("int64", "Long") or u.ndim != 2 or u.shape[1] != 3 or not contiguous(u) or not cpu(u):
                 raise KernelInputError(
                     at(t) + "runs must be int64 [n, 3] (position, first index, length), "

@@ -127,6 +127,54 @@ def test_runs_match_reference(ext, knobs, kind, threaded, plan, knob):
     assert_same(ws, base, "restored weight")
 
 
+@pytest.mark.parametrize("kind", [*FLOATS, *CODES], ids=lambda k: str(k).removeprefix("torch."))
+@pytest.mark.parametrize("threaded", [False, True], ids=["serial", "threaded"])
+@pytest.mark.parametrize("described", ["none", "some"])
+def test_a_described_list_is_not_searched_again(ext, knobs, kind, threaded, described):
+    """A description replaces the core's own search for lines of consecutive indices (shira_core.h, "Runs"): lists
+    full of such lines, described as holding none (empty runs: the core then visits every entry alone) or only
+    every other run (the rest visited entry by entry), switch to the reference's bytes all the same."""
+    knobs(threaded=threaded, chunk=29)
+    g = gen(11)
+    shapes = [(12, 200), (1, 3000)]
+    if kind in FLOATS:
+        ws, a_idx, a_d = floats_state(kind, shapes, g)
+        _, b_idx, b_d = floats_state(kind, shapes, g)
+        scales = None
+    else:
+        ws, scales = map(list, zip(*(quant_weight(s, kind, g) for s in shapes)))
+        a_idx = [block_indices(w.numel(), g).to(torch.int32) for w in ws]
+        b_idx = [block_indices(w.numel(), g).to(torch.int32) for w in ws]
+        a_d = [quant_deltas(w, s, i, g) for w, s, i in zip(ws, scales, a_idx)]
+        b_d = [quant_deltas(w, s, i, g) for w, s, i in zip(ws, scales, b_idx)]
+
+    def describe(idx):
+        r = runs_t(idx)
+        return r[:0] if described == "none" else r[::2].contiguous()
+
+    a_runs, b_runs = [describe(i) for i in a_idx], [describe(i) for i in b_idx]
+    assert all(runs_t(i).shape[0] > 2 for i in a_idx)  # lines the search would have found
+    base, w_ref = [w.clone() for w in ws], [w.clone() for w in ws]
+    a_saved = [torch.zeros(i.numel(), dtype=w.dtype) for w, i in zip(ws, a_idx)]
+    b_saved = [torch.zeros(i.numel(), dtype=w.dtype) for w, i in zip(ws, b_idx)]
+    a_ref, b_ref = [x.clone() for x in a_saved], [x.clone() for x in b_saved]
+    sat, sat_ref = torch.zeros(len(ws), dtype=torch.int64), torch.zeros(len(ws), dtype=torch.int64)
+    q = {"scales": scales, "saturated": sat} if scales is not None else {}
+    q_ref = {"scales": scales, "saturated": sat_ref} if scales is not None else {}
+    reference.apply_(w_ref, a_idx, a_d, a_ref, **q_ref)
+    ext.apply_(ws, a_idx, a_d, a_saved, validate=False, runs=a_runs, **q)
+    assert_same(ws + a_saved, w_ref + a_ref, "after apply: tensor")
+    qs = {"in_scales": scales, "saturated": sat} if scales is not None else {}
+    qs_ref = {"in_scales": scales, "saturated": sat_ref} if scales is not None else {}
+    reference.switch_(w_ref, a_idx, a_ref, w_ref, b_idx, b_d, b_ref, **qs_ref)
+    ext.switch_(ws, a_idx, a_saved, ws, b_idx, b_d, b_saved, validate=False, out_runs=a_runs, in_runs=b_runs, **qs)
+    assert ext.tuning()["last_plan"]["threaded"] == threaded
+    assert_same(ws + b_saved, w_ref + b_ref, "after switch: tensor")
+    assert torch.equal(sat, sat_ref)
+    ext.restore_(ws, b_idx, b_saved, validate=False, runs=b_runs)
+    assert_same(ws, base, "restored weight")
+
+
 def test_runs_on_numpy_arrays_match_the_numpy_reference(core_np):
     g = gen(3)
     w = (torch.randn(40, 130, generator=g)).numpy()

@@ -65,7 +65,7 @@ def check_next_switches_exact(m, rt, expected):
 def partial_kernel(k: int, restore: bool, real):
     """A ``kernels.switch_`` that restores (or not), applies the first ``k`` incoming tensors, then fails."""
 
-    def fake(out_w, out_i, out_s, in_w, in_i, in_d, in_s, validate=True):
+    def fake(out_w, out_i, out_s, in_w, in_i, in_d, in_s, validate=True, **_):  # runs, scales: not needed
         if restore:
             kernels.restore_(out_w, out_i, out_s, validate=False)
         kernels.apply_(in_w[:k], in_i[:k], in_d[:k], in_s[:k], validate=False)
