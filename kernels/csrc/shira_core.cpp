@@ -326,6 +326,15 @@ void restore_range(W* __restrict__ w, const I* __restrict__ idx, const W* __rest
                    int64_t e, int64_t pf, bool runs) {
   constexpr int64_t K = kRun<W>;
   int64_t i = b;
+  if (!runs) {  // entry by entry: the prefetch unconditional up to the last distance, then the tail
+    if constexpr (kPrefetch)
+      for (const int64_t stop = e - pf; i < stop; ++i) {
+        __builtin_prefetch(w + idx[i + pf], 1, 3);
+        w[idx[i]] = saved[i];
+      }
+    for (; i < e; ++i) w[idx[i]] = saved[i];
+    return;
+  }
   while (i < e) {
     if (runs && run_at(idx, i, e, K)) {
       if constexpr (kPrefetch) {  // the distance counts lines: K entries per line in a run
@@ -345,11 +354,29 @@ void restore_range(W* __restrict__ w, const I* __restrict__ idx, const W* __rest
   }
 }
 
+template <typename W, typename I>
+inline void apply_one(W* __restrict__ w, const I* __restrict__ idx, const float* __restrict__ delta,
+                      W* __restrict__ saved, int64_t i) {
+  W* p = w + idx[i];
+  const W old = *p;
+  saved[i] = old;
+  *p = from_float<W>(static_cast<float>(old) + delta[i]);
+}
+
 template <typename W, typename I, bool kPrefetch>
 void apply_range(W* __restrict__ w, const I* __restrict__ idx, const float* __restrict__ delta,
                  W* __restrict__ saved, int64_t b, int64_t e, int64_t pf, bool runs) {
   constexpr int64_t K = kRun<W>;
   int64_t i = b;
+  if (!runs) {  // entry by entry: the prefetch unconditional up to the last distance, then the tail
+    if constexpr (kPrefetch)
+      for (const int64_t stop = e - pf; i < stop; ++i) {
+        __builtin_prefetch(w + idx[i + pf], 1, 3);
+        apply_one(w, idx, delta, saved, i);
+      }
+    for (; i < e; ++i) apply_one(w, idx, delta, saved, i);
+    return;
+  }
   while (i < e) {
     if (runs && run_at(idx, i, e, K)) {
       if constexpr (kPrefetch) {  // the distance counts lines: K entries per line in a run
@@ -368,10 +395,7 @@ void apply_range(W* __restrict__ w, const I* __restrict__ idx, const float* __re
       if constexpr (kPrefetch) {
         if (i + pf < e) __builtin_prefetch(w + idx[i + pf], 1, 3);
       }
-      W* p = w + idx[i];
-      const W old = *p;
-      saved[i] = old;
-      *p = from_float<W>(static_cast<float>(old) + delta[i]);
+      apply_one(w, idx, delta, saved, i);
       ++i;
     }
   }
@@ -584,6 +608,31 @@ int64_t apply_range_q(uint8_t* __restrict__ w, const I* __restrict__ idx, const 
   RowCursor rows{row_len};
   const DivBy cols(row_len);  // F == 3 (SHIRA_U8): row_len columns, the scale of j is scales[j % row_len]
   int64_t clamped = 0;
+  // one entry: its scale (per row; SHIRA_U8: per column, from the row's start: one division per row of a sorted
+  // list) and the grid write
+  auto one = [&](int64_t i) {
+    const int64_t j = idx[i];
+    const uint8_t old = w[j];
+    saved[i] = old;
+    float scale;
+    if constexpr (F == 3) {
+      rows.at(j);
+      scale = scales[j - rows.lo];
+    } else {
+      scale = scales[rows.at(j)];
+    }
+    w[j] = requantize<F>(table, old, scale, delta[i], clamped);
+  };
+  if (!runs) {  // entry by entry: the prefetch unconditional up to the last distance, then the tail
+    int64_t i = b;
+    if constexpr (kPrefetch)
+      for (const int64_t stop = e - pf; i < stop; ++i) {
+        __builtin_prefetch(w + idx[i + pf], 1, 3);
+        one(i);
+      }
+    for (; i < e; ++i) one(i);
+    return clamped;
+  }
   constexpr int64_t K = kRun<uint8_t>;
   for (int64_t i = b; i < e; ++i) {
     if constexpr (F == 3) {  // a line of consecutive bytes inside one row: consecutive columns' scales
@@ -618,17 +667,7 @@ int64_t apply_range_q(uint8_t* __restrict__ w, const I* __restrict__ idx, const 
     if constexpr (kPrefetch) {
       if (i + pf < e) __builtin_prefetch(w + idx[i + pf], 1, 3);
     }
-    const int64_t j = idx[i];
-    const uint8_t old = w[j];
-    saved[i] = old;
-    float scale;
-    if constexpr (F == 3) {  // sorted indices: the column from the row's start (one division per row)
-      rows.at(j);
-      scale = scales[j - rows.lo];
-    } else {
-      scale = scales[rows.at(j)];
-    }
-    w[j] = requantize<F>(table, old, scale, delta[i], clamped);
+    one(i);
   }
   return clamped;
 }
