@@ -85,7 +85,7 @@ inline int64_t runs_ahead(int64_t pf, int64_t wsize) { return pf > 0 ? std::max<
 // A range no longer than the distance (a small tensor's whole list) would prefetch nothing; there the distance is
 // half the range: after inference has evicted the weights, 0.905-0.94x the core's time for a switch over 4-210
 // small fp32 tensors and 0.80-0.84x over int8 ones, unchanged with warm caches (docs/results/scaling.md, "With
-// cold caches"). The fp8 mirrored path keeps the plain distance (not measured).
+// cold caches"). The fp8 mirrored path takes it too (its cold figure not measured; warm 0.98-1.00x).
 inline int64_t short_distance(int64_t pf, int64_t n) { return pf > 0 && n <= pf ? std::max<int64_t>(4, n / 2) : pf; }
 
 // A refused input: the message goes back through the C ABI (return code 1), nothing written yet.
@@ -683,18 +683,46 @@ int64_t apply_q(const Item& it, uint8_t* w, const I* idx, uint8_t* saved, int64_
 template <typename I, bool kPrefetch>
 void swap_range(uint8_t* __restrict__ w, const I* __restrict__ idx, const uint8_t* __restrict__ codes,
                 uint8_t* __restrict__ saved, int64_t b, int64_t e, int64_t pf) {
-  for (int64_t i = b; i < e; ++i) {
-    if constexpr (kPrefetch) {
-      if (i + pf < e) __builtin_prefetch(w + idx[i + pf], 1, 3);
-    }
+  auto one = [&](int64_t i) {
     uint8_t* p = w + idx[i];
     saved[i] = *p;
     *p = codes[i];
+  };
+  int64_t i = b;
+  if constexpr (kPrefetch)  // the prefetch unconditional up to the last distance, then the tail
+    for (const int64_t stop = e - pf; i < stop; ++i) {
+      __builtin_prefetch(w + idx[i + pf], 1, 3);
+      one(i);
+    }
+  for (; i < e; ++i) one(i);
+}
+
+// One entry with a mirror: restore (apply == false: w[j] = saved[i]) or apply (a swap of baked codes, or the grid
+// write), and the mirror's entry j set from the new code, in one visit.
+template <int F, typename I, bool kU8T>
+inline void mirrored_one(const Item& it, const Codes<F>& table, uint8_t* __restrict__ w, uint16_t* __restrict__ m,
+                         uint8_t* __restrict__ mt, const I* __restrict__ idx, uint8_t* __restrict__ saved,
+                         RowCursor& rows, RowCursor& mrow, bool apply, int64_t i, int64_t& clamped) {
+  const int64_t j = idx[i];
+  uint8_t c;
+  if (!apply) {
+    c = saved[i];
+  } else {
+    const uint8_t old = w[j];
+    saved[i] = old;
+    c = it.codes ? it.codes[i] : requantize<F>(table, old, it.scales[rows.at(j)], it.delta[i], clamped);
+  }
+  w[j] = c;
+  if constexpr (kU8T) {
+    const int64_t r = mrow.at(j);
+    mt[(j - mrow.lo) * it.mrows + r] = static_cast<uint8_t>(c ^ 0x80);
+  } else {
+    m[j] = table.bf16[c];
   }
 }
 
-// With a mirror: restore (apply == false: w[j] = saved[i]) or apply (a swap of baked codes, or the grid write),
-// and the mirror's entry j set from the new code, in one visit. Returns the clamped count.
+// Entries [b, e) with a mirror (mirrored_one), the lines of entry i + pf prefetched in the weight and the mirror
+// (unconditionally up to the last distance, then a tail without). Returns the clamped count.
 template <int F, typename I, bool kPrefetch, bool kU8T>
 int64_t mirrored_range(const Item& it, bool apply, int64_t b, int64_t e, int64_t pf) {
   const Codes<F>& table = codes<F>();
@@ -706,35 +734,18 @@ int64_t mirrored_range(const Item& it, bool apply, int64_t b, int64_t e, int64_t
   RowCursor rows{it.row_len};
   RowCursor mrow{it.mcols};  // the uint8 mirror: row and column of j in the weight
   int64_t clamped = 0;
-  for (int64_t i = b; i < e; ++i) {
-    if constexpr (kPrefetch) {
-      if (i + pf < e) {
-        __builtin_prefetch(w + idx[i + pf], 1, 3);
-        if constexpr (kU8T) {  // the transposed copy: entry (r, c) at c * rows + r, a line of its own
-          const int64_t jp = idx[i + pf];
-          __builtin_prefetch(mt + (jp % it.mcols) * it.mrows + jp / it.mcols, 1, 3);
-        } else {
-          __builtin_prefetch(m + idx[i + pf], 1, 3);
-        }
-      }
+  int64_t i = b;
+  if constexpr (kPrefetch)
+    for (const int64_t stop = e - pf; i < stop; ++i) {
+      const int64_t jp = idx[i + pf];
+      __builtin_prefetch(w + jp, 1, 3);
+      if constexpr (kU8T)  // the transposed copy: entry (r, c) at c * rows + r, a line of its own
+        __builtin_prefetch(mt + (jp % it.mcols) * it.mrows + jp / it.mcols, 1, 3);
+      else
+        __builtin_prefetch(m + jp, 1, 3);
+      mirrored_one<F, I, kU8T>(it, table, w, m, mt, idx, saved, rows, mrow, apply, i, clamped);
     }
-    const int64_t j = idx[i];
-    uint8_t c;
-    if (!apply) {
-      c = saved[i];
-    } else {
-      const uint8_t old = w[j];
-      saved[i] = old;
-      c = it.codes ? it.codes[i] : requantize<F>(table, old, it.scales[rows.at(j)], it.delta[i], clamped);
-    }
-    w[j] = c;
-    if constexpr (kU8T) {
-      const int64_t r = mrow.at(j);
-      mt[(j - mrow.lo) * it.mrows + r] = static_cast<uint8_t>(c ^ 0x80);
-    } else {
-      m[j] = table.bf16[c];
-    }
-  }
+  for (; i < e; ++i) mirrored_one<F, I, kU8T>(it, table, w, m, mt, idx, saved, rows, mrow, apply, i, clamped);
   return clamped;
 }
 
@@ -772,7 +783,7 @@ void gather_fresh(const Item& it, int64_t b, int64_t e) {
 
 template <int F, typename I>
 void run_mirrored(const Item& it, bool apply, int64_t b, int64_t e) {
-  const int64_t pf = g_prefetch.load(std::memory_order_relaxed);
+  const int64_t pf = short_distance(g_prefetch.load(std::memory_order_relaxed), e - b);
   int64_t clamped;
   if (it.mirror_u8t)
     clamped = pf > 0 ? mirrored_range<F, I, true, true>(it, apply, b, e, pf)
