@@ -362,6 +362,19 @@ class Switcher:
         tensors = self.backend.tensors
         return Frozen(tensors[t] for t in names)
 
+    def _mirrors(self, lists: dict[str, Any], mirrors: dict[str, Array]) -> Frozen:
+        """The mirrors of ``lists``' tensors (``mirrors``: the backend's now; an empty array where none) as a Frozen
+        list kept with ``lists`` while they are the same arrays, so the kernels pack that side once, not per switch
+        (an FP8 layer rebuilds its compute copy only when its shape changed: a new list then)."""
+        now = tuple(mirrors.get(t, self.backend.no_mirror) for t in lists["names"])
+        kept = lists.get("mirrors")
+        if kept is not None and all(a is b for a, b in zip(kept, now)):
+            return kept
+        if kept is not None:
+            release_lists([kept])
+        lists["mirrors"] = out = Frozen(now)
+        return out
+
     def _release(self, lists: dict[str, Any]) -> None:
         """Forget the kernels' packed rows of dropped ``lists`` (``lists``) and of their saved-value slices; a
         weights list other kept lists share stays (the rows of a call that used the dropped lists' other arrays
@@ -411,10 +424,7 @@ class Switcher:
                     validate=False,
                     **({"in_scales": mine["scales"], "saturated": saturated} if quant else {}),
                     **(
-                        {
-                            "out_mirrors": [mirrors.get(t, no_mirror) for t in out_t],
-                            "in_mirrors": [mirrors.get(t, no_mirror) for t in in_t],
-                        }
+                        {"out_mirrors": self._mirrors(theirs, mirrors), "in_mirrors": self._mirrors(mine, mirrors)}
                         if mirrors
                         else {}
                     ),

@@ -192,6 +192,41 @@ def test_fp8_compute_copy_written_by_the_kernel(kernel_path, fmt, monkeypatch):
     rt.switch(None)
 
 
+def test_fp8_mirrors_are_one_list_per_plan_until_a_copy_is_rebuilt(kernel_path):
+    """The switcher hands the kernels the same Frozen list of FP8 compute copies at every switch of a plan (packed
+    once, not per switch); when a layer rebuilds its copy (here: the copy dropped, so that the layer has none of the
+    codes' shape), the list is made anew, and every copy stays bf16(codes) through it all."""
+    from shira_runtime.kernels.core import Frozen
+
+    _, model, rt, _ = setup("fp8_e4m3")
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    sw = rt._switcher
+
+    def in_step():
+        for layer in layers:
+            assert torch.equal(
+                layer.weight_compute.view(torch.int16), layer.weight.to(torch.bfloat16).view(torch.int16)
+            )
+
+    rt.switch("a0")
+    rt.switch("a1")
+    lists = sw.lists(sw.state.plan)
+    first = lists["mirrors"]
+    now = [sw.backend.mirror(t) for t in lists["names"]]
+    assert type(first) is Frozen and all(a is b for a, b in zip(first, now))
+    rt.switch("a0")
+    rt.switch("a1")
+    assert lists["mirrors"] is first  # the same list: its rows were packed once
+    in_step()
+    layers[0].weight_compute = torch.empty(0, dtype=torch.bfloat16)  # no copy of the codes' shape: rebuilt after
+    rt.switch("a0")
+    rt.switch("a1")
+    in_step()
+    assert lists["mirrors"] is not first and any(a is not b for a, b in zip(lists["mirrors"], first))
+    rt.switch(None)
+    in_step()
+
+
 def test_failure_mid_switch_restores(kernel_path, monkeypatch):
     """An exception after the kernel wrote (here: in the FP8 compute-copy refresh) leaves codes, compute copy and
     the active state as before the call."""
