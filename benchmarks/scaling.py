@@ -33,7 +33,8 @@ on the fp32 model; ``int8-baked`` (``--dtypes int8-baked``) the same adapters ba
 (``quantization.bake``: the new codes themselves, so the switch is a byte swap with no grid math);
 ``int8-bundle`` the int8 base exported to a bundle (``export_onnx``: each weight stored as the transposed uint8
 copy its graph reads, which the switch writes) and loaded with ``Runtime.load(bundle)``, its blocks lines of that
-copy (``line_dtype="int8", transposed=True``). ``--busy``: a
+copy (``line_dtype="int8", transposed=True``); ``fp8`` the fp32 model quantized to FP8 e4m3, whose switch writes
+each layer's bf16 compute copy beside its codes (those lines count in the floors and the visits). ``--busy``: a
 second process spinning in Python for the duration of the busy rows (on a 2-vCPU machine: the other vCPU busy, as
 on a phone running other work). The chart on stdout is text (no plotting
 dependency): one bar per point, its length the switch time over the floor.
@@ -91,11 +92,12 @@ STREAM_BYTES = {
     "int8-baked": 2 * 1 + 1 + 8,
     "int8-bundle": 2 * 1 + 12,
     "fp32-bundle": 2 * 4 + 12,
+    "fp8": 2 * 1 + 12,  # its bf16 compute copy's lines are weight lines (``parts``)
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LINE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8, "int8-baked": torch.int8,
-               "int8-bundle": torch.int8, "fp32-bundle": torch.float32}  # fmt: skip
-CHOICES = ("fp32", "bf16", "int8", "int8-baked", "int8-bundle", "fp32-bundle")
+               "int8-bundle": torch.int8, "fp32-bundle": torch.float32, "fp8": torch.int8}  # fmt: skip
+CHOICES = ("fp32", "bf16", "int8", "int8-baked", "int8-bundle", "fp32-bundle", "fp8")
 
 
 class Linears(nn.ModuleDict):
@@ -130,23 +132,28 @@ def busy_cpu(on: bool) -> Iterator[None]:
 
 
 def parts(rt: Runtime, a: str, b: str) -> list[tuple[object, list]]:
-    """Each weight A or B writes (its storage: a tensor, or a bundle's numpy array) with A's and B's indices."""
+    """Each weight A or B writes (its storage: a tensor, or a bundle's numpy array) with A's and B's indices, and
+    the copy a switch writes beside it at the same indices (an FP8 layer's bf16 compute copy), if any."""
     out = []
     for t, w in rt.backend.tensors.items():
         idx = [rt._get(n).sparse[t][0] for n in (a, b) if t in rt._get(n).sparse]
         if idx:
             out.append((w, idx))
+            if (m := rt.backend.mirror(t)) is not None:
+                out.append((m, idx))
     return out
 
 
 def floors(rt: Runtime, a: str, b: str, dtype: str, gbps: float) -> tuple[float, float, int]:
-    """The memory floor and the streams floor (ms) of a switch A -> B, and the entries it writes."""
+    """The memory floor and the streams floor (ms) of a switch A -> B, and the entries it writes (a copy written
+    beside a weight adds its lines, not entries: the adapter's streams are the weight's)."""
     lines = entries = 0
     ops = rt.backend.ops  # torch tensors, or a bundle's numpy arrays (views of the mapped file)
+    weights = {id(w) for w in rt.backend.tensors.values()}
     for w, parts_ in parts(rt, a, b):
         idx = torch.cat([torch.as_tensor(p).long() for p in parts_])
         lines += touched_lines(idx, ops.itemsize(w), ops.region(w)[0] % 64)
-        entries += idx.numel()
+        entries += idx.numel() if id(w) in weights else 0
     floor = memory_floor_ms(lines, gbps)
     return floor, floor + entries * STREAM_BYTES[dtype] / (gbps * 1e9) * 1e3, entries
 
@@ -206,6 +213,8 @@ def runtime_for(entries: int, mask: str, dtype: str, huge: bool = False) -> Iter
         model = quantize(model, "int8")
         if dtype == "int8-baked":  # the codes a switch writes, computed once for this base: a byte swap
             adapters = {n: bake(ad, model) for n, ad in adapters.items()}
+    elif dtype == "fp8":  # e4m3 codes with the bf16 compute copy each switch writes beside them
+        model = quantize(model, "fp8_e4m3")
     elif dtype not in ("fp32", "fp32-bundle"):
         model = model.to(DTYPES[dtype])
     with contextlib.ExitStack() as stack:

@@ -144,3 +144,22 @@ def test_from_base_rows(tmp_path, capsys):
     (rows,) = json.loads(out.read_text()).values()
     assert [r[:3] for r in rows] == [["int8-bundle", "rand", 1000]] and rows[0][3] > 0
     assert "from the base after switch(None)" in capsys.readouterr().out
+
+
+def test_fp8_points_count_the_compute_copy():
+    """An FP8 point's floors and line visits take the bf16 compute copy's lines beside the codes' (the switch
+    writes both), while its entries (the adapter's streams) are the codes' alone."""
+    with scaling.runtime_for(10_000, "rand", "fp8") as (rt, _):
+        ps = scaling.parts(rt, "a", "b")
+        copies = [w for w, _ in ps if w.dtype == torch.bfloat16]
+        codes = [w for w, _ in ps if w.dtype == torch.float8_e4m3fn]
+        assert len(copies) == len(codes) == len(scaling.NAMES)
+        floor, streams, written = scaling.floors(rt, "a", "b", "fp8", 50.0)
+        entries = sum(int(torch.as_tensor(i).numel()) for w, idx in ps if w.dtype == torch.float8_e4m3fn for i in idx)
+        assert written == entries
+        without = scaling.memory_floor_ms(
+            sum(scaling.touched_lines(torch.cat([torch.as_tensor(i).long() for i in idx]), 1, w.data_ptr() % 64)
+                for w, idx in ps if w.dtype == torch.float8_e4m3fn), 50.0)  # fmt: skip
+        assert floor > 2 * without  # a bf16 line holds 32 of the copy's entries, a codes line 64
+    row = scaling.point(10_000, "rand", "fp8", 4, False)
+    assert row["dtype"] == "fp8" and row["switch_ms"] > 0 and row["visits_ms"] > 0
