@@ -54,6 +54,7 @@ LIVE_FILE = "live.onnx"  # the packaged live graphs (``write_live``)
 ONE_ROW_FILE = "one_row.onnx"
 SERIAL_MIN_RUN = 8  # pages: the shortest run advised ahead of a switch the core runs on one thread (before_write)
 MADV_POPULATE_WRITE = 23  # Linux 5.14+ (<linux/mman.h>; Python's mmap module does not name it)
+TRANSIENT = frozenset({errno.ENOMEM, errno.EAGAIN, errno.EINTR})  # a refused advice worth asking again later
 
 
 class LiveWeightsError(ShiraError, RuntimeError):
@@ -260,8 +261,10 @@ class OnnxBackend(Backend):
         run's faults cost what its advice would (10,000 entries in blocks: 0.77 ms faulting, 0.85 ms advising
         each run of two pages or more).
         The bytes are unchanged (the file's, copied): a switch that fails after this leaves them as they were, and
-        the pages go back with the next release (``names`` count as written). Nothing for weights in private memory, and
-        nothing once the kernel refused the advice (older kernels: the writes fault the pages in, as before)."""
+        the pages go back with the next release (``names`` count as written). Nothing for weights in private
+        memory. A refused advice leaves the writes to fault the pages in, as before; it is not asked again unless
+        the refusal was transient (``TRANSIENT``: short of memory, interrupted), so an older kernel (EINVAL) or a
+        file system without it costs one refusal."""
         if not self._populate or cache.get("generation") == self._generation:
             return
         pages = cache.get("pages")
@@ -280,8 +283,8 @@ class OnnxBackend(Backend):
             for lo, hi in zip(firsts.tolist(), lasts.tolist()):
                 try:
                     mm.madvise(MADV_POPULATE_WRITE, lo * page, (hi + 1 - lo) * page)
-                except OSError as exc:  # EINVAL: not this kernel's; ENOMEM and the like: the writes will fault
-                    self._populate = exc.errno != errno.EINVAL
+                except OSError as exc:  # the writes fault the pages in; asked again later only after a transient
+                    self._populate = exc.errno in TRANSIENT  # EINVAL (before 5.14) and the rest: not again
                     return
                 self._private[lo : hi + 1] = True
         cache["generation"] = self._generation
