@@ -321,20 +321,28 @@ inline bool run_at(const I* __restrict__ idx, int64_t i, int64_t e, int64_t k) {
          static_cast<int64_t>(idx[i + k - 1]) - static_cast<int64_t>(idx[i]) == k - 1;
 }
 
+// body(i) for entries i in [b, e), each after ahead(i) (the prefetch of entry i + pf's lines) while i + pf < e:
+// the test is the loop's bound, not a branch per entry (then a tail without prefetch).
+template <bool kPrefetch, typename A, typename B>
+inline void each_entry(int64_t b, int64_t e, int64_t pf, A&& ahead, B&& body) {
+  int64_t i = b;
+  if constexpr (kPrefetch)
+    for (const int64_t stop = e - pf; i < stop; ++i) {
+      ahead(i);
+      body(i);
+    }
+  for (; i < e; ++i) body(i);
+}
+
 template <typename W, typename I, bool kPrefetch>
 void restore_range(W* __restrict__ w, const I* __restrict__ idx, const W* __restrict__ saved, int64_t b,
                    int64_t e, int64_t pf, bool runs) {
   constexpr int64_t K = kRun<W>;
   int64_t i = b;
-  if (!runs) {  // entry by entry: the prefetch unconditional up to the last distance, then the tail
-    if constexpr (kPrefetch)
-      for (const int64_t stop = e - pf; i < stop; ++i) {
-        __builtin_prefetch(w + idx[i + pf], 1, 3);
-        w[idx[i]] = saved[i];
-      }
-    for (; i < e; ++i) w[idx[i]] = saved[i];
-    return;
-  }
+  if (!runs)  // entry by entry
+    return each_entry<kPrefetch>(
+        b, e, pf, [&](int64_t k) { __builtin_prefetch(w + idx[k + pf], 1, 3); },
+        [&](int64_t k) { w[idx[k]] = saved[k]; });
   while (i < e) {
     if (runs && run_at(idx, i, e, K)) {
       if constexpr (kPrefetch) {  // the distance counts lines: K entries per line in a run
@@ -368,15 +376,10 @@ void apply_range(W* __restrict__ w, const I* __restrict__ idx, const float* __re
                  W* __restrict__ saved, int64_t b, int64_t e, int64_t pf, bool runs) {
   constexpr int64_t K = kRun<W>;
   int64_t i = b;
-  if (!runs) {  // entry by entry: the prefetch unconditional up to the last distance, then the tail
-    if constexpr (kPrefetch)
-      for (const int64_t stop = e - pf; i < stop; ++i) {
-        __builtin_prefetch(w + idx[i + pf], 1, 3);
-        apply_one(w, idx, delta, saved, i);
-      }
-    for (; i < e; ++i) apply_one(w, idx, delta, saved, i);
-    return;
-  }
+  if (!runs)  // entry by entry
+    return each_entry<kPrefetch>(
+        b, e, pf, [&](int64_t k) { __builtin_prefetch(w + idx[k + pf], 1, 3); },
+        [&](int64_t k) { apply_one(w, idx, delta, saved, k); });
   while (i < e) {
     if (runs && run_at(idx, i, e, K)) {
       if constexpr (kPrefetch) {  // the distance counts lines: K entries per line in a run
@@ -623,14 +626,8 @@ int64_t apply_range_q(uint8_t* __restrict__ w, const I* __restrict__ idx, const 
     }
     w[j] = requantize<F>(table, old, scale, delta[i], clamped);
   };
-  if (!runs) {  // entry by entry: the prefetch unconditional up to the last distance, then the tail
-    int64_t i = b;
-    if constexpr (kPrefetch)
-      for (const int64_t stop = e - pf; i < stop; ++i) {
-        __builtin_prefetch(w + idx[i + pf], 1, 3);
-        one(i);
-      }
-    for (; i < e; ++i) one(i);
+  if (!runs) {  // entry by entry
+    each_entry<kPrefetch>(b, e, pf, [&](int64_t k) { __builtin_prefetch(w + idx[k + pf], 1, 3); }, one);
     return clamped;
   }
   constexpr int64_t K = kRun<uint8_t>;
@@ -688,13 +685,7 @@ void swap_range(uint8_t* __restrict__ w, const I* __restrict__ idx, const uint8_
     saved[i] = *p;
     *p = codes[i];
   };
-  int64_t i = b;
-  if constexpr (kPrefetch)  // the prefetch unconditional up to the last distance, then the tail
-    for (const int64_t stop = e - pf; i < stop; ++i) {
-      __builtin_prefetch(w + idx[i + pf], 1, 3);
-      one(i);
-    }
-  for (; i < e; ++i) one(i);
+  each_entry<kPrefetch>(b, e, pf, [&](int64_t k) { __builtin_prefetch(w + idx[k + pf], 1, 3); }, one);
 }
 
 // One entry with a mirror: restore (apply == false: w[j] = saved[i]) or apply (a swap of baked codes, or the grid
@@ -734,18 +725,17 @@ int64_t mirrored_range(const Item& it, bool apply, int64_t b, int64_t e, int64_t
   RowCursor rows{it.row_len};
   RowCursor mrow{it.mcols};  // the uint8 mirror: row and column of j in the weight
   int64_t clamped = 0;
-  int64_t i = b;
-  if constexpr (kPrefetch)
-    for (const int64_t stop = e - pf; i < stop; ++i) {
-      const int64_t jp = idx[i + pf];
-      __builtin_prefetch(w + jp, 1, 3);
-      if constexpr (kU8T)  // the transposed copy: entry (r, c) at c * rows + r, a line of its own
-        __builtin_prefetch(mt + (jp % it.mcols) * it.mrows + jp / it.mcols, 1, 3);
-      else
-        __builtin_prefetch(m + jp, 1, 3);
-      mirrored_one<F, I, kU8T>(it, table, w, m, mt, idx, saved, rows, mrow, apply, i, clamped);
-    }
-  for (; i < e; ++i) mirrored_one<F, I, kU8T>(it, table, w, m, mt, idx, saved, rows, mrow, apply, i, clamped);
+  auto ahead = [&](int64_t k) {
+    const int64_t jp = idx[k + pf];
+    __builtin_prefetch(w + jp, 1, 3);
+    if constexpr (kU8T)  // the transposed copy: entry (r, c) at c * rows + r, a line of its own
+      __builtin_prefetch(mt + (jp % it.mcols) * it.mrows + jp / it.mcols, 1, 3);
+    else
+      __builtin_prefetch(m + jp, 1, 3);
+  };
+  each_entry<kPrefetch>(b, e, pf, ahead, [&](int64_t k) {
+    mirrored_one<F, I, kU8T>(it, table, w, m, mt, idx, saved, rows, mrow, apply, k, clamped);
+  });
   return clamped;
 }
 
