@@ -25,6 +25,8 @@
 //   fused    - all index lists sorted ascending and the weights of each list distinct: each weight's
 //              restore and apply entries are cut by element range into chunks, and a chunk restores
 //              then applies its range, so the apply re-reads lines the restore just wrote (in cache).
+//              A chunk of one 1-byte weight whose entries are visited one by one restores and applies in
+//              one merged pass instead (run_merged: lines both touch visited once).
 //   phased   - some list not sorted (only known with validate=True): every restore chunk, a barrier,
 //              then every apply chunk.
 //   ordered  - weights alias in a way the plans above cannot order (same tensor twice in one list,
@@ -49,6 +51,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -75,7 +78,34 @@ std::atomic<int64_t> g_serial_below{1 << 15};  // total entries under which no t
 std::atomic<int64_t> g_force_plan{0};          // 0 auto, 1 phased, 2 ordered
 std::atomic<int64_t> g_prefetch{96};           // software prefetch distance in entries (0: off); runs: see below
 std::atomic<int64_t> g_runs{1};               // 1: copy contiguous runs as blocks (sorted lists); 0: off
-std::atomic<int64_t> g_last_plan{0};           // bit 0: threaded; bits 1-2: 1 fused, 2 phased, 3 ordered
+// Merged passes (run_merged) from this many bytes of weights (and their copies) written by one call: half the
+// last-level cache one core reaches (Linux sysfs: cpu0's highest cache level; 8 MiB where it cannot be read).
+// Below it those lines stay in that cache between a chunk's restore and its apply, and the merged loop's
+// branches cost more than the second visit (docs/kernels.md, "Merged passes"). Not glibc's sysconf: on this AMD
+// EPYC it reports the whole package's L3 (320 MiB) where a core's complex has 32 MiB.
+int64_t default_merge_above() {
+  int64_t best_level = 0, size = 0;
+  for (int k = 0; k < 10; ++k) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(k) + "/";
+    std::FILE* lf = std::fopen((dir + "level").c_str(), "r");
+    if (!lf) break;
+    long level = 0, kb = 0;
+    char unit = 0;
+    const bool ok = std::fscanf(lf, "%ld", &level) == 1;
+    std::fclose(lf);
+    std::FILE* sf = std::fopen((dir + "size").c_str(), "r");
+    if (!sf) continue;
+    const int got = std::fscanf(sf, "%ld%c", &kb, &unit);
+    std::fclose(sf);
+    if (ok && got >= 1 && kb > 0 && level >= best_level) {
+      best_level = level;
+      size = kb * (unit == 'M' ? 1 << 20 : unit == 'K' ? 1 << 10 : 1);
+    }
+  }
+  return size > 0 ? size / 2 : int64_t{8} << 20;
+}
+std::atomic<int64_t> g_merge_above{default_merge_above()};
+std::atomic<int64_t> g_last_plan{0};           // bit 0: threaded; bits 1-2: 1 fused, 2 phased, 3 ordered; bit 3 merged
 
 // Runs are prefetched nearer than single entries (further made block switches slower: docs/kernels.md): runs found
 // in a sorted list a quarter of the distance ahead, in lines; described runs pf * wsize / 16 runs ahead (at 96:
@@ -603,17 +633,19 @@ SHIRA_SELECTS int64_t u8_run(uint8_t* __restrict__ p, uint8_t* __restrict__ s, c
   return clamped;
 }
 
-template <int F, typename I, bool kPrefetch>
-int64_t apply_range_q(uint8_t* __restrict__ w, const I* __restrict__ idx, const float* __restrict__ delta,
-                      uint8_t* __restrict__ saved, const float* __restrict__ scales, int64_t row_len, int64_t b,
-                      int64_t e, int64_t pf, bool runs) {
-  const Codes<F>& table = codes<F>();
-  RowCursor rows{row_len};
-  const DivBy cols(row_len);  // F == 3 (SHIRA_U8): row_len columns, the scale of j is scales[j % row_len]
+// One apply entry i on the grid: its scale (per row; SHIRA_U8: per column, from the row's start: one division per
+// row of a sorted list) and the grid write; clamps are counted in `clamped`.
+template <int F, typename I>
+struct GridEntry {
+  const Codes<F>& table;
+  uint8_t* __restrict__ w;
+  const I* __restrict__ idx;
+  const float* __restrict__ delta;
+  uint8_t* __restrict__ saved;
+  const float* __restrict__ scales;
+  RowCursor rows;
   int64_t clamped = 0;
-  // one entry: its scale (per row; SHIRA_U8: per column, from the row's start: one division per row of a sorted
-  // list) and the grid write
-  auto one = [&](int64_t i) {
+  inline void operator()(int64_t i) {
     const int64_t j = idx[i];
     const uint8_t old = w[j];
     saved[i] = old;
@@ -625,7 +657,17 @@ int64_t apply_range_q(uint8_t* __restrict__ w, const I* __restrict__ idx, const 
       scale = scales[rows.at(j)];
     }
     w[j] = requantize<F>(table, old, scale, delta[i], clamped);
-  };
+  }
+};
+
+template <int F, typename I, bool kPrefetch>
+int64_t apply_range_q(uint8_t* __restrict__ w, const I* __restrict__ idx, const float* __restrict__ delta,
+                      uint8_t* __restrict__ saved, const float* __restrict__ scales, int64_t row_len, int64_t b,
+                      int64_t e, int64_t pf, bool runs) {
+  GridEntry<F, I> one{codes<F>(), w, idx, delta, saved, scales, RowCursor{row_len}};
+  RowCursor& rows = one.rows;
+  const DivBy cols(row_len);  // F == 3 (SHIRA_U8): row_len columns, the scale of j is scales[j % row_len]
+  int64_t& clamped = one.clamped;
   if (!runs) {  // entry by entry
     each_entry<kPrefetch>(b, e, pf, [&](int64_t k) { __builtin_prefetch(w + idx[k + pf], 1, 3); }, one);
     return clamped;
@@ -1024,6 +1066,107 @@ void run_entries(const Item& it, bool apply, int64_t b, int64_t e, bool runs) {
   }
 }
 
+// ---- a restore and an apply of one 1-byte weight, merged ----------------------------------------
+// Random entries of two adapters on a 1-byte weight share lines: at 1% density a line of 64 codes holds an entry
+// of one adapter about half the time (1 - 0.99^64), of both a quarter. Restoring a chunk and then applying it
+// visits a shared line twice, the second time after the chunk's other lines went through the caches; here the
+// restore takes kMerge entries at a time and the apply follows up to the restore's next index, so a line both
+// touch is visited once, while it is in L1. The order per element is the fused plan's: every restore of an index
+// before any apply of it (the apply stops short of the next restore's index). int8 random switches: 1.10-1.23x
+// faster from 3e5 entries up, unchanged at 1e5 (docs/kernels.md, "Merged passes"; 16 entries a step gained as
+// much at 1 M and lost 7% at 1e5, 64 and 128 no more). Wider weights share few lines (16 fp32 per line: 0.3% of
+// lines hold an entry of both) and a plain loop gained nothing from it there, so they keep the two passes.
+constexpr int64_t kMerge = 32;
+
+// restore(i) for entries [i, r1) of the outgoing list and apply(j) for [j, a1) of the incoming one, in the order
+// above; ahead_r(k) / ahead_a(k) prefetch entry k's lines, pf entries ahead (the index clamped to the last entry
+// near the end, not tested per entry).
+template <typename I, typename AR, typename R, typename AA, typename A>
+void merged_entries(const I* __restrict__ ridx, int64_t i, int64_t r1, const I* __restrict__ aidx, int64_t j,
+                    int64_t a1, int64_t pf, AR&& ahead_r, R&& restore, AA&& ahead_a, A&& apply) {
+  const int64_t rlast = r1 - 1, alast = a1 - 1;
+  while (i < r1) {
+    for (const int64_t stop = std::min(r1, i + kMerge); i < stop; ++i) {
+      if (pf > 0) ahead_r(std::min(i + pf, rlast));
+      restore(i);
+    }
+    const int64_t bound = i < r1 ? static_cast<int64_t>(ridx[i]) : INT64_MAX;
+    for (; j < a1 && aidx[j] < bound; ++j) {
+      if (pf > 0) ahead_a(std::min(j + pf, alast));
+      apply(j);
+    }
+  }
+}
+
+// Restore entries [r0, r1) of r and apply [a0, a1) of a, one weight (mergeable), merged.
+template <int F, typename I, bool kU8T>
+int64_t merged_mirrored(const Item& r, int64_t r0, int64_t r1, const Item& a, int64_t a0, int64_t a1, int64_t pf) {
+  const Codes<F>& table = codes<F>();
+  uint8_t* __restrict__ w = reinterpret_cast<uint8_t*>(a.w);
+  uint16_t* __restrict__ m = static_cast<uint16_t*>(a.mirror);
+  uint8_t* __restrict__ mt = static_cast<uint8_t*>(a.mirror);
+  const I* ridx = static_cast<const I*>(r.idx);
+  const I* aidx = static_cast<const I*>(a.idx);
+  uint8_t* rsaved = static_cast<uint8_t*>(r.saved);
+  uint8_t* asaved = static_cast<uint8_t*>(a.saved);
+  RowCursor rows{a.row_len}, mrow{a.mcols}, rrows{r.row_len}, rmrow{r.mcols};
+  int64_t clamped = 0;
+  auto ahead = [&](const I* idx) {
+    return [&, idx](int64_t k) {
+      const int64_t jp = idx[k];
+      __builtin_prefetch(w + jp, 1, 3);
+      if constexpr (kU8T)
+        __builtin_prefetch(mt + (jp % a.mcols) * a.mrows + jp / a.mcols, 1, 3);
+      else
+        __builtin_prefetch(m + jp, 1, 3);
+    };
+  };
+  merged_entries(
+      ridx, r0, r1, aidx, a0, a1, pf, ahead(ridx),
+      [&](int64_t k) { mirrored_one<F, I, kU8T>(r, table, w, m, mt, ridx, rsaved, rrows, rmrow, false, k, clamped); },
+      ahead(aidx),
+      [&](int64_t k) { mirrored_one<F, I, kU8T>(a, table, w, m, mt, aidx, asaved, rows, mrow, true, k, clamped); });
+  return clamped;
+}
+
+template <int F, typename I>
+int64_t merged_q(const Item& r, int64_t r0, int64_t r1, const Item& a, int64_t a0, int64_t a1, int64_t pf) {
+  if (a.mirror)
+    return a.mirror_u8t ? merged_mirrored<F, I, true>(r, r0, r1, a, a0, a1, pf)
+                        : merged_mirrored<F, I, false>(r, r0, r1, a, a0, a1, pf);
+  uint8_t* __restrict__ w = reinterpret_cast<uint8_t*>(a.w);
+  const I* __restrict__ ridx = static_cast<const I*>(r.idx);
+  const I* __restrict__ aidx = static_cast<const I*>(a.idx);
+  const uint8_t* __restrict__ rsaved = static_cast<const uint8_t*>(r.saved);
+  uint8_t* __restrict__ asaved = static_cast<uint8_t*>(a.saved);
+  auto ahead_r = [&](int64_t k) { __builtin_prefetch(w + ridx[k], 1, 3); };
+  auto ahead_a = [&](int64_t k) { __builtin_prefetch(w + aidx[k], 1, 3); };
+  auto restore = [&](int64_t k) { w[ridx[k]] = rsaved[k]; };
+  if (a.codes) {  // baked codes: a swap
+    const uint8_t* __restrict__ c = a.codes;
+    merged_entries(ridx, r0, r1, aidx, a0, a1, pf, ahead_r, restore, ahead_a, [&](int64_t k) {
+      uint8_t* q = w + aidx[k];
+      asaved[k] = *q;
+      *q = c[k];
+    });
+    return 0;
+  }
+  GridEntry<F, I> one{codes<F>(), w, aidx, a.delta, asaved, a.scales, RowCursor{a.row_len}};
+  merged_entries(ridx, r0, r1, aidx, a0, a1, pf, ahead_r, restore, ahead_a, one);
+  return one.clamped;
+}
+
+template <typename I>
+void run_merged(const Item& r, int64_t r0, int64_t r1, const Item& a, int64_t a0, int64_t a1) {
+  using Pass = int64_t (*)(const Item&, int64_t, int64_t, const Item&, int64_t, int64_t, int64_t);
+  static constexpr Pass kPass[] = {merged_q<0, I>, merged_q<1, I>, merged_q<2, I>, merged_q<3, I>};  // F's order
+  static_assert(SHIRA_F8E4M3 == SHIRA_I8 + 1 && SHIRA_F8E5M2 == SHIRA_I8 + 2 && SHIRA_U8 == SHIRA_I8 + 3);
+  if (!is_code(a.wtype)) throw std::logic_error("shira: unreachable code dtype");
+  const int64_t pf = short_distance(g_prefetch.load(std::memory_order_relaxed), std::min(r1 - r0, a1 - a0));
+  const int64_t clamped = kPass[a.wtype - SHIRA_I8](r, r0, r1, a, a0, a1, pf);
+  if (clamped && a.saturated) __atomic_fetch_add(a.saturated, clamped, __ATOMIC_RELAXED);
+}
+
 // ---- tasks and the thread pool -------------------------------------------------------------------
 
 // A chunk: restore entries [r0, r1) of *r, then apply entries [a0, a1) of *a (either may be absent);
@@ -1034,7 +1177,23 @@ struct Task {
   int64_t r0, r1, a0, a1;
   bool runs;
   bool second = false;
+  bool merged = false;  // restore and apply run merged (mergeable, decided with the plan)
 };
+
+// Whether task t's restore and apply can run merged (run_merged): one 1-byte weight (and its mirror, if the pass
+// writes one), both lists sorted (the fused plan) and visited entry by entry either way (a mirrored pass always;
+// otherwise a described list with no run of a line, or no run copied at all). A deferred uint8 copy is written
+// after, as before.
+bool mergeable(const Task& t) {
+  if (!t.r || !t.a || !t.runs || t.second || t.r0 >= t.r1 || t.a0 >= t.a1) return false;
+  const Item &r = *t.r, &a = *t.a;
+  if (r.w != a.w || r.wtype != a.wtype || !is_code(a.wtype) || r.idx64 != a.idx64 || r.mirror != a.mirror ||
+      r.mirror_u8t != a.mirror_u8t)
+    return false;
+  const bool copies_runs = g_runs.load(std::memory_order_relaxed) != 0;
+  auto listed = [&](const Item& it) { return !copies_runs || (it.described && it.n_runs == 0); };
+  return a.mirror || (listed(r) && listed(a));
+}
 
 void run_task(const Task& t) {
   if (t.second) {
@@ -1042,9 +1201,14 @@ void run_task(const Task& t) {
       if (it && b < e) it->idx64 ? mirror_pass<int64_t>(*it, apply, b, e) : mirror_pass<int32_t>(*it, apply, b, e);
     return;
   }
-  if (t.r) run_entries(*t.r, false, t.r0, t.r1, t.runs);
+  if (t.merged) {
+    t.a->idx64 ? run_merged<int64_t>(*t.r, t.r0, t.r1, *t.a, t.a0, t.a1)
+               : run_merged<int32_t>(*t.r, t.r0, t.r1, *t.a, t.a0, t.a1);
+  } else {
+    if (t.r) run_entries(*t.r, false, t.r0, t.r1, t.runs);
+    if (t.a) run_entries(*t.a, true, t.a0, t.a1, t.runs);
+  }
   if (t.a) {
-    run_entries(*t.a, true, t.a0, t.a1, t.runs);
     if (t.a->order && !t.a->codes && t.a0 < t.a1)  // baked codes are their own fresh codes
       t.a->idx64 ? gather_fresh<int64_t>(*t.a, t.a0, t.a1) : gather_fresh<int32_t>(*t.a, t.a0, t.a1);
   }
@@ -1496,7 +1660,6 @@ void run(const char* op, std::vector<Item> outs, std::vector<Item> ins, bool val
   const int64_t force = g_force_plan.load(std::memory_order_relaxed);
   if (force == 2) ordered = true;
   const Plan plan = ordered ? kOrdered : (sorted && force != 1 ? kFused : kPhased);
-  g_last_plan.store((threaded ? 1 : 0) | (static_cast<int64_t>(plan) << 1), std::memory_order_relaxed);
 
   // Deferred mirrors: a restore and an apply of one weight (fused or phased plans: the second passes run after
   // every first pass, restores' before applies') defer theirs together or not at all; each apply's new codes get
@@ -1561,6 +1724,21 @@ void run(const char* op, std::vector<Item> outs, std::vector<Item> ins, bool val
                                        phases.back(), true);
     phase_threaded.push_back(threaded);
   }
+  // the bytes this call writes to: weights and their copies (a paired restore writes its partner's weight)
+  int64_t footprint = 0;
+  auto bytes = [](const Item& it) {
+    const int64_t copy = it.mirror ? (it.mirror_u8t ? 1 : 2) : it.later ? 1 : 0;
+    return static_cast<int64_t>(it.nbytes) + copy * it.numel;
+  };
+  for (const Item& it : ins) footprint += bytes(it);
+  for (size_t k = 0; k < outs.size(); ++k)
+    if (!paired[k]) footprint += bytes(outs[k]);
+  bool merged = false;
+  if (footprint >= g_merge_above.load(std::memory_order_relaxed))
+    for (std::vector<Task>& phase : phases)
+      for (Task& t : phase) merged |= (t.merged = mergeable(t));
+  g_last_plan.store((threaded ? 1 : 0) | (static_cast<int64_t>(plan) << 1) | (merged ? 8 : 0),
+                    std::memory_order_relaxed);
   if (threaded) pool_ready(threads);  // the pool's threads are started (or known unavailable) before any write
   for (size_t k = 0; k < phases.size(); ++k) run_tasks(phases[k], phase_threaded[k] != 0, threads);
 }
@@ -1746,6 +1924,11 @@ SHIRA_API void shira_tuning(int64_t chunk, int64_t serial_below, int64_t force_p
   current[3] = shira::g_prefetch.load();
   current[4] = shira::g_last_plan.load();
   current[5] = shira::g_runs.load();
+}
+
+SHIRA_API int64_t shira_merge_above(int64_t bytes) {
+  if (bytes >= 0) shira::g_merge_above.store(bytes);
+  return shira::g_merge_above.load();
 }
 
 SHIRA_API int32_t shira_abi_version(void) { return SHIRA_ABI_VERSION; }

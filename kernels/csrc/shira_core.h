@@ -63,7 +63,7 @@
 extern "C" {
 #endif
 
-#define SHIRA_ABI_VERSION 4
+#define SHIRA_ABI_VERSION 5
 
 /* element types (weights, saved, baked codes) */
 enum shira_dtype {
@@ -116,9 +116,13 @@ int shira_switch(const shira_item* outs, int64_t n_outs, const shira_item* ins, 
  * parallel task; serial_below: total entries under which a call stays on the calling thread; force_plan: 0 auto,
  * 1 phased, 2 ordered; prefetch: software prefetch distance in entries (0 off); runs: 1 copies contiguous runs
  * of one cache line as blocks (sorted lists); last_plan (read only): bit 0 threaded, bits 1-2: 1 fused, 2 phased,
- * 3 ordered. */
+ * 3 ordered; bit 3: a chunk restored and applied one 1-byte weight in one merged pass. */
 void shira_tuning(int64_t chunk, int64_t serial_below, int64_t force_plan, int64_t prefetch, int64_t runs,
                   int64_t* current);
+/* A call whose weights (with their copies) reach `bytes` restores and applies each chunk of one 1-byte weight in
+ * one merged pass (last_plan bit 3); default half the last-level cache of cpu0 (Linux sysfs), else 8 MiB. A
+ * negative argument leaves it as it is; returns the current value. (ABI 5 added it.) */
+int64_t shira_merge_above(int64_t bytes);
 
 int32_t shira_abi_version(void);  /* SHIRA_ABI_VERSION of the library */
 int64_t shira_item_size(void);    /* sizeof(shira_item) in the library */

@@ -36,7 +36,7 @@ from shira_runtime.kernels.verbs import APPLY_LISTS, RESTORE_LISTS, VERBS, Kerne
 
 __all__ = ["apply_", "call", "load", "restore_", "source_id", "switch_", "threads", "tuning"]
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 F32, F16, BF16, I8, F8E4M3, F8E5M2, U8 = range(7)
 CODES = (I8, F8E4M3, F8E5M2, U8)  # U8: int8 codes + 128, per-column scales
 ITEM = np.dtype(
@@ -127,6 +127,8 @@ def _open(path: Path) -> ctypes.CDLL:
         fn.argtypes = [*sides, *([ptr] if verb.apply is not None else []), i32, i32, ctypes.c_char_p, i64]
     lib.shira_tuning.restype = None
     lib.shira_tuning.argtypes = [i64] * 5 + [ctypes.POINTER(i64)]
+    lib.shira_merge_above.restype = i64
+    lib.shira_merge_above.argtypes = [i64]
     return lib
 
 
@@ -139,7 +141,7 @@ def _find() -> Path:
         try:
             lib = _open(built)
             current = lib.shira_source_id().decode() == source_id()
-        except RuntimeError:  # an older ABI: built before the source changed
+        except (RuntimeError, AttributeError):  # an older ABI (or a symbol it lacks): built before the source changed
             current = False
         if current:
             return built
@@ -187,18 +189,23 @@ def threaded(entries: int) -> bool:
 _PLANS = {1: "fused", 2: "phased", 3: "ordered"}
 
 
-def tuning(chunk: int = -1, serial_below: int = -1, force_plan: int = -1, prefetch: int = -1, runs: int = -1) -> dict:
+def tuning(chunk: int = -1, serial_below: int = -1, force_plan: int = -1, prefetch: int = -1, runs: int = -1,
+           merge_above: int = -1) -> dict:
     """Read (and optionally set) the dispatch knobs; tests use them to force every branch.
 
     ``chunk``: entries per parallel task. ``serial_below``: total entries under which the call stays on
     the calling thread. ``force_plan``: 0 auto, 1 phased, 2 ordered. ``prefetch``: software prefetch
     distance in entries (0 off). ``runs``: 1 copies contiguous runs of one cache line as blocks when the lists
-    are sorted (a ``block`` mask's layout), 0 visits every entry alone. ``last_plan`` (read only) describes
-    the previous call: ``{"threaded": bool, "plan": "fused" | "phased" | "ordered"}``.
+    are sorted (a ``block`` mask's layout), 0 visits every entry alone. ``merge_above``: the bytes of weights
+    (and their copies) a call writes from which a chunk of one 1-byte weight is restored and applied in one merged
+    pass (default: half the last-level cache; docs/kernels.md). ``last_plan`` (read only) describes the previous
+    call: ``{"threaded": bool, "plan": "fused" | "phased" | "ordered"}``; ``last_merged`` (read only): whether
+    some chunk of it ran merged.
     """
     lib = load()
     cur = (ctypes.c_int64 * 6)()
     lib.shira_tuning(chunk, serial_below, force_plan, prefetch, runs, cur)
+    merge = lib.shira_merge_above(merge_above)
     last = cur[4]
     return {
         "chunk": cur[0],
@@ -206,7 +213,9 @@ def tuning(chunk: int = -1, serial_below: int = -1, force_plan: int = -1, prefet
         "force_plan": cur[2],
         "prefetch": cur[3],
         "runs": cur[5],
-        "last_plan": {"threaded": bool(last & 1), "plan": _PLANS.get(last >> 1)},
+        "merge_above": merge,
+        "last_plan": {"threaded": bool(last & 1), "plan": _PLANS.get((last >> 1) & 3)},
+        "last_merged": bool(last & 8),
     }
 
 

@@ -20,7 +20,7 @@ def ext():
 @pytest.fixture
 def knobs(ext):
     """Set dispatch knobs for one test; defaults and thread count come back afterwards."""
-    defaults = {k: v for k, v in ext.tuning().items() if k != "last_plan"}
+    defaults = {k: v for k, v in ext.tuning().items() if not k.startswith("last_")}
     threads = torch.get_num_threads()
 
     def set_(threaded: bool | None = None, **kw):

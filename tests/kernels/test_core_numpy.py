@@ -34,7 +34,7 @@ def core():
 
 @pytest.fixture
 def np_knobs(core, monkeypatch):
-    defaults = {k: v for k, v in core.tuning().items() if k != "last_plan"}
+    defaults = {k: v for k, v in core.tuning().items() if not k.startswith("last_")}
 
     def set_(threaded: bool, **kw):
         monkeypatch.setenv("SHIRA_THREADS", "2" if threaded else "1")

@@ -412,6 +412,102 @@ def test_baked_codes_are_a_byte_swap(ext, knobs, fmt, threaded, plan):
     assert_bytes_equal(ws, base, "restored")
 
 
+# ---- a restore and an apply of one weight in one merged pass -------------------------------------------
+
+
+def merge_lists(ws, idx_dtype, g) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A's and B's sorted lists, one layout per weight: one entry against every element; B half of A plus as many
+    others (shared elements); B wholly after A; B wholly before A with many more entries."""
+    a, b = [], []
+    for t, w in enumerate(ws):
+        n, h = w.numel(), w.numel() // 2
+        if t == 0:
+            ai, bi = torch.tensor([h]), torch.arange(n)
+        elif t == 1:
+            ai = rand_indices(n, n // 4, torch.int64, g)
+            keep = ai[torch.randperm(ai.numel(), generator=g)[: ai.numel() // 2]]
+            bi = torch.cat([keep, rand_indices(n, n // 8, torch.int64, g)]).unique()
+        elif t == 2:
+            ai, bi = rand_indices(h, n // 8, torch.int64, g), h + rand_indices(n - h, n // 8, torch.int64, g)
+        else:
+            ai, bi = h + rand_indices(n - h, 5, torch.int64, g), rand_indices(h, n // 3, torch.int64, g)
+        a.append(ai.to(idx_dtype))
+        b.append(bi.to(idx_dtype))
+    return a, b
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("idx_dtype", IDX_DTYPES, ids=["i32", "i64"])
+@pytest.mark.parametrize("threaded", [False, True], ids=["serial", "threaded"])
+@pytest.mark.parametrize("chunk", [7, 101, 1 << 14])  # a task's restore shorter than one step (32), or not
+@pytest.mark.parametrize("side", ["grid", "baked", "mirrored"])
+def test_merged_pass_matches_reference(ext, knobs, fmt, idx_dtype, threaded, chunk, side):
+    """The runtime's switch on 1-byte weights (sorted lists, each described with no run: entry by entry) restores
+    and applies each chunk in one merged pass (``last_merged``); codes, saved codes, saturation counts and mirrors
+    equal the reference's and the phased plan's two passes bit for bit, whatever the lists' overlap and lengths
+    and wherever the chunks cut them; the restore then gives the base back."""
+    g = gen(40)
+    ws, scales, _, _, _ = state(fmt, idx_dtype, 0.25, seed=41)
+    a_idx, b_idx = merge_lists(ws, idx_dtype, g)
+    a_d = [quant_deltas(w, s, i, g) for w, s, i in zip(ws, scales, a_idx)]
+    if side == "baked":  # B's new codes as they are (a byte swap)
+        b_d = [torch.randint(0, 256, (i.numel(),), generator=g, dtype=torch.uint8) for i in b_idx]
+        b_d = [c.view(w.dtype) for c, w in zip(b_d, ws)]
+        b_d = [torch.where(torch.isnan(c.float()), torch.zeros_like(c), c) if c.dtype != torch.int8 else c for c in b_d]
+    else:
+        b_d = [quant_deltas(w, s, i, g) for w, s, i in zip(ws, scales, b_idx)]
+    base = clone(ws)
+    sat = torch.zeros(len(ws), dtype=torch.int64)
+    a_saved = [torch.zeros(i.numel(), dtype=w.dtype) for w, i in zip(ws, a_idx)]
+    reference.apply_(ws, a_idx, a_d, a_saved, scales=scales, saturated=sat)  # state A, for every path
+    none = [torch.zeros((0, 3), dtype=torch.int64) for _ in ws]  # described: no run of a line in any list
+    results = {}
+    for name in ("reference", "merged", "phased"):
+        w, sa = clone(ws), clone(a_saved)
+        sb = [torch.zeros(i.numel(), dtype=x.dtype) for x, i in zip(w, b_idx)]
+        ms = mirrors_of(w, without=-1) if side == "mirrored" else None
+        sat = torch.zeros(len(ws), dtype=torch.int64)
+        kw = {"in_scales": scales, "saturated": sat, **({"out_mirrors": ms, "in_mirrors": ms} if ms else {})}
+        if name == "reference":
+            reference.switch_(w, a_idx, sa, w, b_idx, b_d, sb, **kw)
+        else:
+            knobs(threaded=threaded, chunk=chunk, force_plan=0 if name == "merged" else 1, merge_above=0)
+            ext.switch_(w, a_idx, sa, w, b_idx, b_d, sb, out_runs=none, in_runs=none, **kw)
+            assert ext.tuning()["last_merged"] is (name == "merged")
+        if ms:
+            assert_mirrors(w, ms, f"{name} after switch")
+        results[name] = (w, sb, sat)
+        ext.restore_(w, b_idx, sb, **({"mirrors": ms} if ms else {}))
+        assert_bytes_equal(w, base, f"{name}: restored")
+    want_w, want_sb, want_sat = results["reference"]
+    assert side == "baked" or int(want_sat.sum()) > 0
+    for name in ("merged", "phased"):
+        got_w, got_sb, got_sat = results[name]
+        assert_bytes_equal(got_w + got_sb, want_w + want_sb, f"{name} against the reference: tensor")
+        assert torch.equal(got_sat, want_sat), name
+
+
+@pytest.mark.parametrize("case", ["fp32", "small"])
+def test_merged_only_on_large_1_byte_switches(ext, knobs, case):
+    """fp32 weights share few lines between two adapters, and a call whose weights fit in half the last-level cache
+    (``merge_above``, default from the cache's size) keeps its lines there between the passes: neither is merged
+    (docs/kernels.md), the same int8 call is once ``merge_above`` is at its size."""
+    assert ext.tuning()["merge_above"] > 0
+    g = gen(42)
+    w = [torch.randn(4000, generator=g)] if case == "fp32" else [torch.randint(-127, 128, (4000,), dtype=torch.int8)]
+    a_idx, b_idx = [rand_indices(4000, 400, torch.int32, g)], [rand_indices(4000, 400, torch.int32, g)]
+    dt = w[0].dtype
+    d = [torch.randint(-127, 128, (400,), dtype=torch.int8)] if dt == torch.int8 else [torch.randn(400, generator=g)]
+    a_saved, b_saved = [torch.zeros(400, dtype=dt)], [torch.zeros(400, dtype=dt)]
+    ext.apply_(w, a_idx, d, a_saved)
+    none = [torch.zeros((0, 3), dtype=torch.int64)]
+    for limit, merged in ((4000 * w[0].element_size() + 1, False), (4000 * w[0].element_size(), case != "fp32")):
+        knobs(merge_above=limit)
+        ext.switch_(w, a_idx, a_saved, w, b_idx, d, b_saved, out_runs=none, in_runs=none)
+        assert ext.tuning()["last_plan"]["plan"] == "fused" and ext.tuning()["last_merged"] is merged
+        ext.switch_(w, b_idx, b_saved, w, a_idx, d, a_saved, out_runs=none, in_runs=none)  # back to A
+
+
 # ---- mirrors: a bf16 copy of the code values written in the same visit ----------------------------------
 
 

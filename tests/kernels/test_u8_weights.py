@@ -98,13 +98,15 @@ def test_numpy_reference_agrees():
 @pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64], ids=["i32", "i64"])
 @pytest.mark.parametrize("threaded", [False, True], ids=["serial", "threaded"])
 @pytest.mark.parametrize("plan", ["fused", "phased", "ordered"])
-@pytest.mark.parametrize("layout", ["rand", "lines", "described"])
+@pytest.mark.parametrize("layout", ["rand", "lines", "described", "listed"])
 def test_core_matches_reference(ext, knobs, idx_dtype, threaded, plan, layout):
     """apply A, switch A -> B, restore on the copies: the core (torch tensors and numpy arrays) equals the
     reference byte for byte, saturation counts too; ``lines``: whole 64-byte lines of the copy (the vectorized
-    loop, runs crossing a copy row's end), ``described``: the same with their runs passed (stretches)."""
-    knobs(threaded=threaded, chunk=37, force_plan={"fused": 0, "phased": 1, "ordered": 2}[plan])
-    lines = layout != "rand"
+    loop, runs crossing a copy row's end), ``described``: the same with their runs passed (stretches); ``listed``:
+    random entries described as holding no run (the runtime's call: the fused plan then merges each chunk's restore
+    and apply into one pass)."""
+    knobs(threaded=threaded, chunk=37, force_plan={"fused": 0, "phased": 1, "ordered": 2}[plan], merge_above=0)
+    lines = layout in ("lines", "described")
     _, scales, _, _, u8, a_idx, a_d, _ = copy_state(3, idx_dtype, lines=lines)
     _, _, _, _, _, b_idx, b_d, _ = copy_state(4, idx_dtype, density=0.2, lines=lines)
     if plan == "phased":  # unsorted lists
@@ -118,6 +120,8 @@ def test_core_matches_reference(ext, knobs, idx_dtype, threaded, plan, layout):
             "in_runs": [torch.from_numpy(runs_of(i.numpy())) for i in b_idx],
         }
         assert sum(r.shape[0] for r in runs["in_runs"]) > 0
+    elif layout == "listed":
+        runs = {k: [torch.zeros((0, 3), dtype=torch.int64) for _ in a_idx] for k in ("out_runs", "in_runs")}
     a_saved = [torch.empty(i.numel(), dtype=torch.uint8) for i in a_idx]
     b_saved = [torch.empty(i.numel(), dtype=torch.uint8) for i in b_idx]
     base = clone(u8)
@@ -133,6 +137,8 @@ def test_core_matches_reference(ext, knobs, idx_dtype, threaded, plan, layout):
     np_saved = [np.empty(i.numel(), np.uint8) for i in b_idx]
     ext.switch_(u8, a_idx, a_saved, u8, b_idx, b_d, b_saved, in_scales=scales, saturated=sat, **runs)
     assert ext.tuning()["last_plan"] == {"threaded": threaded, "plan": plan}
+    if layout in ("rand", "listed"):
+        assert ext.tuning()["last_merged"] is (layout == "listed" and plan == "fused")
     assert_bytes_equal(u8 + b_saved, w_ref + b_ref, "after switch: tensor")
     assert torch.equal(sat, sat_ref)
     from shira_runtime.kernels import core  # the same call through ctypes on numpy arrays
