@@ -1072,10 +1072,11 @@ void run_entries(const Item& it, bool apply, int64_t b, int64_t e, bool runs) {
 // visits a shared line twice, the second time after the chunk's other lines went through the caches; here the
 // restore takes kMerge entries at a time and the apply follows up to the restore's next index, so a line both
 // touch is visited once, while it is in L1. The order per element is the fused plan's: every restore of an index
-// before any apply of it (the apply stops short of the next restore's index). int8 random switches: 1.10-1.23x
-// faster from 3e5 entries up, unchanged at 1e5 (docs/kernels.md, "Merged passes"; 16 entries a step gained as
-// much at 1 M and lost 7% at 1e5, 64 and 128 no more). Wider weights share few lines (16 fp32 per line: 0.3% of
-// lines hold an entry of both) and a plain loop gained nothing from it there, so they keep the two passes.
+// before any apply of it (the apply stops short of the next restore's index). int8 random switches 1.06-1.17x
+// faster at 1 M entries, 1.16x at 3e5; below g_merge_above (1e5 entries here) the merged loop lost 5-8% and is
+// not taken; 16, 64 or 128 entries a step gained no more at 1 M (docs/kernels.md, "Merged passes"). Wider weights
+// share few lines (16 fp32 per line: 0.3% of lines hold an entry of both) and a plain loop gained nothing from it
+// there, so they keep the two passes.
 constexpr int64_t kMerge = 32;
 
 // restore(i) for entries [i, r1) of the outgoing list and apply(j) for [j, a1) of the incoming one, in the order
