@@ -326,9 +326,10 @@ class Switcher:
     def lists(self, plan: Plan) -> dict[str, Any]:
         """``plan``'s lists for the kernels, made once per plan (``Frozen``): its tensors' weights, indices, deltas,
         scales and runs, in ``plan.sparse``'s order; and what a switch would otherwise find tensor by tensor: the
-        saved-value buffers' ``layout``, the tensor ``names``, the ``scaled`` ones (quantized: their compute
-        copies follow the codes), the ``touched`` set (sparse and dense), and the saved-value ``slices`` of each
-        pair of arenas this plan was switched into (``_ungathered``)."""
+        saved-value buffers' ``layout``, the tensor ``names``, the ``scaled`` ones (quantized: written on their grid)
+        and of those the ``followed`` ones (a compute copy follows their codes: ``Backend.followed``), the
+        ``touched`` set (sparse and dense), and the saved-value ``slices`` of each pair of arenas this plan was
+        switched into (``_ungathered``)."""
         hit = self._lists.get(id(plan))
         if hit is not None and hit[0] is plan:
             return hit[1]
@@ -340,6 +341,7 @@ class Switcher:
             "layout": Layout.of([dtype_name(tensors[t]) for t in ts], [self.ops.numel(plan.sparse[t][0]) for t in ts]),
             "names": tuple(ts),
             "scaled": tuple(t for t in ts if t in scales),
+            "followed": tuple(t for t in ts if t in self.backend.followed),
             "touched": frozenset((*ts, *plan.dense)),
             "slices": {},
             "weights": self._weights_of(tuple(ts)),
@@ -409,7 +411,7 @@ class Switcher:
             if in_t:
                 self.backend.before_write(in_t, in_idx, mine["backend"])
             if out_t or in_t:
-                written = {t: [] for t in (*theirs["scaled"], *mine["scaled"])}  # codes a compute copy must follow
+                written = {t: [] for t in (*theirs["followed"], *mine["followed"])}  # codes a copy must follow
                 versions = {t: getattr(tensors[t], "_version", 0) for t in written}
                 mirrors = {t: m for t in written if (m := self.backend.mirror(t)) is not None}
                 ordered = mirrors and (old.plan.orders or plan.orders)

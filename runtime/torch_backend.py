@@ -71,6 +71,7 @@ class TorchBackend(Backend):
                 self.shapes[name] = tuple(t.shape)
                 if name in quant:
                     self.scales[name], self.quantized[name] = quant[name].weight_scale, quant[name]
+        self.followed = frozenset(n for n, layer in self.quantized.items() if layer.has_compute_copy)  # FP8 layers
         self._hooks: list = []
 
     def serial(self, largest: int) -> AbstractContextManager:

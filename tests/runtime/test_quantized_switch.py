@@ -192,6 +192,40 @@ def test_fp8_compute_copy_written_by_the_kernel(kernel_path, fmt, monkeypatch):
     rt.switch(None)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_only_layers_with_a_compute_copy_are_followed(kernel_path, fmt, monkeypatch):
+    """``Backend.followed`` names the FP8 layers (a bf16 copy follows their codes) and no int8 one: a switch asks
+    ``mirror`` and ``after_write`` about those alone (an int8 switch over 210 small linears took twice the time
+    doing it for every layer), and the copies stay bf16(codes) through switches, fusion and the base."""
+    _, model, rt, _ = setup(fmt)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    want = set() if fmt == "int8" else {f"{n}.weight" for n in layers}
+    assert rt.backend.followed == want and want <= set(rt.backend.scales)
+    asked: list[str] = []
+    def spy(real):
+        def hook(self, name, *a, **k):
+            asked.append(name)
+            return real(self, name, *a, **k)
+
+        return hook
+
+    for name in ("mirror", "after_write"):
+        monkeypatch.setattr(TorchBackend, name, spy(getattr(TorchBackend, name)))
+    before = snap(model)
+    for _ in range(2):  # the first makes (and keeps) the fused plan, which asks each tensor for its mirror order
+        asked.clear()
+        for target, w in (("a0", None), ("a1", None), (["a0", "a1"], [1.0, -0.5]), (None, None)):
+            rt.switch(target, weights=w)
+            for layer in layers.values():
+                if fmt != "int8":
+                    assert torch.equal(
+                        layer.weight_compute.view(torch.int16), layer.weight.to(torch.bfloat16).view(torch.int16)
+                    )
+    written = {t for n in ("a0", "a1") for t in rt._get(n).sparse}
+    assert set(asked) == want & written and (fmt == "int8") == (not asked)
+    assert_same(model, before)
+
+
 def test_fp8_mirrors_are_one_list_per_plan_until_a_copy_is_rebuilt(kernel_path):
     """The switcher hands the kernels the same Frozen list of FP8 compute copies at every switch of a plan (packed
     once, not per switch); when a layer rebuilds its copy (here: the copy dropped, so that the layer has none of the
