@@ -455,7 +455,8 @@ class Switcher:
                     dense_saved[t] = _clone(tensors[t])  # the base: the kernel restored any sparse state
             _apply_dense(self.backend, plan, dense_saved)
             self.backend.set_unfused(plan.unfused)
-            sat = {t: int(n) for t, n in zip(in_t, saturated.tolist()) if n} if saturated is not None else {}
+            counts = saturated.tolist() if saturated is not None else ()
+            sat = {t: n for t, n in zip(in_t, counts) if n} if any(counts) else {}  # any(): a C loop, mostly all 0
             stats = self._stats(old.plan, plan, (time.perf_counter() - t0) * 1e3, sat)
             self.state = State(plan, sparse_saved, dense_saved, in_saved)  # commit
             self._spare, self._arenas = self._arenas, arenas  # old's arenas are free now that the switch committed
