@@ -152,13 +152,27 @@ def test_switch_on_the_bundle_writes_the_torch_backends_bytes(pair):
     assert np.array_equal(rt(IDS.numpy()), y_base)
 
 
+def fail_once(real):
+    """``real`` raising RuntimeError("injected") at its first call only: a fault in a switch after the kernels wrote,
+    the rollback's own call going through."""
+    calls = []
+
+    def method(self, *args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected")
+        return real(self, *args)
+
+    return method
+
+
 @pytest.mark.usefixtures("kernel_path")
 @pytest.mark.parametrize("form", ["stored", "u8t"])
 def test_the_graphs_transposed_copy_is_the_switched_storage(request, pair, form, monkeypatch):
     """Both kernel paths switch the uint8 copy the graph reads, in place, as the torch backend switches the codes
     (``assert_same_codes``), whether the bundle stores the copy or (the ``u8t`` form) the codes, which are then
     never written; nothing keeps a second copy or a mirror order. A switch that fails after the kernel wrote
-    (injected in after_write) leaves the copies and outputs as they were."""
+    (injected in set_unfused, which a switch calls after the kernels) leaves the copies and outputs as they were."""
     from shira_runtime.onnx_backend import OnnxBackend
 
     qmodel, bundle, adapters = pair
@@ -186,10 +200,7 @@ def test_the_graphs_transposed_copy_is_the_switched_storage(request, pair, form,
     before = {n: as_torch(rt.backend.tensors[n]).clone() for n in quantized}
     y = rt(IDS.numpy())
 
-    def boom(self, *args):
-        raise RuntimeError("injected")
-
-    monkeypatch.setattr(OnnxBackend, "after_write", boom)
+    monkeypatch.setattr(OnnxBackend, "set_unfused", fail_once(OnnxBackend.set_unfused))  # after the kernels
     with pytest.raises(RuntimeError, match="injected"):
         rt.switch(["a1", "a2"], weights=[0.5, 1.0])
     monkeypatch.undo()
@@ -475,7 +486,7 @@ def test_codes_baked_for_the_int8_base_switch_the_bundles_copies(pair, monkeypat
     rt.switch(None)
     assert all(torch.equal(as_torch(t), base[n]) for n, t in rt.backend.tensors.items())
 
-    monkeypatch.setattr(OnnxBackend, "after_write", lambda self, *a: (_ for _ in ()).throw(RuntimeError("injected")))
+    monkeypatch.setattr(OnnxBackend, "set_unfused", fail_once(OnnxBackend.set_unfused))
     with pytest.raises(RuntimeError, match="injected"):
         rt.switch("c")
     monkeypatch.undo()
