@@ -41,7 +41,7 @@ class Backend(ABC):
     transposed: frozenset[str] = frozenset()
     scales: dict[str, Array] = {}  # noqa: RUF012 (read-only default: no quantized weights)
     # quantized weights whose codes a copy follows (``mirror``, ``after_write``): a switch does that bookkeeping for
-    # these alone (an int8 layer has none: 0.48x the time of a small switch over 210 int8 linears without it)
+    # these alone (an int8 layer has none: 0.51x the time of a small switch over 210 int8 linears without it)
     followed: frozenset[str] = frozenset()
     kind = "?"
     ops: NumpyOps | TorchOps = NUMPY  # the array operations over ``tensors`` (``shira_runtime.arrays``)

@@ -158,21 +158,21 @@ class QuantLinear(nn.Module):
         itself, ``mirrored``), or the whole copy when it was already stale before the write (``since``: the
         codes' version counter just before it). A no-op without a copy."""
         buffers = self._buffers  # as in ``mirror``: this runs per switched tensor
-        copy, codes = buffers.get("weight_compute"), buffers["weight"]
+        copy, weight = buffers.get("weight_compute"), buffers["weight"]
         if copy is None:
             return
-        if self._synced != since or copy.shape != codes.shape:
+        if self._synced != since or copy.shape != weight.shape:
             self.refresh_rows()
             return
         if mirrored:
-            self.__dict__["_synced"] = codes._version  # a plain int: nn.Module.__setattr__'s checks cost ~4 us
+            self.__dict__["_synced"] = weight._version  # a plain int: nn.Module.__setattr__'s checks cost ~4 us
             return
-        flat, codes = self.weight_compute.view(-1), self.weight.view(torch.uint8).view(-1)
+        flat, codes = copy.view(-1), weight.view(torch.uint8).view(-1)
         for idx in indices:
             if idx.numel():
                 idx = idx.long()
-                flat.index_copy_(0, idx, codes.index_select(0, idx).view(self.weight.dtype).to(torch.bfloat16))
-        self._synced = self.weight._version
+                flat.index_copy_(0, idx, codes.index_select(0, idx).view(weight.dtype).to(torch.bfloat16))
+        self._synced = weight._version
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
