@@ -1075,8 +1075,8 @@ void run_entries(const Item& it, bool apply, int64_t b, int64_t e, bool runs) {
 // before any apply of it (the apply stops short of the next restore's index). int8 random switches 1.06-1.17x
 // faster at 1 M entries, 1.16x at 3e5; below g_merge_above (1e5 entries here) the merged loop lost 5-8% and is
 // not taken; 16, 64 or 128 entries a step gained no more at 1 M (docs/kernels.md, "Merged passes"). Wider weights
-// share few lines (16 fp32 per line: 0.3% of lines hold an entry of both) and a plain loop gained nothing from it
-// there, so they keep the two passes.
+// share few lines (16 fp32 per line: 2% of lines hold an entry of both, against 22% of int8 lines) and a plain
+// loop gained nothing from it there, so they keep the two passes.
 constexpr int64_t kMerge = 32;
 
 // restore(i) for entries [i, r1) of the outgoing list and apply(j) for [j, a1) of the incoming one, in the order
