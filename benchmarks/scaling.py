@@ -384,17 +384,17 @@ def per_tensor(counts: tuple[int, ...], switches: int, busy: bool = False) -> li
                 rt.switch("a")
             entries = sum(int(i.numel()) for i, _ in rts[0]._get("a").sparse.values())
             row: list[object] = [n, entries]
+            def warm_us(rt: Runtime) -> float:
+                return cycle([lambda: rt.switch("b"), lambda: rt.switch("a")], switches).median_ms * 1e3
+
             for load in (False, True) if busy else (False,):
                 with busy_cpu(load):
-                    us = [cycle([lambda r=rt: r.switch("b"), lambda r=rt: r.switch("a")], switches).median_ms * 1e3
-                          for rt in rts[:2]]  # fmt: skip
+                    us = [warm_us(rt) for rt in rts[:2]]
                 if load:
                     row += us
                 else:
                     row += [us[0], us[0] / n, us[1], us[1] / n, *(cold_us(rt, switches, junk) for rt in rts[:2])]
-            q = rts[2]
-            row += [cycle([lambda r=q: r.switch("b"), lambda r=q: r.switch("a")], switches).median_ms * 1e3,
-                    cold_us(q, switches, junk)]  # fmt: skip
+            row += [warm_us(rts[2]), cold_us(rts[2], switches, junk)]  # int8
             for rt in rts:
                 rt.switch(None)
             del rts
