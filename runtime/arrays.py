@@ -118,10 +118,11 @@ class NumpyOps:
         buf.view(int_dtype).fill(marker)
 
     @staticmethod
-    def mark_at(buf: np.ndarray, positions: np.ndarray) -> None:
-        """The marker at ``positions`` of ``buf`` only (one vectorized write)."""
+    def marks(buf: np.ndarray) -> tuple[np.ndarray, int]:
+        """A numpy view of ``buf``'s bits as integers, and the ungathered marker of its dtype: ``view[pos] =
+        marker`` marks entries ``pos`` (one vectorized write; the view made once per buffer)."""
         int_dtype, marker = UNGATHERED[dtype_name(buf)]
-        buf.view(int_dtype)[positions] = marker
+        return buf.view(int_dtype), marker
 
     @staticmethod
     def gathered(saved: np.ndarray) -> np.ndarray:
@@ -284,9 +285,9 @@ class TorchOps:
         int_dtype, marker = UNGATHERED[dtype_name(buf)]
         buf.view(getattr(self.torch, int_dtype)).numpy().fill(marker)
 
-    def mark_at(self, buf, positions: np.ndarray) -> None:
+    def marks(self, buf) -> tuple[np.ndarray, int]:
         int_dtype, marker = UNGATHERED[dtype_name(buf)]
-        buf.view(getattr(self.torch, int_dtype)).numpy()[positions] = marker
+        return buf.view(getattr(self.torch, int_dtype)).numpy(), marker
 
     def gathered(self, saved):
         int_dtype, marker = UNGATHERED[dtype_name(saved)]

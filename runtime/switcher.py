@@ -383,7 +383,7 @@ class Switcher:
         go with those)."""
         shared = {id(kept["weights"]) for _, kept in self._lists.values()}
         dropped = [v for v in lists.values() if id(v) not in shared]
-        release_lists([*dropped, *(out for _, out, _ in lists["slices"].values())])
+        release_lists([*dropped, *(entry[1] for entry in lists["slices"].values())])
 
     def _prune_lists(self) -> None:
         """Keep the lists of the kept plans and of the applied one (the next switch's outgoing side)."""
@@ -535,24 +535,24 @@ class Switcher:
                 arenas[d] = spare
                 if whole:
                     ops.mark(spare[:n])
-        if not whole:
-            for d, pos in layout.firsts.items():
-                if len(pos):
-                    ops.mark_at(arenas[d], pos)
-        # the slices of these arenas, made once per plan (the kernels pack a Frozen list once): a plan switched in
-        # and out alternates between two sets of arenas; entries of arenas no longer held go, and their memory
+        # the slices of these arenas, made once per plan (the kernels pack a Frozen list once), with the integer
+        # views that mark each buffer's first entry: a plan switched in and out alternates between two sets of
+        # arenas; entries of arenas no longer held go, and their memory
         key = tuple(id(a) for a in arenas.values())
         kept = lists["slices"]
-        hit = kept.get(key)
-        if hit is not None and all(a is arenas[d] for d, a in hit[0]):
-            return hit[1], arenas, hit[2]
-        out = Frozen(arenas[d][k : k + n] for d, k, n in zip(layout.dtypes, layout.starts, layout.sizes))
-        live = {id(a) for held in (self._arenas, self._spare, arenas) for a in held.values()}
-        for k in [k for k, (held, _, _) in kept.items() if any(id(a) not in live for _, a in held)]:
-            release_lists([kept.pop(k)[1]])
-        sparse_saved = dict(zip(lists["names"], zip(lists["indices"], out)))  # read only (State's)
-        kept[key] = (tuple(arenas.items()), out, sparse_saved)
-        return out, arenas, sparse_saved
+        hit = kept.get(key)  # an entry holds its arenas: the ids in its key are still theirs
+        if hit is None:
+            out = Frozen(arenas[d][k : k + n] for d, k, n in zip(layout.dtypes, layout.starts, layout.sizes))
+            live = {id(a) for held in (self._arenas, self._spare, arenas) for a in held.values()}
+            for k in [k for k, entry in kept.items() if any(id(a) not in live for _, a in entry[0])]:
+                release_lists([kept.pop(k)[1]])
+            sparse_saved = dict(zip(lists["names"], zip(lists["indices"], out)))  # read only (State's)
+            marks = tuple((*ops.marks(arenas[d]), pos) for d, pos in layout.firsts.items() if len(pos))
+            hit = kept[key] = (tuple(arenas.items()), out, sparse_saved, marks)
+        if not whole:
+            for view, marker, pos in hit[3]:  # numpy views made once: a torch view per switch cost ~30 us cold
+                view[pos] = marker
+        return hit[1], arenas, hit[2]
 
     def _stats(self, old: Plan, new: Plan, ms: float, saturated: dict[str, int]) -> SwitchStats:
         written = old.entries + new.entries  # the plans' counts, taken when they were made

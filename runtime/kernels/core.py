@@ -472,8 +472,8 @@ def _packed(op: str, label: str, f, lists: dict, apply: bool, seen: dict) -> np.
     ptrs = seen.get(id(ws))
     if ptrs is None:
         ptrs = seen[id(ws)] = tuple(map(f.ptr, ws)) if f.MOVABLE else ()  # numpy: ~0.8 us each, cannot move
-    hit = _PACKED.get(key)
-    if hit is not None and hit[2] == ptrs and all(a is b for a, b in zip(hit[1], vals)):
+    hit = _PACKED.get(key)  # the entry keeps its lists alive: an id in its key is still theirs
+    if hit is not None and hit[2] == ptrs:
         return hit[0]
     rows = _side(op, label, f, lists, apply)
     with _packed_lock:
@@ -491,6 +491,8 @@ def release(lists) -> None:
             del _PACKED[key]
         for key in [k for k, (vals, _) in _WRITTEN.items() if any(id(v) in drop for v in vals)]:
             del _WRITTEN[key]
+        for key in [k for k, e in _CALLS.items() if any(id(v) in drop for v in e.vals if v is not None)]:
+            del _CALLS[key]
 
 
 # (the mutated Frozen lists' ids) -> (those lists, their distinct arrays): ``written``'s, released with _PACKED's
@@ -510,15 +512,9 @@ def written(verb: Verb, values: dict) -> list:
     if not all(type(v) is Frozen for v in lists):
         return [x for v in lists for x in v] + single
     key = tuple(map(id, lists))
-    hit = _WRITTEN.get(key)
-    if hit is None or not all(a is b for a, b in zip(hit[0], lists)):
-        distinct = {}
-        for v in lists:
-            for x in v:
-                base = getattr(x, "_base", None)  # a torch view's base (numpy arrays have none)
-                x = x if base is None else base
-                distinct[id(x)] = x
-        hit = (tuple(lists), list(distinct.values()))
+    hit = _WRITTEN.get(key)  # kept lists: their ids are theirs
+    if hit is None:
+        hit = (tuple(lists), _distinct(lists))
         with _packed_lock:
             while len(_WRITTEN) >= PACKED_KEPT:
                 del _WRITTEN[next(iter(_WRITTEN))]
@@ -526,17 +522,97 @@ def written(verb: Verb, values: dict) -> list:
     return hit[1] + single if single else hit[1]
 
 
+def _distinct(lists: list) -> list:
+    """The arrays of ``lists``, each version counter once (a torch view stands as its base)."""
+    distinct = {}
+    for v in lists:
+        for x in v:
+            base = getattr(x, "_base", None)  # a torch view's base (numpy arrays have none)
+            x = x if base is None else base
+            distinct[id(x)] = x
+    return list(distinct.values())
+
+
 _ERR = threading.local()
 
+# (verb, flavour, the call's list arguments by id) -> ``_Call``: a call whose lists are all ``Frozen`` (or None) is
+# assembled once, and a later call with the same lists re-reads only its torch weights' addresses (a storage that
+# moved is packed anew). A small switch paid ~14 us a call to find its two sides' rows again; ~5 us now.
+# Released with ``_PACKED``'s entries; the oldest go beyond PACKED_KEPT.
+_CALLS: dict[tuple, _Call] = {}
 
-def call(verb: Verb, values: dict, flavour, threads: int) -> None:
-    """Run ``verb`` on ``values`` (``{param: value}``, every parameter present) through the core."""
+
+class _Call:
+    """What ``call`` runs: the C call's leading arguments (each side's rows' address and count), the apply side's
+    count, the rows (kept alive), the lists (kept, so that the ids in its key stay theirs), each distinct torch
+    weights list with the addresses its rows hold, and the arrays the call writes (``written``: found when first
+    asked)."""
+
+    __slots__ = ("head", "n_apply", "rows", "vals", "moving", "writes")
+
+    def __init__(self, head: tuple, n_apply: int, rows: tuple, vals: tuple, moving: tuple) -> None:
+        self.head, self.n_apply, self.rows, self.vals, self.moving = head, n_apply, rows, vals, moving
+        self.writes: list | None = None
+
+
+def call(verb: Verb, values: dict, flavour, threads: int, bumps: bool = False) -> list | None:
+    """Run ``verb`` on ``values`` (``{param: value}``, every parameter present) through the core. ``bumps``: return
+    the arrays it wrote (``written``), for their version counters."""
     lib = load()
+    vals = tuple(map(values.__getitem__, verb.lists))
+    key = (verb.name, flavour, *map(id, vals))
+    hit = _CALLS.get(key)  # the entry keeps its lists alive: an id in its key is still theirs
+    if hit is None or not _unmoved(hit.moving, flavour.ptr):
+        hit = _assemble(verb, values, flavour, vals, key)
+    c_args = list(hit.head)
+    if verb.apply is not None:
+        sp = None
+        sat = values["saturated"]
+        if sat is not None:
+            n_apply = hit.n_apply
+            ok = flavour.name(sat) in ("int64", "Long") and sat.ndim == 1 and sat.shape[0] == n_apply
+            if not (ok and flavour.contiguous(sat) and flavour.cpu(sat)):
+                raise KernelInputError(
+                    f"shira::{verb.name}: saturated must be int64 [{n_apply}], got {flavour.name(sat)}"
+                    f"{_sizes(sat.shape)}"
+                )
+            sp = flavour.ptr(sat)
+        c_args.append(sp)
+    err = getattr(_ERR, "buf", None)
+    if err is None:
+        err = _ERR.buf = ctypes.create_string_buffer(1024)
+    rc = getattr(lib, verb.c_name)(*c_args, bool(values["validate"]), threads, err, len(err))
+    if rc == 1:
+        raise KernelInputError(err.value.decode())
+    if rc != 0:
+        raise RuntimeError(f"shira kernel core: {err.value.decode()}")
+    if not bumps:
+        return None
+    if hit.writes is None:
+        lists = [v for v in map(values.__getitem__, verb.mutated) if isinstance(v, (list, tuple))]
+        hit.writes = _distinct(lists) if all(type(v) is Frozen for v in lists) else [x for v in lists for x in v]
+    sat = values.get("saturated")  # not a list: not kept
+    return hit.writes + [sat] if sat is not None else hit.writes
+
+
+def _unmoved(weights: tuple, ptr) -> bool:
+    """Whether each torch weights list of a kept call still has the addresses its rows hold."""
+    for ws, at in weights:
+        if tuple(map(ptr, ws)) != at:
+            return False
+    return True
+
+
+def _assemble(verb: Verb, values: dict, flavour, vals: tuple, key: tuple) -> _Call:
+    """The ``_Call`` that ``call`` runs: each side's rows (``_packed``: checked), kept if every list is Frozen or
+    None."""
     op = verb.name
     two = verb.restore is not None and verb.apply is not None
-    args = []
+    head: list = []
+    kept = []
     n_apply = 0
     seen: dict[int, tuple] = {}
+    weights = {}
     for prefix, apply in ((verb.restore, False), (verb.apply, True)):
         if prefix is None:
             continue
@@ -544,33 +620,21 @@ def call(verb: Verb, values: dict, flavour, threads: int) -> None:
         lists = {k: values.get(prefix + k) for k in names}
         label = ("incoming " if apply else "outgoing ") if two else ""
         rows = _packed(op, label, flavour, lists, apply, seen)
-        args += [rows.ctypes.data if len(rows) else None, len(rows)]
-        args.append(rows)  # kept alive until the call returns (removed below)
+        head += [rows.ctypes.data if len(rows) else None, len(rows)]
+        kept.append(rows)
         if apply:
             n_apply = len(rows)
-    sat = values.get("saturated")
-    if verb.apply is not None:
-        sp = None
-        if sat is not None:
-            ok = flavour.name(sat) in ("int64", "Long") and sat.ndim == 1 and sat.shape[0] == n_apply
-            if not (ok and flavour.contiguous(sat) and flavour.cpu(sat)):
-                raise KernelInputError(
-                    f"shira::{op}: saturated must be int64 [{n_apply}], got {flavour.name(sat)}{_sizes(sat.shape)}"
-                )
-            sp = flavour.ptr(sat)
-    keep = args[2::3]
-    c_args = [a for k, a in enumerate(args) if k % 3 != 2]
-    if verb.apply is not None:
-        c_args.append(sp)
-    err = getattr(_ERR, "buf", None)
-    if err is None:
-        err = _ERR.buf = ctypes.create_string_buffer(1024)
-    rc = getattr(lib, verb.c_name)(*c_args, bool(values["validate"]), threads, err, len(err))
-    del keep
-    if rc == 1:
-        raise KernelInputError(err.value.decode())
-    if rc != 0:
-        raise RuntimeError(f"shira kernel core: {err.value.decode()}")
+        ws = lists["weights"]
+        if flavour.MOVABLE and ws is not None:
+            weights[id(ws)] = ws
+    moving = tuple((ws, tuple(map(flavour.ptr, ws))) for ws in weights.values())
+    entry = _Call(tuple(head), n_apply, tuple(kept), vals, moving)
+    if all(v is None or type(v) is Frozen for v in vals):
+        with _packed_lock:
+            while len(_CALLS) >= PACKED_KEPT:
+                del _CALLS[next(iter(_CALLS))]
+            _CALLS[key] = entry
+    return entry
 
 
 def _numpy_verb(name: str):

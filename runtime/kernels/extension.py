@@ -74,12 +74,11 @@ def _verb(name: str):
         if _lib is None:
             load()
         values = verb.bind(args, kwargs)
-        if torch.compiler.is_compiling():
+        if "torch._dynamo" in sys.modules and torch.compiler.is_compiling():  # no tracing without dynamo imported
             getattr(torch.ops.shira, name)(*values.values())
             return
-        core.call(verb, values, core._Torch, torch.get_num_threads())
         # The core writes through raw pointers: tell autograd, as the reference's in-place ops do.
-        torch._C._increment_version(core.written(verb, values))
+        torch._C._increment_version(core.call(verb, values, core._Torch, torch.get_num_threads(), bumps=True))
 
     fn.__name__ = fn.__qualname__ = name
     fn.__signature__ = verb.signature  # type: ignore[attr-defined]

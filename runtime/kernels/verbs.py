@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 
 class KernelInputError(ValueError):
@@ -83,9 +84,14 @@ class Verb:
     c_name: str
     doc: str
 
-    @property
+    @cached_property  # read at every call (a frozen dataclass's __dict__ takes it)
     def mutated(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.params if p.mutable)
+
+    @cached_property
+    def lists(self) -> tuple[str, ...]:
+        """The list parameters' names, in the schema's order."""
+        return tuple(p.name for p in self.params if p.type == "Tensor[]")
 
     @property
     def signature(self) -> inspect.Signature:
@@ -95,20 +101,37 @@ class Verb:
 
     def bind(self, args: tuple, kwargs: dict) -> dict:
         """``{name: value}`` for every parameter (defaults filled), as a call to the verb would see them."""
-        names = [p.name for p in self.params]
-        if len(args) > len(names) or any(k not in names for k in kwargs):
+        names, values = self.names, self._defaults.copy()  # every name, in order: the optional ones set
+        if len(args) > len(names) or not kwargs.keys() <= values.keys():
             self.signature.bind(*args, **kwargs)  # raises the TypeError a Python call would
-        values = dict(zip(names, args))
+        values.update(zip(names, args))
         for k, v in kwargs.items():
-            if k in values:
+            if self._position[k] < len(args):
                 raise TypeError(f"{self.name}() got multiple values for argument {k!r}")
             values[k] = v
-        for p in self.params:
-            if p.name not in values:
-                if p.default is inspect.Parameter.empty:
-                    raise TypeError(f"{self.name}() missing required argument {p.name!r}")
-                values[p.name] = p.default
+        for k in self._required[len(args) :]:  # required parameters come first
+            if values[k] is _MISSING:
+                raise TypeError(f"{self.name}() missing required argument {k!r}")
         return values
+
+    @cached_property
+    def names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+    @cached_property
+    def _defaults(self) -> dict:
+        return {p.name: _MISSING if p.default is inspect.Parameter.empty else p.default for p in self.params}
+
+    @cached_property
+    def _required(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params if p.default is inspect.Parameter.empty)
+
+    @cached_property
+    def _position(self) -> dict[str, int]:
+        return {p.name: k for k, p in enumerate(self.params)}
+
+
+_MISSING = object()  # a required parameter not given yet (bind)
 
 
 _PARAM = re.compile(r"(Tensor|bool)(\([a-z]!\))?(\[\])?(\?)? (\w+)(?:=(\w+))?")

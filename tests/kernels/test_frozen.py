@@ -45,6 +45,7 @@ def test_frozen_sides_are_packed_once_and_anew_when_a_weight_moves(monkeypatch):
     assert len(calls) == 5
     core.release(args)
     assert not any(v is args[0] for _, vals, _ in core._PACKED.values() for v in vals)
+    assert not any(v is args[0] for call in core._CALLS.values() for v in call.vals)
 
 
 def test_a_frozen_side_that_fails_its_checks_is_refused_and_not_kept(monkeypatch):
@@ -71,9 +72,12 @@ def test_a_cycle_of_switches_packs_nothing_after_its_first_round(monkeypatch):
     for s in ("a", "b", "a", "b"):  # plans, arenas and their slices made; every side packed once
         rt.switch(s)
     calls = _counting(monkeypatch)
+    assembled = []
+    real = core._assemble
+    monkeypatch.setattr(core, "_assemble", lambda *a, **k: assembled.append(a[0]) or real(*a, **k))
     for s in ("a", "b") * 5:
         rt.switch(s)
-    assert calls == []
+    assert calls == [] and assembled == []  # each call's rows, and the call around them, reused
     rt.switch(None)
 
 
