@@ -12,7 +12,9 @@ A backend has:
   bundle's transposed uint8 copy is no mirror: it is the weight's tensor itself, in ``transposed``.)
 - ``after_write(name, indices, since, mirrored)``: called after a switch wrote codes of ``name`` at flat
   ``indices`` through raw pointers (FP8 layers bring their compute copy back in line, unless mirrored); only for
-  the names in ``followed``, the weights whose codes a copy follows (``mirror`` is None for the rest);
+  the names in ``followed``, the weights whose codes a copy follows (``mirror`` is None for the rest). A switch
+  asks through ``mirrors_of(names, kept)`` and ``after_writes(names, versions, mirrored, indices)``, one call per
+  switch for all its tensors, which call these per name unless a backend does better (the torch backend);
 - ``before_write(names, indices, cache)``: called by the switcher before the kernels write a plan's sparse entries
   (a mapped bundle makes the pages they land on private first, in one call per run of pages);
 - ``after_switch(active, written)``: called by the switcher when a switch ended (a mapped bundle hands back
@@ -59,6 +61,21 @@ class Backend(ABC):
         """Codes of ``name`` were written at ``indices`` (flat) by a kernel, and its ``mirror`` with them if
         ``mirrored``; ``since``: the codes' version counter before that write. Nothing to do for plain tensors."""
         return None
+
+    def mirrors_of(self, names: tuple[str, ...], kept: tuple | None = None) -> tuple:
+        """The ``mirror`` of each of ``names`` (``no_mirror`` where none); ``kept``: what an earlier call returned
+        for the same ``names``, returned itself while each of its arrays is still the mirror."""
+        now = tuple(self.no_mirror if (m := self.mirror(t)) is None else m for t in names)
+        return kept if kept is not None and all(a is b for a, b in zip(kept, now)) else now
+
+    def after_writes(
+        self, names: tuple[str, ...], versions: list[int], mirrored: frozenset[str], indices: dict[str, list]
+    ) -> None:
+        """A switch wrote codes of the ``followed`` weights ``names`` (``versions``: their version counters just
+        before), and with them the mirrors of those in ``mirrored``; ``indices``: the flat index lists it wrote,
+        for each of the others. ``after_write`` for each by default."""
+        for t, since in zip(names, versions):
+            self.after_write(t, indices.get(t, []), since, t in mirrored)
 
     def resync(self, name: str) -> None:
         """The codes of ``name`` were written by torch ops (a rollback): bring its mirror back in line. Nothing to

@@ -364,13 +364,33 @@ class Switcher:
         tensors = self.backend.tensors
         return Frozen(tensors[t] for t in names)
 
-    def _mirrors(self, lists: dict[str, Any], mirrors: dict[str, Array]) -> Frozen:
-        """The mirrors of ``lists``' tensors (``mirrors``: the backend's now; an empty array where none) as a Frozen
-        list kept with ``lists`` while they are the same arrays, so the kernels pack that side once, not per switch
+    def _follow(self, theirs: dict[str, Any], mine: dict[str, Any]) -> tuple | None:
+        """What a switch from ``theirs``' plan to ``mine``'s tells the backend about the weights a copy follows
+        (``Backend.followed``), or None where it writes none: those names, the ones whose mirror the kernels write
+        with their codes, and each side's mirrors (``_mirrors``); kept in ``mine`` for its last ``theirs`` while
+        both sides' mirrors are the same lists (a switch over 210 FP8 layers spent ~0.5 ms finding them again)."""
+        if not (theirs["followed"] or mine["followed"]):
+            return None
+        out_mirrors, in_mirrors = self._mirrors(theirs), self._mirrors(mine)
+        hit = mine.get("follow")
+        if hit is not None and hit[0] is theirs["followed"] and hit[1] is out_mirrors and hit[2] is in_mirrors:
+            return hit[3]
+        none = self.backend.no_mirror
+        mirrored = frozenset(
+            t for lists, ms in ((theirs, out_mirrors), (mine, in_mirrors)) for t, m in zip(lists["names"], ms)
+            if m is not none
+        )  # fmt: skip
+        follow = (tuple(dict.fromkeys((*theirs["followed"], *mine["followed"]))), mirrored, out_mirrors, in_mirrors)
+        mine["follow"] = (theirs["followed"], out_mirrors, in_mirrors, follow)
+        return follow
+
+    def _mirrors(self, lists: dict[str, Any]) -> Frozen:
+        """The mirrors of ``lists``' tensors (``Backend.mirrors_of``: an empty array where none) as a Frozen list
+        kept with ``lists`` while they are the same arrays, so the kernels pack that side once, not per switch
         (an FP8 layer rebuilds its compute copy only when its shape changed: a new list then)."""
-        now = tuple(mirrors.get(t, self.backend.no_mirror) for t in lists["names"])
         kept = lists.get("mirrors")
-        if kept is not None and all(a is b for a, b in zip(kept, now)):
+        now = self.backend.mirrors_of(lists["names"], kept)
+        if now is kept:
             return kept
         if kept is not None:
             release_lists([kept])
@@ -411,10 +431,11 @@ class Switcher:
             if in_t:
                 self.backend.before_write(in_t, in_idx, mine["backend"])
             if out_t or in_t:
-                written = {t: [] for t in (*theirs["followed"], *mine["followed"])}  # codes a copy must follow
-                versions = {t: getattr(tensors[t], "_version", 0) for t in written}
-                mirrors = {t: m for t in written if (m := self.backend.mirror(t)) is not None}
-                ordered = mirrors and (old.plan.orders or plan.orders)
+                follow = self._follow(theirs, mine)  # FP8 layers: the copies that follow their codes
+                if follow is not None:
+                    followed, mirrored, out_mirrors, in_mirrors = follow
+                    versions = [getattr(tensors[t], "_version", 0) for t in followed]
+                ordered = follow is not None and mirrored and (old.plan.orders or plan.orders)
                 kernels.switch_(
                     theirs["weights"],  # out_t is old.plan.sparse's order: old.saved's
                     theirs["indices"],
@@ -425,11 +446,7 @@ class Switcher:
                     in_saved,
                     validate=False,
                     **({"in_scales": mine["scales"], "saturated": saturated} if quant else {}),
-                    **(
-                        {"out_mirrors": self._mirrors(theirs, mirrors), "in_mirrors": self._mirrors(mine, mirrors)}
-                        if mirrors
-                        else {}
-                    ),
+                    **({"out_mirrors": out_mirrors, "in_mirrors": in_mirrors} if follow is not None else {}),
                     # every list was searched for runs (registration, plan time): an empty one holds none, and
                     # the core does not search it again (a test per entry: random switches of 1e5 entries take
                     # 0.75-0.96x the time without it, docs/kernels.md)
@@ -444,12 +461,14 @@ class Switcher:
                         else {}
                     ),
                 )
-                if written:
-                    for t, idx in [*((t, old.sparse_saved[t][0]) for t in out_t), *zip(in_t, in_idx)]:
-                        if t in written:
-                            written[t].append(idx)
-                for t, idx_lists in written.items():
-                    self.backend.after_write(t, idx_lists, versions[t], t in mirrors)
+                if follow is not None:
+                    written: dict[str, list] = {}  # the index lists of codes whose copy the kernels did not write
+                    if len(mirrored) < len(followed):
+                        written = {t: [] for t in followed if t not in mirrored}
+                        for t, idx in [*((t, old.sparse_saved[t][0]) for t in out_t), *zip(in_t, in_idx)]:
+                            if t in written:
+                                written[t].append(idx)
+                    self.backend.after_writes(followed, versions, mirrored, written)
             for t in plan.dense:
                 if t not in dense_saved:
                     dense_saved[t] = _clone(tensors[t])  # the base: the kernel restored any sparse state

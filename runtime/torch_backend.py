@@ -86,6 +86,34 @@ class TorchBackend(Backend):
         if layer is not None:
             layer.refresh_at(indices, since, mirrored)
 
+    def mirrors_of(self, names: tuple[str, ...], kept: tuple | None = None) -> tuple:
+        # each layer's buffers read directly, and a kept tuple checked by identity (``mirror`` compares shapes: a
+        # torch.Size each, ~1 us a layer, which a switch over 210 FP8 layers paid twice)
+        quantized, none = self.quantized, self.no_mirror
+        if kept is not None:
+            for t, m in zip(names, kept):
+                layer = quantized.get(t)
+                if layer is None:
+                    continue
+                buffers = layer._buffers
+                copy = buffers.get("weight_compute")
+                if copy is not m and (m is not none or (copy is not None and copy.shape == buffers["weight"].shape)):
+                    break  # a copy made or replaced since (the codes' shape checked when one was kept)
+            else:
+                return kept
+        return tuple(none if (m := self.mirror(t)) is None else m for t in names)
+
+    def after_writes(
+        self, names: tuple[str, ...], versions: list[int], mirrored: frozenset[str], indices: dict[str, list]
+    ) -> None:
+        quantized = self.quantized
+        for t, since in zip(names, versions):
+            layer = quantized[t]
+            if t in mirrored and layer._synced == since:  # in step before; the kernels wrote it with the codes
+                layer.__dict__["_synced"] = layer._buffers["weight"]._version  # as refresh_at(mirrored=True)
+            else:
+                layer.refresh_at(indices.get(t, []), since, t in mirrored)
+
     def check_unfused(self, tensor: str, adapter: str) -> str:
         path = tensor.rsplit(".", 1)[0] if tensor.endswith(".weight") else None
         mod = self.module.get_submodule(path) if path else None

@@ -172,13 +172,13 @@ def test_fp8_compute_copy_written_by_the_kernel(kernel_path, fmt, monkeypatch):
         raise AssertionError("the compute copy was refreshed by torch ops")
 
     monkeypatch.setattr(QuantLinear, "refresh_rows", no_refresh)
-    told, refresh_at = [], QuantLinear.refresh_at
+    told, after_writes = [], TorchBackend.after_writes
 
-    def spy(self, indices, since, mirrored=False):
-        told.append(mirrored)
-        refresh_at(self, indices, since, mirrored)
+    def spy(self, names, versions, mirrored, indices):
+        told.extend(t in mirrored and t not in indices for t in names)
+        after_writes(self, names, versions, mirrored, indices)
 
-    monkeypatch.setattr(QuantLinear, "refresh_at", spy)
+    monkeypatch.setattr(TorchBackend, "after_writes", spy)
     for target, w in (("a0", None), ("a1", None), (["a0", "a1"], [1.0, -0.5]), (None, None), ("a1", None)):
         rt.switch(target, weights=w)
         for layer in layers:
@@ -195,21 +195,21 @@ def test_fp8_compute_copy_written_by_the_kernel(kernel_path, fmt, monkeypatch):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_only_layers_with_a_compute_copy_are_followed(kernel_path, fmt, monkeypatch):
     """``Backend.followed`` names the FP8 layers (a bf16 copy follows their codes) and no int8 one: a switch asks
-    ``mirror`` and ``after_write`` about those alone (an int8 switch over 210 small linears took twice the time
-    doing it for every layer), and the copies stay bf16(codes) through switches, fusion and the base."""
+    ``mirrors_of`` and ``after_writes`` about those alone (an int8 switch over 210 small linears took twice the
+    time doing it for every layer), and the copies stay bf16(codes) through switches, fusion and the base."""
     _, model, rt, _ = setup(fmt)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     want = set() if fmt == "int8" else {f"{n}.weight" for n in layers}
     assert rt.backend.followed == want and want <= set(rt.backend.scales)
     asked: list[str] = []
     def spy(real):
-        def hook(self, name, *a, **k):
-            asked.append(name)
-            return real(self, name, *a, **k)
+        def hook(self, names, *a, **k):
+            asked.extend(names)
+            return real(self, names, *a, **k)
 
         return hook
 
-    for name in ("mirror", "after_write"):
+    for name in ("mirrors_of", "after_writes"):
         monkeypatch.setattr(TorchBackend, name, spy(getattr(TorchBackend, name)))
     before = snap(model)
     for _ in range(2):  # the first makes (and keeps) the fused plan, which asks each tensor for its mirror order
@@ -272,7 +272,7 @@ def test_failure_mid_switch_restores(kernel_path, monkeypatch):
     def boom(self, *args):
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(TorchBackend, "after_write", boom)
+    monkeypatch.setattr(TorchBackend, "after_writes", boom)
     with pytest.raises(RuntimeError, match="injected"):
         rt.switch(["a0", "a1"], [1.0, 0.5])
     assert_same(model, before)
@@ -454,3 +454,82 @@ def test_codes_file_corruption_refused(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(AdapterFormatError, match=r"is corrupted \(checksum"):
         load_adapter(path)
+
+
+def _fp8_backends():
+    """Two identical FP8 models under torch backends, and their followed names in a fixed order."""
+    fp32 = build("tiny", seed=0)
+    models = [quantize(copy.deepcopy(fp32), "fp8_e4m3") for _ in range(2)]
+    backends = [TorchBackend(m) for m in models]
+    names = tuple(sorted(backends[0].followed))
+    return models, backends, names
+
+
+def _layer(backend: TorchBackend, name: str) -> QuantLinear:
+    return backend.quantized[name]
+
+
+def test_torch_mirrors_of_agrees_with_the_generic_one():
+    """``TorchBackend.mirrors_of`` (a kept tuple checked by identity) returns what ``Backend.mirrors_of`` (each
+    ``mirror`` asked) does: the kept tuple itself while every copy is the same, a new one when a copy was replaced,
+    made where there was none, or dropped; a copy of another shape than the codes is no mirror."""
+    from shira_runtime.backend import Backend
+
+    _, (be, _), names = _fp8_backends()
+    names = (*names, "not.a.quantized.weight")  # a plain tensor's entry: no mirror
+    generic = Backend.mirrors_of
+
+    def both(kept):
+        fast, slow = be.mirrors_of(names, kept), generic(be, names, kept)
+        assert len(fast) == len(slow) == len(names)
+        assert all(a is b for a, b in zip(fast, slow))
+        assert (fast is kept) == (slow is kept)
+        return fast
+
+    first = both(None)
+    assert first[-1] is be.no_mirror and all(m is not be.no_mirror for m in first[:-1])
+    assert both(first) is first
+    a, b, c = (_layer(be, t) for t in names[:3])
+    a.weight_compute = a.weight_compute.clone()  # replaced, same shape
+    second = both(first)
+    assert second is not first and second[0] is a.weight_compute
+    assert both(second) is second
+    b.weight_compute = torch.empty(0, dtype=torch.bfloat16)  # another shape: no mirror (refresh_at rebuilds it)
+    third = both(second)
+    assert third[1] is be.no_mirror
+    assert both(third) is third  # still of another shape: no change
+    b.weight_compute = b.weight.to(torch.bfloat16)  # made again
+    assert both(third)[1] is b.weight_compute
+    del c.weight_compute  # no copy at all
+    fourth = both(None)
+    assert fourth[2] is be.no_mirror and both(fourth) is fourth
+
+
+def test_torch_after_writes_agrees_with_the_generic_one():
+    """``TorchBackend.after_writes`` (a layer in step and mirrored: only its version noted) leaves every layer as
+    ``Backend.after_writes`` (``after_write`` per layer) does, whether in step or stale before the write, mirrored
+    or told by index: each copy bf16(codes) and in step after."""
+    from shira_runtime.backend import Backend
+
+    models, backends, names = _fp8_backends()
+    mirrored = frozenset(names[::2])  # the others told by index
+    indices = {t: [torch.arange(k, k + 3)] for k, t in enumerate(names) if t not in mirrored}
+    versions = []
+    for be in backends:  # the same on both
+        layers = [_layer(be, t) for t in names]
+        for layer in layers:
+            layer.refresh_rows()  # in step
+        layers[0].weight.view(torch.uint8).view(-1)[100] = 0x22  # codes written by torch ops: its copy stale
+        versions.append([layer.weight._version for layer in layers])  # just before the kernels' write
+        for k, layer in enumerate(layers):  # the write: codes, and the mirrored ones' copies at the same places
+            layer.weight.view(torch.uint8).view(-1)[k : k + 3] = torch.tensor([0x30, 0x31, 0x32], dtype=torch.uint8)
+            if names[k] in mirrored:
+                at = slice(k, k + 3)
+                layer.weight_compute.view(-1)[at] = layer.weight.view(-1)[at].to(torch.bfloat16)
+    backends[0].after_writes(names, versions[0], mirrored, indices)
+    Backend.after_writes(backends[1], names, versions[1], mirrored, indices)
+    for t in names:
+        fast, slow = _layer(backends[0], t), _layer(backends[1], t)
+        assert fast._synced == fast.weight._version and slow._synced == slow.weight._version
+        assert torch.equal(fast.weight_compute.view(torch.int16), slow.weight_compute.view(torch.int16))
+        assert torch.equal(fast.weight_compute.view(torch.int16), fast.weight.to(torch.bfloat16).view(torch.int16))
