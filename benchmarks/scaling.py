@@ -361,8 +361,9 @@ def per_tensor(counts: tuple[int, ...], switches: int, busy: bool = False) -> li
     adapters of 0.1% (65 entries per tensor), the median A -> B switch on the torch backend and on the same linears
     exported to a bundle (the device path: numpy arrays over the mapped file), in a loop of switches (warm caches),
     with the caches flushed before each switch (``cold_us``), and with the other vCPU kept busy (``busy``), and on
-    the linears quantized to int8 (torch backend, warm and cold): [tensors, entries, torch us, us/tensor, bundle us,
-    bundle us/tensor, cold: torch us, cold: bundle us, (busy: torch us, bundle us,) int8 us, cold: int8 us]."""
+    the linears quantized to int8 and to FP8 e4m3 (torch backend, warm and cold; an FP8 switch writes each layer's
+    bf16 compute copy too): [tensors, entries, torch us, us/tensor, bundle us, bundle us/tensor, cold: torch us,
+    cold: bundle us, (busy: torch us, bundle us,) int8 us, cold: int8 us, fp8 us, cold: fp8 us]."""
     import copy
 
     import numpy as np
@@ -377,7 +378,8 @@ def per_tensor(counts: tuple[int, ...], switches: int, busy: bool = False) -> li
         adapters = {name: random_shira(model, names, 0.001, seed=k + 1) for k, name in enumerate("ab")}
         with tempfile.TemporaryDirectory(prefix="per-tensor-") as folder:
             bundle = export_onnx(model, (torch.zeros(1, 256),), Path(folder) / "bundle", verify=False, progress=False)
-            rts = [Runtime.load(model), Runtime.load(bundle), Runtime.load(quantize(copy.deepcopy(model), "int8"))]
+            rts = [Runtime.load(model), Runtime.load(bundle)]
+            rts += [Runtime.load(quantize(copy.deepcopy(model), fmt)) for fmt in ("int8", "fp8_e4m3")]
             for rt in rts:
                 for name, ad in adapters.items():
                     rt.add_adapter(name, ad)
@@ -394,13 +396,14 @@ def per_tensor(counts: tuple[int, ...], switches: int, busy: bool = False) -> li
                     row += us
                 else:
                     row += [us[0], us[0] / n, us[1], us[1] / n, *(cold_us(rt, switches, junk) for rt in rts[:2])]
-            row += [warm_us(rts[2]), cold_us(rts[2], switches, junk)]  # int8
+            for rt in rts[2:]:  # int8, fp8
+                row += [warm_us(rt), cold_us(rt, switches, junk)]
             for rt in rts:
                 rt.switch(None)
             del rts
         rows.append(row)
-        progress(f"{n} tensors: torch {row[2]:.0f} us, bundle {row[4]:.0f} us, int8 {row[-2]:.0f} us; cold "
-                 f"{row[6]:.0f}, {row[7]:.0f} and {row[-1]:.0f} us")  # fmt: skip
+        progress(f"{n} tensors: torch {row[2]:.0f} us, bundle {row[4]:.0f} us, int8 {row[-4]:.0f} us, fp8 "
+                 f"{row[-2]:.0f} us; cold {row[6]:.0f}, {row[7]:.0f}, {row[-3]:.0f} and {row[-1]:.0f} us")  # fmt: skip
     return rows
 
 
@@ -515,7 +518,7 @@ def main(argv: list[str] | None = None) -> None:
         cols = ["tensors", "entries", "torch us", "us per tensor", "bundle us", "bundle us per tensor",
                 "cold: torch us", "cold: bundle us"]  # fmt: skip
         cols += ["busy: torch us", "busy: bundle us"] if args.busy else []
-        cols += ["int8 us", "cold: int8 us"]
+        cols += ["int8 us", "cold: int8 us", "fp8 us", "cold: fp8 us"]
         return report(args.json, "per_tensor", title, cols, rows)
     if args.dense:
         rows = dense_threshold((64, 128, 256, 362, 512, 724, 1024), args.repeats or 200)

@@ -87,11 +87,11 @@ def test_huge_pages_points_report_what_moved(capsys):
 def test_per_tensor_rows():
     rows = scaling.per_tensor((2, 5), 4)
     assert [r[0] for r in rows] == [2, 5] and all(r[1] > 0 and r[2] > 0 and r[3] == r[2] / r[0] for r in rows)
-    assert all(len(r) == 10 and r[4] > 0 and r[5] == r[4] / r[0] for r in rows)  # the bundle's columns
+    assert all(len(r) == 12 and r[4] > 0 and r[5] == r[4] / r[0] for r in rows)  # the bundle's columns
     assert all(r[6] > 0 and r[7] > 0 for r in rows)  # cold caches
-    assert all(r[8] > 0 and r[9] > 0 for r in rows)  # int8: warm and cold
+    assert all(x > 0 for r in rows for x in r[8:12])  # int8 and fp8: warm and cold
     busy = scaling.per_tensor((3,), 4, busy=True)
-    assert len(busy[0]) == 12 and all(x > 0 for x in busy[0][8:])
+    assert len(busy[0]) == 14 and all(x > 0 for x in busy[0][8:])
 
 
 def test_cold_switches_end_where_they_started():
