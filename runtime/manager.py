@@ -165,6 +165,8 @@ class Runtime:
             if weights is not None:
                 raise ValueError("weights given with names=None")
             return []
+        if weights is None and type(names) is str:  # the common call, switch("a"): what the checks below give
+            return [(names, 1.0)]
         if isinstance(names, str):
             names = [names]
         names = list(names)

@@ -7,8 +7,7 @@ all go before the next switch, so neither side starves however often the other c
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 
 class RWLock:
@@ -19,9 +18,19 @@ class RWLock:
         self._reader_quota = 0  # readers let in ahead of waiting writers after a write
         self._writer = False
         self._writers_waiting = 0
+        # one context object per side, stateless (the state is the lock's): no generator per ``with``, which cost
+        # every inference and switch ~2 us warm and ~25 us with cold caches (contextlib's frames)
+        self._read, self._write = _Read(self), _Write(self)
 
-    @contextmanager
-    def read(self) -> Iterator[None]:
+    def read(self) -> AbstractContextManager[None]:
+        """Hold the lock for reading (an inference) for the ``with`` block."""
+        return self._read
+
+    def write(self) -> AbstractContextManager[None]:
+        """Hold the lock for writing (a switch) for the ``with`` block."""
+        return self._write
+
+    def _acquire_read(self) -> None:
         with self._cond:
             self._readers_waiting += 1
             try:
@@ -33,16 +42,14 @@ class RWLock:
             if self._reader_quota:
                 self._reader_quota -= 1
             self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
 
-    @contextmanager
-    def write(self) -> Iterator[None]:
+    def _release_read(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if not self._readers:
+                self._cond.notify_all()
+
+    def _acquire_write(self) -> None:
         with self._cond:
             self._writers_waiting += 1
             try:
@@ -51,16 +58,38 @@ class RWLock:
             finally:
                 self._writers_waiting -= 1
             self._writer = True
-        try:
-            yield
-        finally:
-            _through_interrupts(self._release_write)
 
     def _release_write(self) -> None:  # idempotent: safe to run again
         with self._cond:
             self._writer = False
             self._reader_quota = self._readers_waiting
             self._cond.notify_all()
+
+
+class _Read:
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: RWLock) -> None:
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        self._lock._acquire_read()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock._release_read()
+
+
+class _Write:
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: RWLock) -> None:
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        self._lock._acquire_write()
+
+    def __exit__(self, *exc: object) -> None:
+        _through_interrupts(self._lock._release_write)
 
 
 def _through_interrupts(fn) -> None:
