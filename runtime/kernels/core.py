@@ -489,37 +489,24 @@ def release(lists) -> None:
     with _packed_lock:
         for key in [k for k, (_, vals, _) in _PACKED.items() if any(id(v) in drop for v in vals if v is not None)]:
             del _PACKED[key]
-        for key in [k for k, (vals, _) in _WRITTEN.items() if any(id(v) in drop for v in vals)]:
-            del _WRITTEN[key]
         for key in [k for k, e in _CALLS.items() if any(id(v) in drop for v in e.vals if v is not None)]:
             del _CALLS[key]
-
-
-# (the mutated Frozen lists' ids) -> (those lists, their distinct arrays): ``written``'s, released with _PACKED's
-_WRITTEN: dict[tuple, tuple[tuple, list]] = {}
 
 
 def written(verb: Verb, values: dict) -> list:
     """The arrays a call of ``verb`` with ``values`` writes (its mutated parameters'), for their version bumps,
     each counter once: the same weight in an outgoing and an incoming list is one tensor, and views of one base
-    (the runtime's saved-value slices of one arena) share its version counter, so the base stands for them. Found
-    once for mutated lists that are all ``Frozen``."""
-    lists, single = [], []
-    for key in verb.mutated:
-        v = values[key]
-        if v is not None:
-            (lists if isinstance(v, (list, tuple)) else single).append(v)
-    if not all(type(v) is Frozen for v in lists):
-        return [x for v in lists for x in v] + single
-    key = tuple(map(id, lists))
-    hit = _WRITTEN.get(key)  # kept lists: their ids are theirs
-    if hit is None:
-        hit = (tuple(lists), _distinct(lists))
-        with _packed_lock:
-            while len(_WRITTEN) >= PACKED_KEPT:
-                del _WRITTEN[next(iter(_WRITTEN))]
-            _WRITTEN[key] = hit
-    return hit[1] + single if single else hit[1]
+    (the runtime's saved-value slices of one arena) share its version counter, so the base stands for them (where
+    the lists are all ``Frozen``; plain lists' arrays as given). ``call(..., bumps=True)`` finds them once per
+    call it keeps."""
+    single = [v for k in verb.mutated if (v := values[k]) is not None and not isinstance(v, (list, tuple))]
+    return _written_lists(verb, values) + single
+
+
+def _written_lists(verb: Verb, values: dict) -> list:
+    """``written``'s arrays from list parameters."""
+    lists = [v for k in verb.mutated if isinstance(v := values[k], (list, tuple))]
+    return _distinct(lists) if all(type(v) is Frozen for v in lists) else [x for v in lists for x in v]
 
 
 def _distinct(lists: list) -> list:
@@ -589,8 +576,7 @@ def call(verb: Verb, values: dict, flavour, threads: int, bumps: bool = False) -
     if not bumps:
         return None
     if hit.writes is None:
-        lists = [v for v in map(values.__getitem__, verb.mutated) if isinstance(v, (list, tuple))]
-        hit.writes = _distinct(lists) if all(type(v) is Frozen for v in lists) else [x for v in lists for x in v]
+        hit.writes = _written_lists(verb, values)
     sat = values.get("saturated")  # not a list: not kept
     return hit.writes + [sat] if sat is not None else hit.writes
 

@@ -116,7 +116,7 @@ def test_a_call_bumps_each_written_version_counter_once():
     assert all(a > b for a, b in zip(after, before))  # autograd sees the weight and the saved values written
     assert w[1] == 1.0 and w[5] == 2.0 and in_saved.tolist() == [0.0, 0.0]
     core.release([v for v in values.values() if type(v) is Frozen])
-    assert not any(v is values["in_saved"] for vals, _ in core._WRITTEN.values() for v in vals)
+    assert not any(v is values["in_saved"] for call in core._CALLS.values() for v in call.vals)
 
 
 def test_numpy_frozen_sides_are_not_read_again(monkeypatch):
