@@ -364,6 +364,42 @@ class Switcher:
         tensors = self.backend.tensors
         return Frozen(tensors[t] for t in names)
 
+    def _kernel(self, old: State, plan: Plan, theirs: dict, mine: dict, in_saved: Frozen, follow: tuple | None):
+        """The kernels' switch from ``old`` to ``plan`` as ``run(saturated)``: prepared once
+        (``kernels.switch_.prepare``: the call checked and packed) and kept in ``mine`` while the outgoing lists,
+        the saved-value buffers and the mirrors are the same (a switch of 4 small tensors spent ~6 us of ~21
+        finding its call again); a ``kernels.switch_`` without ``prepare`` (a test's stand-in) is called anew."""
+        switch = kernels.switch_
+        out_mirrors, in_mirrors = (follow[2], follow[3]) if follow is not None else (None, None)
+        ident = (switch, theirs, old.saved, in_saved, out_mirrors, in_mirrors)
+        hit = mine.get("kernel")
+        if hit is not None and all(a is b for a, b in zip(hit[0], ident)):
+            return hit[1]
+        args = (theirs["weights"], theirs["indices"], old.saved, mine["weights"], mine["indices"], mine["deltas"])
+        # every list was searched for runs (registration, plan time): an empty one holds none, and the core does
+        # not search it again (a test per entry: random switches of 1e5 entries take 0.75-0.96x the time without
+        # it, docs/kernels.md)
+        kwargs: dict[str, Any] = {"validate": False, "out_runs": theirs["runs"], "in_runs": mine["runs"]}
+        if mine["scaled"]:
+            kwargs["in_scales"] = mine["scales"]
+        if follow is not None:
+            kwargs.update(out_mirrors=out_mirrors, in_mirrors=in_mirrors)
+            if follow[1] and (old.plan.orders or plan.orders):
+                no_mirror = self.backend.no_mirror
+                # plain lists: a call over them is not kept by the core (only by this prepared one)
+                kwargs["out_orders"] = [old.plan.orders.get(t, no_mirror) for t in theirs["names"]]
+                kwargs["in_orders"] = [plan.orders.get(t, no_mirror) for t in mine["names"]]
+        prepare = getattr(switch, "prepare", None)
+        if prepare is None:
+
+            def run(saturated: Array | None) -> None:
+                switch(*args, in_saved, **kwargs, **({} if saturated is None else {"saturated": saturated}))
+
+            return run
+        run = prepare(*args, in_saved, **kwargs)
+        mine["kernel"] = (ident, run)
+        return run
+
     def _follow(self, theirs: dict[str, Any], mine: dict[str, Any]) -> tuple | None:
         """What a switch from ``theirs``' plan to ``mine``'s tells the backend about the weights a copy follows
         (``Backend.followed``), or None where it writes none: those names, the ones whose mirror the kernels write
@@ -402,6 +438,9 @@ class Switcher:
         weights list other kept lists share stays (the rows of a call that used the dropped lists' other arrays
         go with those)."""
         shared = {id(kept["weights"]) for _, kept in self._lists.values()}
+        for _, kept in self._lists.values():  # a call prepared from these lists goes (and their arrays with it)
+            if (hit := kept.get("kernel")) is not None and hit[0][1] is lists:
+                del kept["kernel"]
         dropped = [v for v in lists.values() if id(v) not in shared]
         release_lists([*dropped, *(entry[1] for entry in lists["slices"].values())])
 
@@ -422,7 +461,6 @@ class Switcher:
         quant = bool(mine["scaled"])
         touched = mine["touched"] | theirs["touched"]
         saturated = ops.counts(len(in_t)) if quant else None
-        no_mirror = self.backend.no_mirror
         try:
             for t in old.plan.dense:
                 if t not in plan.dense:  # leaves dense: its base copy goes back whole
@@ -435,32 +473,7 @@ class Switcher:
                 if follow is not None:
                     followed, mirrored, out_mirrors, in_mirrors = follow
                     versions = [getattr(tensors[t], "_version", 0) for t in followed]
-                ordered = follow is not None and mirrored and (old.plan.orders or plan.orders)
-                kernels.switch_(
-                    theirs["weights"],  # out_t is old.plan.sparse's order: old.saved's
-                    theirs["indices"],
-                    old.saved,
-                    mine["weights"],
-                    in_idx,
-                    mine["deltas"],
-                    in_saved,
-                    validate=False,
-                    **({"in_scales": mine["scales"], "saturated": saturated} if quant else {}),
-                    **({"out_mirrors": out_mirrors, "in_mirrors": in_mirrors} if follow is not None else {}),
-                    # every list was searched for runs (registration, plan time): an empty one holds none, and
-                    # the core does not search it again (a test per entry: random switches of 1e5 entries take
-                    # 0.75-0.96x the time without it, docs/kernels.md)
-                    out_runs=theirs["runs"],
-                    in_runs=mine["runs"],
-                    **(
-                        {
-                            "out_orders": [old.plan.orders.get(t, no_mirror) for t in out_t],
-                            "in_orders": [plan.orders.get(t, no_mirror) for t in in_t],
-                        }
-                        if ordered
-                        else {}
-                    ),
-                )
+                self._kernel(old, plan, theirs, mine, in_saved, follow)(saturated)
                 if follow is not None:
                     written: dict[str, list] = {}  # the index lists of codes whose copy the kernels did not write
                     if len(mirrored) < len(followed):

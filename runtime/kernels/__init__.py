@@ -116,10 +116,27 @@ def _verb(name: str):
         impl = _numpy_impl() if _is_numpy(args, kwargs) else _get()
         getattr(impl, name)(*args, **kwargs)
 
+    def prepare(*args, **kwargs):
+        """``fn(*args, **kwargs)`` made ready to run again and again: ``run(saturated=None)`` calls the verb on these
+        arguments (with ``saturated`` where given) as ``fn`` would; the path chosen, and with the core the
+        arguments checked and packed, now. Its lists' arrays must keep their storage, shape and dtype while ``run``
+        is used (``core.Frozen``'s promise). The runtime's switch runs one per pair of plans."""
+        impl = _numpy_impl() if _is_numpy(args, kwargs) else _get()
+        make = getattr(impl, "prepare", None)
+        if make is not None:
+            return make(name, args, kwargs)
+        plain = getattr(impl, name)  # a reference: each run a call
+
+        def run(saturated=None) -> None:
+            plain(*args, **(kwargs if saturated is None else {**kwargs, "saturated": saturated}))
+
+        return run
+
     fn.__name__ = fn.__qualname__ = name
     fn.__signature__ = verb.signature  # type: ignore[attr-defined]
     fn.__doc__ = verb.doc
     fn.all_or_nothing = all_or_nothing  # type: ignore[attr-defined]
+    fn.prepare = prepare  # type: ignore[attr-defined]
     return fn
 
 

@@ -22,7 +22,7 @@ import torch
 from shira_runtime.kernels import core
 from shira_runtime.kernels.verbs import VERBS, Verb
 
-__all__ = ["apply_", "load", "restore_", "switch_", "tuning"]
+__all__ = ["apply_", "load", "prepare", "restore_", "switch_", "tuning"]
 
 _lock = threading.Lock()
 _lib: torch.library.Library | None = None  # kept alive: dropping it would unregister the ops
@@ -84,6 +84,21 @@ def _verb(name: str):
     fn.__signature__ = verb.signature  # type: ignore[attr-defined]
     fn.__doc__ = f"``torch.ops.shira.{name}`` run eagerly through the core (``shira_runtime.kernels.reference``)."
     return fn
+
+
+def prepare(name: str, args: tuple, kwargs: dict):
+    """``kernels.<verb>.prepare``'s torch side: ``run(saturated=None)`` (``core.prepared``: the arguments checked and
+    packed now), each run telling autograd what it wrote, on ``torch.get_num_threads()`` threads; eager only."""
+    if _lib is None:
+        load()
+    verb = VERBS[name]
+    run = core.prepared(verb, verb.bind(args, kwargs), core._Torch)
+    bump, threads = torch._C._increment_version, torch.get_num_threads
+
+    def go(saturated: torch.Tensor | None = None) -> None:
+        bump(run(saturated, threads()))
+
+    return go
 
 
 restore_ = _verb("restore_")

@@ -152,3 +152,85 @@ def test_plans_over_the_same_tensors_share_their_weights_and_keep_their_rows(mon
         rt.switch(s)
     assert calls == []
     rt.switch(None)
+
+
+def _switch_state(make, n_tensors: int, seed: int, quantized: bool):
+    """Weights, two sorted index lists per tensor (A applied, B incoming), B's deltas, saved buffers and, for int8
+    codes, per-row scales: ``make(numpy array)`` turns each array into the flavour under test."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows, cols = 8, 16
+    ws, a_idx, b_idx, b_d, a_saved, b_saved, scales = [], [], [], [], [], [], []
+    for k in range(n_tensors):
+        if quantized:
+            ws.append(rng.integers(-100, 100, rows * cols).astype(np.int8))
+            scales.append(rng.uniform(0.01, 0.05, rows).astype(np.float32))
+        else:
+            ws.append(rng.standard_normal(rows * cols).astype(np.float32))
+        n = [0, 1, 7, 40][k % 4]  # empty lists too
+        a = np.sort(rng.choice(rows * cols, n, replace=False)).astype(np.int32)
+        b = np.sort(rng.choice(rows * cols, n, replace=False)).astype(np.int64 if k % 2 else np.int32)
+        a_idx.append(a)
+        b_idx.append(b)
+        b_d.append((rng.standard_normal(n) * (0.5 if quantized else 1.0)).astype(np.float32))
+        a_saved.append(ws[-1][a].copy())
+        b_saved.append(np.empty(n, ws[-1].dtype))
+    out = [Frozen(make(x) for x in xs) for xs in (ws, a_idx, a_saved, (), b_idx, b_d, b_saved)]
+    out[3] = out[0]  # one weights list on both sides, as the runtime passes it
+    return out, (Frozen(make(x) for x in scales) if quantized else None)
+
+
+@pytest.mark.parametrize("flavour", ["torch", "numpy"])
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "int8"])
+def test_a_prepared_switch_runs_as_the_call_does(flavour, quantized):
+    """``kernels.switch_.prepare(...)`` then ``run(saturated)``, over and over, leaves weights, saved values and
+    saturation counts as the same calls of ``kernels.switch_`` do, bit for bit (empty lists, both index widths,
+    int8 codes on their grid); a torch weight whose storage moves between runs is written in its new storage."""
+    import numpy as np
+
+    make = torch.from_numpy if flavour == "torch" else (lambda a: a)
+    zeros = (lambda n: torch.zeros(n, dtype=torch.int64)) if flavour == "torch" else (lambda n: np.zeros(n, np.int64))
+    (a, scales), (b, _) = (_switch_state(make, 6, 3, quantized) for _ in range(2))
+    extra = {"in_scales": scales} if quantized else {}
+    extra_b = {"in_scales": Frozen(make(x.numpy() if flavour == "torch" else x) for x in scales)} if quantized else {}
+    run = kernels.switch_.prepare(*a, validate=False, **extra)
+    for _ in range(3):  # A -> B, then B -> B again (restore B's saved, apply B): the same calls on both
+        sat_a, sat_b = zeros(6), zeros(6)
+        run(sat_a if quantized else None)
+        kernels.switch_(*b, validate=False, **extra_b, **({"saturated": sat_b} if quantized else {}))
+        for x, y in zip([*a[0], *a[6]], [*b[0], *b[6]]):
+            assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+        assert np.asarray(sat_a).tolist() == np.asarray(sat_b).tolist()
+        for side in (a, b):  # B's saved values become the next run's outgoing ones
+            for s_out, s_in in zip(side[2], side[6]):
+                s_out[:] = s_in
+    if flavour == "torch":  # a weight's storage moves: the rows are packed anew, the write lands in the new one
+        w = a[0][1]
+        moved = w.clone()
+        w.set_(moved.untyped_storage(), 0, w.shape)
+        run(zeros(6) if quantized else None)
+        kernels.switch_(*b, validate=False, **extra_b, **({"saturated": zeros(6)} if quantized else {}))
+        assert w.numpy().tobytes() == b[0][1].numpy().tobytes()
+    core.release([*a, *b, *([scales] if quantized else [])])
+
+
+def test_a_refused_prepare_raises_and_a_cycle_prepares_once(monkeypatch):
+    """A call the core refuses is refused by ``prepare`` itself (nothing written); the runtime prepares one call
+    per pair of plans and reuses it for every switch after."""
+    w = torch.zeros(8)
+    bad = [Frozen([w]), Frozen([torch.tensor([1.0])]), Frozen([torch.empty(1)])] * 2 + [Frozen([torch.empty(1)])]
+    with pytest.raises(kernels.KernelInputError, match="indices dtype"):
+        kernels.switch_.prepare(*bad, validate=False)
+    assert not w.any()
+    rt, _, _ = _runtime(6)
+    for s in ("a", "b", "a", "b"):
+        rt.switch(s)
+    made = []
+    real = core.prepared
+    monkeypatch.setattr(core, "prepared", lambda *a, **k: made.append(a[0].name) or real(*a, **k))
+    for s in ("a", "b") * 4:
+        rt.switch(s)
+    assert made == []
+    rt.switch(None)
+    assert made == ["switch_"]  # into a new pair of plans: prepared once
