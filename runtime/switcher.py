@@ -371,7 +371,8 @@ class Switcher:
         finding its call again); a ``kernels.switch_`` without ``prepare`` (a test's stand-in) is called anew."""
         switch = kernels.switch_
         out_mirrors, in_mirrors = (follow[2], follow[3]) if follow is not None else (None, None)
-        ident = (switch, theirs, old.saved, in_saved, out_mirrors, in_mirrors)
+        # the path too: a call prepared on the core is not run after kernels.reset() chose the references
+        ident = (switch, kernels.backend(), theirs, old.saved, in_saved, out_mirrors, in_mirrors)
         hit = mine.get("kernel")
         if hit is not None and all(a is b for a, b in zip(hit[0], ident)):
             return hit[1]
@@ -439,7 +440,7 @@ class Switcher:
         go with those)."""
         shared = {id(kept["weights"]) for _, kept in self._lists.values()}
         for _, kept in self._lists.values():  # a call prepared from these lists goes (and their arrays with it)
-            if (hit := kept.get("kernel")) is not None and hit[0][1] is lists:
+            if (hit := kept.get("kernel")) is not None and hit[0][2] is lists:
                 del kept["kernel"]
         dropped = [v for v in lists.values() if id(v) not in shared]
         release_lists([*dropped, *(entry[1] for entry in lists["slices"].values())])

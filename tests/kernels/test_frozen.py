@@ -234,3 +234,27 @@ def test_a_refused_prepare_raises_and_a_cycle_prepares_once(monkeypatch):
     assert made == []
     rt.switch(None)
     assert made == ["switch_"]  # into a new pair of plans: prepared once
+
+
+def test_a_kept_call_follows_the_chosen_path(monkeypatch):
+    """A call prepared on the core is not run once ``kernels.reset()`` chose the references: the next switches run
+    there (the core's runs made to fail), and land on the same weights."""
+    rt, model, _ = _runtime(4)
+    for s in ("a", "b", "a", "b"):
+        rt.switch(s)
+    at_b = {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the core ran")
+
+    monkeypatch.setenv("SHIRA_KERNELS", "torch")
+    kernels.reset()
+    monkeypatch.setattr(core, "_run", boom)
+    try:
+        rt.switch("a")
+        rt.switch("b")
+    finally:
+        monkeypatch.undo()
+        kernels.reset()
+    assert all(torch.equal(t, model.state_dict()[n]) for n, t in at_b.items())
+    rt.switch(None)
